@@ -1,0 +1,148 @@
+"""VM-exit reasons, the EPT-violation exit qualification, and exit records; guest faults.
+
+Exit records are plain frozen dataclasses shared by both engines: the simulator and the KVM
+backend produce them, hypervisor handlers match on them.
+
+Sources: Intel SDM Vol. 3C Appendix C "VMX Basic Exit Reasons" (Table C-1); §28.2.1 "Basic VM-Exit
+Information", Table 28-7 "Exit Qualification for EPT Violations" (27-7 in older editions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from typing import ClassVar
+
+from .bits import bit
+
+
+class ExitReason(IntEnum):
+    """Basic exit reasons (SDM Vol. 3C Table C-1), the ones eptlab produces or names."""
+
+    EXCEPTION_NMI = 0
+    EXTERNAL_INTERRUPT = 1
+    TRIPLE_FAULT = 2
+    HLT = 12
+    VMCALL = 18
+    IO_INSTRUCTION = 30
+    MONITOR_TRAP_FLAG = 37
+    EPT_VIOLATION = 48
+    EPT_MISCONFIG = 49
+    INVEPT = 50
+    INVVPID = 53
+    PML_FULL = 62
+
+
+class EptQual(IntFlag):
+    """Exit qualification for EPT violations (SDM Vol. 3C Table 28-7)."""
+
+    READ = bit(0)  # the access was a data read
+    WRITE = bit(1)  # the access was a data write
+    FETCH = bit(2)  # the access was an instruction fetch
+    READABLE = bit(3)  # AND of bit 0 (R) over the EPT entries used to translate the GPA
+    WRITABLE = bit(4)  # AND of bit 1 (W)
+    EXECUTABLE = bit(5)  # AND of bit 2 (X; supervisor-execute under MBEC)
+    USER_EXECUTABLE = bit(6)  # AND of bit 10 (XU) under MBEC, else 0 here
+    GLA_VALID = bit(7)  # the guest-linear-address field is valid
+    GLA_TRANSLATION = bit(8)  # 1: access to the translated address; 0: to a paging entry
+    USER_LINEAR = bit(9)  # (bit 8 = 1) the linear address is a user-mode address
+    WRITABLE_LINEAR = bit(10)  # (bit 8 = 1) the linear address is read/write
+    XD_LINEAR = bit(11)  # (bit 8 = 1) the linear address is execute-disable
+    NMI_UNBLOCKING = bit(12)
+
+
+def describe_qualification(qualification: int) -> list[str]:
+    """Names of the set bits, lowest first (for humans and the explorer)."""
+    return [flag.name or str(int(flag)) for flag in EptQual if qualification & flag]
+
+
+@dataclass(frozen=True, slots=True)
+class EptViolation:
+    """Exit reason 48. ``gla`` is None when qualification bit 7 is clear."""
+
+    reason: ClassVar[ExitReason] = ExitReason.EPT_VIOLATION
+    gpa: int
+    gla: int | None
+    qualification: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "reason": int(self.reason),
+            "reason_name": self.reason.name,
+            "qualification": self.qualification,
+            "qualification_bits": describe_qualification(self.qualification),
+            "gpa": self.gpa,
+            "gla": self.gla,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class EptMisconfig:
+    """Exit reason 49: the SDM gives only the guest-physical address (the qualification is 0).
+
+    ``level`` and ``why`` are eptlab diagnostics: where the walk found the bad entry and which
+    rule of SDM §29.3.3.1 it breaks.
+    """
+
+    reason: ClassVar[ExitReason] = ExitReason.EPT_MISCONFIG
+    gpa: int
+    level: int
+    why: str
+    qualification: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "reason": int(self.reason),
+            "reason_name": self.reason.name,
+            "qualification": self.qualification,
+            "gpa": self.gpa,
+            "gla": None,
+            "level": self.level,
+            "why": self.why,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PmlFull:
+    """Exit reason 62: a dirty flag was about to be set with the PML index outside 0..511
+    (SDM Vol. 3C §29.3.6 "Page-Modification Logging"). The dirty flag was not set."""
+
+    reason: ClassVar[ExitReason] = ExitReason.PML_FULL
+    qualification: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "reason": int(self.reason),
+            "reason_name": self.reason.name,
+            "qualification": self.qualification,
+            "gpa": None,
+            "gla": None,
+        }
+
+
+VmExit = EptViolation | EptMisconfig | PmlFull
+"""Exits the translation hardware can produce. Later layers add their own records."""
+
+
+PAGE_FAULT_VECTOR = 14
+GENERAL_PROTECTION_VECTOR = 13
+
+
+@dataclass(frozen=True, slots=True)
+class GuestFault:
+    """An exception the guest receives (not a VM exit): #PF with its error code and CR2, or #GP
+    for a non-canonical address (SDM Vol. 3A §4.7, Vol. 1 §3.3.7.1)."""
+
+    vector: int
+    error_code: int
+    address: int
+
+    def as_dict(self) -> dict[str, object]:
+        from .paging import PageFaultError
+
+        return {
+            "vector": self.vector,
+            "error_code": self.error_code,
+            "error_bits": [f.name for f in PageFaultError if self.error_code & f],
+            "address": self.address,
+        }

@@ -1,0 +1,58 @@
+"""The one exception hierarchy of eptlab.
+
+Errors are values with context: each carries the fields a user needs to find the problem
+(which entry, which field, which file and line) and keeps its cause. The CLI turns them into a
+one-line message and an exit status in one place (``eptlab.cli``).
+
+Architectural events (a guest page fault, an EPT violation, an EPT misconfiguration) are *not*
+exceptions: they are results (``eptlab.arch.exits``), because the hardware reports them to software.
+"""
+
+from __future__ import annotations
+
+
+class EptlabError(Exception):
+    """Base class of every error eptlab raises on purpose."""
+
+
+class ConfigError(EptlabError, ValueError):
+    """An impossible or inconsistent configuration (names the field)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class EncodingError(EptlabError, ValueError):
+    """A bit format was asked to hold a combination the architecture does not allow."""
+
+    def __init__(self, format_name: str, field: str, message: str) -> None:
+        super().__init__(f"{format_name}.{field}: {message}")
+        self.format_name = format_name
+        self.field = field
+
+
+class ReservedBitsError(EncodingError):
+    """Bits that are reserved in this format (at this level) are set."""
+
+    def __init__(self, format_name: str, value: int, reserved: int) -> None:
+        bits = [i for i in range(64) if (value & reserved) >> i & 1]
+        super().__init__(format_name, "reserved", f"reserved bit(s) {bits} set in {value:#018x}")
+        self.value = value
+        self.reserved_mask = reserved
+
+
+class MisconfiguredEptEntry(EncodingError):
+    """An EPT entry value that the processor would answer with an EPT misconfiguration."""
+
+
+class AddressError(EptlabError, ValueError):
+    """An address that is misaligned, too wide, or outside a region."""
+
+
+class MappingError(EptlabError):
+    """A page-table builder was asked for a mapping that conflicts with an existing one."""
+
+
+class OutOfMemory(EptlabError):
+    """The frame allocator has no free block of the requested size."""

@@ -1,0 +1,118 @@
+"""A frame allocator over a physical address range (host-physical or guest-physical).
+
+Hands out naturally aligned blocks of 4 KiB, 2 MiB or 1 GiB, in address order (``sequential``)
+or at seeded random positions (``random``, for randomized GPA->HPA placement). Bookkeeping is
+proportional to the blocks handed out, not to the size of the range.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal
+
+import numpy as np
+
+from ..arch.bits import PAGE_SIZE, PageSize
+from ..errors import AddressError, ConfigError, OutOfMemory
+
+Policy = Literal["sequential", "random"]
+
+_2M = PageSize.SIZE_2M.value
+_1G = PageSize.SIZE_1G.value
+
+
+class FrameAllocator:
+    """Allocates aligned blocks in ``[base, base + size)``."""
+
+    def __init__(
+        self, size: int, *, base: int = 0, policy: Policy = "sequential", seed: int = 0
+    ) -> None:
+        if size <= 0 or size % PAGE_SIZE or base % PAGE_SIZE:
+            raise ConfigError("size/base", "must be positive multiples of 4 KiB")
+        if policy not in ("sequential", "random"):
+            raise ConfigError("policy", f"{policy!r} is not 'sequential' or 'random'")
+        self.base, self.size, self.policy = base, size, policy
+        self._rng = np.random.default_rng(seed)
+        self._blocks: dict[int, PageSize] = {}  # start address -> block size
+        self._in_2m: Counter[int] = Counter()  # 2 MiB region -> bytes in use inside it
+        self._in_1g: Counter[int] = Counter()  # 1 GiB region -> bytes in use inside it
+        self._cursor: dict[PageSize, int] = {}
+        self.used_bytes = 0
+
+    def __contains__(self, address: int) -> bool:
+        """Whether ``address`` lies inside an allocated block."""
+        return not self._free(address & ~(PAGE_SIZE - 1), PageSize.SIZE_4K)
+
+    @property
+    def blocks(self) -> dict[int, PageSize]:
+        """Allocated blocks (start address -> size); a copy."""
+        return dict(self._blocks)
+
+    def _free(self, address: int, size: PageSize) -> bool:
+        if size == PageSize.SIZE_1G:
+            return self._in_1g[address // _1G] == 0
+        if self._blocks.get(address & ~(_1G - 1)) == PageSize.SIZE_1G:
+            return False
+        if size == PageSize.SIZE_2M:
+            return self._in_2m[address // _2M] == 0
+        return address not in self._blocks and self._blocks.get(address & ~(_2M - 1)) != (
+            PageSize.SIZE_2M
+        )
+
+    def _first_slot(self, size: PageSize) -> int:
+        return -(-self.base // size) * size  # first aligned address >= base
+
+    def _slots(self, size: PageSize) -> int:
+        first = self._first_slot(size)
+        return max(0, (self.base + self.size - first) // size)
+
+    def alloc(self, size: PageSize = PageSize.SIZE_4K) -> int:
+        """Allocate one block; returns its start address."""
+        size = PageSize(size)
+        slots = self._slots(size)
+        if slots == 0:
+            raise OutOfMemory(f"range of {self.size:#x} bytes holds no {size.label} block")
+        first = self._first_slot(size)
+        if self.policy == "random":
+            for _ in range(64):
+                address = first + int(self._rng.integers(slots)) * size
+                if self._free(address, size):
+                    return self._take(address, size)
+            start = int(self._rng.integers(slots))
+        else:
+            start = self._cursor.get(size, 0)
+        for i in range(slots):
+            slot = (start + i) % slots
+            address = first + slot * size
+            if self._free(address, size):
+                self._cursor[size] = slot + 1
+                return self._take(address, size)
+        raise OutOfMemory(f"no free {size.label} block in {self.size:#x} bytes")
+
+    def alloc_at(self, address: int, size: PageSize = PageSize.SIZE_4K) -> int:
+        """Allocate the block at ``address`` (which must be free and aligned)."""
+        size = PageSize(size)
+        if address % size or address < self.base or address + size > self.base + self.size:
+            raise AddressError(f"{address:#x} is not an aligned {size.label} block in range")
+        if not self._free(address, size):
+            raise OutOfMemory(f"{size.label} block at {address:#x} is already in use")
+        return self._take(address, size)
+
+    def _take(self, address: int, size: PageSize) -> int:
+        self._blocks[address] = size
+        self._account(address, size, +1)
+        return address
+
+    def _account(self, address: int, size: PageSize, sign: int) -> None:
+        if size != PageSize.SIZE_1G:
+            self._in_2m[address // _2M] += sign * size
+        self._in_1g[address // _1G] += sign * size
+        self.used_bytes += sign * size
+
+    def free(self, address: int) -> PageSize:
+        """Release the block that starts at ``address``; returns its size."""
+        size = self._blocks.pop(address, None)
+        if size is None:
+            raise AddressError(f"no allocated block starts at {address:#x}")
+        self._account(address, size, -1)
+        return size

@@ -1,0 +1,139 @@
+"""Host-physical memory: 4 KiB frames of 512 little-endian 64-bit words, backed sparsely.
+
+Only frames that have been written hold storage (a row of one growable numpy array); reading a
+frame that was never written gives zeros, as freshly zeroed RAM would. A machine with 1 TiB of
+physical address space that touches 1,000 frames holds 1,000 rows (about 4 MiB).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from ..arch.bits import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE
+from ..errors import AddressError, ConfigError
+
+Frame = npt.NDArray[np.uint64]
+
+
+class PhysicalMemory:
+    """A physical address space of ``size`` bytes made of sparsely backed 4 KiB frames."""
+
+    def __init__(self, size: int, *, initial_frames: int = 64) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise ConfigError("size", f"{size} is not a positive multiple of 4 KiB")
+        self.size = size
+        self._row_of: dict[int, int] = {}  # frame number -> row of self._rows
+        self._rows: Frame = np.zeros((max(1, initial_frames), ENTRIES_PER_TABLE), np.uint64)
+        self._free_rows: list[int] = []
+        self._next_row = 0
+
+    # -- frames -------------------------------------------------------------------------------
+
+    def _check(self, address: int, length: int = 1) -> None:
+        if address < 0 or address + length > self.size:
+            raise AddressError(
+                f"physical address {address:#x}+{length} is outside memory of {self.size:#x} bytes"
+            )
+
+    def is_backed(self, pfn: int) -> bool:
+        """Whether frame ``pfn`` holds storage (has been written since it was last discarded)."""
+        return pfn in self._row_of
+
+    def frame(self, pfn: int) -> Frame:
+        """The 512 words of frame ``pfn`` as a writable view, creating (zeroed) storage."""
+        row = self._row_of.get(pfn)
+        if row is None:
+            self._check(pfn << PAGE_SHIFT, PAGE_SIZE)
+            row = self._new_row()
+            self._row_of[pfn] = row
+        return self._rows[row]
+
+    def peek_frame(self, pfn: int) -> Frame | None:
+        """The words of frame ``pfn`` if it is backed, else None (no storage is created)."""
+        row = self._row_of.get(pfn)
+        return None if row is None else self._rows[row]
+
+    def _new_row(self) -> int:
+        if self._free_rows:
+            row = self._free_rows.pop()
+            self._rows[row] = 0
+            return row
+        if self._next_row == len(self._rows):
+            grown = np.zeros((2 * len(self._rows), ENTRIES_PER_TABLE), np.uint64)
+            grown[: len(self._rows)] = self._rows
+            self._rows = grown
+        self._next_row += 1
+        return self._next_row - 1
+
+    def discard(self, pfn: int) -> None:
+        """Drop the storage of frame ``pfn``: it reads as zeros again."""
+        row = self._row_of.pop(pfn, None)
+        if row is not None:
+            self._free_rows.append(row)
+
+    def copy_frame(self, src_pfn: int, dst_pfn: int) -> None:
+        """Copy the 4 KiB of frame ``src_pfn`` into ``dst_pfn``."""
+        src = self.peek_frame(src_pfn)
+        if src is None:
+            self.discard(dst_pfn)
+        else:
+            data = src.copy()  # the destination may grow the array and move ``src``
+            self.frame(dst_pfn)[:] = data
+
+    @property
+    def backed_frames(self) -> int:
+        return len(self._row_of)
+
+    @property
+    def backed_bytes(self) -> int:
+        """Bytes of guest-visible content held (backed frames x 4 KiB)."""
+        return len(self._row_of) * PAGE_SIZE
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of host RAM the storage array occupies (grows by doubling)."""
+        return int(self._rows.nbytes)
+
+    # -- words and bytes ----------------------------------------------------------------------
+
+    def read_u64(self, address: int) -> int:
+        """The 8-byte-aligned little-endian word at ``address``."""
+        if address & 7:
+            raise AddressError(f"{address:#x} is not 8-byte aligned")
+        self._check(address, 8)
+        row = self._row_of.get(address >> PAGE_SHIFT)
+        if row is None:
+            return 0
+        return int(self._rows[row, (address & (PAGE_SIZE - 1)) >> 3])
+
+    def write_u64(self, address: int, value: int) -> None:
+        if address & 7:
+            raise AddressError(f"{address:#x} is not 8-byte aligned")
+        if not 0 <= value < 1 << 64:
+            raise ValueError(f"{value:#x} does not fit in 64 bits")
+        self._check(address, 8)
+        self.frame(address >> PAGE_SHIFT)[(address & (PAGE_SIZE - 1)) >> 3] = value
+
+    def read(self, address: int, length: int) -> bytes:
+        """``length`` bytes from ``address`` (may cross frames)."""
+        self._check(address, length)
+        out = bytearray()
+        while length:
+            pfn, offset = address >> PAGE_SHIFT, address & (PAGE_SIZE - 1)
+            chunk = min(length, PAGE_SIZE - offset)
+            frame = self.peek_frame(pfn)
+            out += bytes(chunk) if frame is None else frame.view(np.uint8)[offset : offset + chunk]
+            address, length = address + chunk, length - chunk
+        return bytes(out)
+
+    def write(self, address: int, data: bytes) -> None:
+        self._check(address, len(data))
+        view = memoryview(data)
+        while view:
+            pfn, offset = address >> PAGE_SHIFT, address & (PAGE_SIZE - 1)
+            chunk = min(len(view), PAGE_SIZE - offset)
+            self.frame(pfn).view(np.uint8)[offset : offset + chunk] = np.frombuffer(
+                view[:chunk], np.uint8
+            )
+            address, view = address + chunk, view[chunk:]

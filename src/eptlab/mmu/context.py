@@ -1,0 +1,62 @@
+"""Processor state a translation depends on: guest control registers, the VMCS fields of EPT and
+PML, and fixed CPU features. Plain data; the walker and the fast engine read them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..arch.ept import Eptp
+from ..arch.paging import Cr0, Cr4, Efer
+from ..errors import ConfigError
+
+PML_ENTRIES = 512
+
+
+@dataclass(frozen=True, slots=True)
+class CpuFeatures:
+    """What this processor model supports (CPUID / IA32_VMX_EPT_VPID_CAP)."""
+
+    maxphyaddr: int = 46
+    ept_execute_only: bool = True
+    advanced_ept_exit_info: bool = True  # exit-qualification bits 9-11 of EPT violations
+
+    def __post_init__(self) -> None:
+        if not 36 <= self.maxphyaddr <= 52:
+            raise ConfigError("maxphyaddr", f"{self.maxphyaddr} is not in 36..52")
+
+
+@dataclass(slots=True)
+class GuestState:
+    """Guest registers that control paging (SDM Vol. 3A §4.1). IA-32e mode is required."""
+
+    cr3: int
+    cr0: int = Cr0.PE | Cr0.PG | Cr0.WP
+    cr4: int = Cr4.PAE
+    efer: int = Efer.LME | Efer.LMA | Efer.NXE
+    pkru: int = 0
+    rflags: int = 0x2
+
+    def __post_init__(self) -> None:
+        if not self.cr0 & Cr0.PG or not self.cr4 & Cr4.PAE or not self.efer & Efer.LMA:
+            raise ConfigError(
+                "GuestState", "eptlab models IA-32e paging: CR0.PG, CR4.PAE and EFER.LMA must be 1"
+            )
+
+
+@dataclass(slots=True)
+class Vmcs:
+    """The VMCS fields that govern translation: EPTP, VPID, mode-based execute control, and
+    page-modification logging (address of the 4 KiB log and the 16-bit index)."""
+
+    eptp: Eptp
+    vpid: int = 1
+    mbec: bool = False
+    pml_enabled: bool = False
+    pml_address: int = 0
+    pml_index: int = PML_ENTRIES - 1
+
+    def __post_init__(self) -> None:
+        if self.pml_enabled and not self.eptp.ad_enabled:
+            raise ConfigError("Vmcs.pml_enabled", "PML needs EPT accessed/dirty flags (EPTP bit 6)")
+        if self.pml_address % 4096:
+            raise ConfigError("Vmcs.pml_address", f"{self.pml_address:#x} is not 4 KiB aligned")

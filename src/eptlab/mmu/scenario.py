@@ -1,0 +1,143 @@
+"""A guest address space under EPT, built in memory and ready to walk.
+
+Composes host memory, a host frame allocator, EPT tables, a guest-physical allocator and guest
+page tables. Guest page-table pages live in guest-physical memory (below ``TABLE_REGION``) and
+are mapped by EPT with 4 KiB pages; data pages are placed above it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..arch.bits import PAGE_SIZE, PageSize
+from ..arch.ept import Ept, parse_permissions
+from ..arch.paging import Cr4, Efer
+from ..memory import FrameAllocator, PhysicalMemory
+from ..memory.allocator import Policy
+from ..tables import EptTables, GuestPageTables, GuestPhysicalStore, HostStore
+from ..tables.store import WordStore
+from .context import CpuFeatures, GuestState, Vmcs
+from .walker import ReferenceWalker
+
+TABLE_REGION = PageSize.SIZE_1G.value
+"""Guest-physical [0, 1 GiB) holds guest page tables; data pages are allocated above it."""
+
+
+@dataclass
+class NestedSpace:
+    """One guest address space and its EPT, with the allocators that built them."""
+
+    memory: PhysicalMemory
+    host_frames: FrameAllocator
+    guest_frames: FrameAllocator
+    ept: EptTables | None
+    tables: GuestPageTables
+    guest: GuestState
+    vmcs: Vmcs | None
+    features: CpuFeatures
+    _table_frames: FrameAllocator
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        guest_levels: int = 4,
+        ept_levels: int = 4,
+        use_ept: bool = True,
+        ept_ad: bool = False,
+        mbec: bool = False,
+        host_memory: int = 1 << 40,
+        guest_memory: int = 1 << 40,
+        host_policy: Policy = "sequential",
+        seed: int = 0,
+        features: CpuFeatures | None = None,
+        cr0: int | None = None,
+        cr4_extra: int = 0,
+        efer: int | None = None,
+    ) -> NestedSpace:
+        features = features or CpuFeatures()
+        memory = PhysicalMemory(host_memory)
+        host_frames = FrameAllocator(host_memory, policy=host_policy, seed=seed)
+        table_frames = FrameAllocator(TABLE_REGION, base=0)
+        guest_frames = FrameAllocator(guest_memory - TABLE_REGION, base=TABLE_REGION)
+        ept = (
+            EptTables(
+                HostStore(memory), host_frames.alloc, levels=ept_levels,
+                maxphyaddr=features.maxphyaddr, ad_enabled=ept_ad, mbec=mbec,
+            )
+            if use_ept
+            else None
+        )
+        store: WordStore = GuestPhysicalStore(memory, ept) if ept else HostStore(memory)
+
+        def alloc_guest_table() -> int:
+            gpa = table_frames.alloc()
+            if ept is not None:
+                ept.map(gpa, host_frames.alloc())
+            return gpa
+
+        tables = GuestPageTables(
+            store, alloc_guest_table, levels=guest_levels, maxphyaddr=features.maxphyaddr
+        )
+        cr4 = Cr4.PAE | (Cr4.LA57 if guest_levels == 5 else 0) | cr4_extra
+        kwargs: dict[str, int] = {"cr3": tables.root, "cr4": int(cr4)}
+        if cr0 is not None:
+            kwargs["cr0"] = cr0
+        kwargs["efer"] = efer if efer is not None else int(Efer.LME | Efer.LMA | Efer.NXE)
+        guest = GuestState(**kwargs)
+        vmcs = Vmcs(eptp=ept.eptp, mbec=mbec) if ept else None
+        return cls(memory, host_frames, guest_frames, ept, tables, guest, vmcs, features,
+                   table_frames)
+
+    def map_ept(self, gpa: int, size: PageSize = PageSize.SIZE_4K, perms: str = "rwx") -> int:
+        """Back the ``size`` EPT page containing ``gpa`` with a fresh host block; returns its
+        HPA. ``perms`` may be any string of :func:`parse_permissions`, misconfigurations too."""
+        assert self.ept is not None, "this space has no EPT"
+        size = PageSize(size)
+        hpa = self.host_frames.alloc(size)
+        self.ept.map(gpa & ~(size - 1), hpa, size)
+        if perms != "rwx":
+            self._set_leaf_perms(gpa, parse_permissions(perms))
+        return hpa
+
+    def _set_leaf_perms(self, gpa: int, perm_bits: int) -> None:
+        assert self.ept is not None
+        leaf = self.ept.lookup(gpa)
+        assert leaf is not None, f"{gpa:#x} is not mapped"
+        self.memory.write_u64(leaf.entry_address, (leaf.value & ~int(Ept.R | Ept.W | Ept.X)) | perm_bits)
+
+    def map(
+        self,
+        gva: int,
+        guest_page: PageSize = PageSize.SIZE_4K,
+        ept_page: PageSize = PageSize.SIZE_4K,
+        *,
+        ept_perms: str = "rwx",
+        writable: bool = True,
+        user: bool = False,
+        xd: bool = False,
+        pkey: int = 0,
+    ) -> int:
+        """Map the guest page at ``gva`` to fresh guest-physical memory and back its first
+        ``ept_page`` with host memory; returns the GPA of ``gva``'s page."""
+        guest_page, ept_page = PageSize(guest_page), PageSize(ept_page)
+        block = max(guest_page, ept_page)
+        base = self.guest_frames.alloc(block)
+        self.tables.map(gva & ~(guest_page - 1), base, guest_page, writable=writable, user=user,
+                        xd=xd, pkey=pkey)
+        if self.ept is not None:
+            self.map_ept(base, ept_page, ept_perms)
+        return base
+
+    def protect_tables(self, perms: str) -> None:
+        """Give every EPT leaf that maps a guest page-table page the permissions ``perms``."""
+        bits_ = parse_permissions(perms)
+        for table in self.tables.tables:
+            self._set_leaf_perms(table, bits_)
+
+    def walker(self) -> ReferenceWalker:
+        return ReferenceWalker(self.memory, self.guest, self.vmcs, self.features)
+
+    @property
+    def host_bytes_backed(self) -> int:
+        return self.memory.backed_frames * PAGE_SIZE

@@ -1,0 +1,121 @@
+"""The EPT builder: maps guest-physical to host-physical pages by writing EPT entries into
+host memory (SDM Vol. 3C §29.3.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..arch.bits import PAGE_SHIFT, PageSize, bits
+from ..arch.ept import (
+    Ept,
+    EptEntry,
+    Eptp,
+    MemoryType,
+    ept_address,
+    ept_is_leaf,
+    ept_is_present,
+)
+from .radix import RadixTables
+from .store import WordStore
+
+FULL_ACCESS = Ept.R | Ept.W | Ept.X | Ept.XU
+"""Permissions of entries that reference tables: the leaf alone decides (rights are ANDed)."""
+
+
+class EptTables(RadixTables):
+    """EPT paging structures in host memory, rooted at :attr:`root` (the EPTP address)."""
+
+    kind = "EPT"
+
+    def __init__(
+        self,
+        store: WordStore,
+        alloc_table: Callable[[], int],
+        *,
+        levels: int = 4,
+        maxphyaddr: int = 46,
+        ad_enabled: bool = False,
+        mbec: bool = False,
+    ) -> None:
+        self.maxphyaddr, self.ad_enabled, self.mbec = maxphyaddr, ad_enabled, mbec
+        super().__init__(store, alloc_table, levels)
+
+    @property
+    def eptp(self) -> Eptp:
+        return Eptp(root=self.root, levels=self.levels, ad_enabled=self.ad_enabled)
+
+    def _present(self, value: int) -> bool:
+        return ept_is_present(value, self.mbec)
+
+    def _is_leaf(self, value: int, level: int) -> bool:
+        return ept_is_leaf(value, level)
+
+    def _table_address(self, value: int) -> int:
+        return value & bits(self.maxphyaddr - 1, PAGE_SHIFT)
+
+    def _leaf_address(self, value: int, level: int) -> int:
+        return ept_address(value, level, self.maxphyaddr)
+
+    def _table_entry(self, table: int) -> int:
+        return table | FULL_ACCESS
+
+    def map(
+        self,
+        gpa: int,
+        hpa: int,
+        size: PageSize = PageSize.SIZE_4K,
+        *,
+        read: bool = True,
+        write: bool = True,
+        execute: bool = True,
+        user_execute: bool = False,
+        memory_type: MemoryType = MemoryType.WB,
+        ignore_pat: bool = False,
+        replace: bool = False,
+    ) -> int:
+        """Map the ``size`` page at ``gpa`` to ``hpa``; returns the leaf value written.
+
+        Permissions ``write`` without ``read`` are refused (that would be a misconfiguration);
+        write such entries raw with :meth:`write_entry` to provoke one on purpose.
+        """
+        size = PageSize(size)
+        entry = EptEntry(
+            level=size.level,
+            address=hpa,
+            read=read,
+            write=write,
+            execute=execute,
+            user_execute=user_execute,
+            memory_type=memory_type,
+            ignore_pat=ignore_pat,
+            page_size=size != PageSize.SIZE_4K,
+        )
+        value = entry.encode(self.maxphyaddr)
+        self._install(gpa, size, value, replace=replace)
+        return value
+
+    def host_address(self, gpa: int) -> int | None:
+        """The HPA that ``gpa`` maps to, ignoring permissions (a software lookup)."""
+        leaf = self.lookup(gpa)
+        return None if leaf is None else leaf.target
+
+    def write_entry(self, gpa: int, level: int, value: int) -> int:
+        """Write a raw value into the entry at ``level`` on the path of ``gpa`` (creating
+        tables above it); returns the entry's address. For experiments and tests that need an
+        entry no builder would write (e.g. a misconfiguration)."""
+        slot = self.entry_address(gpa, level, create=True)
+        self.store.write_u64(slot, value)
+        return slot
+
+    def set_permissions(self, gpa: int, *, read: bool, write: bool, execute: bool) -> int:
+        """Change R/W/X of the leaf mapping ``gpa`` (no invalidation: caches are the caller's
+        business, as on hardware); returns the new value."""
+        leaf = self.lookup(gpa)
+        if leaf is None:
+            from ..errors import MappingError
+
+            raise MappingError(f"{gpa:#x} is not mapped (EPT)")
+        perms = (Ept.R if read else 0) | (Ept.W if write else 0) | (Ept.X if execute else 0)
+        value = (leaf.value & ~int(Ept.R | Ept.W | Ept.X)) | perms
+        self.store.write_u64(leaf.entry_address, value)
+        return value

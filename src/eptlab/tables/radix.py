@@ -1,0 +1,128 @@
+"""What guest page tables and EPT tables have in common: a radix tree of 512-entry tables.
+
+Subclasses say what an entry means (present? leaf? which address?); this class finds entries,
+creates intermediate tables and installs leaves, always by writing real entries into memory.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..arch.bits import ENTRY_BYTES, LEVEL_NAMES, PageSize, level_shift, table_index
+from ..errors import AddressError, MappingError
+from .store import WordStore
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """Where a software lookup ended: the leaf entry that maps an address."""
+
+    level: int
+    entry_address: int
+    value: int
+    target: int  # the address the input translates to
+
+    @property
+    def page_size(self) -> PageSize:
+        return PageSize.at_level(self.level)
+
+
+class RadixTables(ABC):
+    """A ``levels``-deep tree of tables in ``store``, rooted at a table from ``alloc_table``."""
+
+    kind = "page-table"
+
+    def __init__(self, store: WordStore, alloc_table: Callable[[], int], levels: int) -> None:
+        if levels not in (4, 5):
+            raise ValueError(f"levels must be 4 or 5, not {levels}")
+        self.store, self.levels = store, levels
+        self._alloc_table = alloc_table
+        self.tables: list[int] = []  # addresses of every table page, root first
+        self.root = self._new_table()
+
+    # what an entry means: defined by subclasses
+    @abstractmethod
+    def _present(self, value: int) -> bool: ...
+
+    @abstractmethod
+    def _is_leaf(self, value: int, level: int) -> bool: ...
+
+    @abstractmethod
+    def _table_address(self, value: int) -> int: ...
+
+    @abstractmethod
+    def _leaf_address(self, value: int, level: int) -> int: ...
+
+    @abstractmethod
+    def _table_entry(self, table: int) -> int: ...
+
+    # ---------------------------------------------------------------------------------------
+
+    def _new_table(self) -> int:
+        table = self._alloc_table()
+        self.store.zero_page(table)
+        self.tables.append(table)
+        return table
+
+    def entry_address(self, address: int, level: int, *, create: bool = False) -> int:
+        """Address of the entry at ``level`` on the path of ``address``.
+
+        With ``create``, missing intermediate tables are allocated; without it a missing table
+        raises :class:`MappingError`. A leaf above ``level`` is a conflict either way.
+        """
+        table = self.root
+        for lvl in range(self.levels, level, -1):
+            slot = table + table_index(address, lvl) * ENTRY_BYTES
+            value = self.store.read_u64(slot)
+            if not self._present(value):
+                if not create:
+                    raise MappingError(f"no {self.kind} table below {LEVEL_NAMES[lvl]} of {address:#x}")
+                child = self._new_table()
+                self.store.write_u64(slot, self._table_entry(child))
+                table = child
+            elif self._is_leaf(value, lvl):
+                raise MappingError(
+                    f"{address:#x} is inside a {PageSize.at_level(lvl).label} page mapped at "
+                    f"{LEVEL_NAMES[lvl]}; unmap or split it first"
+                )
+            else:
+                table = self._table_address(value)
+        return table + table_index(address, level) * ENTRY_BYTES
+
+    def _install(self, address: int, size: PageSize, value: int, *, replace: bool) -> None:
+        if address % size:
+            raise AddressError(f"{address:#x} is not aligned to {size.label}")
+        slot = self.entry_address(address, size.level, create=True)
+        old = self.store.read_u64(slot)
+        if self._present(old):
+            if size.level > 1 and not self._is_leaf(old, size.level):
+                raise MappingError(
+                    f"a {size.label} page at {address:#x} would hide an existing table"
+                )
+            if not replace:
+                raise MappingError(f"{address:#x} is already mapped ({self.kind})")
+        self.store.write_u64(slot, value)
+
+    def lookup(self, address: int) -> Leaf | None:
+        """Software walk without side effects: the leaf that maps ``address``, or None."""
+        table = self.root
+        for level in range(self.levels, 0, -1):
+            slot = table + table_index(address, level) * ENTRY_BYTES
+            value = self.store.read_u64(slot)
+            if not self._present(value):
+                return None
+            if self._is_leaf(value, level):
+                offset = address & ((1 << level_shift(level)) - 1)
+                return Leaf(level, slot, value, self._leaf_address(value, level) | offset)
+            table = self._table_address(value)
+        raise AssertionError("unreachable: level 1 entries are leaves")
+
+    def unmap(self, address: int) -> Leaf:
+        """Clear the leaf that maps ``address``; returns what was there."""
+        leaf = self.lookup(address)
+        if leaf is None:
+            raise MappingError(f"{address:#x} is not mapped ({self.kind})")
+        self.store.write_u64(leaf.entry_address, 0)
+        return leaf

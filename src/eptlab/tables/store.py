@@ -1,0 +1,62 @@
+"""Where page tables live: a word-addressed store, host-physical or guest-physical."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..arch.bits import PAGE_SHIFT, PAGE_SIZE
+from ..errors import AddressError
+from ..memory.physical import PhysicalMemory
+
+
+class WordStore(Protocol):
+    """Memory that page-table builders read and write, 8 bytes at a time."""
+
+    def read_u64(self, address: int) -> int: ...
+
+    def write_u64(self, address: int, value: int) -> None: ...
+
+    def zero_page(self, address: int) -> None: ...
+
+
+class HostStore:
+    """Host-physical memory as a :class:`WordStore` (EPT tables; guest tables without EPT)."""
+
+    def __init__(self, memory: PhysicalMemory) -> None:
+        self.memory = memory
+
+    def read_u64(self, address: int) -> int:
+        return self.memory.read_u64(address)
+
+    def write_u64(self, address: int, value: int) -> None:
+        self.memory.write_u64(address, value)
+
+    def zero_page(self, address: int) -> None:
+        self.memory.discard(address >> PAGE_SHIFT)
+
+
+class Translator(Protocol):
+    def host_address(self, gpa: int) -> int | None: ...
+
+
+class GuestPhysicalStore:
+    """Guest-physical memory as a :class:`WordStore`: each address goes through the EPT tables
+    (a software lookup by the builder: no A/D flags set, no permission check)."""
+
+    def __init__(self, memory: PhysicalMemory, ept: Translator) -> None:
+        self.memory, self.ept = memory, ept
+
+    def _hpa(self, gpa: int) -> int:
+        hpa = self.ept.host_address(gpa)
+        if hpa is None:
+            raise AddressError(f"guest-physical {gpa:#x} is not mapped by EPT")
+        return hpa
+
+    def read_u64(self, address: int) -> int:
+        return self.memory.read_u64(self._hpa(address))
+
+    def write_u64(self, address: int, value: int) -> None:
+        self.memory.write_u64(self._hpa(address), value)
+
+    def zero_page(self, address: int) -> None:
+        self.memory.discard(self._hpa(address & ~(PAGE_SIZE - 1)) >> PAGE_SHIFT)
