@@ -123,7 +123,7 @@ class PhysicalMemory:
             pfn, offset = address >> PAGE_SHIFT, address & (PAGE_SIZE - 1)
             chunk = min(length, PAGE_SIZE - offset)
             frame = self.peek_frame(pfn)
-            out += bytes(chunk) if frame is None else frame.view(np.uint8)[offset : offset + chunk]
+            out += bytes(chunk) if frame is None else frame.view(np.uint8)[offset : offset + chunk].tobytes()
             address, length = address + chunk, length - chunk
         return bytes(out)
 

@@ -118,15 +118,16 @@ class NestedSpace:
         xd: bool = False,
         pkey: int = 0,
     ) -> int:
-        """Map the guest page at ``gva`` to fresh guest-physical memory and back its first
-        ``ept_page`` with host memory; returns the GPA of ``gva``'s page."""
+        """Map the guest page at ``gva`` to fresh guest-physical memory and back the
+        ``ept_page`` that contains ``gva``'s guest-physical address with host memory (the rest
+        of a guest page larger than ``ept_page`` stays unbacked); returns the guest page's GPA."""
         guest_page, ept_page = PageSize(guest_page), PageSize(ept_page)
         block = max(guest_page, ept_page)
         base = self.guest_frames.alloc(block)
         self.tables.map(gva & ~(guest_page - 1), base, guest_page, writable=writable, user=user,
                         xd=xd, pkey=pkey)
         if self.ept is not None:
-            self.map_ept(base, ept_page, ept_perms)
+            self.map_ept(base + (gva & (guest_page - 1)), ept_page, ept_perms)
         return base
 
     def protect_tables(self, perms: str) -> None:

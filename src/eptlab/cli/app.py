@@ -1,0 +1,18 @@
+"""The typer application; each subcommand lives in a module of its own."""
+
+from __future__ import annotations
+
+import typer
+
+from . import demo, walk
+
+app = typer.Typer(
+    name="eptlab",
+    help="A laboratory for second-level address translation (Intel EPT / AMD NPT).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.command("walk")(walk.walk)
+app.command("demo")(demo.demo)
