@@ -15,6 +15,15 @@ from ..errors import AddressError, ConfigError
 
 Frame = npt.NDArray[np.uint64]
 
+HASH_MULTIPLIER = 0x9E3779B97F4A7C15
+"""Fibonacci hashing of frame numbers; :mod:`eptlab.mmu.kernels.memory` uses the same."""
+EMPTY, TOMBSTONE = -1, -2
+
+
+def frame_hash(pfn: int, mask: int) -> int:
+    """Home slot of frame ``pfn`` in an open-addressing table of ``mask + 1`` slots."""
+    return (((pfn * HASH_MULTIPLIER) & 0xFFFF_FFFF_FFFF_FFFF) >> 32) & mask
+
 
 class PhysicalMemory:
     """A physical address space of ``size`` bytes made of sparsely backed 4 KiB frames."""
@@ -27,6 +36,11 @@ class PhysicalMemory:
         self._rows: Frame = np.zeros((max(1, initial_frames), ENTRIES_PER_TABLE), np.uint64)
         self._free_rows: list[int] = []
         self._next_row = 0
+        # The same frame -> row map as an open-addressing hash table in numpy arrays, for the
+        # numba kernels (which cannot read a dict): keys are frame numbers, EMPTY or TOMBSTONE.
+        self._hkeys = np.full(1024, EMPTY, np.int64)
+        self._hrows = np.zeros(1024, np.int64)
+        self._hused = 0  # live keys + tombstones
 
     # -- frames -------------------------------------------------------------------------------
 
@@ -46,6 +60,7 @@ class PhysicalMemory:
         if row is None:
             self._check(pfn << PAGE_SHIFT, PAGE_SIZE)
             row = self._new_row()
+            self._hash_insert(pfn, row)  # first: a rehash re-inserts what the dict holds
             self._row_of[pfn] = row
         return self._rows[row]
 
@@ -71,6 +86,40 @@ class PhysicalMemory:
         row = self._row_of.pop(pfn, None)
         if row is not None:
             self._free_rows.append(row)
+            self._hkeys[self._hash_slot(pfn)] = TOMBSTONE
+
+    # -- the kernel-visible hash table ----------------------------------------------------------
+
+    def _hash_slot(self, pfn: int) -> int:
+        keys, mask = self._hkeys, len(self._hkeys) - 1
+        slot = frame_hash(pfn, mask)
+        while keys[slot] != pfn:
+            slot = (slot + 1) & mask
+        return slot
+
+    def _hash_insert(self, pfn: int, row: int) -> None:
+        if 2 * (self._hused + 1) > len(self._hkeys):
+            self._rehash(max(1024, 4 * len(self._row_of)))
+        keys, mask = self._hkeys, len(self._hkeys) - 1
+        slot = frame_hash(pfn, mask)
+        while keys[slot] >= 0:  # pfn is not present (the dict said so): take the first free
+            slot = (slot + 1) & mask
+        if keys[slot] == EMPTY:
+            self._hused += 1
+        keys[slot], self._hrows[slot] = pfn, row
+
+    def _rehash(self, minimum: int) -> None:
+        size = 1 << (minimum - 1).bit_length()
+        self._hkeys = np.full(size, EMPTY, np.int64)
+        self._hrows = np.zeros(size, np.int64)
+        self._hused = 0
+        for pfn, row in self._row_of.items():
+            self._hash_insert(pfn, row)
+
+    def kernel_arrays(self) -> tuple[Frame, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """``(rows, keys, rows_of_keys)``: what the numba kernels read and write. Valid until
+        the next frame is created (arrays may be reallocated then)."""
+        return self._rows, self._hkeys, self._hrows
 
     def copy_frame(self, src_pfn: int, dst_pfn: int) -> None:
         """Copy the 4 KiB of frame ``src_pfn`` into ``dst_pfn``."""

@@ -1,0 +1,130 @@
+"""Configuration of what the translation hardware caches and what it costs.
+
+Defaults follow a recent Intel server core (Skylake-SP/Ice Lake class): 64-entry 4-way L1 DTLB
+for 4 KiB pages, 32-entry 2 MiB and 4-entry 1 GiB L1 DTLBs, 128-entry 8-way L1 ITLB, a
+1536-entry 12-way STLB, paging-structure caches of 2 PML4E / 4 PDPTE / 32 PDE entries, a
+48 KiB L1D, 1.25 MiB L2 and a shared LLC. Every number is a field you can change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Assoc:
+    """A set-associative structure: ``sets`` x ``ways`` entries, LRU replacement.
+    ``sets=0`` disables it."""
+
+    sets: int
+    ways: int
+
+    def __post_init__(self) -> None:
+        if self.sets < 0 or self.ways < 1 or self.ways > 64:
+            raise ConfigError("Assoc", f"sets={self.sets}, ways={self.ways} is not a valid shape")
+        if self.sets & (self.sets - 1):
+            raise ConfigError("Assoc.sets", f"{self.sets} is not a power of two")
+
+    @property
+    def entries(self) -> int:
+        return self.sets * self.ways
+
+
+@dataclass(frozen=True, slots=True)
+class TlbConfig:
+    """TLBs and paging-structure caches of one vCPU (SDM Vol. 3A §4.10, Vol. 3C §29.4)."""
+
+    l1d_4k: Assoc = Assoc(16, 4)
+    l1d_2m: Assoc = Assoc(8, 4)
+    l1d_1g: Assoc = Assoc(1, 4)
+    l1i_4k: Assoc = Assoc(16, 8)
+    l1i_2m: Assoc = Assoc(1, 8)
+    l1i_1g: Assoc = Assoc(0, 1)
+    stlb_4k: Assoc = Assoc(128, 12)
+    stlb_2m: Assoc = Assoc(128, 12)
+    stlb_1g: Assoc = Assoc(4, 4)
+    # guest paging-structure caches, by the level of the entry they cache
+    psc_pml5: Assoc = Assoc(1, 2)
+    psc_pml4: Assoc = Assoc(1, 2)
+    psc_pdpt: Assoc = Assoc(1, 4)
+    psc_pd: Assoc = Assoc(1, 32)
+    # guest-physical side: nested TLB (GPA -> HPA) and EPT paging-structure caches
+    ntlb_4k: Assoc = Assoc(16, 4)
+    ntlb_2m: Assoc = Assoc(8, 4)
+    ntlb_1g: Assoc = Assoc(1, 4)
+    epsc_pml5: Assoc = Assoc(1, 2)
+    epsc_pml4: Assoc = Assoc(1, 2)
+    epsc_pdpt: Assoc = Assoc(1, 4)
+    epsc_pd: Assoc = Assoc(1, 16)
+
+    @classmethod
+    def disabled(cls) -> TlbConfig:
+        """No translation caching at all: every access walks (the oracle's view)."""
+        return cls(**{name: Assoc(0, 1) for name in cls.__dataclass_fields__})
+
+    def structures(self) -> list[tuple[str, Assoc]]:
+        return [(name, getattr(self, name)) for name in self.__dataclass_fields__]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLevel:
+    """One level of the physically indexed data cache (64-byte lines, LRU)."""
+
+    size: int
+    ways: int
+    latency: int  # cycles for a hit at this level
+
+    def __post_init__(self) -> None:
+        sets = self.size // (64 * self.ways) if self.ways > 0 else 0
+        if self.size < 0 or (self.size and (sets < 1 or sets & (sets - 1))):
+            raise ConfigError(
+                "CacheLevel", f"size={self.size}, ways={self.ways} does not give 2^k sets"
+            )
+
+    @property
+    def sets(self) -> int:
+        return self.size // (64 * self.ways) if self.size else 0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Per-vCPU L1 and L2, a shared LLC, and DRAM. Walk references and data accesses both go
+    through it, so walks hit or miss like data does."""
+
+    l1: CacheLevel = CacheLevel(48 * 1024, 12, 5)
+    l2: CacheLevel = CacheLevel(1024 * 1024, 16, 14)  # 1.25 MiB on the real part; 2^k sets here
+    llc: CacheLevel = CacheLevel(32 * 1024 * 1024, 16, 50)
+    dram_latency: int = 200
+
+    @classmethod
+    def disabled(cls) -> CacheConfig:
+        """Every reference goes to DRAM."""
+        none = CacheLevel(0, 1, 0)
+        return cls(none, none, none)
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """Cycles charged besides the cache hierarchy."""
+
+    l1_tlb_hit: int = 0  # overlapped with the L1 cache access
+    stlb_hit: int = 7
+    psc_lookup: int = 1
+    walk_start: int = 5  # page-miss handler dispatch
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class MmuConfig:
+    tlb: TlbConfig = field(default_factory=TlbConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    cost: CostModel = field(default_factory=CostModel)
+
+    @classmethod
+    def uncached(cls) -> MmuConfig:
+        """No TLBs, no paging-structure caches: the engine walks exactly like the oracle."""
+        return cls(tlb=TlbConfig.disabled())

@@ -1,0 +1,389 @@
+"""The fast translation engine: the Python side of the numba kernels.
+
+It owns the state objects (guest registers, VMCS fields) and the arrays of the hardware caches,
+packs registers into arrays for each run, runs a chunk of accesses through
+:func:`kernels.run.run_chunk`, and turns the status it returns into an exit record. It also
+implements the invalidation instructions (INVLPG, INVVPID, INVEPT, MOV to CR3) on the cached
+state, with SDM semantics: nothing cached is dropped unless an invalidation says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+import numpy.typing as npt
+
+from ..arch.access import Access, Mode
+from ..arch.exits import (
+    EptMisconfig,
+    EptViolation,
+    GuestFault,
+    PmlFull,
+    VmExit,
+)
+from ..errors import ConfigError
+from ..memory.physical import PhysicalMemory
+from .config import MmuConfig
+from .context import CpuFeatures, GuestState, Vmcs
+from .kernels import layout as L
+from .kernels.run import run_chunk as _run_chunk
+from .stats import VcpuStats
+from .walker import DATA, Dim, Reference
+
+I64 = npt.NDArray[np.int64]
+U64_MASK = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """A 64-bit value as the int64 the kernels use."""
+    value &= U64_MASK
+    return value - (1 << 64) if value >> 63 else value
+
+
+@dataclass(frozen=True)
+class Accesses:
+    """A chunk of accesses as numpy arrays of equal length."""
+
+    gva: I64
+    kind: npt.NDArray[np.int8]
+    user: npt.NDArray[np.int8]
+    vcpu: npt.NDArray[np.int32]
+
+    @classmethod
+    def build(
+        cls,
+        gva: npt.ArrayLike,
+        kind: npt.ArrayLike | int = Access.READ,
+        user: npt.ArrayLike | int = 0,
+        vcpu: npt.ArrayLike | int = 0,
+    ) -> Accesses:
+        """Broadcast scalars; addresses may be given unsigned (canonical high half) or signed."""
+        g = np.asarray(gva)
+        if g.dtype == np.uint64 or g.dtype == object:
+            g = np.asarray([_signed(int(x)) for x in g.ravel()], np.int64) if g.dtype == object \
+                else g.view(np.int64)
+        g = np.ascontiguousarray(g, np.int64)
+        n = g.shape[0]
+        k = np.ascontiguousarray(np.broadcast_to(np.asarray(kind, np.int8), (n,)))
+        u = np.ascontiguousarray(np.broadcast_to(np.asarray(user, np.int8), (n,)))
+        v = np.ascontiguousarray(np.broadcast_to(np.asarray(vcpu, np.int32), (n,)))
+        if n and (k.min() < 0 or k.max() > 2):
+            raise ConfigError("Accesses.kind", "must be 0 (read), 1 (write) or 2 (fetch)")
+        return cls(g, k, u, v)
+
+    def __len__(self) -> int:
+        return int(self.gva.shape[0])
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How far a run got and why it stopped."""
+
+    stopped_at: int  # index of the first access not performed (== len when all were)
+    exit: VmExit | None = None
+    fault: GuestFault | None = None
+    hpa: I64 | None = None  # per access, when recorded
+    references: list[Reference] = field(default_factory=list)  # when logged
+    reference_access: list[int] = field(default_factory=list)  # access index of each reference
+
+    @property
+    def done(self) -> bool:
+        return self.exit is None and self.fault is None
+
+
+class InveptType(IntEnum):
+    SINGLE_CONTEXT = 1
+    ALL_CONTEXT = 2
+
+
+class InvvpidType(IntEnum):
+    INDIVIDUAL_ADDRESS = 0
+    SINGLE_CONTEXT = 1
+    ALL_CONTEXT = 2
+    SINGLE_CONTEXT_RETAINING_GLOBALS = 3
+
+
+@dataclass
+class _Vcpu:
+    guest: GuestState
+    vmcs: Vmcs | None
+
+
+class Engine:
+    """Runs chunks of accesses for a set of vCPUs sharing one host memory."""
+
+    def __init__(
+        self,
+        memory: PhysicalMemory,
+        config: MmuConfig | None = None,
+        features: CpuFeatures | None = None,
+    ) -> None:
+        self.memory = memory
+        self.config = config or MmuConfig()
+        self.features = features or CpuFeatures()
+        self._vcpus: list[_Vcpu] = []
+        self._ctx: dict[tuple[int, int], int] = {}
+        self._ectx: dict[int, int] = {}
+        self._clock = np.zeros(1, np.int64)
+        self._feat = np.array(
+            [self.features.maxphyaddr, int(self.features.ept_execute_only),
+             int(self.features.advanced_ept_exit_info)], np.int64,
+        )
+        c = self.config.cost
+        cache = self.config.cache
+        self._cost = np.array(
+            [c.l1_tlb_hit, c.stlb_hit, c.psc_lookup, c.walk_start,
+             cache.l1.latency, cache.l2.latency, cache.llc.latency, cache.dram_latency], np.int64,
+        )
+        self._allocate()
+
+    # -- vCPUs and contexts -------------------------------------------------------------------
+
+    def add_vcpu(self, guest: GuestState, vmcs: Vmcs | None) -> int:
+        """Register a vCPU; returns its index. (Caches are resized and emptied.)"""
+        self._vcpus.append(_Vcpu(guest, vmcs))
+        self._allocate()
+        return len(self._vcpus) - 1
+
+    def vcpu_state(self, vcpu: int) -> tuple[GuestState, Vmcs | None]:
+        v = self._vcpus[vcpu]
+        return v.guest, v.vmcs
+
+    def _eptp_value(self, vmcs: Vmcs | None) -> int:
+        return -1 if vmcs is None else vmcs.eptp.encode()
+
+    def _context(self, vcpu: _Vcpu) -> tuple[int, int]:
+        eptp = self._eptp_value(vcpu.vmcs)
+        vpid = 0 if vcpu.vmcs is None else vcpu.vmcs.vpid
+        ctx = self._ctx.setdefault((vpid, eptp), len(self._ctx))
+        ectx = self._ectx.setdefault(eptp, len(self._ectx))
+        if ctx >= 1 << 16 or ectx >= 1 << 16:
+            raise ConfigError("contexts", "more than 65536 (VPID, EPTP) contexts")
+        return ctx, ectx
+
+    # -- arrays ---------------------------------------------------------------------------------
+
+    def _allocate(self) -> None:
+        nv = max(1, len(self._vcpus))
+        structures = self.config.tlb.structures()
+        desc = np.zeros((L.NSTRUCT, 3), np.int64)
+        row = 0
+        max_ways = 1
+        for i, (_, shape) in enumerate(structures):
+            desc[i] = (row, shape.sets, shape.ways)
+            row += shape.sets * nv
+            max_ways = max(max_ways, shape.ways)
+        rows = max(1, row)
+        self._tlb = (
+            np.full((rows, max_ways), -1, np.int64),  # tags
+            np.zeros((rows, max_ways), np.int64),  # data
+            np.zeros((rows, max_ways), np.int64),  # aux
+            np.zeros((rows, max_ways), np.int64),  # stamps
+            desc,
+        )
+        levels = (self.config.cache.l1, self.config.cache.l2, self.config.cache.llc)
+        cdesc = np.zeros((L.NCACHE, 4), np.int64)
+        row = 0
+        cways = 1
+        for i, level in enumerate(levels):
+            per_vcpu = i < 2
+            cdesc[i] = (row, level.sets, level.ways, int(per_vcpu))
+            row += level.sets * (nv if per_vcpu else 1)
+            cways = max(cways, level.ways)
+        crows = max(1, row)
+        self._cache = (
+            np.full((crows, cways), -1, np.int64),
+            np.zeros((crows, cways), np.int64),
+            cdesc,
+        )
+        self._stats = np.zeros((nv, L.NSTATS), np.int64)
+
+    def _pack_registers(self) -> I64:
+        regs = np.zeros((max(1, len(self._vcpus)), L.NREGS), np.int64)
+        for i, v in enumerate(self._vcpus):
+            g = v.guest
+            regs[i, L.REG_CR0] = g.cr0
+            regs[i, L.REG_CR3] = g.cr3
+            regs[i, L.REG_CR4] = g.cr4
+            regs[i, L.REG_EFER] = g.efer
+            regs[i, L.REG_PKRU] = g.pkru
+            regs[i, L.REG_RFLAGS] = g.rflags
+            ctx, ectx = self._context(v)
+            regs[i, L.REG_CTX] = ctx
+            regs[i, L.REG_ECTX] = ectx
+            if v.vmcs is not None:
+                m = v.vmcs
+                regs[i, L.REG_USE_EPT] = 1
+                regs[i, L.REG_EPT_ROOT] = m.eptp.root
+                regs[i, L.REG_EPT_LEVELS] = m.eptp.levels
+                regs[i, L.REG_EPT_AD] = int(m.eptp.ad_enabled)
+                regs[i, L.REG_MBEC] = int(m.mbec)
+                regs[i, L.REG_PML_ON] = int(m.pml_enabled)
+                regs[i, L.REG_PML_ADDR] = m.pml_address
+                regs[i, L.REG_PML_INDEX] = m.pml_index
+                if m.pml_enabled:
+                    self.memory.frame(m.pml_address >> 12)  # the log page must have storage
+        return regs
+
+    # -- running ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        accesses: Accesses,
+        start: int = 0,
+        *,
+        record_hpa: bool = False,
+        log_references: int = 0,
+    ) -> RunResult:
+        """Run ``accesses[start:]`` until done or until an exit or guest fault.
+
+        ``record_hpa`` returns each performed access's HPA; ``log_references`` keeps up to that
+        many walk references (for comparing with the reference walker)."""
+        if not self._vcpus:
+            raise ConfigError("Engine", "add a vCPU before running")
+        if len(accesses) and int(accesses.vcpu.max()) >= len(self._vcpus):
+            raise ConfigError("Accesses.vcpu", f"only {len(self._vcpus)} vCPUs exist")
+        regs = self._pack_registers()
+        mem = self.memory.kernel_arrays()
+        refs = np.zeros((log_references, L.NREFCOLS), np.int64)
+        ref_count = np.zeros(1, np.int64)
+        exit_info = np.zeros(L.NEXIT, np.int64)
+        out_hpa = np.full(len(accesses) if record_hpa else 0, -1, np.int64)
+        stopped = int(
+            _run_chunk(
+                accesses.gva, accesses.kind, accesses.user, accesses.vcpu, start, regs,
+                self._feat, mem, self._tlb, self._cache, self._cost, self._stats,
+                (refs, ref_count), self._clock, exit_info, out_hpa,
+            )
+        )
+        for i, v in enumerate(self._vcpus):  # the kernel advanced the PML index
+            if v.vmcs is not None:
+                v.vmcs.pml_index = int(regs[i, L.REG_PML_INDEX])
+        exit_, fault = self._decode_exit(exit_info)
+        n_refs = min(int(ref_count[0]), log_references)
+        references = [
+            Reference(
+                Dim.GUEST if r[1] == 0 else Dim.EPT, int(r[2]), int(r[3]), int(r[4]) & U64_MASK,
+                -1, int(r[5]) if r[5] else DATA,
+            )
+            for r in refs[:n_refs]
+        ]
+        return RunResult(
+            stopped, exit_, fault, out_hpa if record_hpa else None, references,
+            [int(r[0]) for r in refs[:n_refs]],
+        )
+
+    @staticmethod
+    def _decode_exit(info: I64) -> tuple[VmExit | None, GuestFault | None]:
+        kind = int(info[L.X_KIND])
+        gla = int(info[L.X_GLA]) & U64_MASK
+        if kind == L.EXIT_GUEST_FAULT:
+            return None, GuestFault(int(info[L.X_VECTOR]), int(info[L.X_QUAL]), gla)
+        if kind == L.EXIT_EPT_VIOLATION:
+            return EptViolation(int(info[L.X_GPA]), gla, int(info[L.X_QUAL])), None
+        if kind == L.EXIT_EPT_MISCONFIG:
+            why = L.MISCONFIG_REASONS[int(info[L.X_WHY])]
+            return EptMisconfig(int(info[L.X_GPA]), int(info[L.X_LEVEL]), why), None
+        if kind == L.EXIT_PML_FULL:
+            return PmlFull(), None
+        return None, None
+
+    def translate(self, gva: int, access: Access, mode: Mode = Mode.SUPERVISOR,
+                  vcpu: int = 0) -> RunResult:
+        """One access (convenient in tests and notebooks; slow in loops: use :meth:`run`)."""
+        return self.run(Accesses.build([gva], access, int(mode), vcpu), record_hpa=True)
+
+    # -- statistics -----------------------------------------------------------------------------
+
+    def stats(self, vcpu: int = 0) -> VcpuStats:
+        return VcpuStats.from_row(self._stats[vcpu])
+
+    def reset_stats(self) -> None:
+        self._stats[:] = 0
+
+    # -- invalidation (SDM Vol. 3A §4.10.4, Vol. 3C §29.4.3) ------------------------------------
+
+    def _drop(self, structures: range | list[int], match: np.ndarray | None = None,
+              *, ctxs: set[int] | None = None, keep_global: bool = False,
+              key_for: dict[int, int] | None = None) -> None:
+        tags, data, _, _, desc = self._tlb
+        nv = max(1, len(self._vcpus))
+        for s in structures:
+            first, sets, ways = (int(x) for x in desc[s])
+            if sets == 0:
+                continue
+            block = slice(first, first + sets * nv)
+            t = tags[block, :ways]
+            hit = t >= 0
+            if ctxs is not None:
+                hit &= np.isin(t & 0xFFFF, list(ctxs))
+            if key_for is not None and s in key_for:
+                hit &= (t >> 16) == key_for[s]
+            if keep_global:
+                hit &= (data[block, :ways] & L.TF_GLOBAL) == 0
+            t[hit] = -1
+
+    _TLBS = list(range(L.S_L1D, L.S_STLB + 3))
+    _PSCS = list(range(L.S_PSC, L.S_PSC + 4))
+    _GPA_SIDE = list(range(L.S_NTLB, L.S_EPSC + 4))
+
+    def _ctxs_of(self, *, vpid: int | None = None, eptp: int | None = None) -> set[int]:
+        return {
+            c for (vp, ep), c in self._ctx.items()
+            if (vpid is None or vp == vpid) and (eptp is None or ep == eptp)
+        }
+
+    def invlpg(self, vcpu: int, gva: int) -> None:
+        """INVLPG in the guest: the TLB entries for ``gva`` and all paging-structure-cache
+        entries of the vCPU's current context (SDM Vol. 3A §4.10.4.1)."""
+        ctx, _ = self._context(self._vcpus[vcpu])
+        key = _signed(gva) & ((1 << 57) - 1)
+        key_for = {s: key >> (12 + 9 * ((s - L.S_L1D) % 3)) for s in self._TLBS}
+        self._drop(self._TLBS, ctxs={ctx}, key_for=key_for)
+        self._drop(self._PSCS, ctxs={ctx})
+
+    def mov_cr3(self, vcpu: int, cr3: int) -> None:
+        """MOV to CR3 (no PCIDs): new address space; non-global TLB entries and all
+        paging-structure-cache entries of the context are invalidated (SDM §4.10.4.1)."""
+        v = self._vcpus[vcpu]
+        ctx, _ = self._context(v)
+        v.guest.cr3 = cr3
+        self._drop(self._TLBS, ctxs={ctx}, keep_global=True)
+        self._drop(self._PSCS, ctxs={ctx})
+
+    def invvpid(self, kind: InvvpidType, vpid: int = 0, gva: int | None = None) -> None:
+        """INVVPID: linear and combined mappings of a VPID (SDM Vol. 3C §29.4.3.3)."""
+        kind = InvvpidType(kind)
+        ctxs = None if kind == InvvpidType.ALL_CONTEXT else self._ctxs_of(vpid=vpid)
+        if kind == InvvpidType.INDIVIDUAL_ADDRESS:
+            if gva is None:
+                raise ConfigError("invvpid", "individual-address invalidation needs an address")
+            key = _signed(gva) & ((1 << 57) - 1)
+            key_for = {s: key >> (12 + 9 * ((s - L.S_L1D) % 3)) for s in self._TLBS}
+            self._drop(self._TLBS, ctxs=ctxs, key_for=key_for)
+            self._drop(self._PSCS, ctxs=ctxs)
+            return
+        keep = kind == InvvpidType.SINGLE_CONTEXT_RETAINING_GLOBALS
+        self._drop(self._TLBS, ctxs=ctxs, keep_global=keep)
+        self._drop(self._PSCS, ctxs=ctxs)
+
+    def invept(self, kind: InveptType, eptp: int | None = None) -> None:
+        """INVEPT: guest-physical and combined mappings of one EPTP (single-context) or of all
+        (SDM Vol. 3C §29.4.3.1). ``eptp`` is the encoded EPTP value."""
+        kind = InveptType(kind)
+        if kind == InveptType.ALL_CONTEXT:
+            self._drop(self._TLBS + self._PSCS + self._GPA_SIDE)
+            return
+        if eptp is None:
+            raise ConfigError("invept", "single-context invalidation needs an EPTP")
+        self._drop(self._TLBS + self._PSCS, ctxs=self._ctxs_of(eptp=eptp))
+        ectx = self._ectx.get(eptp)
+        if ectx is not None:
+            self._drop(self._GPA_SIDE, ctxs={ectx})
+
+    def flush_caches(self) -> None:
+        """Empty the data-cache model (e.g. between benchmark phases)."""
+        self._cache[0][:] = -1
+        self._cache[1][:] = 0

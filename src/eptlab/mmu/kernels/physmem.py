@@ -1,0 +1,44 @@
+"""Physical memory as the kernels see it: rows of 512 words found through the open-addressing
+hash of :class:`eptlab.memory.PhysicalMemory` (same hash function)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ...memory.physical import EMPTY, HASH_MULTIPLIER
+
+_MULT = np.uint64(HASH_MULTIPLIER)
+_SHIFT = np.uint64(32)
+
+
+@njit(cache=True)
+def frame_row(hkeys, hrows, pfn):  # type: ignore[no-untyped-def]
+    """Row of frame ``pfn``, or -1 if it has no storage (reads as zeros)."""
+    mask = hkeys.shape[0] - 1
+    slot = np.int64((np.uint64(pfn) * _MULT) >> _SHIFT) & mask
+    while True:
+        key = hkeys[slot]
+        if key == pfn:
+            return hrows[slot]
+        if key == EMPTY:
+            return -1
+        slot = (slot + 1) & mask
+
+
+@njit(cache=True)
+def read_word(rows, hkeys, hrows, address):  # type: ignore[no-untyped-def]
+    row = frame_row(hkeys, hrows, address >> 12)
+    if row < 0:
+        return np.int64(0)
+    return np.int64(rows[row, (address & 4095) >> 3])
+
+
+@njit(cache=True)
+def write_word(rows, hkeys, hrows, address, value):  # type: ignore[no-untyped-def]
+    """Write an entry; the frame must have storage (the engine ensures it). Returns success."""
+    row = frame_row(hkeys, hrows, address >> 12)
+    if row < 0:
+        return False
+    rows[row, (address & 4095) >> 3] = np.uint64(value)
+    return True

@@ -1,0 +1,54 @@
+"""The batch loop: translate and perform a chunk of accesses until done or until something
+needs software (a guest fault or a VM exit)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .cache import access_line
+from .layout import (
+    COST_CACHE,
+    EXIT_NONE,
+    ST_ACCESSES,
+    ST_CYCLES,
+    ST_DATA_CACHE,
+    ST_DATA_CYCLES,
+    ST_READS,
+    ST_TRANSLATION_CYCLES,
+    X_INDEX,
+    X_KIND,
+)
+from .walk import translate
+
+
+@njit(cache=True)
+def run_chunk(gva, kind, user, vcpu, start, regs, feat, mem, tlb, cache, cost, stats, log, clock, exit_info, out_hpa):  # type: ignore[no-untyped-def]
+    """Run accesses ``start..len(gva)-1``. Returns the index of the first access not performed
+    (``len(gva)`` when all were); exit_info then describes why. A faulting access is not
+    performed: after the handler, resume at the returned index to retry it."""
+    res = np.zeros(8, np.int64)
+    ctags, cstamps, cdesc = cache
+    record = out_hpa.shape[0] > 0
+    exit_info[:] = 0
+    for i in range(start, gva.shape[0]):
+        v = vcpu[i]
+        access = kind[i]
+        status = translate(gva[i], access, user[i] != 0, i, v, regs, feat, mem, tlb, cache, cost,
+                           stats, log, clock, exit_info, res)
+        if status != EXIT_NONE:
+            exit_info[X_INDEX] = i
+            return i
+        hpa = res[0]
+        where = access_line(ctags, cstamps, cdesc, v, hpa, clock)
+        data_cycles = cost[COST_CACHE + where]
+        stats[v, ST_DATA_CACHE + where] += 1
+        stats[v, ST_ACCESSES] += 1
+        stats[v, ST_READS + access] += 1
+        stats[v, ST_TRANSLATION_CYCLES] += res[4]
+        stats[v, ST_DATA_CYCLES] += data_cycles
+        stats[v, ST_CYCLES] += res[4] + data_cycles
+        if record:
+            out_hpa[i] = hpa
+    exit_info[X_KIND] = EXIT_NONE
+    return gva.shape[0]

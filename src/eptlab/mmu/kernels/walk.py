@@ -1,0 +1,650 @@
+"""One access through the fast engine: TLBs, then a two-dimensional walk that uses the
+paging-structure caches and the nested TLB, then the data access through the cache model.
+
+With every cache disabled this is the reference walker (:mod:`eptlab.mmu.walker`) step for step:
+same references in the same order, same A/D and PML writes, same faults and exits. Read the two
+side by side; the modelling choices listed in the walker's docstring hold here too. What caching
+adds (SDM Vol. 3A §4.10, Vol. 3C §29.4):
+
+* TLB entries hold *combined* GVA->HPA translations of size min(guest page, EPT page) with the
+  rights of both dimensions; a hit whose rights do not allow the access, or a write through an
+  entry whose dirty flags are not both set, is dropped and the access walks (which then sets
+  the flags or reports the exact fault).
+* Guest paging-structure caches map the upper bits of a linear address to the host-physical
+  address of the next guest table (combined), with the rights above it, so a hit skips both the
+  guest entries and their EPT walks. The nested TLB and EPT paging-structure caches do the same
+  for guest-physical addresses.
+* Cached entries are used until invalidated (INVLPG, INVVPID, INVEPT, MOV to CR3): a remap
+  without invalidation is not seen, exactly as on hardware.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .assoc import drop, insert, lookup
+from .cache import access_line
+from .physmem import read_word, write_word
+from .layout import (
+    COST_CACHE,
+    COST_L1_TLB,
+    COST_PSC,
+    COST_STLB,
+    COST_WALK_START,
+    EXIT_EPT_MISCONFIG,
+    EXIT_EPT_VIOLATION,
+    EXIT_GUEST_FAULT,
+    EXIT_NONE,
+    EXIT_PML_FULL,
+    FEAT_ADV_INFO,
+    FEAT_EXEC_ONLY,
+    FEAT_MAXPHY,
+    REG_CR0,
+    REG_CR3,
+    REG_CR4,
+    REG_CTX,
+    REG_ECTX,
+    REG_EFER,
+    REG_EPT_AD,
+    REG_EPT_LEVELS,
+    REG_EPT_ROOT,
+    REG_MBEC,
+    REG_PKRU,
+    REG_PML_ADDR,
+    REG_PML_INDEX,
+    REG_PML_ON,
+    REG_RFLAGS,
+    REG_USE_EPT,
+    S_EPSC,
+    S_L1D,
+    S_L1I,
+    S_NTLB,
+    S_PSC,
+    S_STLB,
+    ST_EPSC_HITS,
+    ST_EPT_MISCONFIGS,
+    ST_EPT_REFS,
+    ST_EPT_VIOLATIONS,
+    ST_GUEST_FAULTS,
+    ST_GUEST_REFS,
+    ST_L1D_HITS,
+    ST_L1I_HITS,
+    ST_NTLB_HITS,
+    ST_PML_FULL,
+    ST_PML_LOGGED,
+    ST_PSC_HITS,
+    ST_REWALKS,
+    ST_STLB_HITS,
+    ST_WALK_CACHE,
+    ST_WALKS,
+    TF_DIRTY,
+    TF_GLOBAL,
+    TF_RW,
+    TF_US,
+    TF_XD,
+    X_GLA,
+    X_GPA,
+    X_KIND,
+    X_LEVEL,
+    X_QUAL,
+    X_VECTOR,
+    X_WHY,
+)
+
+READ, WRITE, FETCH = 0, 1, 2
+DIM_GUEST, DIM_EPT = 0, 1
+
+# guest entry bits (SDM Vol. 3A Tables 4-15..4-20)
+P, RW, US, A, D, PS, G = 1, 2, 4, 32, 64, 128, 256
+# EPT entry bits (SDM Vol. 3C Tables 29-1..29-7)
+ER, EW, EX, EA, ED, EXU = 1, 2, 4, 256, 512, 1024
+ALL_EPT_RIGHTS = ER | EW | EX | EXU
+# EPT-violation exit qualification (SDM Vol. 3C Table 28-7)
+Q_READ, Q_WRITE, Q_FETCH = 1, 2, 4
+Q_READABLE, Q_WRITABLE, Q_EXECUTABLE, Q_USER_EXEC = 8, 16, 32, 64
+Q_GLA_VALID, Q_GLA_TRANSLATION = 128, 256
+Q_USER_LINEAR, Q_WRITABLE_LINEAR, Q_XD_LINEAR = 512, 1024, 2048
+# #PF error code (SDM Vol. 3A §4.7)
+PF_P, PF_WR, PF_US, PF_RSVD, PF_ID, PF_PK = 1, 2, 4, 8, 16, 32
+# control bits
+CR0_WP = 1 << 16
+CR4_LA57, CR4_SMEP, CR4_SMAP, CR4_PKE = 1 << 12, 1 << 20, 1 << 21, 1 << 22
+EFER_NXE = 1 << 11
+RFLAGS_AC = 1 << 18
+VA_MASK = (1 << 57) - 1
+PML_ENTRIES = 512
+
+
+@njit(cache=True)
+def bit_range(hi, lo):  # type: ignore[no-untyped-def]
+    if hi < lo:
+        return np.int64(0)
+    return ((np.int64(1) << (hi - lo + 1)) - 1) << lo
+
+
+@njit(cache=True)
+def pack_rights(raw):  # type: ignore[no-untyped-def]
+    """EPT bits 0, 1, 2, 10 -> 4 contiguous bits."""
+    return (raw & 7) | ((raw >> 7) & 8)
+
+
+@njit(cache=True)
+def unpack_rights(packed):  # type: ignore[no-untyped-def]
+    return (packed & 7) | ((packed & 8) << 7)
+
+
+@njit(cache=True)
+def rights_qualification(rights, mbec):  # type: ignore[no-untyped-def]
+    """Qualification bits 3-6 from the AND of the EPT entries walked."""
+    q = 0
+    if rights & ER:
+        q |= Q_READABLE
+    if rights & EW:
+        q |= Q_WRITABLE
+    if rights & EX:
+        q |= Q_EXECUTABLE
+    if mbec and rights & EXU:
+        q |= Q_USER_EXEC
+    return q
+
+
+@njit(cache=True)
+def ept_present(value, mbec):  # type: ignore[no-untyped-def]
+    return (value & 7) != 0 or (mbec and (value & EXU) != 0)
+
+
+@njit(cache=True)
+def ept_leaf(value, level):  # type: ignore[no-untyped-def]
+    return level == 1 or ((level == 2 or level == 3) and (value & PS) != 0)
+
+
+@njit(cache=True)
+def ept_misconfig(value, level, maxphy, exec_only):  # type: ignore[no-untyped-def]
+    """SDM Vol. 3C §29.3.3.1; codes as in layout.MISCONFIG_REASONS."""
+    if (value & EW) and not (value & ER):
+        return 1
+    if not exec_only and (value & 7) == EX:
+        return 2
+    reserved = bit_range(51, maxphy)
+    if level >= 4:
+        reserved |= bit_range(7, 3)
+    elif not ept_leaf(value, level):
+        reserved |= bit_range(6, 3)
+    elif level == 3:
+        reserved |= bit_range(29, 12)
+    elif level == 2:
+        reserved |= bit_range(20, 12)
+    if value & reserved:
+        return 3
+    if ept_leaf(value, level):
+        memtype = (value >> 3) & 7
+        if memtype == 2 or memtype == 3 or memtype == 7:
+            return 4
+    return 0
+
+
+@njit(cache=True)
+def guest_reserved(value, level, maxphy, nxe):  # type: ignore[no-untyped-def]
+    """Reserved bits of a present guest entry (SDM Vol. 3A §4.5)."""
+    reserved = bit_range(51, maxphy)
+    if not nxe:
+        reserved |= np.int64(-0x8000000000000000)  # bit 63
+    if level >= 4:
+        reserved |= PS
+    elif level == 3 and (value & PS):
+        reserved |= bit_range(29, 13)
+    elif level == 2 and (value & PS):
+        reserved |= bit_range(20, 13)
+    return value & reserved
+
+
+@njit(cache=True)
+def guest_allows(access, user, us, rw, xd, cr0, cr4, rflags):  # type: ignore[no-untyped-def]
+    """Access rights from paging (SDM Vol. 3A §4.6.1)."""
+    if access == FETCH:
+        if xd:
+            return False
+        if user:
+            return us
+        return not (us and (cr4 & CR4_SMEP))
+    if user:
+        return us and (access == READ or rw)
+    if us and (cr4 & CR4_SMAP) and not (rflags & RFLAGS_AC):
+        return False
+    return access == READ or rw or not (cr0 & CR0_WP)
+
+
+@njit(cache=True)
+def pkey_allows(access, user, us, pkey, cr0, cr4, pkru):  # type: ignore[no-untyped-def]
+    """Protection keys (SDM Vol. 3A §4.6.2)."""
+    if not (cr4 & CR4_PKE) or access == FETCH or not us:
+        return True
+    if (pkru >> (2 * pkey)) & 1:
+        return False
+    if access == WRITE and ((pkru >> (2 * pkey + 1)) & 1) and (user or (cr0 & CR0_WP)):
+        return False
+    return True
+
+
+@njit(cache=True)
+def page_fault_code(error, access, user, cr4, efer):  # type: ignore[no-untyped-def]
+    if access == WRITE:
+        error |= PF_WR
+    if user:
+        error |= PF_US
+    if access == FETCH and ((efer & EFER_NXE) or (cr4 & CR4_SMEP)):
+        error |= PF_ID
+    return error
+
+
+@njit(cache=True)
+def reference(i, vcpu, dim, level, address, value, for_level, cache, cost, stats, log, clock):  # type: ignore[no-untyped-def]
+    """Account one paging-structure read: log it, count it, send it through the caches."""
+    refs, count = log
+    n = count[0]
+    if n < refs.shape[0]:
+        refs[n, 0] = i
+        refs[n, 1] = dim
+        refs[n, 2] = level
+        refs[n, 3] = address
+        refs[n, 4] = value
+        refs[n, 5] = for_level
+    count[0] = n + 1
+    stats[vcpu, (ST_GUEST_REFS if dim == DIM_GUEST else ST_EPT_REFS) + level - 1] += 1
+    ctags, cstamps, cdesc = cache
+    where = access_line(ctags, cstamps, cdesc, vcpu, address, clock)
+    stats[vcpu, ST_WALK_CACHE + where] += 1
+    return cost[COST_CACHE + where]
+
+
+@njit(cache=True)
+def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, regs, feat, mem, tlb, cache, cost, stats, log, clock, exit_info, res):  # type: ignore[no-untyped-def]
+    """Translate one guest-physical address (SDM Vol. 3C §29.3.2). On success res holds
+    (hpa, EPT rights, leaf level, dirty-after, cycles) and EXIT_NONE is returned."""
+    rows, hkeys, hrows = mem
+    tags, data, aux, stamps, desc = tlb
+    width = tags.shape[1]
+    cycles = 0
+    if regs[vcpu, REG_USE_EPT] == 0:
+        res[0] = gpa
+        res[1] = ALL_EPT_RIGHTS
+        res[2] = 1
+        res[3] = 1
+        res[4] = 0
+        return EXIT_NONE
+    maxphy = feat[FEAT_MAXPHY]
+    table_mask = bit_range(maxphy - 1, 12)
+    ad = regs[vcpu, REG_EPT_AD] != 0
+    mbec = regs[vcpu, REG_MBEC] != 0
+    ectx = regs[vcpu, REG_ECTX]
+
+    if paging_entry:
+        qual = Q_READ | (Q_WRITE if ad else 0)
+    elif access == READ:
+        qual = Q_READ
+    elif access == WRITE:
+        qual = Q_WRITE
+    else:
+        qual = Q_FETCH
+    qual |= Q_GLA_VALID
+    if not paging_entry:
+        qual |= Q_GLA_TRANSLATION
+        if feat[FEAT_ADV_INFO]:
+            qual |= linear
+    write_like = (qual & Q_WRITE) != 0
+    needed = 0
+    if qual & Q_READ:
+        needed |= ER
+    if write_like:
+        needed |= EW
+    if qual & Q_FETCH:
+        needed |= EXU if (mbec and (linear & Q_USER_LINEAR)) else EX
+
+    # nested TLB: GPA -> HPA, per page size
+    for s in range(3):
+        shift = 12 + 9 * s
+        hit = lookup(tags, stamps, desc, S_NTLB + s, vcpu, gpa >> shift, ectx, clock)
+        if hit >= 0:
+            word = data[hit // width, hit % width]
+            rights = unpack_rights((word >> 3) & 15)
+            dirty = (word & TF_DIRTY) != 0
+            if (rights & needed) == needed and not (write_like and ad and not dirty):
+                stats[vcpu, ST_NTLB_HITS] += 1
+                res[0] = (word & ~np.int64(4095)) | (gpa & ((np.int64(1) << shift) - 1))
+                res[1] = rights
+                res[2] = s + 1
+                res[3] = 1 if dirty else 0
+                res[4] = cycles
+                return EXIT_NONE
+            drop(tags, hit)
+            break
+
+    # EPT paging-structure caches: start the walk as low as a cached entry allows
+    levels = regs[vcpu, REG_EPT_LEVELS]
+    table = regs[vcpu, REG_EPT_ROOT]
+    rights = np.int64(ALL_EPT_RIGHTS)
+    level = levels
+    for cached in range(2, levels + 1):
+        if desc[S_EPSC + 5 - cached, 1] == 0:
+            continue
+        cycles += cost[COST_PSC]
+        hit = lookup(tags, stamps, desc, S_EPSC + 5 - cached, vcpu,
+                     gpa >> (12 + 9 * (cached - 1)), ectx, clock)
+        if hit >= 0:
+            stats[vcpu, ST_EPSC_HITS] += 1
+            table = data[hit // width, hit % width]
+            rights = aux[hit // width, hit % width]
+            level = cached - 1
+            break
+
+    path_entry = np.zeros(5, np.int64)
+    path_value = np.zeros(5, np.int64)
+    path_rights = np.zeros(5, np.int64)
+    n = 0
+    while True:
+        entry = table + ((gpa >> (12 + 9 * (level - 1))) & 511) * 8
+        value = read_word(rows, hkeys, hrows, entry)
+        cycles += reference(i, vcpu, DIM_EPT, level, entry, value, for_level, cache, cost,
+                            stats, log, clock)
+        rights &= value
+        if not ept_present(value, mbec):
+            exit_info[X_KIND] = EXIT_EPT_VIOLATION
+            exit_info[X_QUAL] = qual | rights_qualification(rights, mbec)
+            exit_info[X_GPA] = gpa
+            exit_info[X_GLA] = va
+            stats[vcpu, ST_EPT_VIOLATIONS] += 1
+            return EXIT_EPT_VIOLATION
+        why = ept_misconfig(value, level, maxphy, feat[FEAT_EXEC_ONLY] != 0)
+        if why != 0:
+            exit_info[X_KIND] = EXIT_EPT_MISCONFIG
+            exit_info[X_GPA] = gpa
+            exit_info[X_LEVEL] = level
+            exit_info[X_WHY] = why
+            stats[vcpu, ST_EPT_MISCONFIGS] += 1
+            return EXIT_EPT_MISCONFIG
+        path_entry[n] = entry
+        path_value[n] = value
+        path_rights[n] = rights
+        n += 1
+        if ept_leaf(value, level):
+            break
+        table = value & table_mask
+        level -= 1
+
+    if (rights & needed) != needed:
+        exit_info[X_KIND] = EXIT_EPT_VIOLATION
+        exit_info[X_QUAL] = qual | rights_qualification(rights, mbec)
+        exit_info[X_GPA] = gpa
+        exit_info[X_GLA] = va
+        stats[vcpu, ST_EPT_VIOLATIONS] += 1
+        return EXIT_EPT_VIOLATION
+
+    leaf_value = path_value[n - 1]
+    if ad:  # SDM Vol. 3C §29.3.5 (A/D) and §29.3.6 (PML)
+        if write_like and not (leaf_value & ED) and regs[vcpu, REG_PML_ON]:
+            index = regs[vcpu, REG_PML_INDEX]
+            if index >= PML_ENTRIES:
+                exit_info[X_KIND] = EXIT_PML_FULL
+                stats[vcpu, ST_PML_FULL] += 1
+                return EXIT_PML_FULL
+            write_word(rows, hkeys, hrows, regs[vcpu, REG_PML_ADDR] + index * 8,
+                       gpa & ~np.int64(4095))
+            regs[vcpu, REG_PML_INDEX] = (index - 1) & 0xFFFF
+            stats[vcpu, ST_PML_LOGGED] += 1
+        for k in range(n):
+            new = path_value[k] | EA
+            if k == n - 1 and write_like:
+                new |= ED
+            if new != path_value[k]:
+                write_word(rows, hkeys, hrows, path_entry[k], new)
+                path_value[k] = new
+    dirty_after = (not ad) or ((path_value[n - 1] & ED) != 0)
+
+    shift = 12 + 9 * (level - 1)
+    base = path_value[n - 1] & bit_range(maxphy - 1, shift)
+    # fill the EPT paging-structure caches (entries walked that reference tables) and nested TLB
+    for k in range(n - 1):
+        entry_level = level + (n - 1 - k)
+        insert(tags, data, aux, stamps, desc, S_EPSC + 5 - entry_level, vcpu,
+               gpa >> (12 + 9 * (entry_level - 1)), ectx, path_value[k] & table_mask,
+               path_rights[k], clock)
+    insert(tags, data, aux, stamps, desc, S_NTLB + level - 1, vcpu, gpa >> shift, ectx,
+           base | (pack_rights(rights) << 3) | (TF_DIRTY if dirty_after else 0), 0, clock)
+    res[0] = base | (gpa & ((np.int64(1) << shift) - 1))
+    res[1] = rights
+    res[2] = level
+    res[3] = 1 if dirty_after else 0
+    res[4] = cycles
+    return EXIT_NONE
+
+
+@njit(cache=True)
+def guest_fault(vector, error, va, vcpu, stats, exit_info):  # type: ignore[no-untyped-def]
+    exit_info[X_KIND] = EXIT_GUEST_FAULT
+    exit_info[X_VECTOR] = vector
+    exit_info[X_QUAL] = error
+    exit_info[X_GLA] = va
+    stats[vcpu, ST_GUEST_FAULTS] += 1
+    return EXIT_GUEST_FAULT
+
+
+@njit(cache=True)
+def tlb_probe(first_struct, va, vcpu, ctx, tags, stamps, desc, clock):  # type: ignore[no-untyped-def]
+    """Probe the three page-size structures from ``first_struct``; (flat index, size) or -1."""
+    key = va & VA_MASK
+    for s in range(3):
+        hit = lookup(tags, stamps, desc, first_struct + s, vcpu, key >> (12 + 9 * s), ctx, clock)
+        if hit >= 0:
+            return hit, s
+    return -1, 0
+
+
+@njit(cache=True)
+def translate(va, access, user, i, vcpu, regs, feat, mem, tlb, cache, cost, stats, log, clock, exit_info, res):  # type: ignore[no-untyped-def]
+    """Translate one guest-linear access. On success res[0] is the HPA and res[4] the cycles
+    the translation cost (TLB lookups and walk); otherwise exit_info describes the exit."""
+    rows, hkeys, hrows = mem
+    tags, data, aux, stamps, desc = tlb
+    width = tags.shape[1]
+    cr0 = regs[vcpu, REG_CR0]
+    cr4 = regs[vcpu, REG_CR4]
+    efer = regs[vcpu, REG_EFER]
+    pkru = regs[vcpu, REG_PKRU]
+    rflags = regs[vcpu, REG_RFLAGS]
+    ctx = regs[vcpu, REG_CTX]
+    use_ept = regs[vcpu, REG_USE_EPT] != 0
+    mbec = regs[vcpu, REG_MBEC] != 0
+    ad = use_ept and regs[vcpu, REG_EPT_AD] != 0
+    maxphy = feat[FEAT_MAXPHY]
+    table_mask = bit_range(maxphy - 1, 12)
+    nxe = (efer & EFER_NXE) != 0
+    key = va & VA_MASK
+
+    # -- TLBs (SDM Vol. 3A §4.10.2) ------------------------------------------------------------
+    l1 = S_L1I if access == FETCH else S_L1D
+    cycles = cost[COST_L1_TLB]
+    hit, s = tlb_probe(l1, va, vcpu, ctx, tags, stamps, desc, clock)
+    from_stlb = False
+    if hit < 0:
+        cycles += cost[COST_STLB]
+        hit, s = tlb_probe(S_STLB, va, vcpu, ctx, tags, stamps, desc, clock)
+        from_stlb = hit >= 0
+    if hit >= 0:
+        word = data[hit // width, hit % width]
+        extra = aux[hit // width, hit % width]
+        us = (word & TF_US) != 0
+        rights = unpack_rights((word >> 3) & 15)
+        if access == READ:
+            needed = ER
+        elif access == WRITE:
+            needed = EW
+        else:
+            needed = EXU if (mbec and us) else EX
+        usable = (
+            guest_allows(access, user, us, (word & TF_RW) != 0, (word & TF_XD) != 0, cr0, cr4,
+                         rflags)
+            and pkey_allows(access, user, us, extra & 15, cr0, cr4, pkru)
+            and (rights & needed) == needed
+            and not (access == WRITE and not (word & TF_DIRTY))
+        )
+        if usable:
+            shift = 12 + 9 * s
+            if from_stlb:
+                stats[vcpu, ST_STLB_HITS] += 1
+                insert(tags, data, aux, stamps, desc, l1 + s, vcpu, key >> shift, ctx, word,
+                       extra, clock)
+            else:
+                stats[vcpu, ST_L1I_HITS if access == FETCH else ST_L1D_HITS] += 1
+            res[0] = (word & ~np.int64(4095)) | (va & ((np.int64(1) << shift) - 1))
+            res[4] = cycles
+            return EXIT_NONE
+        drop(tags, hit)  # not usable as cached: walk (sets flags or finds the exact fault)
+        stats[vcpu, ST_REWALKS] += 1
+
+    # -- the two-dimensional walk (SDM Vol. 3A §4.5 with Vol. 3C §29.3.2) ------------------------
+    stats[vcpu, ST_WALKS] += 1
+    cycles += cost[COST_WALK_START]
+    width_bits = 57 if (cr4 & CR4_LA57) else 48
+    top = va >> (width_bits - 1)
+    if top != 0 and top != -1:
+        return guest_fault(13, 0, va, vcpu, stats, exit_info)  # non-canonical: #GP(0)
+    levels = 5 if (cr4 & CR4_LA57) else 4
+
+    # paging-structure caches: the lowest hit gives the next table and the rights above it
+    table_gpa = regs[vcpu, REG_CR3] & table_mask
+    table_hpa = np.int64(-1)
+    table_rights = np.int64(0)
+    above_us, above_rw, above_xd = True, True, False
+    level = levels
+    for cached in range(2, levels + 1):
+        psc = S_PSC + 5 - cached
+        if desc[psc, 1] == 0:
+            continue
+        cycles += cost[COST_PSC]
+        hit = lookup(tags, stamps, desc, psc, vcpu, key >> (12 + 9 * (cached - 1)), ctx, clock)
+        if hit >= 0:
+            stats[vcpu, ST_PSC_HITS + cached - 1] += 1
+            word = data[hit // width, hit % width]
+            table_hpa = word & table_mask
+            table_gpa = aux[hit // width, hit % width]
+            table_rights = unpack_rights((word >> 3) & 15)
+            above_us = (word & TF_US) != 0
+            above_rw = (word & TF_RW) != 0
+            above_xd = (word & TF_XD) != 0
+            level = cached - 1
+            break
+
+    step_level = np.zeros(5, np.int64)
+    step_gpa = np.zeros(5, np.int64)
+    step_hpa = np.zeros(5, np.int64)
+    step_value = np.zeros(5, np.int64)
+    step_rights = np.zeros(5, np.int64)
+    acc_us, acc_rw, acc_xd = above_us, above_rw, above_xd
+    n = 0
+    while True:
+        entry_gpa = table_gpa + ((va >> (12 + 9 * (level - 1))) & 511) * 8
+        if table_hpa >= 0 and not (ad and not (table_rights & EW)):
+            entry_hpa = table_hpa + (entry_gpa & 4095)
+            page_rights = table_rights
+        else:
+            status = ept_translate(entry_gpa, True, level, 0, access, va, i, vcpu, regs, feat,
+                                   mem, tlb, cache, cost, stats, log, clock, exit_info, res)
+            if status != EXIT_NONE:
+                return status
+            cycles += res[4]
+            entry_hpa = res[0]
+            page_rights = res[1]
+        value = read_word(rows, hkeys, hrows, entry_hpa)
+        cycles += reference(i, vcpu, DIM_GUEST, level, entry_hpa, value, level, cache, cost,
+                            stats, log, clock)
+        if not (value & P):
+            return guest_fault(14, page_fault_code(0, access, user, cr4, efer), va, vcpu,
+                               stats, exit_info)
+        if guest_reserved(value, level, maxphy, nxe):
+            return guest_fault(14, page_fault_code(PF_P | PF_RSVD, access, user, cr4, efer),
+                               va, vcpu, stats, exit_info)
+        step_level[n] = level
+        step_gpa[n] = entry_gpa
+        step_hpa[n] = entry_hpa
+        step_value[n] = value
+        step_rights[n] = page_rights
+        n += 1
+        acc_us = acc_us and (value & US) != 0
+        acc_rw = acc_rw and (value & RW) != 0
+        acc_xd = acc_xd or (nxe and value < 0)  # XD is bit 63
+        if level == 1 or ((level == 2 or level == 3) and (value & PS)):
+            break
+        table_gpa = value & table_mask
+        table_hpa = -1
+        level -= 1
+
+    leaf = step_value[n - 1]
+    pkey = (leaf >> 59) & 15
+    allowed = guest_allows(access, user, acc_us, acc_rw, acc_xd, cr0, cr4, rflags)
+    pk_ok = pkey_allows(access, user, acc_us, pkey, cr0, cr4, pkru)
+    if not (allowed and pk_ok):
+        error = PF_P | (0 if pk_ok else PF_PK)
+        return guest_fault(14, page_fault_code(error, access, user, cr4, efer), va, vcpu,
+                           stats, exit_info)
+
+    # guest A/D flags (SDM Vol. 3A §4.8): processor writes, EPT writes without EPT A/D
+    for k in range(n):
+        new = step_value[k] | A
+        if k == n - 1 and access == WRITE:
+            new |= D
+        if new == step_value[k]:
+            continue
+        if use_ept and not ad and not (step_rights[k] & EW):
+            exit_info[X_KIND] = EXIT_EPT_VIOLATION
+            exit_info[X_QUAL] = (Q_READ | Q_WRITE | Q_GLA_VALID
+                                 | rights_qualification(step_rights[k], mbec))
+            exit_info[X_GPA] = step_gpa[k]
+            exit_info[X_GLA] = va
+            stats[vcpu, ST_EPT_VIOLATIONS] += 1
+            return EXIT_EPT_VIOLATION
+        write_word(rows, hkeys, hrows, step_hpa[k], new)
+        step_value[k] = new
+
+    guest_level = step_level[n - 1]
+    guest_shift = 12 + 9 * (guest_level - 1)
+    gpa = (step_value[n - 1] & bit_range(maxphy - 1, guest_shift)) | (
+        va & ((np.int64(1) << guest_shift) - 1))
+    linear = ((Q_USER_LINEAR if acc_us else 0) | (Q_WRITABLE_LINEAR if acc_rw else 0)
+              | (Q_XD_LINEAR if acc_xd else 0))
+    status = ept_translate(gpa, False, 0, linear, access, va, i, vcpu, regs, feat, mem, tlb,
+                           cache, cost, stats, log, clock, exit_info, res)
+    if status != EXIT_NONE:
+        return status
+    cycles += res[4]
+    hpa = res[0]
+
+    # fill the guest paging-structure caches: each walked entry that references a table
+    run_us, run_rw, run_xd = above_us, above_rw, above_xd
+    for k in range(n - 1):
+        v = step_value[k]
+        run_us = run_us and (v & US) != 0
+        run_rw = run_rw and (v & RW) != 0
+        run_xd = run_xd or (nxe and v < 0)
+        entry_level = step_level[k]
+        word = ((step_hpa[k + 1] & ~np.int64(4095)) | (pack_rights(step_rights[k + 1]) << 3)
+                | (TF_US if run_us else 0) | (TF_RW if run_rw else 0) | (TF_XD if run_xd else 0))
+        insert(tags, data, aux, stamps, desc, S_PSC + 5 - entry_level, vcpu,
+               key >> (12 + 9 * (entry_level - 1)), ctx, word, step_gpa[k + 1] & ~np.int64(4095),
+               clock)
+    # and the TLBs: a combined entry of size min(guest page, EPT page)
+    size_level = min(guest_level, res[2])
+    shift = 12 + 9 * (size_level - 1)
+    page_mask = ~((np.int64(1) << shift) - 1)
+    dirty = (step_value[n - 1] & D) != 0 and res[3] != 0
+    word = ((hpa & page_mask) | (pack_rights(res[1]) << 3) | (TF_US if acc_us else 0)
+            | (TF_RW if acc_rw else 0) | (TF_XD if acc_xd else 0)
+            | (TF_DIRTY if dirty else 0) | (TF_GLOBAL if (leaf & G) else 0))
+    extra = (gpa & page_mask) | pkey
+    insert(tags, data, aux, stamps, desc, l1 + size_level - 1, vcpu, key >> shift, ctx, word,
+           extra, clock)
+    insert(tags, data, aux, stamps, desc, S_STLB + size_level - 1, vcpu, key >> shift, ctx, word,
+           extra, clock)
+    res[0] = hpa
+    res[4] = cycles
+    return EXIT_NONE
