@@ -78,12 +78,13 @@ def ept_misconfiguration(
     """Why a present EPT entry is an EPT misconfiguration, or None if it is not.
 
     SDM Vol. 3C §29.3.3.1 "EPT Misconfigurations": bit 0 clear and bit 1 set (write without
-    read); bits 2:0 = 100b without execute-only support; a reserved bit set (including address
-    bits at or above MAXPHYADDR); a leaf whose memory type (bits 5:3) is 2, 3 or 7.
+    read); bit 0 clear and, without execute-only support, bit 2 set or (with mode-based execute
+    control) bit 10 set; a reserved bit set (including address bits at or above MAXPHYADDR); a
+    leaf whose memory type (bits 5:3) is 2, 3 or 7.
     """
     if value & Ept.W and not value & Ept.R:
         return "write-without-read"
-    if not execute_only and value & PERMISSION_MASK == Ept.X:
+    if not execute_only and not value & Ept.R and (value & Ept.X or (mbec and value & Ept.XU)):
         return "execute-only-unsupported"
     if value & ept_reserved_mask(value, level, maxphyaddr):
         return "reserved-bit"

@@ -60,11 +60,12 @@ class Accesses:
         vcpu: npt.ArrayLike | int = 0,
     ) -> Accesses:
         """Broadcast scalars; addresses may be given unsigned (canonical high half) or signed."""
-        g = np.asarray(gva)
-        if g.dtype == np.uint64 or g.dtype == object:
-            g = np.asarray([_signed(int(x)) for x in g.ravel()], np.int64) if g.dtype == object \
-                else g.view(np.int64)
-        g = np.ascontiguousarray(g, np.int64)
+        if isinstance(gva, np.ndarray) and gva.dtype == np.uint64:
+            g = np.ascontiguousarray(gva).view(np.int64)
+        elif isinstance(gva, np.ndarray) and gva.dtype.kind == "i":
+            g = np.ascontiguousarray(gva, np.int64)
+        else:  # Python ints, possibly >= 2**63
+            g = np.fromiter((_signed(int(x)) for x in np.asarray(gva, object).ravel()), np.int64)
         n = g.shape[0]
         k = np.ascontiguousarray(np.broadcast_to(np.asarray(kind, np.int8), (n,)))
         u = np.ascontiguousarray(np.broadcast_to(np.asarray(user, np.int8), (n,)))

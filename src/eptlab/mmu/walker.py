@@ -22,6 +22,9 @@ Modelling choices where the SDM leaves freedom (the fast engine must make the sa
 * With EPT A/D enabled every access to a guest paging-structure entry is treated as a write
   (SDM §29.3.3.2); its EPT violations report bits 0 and 1; it sets the EPT dirty flag of the
   page holding the entry and so logs that page in PML.
+* PML (SDM §29.3.6): the log-full check happens whenever an EPT translation must set an
+  accessed or a dirty flag (a read of a page whose EPT entries lack A exits too); a log entry
+  is written only for a dirty flag going 0 -> 1.
 * EPT permissions are checked once the walk of a GPA reached its leaf (rights are the AND over
   all entries); a not-present entry stops the walk at once (a violation), an entry with an
   unsupported value stops it at once (a misconfiguration).
@@ -365,6 +368,11 @@ class ReferenceWalker:
             if self.features.advanced_ept_exit_info:
                 qual |= linear
 
+        if gpa >> level_shift(vmcs.eptp.levels + 1):
+            # SDM Vol. 3C §29.3.2: with 4-level EPT, bits 51:48 of the guest-physical address
+            # must be 0, otherwise an EPT violation occurs (no entry is read; qualification
+            # bits 5:3 are cleared, Table 28-7 note)
+            raise _Stop(EptViolation(gpa, walk.gva, int(qual)))
         rights = int(Ept.R | Ept.W | Ept.X | Ept.XU)
         path: list[tuple[int, int, int]] = []  # (level, entry address, value)
         table = vmcs.eptp.root
@@ -419,13 +427,21 @@ class ReferenceWalker:
         self, walk: _Walk, gpa: int, path: list[tuple[int, int, int]], *, dirty: bool
     ) -> None:
         """EPT A on every entry used, D on the leaf of a write (SDM Vol. 3C §29.3.5); a 0->1
-        dirty transition is logged first when PML is on (SDM §29.3.6)."""
+        dirty transition is logged when PML is on (SDM §29.3.6).
+
+        With PML on, the processor examines the PML index whenever it needs to set an EPT
+        accessed *or* dirty flag: an index outside 0..511 is a log-full exit, and then neither
+        flag is set (SDM §29.3.6). Only a dirty flag going 0 -> 1 writes a log entry."""
         vmcs = self.vmcs
         assert vmcs is not None
         leaf_level, leaf_entry, leaf_value = path[-1]
+        updates_needed = any(
+            value & Ept.A == 0 or (dirty and entry == leaf_entry and value & Ept.D == 0)
+            for _, entry, value in path
+        )
+        if vmcs.pml_enabled and updates_needed and vmcs.pml_index >= PML_ENTRIES:
+            raise _Stop(PmlFull())  # log full: no accessed or dirty flag is set, nothing logged
         if dirty and not leaf_value & Ept.D and vmcs.pml_enabled:
-            if vmcs.pml_index >= PML_ENTRIES:
-                raise _Stop(PmlFull())  # log full: the dirty flag is not set, nothing logged
             slot = vmcs.pml_address + vmcs.pml_index * ENTRY_BYTES
             self.memory.write_u64(slot, gpa & ~((1 << PAGE_SHIFT) - 1))
             vmcs.pml_index = (vmcs.pml_index - 1) & 0xFFFF  # a 16-bit field: 0 - 1 = 0xFFFF

@@ -6,3 +6,27 @@ over a chunk of accesses lives inside :func:`run.run_chunk`. The Python side
 (:mod:`eptlab.mmu.engine`) owns the state objects, packs them into the arrays described in
 :mod:`layout`, and turns status codes into exit records.
 """
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numba
+
+
+def _cache_dir() -> Path:
+    """numba's on-disk cache checks only the stamp of the file that defines a function, not of
+    the modules it calls; keying the directory by the sources of every kernel (and the numba
+    version) makes any change to any kernel recompile them all."""
+    digest = hashlib.sha256(numba.__version__.encode())
+    here = Path(__file__).parent
+    for source in sorted(here.glob("*.py")) + [here.parent.parent / "memory" / "physical.py"]:
+        digest.update(source.read_bytes())
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "eptlab" / f"numba-{digest.hexdigest()[:16]}"
+
+
+if not os.environ.get("NUMBA_CACHE_DIR"):
+    numba.config.CACHE_DIR = str(_cache_dir())
