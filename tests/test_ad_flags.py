@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from itertools import product
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,7 @@ from eptlab.arch import Access, Mode, PageSize
 from eptlab.arch.ept import Eptp
 from eptlab.arch.exits import EptViolation, PmlFull
 from eptlab.errors import ConfigError
-from eptlab.mmu import DATA, Dim, Vmcs
+from eptlab.mmu import DATA, Dim, Reference, Translation, Vmcs
 from eptlab.mmu.scenario import NestedSpace
 
 PTE_A, PTE_D, PTE_RW = 1 << 5, 1 << 6, 1 << 1
@@ -36,7 +37,7 @@ K4, M2, G1 = PageSize.SIZE_4K, PageSize.SIZE_2M, PageSize.SIZE_1G
 GVA = 0x0000_7F12_3456_7ABC
 
 
-def walk(space: NestedSpace, access: Access, mode: Mode = SUP, gva: int = GVA):  # type: ignore[no-untyped-def]
+def walk(space: NestedSpace, access: Access, mode: Mode = SUP, gva: int = GVA) -> Translation:
     return space.walker().translate(gva, access, mode)
 
 
@@ -44,9 +45,9 @@ def mem(space: NestedSpace, hpa: int) -> int:
     return space.memory.read_u64(hpa)
 
 
-def ept_translations(t):  # type: ignore[no-untyped-def]
+def ept_translations(t: Translation) -> list[tuple[int, int, list[Reference]]]:
     """The walk's EPT references grouped per EPT translation, in order: (for_level, gpa, refs)."""
-    groups: list[tuple[int, int, list]] = []  # type: ignore[type-arg]
+    groups: list[tuple[int, int, list[Reference]]] = []
     for r in t.references:
         if r.dim != Dim.EPT:
             continue
@@ -154,7 +155,7 @@ FAULTS = {
 
 @pytest.mark.parametrize("case", list(FAULTS.values()), ids=list(FAULTS))
 @pytest.mark.parametrize("ept_ad", [False, True])
-def test_faulting_walk_sets_no_guest_flag(case: dict, ept_ad: bool) -> None:  # type: ignore[type-arg]
+def test_faulting_walk_sets_no_guest_flag(case: dict[str, Any], ept_ad: bool) -> None:
     space = NestedSpace.create(ept_ad=ept_ad)
     space.map(GVA, user=case.get("user", True))
     if case["edit"] is not None:
@@ -183,7 +184,7 @@ def test_write_denied_by_ept_sets_no_ept_dirty_flag() -> None:
 # -- page-modification logging -------------------------------------------------------------
 
 
-def pml_space(**kwargs) -> tuple[NestedSpace, int]:  # type: ignore[no-untyped-def]
+def pml_space(**kwargs: Any) -> tuple[NestedSpace, int]:
     space = NestedSpace.create(ept_ad=True, **kwargs)
     assert space.vmcs is not None
     log = space.host_frames.alloc()
@@ -232,7 +233,8 @@ def test_pml_logs_table_pages_and_written_pages_from_511_down() -> None:
     assert log_entry(space, log, 506) == 0
 
     # software clears D (then INVEPT on hardware): the next write logs the page again
-    leaf = space.ept.lookup(gpa)  # type: ignore[union-attr]
+    assert space.ept is not None
+    leaf = space.ept.lookup(gpa)
     assert leaf is not None
     space.memory.write_u64(leaf.entry_address, leaf.value & ~EPT_D)
     t = walk(space, W)
@@ -291,7 +293,8 @@ def test_log_full_needs_a_flag_update_to_exit() -> None:
     assert isinstance(t.exit, PmlFull)
     assert ept_leaf_value(space, gpa_fresh) & (EPT_A | EPT_D) == 0
     # once software has set A, the read goes through and logs nothing
-    leaf = space.ept.lookup(gpa_fresh)  # type: ignore[union-attr]
+    assert space.ept is not None
+    leaf = space.ept.lookup(gpa_fresh)
     assert leaf is not None
     space.memory.write_u64(leaf.entry_address, leaf.value | EPT_A)
     t = walk(space, R, gva=fresh)

@@ -12,6 +12,9 @@ walker.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, cast
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,7 +29,7 @@ from eptlab.errors import (
     MisconfiguredEptEntry,
     ReservedBitsError,
 )
-from eptlab.mmu import CpuFeatures, Dim
+from eptlab.mmu import CpuFeatures, Dim, Translation
 from eptlab.mmu.scenario import NestedSpace
 
 # -- Table 28-7, restated ----------------------------------------------------------------------
@@ -65,11 +68,11 @@ def linear(user: bool, writable: bool, xd: bool) -> int:
         Q_XD_LINEAR if xd else 0)
 
 
-def make(**kwargs) -> NestedSpace:  # type: ignore[no-untyped-def]
+def make(**kwargs: Any) -> NestedSpace:
     return NestedSpace.create(**kwargs)
 
 
-def data_gpa(space: NestedSpace, gva: int = GVA, guest_page: PageSize = K4, **kw) -> int:  # type: ignore[no-untyped-def]
+def data_gpa(space: NestedSpace, gva: int = GVA, guest_page: PageSize = K4, **kw: Any) -> int:
     """Map ``gva`` and return the GPA that ``gva`` itself translates to (offset included)."""
     base = space.map(gva, guest_page, **kw)
     return base + (gva & (guest_page - 1))
@@ -108,38 +111,38 @@ def preset_guest_ad(space: NestedSpace, gva: int, leaf_level: int, dirty: bool) 
                                                       else 0))
 
 
-def walk(space: NestedSpace, access: Access, mode: Mode = SUP, gva: int = GVA):  # type: ignore[no-untyped-def]
+def walk(space: NestedSpace, access: Access, mode: Mode = SUP, gva: int = GVA) -> Translation:
     return space.walker().translate(gva, access, mode)
 
 
-def violation(t) -> EptViolation:  # type: ignore[no-untyped-def]
+def violation(t: Translation) -> EptViolation:
     assert t.fault is None and t.hpa is None, (t.fault, t.hpa)
     assert isinstance(t.exit, EptViolation), t.exit
     assert t.exit.reason == EPT_VIOLATION
     return t.exit
 
 
-def misconfig(t) -> EptMisconfig:  # type: ignore[no-untyped-def]
+def misconfig(t: Translation) -> EptMisconfig:
     assert t.fault is None and t.hpa is None, (t.fault, t.hpa)
     assert isinstance(t.exit, EptMisconfig), t.exit
     assert t.exit.reason == EPT_MISCONFIG and t.exit.qualification == 0
     return t.exit
 
 
-def assert_violation(t, gpa: int, qualification: int, gla: int = GVA) -> None:  # type: ignore[no-untyped-def]
+def assert_violation(t: Translation, gpa: int, qualification: int, gla: int = GVA) -> None:
     v = violation(t)
     assert v.qualification == qualification, f"{v.qualification:#x} != {qualification:#x}"
     assert v.gpa == gpa and v.gla == gla
 
 
-def assert_misconfig(t, gpa: int, level: int) -> None:  # type: ignore[no-untyped-def]
+def assert_misconfig(t: Translation, gpa: int, level: int) -> None:
     mc = misconfig(t)
     assert mc.gpa == gpa and mc.level == level
     last = t.references[-1]
     assert (last.dim, last.level) == (Dim.EPT, level), "the walk must stop at the bad entry"
 
 
-def assert_ok(space: NestedSpace, t, gpa: int) -> None:  # type: ignore[no-untyped-def]
+def assert_ok(space: NestedSpace, t: Translation, gpa: int) -> None:
     assert t.fault is None and t.exit is None, (t.fault, t.exit)
     assert space.ept is not None
     assert t.gpa == gpa and t.hpa == space.ept.host_address(gpa)
@@ -247,6 +250,8 @@ def test_leaf_rights(perms: str, access: Access, ept_page: PageSize) -> None:
 )
 def test_rights_are_anded_over_all_entries(level: int, upper: str, access: Access,
                                            qual: int) -> None:
+    """§29.3.3.2: an access is denied if its bit is clear in *any* entry used, and bits 5:3
+    report the AND over all of them - here a non-leaf entry restricts an rwx leaf."""
     space = make()
     gpa = data_gpa(space)
     # guest A/D flags preset: no processor write to the guest tables is needed (the EPT PML4E
@@ -773,13 +778,16 @@ def test_eptp_round_trip_and_bit_positions(
     assert v & ~0xFFF == address and v >> 7 & 0x1F == 0
 
 
+RESERVED_2 = cast(MemoryType, 2)  # values MemoryType refuses to name: reserved types
+RESERVED_7 = cast(MemoryType, 7)
+
 ENCODER_ERRORS = [
     # (constructor, expected error class)
     pytest.param(lambda: EptEntry(level=1, address=0, read=False, write=True),
                  MisconfiguredEptEntry, id="ept-write-without-read"),
-    pytest.param(lambda: EptEntry(level=1, address=0, memory_type=2),  # type: ignore[arg-type]
+    pytest.param(lambda: EptEntry(level=1, address=0, memory_type=RESERVED_2),
                  MisconfiguredEptEntry, id="ept-memtype-2"),
-    pytest.param(lambda: EptEntry(level=2, address=0, page_size=True, memory_type=7),  # type: ignore[arg-type]
+    pytest.param(lambda: EptEntry(level=2, address=0, page_size=True, memory_type=RESERVED_7),
                  MisconfiguredEptEntry, id="ept-memtype-7-2m"),
     pytest.param(lambda: EptEntry(level=4, address=0, page_size=True), EncodingError,
                  id="ept-ps-in-pml4e"),
@@ -840,7 +848,8 @@ ENCODER_ERRORS = [
 
 
 @pytest.mark.parametrize(("make_it", "error"), ENCODER_ERRORS)
-def test_invalid_combinations_raise_named_errors(make_it, error: type[Exception]) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_combinations_raise_named_errors(make_it: Callable[[], object],
+                                                 error: type[Exception]) -> None:
     with pytest.raises(error) as info:
         make_it()
     assert isinstance(info.value, EptlabError) and isinstance(info.value, ValueError)

@@ -17,7 +17,7 @@ import pytest
 
 from eptlab.arch import Access, Mode, PageSize
 from eptlab.arch.exits import GuestFault
-from eptlab.mmu import CpuFeatures, Dim
+from eptlab.mmu import CpuFeatures, Dim, Translation
 from eptlab.mmu.scenario import NestedSpace
 
 # -- SDM constants, restated here on purpose -------------------------------------------------
@@ -95,11 +95,11 @@ def or_entry(space: NestedSpace, gva: int, level: int, set_: int = 0, clear: int
     write_entry(space, gva, level, (read_entry(space, gva, level) & ~clear) | set_)
 
 
-def translate(space: NestedSpace, gva: int, access: Access, mode: Mode):  # type: ignore[no-untyped-def]
+def translate(space: NestedSpace, gva: int, access: Access, mode: Mode) -> Translation:
     return space.walker().translate(gva, access, mode)
 
 
-def assert_page_fault(t, error: int, address: int = GVA) -> None:  # type: ignore[no-untyped-def]
+def assert_page_fault(t: Translation, error: int, address: int = GVA) -> None:
     assert t.exit is None and t.hpa is None
     assert t.fault is not None, "expected a #PF, the walk succeeded"
     assert t.fault.vector == PF_VECTOR
@@ -108,7 +108,8 @@ def assert_page_fault(t, error: int, address: int = GVA) -> None:  # type: ignor
     assert t.fault == GuestFault(PF_VECTOR, error, address)
 
 
-def assert_ok(space: NestedSpace, t, gpa: int, page: PageSize = PageSize.SIZE_4K) -> None:  # type: ignore[no-untyped-def]
+def assert_ok(space: NestedSpace, t: Translation, gpa: int, page: PageSize = PageSize.SIZE_4K
+              ) -> None:
     assert t.fault is None and t.exit is None, (t.fault, t.exit)
     offset = GVA & (page - 1)
     assert t.gpa == gpa + offset

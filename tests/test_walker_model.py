@@ -11,13 +11,16 @@ references must agree.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from eptlab.arch import Access, Mode, PageSize
 from eptlab.arch.exits import EptViolation, GuestFault
+from eptlab.mmu import Translation
 from eptlab.mmu.scenario import NestedSpace
 
 R, W, X = Access.READ, Access.WRITE, Access.FETCH
@@ -35,6 +38,9 @@ CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
 CR4_SMEP, CR4_SMAP = 1 << 20, 1 << 21
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
 RFLAGS_AC = 1 << 18
+
+Item = TypeVar("Item")
+Query = tuple[str, int, int, int, Access, Mode]  # kind, page, random bits, bit, access, mode
 
 TOP_INDEX = [0, 1, 255, 256, 257, 511]  # 256.. selects the upper canonical half
 LOW_INDEX = [0, 1, 2, 510, 511]
@@ -88,16 +94,18 @@ class Model:
         return 12 + 9 * self.n
 
     @staticmethod
-    def _descend(top: int, address: int, items: list, start, size):  # type: ignore[no-untyped-def]
-        """Walk a radix tree that holds exactly ``items`` (intervals): the level where the walk
-        stops and the item mapped there (None when the entry there is not present)."""
+    def _descend(top: int, address: int,
+                 items: Sequence[tuple[int, int, Item]]) -> tuple[int, Item | None]:
+        """Walk a radix tree that holds exactly ``items`` ((start, size, item) intervals): the
+        level where the walk stops and the item mapped there (None: that entry is not present).
+        An entry is present iff some interval lies under it, and maps a page iff an interval
+        covers exactly its span."""
         for level in range(top, 0, -1):
             region = address & ~(span(level) - 1)
-            under = [i for i in items
-                     if start(i) < region + span(level) and region < start(i) + size(i)]
+            under = [(s, n, i) for s, n, i in items if s < region + span(level) and region < s + n]
             if not under:
                 return level, None
-            exact = [i for i in under if size(i) == span(level)]
+            exact = [i for _, n, i in under if n == span(level)]
             if exact:
                 return level, exact[0]
         raise AssertionError("a level-1 entry always maps a page")
@@ -120,8 +128,7 @@ class Model:
         error = (WR if access == W else 0) | (US if mode == USR else 0) | (
             ID if access == X and (self.nxe or self.smep) else 0)
         linear = gva & ((1 << self.width) - 1)
-        level, page = self._descend(self.n, linear, self.pages, lambda p: p.linear,
-                                    lambda p: p.size)
+        level, page = self._descend(self.n, linear, [(p.linear, p.size, p) for p in self.pages])
         guest_refs = (self.n - level + 1) * (self.m + 1)  # table pages: 4 KiB EPT pages
         if page is None:
             return {"kind": "pf", "error": error, "count": guest_refs}
@@ -130,8 +137,7 @@ class Model:
         if self.guest_denied(page, access, mode):
             return {"kind": "pf", "error": P | error, "count": guest_refs}
         gpa = page.gpa + (linear - page.linear)
-        elevel, piece = self._descend(self.m, gpa, self.pieces, lambda e: e.gpa,
-                                      lambda e: e.size)
+        elevel, piece = self._descend(self.m, gpa, [(e.gpa, e.size, e) for e in self.pieces])
         count = guest_refs + self.m - elevel + 1
         qual_base = Q_ACCESS[access] | Q_GLA | Q_FINAL | (Q_USER if page.user else 0) | (
             Q_WRITABLE if page.writable else 0) | (Q_XD if page.xd and self.nxe else 0)
@@ -145,10 +151,10 @@ class Model:
                 "guest_page": page.size, "ept_page": piece.size}
 
 
-def observe(t) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def observe(t: Translation) -> dict[str, object]:
     if t.ok:
         return {"kind": "ok", "gpa": t.gpa, "hpa": t.hpa, "count": t.count,
-                "guest_page": int(t.guest_page), "ept_page": int(t.ept_page)}
+                "guest_page": t.guest_page, "ept_page": t.ept_page}
     if isinstance(t.fault, GuestFault):
         if t.fault.vector == 13:
             assert t.fault.error_code == 0 and t.fault.address == t.gva
@@ -190,7 +196,7 @@ def page_specs(draw: st.DrawFn, n: int) -> dict[str, object]:
 
 
 @st.composite
-def queries(draw: st.DrawFn, n: int, npages: int) -> tuple[str, int, int, int, Access, Mode]:
+def queries(draw: st.DrawFn, n: int, npages: int) -> Query:
     kind = draw(st.sampled_from(["backed"] * 4 + ["page", "random", "non-canonical"]))
     return (
         kind,
@@ -220,7 +226,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, object]:
     }
 
 
-def build(sc: dict) -> tuple[NestedSpace, Model]:  # type: ignore[type-arg]
+def build(sc: dict[str, Any]) -> tuple[NestedSpace, Model]:
     n, m = sc["n"], sc["m"]
     cr0 = CR0_PE | CR0_PG | (CR0_WP if sc["wp"] else 0)
     cr4 = (CR4_SMEP if sc["smep"] else 0) | (CR4_SMAP if sc["smap"] else 0)
@@ -251,7 +257,7 @@ def build(sc: dict) -> tuple[NestedSpace, Model]:  # type: ignore[type-arg]
     return space, model
 
 
-def query_address(model: Model, q: tuple, rng_pages: list[GuestPage]) -> int:  # type: ignore[type-arg]
+def query_address(model: Model, q: Query, rng_pages: list[GuestPage]) -> int:
     kind, which, bits, bit, _, _ = q
     width = model.width
     if kind in ("backed", "page") and rng_pages:
@@ -277,7 +283,7 @@ def query_address(model: Model, q: tuple, rng_pages: list[GuestPage]) -> int:  #
 
 @settings(max_examples=80, deadline=None)
 @given(scenarios())
-def test_walker_agrees_with_the_dictionary_model(sc: dict) -> None:  # type: ignore[type-arg]
+def test_walker_agrees_with_the_dictionary_model(sc: dict[str, Any]) -> None:
     space, model = build(sc)
     walker = space.walker()
     for q in sc["queries"]:
@@ -297,7 +303,7 @@ def test_walker_agrees_with_the_dictionary_model(sc: dict) -> None:  # type: ign
 
 @settings(max_examples=60, deadline=None)
 @given(scenarios())
-def test_every_mapped_byte_translates_where_the_model_says(sc: dict) -> None:  # type: ignore[type-arg]
+def test_every_mapped_byte_translates_where_the_model_says(sc: dict[str, Any]) -> None:
     """Exhaustive over the space's pages instead of random questions: for every guest page and
     every EPT piece backing it with read rights, a supervisor read of its first and last byte
     (SMAP off) lands on the model's HPA with the model's reference count."""

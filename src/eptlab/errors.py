@@ -56,3 +56,12 @@ class MappingError(EptlabError):
 
 class OutOfMemory(EptlabError):
     """The frame allocator has no free block of the requested size."""
+
+
+class TraceFormatError(EptlabError, ValueError):
+    """A malformed trace: names the file and the line (text formats) or byte offset (binary)."""
+
+    def __init__(self, path: object, where: int, message: str, *, unit: str = "line") -> None:
+        super().__init__(f"{path}:{where}: {message}" if unit == "line"
+                         else f"{path}: byte {where}: {message}")
+        self.path, self.where, self.unit = path, where, unit

@@ -127,7 +127,7 @@ class EptEntry:
         if self.level not in (1, 2, 3, 4, 5):
             raise EncodingError(name, "level", f"{self.level} is not 1..5")
         if self.page_size and self.level not in (2, 3):
-            raise EncodingError(name, "page_size", f"bit 7 maps a page only at levels 2 and 3")
+            raise EncodingError(name, "page_size", "bit 7 maps a page only at levels 2 and 3")
         leaf = self.leaf
         if not leaf and (
             self.memory_type != MemoryType.WB

@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..memory.physical import PhysicalMemory
 from .config import MmuConfig
 from .context import CpuFeatures, GuestState, Vmcs
+from .kernels import assoc as planes
 from .kernels import layout as L
 from .kernels.run import run_chunk as _run_chunk
 from .stats import VcpuStats
@@ -176,14 +177,9 @@ class Engine:
             desc[i] = (row, shape.sets, shape.ways)
             row += shape.sets * nv
             max_ways = max(max_ways, shape.ways)
-        rows = max(1, row)
-        self._tlb = (
-            np.full((rows, max_ways), -1, np.int64),  # tags
-            np.zeros((rows, max_ways), np.int64),  # data
-            np.zeros((rows, max_ways), np.int64),  # aux
-            np.zeros((rows, max_ways), np.int64),  # stamps
-            desc,
-        )
+        self._tlb = np.zeros((planes.NPLANES, max(1, row), max_ways), np.int64)
+        self._tlb[planes.TAGS] = -1
+        self._desc = desc
         levels = (self.config.cache.l1, self.config.cache.l2, self.config.cache.llc)
         cdesc = np.zeros((L.NCACHE, 4), np.int64)
         row = 0
@@ -193,12 +189,9 @@ class Engine:
             cdesc[i] = (row, level.sets, level.ways, int(per_vcpu))
             row += level.sets * (nv if per_vcpu else 1)
             cways = max(cways, level.ways)
-        crows = max(1, row)
-        self._cache = (
-            np.full((crows, cways), -1, np.int64),
-            np.zeros((crows, cways), np.int64),
-            cdesc,
-        )
+        self._cache = np.zeros((2, max(1, row), cways), np.int64)
+        self._cache[0] = -1
+        self._cdesc = cdesc
         self._stats = np.zeros((nv, L.NSTATS), np.int64)
 
     def _pack_registers(self) -> I64:
@@ -247,7 +240,7 @@ class Engine:
         if len(accesses) and int(accesses.vcpu.max()) >= len(self._vcpus):
             raise ConfigError("Accesses.vcpu", f"only {len(self._vcpus)} vCPUs exist")
         regs = self._pack_registers()
-        mem = self.memory.kernel_arrays()
+        rows, hkeys, hrows = self.memory.kernel_arrays()
         refs = np.zeros((log_references, L.NREFCOLS), np.int64)
         ref_count = np.zeros(1, np.int64)
         exit_info = np.zeros(L.NEXIT, np.int64)
@@ -255,8 +248,8 @@ class Engine:
         stopped = int(
             _run_chunk(
                 accesses.gva, accesses.kind, accesses.user, accesses.vcpu, start, regs,
-                self._feat, mem, self._tlb, self._cache, self._cost, self._stats,
-                (refs, ref_count), self._clock, exit_info, out_hpa,
+                self._feat, rows, hkeys, hrows, self._tlb, self._desc, self._cache, self._cdesc,
+                self._cost, self._stats, refs, ref_count, self._clock, exit_info, out_hpa,
             )
         )
         for i, v in enumerate(self._vcpus):  # the kernel advanced the PML index
@@ -309,7 +302,7 @@ class Engine:
     def _drop(self, structures: range | list[int], match: np.ndarray | None = None,
               *, ctxs: set[int] | None = None, keep_global: bool = False,
               key_for: dict[int, int] | None = None) -> None:
-        tags, data, _, _, desc = self._tlb
+        tags, data, desc = self._tlb[planes.TAGS], self._tlb[planes.DATA], self._desc
         nv = max(1, len(self._vcpus))
         for s in structures:
             first, sets, ways = (int(x) for x in desc[s])
@@ -386,5 +379,5 @@ class Engine:
 
     def flush_caches(self) -> None:
         """Empty the data-cache model (e.g. between benchmark phases)."""
-        self._cache[0][:] = -1
-        self._cache[1][:] = 0
+        self._cache[0] = -1
+        self._cache[1] = 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ..arch.bits import PAGE_SIZE, PageSize
 from ..arch.ept import Ept, parse_permissions
 from ..arch.paging import Cr4, Efer
+from ..errors import AddressError
 from ..memory import FrameAllocator, PhysicalMemory
 from ..memory.allocator import Policy
 from ..tables import EptTables, GuestPageTables, GuestPhysicalStore, HostStore
@@ -129,6 +130,29 @@ class NestedSpace:
         if self.ept is not None:
             self.map_ept(base + (gva & (guest_page - 1)), ept_page, ept_perms)
         return base
+
+    def map_range(
+        self,
+        gva: int,
+        length: int,
+        guest_page: PageSize = PageSize.SIZE_4K,
+        ept_page: PageSize = PageSize.SIZE_4K,
+        *,
+        writable: bool = True,
+        user: bool = False,
+    ) -> None:
+        """Map and fully back ``length`` bytes of guest-linear memory at ``gva`` (vectorized;
+        fine for tens of GiB of 4 KiB pages). Done in 1 GiB pieces (2 MiB ones for less)."""
+        guest_page, ept_page = PageSize(guest_page), PageSize(ept_page)
+        piece = PageSize.SIZE_1G if length >= PageSize.SIZE_1G else PageSize.SIZE_2M
+        if max(guest_page, ept_page) > piece or gva % piece or length % piece:
+            raise AddressError(f"map_range wants {piece.label}-aligned ranges of whole pieces")
+        for offset in range(0, length, piece):
+            gpa = self.guest_frames.alloc(piece)
+            self.tables.map_range(gva + offset, gpa, piece, guest_page, writable=writable,
+                                  user=user)
+            if self.ept is not None:
+                self.ept.map_range(gpa, self.host_frames.alloc(piece), piece, ept_page)
 
     def protect_tables(self, perms: str) -> None:
         """Give every EPT leaf that maps a guest page-table page the permissions ``perms``."""

@@ -94,6 +94,26 @@ class EptTables(RadixTables):
         self._install(gpa, size, value, replace=replace)
         return value
 
+    def map_range(
+        self,
+        gpa: int,
+        hpa: int,
+        length: int,
+        size: PageSize = PageSize.SIZE_4K,
+        *,
+        perms: str = "rwx",
+        memory_type: MemoryType = MemoryType.WB,
+    ) -> int:
+        """Map ``length`` bytes of guest-physical memory linearly onto host memory with ``size``
+        pages (vectorized: fast for millions of pages); returns the number of pages."""
+        from ..arch.ept import parse_permissions
+
+        size = PageSize(size)
+        flags = EptEntry(level=size.level, address=0, memory_type=memory_type,
+                         page_size=size != PageSize.SIZE_4K).encode(self.maxphyaddr)
+        flags = (flags & ~int(Ept.R | Ept.W | Ept.X)) | parse_permissions(perms)
+        return self._install_range(gpa, hpa, length, size, flags)
+
     def host_address(self, gpa: int) -> int | None:
         """The HPA that ``gpa`` maps to, ignoring permissions (a software lookup)."""
         leaf = self.lookup(gpa)

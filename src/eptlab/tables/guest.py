@@ -83,6 +83,23 @@ class GuestPageTables(RadixTables):
         self._install(gva, size, value, replace=replace)
         return value
 
+    def map_range(
+        self,
+        gva: int,
+        gpa: int,
+        length: int,
+        size: PageSize = PageSize.SIZE_4K,
+        *,
+        writable: bool = True,
+        user: bool = False,
+        xd: bool = False,
+    ) -> int:
+        """Map ``length`` bytes linearly with ``size`` pages (vectorized); returns pages."""
+        size = PageSize(size)
+        flags = GuestEntry(level=size.level, address=0, writable=writable, user=user, xd=xd,
+                           page_size=size != PageSize.SIZE_4K).encode(self.maxphyaddr)
+        return self._install_range(gva, gpa, length, size, flags)
+
     def guest_physical(self, gva: int) -> int | None:
         """The GPA ``gva`` maps to, ignoring permissions (a software lookup)."""
         leaf = self.lookup(gva)

@@ -10,7 +10,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..arch.bits import ENTRY_BYTES, LEVEL_NAMES, PageSize, level_shift, table_index
+import numpy as np
+
+from ..arch.bits import (
+    ENTRIES_PER_TABLE,
+    ENTRY_BYTES,
+    LEVEL_NAMES,
+    PageSize,
+    level_shift,
+    table_index,
+)
 from ..errors import AddressError, MappingError
 from .store import WordStore
 
@@ -104,6 +113,32 @@ class RadixTables(ABC):
             if not replace:
                 raise MappingError(f"{address:#x} is already mapped ({self.kind})")
         self.store.write_u64(slot, value)
+
+    def _install_range(
+        self, address: int, target: int, length: int, size: PageSize, flags: int
+    ) -> int:
+        """Map ``length`` bytes from ``address`` to ``target`` with ``size`` pages whose entries
+        are ``target | flags``, one leaf table at a time (vectorized); returns pages mapped."""
+        if address % size or target % size or length % size or length <= 0:
+            raise AddressError(
+                f"range {address:#x}+{length:#x} -> {target:#x} is not aligned to {size.label}"
+            )
+        span = size * ENTRIES_PER_TABLE  # bytes covered by one table of leaves
+        done, end = 0, address + length
+        while address + done < end:
+            lo = address + done
+            hi = min(end, (lo // span + 1) * span)
+            count = (hi - lo) // size
+            slot = self.entry_address(lo, size.level, create=True)
+            words = self.store.words(slot, count)
+            if np.any(words):
+                raise MappingError(f"{self.kind}: part of {lo:#x}..{hi:#x} is already mapped")
+            first = np.uint64(target + done)
+            words[:] = (first + np.arange(count, dtype=np.uint64) * np.uint64(size)) | np.uint64(
+                flags
+            )
+            done += hi - lo
+        return length // size
 
     def lookup(self, address: int) -> Leaf | None:
         """Software walk without side effects: the leaf that maps ``address``, or None."""

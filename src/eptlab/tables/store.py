@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from ..arch.bits import PAGE_SHIFT, PAGE_SIZE
 from ..errors import AddressError
 from ..memory.physical import PhysicalMemory
@@ -17,6 +20,10 @@ class WordStore(Protocol):
     def write_u64(self, address: int, value: int) -> None: ...
 
     def zero_page(self, address: int) -> None: ...
+
+    def words(self, address: int, count: int) -> npt.NDArray[np.uint64]:
+        """A writable view of ``count`` words from ``address`` (inside one 4 KiB page)."""
+        ...
 
 
 class HostStore:
@@ -33,6 +40,16 @@ class HostStore:
 
     def zero_page(self, address: int) -> None:
         self.memory.discard(address >> PAGE_SHIFT)
+
+    def words(self, address: int, count: int) -> npt.NDArray[np.uint64]:
+        return _words(self.memory, address, count)
+
+
+def _words(memory: PhysicalMemory, address: int, count: int) -> npt.NDArray[np.uint64]:
+    first = (address & (PAGE_SIZE - 1)) >> 3
+    if address & 7 or first + count > PAGE_SIZE // 8:
+        raise AddressError(f"{count} words at {address:#x} do not fit in one aligned page")
+    return memory.frame(address >> PAGE_SHIFT)[first : first + count]
 
 
 class Translator(Protocol):
@@ -60,3 +77,6 @@ class GuestPhysicalStore:
 
     def zero_page(self, address: int) -> None:
         self.memory.discard(self._hpa(address & ~(PAGE_SIZE - 1)) >> PAGE_SHIFT)
+
+    def words(self, address: int, count: int) -> npt.NDArray[np.uint64]:
+        return _words(self.memory, self._hpa(address), count)

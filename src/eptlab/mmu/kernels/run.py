@@ -19,28 +19,29 @@ from .layout import (
     X_INDEX,
     X_KIND,
 )
-from .walk import translate
+from .walk import NSCRATCH, translate
 
 
 @njit(cache=True)
-def run_chunk(gva, kind, user, vcpu, start, regs, feat, mem, tlb, cache, cost, stats, log, clock, exit_info, out_hpa):  # type: ignore[no-untyped-def]
+def run_chunk(gva, kind, user, vcpu, start, regs, feat, rows, hkeys, hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, out_hpa):  # type: ignore[no-untyped-def]
     """Run accesses ``start..len(gva)-1``. Returns the index of the first access not performed
     (``len(gva)`` when all were); exit_info then describes why. A faulting access is not
     performed: after the handler, resume at the returned index to retry it."""
     res = np.zeros(8, np.int64)
-    ctags, cstamps, cdesc = cache
+    scratch = np.zeros((NSCRATCH, 5), np.int64)
     record = out_hpa.shape[0] > 0
     exit_info[:] = 0
     for i in range(start, gva.shape[0]):
         v = vcpu[i]
         access = kind[i]
-        status = translate(gva[i], access, user[i] != 0, i, v, regs, feat, mem, tlb, cache, cost,
-                           stats, log, clock, exit_info, res)
+        status = translate(gva[i], access, user[i] != 0, i, v, regs, feat, rows, hkeys, hrows,
+                           tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock,
+                           exit_info, res, scratch)
         if status != EXIT_NONE:
             exit_info[X_INDEX] = i
             return i
         hpa = res[0]
-        where = access_line(ctags, cstamps, cdesc, v, hpa, clock)
+        where = access_line(cache, cdesc, v, hpa, clock)
         data_cycles = cost[COST_CACHE + where]
         stats[v, ST_DATA_CACHE + where] += 1
         stats[v, ST_ACCESSES] += 1

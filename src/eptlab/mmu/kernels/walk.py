@@ -23,9 +23,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .assoc import drop, insert, lookup
+from .assoc import AUX, DATA, drop, entry_word, insert, lookup
 from .cache import access_line
-from .physmem import read_word, write_word
 from .layout import (
     COST_CACHE,
     COST_L1_TLB,
@@ -91,6 +90,7 @@ from .layout import (
     X_VECTOR,
     X_WHY,
 )
+from .physmem import read_word, write_word
 
 READ, WRITE, FETCH = 0, 1, 2
 DIM_GUEST, DIM_EPT = 0, 1
@@ -114,27 +114,37 @@ EFER_NXE = 1 << 11
 RFLAGS_AC = 1 << 18
 VA_MASK = (1 << 57) - 1
 PML_ENTRIES = 512
+# rows of the scratch array run_chunk lends to each walk (5 columns: one per level)
+PATH_ENTRY = 0
+PATH_VALUE = 1
+PATH_RIGHTS = 2
+STEP_LEVEL = 3
+STEP_GPA = 4
+STEP_HPA = 5
+STEP_VALUE = 6
+STEP_RIGHTS = 7
+NSCRATCH = 8
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def bit_range(hi, lo):  # type: ignore[no-untyped-def]
     if hi < lo:
         return np.int64(0)
     return ((np.int64(1) << (hi - lo + 1)) - 1) << lo
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def pack_rights(raw):  # type: ignore[no-untyped-def]
     """EPT bits 0, 1, 2, 10 -> 4 contiguous bits."""
     return (raw & 7) | ((raw >> 7) & 8)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def unpack_rights(packed):  # type: ignore[no-untyped-def]
     return (packed & 7) | ((packed & 8) << 7)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def rights_qualification(rights, mbec):  # type: ignore[no-untyped-def]
     """Qualification bits 3-6 from the AND of the EPT entries walked."""
     q = 0
@@ -149,22 +159,22 @@ def rights_qualification(rights, mbec):  # type: ignore[no-untyped-def]
     return q
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def ept_present(value, mbec):  # type: ignore[no-untyped-def]
     return (value & 7) != 0 or (mbec and (value & EXU) != 0)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def ept_leaf(value, level):  # type: ignore[no-untyped-def]
     return level == 1 or ((level == 2 or level == 3) and (value & PS) != 0)
 
 
-@njit(cache=True)
-def ept_misconfig(value, level, maxphy, exec_only):  # type: ignore[no-untyped-def]
+@njit(cache=True, inline="always")
+def ept_misconfig(value, level, maxphy, exec_only, mbec):  # type: ignore[no-untyped-def]
     """SDM Vol. 3C §29.3.3.1; codes as in layout.MISCONFIG_REASONS."""
     if (value & EW) and not (value & ER):
         return 1
-    if not exec_only and (value & 7) == EX:
+    if not exec_only and not (value & ER) and ((value & EX) or (mbec and (value & EXU))):
         return 2
     reserved = bit_range(51, maxphy)
     if level >= 4:
@@ -184,7 +194,7 @@ def ept_misconfig(value, level, maxphy, exec_only):  # type: ignore[no-untyped-d
     return 0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def guest_reserved(value, level, maxphy, nxe):  # type: ignore[no-untyped-def]
     """Reserved bits of a present guest entry (SDM Vol. 3A §4.5)."""
     reserved = bit_range(51, maxphy)
@@ -199,7 +209,7 @@ def guest_reserved(value, level, maxphy, nxe):  # type: ignore[no-untyped-def]
     return value & reserved
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def guest_allows(access, user, us, rw, xd, cr0, cr4, rflags):  # type: ignore[no-untyped-def]
     """Access rights from paging (SDM Vol. 3A §4.6.1)."""
     if access == FETCH:
@@ -215,7 +225,7 @@ def guest_allows(access, user, us, rw, xd, cr0, cr4, rflags):  # type: ignore[no
     return access == READ or rw or not (cr0 & CR0_WP)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def pkey_allows(access, user, us, pkey, cr0, cr4, pkru):  # type: ignore[no-untyped-def]
     """Protection keys (SDM Vol. 3A §4.6.2)."""
     if not (cr4 & CR4_PKE) or access == FETCH or not us:
@@ -227,7 +237,7 @@ def pkey_allows(access, user, us, pkey, cr0, cr4, pkru):  # type: ignore[no-unty
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def page_fault_code(error, access, user, cr4, efer):  # type: ignore[no-untyped-def]
     if access == WRITE:
         error |= PF_WR
@@ -238,11 +248,10 @@ def page_fault_code(error, access, user, cr4, efer):  # type: ignore[no-untyped-
     return error
 
 
-@njit(cache=True)
-def reference(i, vcpu, dim, level, address, value, for_level, cache, cost, stats, log, clock):  # type: ignore[no-untyped-def]
+@njit(cache=True, inline="always")
+def reference(i, vcpu, dim, level, address, value, for_level, cache, cdesc, cost, stats, refs, ref_count, clock):  # type: ignore[no-untyped-def]
     """Account one paging-structure read: log it, count it, send it through the caches."""
-    refs, count = log
-    n = count[0]
+    n = ref_count[0]
     if n < refs.shape[0]:
         refs[n, 0] = i
         refs[n, 1] = dim
@@ -250,21 +259,17 @@ def reference(i, vcpu, dim, level, address, value, for_level, cache, cost, stats
         refs[n, 3] = address
         refs[n, 4] = value
         refs[n, 5] = for_level
-    count[0] = n + 1
+    ref_count[0] = n + 1
     stats[vcpu, (ST_GUEST_REFS if dim == DIM_GUEST else ST_EPT_REFS) + level - 1] += 1
-    ctags, cstamps, cdesc = cache
-    where = access_line(ctags, cstamps, cdesc, vcpu, address, clock)
+    where = access_line(cache, cdesc, vcpu, address, clock)
     stats[vcpu, ST_WALK_CACHE + where] += 1
     return cost[COST_CACHE + where]
 
 
 @njit(cache=True)
-def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, regs, feat, mem, tlb, cache, cost, stats, log, clock, exit_info, res):  # type: ignore[no-untyped-def]
+def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, regs, feat, rows, hkeys, hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch):  # type: ignore[no-untyped-def]
     """Translate one guest-physical address (SDM Vol. 3C §29.3.2). On success res holds
     (hpa, EPT rights, leaf level, dirty-after, cycles) and EXIT_NONE is returned."""
-    rows, hkeys, hrows = mem
-    tags, data, aux, stamps, desc = tlb
-    width = tags.shape[1]
     cycles = 0
     if regs[vcpu, REG_USE_EPT] == 0:
         res[0] = gpa
@@ -301,12 +306,23 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
     if qual & Q_FETCH:
         needed |= EXU if (mbec and (linear & Q_USER_LINEAR)) else EX
 
+    levels = regs[vcpu, REG_EPT_LEVELS]
+    if gpa >> (12 + 9 * levels):
+        # SDM Vol. 3C §29.3.2: GPA bits above the EPT walk's reach make an EPT violation; no
+        # entry is read and qualification bits 5:3 are clear
+        exit_info[X_KIND] = EXIT_EPT_VIOLATION
+        exit_info[X_QUAL] = qual
+        exit_info[X_GPA] = gpa
+        exit_info[X_GLA] = va
+        stats[vcpu, ST_EPT_VIOLATIONS] += 1
+        return EXIT_EPT_VIOLATION
+
     # nested TLB: GPA -> HPA, per page size
     for s in range(3):
         shift = 12 + 9 * s
-        hit = lookup(tags, stamps, desc, S_NTLB + s, vcpu, gpa >> shift, ectx, clock)
+        hit = lookup(tlb, desc, S_NTLB + s, vcpu, gpa >> shift, ectx, clock)
         if hit >= 0:
-            word = data[hit // width, hit % width]
+            word = entry_word(tlb, DATA, hit)
             rights = unpack_rights((word >> 3) & 15)
             dirty = (word & TF_DIRTY) != 0
             if (rights & needed) == needed and not (write_like and ad and not dirty):
@@ -317,11 +333,10 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
                 res[3] = 1 if dirty else 0
                 res[4] = cycles
                 return EXIT_NONE
-            drop(tags, hit)
+            drop(tlb, hit)
             break
 
     # EPT paging-structure caches: start the walk as low as a cached entry allows
-    levels = regs[vcpu, REG_EPT_LEVELS]
     table = regs[vcpu, REG_EPT_ROOT]
     rights = np.int64(ALL_EPT_RIGHTS)
     level = levels
@@ -329,24 +344,21 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
         if desc[S_EPSC + 5 - cached, 1] == 0:
             continue
         cycles += cost[COST_PSC]
-        hit = lookup(tags, stamps, desc, S_EPSC + 5 - cached, vcpu,
+        hit = lookup(tlb, desc, S_EPSC + 5 - cached, vcpu,
                      gpa >> (12 + 9 * (cached - 1)), ectx, clock)
         if hit >= 0:
             stats[vcpu, ST_EPSC_HITS] += 1
-            table = data[hit // width, hit % width]
-            rights = aux[hit // width, hit % width]
+            table = entry_word(tlb, DATA, hit)
+            rights = entry_word(tlb, AUX, hit)
             level = cached - 1
             break
 
-    path_entry = np.zeros(5, np.int64)
-    path_value = np.zeros(5, np.int64)
-    path_rights = np.zeros(5, np.int64)
     n = 0
     while True:
         entry = table + ((gpa >> (12 + 9 * (level - 1))) & 511) * 8
         value = read_word(rows, hkeys, hrows, entry)
-        cycles += reference(i, vcpu, DIM_EPT, level, entry, value, for_level, cache, cost,
-                            stats, log, clock)
+        cycles += reference(i, vcpu, DIM_EPT, level, entry, value, for_level, cache, cdesc, cost,
+                            stats, refs, ref_count, clock)
         rights &= value
         if not ept_present(value, mbec):
             exit_info[X_KIND] = EXIT_EPT_VIOLATION
@@ -355,7 +367,7 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
             exit_info[X_GLA] = va
             stats[vcpu, ST_EPT_VIOLATIONS] += 1
             return EXIT_EPT_VIOLATION
-        why = ept_misconfig(value, level, maxphy, feat[FEAT_EXEC_ONLY] != 0)
+        why = ept_misconfig(value, level, maxphy, feat[FEAT_EXEC_ONLY] != 0, mbec)
         if why != 0:
             exit_info[X_KIND] = EXIT_EPT_MISCONFIG
             exit_info[X_GPA] = gpa
@@ -363,9 +375,9 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
             exit_info[X_WHY] = why
             stats[vcpu, ST_EPT_MISCONFIGS] += 1
             return EXIT_EPT_MISCONFIG
-        path_entry[n] = entry
-        path_value[n] = value
-        path_rights[n] = rights
+        scratch[PATH_ENTRY, n] = entry
+        scratch[PATH_VALUE, n] = value
+        scratch[PATH_RIGHTS, n] = rights
         n += 1
         if ept_leaf(value, level):
             break
@@ -380,36 +392,42 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
         stats[vcpu, ST_EPT_VIOLATIONS] += 1
         return EXIT_EPT_VIOLATION
 
-    leaf_value = path_value[n - 1]
+    leaf_value = scratch[PATH_VALUE, n - 1]
     if ad:  # SDM Vol. 3C §29.3.5 (A/D) and §29.3.6 (PML)
-        if write_like and not (leaf_value & ED) and regs[vcpu, REG_PML_ON]:
-            index = regs[vcpu, REG_PML_INDEX]
-            if index >= PML_ENTRIES:
+        if regs[vcpu, REG_PML_ON] and regs[vcpu, REG_PML_INDEX] >= PML_ENTRIES:
+            # the log is full: any A or D flag to set is a log-full exit (none is set)
+            needs_update = write_like and not (leaf_value & ED)
+            for k in range(n):
+                if not (scratch[PATH_VALUE, k] & EA):
+                    needs_update = True
+            if needs_update:
                 exit_info[X_KIND] = EXIT_PML_FULL
                 stats[vcpu, ST_PML_FULL] += 1
                 return EXIT_PML_FULL
+        if write_like and not (leaf_value & ED) and regs[vcpu, REG_PML_ON]:
+            index = regs[vcpu, REG_PML_INDEX]
             write_word(rows, hkeys, hrows, regs[vcpu, REG_PML_ADDR] + index * 8,
                        gpa & ~np.int64(4095))
             regs[vcpu, REG_PML_INDEX] = (index - 1) & 0xFFFF
             stats[vcpu, ST_PML_LOGGED] += 1
         for k in range(n):
-            new = path_value[k] | EA
+            new = scratch[PATH_VALUE, k] | EA
             if k == n - 1 and write_like:
                 new |= ED
-            if new != path_value[k]:
-                write_word(rows, hkeys, hrows, path_entry[k], new)
-                path_value[k] = new
-    dirty_after = (not ad) or ((path_value[n - 1] & ED) != 0)
+            if new != scratch[PATH_VALUE, k]:
+                write_word(rows, hkeys, hrows, scratch[PATH_ENTRY, k], new)
+                scratch[PATH_VALUE, k] = new
+    dirty_after = (not ad) or ((scratch[PATH_VALUE, n - 1] & ED) != 0)
 
     shift = 12 + 9 * (level - 1)
-    base = path_value[n - 1] & bit_range(maxphy - 1, shift)
+    base = scratch[PATH_VALUE, n - 1] & bit_range(maxphy - 1, shift)
     # fill the EPT paging-structure caches (entries walked that reference tables) and nested TLB
     for k in range(n - 1):
         entry_level = level + (n - 1 - k)
-        insert(tags, data, aux, stamps, desc, S_EPSC + 5 - entry_level, vcpu,
-               gpa >> (12 + 9 * (entry_level - 1)), ectx, path_value[k] & table_mask,
-               path_rights[k], clock)
-    insert(tags, data, aux, stamps, desc, S_NTLB + level - 1, vcpu, gpa >> shift, ectx,
+        insert(tlb, desc, S_EPSC + 5 - entry_level, vcpu,
+               gpa >> (12 + 9 * (entry_level - 1)), ectx, scratch[PATH_VALUE, k] & table_mask,
+               scratch[PATH_RIGHTS, k], clock)
+    insert(tlb, desc, S_NTLB + level - 1, vcpu, gpa >> shift, ectx,
            base | (pack_rights(rights) << 3) | (TF_DIRTY if dirty_after else 0), 0, clock)
     res[0] = base | (gpa & ((np.int64(1) << shift) - 1))
     res[1] = rights
@@ -419,7 +437,7 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
     return EXIT_NONE
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def guest_fault(vector, error, va, vcpu, stats, exit_info):  # type: ignore[no-untyped-def]
     exit_info[X_KIND] = EXIT_GUEST_FAULT
     exit_info[X_VECTOR] = vector
@@ -429,24 +447,21 @@ def guest_fault(vector, error, va, vcpu, stats, exit_info):  # type: ignore[no-u
     return EXIT_GUEST_FAULT
 
 
-@njit(cache=True)
-def tlb_probe(first_struct, va, vcpu, ctx, tags, stamps, desc, clock):  # type: ignore[no-untyped-def]
+@njit(cache=True, inline="always")
+def tlb_probe(first_struct, va, vcpu, ctx, tlb, desc, clock):  # type: ignore[no-untyped-def]
     """Probe the three page-size structures from ``first_struct``; (flat index, size) or -1."""
     key = va & VA_MASK
     for s in range(3):
-        hit = lookup(tags, stamps, desc, first_struct + s, vcpu, key >> (12 + 9 * s), ctx, clock)
+        hit = lookup(tlb, desc, first_struct + s, vcpu, key >> (12 + 9 * s), ctx, clock)
         if hit >= 0:
             return hit, s
     return -1, 0
 
 
 @njit(cache=True)
-def translate(va, access, user, i, vcpu, regs, feat, mem, tlb, cache, cost, stats, log, clock, exit_info, res):  # type: ignore[no-untyped-def]
+def translate(va, access, user, i, vcpu, regs, feat, rows, hkeys, hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch):  # type: ignore[no-untyped-def]
     """Translate one guest-linear access. On success res[0] is the HPA and res[4] the cycles
     the translation cost (TLB lookups and walk); otherwise exit_info describes the exit."""
-    rows, hkeys, hrows = mem
-    tags, data, aux, stamps, desc = tlb
-    width = tags.shape[1]
     cr0 = regs[vcpu, REG_CR0]
     cr4 = regs[vcpu, REG_CR4]
     efer = regs[vcpu, REG_EFER]
@@ -464,15 +479,15 @@ def translate(va, access, user, i, vcpu, regs, feat, mem, tlb, cache, cost, stat
     # -- TLBs (SDM Vol. 3A §4.10.2) ------------------------------------------------------------
     l1 = S_L1I if access == FETCH else S_L1D
     cycles = cost[COST_L1_TLB]
-    hit, s = tlb_probe(l1, va, vcpu, ctx, tags, stamps, desc, clock)
+    hit, s = tlb_probe(l1, va, vcpu, ctx, tlb, desc, clock)
     from_stlb = False
     if hit < 0:
         cycles += cost[COST_STLB]
-        hit, s = tlb_probe(S_STLB, va, vcpu, ctx, tags, stamps, desc, clock)
+        hit, s = tlb_probe(S_STLB, va, vcpu, ctx, tlb, desc, clock)
         from_stlb = hit >= 0
     if hit >= 0:
-        word = data[hit // width, hit % width]
-        extra = aux[hit // width, hit % width]
+        word = entry_word(tlb, DATA, hit)
+        extra = entry_word(tlb, AUX, hit)
         us = (word & TF_US) != 0
         rights = unpack_rights((word >> 3) & 15)
         if access == READ:
@@ -492,14 +507,14 @@ def translate(va, access, user, i, vcpu, regs, feat, mem, tlb, cache, cost, stat
             shift = 12 + 9 * s
             if from_stlb:
                 stats[vcpu, ST_STLB_HITS] += 1
-                insert(tags, data, aux, stamps, desc, l1 + s, vcpu, key >> shift, ctx, word,
+                insert(tlb, desc, l1 + s, vcpu, key >> shift, ctx, word,
                        extra, clock)
             else:
                 stats[vcpu, ST_L1I_HITS if access == FETCH else ST_L1D_HITS] += 1
             res[0] = (word & ~np.int64(4095)) | (va & ((np.int64(1) << shift) - 1))
             res[4] = cycles
             return EXIT_NONE
-        drop(tags, hit)  # not usable as cached: walk (sets flags or finds the exact fault)
+        drop(tlb, hit)  # not usable as cached: walk (sets flags or finds the exact fault)
         stats[vcpu, ST_REWALKS] += 1
 
     # -- the two-dimensional walk (SDM Vol. 3A §4.5 with Vol. 3C §29.3.2) ------------------------
@@ -522,12 +537,12 @@ def translate(va, access, user, i, vcpu, regs, feat, mem, tlb, cache, cost, stat
         if desc[psc, 1] == 0:
             continue
         cycles += cost[COST_PSC]
-        hit = lookup(tags, stamps, desc, psc, vcpu, key >> (12 + 9 * (cached - 1)), ctx, clock)
+        hit = lookup(tlb, desc, psc, vcpu, key >> (12 + 9 * (cached - 1)), ctx, clock)
         if hit >= 0:
             stats[vcpu, ST_PSC_HITS + cached - 1] += 1
-            word = data[hit // width, hit % width]
+            word = entry_word(tlb, DATA, hit)
             table_hpa = word & table_mask
-            table_gpa = aux[hit // width, hit % width]
+            table_gpa = entry_word(tlb, AUX, hit)
             table_rights = unpack_rights((word >> 3) & 15)
             above_us = (word & TF_US) != 0
             above_rw = (word & TF_RW) != 0
@@ -535,11 +550,6 @@ def translate(va, access, user, i, vcpu, regs, feat, mem, tlb, cache, cost, stat
             level = cached - 1
             break
 
-    step_level = np.zeros(5, np.int64)
-    step_gpa = np.zeros(5, np.int64)
-    step_hpa = np.zeros(5, np.int64)
-    step_value = np.zeros(5, np.int64)
-    step_rights = np.zeros(5, np.int64)
     acc_us, acc_rw, acc_xd = above_us, above_rw, above_xd
     n = 0
     while True:
@@ -549,26 +559,26 @@ def translate(va, access, user, i, vcpu, regs, feat, mem, tlb, cache, cost, stat
             page_rights = table_rights
         else:
             status = ept_translate(entry_gpa, True, level, 0, access, va, i, vcpu, regs, feat,
-                                   mem, tlb, cache, cost, stats, log, clock, exit_info, res)
+                                   rows, hkeys, hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch)
             if status != EXIT_NONE:
                 return status
             cycles += res[4]
             entry_hpa = res[0]
             page_rights = res[1]
         value = read_word(rows, hkeys, hrows, entry_hpa)
-        cycles += reference(i, vcpu, DIM_GUEST, level, entry_hpa, value, level, cache, cost,
-                            stats, log, clock)
+        cycles += reference(i, vcpu, DIM_GUEST, level, entry_hpa, value, level, cache, cdesc, cost,
+                            stats, refs, ref_count, clock)
         if not (value & P):
             return guest_fault(14, page_fault_code(0, access, user, cr4, efer), va, vcpu,
                                stats, exit_info)
         if guest_reserved(value, level, maxphy, nxe):
             return guest_fault(14, page_fault_code(PF_P | PF_RSVD, access, user, cr4, efer),
                                va, vcpu, stats, exit_info)
-        step_level[n] = level
-        step_gpa[n] = entry_gpa
-        step_hpa[n] = entry_hpa
-        step_value[n] = value
-        step_rights[n] = page_rights
+        scratch[STEP_LEVEL, n] = level
+        scratch[STEP_GPA, n] = entry_gpa
+        scratch[STEP_HPA, n] = entry_hpa
+        scratch[STEP_VALUE, n] = value
+        scratch[STEP_RIGHTS, n] = page_rights
         n += 1
         acc_us = acc_us and (value & US) != 0
         acc_rw = acc_rw and (value & RW) != 0
@@ -579,7 +589,7 @@ def translate(va, access, user, i, vcpu, regs, feat, mem, tlb, cache, cost, stat
         table_hpa = -1
         level -= 1
 
-    leaf = step_value[n - 1]
+    leaf = scratch[STEP_VALUE, n - 1]
     pkey = (leaf >> 59) & 15
     allowed = guest_allows(access, user, acc_us, acc_rw, acc_xd, cr0, cr4, rflags)
     pk_ok = pkey_allows(access, user, acc_us, pkey, cr0, cr4, pkru)
@@ -590,30 +600,31 @@ def translate(va, access, user, i, vcpu, regs, feat, mem, tlb, cache, cost, stat
 
     # guest A/D flags (SDM Vol. 3A §4.8): processor writes, EPT writes without EPT A/D
     for k in range(n):
-        new = step_value[k] | A
+        new = scratch[STEP_VALUE, k] | A
         if k == n - 1 and access == WRITE:
             new |= D
-        if new == step_value[k]:
+        if new == scratch[STEP_VALUE, k]:
             continue
-        if use_ept and not ad and not (step_rights[k] & EW):
+        if use_ept and not ad and not (scratch[STEP_RIGHTS, k] & EW):
             exit_info[X_KIND] = EXIT_EPT_VIOLATION
             exit_info[X_QUAL] = (Q_READ | Q_WRITE | Q_GLA_VALID
-                                 | rights_qualification(step_rights[k], mbec))
-            exit_info[X_GPA] = step_gpa[k]
+                                 | rights_qualification(scratch[STEP_RIGHTS, k], mbec))
+            exit_info[X_GPA] = scratch[STEP_GPA, k]
             exit_info[X_GLA] = va
             stats[vcpu, ST_EPT_VIOLATIONS] += 1
             return EXIT_EPT_VIOLATION
-        write_word(rows, hkeys, hrows, step_hpa[k], new)
-        step_value[k] = new
+        write_word(rows, hkeys, hrows, scratch[STEP_HPA, k], new)
+        scratch[STEP_VALUE, k] = new
 
-    guest_level = step_level[n - 1]
+    guest_level = scratch[STEP_LEVEL, n - 1]
     guest_shift = 12 + 9 * (guest_level - 1)
-    gpa = (step_value[n - 1] & bit_range(maxphy - 1, guest_shift)) | (
+    gpa = (scratch[STEP_VALUE, n - 1] & bit_range(maxphy - 1, guest_shift)) | (
         va & ((np.int64(1) << guest_shift) - 1))
     linear = ((Q_USER_LINEAR if acc_us else 0) | (Q_WRITABLE_LINEAR if acc_rw else 0)
               | (Q_XD_LINEAR if acc_xd else 0))
-    status = ept_translate(gpa, False, 0, linear, access, va, i, vcpu, regs, feat, mem, tlb,
-                           cache, cost, stats, log, clock, exit_info, res)
+    status = ept_translate(gpa, False, 0, linear, access, va, i, vcpu, regs, feat, rows, hkeys,
+                           hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock,
+                           exit_info, res, scratch)
     if status != EXIT_NONE:
         return status
     cycles += res[4]
@@ -622,28 +633,28 @@ def translate(va, access, user, i, vcpu, regs, feat, mem, tlb, cache, cost, stat
     # fill the guest paging-structure caches: each walked entry that references a table
     run_us, run_rw, run_xd = above_us, above_rw, above_xd
     for k in range(n - 1):
-        v = step_value[k]
+        v = scratch[STEP_VALUE, k]
         run_us = run_us and (v & US) != 0
         run_rw = run_rw and (v & RW) != 0
         run_xd = run_xd or (nxe and v < 0)
-        entry_level = step_level[k]
-        word = ((step_hpa[k + 1] & ~np.int64(4095)) | (pack_rights(step_rights[k + 1]) << 3)
+        entry_level = scratch[STEP_LEVEL, k]
+        word = ((scratch[STEP_HPA, k + 1] & ~np.int64(4095)) | (pack_rights(scratch[STEP_RIGHTS, k + 1]) << 3)
                 | (TF_US if run_us else 0) | (TF_RW if run_rw else 0) | (TF_XD if run_xd else 0))
-        insert(tags, data, aux, stamps, desc, S_PSC + 5 - entry_level, vcpu,
-               key >> (12 + 9 * (entry_level - 1)), ctx, word, step_gpa[k + 1] & ~np.int64(4095),
+        insert(tlb, desc, S_PSC + 5 - entry_level, vcpu,
+               key >> (12 + 9 * (entry_level - 1)), ctx, word, scratch[STEP_GPA, k + 1] & ~np.int64(4095),
                clock)
     # and the TLBs: a combined entry of size min(guest page, EPT page)
     size_level = min(guest_level, res[2])
     shift = 12 + 9 * (size_level - 1)
     page_mask = ~((np.int64(1) << shift) - 1)
-    dirty = (step_value[n - 1] & D) != 0 and res[3] != 0
+    dirty = (scratch[STEP_VALUE, n - 1] & D) != 0 and res[3] != 0
     word = ((hpa & page_mask) | (pack_rights(res[1]) << 3) | (TF_US if acc_us else 0)
             | (TF_RW if acc_rw else 0) | (TF_XD if acc_xd else 0)
             | (TF_DIRTY if dirty else 0) | (TF_GLOBAL if (leaf & G) else 0))
     extra = (gpa & page_mask) | pkey
-    insert(tags, data, aux, stamps, desc, l1 + size_level - 1, vcpu, key >> shift, ctx, word,
+    insert(tlb, desc, l1 + size_level - 1, vcpu, key >> shift, ctx, word,
            extra, clock)
-    insert(tags, data, aux, stamps, desc, S_STLB + size_level - 1, vcpu, key >> shift, ctx, word,
+    insert(tlb, desc, S_STLB + size_level - 1, vcpu, key >> shift, ctx, word,
            extra, clock)
     res[0] = hpa
     res[4] = cycles
