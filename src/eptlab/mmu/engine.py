@@ -30,6 +30,7 @@ from .context import CpuFeatures, GuestState, Vmcs
 from .kernels import assoc as planes
 from .kernels import layout as L
 from .kernels.run import run_chunk as _run_chunk
+from .kernels.walk import NSCRATCH
 from .stats import VcpuStats
 from .walker import DATA, Dim, Reference
 
@@ -193,6 +194,8 @@ class Engine:
         self._cache[0] = -1
         self._cdesc = cdesc
         self._stats = np.zeros((nv, L.NSTATS), np.int64)
+        self._res = np.zeros(8, np.int64)  # kernel scratch: the kernels allocate nothing
+        self._scratch = np.zeros((NSCRATCH, 5), np.int64)
 
     def _pack_registers(self) -> I64:
         regs = np.zeros((max(1, len(self._vcpus)), L.NREGS), np.int64)
@@ -250,6 +253,7 @@ class Engine:
                 accesses.gva, accesses.kind, accesses.user, accesses.vcpu, start, regs,
                 self._feat, rows, hkeys, hrows, self._tlb, self._desc, self._cache, self._cdesc,
                 self._cost, self._stats, refs, ref_count, self._clock, exit_info, out_hpa,
+                self._res, self._scratch,
             )
         )
         for i, v in enumerate(self._vcpus):  # the kernel advanced the PML index

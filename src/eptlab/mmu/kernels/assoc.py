@@ -16,7 +16,7 @@ TAGS, DATA, AUX, STAMPS = 0, 1, 2, 3
 NPLANES = 4
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def lookup(tlb, desc, struct, vcpu, key, ctx, clock):  # type: ignore[no-untyped-def]
     """Row * max_ways + way of the hit, or -1. Updates LRU on a hit."""
     sets = desc[struct, 1]
@@ -32,7 +32,7 @@ def lookup(tlb, desc, struct, vcpu, key, ctx, clock):  # type: ignore[no-untyped
     return -1
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def insert(tlb, desc, struct, vcpu, key, ctx, value, extra, clock):  # type: ignore[no-untyped-def]
     """Install (key, ctx) -> (value, extra), replacing the same tag or the LRU way."""
     sets = desc[struct, 1]
@@ -56,14 +56,14 @@ def insert(tlb, desc, struct, vcpu, key, ctx, value, extra, clock):  # type: ign
     tlb[STAMPS, row, victim] = clock[0]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def entry_word(tlb, plane, flat):  # type: ignore[no-untyped-def]
     """The ``plane`` word of the entry at flat index ``flat`` (as returned by lookup)."""
     width = tlb.shape[2]
     return tlb[plane, flat // width, flat % width]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def drop(tlb, flat):  # type: ignore[no-untyped-def]
     """Invalidate the entry at flat index ``flat``."""
     width = tlb.shape[2]

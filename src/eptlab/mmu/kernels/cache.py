@@ -2,7 +2,8 @@
 
 ``cache[2, rows, max_ways]`` holds line tags (plane 0, -1 empty) and LRU stamps (plane 1);
 ``cdesc[level] = (first row, sets, ways, per_vcpu)``; a level with 0 sets is absent. Lines are
-64 bytes, replacement is LRU, fills go into every level that missed (inclusive).
+64 bytes, replacement is LRU, a line found at one level (or in DRAM) is filled into every level
+above it (inclusive).
 """
 
 from __future__ import annotations
@@ -14,36 +15,53 @@ from .layout import NCACHE
 LINE_TAGS, LINE_STAMPS = 0, 1
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def access_line(cache, cdesc, vcpu, hpa, clock):  # type: ignore[no-untyped-def]
-    """Where the line of ``hpa`` was found: 0 L1, 1 L2, 2 LLC, 3 DRAM (then filled)."""
+    """Where the line of ``hpa`` was found: 0 L1, 1 L2, 2 LLC, 3 DRAM. One pass per level finds
+    the line or, at the same time, the LRU way that will receive it."""
     line = hpa >> 6
     found = NCACHE
+    r0 = -1
+    r1 = -1
+    r2 = -1
+    v0 = 0
+    v1 = 0
+    v2 = 0
     for level in range(NCACHE):
-        sets = cdesc[level, 1]
-        if sets == 0:
-            continue
-        row = cdesc[level, 0] + (vcpu * sets if cdesc[level, 3] else 0) + (line & (sets - 1))
-        for way in range(cdesc[level, 2]):
-            if cache[LINE_TAGS, row, way] == line:
-                clock[0] += 1
-                cache[LINE_STAMPS, row, way] = clock[0]
-                found = level
-                break
-        if found == level:
-            break
-    for level in range(found):  # fill the levels that missed
         sets = cdesc[level, 1]
         if sets == 0:
             continue
         row = cdesc[level, 0] + (vcpu * sets if cdesc[level, 3] else 0) + (line & (sets - 1))
         victim = 0
         oldest = cache[LINE_STAMPS, row, 0]
-        for way in range(1, cdesc[level, 2]):
-            if cache[LINE_STAMPS, row, way] < oldest:
-                oldest = cache[LINE_STAMPS, row, way]
+        hit = -1
+        for way in range(cdesc[level, 2]):
+            if cache[LINE_TAGS, row, way] == line:
+                hit = way
+                break
+            stamp = cache[LINE_STAMPS, row, way]
+            if stamp < oldest:
+                oldest = stamp
                 victim = way
         clock[0] += 1
-        cache[LINE_TAGS, row, victim] = line
-        cache[LINE_STAMPS, row, victim] = clock[0]
+        if hit >= 0:
+            cache[LINE_STAMPS, row, hit] = clock[0]
+            found = level
+            break
+        if level == 0:
+            r0, v0 = row, victim
+        elif level == 1:
+            r1, v1 = row, victim
+        else:
+            r2, v2 = row, victim
+    # fill the levels that missed (their victims were chosen during the search)
+    if r0 >= 0:
+        cache[LINE_TAGS, r0, v0] = line
+        cache[LINE_STAMPS, r0, v0] = clock[0]
+    if r1 >= 0:
+        cache[LINE_TAGS, r1, v1] = line
+        cache[LINE_STAMPS, r1, v1] = clock[0]
+    if r2 >= 0:
+        cache[LINE_TAGS, r2, v2] = line
+        cache[LINE_STAMPS, r2, v2] = clock[0]
     return found

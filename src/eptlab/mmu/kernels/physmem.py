@@ -12,7 +12,7 @@ _MULT = np.uint64(HASH_MULTIPLIER)
 _SHIFT = np.uint64(32)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def frame_row(hkeys, hrows, pfn):  # type: ignore[no-untyped-def]
     """Row of frame ``pfn``, or -1 if it has no storage (reads as zeros)."""
     mask = hkeys.shape[0] - 1
@@ -26,7 +26,7 @@ def frame_row(hkeys, hrows, pfn):  # type: ignore[no-untyped-def]
         slot = (slot + 1) & mask
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def read_word(rows, hkeys, hrows, address):  # type: ignore[no-untyped-def]
     row = frame_row(hkeys, hrows, address >> 12)
     if row < 0:
@@ -34,7 +34,7 @@ def read_word(rows, hkeys, hrows, address):  # type: ignore[no-untyped-def]
     return np.int64(rows[row, (address & 4095) >> 3])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def write_word(rows, hkeys, hrows, address, value):  # type: ignore[no-untyped-def]
     """Write an entry; the frame must have storage (the engine ensures it). Returns success."""
     row = frame_row(hkeys, hrows, address >> 12)

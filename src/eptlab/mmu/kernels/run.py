@@ -3,7 +3,6 @@ needs software (a guest fault or a VM exit)."""
 
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
 from .cache import access_line
@@ -19,27 +18,29 @@ from .layout import (
     X_INDEX,
     X_KIND,
 )
-from .walk import NSCRATCH, translate
+from .walk import tlb_translate, walk_translate
 
 
-@njit(cache=True)
-def run_chunk(gva, kind, user, vcpu, start, regs, feat, rows, hkeys, hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, out_hpa):  # type: ignore[no-untyped-def]
+@njit(cache=True, _nrt=False)
+def run_chunk(gva, kind, user, vcpu, start, regs, feat, rows, hkeys, hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, out_hpa, res, scratch):  # type: ignore[no-untyped-def]
     """Run accesses ``start..len(gva)-1``. Returns the index of the first access not performed
     (``len(gva)`` when all were); exit_info then describes why. A faulting access is not
     performed: after the handler, resume at the returned index to retry it."""
-    res = np.zeros(8, np.int64)
-    scratch = np.zeros((NSCRATCH, 5), np.int64)
     record = out_hpa.shape[0] > 0
-    exit_info[:] = 0
+    for k in range(exit_info.shape[0]):
+        exit_info[k] = 0
     for i in range(start, gva.shape[0]):
         v = vcpu[i]
         access = kind[i]
-        status = translate(gva[i], access, user[i] != 0, i, v, regs, feat, rows, hkeys, hrows,
-                           tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock,
-                           exit_info, res, scratch)
-        if status != EXIT_NONE:
-            exit_info[X_INDEX] = i
-            return i
+        va = gva[i]
+        is_user = user[i] != 0
+        if not tlb_translate(va, access, is_user, v, regs, tlb, desc, cost, stats, clock, res):
+            status = walk_translate(va, access, is_user, i, v, regs, feat, rows, hkeys, hrows,
+                                    tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock,
+                                    exit_info, res, scratch)
+            if status != EXIT_NONE:
+                exit_info[X_INDEX] = i
+                return i
         hpa = res[0]
         where = access_line(cache, cdesc, v, hpa, clock)
         data_cycles = cost[COST_CACHE + where]

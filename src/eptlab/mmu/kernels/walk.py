@@ -126,25 +126,25 @@ STEP_RIGHTS = 7
 NSCRATCH = 8
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def bit_range(hi, lo):  # type: ignore[no-untyped-def]
     if hi < lo:
         return np.int64(0)
     return ((np.int64(1) << (hi - lo + 1)) - 1) << lo
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def pack_rights(raw):  # type: ignore[no-untyped-def]
     """EPT bits 0, 1, 2, 10 -> 4 contiguous bits."""
     return (raw & 7) | ((raw >> 7) & 8)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def unpack_rights(packed):  # type: ignore[no-untyped-def]
     return (packed & 7) | ((packed & 8) << 7)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def rights_qualification(rights, mbec):  # type: ignore[no-untyped-def]
     """Qualification bits 3-6 from the AND of the EPT entries walked."""
     q = 0
@@ -159,17 +159,17 @@ def rights_qualification(rights, mbec):  # type: ignore[no-untyped-def]
     return q
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def ept_present(value, mbec):  # type: ignore[no-untyped-def]
     return (value & 7) != 0 or (mbec and (value & EXU) != 0)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def ept_leaf(value, level):  # type: ignore[no-untyped-def]
     return level == 1 or ((level == 2 or level == 3) and (value & PS) != 0)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def ept_misconfig(value, level, maxphy, exec_only, mbec):  # type: ignore[no-untyped-def]
     """SDM Vol. 3C §29.3.3.1; codes as in layout.MISCONFIG_REASONS."""
     if (value & EW) and not (value & ER):
@@ -194,7 +194,7 @@ def ept_misconfig(value, level, maxphy, exec_only, mbec):  # type: ignore[no-unt
     return 0
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def guest_reserved(value, level, maxphy, nxe):  # type: ignore[no-untyped-def]
     """Reserved bits of a present guest entry (SDM Vol. 3A §4.5)."""
     reserved = bit_range(51, maxphy)
@@ -209,7 +209,7 @@ def guest_reserved(value, level, maxphy, nxe):  # type: ignore[no-untyped-def]
     return value & reserved
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def guest_allows(access, user, us, rw, xd, cr0, cr4, rflags):  # type: ignore[no-untyped-def]
     """Access rights from paging (SDM Vol. 3A §4.6.1)."""
     if access == FETCH:
@@ -225,7 +225,7 @@ def guest_allows(access, user, us, rw, xd, cr0, cr4, rflags):  # type: ignore[no
     return access == READ or rw or not (cr0 & CR0_WP)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def pkey_allows(access, user, us, pkey, cr0, cr4, pkru):  # type: ignore[no-untyped-def]
     """Protection keys (SDM Vol. 3A §4.6.2)."""
     if not (cr4 & CR4_PKE) or access == FETCH or not us:
@@ -237,7 +237,7 @@ def pkey_allows(access, user, us, pkey, cr0, cr4, pkru):  # type: ignore[no-unty
     return True
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def page_fault_code(error, access, user, cr4, efer):  # type: ignore[no-untyped-def]
     if access == WRITE:
         error |= PF_WR
@@ -248,7 +248,7 @@ def page_fault_code(error, access, user, cr4, efer):  # type: ignore[no-untyped-
     return error
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def reference(i, vcpu, dim, level, address, value, for_level, cache, cdesc, cost, stats, refs, ref_count, clock):  # type: ignore[no-untyped-def]
     """Account one paging-structure read: log it, count it, send it through the caches."""
     n = ref_count[0]
@@ -266,7 +266,7 @@ def reference(i, vcpu, dim, level, address, value, for_level, cache, cdesc, cost
     return cost[COST_CACHE + where]
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False, inline="always")
 def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, regs, feat, rows, hkeys, hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch):  # type: ignore[no-untyped-def]
     """Translate one guest-physical address (SDM Vol. 3C §29.3.2). On success res holds
     (hpa, EPT rights, leaf level, dirty-after, cycles) and EXIT_NONE is returned."""
@@ -437,7 +437,7 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
     return EXIT_NONE
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def guest_fault(vector, error, va, vcpu, stats, exit_info):  # type: ignore[no-untyped-def]
     exit_info[X_KIND] = EXIT_GUEST_FAULT
     exit_info[X_VECTOR] = vector
@@ -447,7 +447,7 @@ def guest_fault(vector, error, va, vcpu, stats, exit_info):  # type: ignore[no-u
     return EXIT_GUEST_FAULT
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False, inline="always")
 def tlb_probe(first_struct, va, vcpu, ctx, tlb, desc, clock):  # type: ignore[no-untyped-def]
     """Probe the three page-size structures from ``first_struct``; (flat index, size) or -1."""
     key = va & VA_MASK
@@ -458,10 +458,65 @@ def tlb_probe(first_struct, va, vcpu, ctx, tlb, desc, clock):  # type: ignore[no
     return -1, 0
 
 
-@njit(cache=True)
-def translate(va, access, user, i, vcpu, regs, feat, rows, hkeys, hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch):  # type: ignore[no-untyped-def]
-    """Translate one guest-linear access. On success res[0] is the HPA and res[4] the cycles
-    the translation cost (TLB lookups and walk); otherwise exit_info describes the exit."""
+@njit(cache=True, _nrt=False, inline="always")
+def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, clock, res):  # type: ignore[no-untyped-def]
+    """The TLBs (SDM Vol. 3A §4.10.2): True with res[0] = HPA when a cached translation may be
+    used for this access. res[4] holds the cycles of the lookups either way. An entry that
+    does not allow the access (or a write whose dirty flags are not set) is dropped."""
+    cr0 = regs[vcpu, REG_CR0]
+    cr4 = regs[vcpu, REG_CR4]
+    pkru = regs[vcpu, REG_PKRU]
+    rflags = regs[vcpu, REG_RFLAGS]
+    ctx = regs[vcpu, REG_CTX]
+    mbec = regs[vcpu, REG_MBEC] != 0
+    key = va & VA_MASK
+    l1 = S_L1I if access == FETCH else S_L1D
+    cycles = cost[COST_L1_TLB]
+    hit, s = tlb_probe(l1, va, vcpu, ctx, tlb, desc, clock)
+    from_stlb = False
+    if hit < 0:
+        cycles += cost[COST_STLB]
+        hit, s = tlb_probe(S_STLB, va, vcpu, ctx, tlb, desc, clock)
+        from_stlb = hit >= 0
+    res[4] = cycles
+    if hit < 0:
+        return False
+    word = entry_word(tlb, DATA, hit)
+    extra = entry_word(tlb, AUX, hit)
+    us = (word & TF_US) != 0
+    rights = unpack_rights((word >> 3) & 15)
+    if access == READ:
+        needed = ER
+    elif access == WRITE:
+        needed = EW
+    else:
+        needed = EXU if (mbec and us) else EX
+    usable = (
+        guest_allows(access, user, us, (word & TF_RW) != 0, (word & TF_XD) != 0, cr0, cr4,
+                     rflags)
+        and pkey_allows(access, user, us, extra & 15, cr0, cr4, pkru)
+        and (rights & needed) == needed
+        and not (access == WRITE and not (word & TF_DIRTY))
+    )
+    if not usable:
+        drop(tlb, hit)  # not usable as cached: walk (sets flags or finds the exact fault)
+        stats[vcpu, ST_REWALKS] += 1
+        return False
+    shift = 12 + 9 * s
+    if from_stlb:
+        stats[vcpu, ST_STLB_HITS] += 1
+        insert(tlb, desc, l1 + s, vcpu, key >> shift, ctx, word, extra, clock)
+    else:
+        stats[vcpu, ST_L1I_HITS if access == FETCH else ST_L1D_HITS] += 1
+    res[0] = (word & ~np.int64(4095)) | (va & ((np.int64(1) << shift) - 1))
+    return True
+
+
+@njit(cache=True, _nrt=False)
+def walk_translate(va, access, user, i, vcpu, regs, feat, rows, hkeys, hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch):  # type: ignore[no-untyped-def]
+    """The two-dimensional walk after a TLB miss. On success res[0] is the HPA and res[4] the
+    cycles of the lookups and the walk (it starts from the TLB cycles in res[4]); otherwise
+    exit_info describes the exit or fault. Fills the paging-structure caches and TLBs."""
     cr0 = regs[vcpu, REG_CR0]
     cr4 = regs[vcpu, REG_CR4]
     efer = regs[vcpu, REG_EFER]
@@ -476,47 +531,8 @@ def translate(va, access, user, i, vcpu, regs, feat, rows, hkeys, hrows, tlb, de
     nxe = (efer & EFER_NXE) != 0
     key = va & VA_MASK
 
-    # -- TLBs (SDM Vol. 3A §4.10.2) ------------------------------------------------------------
     l1 = S_L1I if access == FETCH else S_L1D
-    cycles = cost[COST_L1_TLB]
-    hit, s = tlb_probe(l1, va, vcpu, ctx, tlb, desc, clock)
-    from_stlb = False
-    if hit < 0:
-        cycles += cost[COST_STLB]
-        hit, s = tlb_probe(S_STLB, va, vcpu, ctx, tlb, desc, clock)
-        from_stlb = hit >= 0
-    if hit >= 0:
-        word = entry_word(tlb, DATA, hit)
-        extra = entry_word(tlb, AUX, hit)
-        us = (word & TF_US) != 0
-        rights = unpack_rights((word >> 3) & 15)
-        if access == READ:
-            needed = ER
-        elif access == WRITE:
-            needed = EW
-        else:
-            needed = EXU if (mbec and us) else EX
-        usable = (
-            guest_allows(access, user, us, (word & TF_RW) != 0, (word & TF_XD) != 0, cr0, cr4,
-                         rflags)
-            and pkey_allows(access, user, us, extra & 15, cr0, cr4, pkru)
-            and (rights & needed) == needed
-            and not (access == WRITE and not (word & TF_DIRTY))
-        )
-        if usable:
-            shift = 12 + 9 * s
-            if from_stlb:
-                stats[vcpu, ST_STLB_HITS] += 1
-                insert(tlb, desc, l1 + s, vcpu, key >> shift, ctx, word,
-                       extra, clock)
-            else:
-                stats[vcpu, ST_L1I_HITS if access == FETCH else ST_L1D_HITS] += 1
-            res[0] = (word & ~np.int64(4095)) | (va & ((np.int64(1) << shift) - 1))
-            res[4] = cycles
-            return EXIT_NONE
-        drop(tlb, hit)  # not usable as cached: walk (sets flags or finds the exact fault)
-        stats[vcpu, ST_REWALKS] += 1
-
+    cycles = res[4]
     # -- the two-dimensional walk (SDM Vol. 3A §4.5 with Vol. 3C §29.3.2) ------------------------
     stats[vcpu, ST_WALKS] += 1
     cycles += cost[COST_WALK_START]
