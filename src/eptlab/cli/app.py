@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import demo, walk
+from . import bench, demo, walk
 
 app = typer.Typer(
     name="eptlab",
@@ -16,3 +16,4 @@ app = typer.Typer(
 )
 app.command("walk")(walk.walk)
 app.command("demo")(demo.demo)
+app.command("bench")(bench.bench)

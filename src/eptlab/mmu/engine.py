@@ -178,8 +178,8 @@ class Engine:
             desc[i] = (row, shape.sets, shape.ways)
             row += shape.sets * nv
             max_ways = max(max_ways, shape.ways)
-        self._tlb = np.zeros((planes.NPLANES, max(1, row), max_ways), np.int64)
-        self._tlb[planes.TAGS] = -1
+        self._tlb = np.zeros((max(1, row), max_ways, planes.NPLANES), np.int64)
+        self._tlb[:, :, planes.TAGS] = -1
         self._desc = desc
         levels = (self.config.cache.l1, self.config.cache.l2, self.config.cache.llc)
         cdesc = np.zeros((L.NCACHE, 4), np.int64)
@@ -190,10 +190,11 @@ class Engine:
             cdesc[i] = (row, level.sets, level.ways, int(per_vcpu))
             row += level.sets * (nv if per_vcpu else 1)
             cways = max(cways, level.ways)
-        self._cache = np.zeros((2, max(1, row), cways), np.int64)
-        self._cache[0] = -1
+        self._cache = np.zeros((max(1, row), cways, 2), np.int64)
+        self._cache[:, :, 0] = -1
         self._cdesc = cdesc
         self._stats = np.zeros((nv, L.NSTATS), np.int64)
+        self._occupied = np.zeros(nv, np.int64)  # per vCPU: structures that hold entries
         self._res = np.zeros(8, np.int64)  # kernel scratch: the kernels allocate nothing
         self._scratch = np.zeros((NSCRATCH, 5), np.int64)
 
@@ -210,6 +211,7 @@ class Engine:
             ctx, ectx = self._context(v)
             regs[i, L.REG_CTX] = ctx
             regs[i, L.REG_ECTX] = ectx
+            regs[i, L.REG_OCCUPIED] = self._occupied[i]
             if v.vmcs is not None:
                 m = v.vmcs
                 regs[i, L.REG_USE_EPT] = 1
@@ -256,6 +258,7 @@ class Engine:
                 self._res, self._scratch,
             )
         )
+        self._occupied[:] = regs[:, L.REG_OCCUPIED]
         for i, v in enumerate(self._vcpus):  # the kernel advanced the PML index
             if v.vmcs is not None:
                 v.vmcs.pml_index = int(regs[i, L.REG_PML_INDEX])
@@ -306,7 +309,8 @@ class Engine:
     def _drop(self, structures: range | list[int], match: np.ndarray | None = None,
               *, ctxs: set[int] | None = None, keep_global: bool = False,
               key_for: dict[int, int] | None = None) -> None:
-        tags, data, desc = self._tlb[planes.TAGS], self._tlb[planes.DATA], self._desc
+        tags, data = self._tlb[:, :, planes.TAGS], self._tlb[:, :, planes.DATA]
+        desc = self._desc
         nv = max(1, len(self._vcpus))
         for s in structures:
             first, sets, ways = (int(x) for x in desc[s])
@@ -383,5 +387,5 @@ class Engine:
 
     def flush_caches(self) -> None:
         """Empty the data-cache model (e.g. between benchmark phases)."""
-        self._cache[0] = -1
-        self._cache[1] = 0
+        self._cache[:, :, 0] = -1
+        self._cache[:, :, 1] = 0

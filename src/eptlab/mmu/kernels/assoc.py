@@ -1,6 +1,7 @@
 """Set-associative structures with LRU replacement (TLBs, paging-structure caches, nested TLB).
 
-All of them live in one array ``tlb[4, rows, max_ways]`` (planes TAGS, DATA, AUX, STAMPS);
+All of them live in one array ``tlb[rows, max_ways, 4]`` (each way's TAGS, DATA, AUX, STAMPS
+words side by side);
 ``desc[s] = (first row, sets, ways)`` says where structure ``s`` starts and its shape. A
 structure with ``sets == 0`` is off. Per-vCPU structures give each vCPU ``sets`` consecutive
 rows. Tags are ``key << 16 | context``; -1 is an empty way. (One array rather than four keeps
@@ -25,10 +26,10 @@ def lookup(tlb, desc, struct, vcpu, key, ctx, clock):  # type: ignore[no-untyped
     row = desc[struct, 0] + vcpu * sets + (key & (sets - 1))
     tag = (key << 16) | ctx
     for way in range(desc[struct, 2]):
-        if tlb[TAGS, row, way] == tag:
+        if tlb[row, way, TAGS] == tag:
             clock[0] += 1
-            tlb[STAMPS, row, way] = clock[0]
-            return row * tlb.shape[2] + way
+            tlb[row, way, STAMPS] = clock[0]
+            return row * tlb.shape[1] + way
     return -1
 
 
@@ -43,28 +44,28 @@ def insert(tlb, desc, struct, vcpu, key, ctx, value, extra, clock):  # type: ign
     victim = 0
     oldest = np.int64(0x7FFFFFFFFFFFFFFF)
     for way in range(desc[struct, 2]):
-        if tlb[TAGS, row, way] == tag:
+        if tlb[row, way, TAGS] == tag:
             victim = way
             break
-        if tlb[STAMPS, row, way] < oldest:
-            oldest = tlb[STAMPS, row, way]
+        if tlb[row, way, STAMPS] < oldest:
+            oldest = tlb[row, way, STAMPS]
             victim = way
     clock[0] += 1
-    tlb[TAGS, row, victim] = tag
-    tlb[DATA, row, victim] = value
-    tlb[AUX, row, victim] = extra
-    tlb[STAMPS, row, victim] = clock[0]
+    tlb[row, victim, TAGS] = tag
+    tlb[row, victim, DATA] = value
+    tlb[row, victim, AUX] = extra
+    tlb[row, victim, STAMPS] = clock[0]
 
 
 @njit(cache=True, _nrt=False, inline="always")
 def entry_word(tlb, plane, flat):  # type: ignore[no-untyped-def]
     """The ``plane`` word of the entry at flat index ``flat`` (as returned by lookup)."""
-    width = tlb.shape[2]
-    return tlb[plane, flat // width, flat % width]
+    width = tlb.shape[1]
+    return tlb[flat // width, flat % width, plane]
 
 
 @njit(cache=True, _nrt=False, inline="always")
 def drop(tlb, flat):  # type: ignore[no-untyped-def]
     """Invalidate the entry at flat index ``flat``."""
-    width = tlb.shape[2]
-    tlb[TAGS, flat // width, flat % width] = -1
+    width = tlb.shape[1]
+    tlb[flat // width, flat % width, TAGS] = -1

@@ -1,6 +1,6 @@
 """The physically indexed cache hierarchy: per-vCPU L1 and L2, a shared LLC, then DRAM.
 
-``cache[2, rows, max_ways]`` holds line tags (plane 0, -1 empty) and LRU stamps (plane 1);
+``cache[rows, max_ways, 2]`` holds each way's line tag (-1 empty) and LRU stamp side by side;
 ``cdesc[level] = (first row, sets, ways, per_vcpu)``; a level with 0 sets is absent. Lines are
 64 bytes, replacement is LRU, a line found at one level (or in DRAM) is filled into every level
 above it (inclusive).
@@ -33,19 +33,19 @@ def access_line(cache, cdesc, vcpu, hpa, clock):  # type: ignore[no-untyped-def]
             continue
         row = cdesc[level, 0] + (vcpu * sets if cdesc[level, 3] else 0) + (line & (sets - 1))
         victim = 0
-        oldest = cache[LINE_STAMPS, row, 0]
+        oldest = cache[row, 0, LINE_STAMPS]
         hit = -1
         for way in range(cdesc[level, 2]):
-            if cache[LINE_TAGS, row, way] == line:
+            if cache[row, way, LINE_TAGS] == line:
                 hit = way
                 break
-            stamp = cache[LINE_STAMPS, row, way]
+            stamp = cache[row, way, LINE_STAMPS]
             if stamp < oldest:
                 oldest = stamp
                 victim = way
         clock[0] += 1
         if hit >= 0:
-            cache[LINE_STAMPS, row, hit] = clock[0]
+            cache[row, hit, LINE_STAMPS] = clock[0]
             found = level
             break
         if level == 0:
@@ -56,12 +56,12 @@ def access_line(cache, cdesc, vcpu, hpa, clock):  # type: ignore[no-untyped-def]
             r2, v2 = row, victim
     # fill the levels that missed (their victims were chosen during the search)
     if r0 >= 0:
-        cache[LINE_TAGS, r0, v0] = line
-        cache[LINE_STAMPS, r0, v0] = clock[0]
+        cache[r0, v0, LINE_TAGS] = line
+        cache[r0, v0, LINE_STAMPS] = clock[0]
     if r1 >= 0:
-        cache[LINE_TAGS, r1, v1] = line
-        cache[LINE_STAMPS, r1, v1] = clock[0]
+        cache[r1, v1, LINE_TAGS] = line
+        cache[r1, v1, LINE_STAMPS] = clock[0]
     if r2 >= 0:
-        cache[LINE_TAGS, r2, v2] = line
-        cache[LINE_STAMPS, r2, v2] = clock[0]
+        cache[r2, v2, LINE_TAGS] = line
+        cache[r2, v2, LINE_STAMPS] = clock[0]
     return found

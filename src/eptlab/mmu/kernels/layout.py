@@ -20,7 +20,8 @@ REG_PML_ADDR = 12
 REG_PML_INDEX = 13
 REG_CTX = 14  # context id of (VPID, EPTP): tags TLB and guest paging-structure cache entries
 REG_ECTX = 15  # context id of the EPTP: tags nested-TLB and EPT paging-structure cache entries
-NREGS = 16
+REG_OCCUPIED = 16  # bit s set once structure s received an entry (lets lookups skip empty ones)
+NREGS = 17
 
 # -- machine-wide features: feat[FEAT_*] -----------------------------------------------------------
 FEAT_MAXPHY = 0

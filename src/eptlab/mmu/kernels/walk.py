@@ -49,6 +49,7 @@ from .layout import (
     REG_EPT_LEVELS,
     REG_EPT_ROOT,
     REG_MBEC,
+    REG_OCCUPIED,
     REG_PKRU,
     REG_PML_ADDR,
     REG_PML_INDEX,
@@ -318,7 +319,10 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
         return EXIT_EPT_VIOLATION
 
     # nested TLB: GPA -> HPA, per page size
+    occupied = regs[vcpu, REG_OCCUPIED]
     for s in range(3):
+        if (occupied >> (S_NTLB + s)) & 1 == 0:
+            continue
         shift = 12 + 9 * s
         hit = lookup(tlb, desc, S_NTLB + s, vcpu, gpa >> shift, ectx, clock)
         if hit >= 0:
@@ -429,6 +433,7 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
                scratch[PATH_RIGHTS, k], clock)
     insert(tlb, desc, S_NTLB + level - 1, vcpu, gpa >> shift, ectx,
            base | (pack_rights(rights) << 3) | (TF_DIRTY if dirty_after else 0), 0, clock)
+    regs[vcpu, REG_OCCUPIED] |= 1 << (S_NTLB + level - 1)
     res[0] = base | (gpa & ((np.int64(1) << shift) - 1))
     res[1] = rights
     res[2] = level
@@ -448,10 +453,14 @@ def guest_fault(vector, error, va, vcpu, stats, exit_info):  # type: ignore[no-u
 
 
 @njit(cache=True, _nrt=False, inline="always")
-def tlb_probe(first_struct, va, vcpu, ctx, tlb, desc, clock):  # type: ignore[no-untyped-def]
-    """Probe the three page-size structures from ``first_struct``; (flat index, size) or -1."""
+def tlb_probe(first_struct, va, vcpu, ctx, regs, tlb, desc, clock):  # type: ignore[no-untyped-def]
+    """Probe the three page-size structures from ``first_struct``; (flat index, size) or -1.
+    Structures that never received an entry for this vCPU are skipped."""
     key = va & VA_MASK
+    occupied = regs[vcpu, REG_OCCUPIED]
     for s in range(3):
+        if (occupied >> (first_struct + s)) & 1 == 0:
+            continue
         hit = lookup(tlb, desc, first_struct + s, vcpu, key >> (12 + 9 * s), ctx, clock)
         if hit >= 0:
             return hit, s
@@ -472,11 +481,11 @@ def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, clock, r
     key = va & VA_MASK
     l1 = S_L1I if access == FETCH else S_L1D
     cycles = cost[COST_L1_TLB]
-    hit, s = tlb_probe(l1, va, vcpu, ctx, tlb, desc, clock)
+    hit, s = tlb_probe(l1, va, vcpu, ctx, regs, tlb, desc, clock)
     from_stlb = False
     if hit < 0:
         cycles += cost[COST_STLB]
-        hit, s = tlb_probe(S_STLB, va, vcpu, ctx, tlb, desc, clock)
+        hit, s = tlb_probe(S_STLB, va, vcpu, ctx, regs, tlb, desc, clock)
         from_stlb = hit >= 0
     res[4] = cycles
     if hit < 0:
@@ -506,6 +515,7 @@ def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, clock, r
     if from_stlb:
         stats[vcpu, ST_STLB_HITS] += 1
         insert(tlb, desc, l1 + s, vcpu, key >> shift, ctx, word, extra, clock)
+        regs[vcpu, REG_OCCUPIED] |= 1 << (l1 + s)
     else:
         stats[vcpu, ST_L1I_HITS if access == FETCH else ST_L1D_HITS] += 1
     res[0] = (word & ~np.int64(4095)) | (va & ((np.int64(1) << shift) - 1))
@@ -668,10 +678,9 @@ def walk_translate(va, access, user, i, vcpu, regs, feat, rows, hkeys, hrows, tl
             | (TF_RW if acc_rw else 0) | (TF_XD if acc_xd else 0)
             | (TF_DIRTY if dirty else 0) | (TF_GLOBAL if (leaf & G) else 0))
     extra = (gpa & page_mask) | pkey
-    insert(tlb, desc, l1 + size_level - 1, vcpu, key >> shift, ctx, word,
-           extra, clock)
-    insert(tlb, desc, S_STLB + size_level - 1, vcpu, key >> shift, ctx, word,
-           extra, clock)
+    insert(tlb, desc, l1 + size_level - 1, vcpu, key >> shift, ctx, word, extra, clock)
+    insert(tlb, desc, S_STLB + size_level - 1, vcpu, key >> shift, ctx, word, extra, clock)
+    regs[vcpu, REG_OCCUPIED] |= (1 << (l1 + size_level - 1)) | (1 << (S_STLB + size_level - 1))
     res[0] = hpa
     res[4] = cycles
     return EXIT_NONE
