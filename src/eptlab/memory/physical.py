@@ -36,10 +36,11 @@ class PhysicalMemory:
         self._rows: Frame = np.zeros((max(1, initial_frames), ENTRIES_PER_TABLE), np.uint64)
         self._free_rows: list[int] = []
         self._next_row = 0
-        # The same frame -> row map as an open-addressing hash table in numpy arrays, for the
-        # numba kernels (which cannot read a dict): keys are frame numbers, EMPTY or TOMBSTONE.
-        self._hkeys = np.full(1024, EMPTY, np.int64)
-        self._hrows = np.zeros(1024, np.int64)
+        # The same frame -> row map as an open-addressing hash table in a numpy array, for the
+        # numba kernels (which cannot read a dict): rows of (frame number | EMPTY | TOMBSTONE,
+        # row); key and row side by side, so a probe touches one host cache line.
+        self._htable = np.zeros((1024, 2), np.int64)
+        self._htable[:, 0] = EMPTY
         self._hused = 0  # live keys + tombstones
 
     # -- frames -------------------------------------------------------------------------------
@@ -86,40 +87,40 @@ class PhysicalMemory:
         row = self._row_of.pop(pfn, None)
         if row is not None:
             self._free_rows.append(row)
-            self._hkeys[self._hash_slot(pfn)] = TOMBSTONE
+            self._htable[self._hash_slot(pfn), 0] = TOMBSTONE
 
     # -- the kernel-visible hash table ----------------------------------------------------------
 
     def _hash_slot(self, pfn: int) -> int:
-        keys, mask = self._hkeys, len(self._hkeys) - 1
+        table, mask = self._htable, len(self._htable) - 1
         slot = frame_hash(pfn, mask)
-        while keys[slot] != pfn:
+        while table[slot, 0] != pfn:
             slot = (slot + 1) & mask
         return slot
 
     def _hash_insert(self, pfn: int, row: int) -> None:
-        if 2 * (self._hused + 1) > len(self._hkeys):
+        if 2 * (self._hused + 1) > len(self._htable):
             self._rehash(max(1024, 4 * len(self._row_of)))
-        keys, mask = self._hkeys, len(self._hkeys) - 1
+        table, mask = self._htable, len(self._htable) - 1
         slot = frame_hash(pfn, mask)
-        while keys[slot] >= 0:  # pfn is not present (the dict said so): take the first free
+        while table[slot, 0] >= 0:  # pfn is not present (the dict said so): take the first free
             slot = (slot + 1) & mask
-        if keys[slot] == EMPTY:
+        if table[slot, 0] == EMPTY:
             self._hused += 1
-        keys[slot], self._hrows[slot] = pfn, row
+        table[slot, 0], table[slot, 1] = pfn, row
 
     def _rehash(self, minimum: int) -> None:
         size = 1 << (minimum - 1).bit_length()
-        self._hkeys = np.full(size, EMPTY, np.int64)
-        self._hrows = np.zeros(size, np.int64)
+        self._htable = np.zeros((size, 2), np.int64)
+        self._htable[:, 0] = EMPTY
         self._hused = 0
         for pfn, row in self._row_of.items():
             self._hash_insert(pfn, row)
 
-    def kernel_arrays(self) -> tuple[Frame, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """``(rows, keys, rows_of_keys)``: what the numba kernels read and write. Valid until
-        the next frame is created (arrays may be reallocated then)."""
-        return self._rows, self._hkeys, self._hrows
+    def kernel_arrays(self) -> tuple[Frame, npt.NDArray[np.int64]]:
+        """``(rows, hash table)``: what the numba kernels read and write. Valid until the next
+        frame is created (arrays may be reallocated then)."""
+        return self._rows, self._htable
 
     def copy_frame(self, src_pfn: int, dst_pfn: int) -> None:
         """Copy the 4 KiB of frame ``src_pfn`` into ``dst_pfn``."""

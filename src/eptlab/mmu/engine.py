@@ -245,7 +245,7 @@ class Engine:
         if len(accesses) and int(accesses.vcpu.max()) >= len(self._vcpus):
             raise ConfigError("Accesses.vcpu", f"only {len(self._vcpus)} vCPUs exist")
         regs = self._pack_registers()
-        rows, hkeys, hrows = self.memory.kernel_arrays()
+        rows, htable = self.memory.kernel_arrays()
         refs = np.zeros((log_references, L.NREFCOLS), np.int64)
         ref_count = np.zeros(1, np.int64)
         exit_info = np.zeros(L.NEXIT, np.int64)
@@ -253,7 +253,7 @@ class Engine:
         stopped = int(
             _run_chunk(
                 accesses.gva, accesses.kind, accesses.user, accesses.vcpu, start, regs,
-                self._feat, rows, hkeys, hrows, self._tlb, self._desc, self._cache, self._cdesc,
+                self._feat, rows, htable, self._tlb, self._desc, self._cache, self._cdesc,
                 self._cost, self._stats, refs, ref_count, self._clock, exit_info, out_hpa,
                 self._res, self._scratch,
             )

@@ -13,31 +13,31 @@ _SHIFT = np.uint64(32)
 
 
 @njit(cache=True, _nrt=False, inline="always")
-def frame_row(hkeys, hrows, pfn):  # type: ignore[no-untyped-def]
+def frame_row(htable, pfn):  # type: ignore[no-untyped-def]
     """Row of frame ``pfn``, or -1 if it has no storage (reads as zeros)."""
-    mask = hkeys.shape[0] - 1
+    mask = htable.shape[0] - 1
     slot = np.int64((np.uint64(pfn) * _MULT) >> _SHIFT) & mask
     while True:
-        key = hkeys[slot]
+        key = htable[slot, 0]
         if key == pfn:
-            return hrows[slot]
+            return htable[slot, 1]
         if key == EMPTY:
             return -1
         slot = (slot + 1) & mask
 
 
 @njit(cache=True, _nrt=False, inline="always")
-def read_word(rows, hkeys, hrows, address):  # type: ignore[no-untyped-def]
-    row = frame_row(hkeys, hrows, address >> 12)
+def read_word(rows, htable, address):  # type: ignore[no-untyped-def]
+    row = frame_row(htable, address >> 12)
     if row < 0:
         return np.int64(0)
     return np.int64(rows[row, (address & 4095) >> 3])
 
 
 @njit(cache=True, _nrt=False, inline="always")
-def write_word(rows, hkeys, hrows, address, value):  # type: ignore[no-untyped-def]
+def write_word(rows, htable, address, value):  # type: ignore[no-untyped-def]
     """Write an entry; the frame must have storage (the engine ensures it). Returns success."""
-    row = frame_row(hkeys, hrows, address >> 12)
+    row = frame_row(htable, address >> 12)
     if row < 0:
         return False
     rows[row, (address & 4095) >> 3] = np.uint64(value)

@@ -22,7 +22,7 @@ from .walk import tlb_translate, walk_translate
 
 
 @njit(cache=True, _nrt=False)
-def run_chunk(gva, kind, user, vcpu, start, regs, feat, rows, hkeys, hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, out_hpa, res, scratch):  # type: ignore[no-untyped-def]
+def run_chunk(gva, kind, user, vcpu, start, regs, feat, rows, htable, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, out_hpa, res, scratch):  # type: ignore[no-untyped-def]
     """Run accesses ``start..len(gva)-1``. Returns the index of the first access not performed
     (``len(gva)`` when all were); exit_info then describes why. A faulting access is not
     performed: after the handler, resume at the returned index to retry it."""
@@ -35,7 +35,7 @@ def run_chunk(gva, kind, user, vcpu, start, regs, feat, rows, hkeys, hrows, tlb,
         va = gva[i]
         is_user = user[i] != 0
         if not tlb_translate(va, access, is_user, v, regs, tlb, desc, cost, stats, clock, res):
-            status = walk_translate(va, access, is_user, i, v, regs, feat, rows, hkeys, hrows,
+            status = walk_translate(va, access, is_user, i, v, regs, feat, rows, htable,
                                     tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock,
                                     exit_info, res, scratch)
             if status != EXIT_NONE:

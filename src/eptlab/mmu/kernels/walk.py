@@ -268,7 +268,7 @@ def reference(i, vcpu, dim, level, address, value, for_level, cache, cdesc, cost
 
 
 @njit(cache=True, _nrt=False, inline="always")
-def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, regs, feat, rows, hkeys, hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch):  # type: ignore[no-untyped-def]
+def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, regs, feat, rows, htable, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch):  # type: ignore[no-untyped-def]
     """Translate one guest-physical address (SDM Vol. 3C §29.3.2). On success res holds
     (hpa, EPT rights, leaf level, dirty-after, cycles) and EXIT_NONE is returned."""
     cycles = 0
@@ -360,7 +360,7 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
     n = 0
     while True:
         entry = table + ((gpa >> (12 + 9 * (level - 1))) & 511) * 8
-        value = read_word(rows, hkeys, hrows, entry)
+        value = read_word(rows, htable, entry)
         cycles += reference(i, vcpu, DIM_EPT, level, entry, value, for_level, cache, cdesc, cost,
                             stats, refs, ref_count, clock)
         rights &= value
@@ -410,7 +410,7 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
                 return EXIT_PML_FULL
         if write_like and not (leaf_value & ED) and regs[vcpu, REG_PML_ON]:
             index = regs[vcpu, REG_PML_INDEX]
-            write_word(rows, hkeys, hrows, regs[vcpu, REG_PML_ADDR] + index * 8,
+            write_word(rows, htable, regs[vcpu, REG_PML_ADDR] + index * 8,
                        gpa & ~np.int64(4095))
             regs[vcpu, REG_PML_INDEX] = (index - 1) & 0xFFFF
             stats[vcpu, ST_PML_LOGGED] += 1
@@ -419,7 +419,7 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
             if k == n - 1 and write_like:
                 new |= ED
             if new != scratch[PATH_VALUE, k]:
-                write_word(rows, hkeys, hrows, scratch[PATH_ENTRY, k], new)
+                write_word(rows, htable, scratch[PATH_ENTRY, k], new)
                 scratch[PATH_VALUE, k] = new
     dirty_after = (not ad) or ((scratch[PATH_VALUE, n - 1] & ED) != 0)
 
@@ -523,7 +523,7 @@ def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, clock, r
 
 
 @njit(cache=True, _nrt=False)
-def walk_translate(va, access, user, i, vcpu, regs, feat, rows, hkeys, hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch):  # type: ignore[no-untyped-def]
+def walk_translate(va, access, user, i, vcpu, regs, feat, rows, htable, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch):  # type: ignore[no-untyped-def]
     """The two-dimensional walk after a TLB miss. On success res[0] is the HPA and res[4] the
     cycles of the lookups and the walk (it starts from the TLB cycles in res[4]); otherwise
     exit_info describes the exit or fault. Fills the paging-structure caches and TLBs."""
@@ -585,13 +585,13 @@ def walk_translate(va, access, user, i, vcpu, regs, feat, rows, hkeys, hrows, tl
             page_rights = table_rights
         else:
             status = ept_translate(entry_gpa, True, level, 0, access, va, i, vcpu, regs, feat,
-                                   rows, hkeys, hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch)
+                                   rows, htable, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch)
             if status != EXIT_NONE:
                 return status
             cycles += res[4]
             entry_hpa = res[0]
             page_rights = res[1]
-        value = read_word(rows, hkeys, hrows, entry_hpa)
+        value = read_word(rows, htable, entry_hpa)
         cycles += reference(i, vcpu, DIM_GUEST, level, entry_hpa, value, level, cache, cdesc, cost,
                             stats, refs, ref_count, clock)
         if not (value & P):
@@ -639,7 +639,7 @@ def walk_translate(va, access, user, i, vcpu, regs, feat, rows, hkeys, hrows, tl
             exit_info[X_GLA] = va
             stats[vcpu, ST_EPT_VIOLATIONS] += 1
             return EXIT_EPT_VIOLATION
-        write_word(rows, hkeys, hrows, scratch[STEP_HPA, k], new)
+        write_word(rows, htable, scratch[STEP_HPA, k], new)
         scratch[STEP_VALUE, k] = new
 
     guest_level = scratch[STEP_LEVEL, n - 1]
@@ -648,8 +648,8 @@ def walk_translate(va, access, user, i, vcpu, regs, feat, rows, hkeys, hrows, tl
         va & ((np.int64(1) << guest_shift) - 1))
     linear = ((Q_USER_LINEAR if acc_us else 0) | (Q_WRITABLE_LINEAR if acc_rw else 0)
               | (Q_XD_LINEAR if acc_xd else 0))
-    status = ept_translate(gpa, False, 0, linear, access, va, i, vcpu, regs, feat, rows, hkeys,
-                           hrows, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock,
+    status = ept_translate(gpa, False, 0, linear, access, va, i, vcpu, regs, feat, rows, htable,
+                           tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock,
                            exit_info, res, scratch)
     if status != EXIT_NONE:
         return status
