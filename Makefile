@@ -16,6 +16,8 @@ demo: $(STAMP)
 	$(BIN)/eptlab demo
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

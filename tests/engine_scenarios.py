@@ -54,19 +54,35 @@ class ScenarioSpec:
 
     def build(self) -> NestedSpace:
         cr0 = int(Cr0.PE | Cr0.PG | (Cr0.WP if self.cr0_wp else 0))
-        extra = (Cr4.SMEP if self.smep else 0) | (Cr4.SMAP if self.smap else 0) | (
-            Cr4.PKE if self.pke else 0)
+        extra = (
+            (Cr4.SMEP if self.smep else 0)
+            | (Cr4.SMAP if self.smap else 0)
+            | (Cr4.PKE if self.pke else 0)
+        )
         efer = int(Efer.LME | Efer.LMA | (Efer.NXE if self.nxe else 0))
         space = NestedSpace.create(
-            guest_levels=self.guest_levels, ept_levels=self.ept_levels, ept_ad=self.ept_ad,
-            mbec=self.mbec, cr0=cr0, cr4_extra=int(extra), efer=efer,
+            guest_levels=self.guest_levels,
+            ept_levels=self.ept_levels,
+            ept_ad=self.ept_ad,
+            mbec=self.mbec,
+            cr0=cr0,
+            cr4_extra=int(extra),
+            efer=efer,
         )
         space.guest.pkru = self.pkru
         space.guest.rflags = 0x2 | ((1 << 18) if self.ac else 0)
         for m in self.mappings:
             gva = self.gva(m)
-            space.map(gva, m.guest_page, m.ept_page, ept_perms=m.ept_perms, writable=m.writable,
-                      user=m.user, xd=m.xd, pkey=m.pkey)
+            space.map(
+                gva,
+                m.guest_page,
+                m.ept_page,
+                ept_perms=m.ept_perms,
+                writable=m.writable,
+                user=m.user,
+                xd=m.xd,
+                pkey=m.pkey,
+            )
             if m.reserved_bit:
                 leaf = space.tables.lookup(gva)
                 assert leaf is not None and space.ept is not None
@@ -119,8 +135,9 @@ def scenario_specs(draw: st.DrawFn) -> ScenarioSpec:
 
 
 @st.composite
-def access_streams(draw: st.DrawFn, spec: ScenarioSpec, size: int = 30
-                   ) -> list[tuple[int, Access, bool]]:
+def access_streams(
+    draw: st.DrawFn, spec: ScenarioSpec, size: int = 30
+) -> list[tuple[int, Access, bool]]:
     """Accesses near the mapped pages (often the same page again), some anywhere."""
     out = []
     for _ in range(draw(st.integers(1, size))):

@@ -41,7 +41,9 @@ def test_walk_json_ept_violation(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_["reason"] == 48
     # write (bit 1), readable (3), executable (5), GLA valid (7), final translation (8),
     # linear address writable (10)
-    assert exit_["qualification"] == (1 << 1) | (1 << 3) | (1 << 5) | (1 << 7) | (1 << 8) | (1 << 10)
+    assert exit_["qualification"] == (1 << 1) | (1 << 3) | (1 << 5) | (1 << 7) | (1 << 8) | (
+        1 << 10
+    )
     assert out["hpa"] is None
 
 
@@ -89,8 +91,10 @@ def test_bad_arguments_give_one_line_and_status_2(
 def test_demo_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "walks.json").read_text())
-    counts = {(r["guest_levels"], r["ept_levels"], r["guest_page"], r["ept_page"]): r["references"]
-              for r in data["walk_costs"]}
+    counts = {
+        (r["guest_levels"], r["ept_levels"], r["guest_page"], r["ept_page"]): r["references"]
+        for r in data["walk_costs"]
+    }
     assert counts[(4, 4, "4k", "4k")] == 24 and counts[(5, 5, "4k", "4k")] == 35
     reasons = [e["outcome"].get("reason") for e in data["events"] if e["outcome"]]
     assert 48 in reasons and 49 in reasons

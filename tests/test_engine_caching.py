@@ -223,3 +223,36 @@ def test_second_page_walk_uses_paging_structure_caches() -> None:
     # second walk: 1 guest PTE read, its EPT translation from the nested TLB / caches, and the
     # EPT walk of the data page partly from the EPT paging-structure caches
     assert s.walk_references < 24 + 10
+
+
+def test_engine_input_errors_are_named() -> None:
+    from eptlab.errors import ConfigError
+
+    space = NestedSpace.create()
+    engine = Engine(space.memory, MmuConfig(), space.features)
+    with pytest.raises(ConfigError, match="add a vCPU"):
+        engine.run(Accesses.build([GVA]))
+    engine.add_vcpu(space.guest, space.vmcs)
+    with pytest.raises(ConfigError, match="vcpu"):
+        engine.run(Accesses.build([GVA], vcpu=3))
+    with pytest.raises(ConfigError, match="kind"):
+        Accesses.build([GVA], kind=7)
+
+
+def test_accesses_accept_unsigned_high_half_addresses() -> None:
+    high = 0xFFFF_8000_0000_1000
+    a = Accesses.build(np.array([high], dtype=np.uint64))
+    b = Accesses.build([high])
+    assert a.gva.dtype == np.int64 and a.gva.tolist() == b.gva.tolist() == [high - (1 << 64)]
+
+
+def test_two_vcpus_have_their_own_tlbs() -> None:
+    space = NestedSpace.create()
+    space.map(GVA)
+    engine = Engine(space.memory, MmuConfig(), space.features)
+    engine.add_vcpu(space.guest, space.vmcs)
+    engine.add_vcpu(space.guest, space.vmcs)
+    result = engine.run(Accesses.build([GVA, GVA, GVA, GVA], vcpu=[0, 0, 1, 1]))
+    assert result.done
+    assert engine.stats(0).walks == 1 and engine.stats(1).walks == 1
+    assert engine.stats(0).l1d_tlb_hits == 1 and engine.stats(1).l1d_tlb_hits == 1

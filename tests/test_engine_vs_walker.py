@@ -27,8 +27,9 @@ def compare(spec: ScenarioSpec, stream: list, config: MmuConfig, exact: bool) ->
     walker = oracle_space.walker()
     engine = Engine(engine_space.memory, config, engine_space.features)
     engine.add_vcpu(engine_space.guest, engine_space.vmcs)
-    chunk = Accesses.build([g for g, _, _ in stream], [int(a) for _, a, _ in stream],
-                           [int(u) for _, _, u in stream])
+    chunk = Accesses.build(
+        [g for g, _, _ in stream], [int(a) for _, a, _ in stream], [int(u) for _, _, u in stream]
+    )
     expected = [walker.translate(g, a, Mode.USER if u else Mode.SUPERVISOR) for g, a, u in stream]
 
     got_hpa: dict[int, int] = {}

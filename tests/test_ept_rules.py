@@ -59,13 +59,17 @@ ACCESS_BIT = {R: Q_READ, W: Q_WRITE, X: Q_FETCH}
 
 def rights(perms: str) -> int:
     """Qualification bits 5:3 for EPT permissions written 'rwx' style."""
-    return sum(q for c, q in zip(perms, (Q_READABLE, Q_WRITABLE, Q_EXECUTABLE), strict=True)
-               if c != "-")
+    return sum(
+        q for c, q in zip(perms, (Q_READABLE, Q_WRITABLE, Q_EXECUTABLE), strict=True) if c != "-"
+    )
 
 
 def linear(user: bool, writable: bool, xd: bool) -> int:
-    return (Q_USER_LINEAR if user else 0) | (Q_WRITABLE_LINEAR if writable else 0) | (
-        Q_XD_LINEAR if xd else 0)
+    return (
+        (Q_USER_LINEAR if user else 0)
+        | (Q_WRITABLE_LINEAR if writable else 0)
+        | (Q_XD_LINEAR if xd else 0)
+    )
 
 
 def make(**kwargs: Any) -> NestedSpace:
@@ -107,8 +111,7 @@ def guest_entry_gpa(space: NestedSpace, gva: int, level: int) -> int:
 def preset_guest_ad(space: NestedSpace, gva: int, leaf_level: int, dirty: bool) -> None:
     """Set A in every guest entry on the path (and D in the leaf) so no flag update is needed."""
     for level in range(space.tables.levels, leaf_level - 1, -1):
-        guest_edit(space, gva, level, set_=PTE_A | (PTE_D if dirty and level == leaf_level
-                                                      else 0))
+        guest_edit(space, gva, level, set_=PTE_A | (PTE_D if dirty and level == leaf_level else 0))
 
 
 def walk(space: NestedSpace, access: Access, mode: Mode = SUP, gva: int = GVA) -> Translation:
@@ -166,14 +169,18 @@ NOT_PRESENT_LEAF = [
 @pytest.mark.parametrize(("access", "mode", "user", "writable", "xd", "qual"), NOT_PRESENT_LEAF)
 @pytest.mark.parametrize("ept_page", [K4, M2, G1])
 def test_not_present_leaf(
-    access: Access, mode: Mode, user: bool, writable: bool, xd: bool, qual: int,
+    access: Access,
+    mode: Mode,
+    user: bool,
+    writable: bool,
+    xd: bool,
+    qual: int,
     ept_page: PageSize,
 ) -> None:
     """Bits 2:0 = 0 in the leaf: a violation whose bits 5:3 are 0 (Table 28-7 note: cleared when
     an entry used is not present); bits 7 and 8 set (final access); 9-11 from guest paging."""
     space = make()
-    gpa = data_gpa(space, ept_page=ept_page, ept_perms="---", user=user, writable=writable,
-                   xd=xd)
+    gpa = data_gpa(space, ept_page=ept_page, ept_perms="---", user=user, writable=writable, xd=xd)
     assert qual == ACCESS_BIT[access] | Q_GLA_VALID | Q_TRANSLATION | linear(user, writable, xd)
     t = walk(space, access, mode)
     assert_violation(t, gpa, qual)
@@ -199,9 +206,7 @@ def test_not_present_non_leaf(level: int, junk: int, access: Access) -> None:
 
 
 @pytest.mark.parametrize(("access", "mode"), [(R, SUP), (W, USR), (X, USR)])
-def test_not_present_top_ept_entry_stops_the_first_guest_access(
-    access: Access, mode: Mode
-) -> None:
+def test_not_present_top_ept_entry_stops_the_first_guest_access(access: Access, mode: Mode) -> None:
     """Without the EPT PML4E nothing translates: the first access is to the guest PML4E, a read
     of a paging-structure entry (bit 0, bit 7, not bit 8), whatever the guest access was."""
     space = make()
@@ -230,8 +235,9 @@ def test_leaf_rights(perms: str, access: Access, ept_page: PageSize) -> None:
     if needed in perms:
         assert_ok(space, t, gpa)
     else:
-        qual = ACCESS_BIT[access] | rights(perms) | Q_GLA_VALID | Q_TRANSLATION | (
-            Q_WRITABLE_LINEAR)
+        qual = (
+            ACCESS_BIT[access] | rights(perms) | Q_GLA_VALID | Q_TRANSLATION | (Q_WRITABLE_LINEAR)
+        )
         assert_violation(t, gpa, qual)
         assert t.count == N * (M + 1) + (M - ept_page.level + 1)
 
@@ -248,8 +254,9 @@ def test_leaf_rights(perms: str, access: Access, ept_page: PageSize) -> None:
         ("rw-", X, Q_FETCH | Q_READABLE | Q_WRITABLE),
     ],
 )
-def test_rights_are_anded_over_all_entries(level: int, upper: str, access: Access,
-                                           qual: int) -> None:
+def test_rights_are_anded_over_all_entries(
+    level: int, upper: str, access: Access, qual: int
+) -> None:
     """§29.3.3.2: an access is denied if its bit is clear in *any* entry used, and bits 5:3
     report the AND over all of them - here a non-leaf entry restricts an rwx leaf."""
     space = make()
@@ -296,10 +303,12 @@ def test_linear_bits_describe_the_whole_guest_translation(
 
 
 @pytest.mark.parametrize(("access", "mode"), [(R, SUP), (W, SUP), (X, SUP), (W, USR)])
-@pytest.mark.parametrize(("perms", "qual"), [("---", Q_READ | Q_GLA_VALID),
-                                             ("--x", Q_READ | Q_EXECUTABLE | Q_GLA_VALID)])
-def test_paging_structure_access_clears_bit_8(access: Access, mode: Mode, perms: str,
-                                              qual: int) -> None:
+@pytest.mark.parametrize(
+    ("perms", "qual"), [("---", Q_READ | Q_GLA_VALID), ("--x", Q_READ | Q_EXECUTABLE | Q_GLA_VALID)]
+)
+def test_paging_structure_access_clears_bit_8(
+    access: Access, mode: Mode, perms: str, qual: int
+) -> None:
     """Reading a guest paging-structure entry is a data read (§29.3.3.2) whatever the guest
     access; bit 8 is 0 and bits 9-11 are not reported (they need bit 8 = 1)."""
     space = make()
@@ -343,7 +352,8 @@ def test_guest_accessed_flag_update_needs_ept_write(perms: str, access: Access) 
     # the first entry whose A flag must be set is the guest PML4E
     assert v.gpa == guest_entry_gpa(space, GVA, 4) and v.gla == GVA
     assert v.qualification in _rmw_quals(Q_WRITE | rights(perms) | Q_GLA_VALID), hex(
-        v.qualification)
+        v.qualification
+    )
 
 
 @pytest.mark.parametrize("perms", ["r--", "r-x"])
@@ -376,8 +386,7 @@ def test_no_violation_when_no_guest_flag_must_change(perms: str) -> None:
     ],
 )
 @pytest.mark.parametrize("access", [R, X])
-def test_ept_ad_makes_paging_structure_reads_writes(perms: str, qual: int,
-                                                    access: Access) -> None:
+def test_ept_ad_makes_paging_structure_reads_writes(perms: str, qual: int, access: Access) -> None:
     """With EPTP bit 6 = 1 a read-only table page faults even for a guest read, and even when
     no guest A/D flag needs to change; the qualification has both bits 0 and 1."""
     space = make(ept_ad=True)
@@ -419,18 +428,47 @@ def set_leaf_exec(space: NestedSpace, gpa: int, perms: int) -> None:
 MBEC_CASES = [
     # guest page is user?, leaf rights, fetch mode, expected qualification (None = allowed)
     # a user-mode linear address is governed by bit 10 - even for a supervisor fetch
-    (True, E_R | E_W | E_X, USR,
-     Q_FETCH | Q_READABLE | Q_WRITABLE | Q_EXECUTABLE | Q_GLA_VALID | Q_TRANSLATION
-     | Q_USER_LINEAR | Q_WRITABLE_LINEAR),  # 0x7BC
-    (True, E_R | E_W | E_X, SUP,
-     Q_FETCH | Q_READABLE | Q_WRITABLE | Q_EXECUTABLE | Q_GLA_VALID | Q_TRANSLATION
-     | Q_USER_LINEAR | Q_WRITABLE_LINEAR),
+    (
+        True,
+        E_R | E_W | E_X,
+        USR,
+        Q_FETCH
+        | Q_READABLE
+        | Q_WRITABLE
+        | Q_EXECUTABLE
+        | Q_GLA_VALID
+        | Q_TRANSLATION
+        | Q_USER_LINEAR
+        | Q_WRITABLE_LINEAR,
+    ),  # 0x7BC
+    (
+        True,
+        E_R | E_W | E_X,
+        SUP,
+        Q_FETCH
+        | Q_READABLE
+        | Q_WRITABLE
+        | Q_EXECUTABLE
+        | Q_GLA_VALID
+        | Q_TRANSLATION
+        | Q_USER_LINEAR
+        | Q_WRITABLE_LINEAR,
+    ),
     (True, E_R | E_W | E_XU, USR, None),
     (True, E_R | E_W | E_XU, SUP, None),
     # a supervisor-mode linear address is governed by bit 2
-    (False, E_R | E_W | E_XU, SUP,
-     Q_FETCH | Q_READABLE | Q_WRITABLE | Q_USER_EXECUTABLE | Q_GLA_VALID | Q_TRANSLATION
-     | Q_WRITABLE_LINEAR),  # 0x5DC
+    (
+        False,
+        E_R | E_W | E_XU,
+        SUP,
+        Q_FETCH
+        | Q_READABLE
+        | Q_WRITABLE
+        | Q_USER_EXECUTABLE
+        | Q_GLA_VALID
+        | Q_TRANSLATION
+        | Q_WRITABLE_LINEAR,
+    ),  # 0x5DC
     (False, E_R | E_W | E_X, SUP, None),
     (False, E_R | E_X | E_XU, SUP, None),
 ]
@@ -459,7 +497,8 @@ def test_without_mbec_bit_10_is_ignored() -> None:
     v = violation(walk(space, X, USR))
     # bit 6 is undefined without MBEC: compare the rest
     assert v.qualification & ~Q_USER_EXECUTABLE == (
-        Q_FETCH | Q_READABLE | Q_GLA_VALID | Q_TRANSLATION | Q_USER_LINEAR | Q_WRITABLE_LINEAR)
+        Q_FETCH | Q_READABLE | Q_GLA_VALID | Q_TRANSLATION | Q_USER_LINEAR | Q_WRITABLE_LINEAR
+    )
 
 
 def test_mbec_bit_10_alone_makes_an_entry_present() -> None:
@@ -469,15 +508,24 @@ def test_mbec_bit_10_alone_makes_an_entry_present() -> None:
     set_leaf_exec(space, gpa, E_XU)
     assert_ok(space, walk(space, X, USR), gpa)  # execute-only is supported by default
     t = walk(space, R, USR)
-    assert_violation(t, gpa, Q_READ | Q_USER_EXECUTABLE | Q_GLA_VALID | Q_TRANSLATION
-                     | Q_USER_LINEAR | Q_WRITABLE_LINEAR)  # 0x7C1
+    assert_violation(
+        t,
+        gpa,
+        Q_READ
+        | Q_USER_EXECUTABLE
+        | Q_GLA_VALID
+        | Q_TRANSLATION
+        | Q_USER_LINEAR
+        | Q_WRITABLE_LINEAR,
+    )  # 0x7C1
     # without MBEC the same entry is not present: bits 5:3 cleared (bit 6 undefined)
     space2 = make(mbec=False)
     gpa2 = data_gpa(space2, user=True)
     set_leaf_exec(space2, gpa2, E_XU)
     v = violation(walk(space2, X, USR))
     assert v.qualification & ~Q_USER_EXECUTABLE == (
-        Q_FETCH | Q_GLA_VALID | Q_TRANSLATION | Q_USER_LINEAR | Q_WRITABLE_LINEAR)
+        Q_FETCH | Q_GLA_VALID | Q_TRANSLATION | Q_USER_LINEAR | Q_WRITABLE_LINEAR
+    )
 
 
 def test_mbec_user_execute_only_without_execute_only_support_is_misconfig() -> None:
@@ -589,8 +637,9 @@ def test_execute_only_with_support_is_allowed() -> None:
     space = make(features=CpuFeatures(ept_execute_only=True))
     gpa = data_gpa(space, ept_perms="--x")
     assert_ok(space, walk(space, X), gpa)
-    assert_violation(walk(space, R), gpa,
-                     Q_READ | Q_EXECUTABLE | Q_GLA_VALID | Q_TRANSLATION | Q_WRITABLE_LINEAR)
+    assert_violation(
+        walk(space, R), gpa, Q_READ | Q_EXECUTABLE | Q_GLA_VALID | Q_TRANSLATION | Q_WRITABLE_LINEAR
+    )
 
 
 @pytest.mark.parametrize("level", [3, 2])
@@ -624,8 +673,7 @@ def test_not_present_entry_with_reserved_values_is_a_violation() -> None:
     space = make()
     gpa = data_gpa(space)
     ept_set(space, gpa, 1, (7 << 3) | (1 << 51) | (1 << 7))
-    assert_violation(walk(space, R), gpa,
-                     Q_READ | Q_GLA_VALID | Q_TRANSLATION | Q_WRITABLE_LINEAR)
+    assert_violation(walk(space, R), gpa, Q_READ | Q_GLA_VALID | Q_TRANSLATION | Q_WRITABLE_LINEAR)
 
 
 # -- 4-level EPT translates 48-bit guest-physical addresses (§29.3.2) -------------------------
@@ -649,8 +697,7 @@ def test_gpa_beyond_48_bits_with_5_level_ept_is_walked() -> None:
     guest_edit(space, GVA, 1, set_=1 << 48)
     t = walk(space, R)
     # not mapped: the EPT PML5E for index 1 is not present
-    assert_violation(t, gpa | (1 << 48), Q_READ | Q_GLA_VALID | Q_TRANSLATION
-                     | Q_WRITABLE_LINEAR)
+    assert_violation(t, gpa | (1 << 48), Q_READ | Q_GLA_VALID | Q_TRANSLATION | Q_WRITABLE_LINEAR)
     assert t.references[-1].level == 5
 
 
@@ -740,7 +787,12 @@ def test_guest_entry_round_trip_and_bit_positions(case: tuple[GuestEntry, int]) 
     # SDM Vol. 3A Tables 4-15..4-20
     assert v & 1 == 1
     assert (v >> 1 & 1, v >> 2 & 1, v >> 3 & 1, v >> 4 & 1, v >> 5 & 1) == (
-        e.writable, e.user, e.pwt, e.pcd, e.accessed)
+        e.writable,
+        e.user,
+        e.pwt,
+        e.pcd,
+        e.accessed,
+    )
     assert v >> 63 == e.xd
     if e.level == 1:
         assert v >> 7 & 1 == e.pat  # bit 7 of a PTE is PAT
@@ -783,73 +835,119 @@ RESERVED_7 = cast(MemoryType, 7)
 
 ENCODER_ERRORS = [
     # (constructor, expected error class)
-    pytest.param(lambda: EptEntry(level=1, address=0, read=False, write=True),
-                 MisconfiguredEptEntry, id="ept-write-without-read"),
-    pytest.param(lambda: EptEntry(level=1, address=0, memory_type=RESERVED_2),
-                 MisconfiguredEptEntry, id="ept-memtype-2"),
-    pytest.param(lambda: EptEntry(level=2, address=0, page_size=True, memory_type=RESERVED_7),
-                 MisconfiguredEptEntry, id="ept-memtype-7-2m"),
-    pytest.param(lambda: EptEntry(level=4, address=0, page_size=True), EncodingError,
-                 id="ept-ps-in-pml4e"),
-    pytest.param(lambda: EptEntry(level=1, address=0, page_size=True), EncodingError,
-                 id="ept-ps-in-pte"),
+    pytest.param(
+        lambda: EptEntry(level=1, address=0, read=False, write=True),
+        MisconfiguredEptEntry,
+        id="ept-write-without-read",
+    ),
+    pytest.param(
+        lambda: EptEntry(level=1, address=0, memory_type=RESERVED_2),
+        MisconfiguredEptEntry,
+        id="ept-memtype-2",
+    ),
+    pytest.param(
+        lambda: EptEntry(level=2, address=0, page_size=True, memory_type=RESERVED_7),
+        MisconfiguredEptEntry,
+        id="ept-memtype-7-2m",
+    ),
+    pytest.param(
+        lambda: EptEntry(level=4, address=0, page_size=True), EncodingError, id="ept-ps-in-pml4e"
+    ),
+    pytest.param(
+        lambda: EptEntry(level=1, address=0, page_size=True), EncodingError, id="ept-ps-in-pte"
+    ),
     pytest.param(lambda: EptEntry(level=6, address=0), EncodingError, id="ept-level-6"),
-    pytest.param(lambda: EptEntry(level=2, address=0, dirty=True), EncodingError,
-                 id="ept-dirty-in-non-leaf"),
-    pytest.param(lambda: EptEntry(level=3, address=0, memory_type=MemoryType.UC),
-                 EncodingError, id="ept-memtype-in-non-leaf"),
-    pytest.param(lambda: EptEntry(level=2, address=0x1000, page_size=True), EncodingError,
-                 id="ept-2m-misaligned"),
-    pytest.param(lambda: EptEntry(level=1, address=0x123), EncodingError,
-                 id="ept-4k-misaligned"),
-    pytest.param(lambda: EptEntry(level=1, address=1 << 52), EncodingError,
-                 id="ept-address-too-wide"),
-    pytest.param(lambda: EptEntry(level=1, address=1 << 40).encode(40), EncodingError,
-                 id="ept-address-above-maxphyaddr"),
+    pytest.param(
+        lambda: EptEntry(level=2, address=0, dirty=True), EncodingError, id="ept-dirty-in-non-leaf"
+    ),
+    pytest.param(
+        lambda: EptEntry(level=3, address=0, memory_type=MemoryType.UC),
+        EncodingError,
+        id="ept-memtype-in-non-leaf",
+    ),
+    pytest.param(
+        lambda: EptEntry(level=2, address=0x1000, page_size=True),
+        EncodingError,
+        id="ept-2m-misaligned",
+    ),
+    pytest.param(lambda: EptEntry(level=1, address=0x123), EncodingError, id="ept-4k-misaligned"),
+    pytest.param(
+        lambda: EptEntry(level=1, address=1 << 52), EncodingError, id="ept-address-too-wide"
+    ),
+    pytest.param(
+        lambda: EptEntry(level=1, address=1 << 40).encode(40),
+        EncodingError,
+        id="ept-address-above-maxphyaddr",
+    ),
     pytest.param(lambda: EptEntry.decode(0b010, 1), MisconfiguredEptEntry, id="decode-w"),
     pytest.param(lambda: EptEntry.decode(0b110, 1), MisconfiguredEptEntry, id="decode-wx"),
-    pytest.param(lambda: EptEntry.decode(0b111 | 3 << 3, 1), MisconfiguredEptEntry,
-                 id="decode-memtype-3"),
-    pytest.param(lambda: EptEntry.decode(0b111 | E_PS, 4), MisconfiguredEptEntry,
-                 id="decode-ps-in-pml4e"),
-    pytest.param(lambda: EptEntry.decode(0b111 | 1 << 4, 2), MisconfiguredEptEntry,
-                 id="decode-bit4-non-leaf-pde"),
-    pytest.param(lambda: EptEntry.decode(0b111 | E_PS | 1 << 13, 2), MisconfiguredEptEntry,
-                 id="decode-2m-bit13"),
-    pytest.param(lambda: EptEntry.decode(0b111 | 1 << 46, 1, 46), MisconfiguredEptEntry,
-                 id="decode-above-maxphyaddr"),
-    pytest.param(lambda: GuestEntry(level=1, address=0, pkey=16), EncodingError,
-                 id="guest-pkey-16"),
-    pytest.param(lambda: GuestEntry(level=2, address=0, pkey=1), EncodingError,
-                 id="guest-pkey-non-leaf"),
-    pytest.param(lambda: GuestEntry(level=3, address=0, dirty=True), EncodingError,
-                 id="guest-dirty-non-leaf"),
-    pytest.param(lambda: GuestEntry(level=1, address=0, page_size=True), EncodingError,
-                 id="guest-ps-in-pte"),
-    pytest.param(lambda: GuestEntry(level=4, address=0, page_size=True), EncodingError,
-                 id="guest-ps-in-pml4e"),
-    pytest.param(lambda: GuestEntry(level=3, address=1 << 21, page_size=True), EncodingError,
-                 id="guest-1g-misaligned"),
-    pytest.param(lambda: GuestEntry(level=1, address=1 << 46).encode(46), EncodingError,
-                 id="guest-address-above-maxphyaddr"),
-    pytest.param(lambda: GuestEntry.decode(0x2, 1), EncodingError,
-                 id="guest-decode-not-present"),
+    pytest.param(
+        lambda: EptEntry.decode(0b111 | 3 << 3, 1), MisconfiguredEptEntry, id="decode-memtype-3"
+    ),
+    pytest.param(
+        lambda: EptEntry.decode(0b111 | E_PS, 4), MisconfiguredEptEntry, id="decode-ps-in-pml4e"
+    ),
+    pytest.param(
+        lambda: EptEntry.decode(0b111 | 1 << 4, 2),
+        MisconfiguredEptEntry,
+        id="decode-bit4-non-leaf-pde",
+    ),
+    pytest.param(
+        lambda: EptEntry.decode(0b111 | E_PS | 1 << 13, 2),
+        MisconfiguredEptEntry,
+        id="decode-2m-bit13",
+    ),
+    pytest.param(
+        lambda: EptEntry.decode(0b111 | 1 << 46, 1, 46),
+        MisconfiguredEptEntry,
+        id="decode-above-maxphyaddr",
+    ),
+    pytest.param(
+        lambda: GuestEntry(level=1, address=0, pkey=16), EncodingError, id="guest-pkey-16"
+    ),
+    pytest.param(
+        lambda: GuestEntry(level=2, address=0, pkey=1), EncodingError, id="guest-pkey-non-leaf"
+    ),
+    pytest.param(
+        lambda: GuestEntry(level=3, address=0, dirty=True), EncodingError, id="guest-dirty-non-leaf"
+    ),
+    pytest.param(
+        lambda: GuestEntry(level=1, address=0, page_size=True), EncodingError, id="guest-ps-in-pte"
+    ),
+    pytest.param(
+        lambda: GuestEntry(level=4, address=0, page_size=True),
+        EncodingError,
+        id="guest-ps-in-pml4e",
+    ),
+    pytest.param(
+        lambda: GuestEntry(level=3, address=1 << 21, page_size=True),
+        EncodingError,
+        id="guest-1g-misaligned",
+    ),
+    pytest.param(
+        lambda: GuestEntry(level=1, address=1 << 46).encode(46),
+        EncodingError,
+        id="guest-address-above-maxphyaddr",
+    ),
+    pytest.param(lambda: GuestEntry.decode(0x2, 1), EncodingError, id="guest-decode-not-present"),
     pytest.param(lambda: Eptp(root=0, levels=3), EncodingError, id="eptp-3-levels"),
-    pytest.param(lambda: Eptp(root=0, memory_type=MemoryType.WC), EncodingError,
-                 id="eptp-memtype-wc"),
+    pytest.param(
+        lambda: Eptp(root=0, memory_type=MemoryType.WC), EncodingError, id="eptp-memtype-wc"
+    ),
     pytest.param(lambda: Eptp(root=0x800), EncodingError, id="eptp-misaligned"),
-    pytest.param(lambda: Eptp.decode(6 | 3 << 3 | 1 << 8), EncodingError,
-                 id="eptp-reserved-bit-8"),
+    pytest.param(lambda: Eptp.decode(6 | 3 << 3 | 1 << 8), EncodingError, id="eptp-reserved-bit-8"),
     pytest.param(lambda: Eptp.decode(6 | 1 << 3), EncodingError, id="eptp-walk-length-2"),
     pytest.param(lambda: Eptp.decode(1 | 3 << 3), EncodingError, id="eptp-decode-wc"),
-    pytest.param(lambda: Eptp.decode(6 | 3 << 3 | 1 << 46, 46), EncodingError,
-                 id="eptp-above-maxphyaddr"),
+    pytest.param(
+        lambda: Eptp.decode(6 | 3 << 3 | 1 << 46, 46), EncodingError, id="eptp-above-maxphyaddr"
+    ),
 ]
 
 
 @pytest.mark.parametrize(("make_it", "error"), ENCODER_ERRORS)
-def test_invalid_combinations_raise_named_errors(make_it: Callable[[], object],
-                                                 error: type[Exception]) -> None:
+def test_invalid_combinations_raise_named_errors(
+    make_it: Callable[[], object], error: type[Exception]
+) -> None:
     with pytest.raises(error) as info:
         make_it()
     assert isinstance(info.value, EptlabError) and isinstance(info.value, ValueError)

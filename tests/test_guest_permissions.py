@@ -61,7 +61,11 @@ def make_space(
     cr4 = (CR4_SMEP if smep else 0) | (CR4_SMAP if smap else 0) | (CR4_PKE if pke else 0)
     efer = EFER_LME | EFER_LMA | (EFER_NXE if nxe else 0)
     return NestedSpace.create(
-        guest_levels=levels, ept_levels=EPT_LEVELS, cr0=cr0, cr4_extra=cr4, efer=efer,
+        guest_levels=levels,
+        ept_levels=EPT_LEVELS,
+        cr0=cr0,
+        cr4_extra=cr4,
+        efer=efer,
         features=features,
     )
 
@@ -108,8 +112,9 @@ def assert_page_fault(t: Translation, error: int, address: int = GVA) -> None:
     assert t.fault == GuestFault(PF_VECTOR, error, address)
 
 
-def assert_ok(space: NestedSpace, t: Translation, gpa: int, page: PageSize = PageSize.SIZE_4K
-              ) -> None:
+def assert_ok(
+    space: NestedSpace, t: Translation, gpa: int, page: PageSize = PageSize.SIZE_4K
+) -> None:
     assert t.fault is None and t.exit is None, (t.fault, t.exit)
     offset = GVA & (page - 1)
     assert t.gpa == gpa + offset
@@ -158,8 +163,9 @@ def test_not_present_entry_ignores_its_reserved_bits(level: int) -> None:
     assert_page_fault(translate(space, GVA, W, SUP), WR)
 
 
-@pytest.mark.parametrize(("nxe", "smep"), [(False, False), (True, False), (False, True),
-                                           (True, True)])
+@pytest.mark.parametrize(
+    ("nxe", "smep"), [(False, False), (True, False), (False, True), (True, True)]
+)
 def test_not_present_fetch_reports_id_only_with_nxe_or_smep(nxe: bool, smep: bool) -> None:
     space = make_space(nxe=nxe, smep=smep)
     expected = ID if (nxe or smep) else 0
@@ -182,15 +188,21 @@ class Rsvd:
 
 RSVD_CASES = [
     # bits 51:MAXPHYADDR are reserved in every entry (Tables 4-15..4-20)
-    *[pytest.param(Rsvd(4, PageSize.SIZE_4K, lvl, 1 << 51), id=f"bit51-L{lvl}")
-      for lvl in (4, 3, 2, 1)],
-    *[pytest.param(Rsvd(5, PageSize.SIZE_4K, lvl, 1 << 46), id=f"bit46-5level-L{lvl}")
-      for lvl in (5, 4, 3, 2, 1)],
+    *[
+        pytest.param(Rsvd(4, PageSize.SIZE_4K, lvl, 1 << 51), id=f"bit51-L{lvl}")
+        for lvl in (4, 3, 2, 1)
+    ],
+    *[
+        pytest.param(Rsvd(5, PageSize.SIZE_4K, lvl, 1 << 46), id=f"bit46-5level-L{lvl}")
+        for lvl in (5, 4, 3, 2, 1)
+    ],
     pytest.param(Rsvd(4, PageSize.SIZE_4K, 2, 1 << 40, maxphyaddr=40), id="bit40-maxphy40"),
     pytest.param(Rsvd(4, PageSize.SIZE_4K, 1, 1 << 45, maxphyaddr=40), id="bit45-maxphy40"),
     # XD (bit 63) is reserved when IA32_EFER.NXE = 0, in leaves and non-leaves alike
-    *[pytest.param(Rsvd(4, PageSize.SIZE_4K, lvl, PTE_XD, nxe=False), id=f"xd-nxe0-L{lvl}")
-      for lvl in (4, 3, 2, 1)],
+    *[
+        pytest.param(Rsvd(4, PageSize.SIZE_4K, lvl, PTE_XD, nxe=False), id=f"xd-nxe0-L{lvl}")
+        for lvl in (4, 3, 2, 1)
+    ],
     pytest.param(Rsvd(4, PageSize.SIZE_2M, 2, PTE_XD, nxe=False), id="xd-nxe0-2m-leaf"),
     # PS (bit 7) is reserved in a PML4E and in a PML5E
     pytest.param(Rsvd(4, PageSize.SIZE_4K, 4, PTE_PS), id="ps-in-pml4e"),
@@ -199,8 +211,10 @@ RSVD_CASES = [
     # bits 20:13 of a PDE that maps a 2 MiB page
     *[pytest.param(Rsvd(4, PageSize.SIZE_2M, 2, 1 << b), id=f"2m-bit{b}") for b in (13, 17, 20)],
     # bits 29:13 of a PDPTE that maps a 1 GiB page
-    *[pytest.param(Rsvd(4, PageSize.SIZE_1G, 3, 1 << b), id=f"1g-bit{b}")
-      for b in (13, 20, 21, 29)],
+    *[
+        pytest.param(Rsvd(4, PageSize.SIZE_1G, 3, 1 << b), id=f"1g-bit{b}")
+        for b in (13, 20, 21, 29)
+    ],
     pytest.param(Rsvd(5, PageSize.SIZE_1G, 3, 1 << 29), id="1g-bit29-5level"),
 ]
 
@@ -211,8 +225,7 @@ def test_reserved_bit_is_rsvd_fault(case: Rsvd, access: Access, mode: Mode) -> N
     """A reserved bit in a present entry: #PF with P = 1 and RSVD = 1 (SDM §4.7) plus the access
     bits, and the walk stops at that entry. The page is a supervisor page, so a user access
     would also break U/S: the reserved bit is found first, during the walk."""
-    space = make_space(case.levels, nxe=case.nxe,
-                       features=CpuFeatures(maxphyaddr=case.maxphyaddr))
+    space = make_space(case.levels, nxe=case.nxe, features=CpuFeatures(maxphyaddr=case.maxphyaddr))
     space.map(GVA, case.page)
     or_entry(space, GVA, case.level, set_=case.set_bits)
     t = translate(space, GVA, access, mode)
@@ -223,8 +236,13 @@ def test_reserved_bit_is_rsvd_fault(case: Rsvd, access: Access, mode: Mode) -> N
 
 @pytest.mark.parametrize(
     ("page", "bit"),
-    [(PageSize.SIZE_2M, 12), (PageSize.SIZE_1G, 12), (PageSize.SIZE_4K, 7),
-     (PageSize.SIZE_4K, 52), (PageSize.SIZE_4K, 58)],
+    [
+        (PageSize.SIZE_2M, 12),
+        (PageSize.SIZE_1G, 12),
+        (PageSize.SIZE_4K, 7),
+        (PageSize.SIZE_4K, 52),
+        (PageSize.SIZE_4K, 58),
+    ],
     ids=["2m-pat", "1g-pat", "4k-pat", "4k-bit52-ignored", "4k-bit58-ignored"],
 )
 def test_not_reserved_bits_do_not_fault(page: PageSize, bit: int) -> None:
@@ -317,34 +335,37 @@ PERM_CASES = {
     "smap-sup-fetch-user-ac0": Perm(X, SUP, None, user=True, smap=True),
     "smap-sup-read-sup-page-ac0": Perm(R, SUP, None, smap=True),
     "smap-user-read-user-ac0": Perm(R, USR, None, user=True, smap=True),
-    "smap-ac1-write-user-readonly-wp1": Perm(W, SUP, P | WR, user=True, writable=False,
-                                             smap=True, ac=True),
-    "smap-ac1-write-user-readonly-wp0": Perm(W, SUP, None, user=True, writable=False,
-                                             smap=True, ac=True, wp=False),
+    "smap-ac1-write-user-readonly-wp1": Perm(
+        W, SUP, P | WR, user=True, writable=False, smap=True, ac=True
+    ),
+    "smap-ac1-write-user-readonly-wp0": Perm(
+        W, SUP, None, user=True, writable=False, smap=True, ac=True, wp=False
+    ),
     # protection keys (CR4.PKE): data accesses to user-mode addresses, key from the leaf
     "pke0-ignores-pkru": Perm(R, USR, None, user=True, pkey=3, pkru=ad(3) | wd(3)),
     "pk-ad-user-read": Perm(R, USR, P | US | PK, user=True, pke=True, pkey=3, pkru=ad(3)),
-    "pk-ad-user-write": Perm(W, USR, P | WR | US | PK, user=True, pke=True, pkey=3,
-                             pkru=ad(3)),
+    "pk-ad-user-write": Perm(W, USR, P | WR | US | PK, user=True, pke=True, pkey=3, pkru=ad(3)),
     "pk-ad-sup-read": Perm(R, SUP, P | PK, user=True, pke=True, pkey=3, pkru=ad(3)),
-    "pk-ad-sup-read-smap-ac1": Perm(R, SUP, P | PK, user=True, pke=True, pkey=3, pkru=ad(3),
-                                    smap=True, ac=True),
+    "pk-ad-sup-read-smap-ac1": Perm(
+        R, SUP, P | PK, user=True, pke=True, pkey=3, pkru=ad(3), smap=True, ac=True
+    ),
     "pk-ad-user-fetch": Perm(X, USR, None, user=True, pke=True, pkey=3, pkru=ad(3)),
     "pk-ad-sup-fetch": Perm(X, SUP, None, user=True, pke=True, pkey=3, pkru=ad(3)),
     "pk-wd-user-read": Perm(R, USR, None, user=True, pke=True, pkey=5, pkru=wd(5)),
-    "pk-wd-user-write-wp1": Perm(W, USR, P | WR | US | PK, user=True, pke=True, pkey=5,
-                                 pkru=wd(5)),
-    "pk-wd-user-write-wp0": Perm(W, USR, P | WR | US | PK, user=True, pke=True, pkey=5,
-                                 pkru=wd(5), wp=False),
+    "pk-wd-user-write-wp1": Perm(W, USR, P | WR | US | PK, user=True, pke=True, pkey=5, pkru=wd(5)),
+    "pk-wd-user-write-wp0": Perm(
+        W, USR, P | WR | US | PK, user=True, pke=True, pkey=5, pkru=wd(5), wp=False
+    ),
     "pk-wd-sup-write-wp1": Perm(W, SUP, P | WR | PK, user=True, pke=True, pkey=5, pkru=wd(5)),
-    "pk-wd-sup-write-wp0": Perm(W, SUP, None, user=True, pke=True, pkey=5, pkru=wd(5),
-                                wp=False),
-    "pk-wd-user-write-readonly": Perm(W, USR, P | WR | US | PK, user=True, writable=False,
-                                      pke=True, pkey=5, pkru=wd(5)),
+    "pk-wd-sup-write-wp0": Perm(W, SUP, None, user=True, pke=True, pkey=5, pkru=wd(5), wp=False),
+    "pk-wd-user-write-readonly": Perm(
+        W, USR, P | WR | US | PK, user=True, writable=False, pke=True, pkey=5, pkru=wd(5)
+    ),
     "pk-ad-supervisor-page": Perm(R, SUP, None, pke=True, pkey=3, pkru=ad(3)),
     "pk-wd-supervisor-page-write": Perm(W, SUP, None, pke=True, pkey=3, pkru=wd(3)),
-    "pk-other-key": Perm(W, USR, None, user=True, pke=True, pkey=3,
-                         pkru=ad(2) | wd(2) | ad(4) | wd(4)),
+    "pk-other-key": Perm(
+        W, USR, None, user=True, pke=True, pkey=3, pkru=ad(2) | wd(2) | ad(4) | wd(4)
+    ),
     "pk-key15": Perm(R, USR, P | US | PK, user=True, pke=True, pkey=15, pkru=ad(15)),
     "pk-key0": Perm(W, USR, P | WR | US | PK, user=True, pke=True, pkey=0, pkru=wd(0)),
 }
@@ -353,8 +374,9 @@ PERM_CASES = {
 @pytest.mark.parametrize("case", list(PERM_CASES.values()), ids=list(PERM_CASES))
 @pytest.mark.parametrize("levels", [4, 5])
 def test_access_rights(case: Perm, levels: int) -> None:
-    space = make_space(levels, wp=case.wp, nxe=case.nxe, smep=case.smep, smap=case.smap,
-                       pke=case.pke)
+    space = make_space(
+        levels, wp=case.wp, nxe=case.nxe, smep=case.smep, smap=case.smap, pke=case.pke
+    )
     space.guest.pkru = case.pkru
     if case.ac:
         space.guest.rflags |= RFLAGS_AC
@@ -365,9 +387,7 @@ def test_access_rights(case: Perm, levels: int) -> None:
     else:
         assert_page_fault(t, case.expect)
         # a protection fault happens after a complete walk: every guest level was read
-        assert [r.level for r in t.references if r.dim == Dim.GUEST] == list(
-            range(levels, 0, -1)
-        )
+        assert [r.level for r in t.references if r.dim == Dim.GUEST] == list(range(levels, 0, -1))
 
 
 @pytest.mark.parametrize("level", [4, 3, 2])
@@ -388,8 +408,13 @@ def test_rights_combine_over_all_levels(
     every entry; one XD = 1 anywhere forbids fetches. A non-leaf entry is enough to deny."""
     space = make_space()
     space.map(GVA, user=True, writable=True)
-    bit = {"U/S=0": PTE_US, "R/W=0": PTE_RW, "R/W=0 sup wp1": PTE_RW, "XD=1": PTE_XD,
-           "XD=1 sup": PTE_XD}[field]
+    bit = {
+        "U/S=0": PTE_US,
+        "R/W=0": PTE_RW,
+        "R/W=0 sup wp1": PTE_RW,
+        "XD=1": PTE_XD,
+        "XD=1 sup": PTE_XD,
+    }[field]
     if set_:
         or_entry(space, GVA, level, set_=bit)
     else:
@@ -427,8 +452,14 @@ def test_fault_address_is_the_full_linear_address() -> None:
 
 # -- non-canonical addresses -----------------------------------------------------------------
 
-NON_CANONICAL_4 = [1 << 47, 0x0000_8000_0000_1234, 0xFFFF_7FFF_FFFF_F000, 1 << 63,
-                   0x0001_0000_0000_0000, 0x00FF_FFFF_FFFF_FFFF]
+NON_CANONICAL_4 = [
+    1 << 47,
+    0x0000_8000_0000_1234,
+    0xFFFF_7FFF_FFFF_F000,
+    1 << 63,
+    0x0001_0000_0000_0000,
+    0x00FF_FFFF_FFFF_FFFF,
+]
 NON_CANONICAL_5 = [1 << 56, 0xFEFF_FFFF_FFFF_F000, 1 << 63, 0x7FFF_FFFF_FFFF_FFFF]
 
 
@@ -449,8 +480,13 @@ def test_non_canonical_address_is_gp_without_references(
 
 @pytest.mark.parametrize(
     ("levels", "gva"),
-    [(5, 1 << 47), (5, 0x00FF_FFFF_FFFF_F000), (5, 0xFF00_0000_0000_0000),
-     (4, 0xFFFF_8000_0000_0000), (4, 0x0000_7FFF_FFFF_F000)],
+    [
+        (5, 1 << 47),
+        (5, 0x00FF_FFFF_FFFF_F000),
+        (5, 0xFF00_0000_0000_0000),
+        (4, 0xFFFF_8000_0000_0000),
+        (4, 0x0000_7FFF_FFFF_F000),
+    ],
 )
 def test_canonical_addresses_translate(levels: int, gva: int) -> None:
     """Controls: canonical in 57 bits with LA57 (though not in 48), and both 48-bit edges."""

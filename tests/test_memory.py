@@ -82,7 +82,7 @@ def test_allocator_blocks_never_overlap(sizes: list[PageSize], seed: int) -> Non
         got = [(alloc.alloc(s), s) for s in sizes]
         spans = sorted((a, a + s) for a, s in got)
         assert all(a % s == 0 for a, s in got)
-        assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+        assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))
         assert alloc.used_bytes == sum(sizes)
 
 

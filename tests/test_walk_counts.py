@@ -22,9 +22,7 @@ def expected_count(n: int, m: int, guest_page: PageSize, ept_page: PageSize) -> 
     return guest_entries * (m + 1) + (m - (ept_page.level - 1))
 
 
-@pytest.mark.parametrize(
-    ("n", "m", "gp", "ep"), list(product((4, 5), (4, 5), PageSize, PageSize))
-)
+@pytest.mark.parametrize(("n", "m", "gp", "ep"), list(product((4, 5), (4, 5), PageSize, PageSize)))
 def test_reference_count(n: int, m: int, gp: PageSize, ep: PageSize) -> None:
     space = NestedSpace.create(guest_levels=n, ept_levels=m)
     space.map(GVA, gp, ep)

@@ -94,8 +94,9 @@ class Model:
         return 12 + 9 * self.n
 
     @staticmethod
-    def _descend(top: int, address: int,
-                 items: Sequence[tuple[int, int, Item]]) -> tuple[int, Item | None]:
+    def _descend(
+        top: int, address: int, items: Sequence[tuple[int, int, Item]]
+    ) -> tuple[int, Item | None]:
         """Walk a radix tree that holds exactly ``items`` ((start, size, item) intervals): the
         level where the walk stops and the item mapped there (None: that entry is not present).
         An entry is present iff some interval lies under it, and maps a page iff an interval
@@ -125,8 +126,11 @@ class Model:
         top = gva >> (self.width - 1)
         if top not in (0, (1 << (65 - self.width)) - 1):
             return {"kind": "gp", "count": 0}
-        error = (WR if access == W else 0) | (US if mode == USR else 0) | (
-            ID if access == X and (self.nxe or self.smep) else 0)
+        error = (
+            (WR if access == W else 0)
+            | (US if mode == USR else 0)
+            | (ID if access == X and (self.nxe or self.smep) else 0)
+        )
         linear = gva & ((1 << self.width) - 1)
         level, page = self._descend(self.n, linear, [(p.linear, p.size, p) for p in self.pages])
         guest_refs = (self.n - level + 1) * (self.m + 1)  # table pages: 4 KiB EPT pages
@@ -139,22 +143,40 @@ class Model:
         gpa = page.gpa + (linear - page.linear)
         elevel, piece = self._descend(self.m, gpa, [(e.gpa, e.size, e) for e in self.pieces])
         count = guest_refs + self.m - elevel + 1
-        qual_base = Q_ACCESS[access] | Q_GLA | Q_FINAL | (Q_USER if page.user else 0) | (
-            Q_WRITABLE if page.writable else 0) | (Q_XD if page.xd and self.nxe else 0)
+        qual_base = (
+            Q_ACCESS[access]
+            | Q_GLA
+            | Q_FINAL
+            | (Q_USER if page.user else 0)
+            | (Q_WRITABLE if page.writable else 0)
+            | (Q_XD if page.xd and self.nxe else 0)
+        )
         if piece is None or piece.perms == "---":
             return {"kind": "ept", "gpa": gpa, "qual": qual_base, "count": count}
         if "rwx"[access] not in piece.perms:
             rights = sum(Q_RIGHTS[c] for c in piece.perms if c != "-")
             return {"kind": "ept", "gpa": gpa, "qual": qual_base | rights, "count": count}
         assert piece.hpa is not None
-        return {"kind": "ok", "gpa": gpa, "hpa": piece.hpa + (gpa - piece.gpa), "count": count,
-                "guest_page": page.size, "ept_page": piece.size}
+        return {
+            "kind": "ok",
+            "gpa": gpa,
+            "hpa": piece.hpa + (gpa - piece.gpa),
+            "count": count,
+            "guest_page": page.size,
+            "ept_page": piece.size,
+        }
 
 
 def observe(t: Translation) -> dict[str, object]:
     if t.ok:
-        return {"kind": "ok", "gpa": t.gpa, "hpa": t.hpa, "count": t.count,
-                "guest_page": t.guest_page, "ept_page": t.ept_page}
+        return {
+            "kind": "ok",
+            "gpa": t.gpa,
+            "hpa": t.hpa,
+            "count": t.count,
+            "guest_page": t.guest_page,
+            "ept_page": t.ept_page,
+        }
     if isinstance(t.fault, GuestFault):
         if t.fault.vector == 13:
             assert t.fault.error_code == 0 and t.fault.address == t.gva
@@ -174,7 +196,8 @@ def page_specs(draw: st.DrawFn, n: int) -> dict[str, object]:
     guest_size = draw(st.sampled_from(SIZES))
     ept_size = draw(st.sampled_from(SIZES))
     indices = [draw(st.sampled_from(TOP_INDEX))] + [
-        draw(st.sampled_from(LOW_INDEX)) for _ in range(n - 1)]
+        draw(st.sampled_from(LOW_INDEX)) for _ in range(n - 1)
+    ]
     linear = 0
     for level, index in zip(range(n, 0, -1), indices, strict=True):
         if level >= PageSize(guest_size).level:
@@ -187,10 +210,14 @@ def page_specs(draw: st.DrawFn, n: int) -> dict[str, object]:
         pieces = guest_size // ept_size
         backed = draw(st.lists(st.integers(0, pieces - 1), min_size=1, max_size=2, unique=True))
     return {
-        "linear": linear, "guest_size": guest_size, "ept_size": ept_size, "slot": slot,
+        "linear": linear,
+        "guest_size": guest_size,
+        "ept_size": ept_size,
+        "slot": slot,
         "backed": backed,
         "perms": [draw(st.sampled_from(["rwx"] * 4 + EPT_PERMS)) for _ in backed],
-        "writable": draw(st.booleans()), "user": draw(st.booleans()),
+        "writable": draw(st.booleans()),
+        "user": draw(st.booleans()),
         "xd": draw(st.booleans()),
     }
 
@@ -231,8 +258,9 @@ def build(sc: dict[str, Any]) -> tuple[NestedSpace, Model]:
     cr0 = CR0_PE | CR0_PG | (CR0_WP if sc["wp"] else 0)
     cr4 = (CR4_SMEP if sc["smep"] else 0) | (CR4_SMAP if sc["smap"] else 0)
     efer = EFER_LME | EFER_LMA | (EFER_NXE if sc["nxe"] else 0)
-    space = NestedSpace.create(guest_levels=n, ept_levels=m, ept_ad=sc["ept_ad"], cr0=cr0,
-                               cr4_extra=cr4, efer=efer)
+    space = NestedSpace.create(
+        guest_levels=n, ept_levels=m, ept_ad=sc["ept_ad"], cr0=cr0, cr4_extra=cr4, efer=efer
+    )
     if sc["ac"]:
         space.guest.rflags |= RFLAGS_AC
     model = Model(n, m, sc["nxe"], sc["wp"], sc["smep"], sc["smap"], sc["ac"])
@@ -244,10 +272,17 @@ def build(sc: dict[str, Any]) -> tuple[NestedSpace, Model]:
             continue  # overlaps a page mapped before: not part of this space
         block = space.guest_frames.alloc(PageSize(max(gsize, esize)))
         gpa = block + spec["slot"] * gsize
-        space.tables.map(canonical(linear, width), gpa, PageSize(gsize),
-                         writable=spec["writable"], user=spec["user"], xd=spec["xd"])
-        model.pages.append(GuestPage(linear, gsize, gpa, spec["writable"], spec["user"],
-                                     spec["xd"]))
+        space.tables.map(
+            canonical(linear, width),
+            gpa,
+            PageSize(gsize),
+            writable=spec["writable"],
+            user=spec["user"],
+            xd=spec["xd"],
+        )
+        model.pages.append(
+            GuestPage(linear, gsize, gpa, spec["writable"], spec["user"], spec["xd"])
+        )
         for index, perms in zip(spec["backed"], spec["perms"], strict=True):
             piece = block + index * esize
             hpa = space.map_ept(piece, PageSize(esize), perms)
@@ -264,8 +299,11 @@ def query_address(model: Model, q: Query, rng_pages: list[GuestPage]) -> int:
         page = rng_pages[which % len(rng_pages)]
         offset = bits % page.size
         if kind == "backed":
-            inside = [e for e in model.pieces if e.hpa is not None
-                      and e.gpa < page.gpa + page.size and page.gpa < e.gpa + e.size]
+            inside = [
+                e
+                for e in model.pieces
+                if e.hpa is not None and e.gpa < page.gpa + page.size and page.gpa < e.gpa + e.size
+            ]
             if inside:
                 e = inside[bits % len(inside)]
                 lo, hi = max(e.gpa, page.gpa), min(e.gpa + e.size, page.gpa + page.size)
@@ -293,8 +331,10 @@ def test_walker_agrees_with_the_dictionary_model(sc: dict[str, Any]) -> None:
         t = walker.translate(gva, access, mode)
         got = observe(t)
         assert got == expected, (hex(gva), access, mode)
-        event(f"outcome {got['kind']}" + (f" {got.get('guest_page')}/{got.get('ept_page')}"
-                                          if got["kind"] == "ok" else ""))
+        event(
+            f"outcome {got['kind']}"
+            + (f" {got.get('guest_page')}/{got.get('ept_page')}" if got["kind"] == "ok" else "")
+        )
         # A/D flags are sticky: asking again gives the same answer and the same references
         again = walker.translate(gva, access, mode)
         assert observe(again) == got

@@ -26,7 +26,7 @@ from .arch.access import Access
 from .arch.bits import PageSize
 from .errors import ConfigError
 from .mmu.config import MmuConfig
-from .mmu.engine import Accesses, Engine
+from .mmu.engine import Accesses, Engine, InveptType
 from .mmu.scenario import NestedSpace
 from .traces import read_lackey
 
@@ -92,8 +92,9 @@ def _space(length: int, guest_page: PageSize, ept_page: PageSize) -> NestedSpace
     return space
 
 
-def _walker_rate(space: NestedSpace, gva: npt.NDArray[np.int64], kind: npt.NDArray[np.int8],
-                 sample: int) -> float:
+def _walker_rate(
+    space: NestedSpace, gva: npt.NDArray[np.int64], kind: npt.NDArray[np.int8], sample: int
+) -> float:
     walker = space.walker()
     n = min(sample, len(gva))
     start = time.perf_counter()
@@ -125,7 +126,7 @@ def run(
     engine.add_vcpu(space.guest, space.vmcs)
     warm_gva, warm_kind = next(synthetic_stream(workload, 1000, 1000, seed + 1))
     _must_finish(engine.run(Accesses.build(warm_gva, warm_kind)))  # compile or load the kernels
-    engine.reset_stats()
+    _cold(engine)
 
     elapsed, first = 0.0, None
     for gva, kind in synthetic_stream(workload, accesses, chunk, seed):
@@ -136,8 +137,16 @@ def run(
         _must_finish(engine.run(batch))
         elapsed += time.perf_counter() - start
     assert first is not None
-    return _result(workload, engine, elapsed, _walker_rate(space, *first, walker_sample),
-                   walker_sample)
+    return _result(
+        workload, engine, elapsed, _walker_rate(space, *first, walker_sample), walker_sample
+    )
+
+
+def _cold(engine: Engine) -> None:
+    """Forget what the warm-up cached, so the measured run starts cold."""
+    engine.invept(InveptType.ALL_CONTEXT)
+    engine.flush_caches()
+    engine.reset_stats()
 
 
 def _must_finish(result: object) -> None:
@@ -145,12 +154,14 @@ def _must_finish(result: object) -> None:
 
     assert isinstance(result, RunResult)
     if not result.done:
-        raise RuntimeError(f"benchmark stream stopped at {result.stopped_at}: "
-                           f"{result.exit or result.fault}")
+        raise RuntimeError(
+            f"benchmark stream stopped at {result.stopped_at}: {result.exit or result.fault}"
+        )
 
 
-def _result(workload: str, engine: Engine, elapsed: float, walker_rate: float,
-            sample: int) -> BenchResult:
+def _result(
+    workload: str, engine: Engine, elapsed: float, walker_rate: float, sample: int
+) -> BenchResult:
     stats = engine.stats()
     rate = stats.accesses / elapsed if elapsed else 0.0
     return BenchResult(
@@ -167,8 +178,9 @@ def _result(workload: str, engine: Engine, elapsed: float, walker_rate: float,
     )
 
 
-def _run_trace(path: Path, accesses: int, chunk: int, sample: int,
-               config: MmuConfig | None) -> BenchResult:
+def _run_trace(
+    path: Path, accesses: int, chunk: int, sample: int, config: MmuConfig | None
+) -> BenchResult:
     """Map every page the trace touches (4 KiB guest pages), then run it."""
     space = NestedSpace.create(host_memory=1 << 46, guest_memory=1 << 46)
     engine = Engine(space.memory, config or MmuConfig(), space.features)
@@ -186,7 +198,7 @@ def _run_trace(path: Path, accesses: int, chunk: int, sample: int,
         if first is None:
             first = (gva, kind)
             _must_finish(engine.run(Accesses.build(gva[:100], kind[:100])))
-            engine.reset_stats()
+            _cold(engine)
         start = time.perf_counter()
         _must_finish(engine.run(Accesses.build(gva, kind)))
         elapsed += time.perf_counter() - start

@@ -62,6 +62,7 @@ class TraceFormatError(EptlabError, ValueError):
     """A malformed trace: names the file and the line (text formats) or byte offset (binary)."""
 
     def __init__(self, path: object, where: int, message: str, *, unit: str = "line") -> None:
-        super().__init__(f"{path}:{where}: {message}" if unit == "line"
-                         else f"{path}: byte {where}: {message}")
+        super().__init__(
+            f"{path}:{where}: {message}" if unit == "line" else f"{path}: byte {where}: {message}"
+        )
         self.path, self.where, self.unit = path, where, unit

@@ -88,7 +88,10 @@ def ept_misconfiguration(
         return "execute-only-unsupported"
     if value & ept_reserved_mask(value, level, maxphyaddr):
         return "reserved-bit"
-    if ept_is_leaf(value, level) and (value & MEMTYPE_MASK) >> MEMTYPE_SHIFT in RESERVED_MEMORY_TYPES:
+    if (
+        ept_is_leaf(value, level)
+        and (value & MEMTYPE_MASK) >> MEMTYPE_SHIFT in RESERVED_MEMORY_TYPES
+    ):
         return "reserved-memory-type"
     return None
 
@@ -130,10 +133,7 @@ class EptEntry:
             raise EncodingError(name, "page_size", "bit 7 maps a page only at levels 2 and 3")
         leaf = self.leaf
         if not leaf and (
-            self.memory_type != MemoryType.WB
-            or self.ignore_pat
-            or self.dirty
-            or self.suppress_ve
+            self.memory_type != MemoryType.WB or self.ignore_pat or self.dirty or self.suppress_ve
         ):
             raise EncodingError(
                 name, "memory_type/ignore_pat/dirty/suppress_ve", "only a leaf entry has them"
@@ -178,9 +178,7 @@ class EptEntry:
         return value
 
     @classmethod
-    def decode(
-        cls, value: int, level: int, maxphyaddr: int = 52, mbec: bool = False
-    ) -> EptEntry:
+    def decode(cls, value: int, level: int, maxphyaddr: int = 52, mbec: bool = False) -> EptEntry:
         """Decode a present, well-formed entry; a misconfigured value raises
         :class:`MisconfiguredEptEntry` naming the rule it breaks."""
         if not ept_is_present(value, mbec):

@@ -44,7 +44,7 @@ class Efer(IntFlag):
 
 
 RFLAGS_AC = bit(18)
-"""EFLAGS.AC: with CR4.SMAP, explicit supervisor data accesses to user pages are allowed iff AC=1."""
+"""EFLAGS.AC: with CR4.SMAP, explicit supervisor data accesses to user pages need AC=1."""
 
 CR3_ADDRESS_MASK = bits(51, 12)
 """CR3 bits M-1:12 hold the physical address of the top paging structure (SDM Table 4-12)."""
@@ -218,9 +218,7 @@ class GuestEntry:
         return value | (self.pkey << PKEY_SHIFT)
 
     @classmethod
-    def decode(
-        cls, value: int, level: int, maxphyaddr: int = 52, nxe: bool = True
-    ) -> GuestEntry:
+    def decode(cls, value: int, level: int, maxphyaddr: int = 52, nxe: bool = True) -> GuestEntry:
         """Decode a present entry; raises :class:`ReservedBitsError` if reserved bits are set."""
         if not value & Pte.P:
             raise EncodingError("GuestEntry", "present", f"{value:#018x} is not present")

@@ -38,8 +38,13 @@ print(time.perf_counter() - t0)
 def startup_seconds() -> float:
     """Seconds a fresh Python process needs to import eptlab and perform its first access
     (kernels already compiled and cached: run this after a warm-up)."""
-    out = subprocess.run([sys.executable, "-c", STARTUP_PROBE], capture_output=True, text=True,
-                         check=True, env=dict(os.environ))
+    out = subprocess.run(
+        [sys.executable, "-c", STARTUP_PROBE],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ),
+    )
     return round(float(out.stdout.strip().splitlines()[-1]), 3)
 
 
@@ -49,20 +54,23 @@ def bench(
         str, typer.Option(help="Comma-separated: seq64, seq4k, random, zipf.")
     ] = "seq64,seq4k,random,zipf",
     trace: Annotated[
-        Path | None, typer.Option(help="Also run this valgrind lackey trace.", exists=True,
-                                  dir_okay=False)
+        Path | None,
+        typer.Option(help="Also run this valgrind lackey trace.", exists=True, dir_okay=False),
     ] = None,
     guest_page: Annotated[str, typer.Option(help="Guest page size: 4k, 2m or 1g.")] = "4k",
     ept_page: Annotated[str, typer.Option(help="EPT page size: 4k, 2m or 1g.")] = "4k",
-    walker_sample: Annotated[int, typer.Option(help="Accesses timed on the walker.", min=10)] = 3000,
+    walker_sample: Annotated[
+        int, typer.Option(help="Accesses timed on the walker.", min=10)
+    ] = 3000,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> int:
     """Measure engine throughput against the reference walker on the same streams."""
     names = [w.strip() for w in workloads.split(",") if w.strip()]
     for name in names:
         if name not in bench_lib.WORKLOADS:
-            raise typer.BadParameter(f"{name!r} is not one of {', '.join(bench_lib.WORKLOADS)}",
-                                     param_hint="--workloads")
+            raise typer.BadParameter(
+                f"{name!r} is not one of {', '.join(bench_lib.WORKLOADS)}", param_hint="--workloads"
+            )
     try:
         gp, ep = PageSize.parse(guest_page), PageSize.parse(ept_page)
     except ValueError as exc:
@@ -72,12 +80,16 @@ def bench(
     with console.status("benchmarking") as status:
         for name in names:
             status.update(f"{name}: {accesses:,} accesses")
-            results.append(bench_lib.run(name, accesses, walker_sample=walker_sample,
-                                         guest_page=gp, ept_page=ep))
+            results.append(
+                bench_lib.run(
+                    name, accesses, walker_sample=walker_sample, guest_page=gp, ept_page=ep
+                )
+            )
         if trace is not None:
             status.update(f"trace {trace}")
-            results.append(bench_lib.run("trace", accesses, trace=trace,
-                                         walker_sample=walker_sample))
+            results.append(
+                bench_lib.run("trace", accesses, trace=trace, walker_sample=walker_sample)
+            )
         status.update("startup time of a second process")
         startup = startup_seconds()
     report = {
@@ -85,22 +97,41 @@ def bench(
         "startup_seconds": startup,
         "guest_page": gp.label,
         "ept_page": ep.label,
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                    "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if as_json:
         typer.echo(json.dumps(report))
         return 0
-    table = Table(title=f"Engine vs reference walker ({gp.label} guest pages, {ep.label} EPT pages)")
-    for col in ("workload", "accesses", "engine acc/s", "walker acc/s", "ratio", "walks/acc",
-                "cycles/acc", "peak RSS MiB"):
+    table = Table(
+        title=f"Engine vs reference walker ({gp.label} guest pages, {ep.label} EPT pages)"
+    )
+    for col in (
+        "workload",
+        "accesses",
+        "engine acc/s",
+        "walker acc/s",
+        "ratio",
+        "walks/acc",
+        "cycles/acc",
+        "peak RSS MiB",
+    ):
         table.add_column(col, justify="left" if col == "workload" else "right")
     for r in results:
-        table.add_row(r.workload, f"{r.accesses:,}", f"{r.accesses_per_s:,.0f}",
-                      f"{r.walker_accesses_per_s:,.0f}", f"{r.ratio:,.0f}x",
-                      f"{r.walks_per_access:.3f}", f"{r.cycles_per_access:.0f}",
-                      f"{r.peak_rss_mib:,.0f}")
+        table.add_row(
+            r.workload,
+            f"{r.accesses:,}",
+            f"{r.accesses_per_s:,.0f}",
+            f"{r.walker_accesses_per_s:,.0f}",
+            f"{r.ratio:,.0f}x",
+            f"{r.walks_per_access:.3f}",
+            f"{r.cycles_per_access:.0f}",
+            f"{r.peak_rss_mib:,.0f}",
+        )
     out = Console()
     out.print(table)
     out.print(f"second-process start to first access: {startup:.2f} s")

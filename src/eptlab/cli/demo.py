@@ -39,8 +39,15 @@ def demo(
     rows = []
     for gl, el, gp, ep in product((4, 5), (4, 5), PageSize, PageSize):
         t = run_walk(guest_levels=gl, ept_levels=el, guest_page=gp, ept_page=ep)
-        rows.append({"guest_levels": gl, "ept_levels": el, "guest_page": gp.label,
-                     "ept_page": ep.label, "references": t.count})
+        rows.append(
+            {
+                "guest_levels": gl,
+                "ept_levels": el,
+                "guest_page": gp.label,
+                "ept_page": ep.label,
+                "references": t.count,
+            }
+        )
     table = Table(title="Cold 2D walk: memory references (n guest x m EPT levels)")
     for col in ("guest levels", "EPT levels", "guest page", "EPT page", "references"):
         table.add_column(col)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -19,18 +19,18 @@ from ..mmu.scenario import NestedSpace
 from ..mmu.walker import DATA, Translation
 
 
-class Levels(str, Enum):
+class Levels(StrEnum):
     four = "4"
     five = "5"
 
 
-class Size(str, Enum):
+class Size(StrEnum):
     k4 = "4k"
     m2 = "2m"
     g1 = "1g"
 
 
-class AccessKind(str, Enum):
+class AccessKind(StrEnum):
     read = "read"
     write = "write"
     fetch = "fetch"
@@ -78,7 +78,9 @@ def run_walk(
 
 
 def walk(
-    guest_levels: Annotated[Levels, typer.Option(help="Guest paging levels (5 = LA57).")] = Levels.four,
+    guest_levels: Annotated[
+        Levels, typer.Option(help="Guest paging levels (5 = LA57).")
+    ] = Levels.four,
     ept_levels: Annotated[Levels, typer.Option(help="EPT page-walk length.")] = Levels.four,
     guest_page: Annotated[Size, typer.Option(help="Guest page size of the mapping.")] = Size.k4,
     ept_page: Annotated[Size, typer.Option(help="EPT page size backing the data page.")] = Size.k4,
@@ -89,7 +91,9 @@ def walk(
     table_perms: Annotated[
         str, typer.Option(callback=_perms, help="EPT permissions of the guest page-table pages.")
     ] = "rwx",
-    ept_ad: Annotated[bool, typer.Option("--ept-ad", help="Enable EPT accessed/dirty flags.")] = False,
+    ept_ad: Annotated[
+        bool, typer.Option("--ept-ad", help="Enable EPT accessed/dirty flags.")
+    ] = False,
     user: Annotated[bool, typer.Option("--user", help="User-mode access to a user page.")] = False,
     gva: Annotated[str, typer.Option(help="Guest-linear address to walk.")] = hex(DEFAULT_GVA),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -123,7 +127,11 @@ def render(t: Translation, console: Console) -> None:
         name = ("EPT " if ref.dim.value == "ept" else "") + LEVEL_NAMES[ref.level]
         target = "data" if ref.for_level == DATA else f"guest {LEVEL_NAMES[ref.for_level]}"
         table.add_row(
-            str(i), name, target, f"GPA {ref.gpa:#x}", f"{ref.address:#x}",
+            str(i),
+            name,
+            target,
+            f"GPA {ref.gpa:#x}",
+            f"{ref.address:#x}",
             f"{ref.value:#018x}",
         )
     console.print(table)

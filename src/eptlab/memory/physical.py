@@ -63,7 +63,7 @@ class PhysicalMemory:
             row = self._new_row()
             self._hash_insert(pfn, row)  # first: a rehash re-inserts what the dict holds
             self._row_of[pfn] = row
-        return self._rows[row]
+        return self._rows[row]  # type: ignore[no-any-return]
 
     def peek_frame(self, pfn: int) -> Frame | None:
         """The words of frame ``pfn`` if it is backed, else None (no storage is created)."""
@@ -173,7 +173,11 @@ class PhysicalMemory:
             pfn, offset = address >> PAGE_SHIFT, address & (PAGE_SIZE - 1)
             chunk = min(length, PAGE_SIZE - offset)
             frame = self.peek_frame(pfn)
-            out += bytes(chunk) if frame is None else frame.view(np.uint8)[offset : offset + chunk].tobytes()
+            out += (
+                bytes(chunk)
+                if frame is None
+                else frame.view(np.uint8)[offset : offset + chunk].tobytes()
+            )
             address, length = address + chunk, length - chunk
         return bytes(out)
 

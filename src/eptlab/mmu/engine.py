@@ -9,8 +9,10 @@ state, with SDM semantics: nothing cached is dropped unless an invalidation says
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -29,12 +31,13 @@ from .config import MmuConfig
 from .context import CpuFeatures, GuestState, Vmcs
 from .kernels import assoc as planes
 from .kernels import layout as L
-from .kernels.run import run_chunk as _run_chunk
+from .kernels import run as _run
 from .kernels.walk import NSCRATCH
 from .stats import VcpuStats
 from .walker import DATA, Dim, Reference
 
 I64 = npt.NDArray[np.int64]
+_run_chunk = cast(Callable[..., int], _run.run_chunk)  # a numba dispatcher
 U64_MASK = (1 << 64) - 1
 
 
@@ -131,14 +134,27 @@ class Engine:
         self._ectx: dict[int, int] = {}
         self._clock = np.zeros(1, np.int64)
         self._feat = np.array(
-            [self.features.maxphyaddr, int(self.features.ept_execute_only),
-             int(self.features.advanced_ept_exit_info)], np.int64,
+            [
+                self.features.maxphyaddr,
+                int(self.features.ept_execute_only),
+                int(self.features.advanced_ept_exit_info),
+            ],
+            np.int64,
         )
         c = self.config.cost
         cache = self.config.cache
         self._cost = np.array(
-            [c.l1_tlb_hit, c.stlb_hit, c.psc_lookup, c.walk_start,
-             cache.l1.latency, cache.l2.latency, cache.llc.latency, cache.dram_latency], np.int64,
+            [
+                c.l1_tlb_hit,
+                c.stlb_hit,
+                c.psc_lookup,
+                c.walk_start,
+                cache.l1.latency,
+                cache.l2.latency,
+                cache.llc.latency,
+                cache.dram_latency,
+            ],
+            np.int64,
         )
         self._allocate()
 
@@ -252,10 +268,28 @@ class Engine:
         out_hpa = np.full(len(accesses) if record_hpa else 0, -1, np.int64)
         stopped = int(
             _run_chunk(
-                accesses.gva, accesses.kind, accesses.user, accesses.vcpu, start, regs,
-                self._feat, rows, htable, self._tlb, self._desc, self._cache, self._cdesc,
-                self._cost, self._stats, refs, ref_count, self._clock, exit_info, out_hpa,
-                self._res, self._scratch,
+                accesses.gva,
+                accesses.kind,
+                accesses.user,
+                accesses.vcpu,
+                start,
+                regs,
+                self._feat,
+                rows,
+                htable,
+                self._tlb,
+                self._desc,
+                self._cache,
+                self._cdesc,
+                self._cost,
+                self._stats,
+                refs,
+                ref_count,
+                self._clock,
+                exit_info,
+                out_hpa,
+                self._res,
+                self._scratch,
             )
         )
         self._occupied[:] = regs[:, L.REG_OCCUPIED]
@@ -266,13 +300,21 @@ class Engine:
         n_refs = min(int(ref_count[0]), log_references)
         references = [
             Reference(
-                Dim.GUEST if r[1] == 0 else Dim.EPT, int(r[2]), int(r[3]), int(r[4]) & U64_MASK,
-                -1, int(r[5]) if r[5] else DATA,
+                Dim.GUEST if r[1] == 0 else Dim.EPT,
+                int(r[2]),
+                int(r[3]),
+                int(r[4]) & U64_MASK,
+                -1,
+                int(r[5]) if r[5] else DATA,
             )
             for r in refs[:n_refs]
         ]
         return RunResult(
-            stopped, exit_, fault, out_hpa if record_hpa else None, references,
+            stopped,
+            exit_,
+            fault,
+            out_hpa if record_hpa else None,
+            references,
             [int(r[0]) for r in refs[:n_refs]],
         )
 
@@ -291,8 +333,9 @@ class Engine:
             return PmlFull(), None
         return None, None
 
-    def translate(self, gva: int, access: Access, mode: Mode = Mode.SUPERVISOR,
-                  vcpu: int = 0) -> RunResult:
+    def translate(
+        self, gva: int, access: Access, mode: Mode = Mode.SUPERVISOR, vcpu: int = 0
+    ) -> RunResult:
         """One access (convenient in tests and notebooks; slow in loops: use :meth:`run`)."""
         return self.run(Accesses.build([gva], access, int(mode), vcpu), record_hpa=True)
 
@@ -306,9 +349,15 @@ class Engine:
 
     # -- invalidation (SDM Vol. 3A §4.10.4, Vol. 3C §29.4.3) ------------------------------------
 
-    def _drop(self, structures: range | list[int], match: np.ndarray | None = None,
-              *, ctxs: set[int] | None = None, keep_global: bool = False,
-              key_for: dict[int, int] | None = None) -> None:
+    def _drop(
+        self,
+        structures: range | list[int],
+        match: np.ndarray | None = None,
+        *,
+        ctxs: set[int] | None = None,
+        keep_global: bool = False,
+        key_for: dict[int, int] | None = None,
+    ) -> None:
         tags, data = self._tlb[:, :, planes.TAGS], self._tlb[:, :, planes.DATA]
         desc = self._desc
         nv = max(1, len(self._vcpus))
@@ -333,7 +382,8 @@ class Engine:
 
     def _ctxs_of(self, *, vpid: int | None = None, eptp: int | None = None) -> set[int]:
         return {
-            c for (vp, ep), c in self._ctx.items()
+            c
+            for (vp, ep), c in self._ctx.items()
             if (vpid is None or vp == vpid) and (eptp is None or ep == eptp)
         }
 

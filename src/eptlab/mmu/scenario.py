@@ -63,8 +63,12 @@ class NestedSpace:
         guest_frames = FrameAllocator(guest_memory - TABLE_REGION, base=TABLE_REGION)
         ept = (
             EptTables(
-                HostStore(memory), host_frames.alloc, levels=ept_levels,
-                maxphyaddr=features.maxphyaddr, ad_enabled=ept_ad, mbec=mbec,
+                HostStore(memory),
+                host_frames.alloc,
+                levels=ept_levels,
+                maxphyaddr=features.maxphyaddr,
+                ad_enabled=ept_ad,
+                mbec=mbec,
             )
             if use_ept
             else None
@@ -87,8 +91,9 @@ class NestedSpace:
         kwargs["efer"] = efer if efer is not None else int(Efer.LME | Efer.LMA | Efer.NXE)
         guest = GuestState(**kwargs)
         vmcs = Vmcs(eptp=ept.eptp, mbec=mbec) if ept else None
-        return cls(memory, host_frames, guest_frames, ept, tables, guest, vmcs, features,
-                   table_frames)
+        return cls(
+            memory, host_frames, guest_frames, ept, tables, guest, vmcs, features, table_frames
+        )
 
     def map_ept(self, gpa: int, size: PageSize = PageSize.SIZE_4K, perms: str = "rwx") -> int:
         """Back the ``size`` EPT page containing ``gpa`` with a fresh host block; returns its
@@ -105,7 +110,9 @@ class NestedSpace:
         assert self.ept is not None
         leaf = self.ept.lookup(gpa)
         assert leaf is not None, f"{gpa:#x} is not mapped"
-        self.memory.write_u64(leaf.entry_address, (leaf.value & ~int(Ept.R | Ept.W | Ept.X)) | perm_bits)
+        self.memory.write_u64(
+            leaf.entry_address, (leaf.value & ~int(Ept.R | Ept.W | Ept.X)) | perm_bits
+        )
 
     def map(
         self,
@@ -125,8 +132,15 @@ class NestedSpace:
         guest_page, ept_page = PageSize(guest_page), PageSize(ept_page)
         block = max(guest_page, ept_page)
         base = self.guest_frames.alloc(block)
-        self.tables.map(gva & ~(guest_page - 1), base, guest_page, writable=writable, user=user,
-                        xd=xd, pkey=pkey)
+        self.tables.map(
+            gva & ~(guest_page - 1),
+            base,
+            guest_page,
+            writable=writable,
+            user=user,
+            xd=xd,
+            pkey=pkey,
+        )
         if self.ept is not None:
             self.map_ept(base + (gva & (guest_page - 1)), ept_page, ept_perms)
         return base
@@ -149,8 +163,9 @@ class NestedSpace:
             raise AddressError(f"map_range wants {piece.label}-aligned ranges of whole pieces")
         for offset in range(0, length, piece):
             gpa = self.guest_frames.alloc(piece)
-            self.tables.map_range(gva + offset, gpa, piece, guest_page, writable=writable,
-                                  user=user)
+            self.tables.map_range(
+                gva + offset, gpa, piece, guest_page, writable=writable, user=user
+            )
             if self.ept is not None:
                 self.ept.map_range(gpa, self.host_frames.alloc(piece), piece, ept_page)
 

@@ -82,7 +82,7 @@ class VcpuStats:
         return self.walks / self.accesses if self.accesses else 0.0
 
     def as_dict(self) -> dict[str, int | float]:
-        """Flat: tuples become ``name_level`` keys (``guest_refs_l1``, ``walk_refs_served_dram``)."""
+        """Flat: tuples become ``name_level`` keys (``guest_refs_l1``, ``data_served_dram``)."""
         flat: dict[str, int | float] = {}
         for name, value in asdict(self).items():
             if isinstance(value, (tuple, list)):

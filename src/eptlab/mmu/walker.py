@@ -33,7 +33,7 @@ Modelling choices where the SDM leaves freedom (the fast engine must make the sa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from ..arch.access import Access, Mode
 from ..arch.bits import ENTRY_BYTES, PAGE_SHIFT, PageSize, bits, level_shift, table_index
@@ -67,7 +67,7 @@ from ..memory.physical import PhysicalMemory
 from .context import PML_ENTRIES, CpuFeatures, GuestState, Vmcs
 
 
-class Dim(str, Enum):
+class Dim(StrEnum):
     """The dimension a page-walk reference belongs to."""
 
     GUEST = "guest"
@@ -157,8 +157,13 @@ class Translation:
             "exit": self.exit.as_dict() if self.exit else None,
             "guest_fault": self.fault.as_dict() if self.fault else None,
             "flag_writes": [
-                {"dim": w.dim.value, "level": w.level, "address": w.address, "old": w.old,
-                 "new": w.new}
+                {
+                    "dim": w.dim.value,
+                    "level": w.level,
+                    "address": w.address,
+                    "old": w.old,
+                    "new": w.new,
+                }
                 for w in self.flag_writes
             ],
             "pml_logged": list(self.pml_logged),
@@ -223,14 +228,26 @@ class ReferenceWalker:
         except _Stop as stop:
             outcome = stop.outcome
             return Translation(
-                gva, walk.access, walk.mode, tuple(walk.references), tuple(walk.flag_writes),
+                gva,
+                walk.access,
+                walk.mode,
+                tuple(walk.references),
+                tuple(walk.flag_writes),
                 tuple(walk.pml_logged),
                 fault=outcome if isinstance(outcome, GuestFault) else None,
                 exit=None if isinstance(outcome, GuestFault) else outcome,
             )
         return Translation(
-            gva, walk.access, walk.mode, tuple(walk.references), tuple(walk.flag_writes),
-            tuple(walk.pml_logged), gpa=gpa, hpa=hpa, guest_page=guest_page, ept_page=ept_page,
+            gva,
+            walk.access,
+            walk.mode,
+            tuple(walk.references),
+            tuple(walk.flag_writes),
+            tuple(walk.pml_logged),
+            gpa=gpa,
+            hpa=hpa,
+            guest_page=guest_page,
+            ept_page=ept_page,
         )
 
     def _translate(self, walk: _Walk) -> tuple[int, int, PageSize, PageSize]:

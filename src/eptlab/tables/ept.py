@@ -109,8 +109,9 @@ class EptTables(RadixTables):
         from ..arch.ept import parse_permissions
 
         size = PageSize(size)
-        flags = EptEntry(level=size.level, address=0, memory_type=memory_type,
-                         page_size=size != PageSize.SIZE_4K).encode(self.maxphyaddr)
+        flags = EptEntry(
+            level=size.level, address=0, memory_type=memory_type, page_size=size != PageSize.SIZE_4K
+        ).encode(self.maxphyaddr)
         flags = (flags & ~int(Ept.R | Ept.W | Ept.X)) | parse_permissions(perms)
         return self._install_range(gpa, hpa, length, size, flags)
 

@@ -96,8 +96,14 @@ class GuestPageTables(RadixTables):
     ) -> int:
         """Map ``length`` bytes linearly with ``size`` pages (vectorized); returns pages."""
         size = PageSize(size)
-        flags = GuestEntry(level=size.level, address=0, writable=writable, user=user, xd=xd,
-                           page_size=size != PageSize.SIZE_4K).encode(self.maxphyaddr)
+        flags = GuestEntry(
+            level=size.level,
+            address=0,
+            writable=writable,
+            user=user,
+            xd=xd,
+            page_size=size != PageSize.SIZE_4K,
+        ).encode(self.maxphyaddr)
         return self._install_range(gva, gpa, length, size, flags)
 
     def guest_physical(self, gva: int) -> int | None:

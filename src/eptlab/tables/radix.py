@@ -87,7 +87,9 @@ class RadixTables(ABC):
             value = self.store.read_u64(slot)
             if not self._present(value):
                 if not create:
-                    raise MappingError(f"no {self.kind} table below {LEVEL_NAMES[lvl]} of {address:#x}")
+                    raise MappingError(
+                        f"no {self.kind} table below {LEVEL_NAMES[lvl]} of {address:#x}"
+                    )
                 child = self._new_table()
                 self.store.write_u64(slot, self._table_entry(child))
                 table = child

@@ -31,14 +31,20 @@ def read_lackey(path: str | Path, chunk: int = 1 << 20) -> Iterator[TraceChunk]:
             op = line[:2].strip()
             body = line[2:].strip() if len(line) > 2 else ""
             if op not in _KINDS or "," not in body:
-                raise TraceFormatError(path, number, f"expected 'I|L|S|M ADDR,SIZE', got {line.rstrip()!r}")
+                raise TraceFormatError(
+                    path, number, f"expected 'I|L|S|M ADDR,SIZE', got {line.rstrip()!r}"
+                )
             addr_text, _, size_text = body.partition(",")
             try:
                 address, size = int(addr_text, 16), int(size_text)
             except ValueError:
-                raise TraceFormatError(path, number, f"bad address or size in {line.rstrip()!r}") from None
+                raise TraceFormatError(
+                    path, number, f"bad address or size in {line.rstrip()!r}"
+                ) from None
             if not 0 <= address < 1 << 64 or size <= 0:
-                raise TraceFormatError(path, number, f"address or size out of range in {line.rstrip()!r}")
+                raise TraceFormatError(
+                    path, number, f"address or size out of range in {line.rstrip()!r}"
+                )
             if address >= 1 << 63:
                 address -= 1 << 64
             for kind in _KINDS[op]:

@@ -9,6 +9,7 @@ over a chunk of accesses lives inside :func:`run.run_chunk`. The Python side
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -30,3 +31,9 @@ def _cache_dir() -> Path:
 
 if not os.environ.get("NUMBA_CACHE_DIR"):
     numba.config.CACHE_DIR = str(_cache_dir())
+
+# The one place where kernel compilation options live. ``_nrt=False``: kernels allocate nothing
+# and so need no reference counting (which, on every call, costs two atomic operations per
+# array argument). ``inline_kernel`` is for the small helpers of the hot paths.
+kernel = functools.partial(numba.njit, cache=True, _nrt=False)
+inline_kernel = functools.partial(numba.njit, cache=True, _nrt=False, inline="always")

@@ -11,13 +11,14 @@ the kernels' calls cheap: numba reference-counts every array it passes around.)
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from . import inline_kernel
 
 TAGS, DATA, AUX, STAMPS = 0, 1, 2, 3
 NPLANES = 4
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def lookup(tlb, desc, struct, vcpu, key, ctx, clock):  # type: ignore[no-untyped-def]
     """Row * max_ways + way of the hit, or -1. Updates LRU on a hit."""
     sets = desc[struct, 1]
@@ -33,7 +34,7 @@ def lookup(tlb, desc, struct, vcpu, key, ctx, clock):  # type: ignore[no-untyped
     return -1
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def insert(tlb, desc, struct, vcpu, key, ctx, value, extra, clock):  # type: ignore[no-untyped-def]
     """Install (key, ctx) -> (value, extra), replacing the same tag or the LRU way."""
     sets = desc[struct, 1]
@@ -57,14 +58,14 @@ def insert(tlb, desc, struct, vcpu, key, ctx, value, extra, clock):  # type: ign
     tlb[row, victim, STAMPS] = clock[0]
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def entry_word(tlb, plane, flat):  # type: ignore[no-untyped-def]
     """The ``plane`` word of the entry at flat index ``flat`` (as returned by lookup)."""
     width = tlb.shape[1]
     return tlb[flat // width, flat % width, plane]
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def drop(tlb, flat):  # type: ignore[no-untyped-def]
     """Invalidate the entry at flat index ``flat``."""
     width = tlb.shape[1]

@@ -8,14 +8,13 @@ above it (inclusive).
 
 from __future__ import annotations
 
-from numba import njit
-
+from . import inline_kernel
 from .layout import NCACHE
 
 LINE_TAGS, LINE_STAMPS = 0, 1
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def access_line(cache, cdesc, vcpu, hpa, clock):  # type: ignore[no-untyped-def]
     """Where the line of ``hpa`` was found: 0 L1, 1 L2, 2 LLC, 3 DRAM. One pass per level finds
     the line or, at the same time, the LRU way that will receive it."""

@@ -63,7 +63,7 @@ EPT_RIGHTS_SHIFT = 3  # TF_ER..TF_EXU are EPT bits 0,1,2 and 10 moved here
 # -- data caches: cdesc[level] = (first row, sets, ways, per-vCPU) ---------------------------------
 NCACHE = 3
 
-# -- statistics: stats[vcpu, ST_*] ------------------------------------------------------------------
+# -- statistics: stats[vcpu, ST_*] -----------------------------------------------------------
 ST_ACCESSES = 0
 ST_READS = 1
 ST_WRITES = 2

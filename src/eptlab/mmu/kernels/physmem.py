@@ -4,15 +4,15 @@ hash of :class:`eptlab.memory.PhysicalMemory` (same hash function)."""
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from ...memory.physical import EMPTY, HASH_MULTIPLIER
+from . import inline_kernel
 
 _MULT = np.uint64(HASH_MULTIPLIER)
 _SHIFT = np.uint64(32)
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def frame_row(htable, pfn):  # type: ignore[no-untyped-def]
     """Row of frame ``pfn``, or -1 if it has no storage (reads as zeros)."""
     mask = htable.shape[0] - 1
@@ -26,7 +26,7 @@ def frame_row(htable, pfn):  # type: ignore[no-untyped-def]
         slot = (slot + 1) & mask
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def read_word(rows, htable, address):  # type: ignore[no-untyped-def]
     row = frame_row(htable, address >> 12)
     if row < 0:
@@ -34,7 +34,7 @@ def read_word(rows, htable, address):  # type: ignore[no-untyped-def]
     return np.int64(rows[row, (address & 4095) >> 3])
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def write_word(rows, htable, address, value):  # type: ignore[no-untyped-def]
     """Write an entry; the frame must have storage (the engine ensures it). Returns success."""
     row = frame_row(htable, address >> 12)

@@ -3,8 +3,7 @@ needs software (a guest fault or a VM exit)."""
 
 from __future__ import annotations
 
-from numba import njit
-
+from . import kernel
 from .cache import access_line
 from .layout import (
     COST_CACHE,
@@ -21,8 +20,31 @@ from .layout import (
 from .walk import tlb_translate, walk_translate
 
 
-@njit(cache=True, _nrt=False)
-def run_chunk(gva, kind, user, vcpu, start, regs, feat, rows, htable, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, out_hpa, res, scratch):  # type: ignore[no-untyped-def]
+@kernel
+def run_chunk(
+    gva,
+    kind,
+    user,
+    vcpu,
+    start,
+    regs,
+    feat,
+    rows,
+    htable,
+    tlb,
+    desc,
+    cache,
+    cdesc,
+    cost,
+    stats,
+    refs,
+    ref_count,
+    clock,
+    exit_info,
+    out_hpa,
+    res,
+    scratch,
+):  # type: ignore[no-untyped-def]
     """Run accesses ``start..len(gva)-1``. Returns the index of the first access not performed
     (``len(gva)`` when all were); exit_info then describes why. A faulting access is not
     performed: after the handler, resume at the returned index to retry it."""
@@ -35,9 +57,29 @@ def run_chunk(gva, kind, user, vcpu, start, regs, feat, rows, htable, tlb, desc,
         va = gva[i]
         is_user = user[i] != 0
         if not tlb_translate(va, access, is_user, v, regs, tlb, desc, cost, stats, clock, res):
-            status = walk_translate(va, access, is_user, i, v, regs, feat, rows, htable,
-                                    tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock,
-                                    exit_info, res, scratch)
+            status = walk_translate(
+                va,
+                access,
+                is_user,
+                i,
+                v,
+                regs,
+                feat,
+                rows,
+                htable,
+                tlb,
+                desc,
+                cache,
+                cdesc,
+                cost,
+                stats,
+                refs,
+                ref_count,
+                clock,
+                exit_info,
+                res,
+                scratch,
+            )
             if status != EXIT_NONE:
                 exit_info[X_INDEX] = i
                 return i

@@ -21,8 +21,8 @@ adds (SDM Vol. 3A §4.10, Vol. 3C §29.4):
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from . import inline_kernel, kernel
 from .assoc import AUX, DATA, drop, entry_word, insert, lookup
 from .cache import access_line
 from .layout import (
@@ -127,25 +127,25 @@ STEP_RIGHTS = 7
 NSCRATCH = 8
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def bit_range(hi, lo):  # type: ignore[no-untyped-def]
     if hi < lo:
         return np.int64(0)
     return ((np.int64(1) << (hi - lo + 1)) - 1) << lo
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def pack_rights(raw):  # type: ignore[no-untyped-def]
     """EPT bits 0, 1, 2, 10 -> 4 contiguous bits."""
     return (raw & 7) | ((raw >> 7) & 8)
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def unpack_rights(packed):  # type: ignore[no-untyped-def]
     return (packed & 7) | ((packed & 8) << 7)
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def rights_qualification(rights, mbec):  # type: ignore[no-untyped-def]
     """Qualification bits 3-6 from the AND of the EPT entries walked."""
     q = 0
@@ -160,17 +160,17 @@ def rights_qualification(rights, mbec):  # type: ignore[no-untyped-def]
     return q
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def ept_present(value, mbec):  # type: ignore[no-untyped-def]
     return (value & 7) != 0 or (mbec and (value & EXU) != 0)
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def ept_leaf(value, level):  # type: ignore[no-untyped-def]
     return level == 1 or ((level == 2 or level == 3) and (value & PS) != 0)
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def ept_misconfig(value, level, maxphy, exec_only, mbec):  # type: ignore[no-untyped-def]
     """SDM Vol. 3C §29.3.3.1; codes as in layout.MISCONFIG_REASONS."""
     if (value & EW) and not (value & ER):
@@ -195,7 +195,7 @@ def ept_misconfig(value, level, maxphy, exec_only, mbec):  # type: ignore[no-unt
     return 0
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def guest_reserved(value, level, maxphy, nxe):  # type: ignore[no-untyped-def]
     """Reserved bits of a present guest entry (SDM Vol. 3A §4.5)."""
     reserved = bit_range(51, maxphy)
@@ -210,7 +210,7 @@ def guest_reserved(value, level, maxphy, nxe):  # type: ignore[no-untyped-def]
     return value & reserved
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def guest_allows(access, user, us, rw, xd, cr0, cr4, rflags):  # type: ignore[no-untyped-def]
     """Access rights from paging (SDM Vol. 3A §4.6.1)."""
     if access == FETCH:
@@ -226,19 +226,18 @@ def guest_allows(access, user, us, rw, xd, cr0, cr4, rflags):  # type: ignore[no
     return access == READ or rw or not (cr0 & CR0_WP)
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def pkey_allows(access, user, us, pkey, cr0, cr4, pkru):  # type: ignore[no-untyped-def]
     """Protection keys (SDM Vol. 3A §4.6.2)."""
     if not (cr4 & CR4_PKE) or access == FETCH or not us:
         return True
     if (pkru >> (2 * pkey)) & 1:
         return False
-    if access == WRITE and ((pkru >> (2 * pkey + 1)) & 1) and (user or (cr0 & CR0_WP)):
-        return False
-    return True
+    write_disabled = (pkru >> (2 * pkey + 1)) & 1
+    return not (access == WRITE and write_disabled and (user or (cr0 & CR0_WP)))
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def page_fault_code(error, access, user, cr4, efer):  # type: ignore[no-untyped-def]
     if access == WRITE:
         error |= PF_WR
@@ -249,8 +248,23 @@ def page_fault_code(error, access, user, cr4, efer):  # type: ignore[no-untyped-
     return error
 
 
-@njit(cache=True, _nrt=False, inline="always")
-def reference(i, vcpu, dim, level, address, value, for_level, cache, cdesc, cost, stats, refs, ref_count, clock):  # type: ignore[no-untyped-def]
+@inline_kernel
+def reference(
+    i,
+    vcpu,
+    dim,
+    level,
+    address,
+    value,
+    for_level,
+    cache,
+    cdesc,
+    cost,
+    stats,
+    refs,
+    ref_count,
+    clock,
+):  # type: ignore[no-untyped-def]
     """Account one paging-structure read: log it, count it, send it through the caches."""
     n = ref_count[0]
     if n < refs.shape[0]:
@@ -267,8 +281,33 @@ def reference(i, vcpu, dim, level, address, value, for_level, cache, cdesc, cost
     return cost[COST_CACHE + where]
 
 
-@njit(cache=True, _nrt=False, inline="always")
-def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, regs, feat, rows, htable, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch):  # type: ignore[no-untyped-def]
+@inline_kernel
+def ept_translate(
+    gpa,
+    paging_entry,
+    for_level,
+    linear,
+    access,
+    va,
+    i,
+    vcpu,
+    regs,
+    feat,
+    rows,
+    htable,
+    tlb,
+    desc,
+    cache,
+    cdesc,
+    cost,
+    stats,
+    refs,
+    ref_count,
+    clock,
+    exit_info,
+    res,
+    scratch,
+):  # type: ignore[no-untyped-def]
     """Translate one guest-physical address (SDM Vol. 3C §29.3.2). On success res holds
     (hpa, EPT rights, leaf level, dirty-after, cycles) and EXIT_NONE is returned."""
     cycles = 0
@@ -348,8 +387,9 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
         if desc[S_EPSC + 5 - cached, 1] == 0:
             continue
         cycles += cost[COST_PSC]
-        hit = lookup(tlb, desc, S_EPSC + 5 - cached, vcpu,
-                     gpa >> (12 + 9 * (cached - 1)), ectx, clock)
+        hit = lookup(
+            tlb, desc, S_EPSC + 5 - cached, vcpu, gpa >> (12 + 9 * (cached - 1)), ectx, clock
+        )
         if hit >= 0:
             stats[vcpu, ST_EPSC_HITS] += 1
             table = entry_word(tlb, DATA, hit)
@@ -361,8 +401,22 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
     while True:
         entry = table + ((gpa >> (12 + 9 * (level - 1))) & 511) * 8
         value = read_word(rows, htable, entry)
-        cycles += reference(i, vcpu, DIM_EPT, level, entry, value, for_level, cache, cdesc, cost,
-                            stats, refs, ref_count, clock)
+        cycles += reference(
+            i,
+            vcpu,
+            DIM_EPT,
+            level,
+            entry,
+            value,
+            for_level,
+            cache,
+            cdesc,
+            cost,
+            stats,
+            refs,
+            ref_count,
+            clock,
+        )
         rights &= value
         if not ept_present(value, mbec):
             exit_info[X_KIND] = EXIT_EPT_VIOLATION
@@ -410,8 +464,7 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
                 return EXIT_PML_FULL
         if write_like and not (leaf_value & ED) and regs[vcpu, REG_PML_ON]:
             index = regs[vcpu, REG_PML_INDEX]
-            write_word(rows, htable, regs[vcpu, REG_PML_ADDR] + index * 8,
-                       gpa & ~np.int64(4095))
+            write_word(rows, htable, regs[vcpu, REG_PML_ADDR] + index * 8, gpa & ~np.int64(4095))
             regs[vcpu, REG_PML_INDEX] = (index - 1) & 0xFFFF
             stats[vcpu, ST_PML_LOGGED] += 1
         for k in range(n):
@@ -428,11 +481,28 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
     # fill the EPT paging-structure caches (entries walked that reference tables) and nested TLB
     for k in range(n - 1):
         entry_level = level + (n - 1 - k)
-        insert(tlb, desc, S_EPSC + 5 - entry_level, vcpu,
-               gpa >> (12 + 9 * (entry_level - 1)), ectx, scratch[PATH_VALUE, k] & table_mask,
-               scratch[PATH_RIGHTS, k], clock)
-    insert(tlb, desc, S_NTLB + level - 1, vcpu, gpa >> shift, ectx,
-           base | (pack_rights(rights) << 3) | (TF_DIRTY if dirty_after else 0), 0, clock)
+        insert(
+            tlb,
+            desc,
+            S_EPSC + 5 - entry_level,
+            vcpu,
+            gpa >> (12 + 9 * (entry_level - 1)),
+            ectx,
+            scratch[PATH_VALUE, k] & table_mask,
+            scratch[PATH_RIGHTS, k],
+            clock,
+        )
+    insert(
+        tlb,
+        desc,
+        S_NTLB + level - 1,
+        vcpu,
+        gpa >> shift,
+        ectx,
+        base | (pack_rights(rights) << 3) | (TF_DIRTY if dirty_after else 0),
+        0,
+        clock,
+    )
     regs[vcpu, REG_OCCUPIED] |= 1 << (S_NTLB + level - 1)
     res[0] = base | (gpa & ((np.int64(1) << shift) - 1))
     res[1] = rights
@@ -442,7 +512,7 @@ def ept_translate(gpa, paging_entry, for_level, linear, access, va, i, vcpu, reg
     return EXIT_NONE
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def guest_fault(vector, error, va, vcpu, stats, exit_info):  # type: ignore[no-untyped-def]
     exit_info[X_KIND] = EXIT_GUEST_FAULT
     exit_info[X_VECTOR] = vector
@@ -452,7 +522,7 @@ def guest_fault(vector, error, va, vcpu, stats, exit_info):  # type: ignore[no-u
     return EXIT_GUEST_FAULT
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def tlb_probe(first_struct, va, vcpu, ctx, regs, tlb, desc, clock):  # type: ignore[no-untyped-def]
     """Probe the three page-size structures from ``first_struct``; (flat index, size) or -1.
     Structures that never received an entry for this vCPU are skipped."""
@@ -467,7 +537,7 @@ def tlb_probe(first_struct, va, vcpu, ctx, regs, tlb, desc, clock):  # type: ign
     return -1, 0
 
 
-@njit(cache=True, _nrt=False, inline="always")
+@inline_kernel
 def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, clock, res):  # type: ignore[no-untyped-def]
     """The TLBs (SDM Vol. 3A §4.10.2): True with res[0] = HPA when a cached translation may be
     used for this access. res[4] holds the cycles of the lookups either way. An entry that
@@ -501,8 +571,7 @@ def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, clock, r
     else:
         needed = EXU if (mbec and us) else EX
     usable = (
-        guest_allows(access, user, us, (word & TF_RW) != 0, (word & TF_XD) != 0, cr0, cr4,
-                     rflags)
+        guest_allows(access, user, us, (word & TF_RW) != 0, (word & TF_XD) != 0, cr0, cr4, rflags)
         and pkey_allows(access, user, us, extra & 15, cr0, cr4, pkru)
         and (rights & needed) == needed
         and not (access == WRITE and not (word & TF_DIRTY))
@@ -522,8 +591,30 @@ def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, clock, r
     return True
 
 
-@njit(cache=True, _nrt=False)
-def walk_translate(va, access, user, i, vcpu, regs, feat, rows, htable, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch):  # type: ignore[no-untyped-def]
+@kernel
+def walk_translate(
+    va,
+    access,
+    user,
+    i,
+    vcpu,
+    regs,
+    feat,
+    rows,
+    htable,
+    tlb,
+    desc,
+    cache,
+    cdesc,
+    cost,
+    stats,
+    refs,
+    ref_count,
+    clock,
+    exit_info,
+    res,
+    scratch,
+):  # type: ignore[no-untyped-def]
     """The two-dimensional walk after a TLB miss. On success res[0] is the HPA and res[4] the
     cycles of the lookups and the walk (it starts from the TLB cycles in res[4]); otherwise
     exit_info describes the exit or fault. Fills the paging-structure caches and TLBs."""
@@ -584,22 +675,67 @@ def walk_translate(va, access, user, i, vcpu, regs, feat, rows, htable, tlb, des
             entry_hpa = table_hpa + (entry_gpa & 4095)
             page_rights = table_rights
         else:
-            status = ept_translate(entry_gpa, True, level, 0, access, va, i, vcpu, regs, feat,
-                                   rows, htable, tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock, exit_info, res, scratch)
+            status = ept_translate(
+                entry_gpa,
+                True,
+                level,
+                0,
+                access,
+                va,
+                i,
+                vcpu,
+                regs,
+                feat,
+                rows,
+                htable,
+                tlb,
+                desc,
+                cache,
+                cdesc,
+                cost,
+                stats,
+                refs,
+                ref_count,
+                clock,
+                exit_info,
+                res,
+                scratch,
+            )
             if status != EXIT_NONE:
                 return status
             cycles += res[4]
             entry_hpa = res[0]
             page_rights = res[1]
         value = read_word(rows, htable, entry_hpa)
-        cycles += reference(i, vcpu, DIM_GUEST, level, entry_hpa, value, level, cache, cdesc, cost,
-                            stats, refs, ref_count, clock)
+        cycles += reference(
+            i,
+            vcpu,
+            DIM_GUEST,
+            level,
+            entry_hpa,
+            value,
+            level,
+            cache,
+            cdesc,
+            cost,
+            stats,
+            refs,
+            ref_count,
+            clock,
+        )
         if not (value & P):
-            return guest_fault(14, page_fault_code(0, access, user, cr4, efer), va, vcpu,
-                               stats, exit_info)
+            return guest_fault(
+                14, page_fault_code(0, access, user, cr4, efer), va, vcpu, stats, exit_info
+            )
         if guest_reserved(value, level, maxphy, nxe):
-            return guest_fault(14, page_fault_code(PF_P | PF_RSVD, access, user, cr4, efer),
-                               va, vcpu, stats, exit_info)
+            return guest_fault(
+                14,
+                page_fault_code(PF_P | PF_RSVD, access, user, cr4, efer),
+                va,
+                vcpu,
+                stats,
+                exit_info,
+            )
         scratch[STEP_LEVEL, n] = level
         scratch[STEP_GPA, n] = entry_gpa
         scratch[STEP_HPA, n] = entry_hpa
@@ -621,8 +757,9 @@ def walk_translate(va, access, user, i, vcpu, regs, feat, rows, htable, tlb, des
     pk_ok = pkey_allows(access, user, acc_us, pkey, cr0, cr4, pkru)
     if not (allowed and pk_ok):
         error = PF_P | (0 if pk_ok else PF_PK)
-        return guest_fault(14, page_fault_code(error, access, user, cr4, efer), va, vcpu,
-                           stats, exit_info)
+        return guest_fault(
+            14, page_fault_code(error, access, user, cr4, efer), va, vcpu, stats, exit_info
+        )
 
     # guest A/D flags (SDM Vol. 3A §4.8): processor writes, EPT writes without EPT A/D
     for k in range(n):
@@ -633,8 +770,9 @@ def walk_translate(va, access, user, i, vcpu, regs, feat, rows, htable, tlb, des
             continue
         if use_ept and not ad and not (scratch[STEP_RIGHTS, k] & EW):
             exit_info[X_KIND] = EXIT_EPT_VIOLATION
-            exit_info[X_QUAL] = (Q_READ | Q_WRITE | Q_GLA_VALID
-                                 | rights_qualification(scratch[STEP_RIGHTS, k], mbec))
+            exit_info[X_QUAL] = (
+                Q_READ | Q_WRITE | Q_GLA_VALID | rights_qualification(scratch[STEP_RIGHTS, k], mbec)
+            )
             exit_info[X_GPA] = scratch[STEP_GPA, k]
             exit_info[X_GLA] = va
             stats[vcpu, ST_EPT_VIOLATIONS] += 1
@@ -645,12 +783,39 @@ def walk_translate(va, access, user, i, vcpu, regs, feat, rows, htable, tlb, des
     guest_level = scratch[STEP_LEVEL, n - 1]
     guest_shift = 12 + 9 * (guest_level - 1)
     gpa = (scratch[STEP_VALUE, n - 1] & bit_range(maxphy - 1, guest_shift)) | (
-        va & ((np.int64(1) << guest_shift) - 1))
-    linear = ((Q_USER_LINEAR if acc_us else 0) | (Q_WRITABLE_LINEAR if acc_rw else 0)
-              | (Q_XD_LINEAR if acc_xd else 0))
-    status = ept_translate(gpa, False, 0, linear, access, va, i, vcpu, regs, feat, rows, htable,
-                           tlb, desc, cache, cdesc, cost, stats, refs, ref_count, clock,
-                           exit_info, res, scratch)
+        va & ((np.int64(1) << guest_shift) - 1)
+    )
+    linear = (
+        (Q_USER_LINEAR if acc_us else 0)
+        | (Q_WRITABLE_LINEAR if acc_rw else 0)
+        | (Q_XD_LINEAR if acc_xd else 0)
+    )
+    status = ept_translate(
+        gpa,
+        False,
+        0,
+        linear,
+        access,
+        va,
+        i,
+        vcpu,
+        regs,
+        feat,
+        rows,
+        htable,
+        tlb,
+        desc,
+        cache,
+        cdesc,
+        cost,
+        stats,
+        refs,
+        ref_count,
+        clock,
+        exit_info,
+        res,
+        scratch,
+    )
     if status != EXIT_NONE:
         return status
     cycles += res[4]
@@ -664,19 +829,38 @@ def walk_translate(va, access, user, i, vcpu, regs, feat, rows, htable, tlb, des
         run_rw = run_rw and (v & RW) != 0
         run_xd = run_xd or (nxe and v < 0)
         entry_level = scratch[STEP_LEVEL, k]
-        word = ((scratch[STEP_HPA, k + 1] & ~np.int64(4095)) | (pack_rights(scratch[STEP_RIGHTS, k + 1]) << 3)
-                | (TF_US if run_us else 0) | (TF_RW if run_rw else 0) | (TF_XD if run_xd else 0))
-        insert(tlb, desc, S_PSC + 5 - entry_level, vcpu,
-               key >> (12 + 9 * (entry_level - 1)), ctx, word, scratch[STEP_GPA, k + 1] & ~np.int64(4095),
-               clock)
+        word = (
+            (scratch[STEP_HPA, k + 1] & ~np.int64(4095))
+            | (pack_rights(scratch[STEP_RIGHTS, k + 1]) << 3)
+            | (TF_US if run_us else 0)
+            | (TF_RW if run_rw else 0)
+            | (TF_XD if run_xd else 0)
+        )
+        insert(
+            tlb,
+            desc,
+            S_PSC + 5 - entry_level,
+            vcpu,
+            key >> (12 + 9 * (entry_level - 1)),
+            ctx,
+            word,
+            scratch[STEP_GPA, k + 1] & ~np.int64(4095),
+            clock,
+        )
     # and the TLBs: a combined entry of size min(guest page, EPT page)
     size_level = min(guest_level, res[2])
     shift = 12 + 9 * (size_level - 1)
     page_mask = ~((np.int64(1) << shift) - 1)
     dirty = (scratch[STEP_VALUE, n - 1] & D) != 0 and res[3] != 0
-    word = ((hpa & page_mask) | (pack_rights(res[1]) << 3) | (TF_US if acc_us else 0)
-            | (TF_RW if acc_rw else 0) | (TF_XD if acc_xd else 0)
-            | (TF_DIRTY if dirty else 0) | (TF_GLOBAL if (leaf & G) else 0))
+    word = (
+        (hpa & page_mask)
+        | (pack_rights(res[1]) << 3)
+        | (TF_US if acc_us else 0)
+        | (TF_RW if acc_rw else 0)
+        | (TF_XD if acc_xd else 0)
+        | (TF_DIRTY if dirty else 0)
+        | (TF_GLOBAL if (leaf & G) else 0)
+    )
     extra = (gpa & page_mask) | pkey
     insert(tlb, desc, l1 + size_level - 1, vcpu, key >> shift, ctx, word, extra, clock)
     insert(tlb, desc, S_STLB + size_level - 1, vcpu, key >> shift, ctx, word, extra, clock)

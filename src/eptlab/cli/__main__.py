@@ -1,0 +1,5 @@
+"""``python -m eptlab.cli``."""
+
+from . import run
+
+run()
