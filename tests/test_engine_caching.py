@@ -256,3 +256,22 @@ def test_two_vcpus_have_their_own_tlbs() -> None:
     assert result.done
     assert engine.stats(0).walks == 1 and engine.stats(1).walks == 1
     assert engine.stats(0).l1d_tlb_hits == 1 and engine.stats(1).l1d_tlb_hits == 1
+
+
+def test_invept_acts_on_the_executing_vcpu_only() -> None:
+    """INVEPT invalidates on the logical processor that runs it: the other vCPU keeps its stale
+    translation until it invalidates too (why a hypervisor needs a TLB shootdown)."""
+    space = NestedSpace.create()
+    space.map(GVA)
+    engine = Engine(space.memory, MmuConfig(), space.features)
+    engine.add_vcpu(space.guest, space.vmcs)
+    engine.add_vcpu(space.guest, space.vmcs)
+    old = hpa_of(engine, GVA)
+    assert int(engine.translate(GVA, Access.READ, vcpu=1).hpa[0]) == old  # type: ignore[index]
+    new = remap_ept(space, GVA)
+    assert space.vmcs is not None
+    engine.invept(InveptType.SINGLE_CONTEXT, space.vmcs.eptp.encode(), vcpus=[0])
+    assert hpa_of(engine, GVA) == new
+    assert int(engine.translate(GVA, Access.READ, vcpu=1).hpa[0]) == old  # type: ignore[index]
+    engine.invept(InveptType.SINGLE_CONTEXT, space.vmcs.eptp.encode(), vcpus=[1])
+    assert int(engine.translate(GVA, Access.READ, vcpu=1).hpa[0]) == new  # type: ignore[index]

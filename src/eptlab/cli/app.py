@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, demo, walk
+from . import bench, demo, experiments, walk
 
 app = typer.Typer(
     name="eptlab",
@@ -17,3 +17,5 @@ app = typer.Typer(
 app.command("walk")(walk.walk)
 app.command("demo")(demo.demo)
 app.command("bench")(bench.bench)
+app.command("list")(experiments.list_experiments)
+app.command("run")(experiments.run_experiment)

@@ -351,30 +351,32 @@ class Engine:
 
     def _drop(
         self,
-        structures: range | list[int],
-        match: np.ndarray | None = None,
+        structures: list[int],
         *,
+        vcpus: list[int] | None = None,
         ctxs: set[int] | None = None,
         keep_global: bool = False,
         key_for: dict[int, int] | None = None,
     ) -> None:
+        """Invalidate entries of ``structures`` held by ``vcpus`` (all if None) that match the
+        contexts, keys and globality given."""
         tags, data = self._tlb[:, :, planes.TAGS], self._tlb[:, :, planes.DATA]
-        desc = self._desc
-        nv = max(1, len(self._vcpus))
+        targets = range(max(1, len(self._vcpus))) if vcpus is None else vcpus
         for s in structures:
-            first, sets, ways = (int(x) for x in desc[s])
+            first, sets, ways = (int(x) for x in self._desc[s])
             if sets == 0:
                 continue
-            block = slice(first, first + sets * nv)
-            t = tags[block, :ways]
-            hit = t >= 0
-            if ctxs is not None:
-                hit &= np.isin(t & 0xFFFF, list(ctxs))
-            if key_for is not None and s in key_for:
-                hit &= (t >> 16) == key_for[s]
-            if keep_global:
-                hit &= (data[block, :ways] & L.TF_GLOBAL) == 0
-            t[hit] = -1
+            for v in targets:
+                block = slice(first + v * sets, first + (v + 1) * sets)
+                t = tags[block, :ways]
+                hit = t >= 0
+                if ctxs is not None:
+                    hit &= np.isin(t & 0xFFFF, list(ctxs))
+                if key_for is not None and s in key_for:
+                    hit &= (t >> 16) == key_for[s]
+                if keep_global:
+                    hit &= (data[block, :ways] & L.TF_GLOBAL) == 0
+                t[hit] = -1
 
     _TLBS = list(range(L.S_L1D, L.S_STLB + 3))
     _PSCS = list(range(L.S_PSC, L.S_PSC + 4))
@@ -387,14 +389,20 @@ class Engine:
             if (vpid is None or vp == vpid) and (eptp is None or ep == eptp)
         }
 
+    def _tlb_keys(self, gva: int) -> dict[int, int]:
+        key = _signed(gva) & ((1 << 57) - 1)
+        return {s: key >> (12 + 9 * ((s - L.S_L1D) % 3)) for s in self._TLBS}
+
+    # Each instruction acts on the logical processor that executes it (SDM Vol. 3C §29.4.3):
+    # ``vcpu``/``vcpus`` name it; ``vcpus=None`` applies it on every vCPU at once, which is what
+    # a completed shootdown achieves.
+
     def invlpg(self, vcpu: int, gva: int) -> None:
         """INVLPG in the guest: the TLB entries for ``gva`` and all paging-structure-cache
         entries of the vCPU's current context (SDM Vol. 3A §4.10.4.1)."""
         ctx, _ = self._context(self._vcpus[vcpu])
-        key = _signed(gva) & ((1 << 57) - 1)
-        key_for = {s: key >> (12 + 9 * ((s - L.S_L1D) % 3)) for s in self._TLBS}
-        self._drop(self._TLBS, ctxs={ctx}, key_for=key_for)
-        self._drop(self._PSCS, ctxs={ctx})
+        self._drop(self._TLBS, vcpus=[vcpu], ctxs={ctx}, key_for=self._tlb_keys(gva))
+        self._drop(self._PSCS, vcpus=[vcpu], ctxs={ctx})
 
     def mov_cr3(self, vcpu: int, cr3: int) -> None:
         """MOV to CR3 (no PCIDs): new address space; non-global TLB entries and all
@@ -402,38 +410,45 @@ class Engine:
         v = self._vcpus[vcpu]
         ctx, _ = self._context(v)
         v.guest.cr3 = cr3
-        self._drop(self._TLBS, ctxs={ctx}, keep_global=True)
-        self._drop(self._PSCS, ctxs={ctx})
+        self._drop(self._TLBS, vcpus=[vcpu], ctxs={ctx}, keep_global=True)
+        self._drop(self._PSCS, vcpus=[vcpu], ctxs={ctx})
 
-    def invvpid(self, kind: InvvpidType, vpid: int = 0, gva: int | None = None) -> None:
+    def invvpid(
+        self,
+        kind: InvvpidType,
+        vpid: int = 0,
+        gva: int | None = None,
+        *,
+        vcpus: list[int] | None = None,
+    ) -> None:
         """INVVPID: linear and combined mappings of a VPID (SDM Vol. 3C §29.4.3.3)."""
         kind = InvvpidType(kind)
         ctxs = None if kind == InvvpidType.ALL_CONTEXT else self._ctxs_of(vpid=vpid)
         if kind == InvvpidType.INDIVIDUAL_ADDRESS:
             if gva is None:
                 raise ConfigError("invvpid", "individual-address invalidation needs an address")
-            key = _signed(gva) & ((1 << 57) - 1)
-            key_for = {s: key >> (12 + 9 * ((s - L.S_L1D) % 3)) for s in self._TLBS}
-            self._drop(self._TLBS, ctxs=ctxs, key_for=key_for)
-            self._drop(self._PSCS, ctxs=ctxs)
+            self._drop(self._TLBS, vcpus=vcpus, ctxs=ctxs, key_for=self._tlb_keys(gva))
+            self._drop(self._PSCS, vcpus=vcpus, ctxs=ctxs)
             return
         keep = kind == InvvpidType.SINGLE_CONTEXT_RETAINING_GLOBALS
-        self._drop(self._TLBS, ctxs=ctxs, keep_global=keep)
-        self._drop(self._PSCS, ctxs=ctxs)
+        self._drop(self._TLBS, vcpus=vcpus, ctxs=ctxs, keep_global=keep)
+        self._drop(self._PSCS, vcpus=vcpus, ctxs=ctxs)
 
-    def invept(self, kind: InveptType, eptp: int | None = None) -> None:
+    def invept(
+        self, kind: InveptType, eptp: int | None = None, *, vcpus: list[int] | None = None
+    ) -> None:
         """INVEPT: guest-physical and combined mappings of one EPTP (single-context) or of all
         (SDM Vol. 3C §29.4.3.1). ``eptp`` is the encoded EPTP value."""
         kind = InveptType(kind)
         if kind == InveptType.ALL_CONTEXT:
-            self._drop(self._TLBS + self._PSCS + self._GPA_SIDE)
+            self._drop(self._TLBS + self._PSCS + self._GPA_SIDE, vcpus=vcpus)
             return
         if eptp is None:
             raise ConfigError("invept", "single-context invalidation needs an EPTP")
-        self._drop(self._TLBS + self._PSCS, ctxs=self._ctxs_of(eptp=eptp))
+        self._drop(self._TLBS + self._PSCS, vcpus=vcpus, ctxs=self._ctxs_of(eptp=eptp))
         ectx = self._ectx.get(eptp)
         if ectx is not None:
-            self._drop(self._GPA_SIDE, ctxs={ectx})
+            self._drop(self._GPA_SIDE, vcpus=vcpus, ctxs={ectx})
 
     def flush_caches(self) -> None:
         """Empty the data-cache model (e.g. between benchmark phases)."""

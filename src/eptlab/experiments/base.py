@@ -1,0 +1,90 @@
+"""What an experiment is: a question, a parameters dataclass, and a run that yields result rows
+one at a time (so they can be written as they come), plus figures drawn from the table."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Protocol
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ..errors import ConfigError
+
+Row = dict[str, Any]
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: called by an experiment as it advances."""
+
+
+class Experiment(Protocol):
+    """One question, answered by a table and figures."""
+
+    name: ClassVar[str]
+    question: ClassVar[str]
+    Params: ClassVar[type]
+
+    def rows(self, params: Any, progress: Progress) -> Iterator[Row]:
+        """Yield result rows; each is a flat dict of the documented columns."""
+        ...
+
+    def figures(self, table: pd.DataFrame, params: Any) -> dict[str, Figure]:
+        """Figures by file stem, drawn from the finished table."""
+        ...
+
+
+def apply_overrides(params_type: type, overrides: dict[str, str]) -> Any:
+    """Build ``params_type`` from its defaults and ``key=value`` strings, converting each value
+    to the field's type. Unknown keys and unconvertible values raise :class:`ConfigError`."""
+    known = {f.name: f for f in fields(params_type)}
+    defaults = params_type()
+    values: dict[str, Any] = {}
+    for key, text in overrides.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(key, f"unknown parameter (known: {', '.join(sorted(known))})")
+        current = getattr(defaults, name)
+        try:
+            values[name] = _convert(text, current)
+        except ValueError as exc:
+            raise ConfigError(key, f"cannot use {text!r}: {exc}") from None
+    return dataclasses.replace(defaults, **values)
+
+
+def _convert(text: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if isinstance(current, int):
+        return int(text.replace("_", ""), 0)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, tuple):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if current and isinstance(current[0], int):
+            return tuple(int(t, 0) for t in items)
+        return tuple(items)
+    return text
+
+
+def params_dict(params: Any) -> dict[str, Any]:
+    """JSON-friendly view of a parameters dataclass."""
+    out = {}
+    for f in fields(params):
+        value = getattr(params, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished run: the table and where its files went."""
+
+    experiment: str
+    params: dict[str, Any]
+    table: pd.DataFrame
+    files: list[str]

@@ -1,0 +1,197 @@
+"""nested-overhead: what does two-dimensional translation cost compared with native paging, and
+how much of it do the paging-structure caches, the nested TLB and large pages take back?
+
+For each workload (and a real program trace), the same access stream runs through the fast
+engine natively (guest paging only) and nested (guest paging under EPT), with and without the
+translation caches beyond the TLBs (guest paging-structure caches, nested TLB, EPT
+paging-structure caches: ``pwc``), with 4 KiB and 2 MiB pages in each dimension.
+
+Columns: workload, mode (native/nested), guest_page, ept_page ("-" when native), pwc, accesses,
+walks, tlb_miss_rate, refs_per_walk, guest_refs_per_walk, ept_refs_per_walk, cycles_per_access,
+translation_cycles_per_access.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ..arch.bits import PageSize
+from ..mmu.config import Assoc, MmuConfig, TlbConfig
+from ..mmu.engine import Accesses, Engine
+from ..mmu.scenario import NestedSpace
+from ..traces.model import TraceChunk
+from .base import Progress, Row
+
+BASE = 0x0000_2000_0000_0000
+TRACE_COMMAND = ("ls", "-l", "/usr/bin")
+
+
+@dataclass(frozen=True)
+class Params:
+    workloads: tuple[str, ...] = ("sequential", "random", "zipf", "pointer-chase", "gups", "mixed")
+    footprint_mib: int = 256
+    accesses: int = 200_000
+    trace: str = "auto"  # "auto": record `ls -l /usr/bin` under lackey; "": none; else a path
+    trace_accesses: int = 300_000
+    guest_pages: tuple[str, ...] = ("4k", "2m")
+    ept_pages: tuple[str, ...] = ("4k", "2m")
+    seed: int = 0
+
+
+def without_pwc() -> TlbConfig:
+    """The default TLBs with every paging-structure cache and the nested TLB turned off."""
+    off = Assoc(0, 1)
+    names = [n for n in TlbConfig.__dataclass_fields__ if n.startswith(("psc_", "ntlb_", "epsc_"))]
+    return TlbConfig(**dict.fromkeys(names, off))
+
+
+@dataclass(frozen=True)
+class Source:
+    """A named access stream that can be replayed (a workload or a recorded trace)."""
+
+    name: str
+    chunks: list[TraceChunk]
+    regions: np.ndarray  # 2 MiB regions touched (for mapping)
+
+    @property
+    def accesses(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+
+class NestedOverhead:
+    name: ClassVar[str] = "nested-overhead"
+    question: ClassVar[str] = (
+        "What does nested (2D) translation cost compared with native paging, and how much do "
+        "paging-structure caches, the nested TLB and large pages take back?"
+    )
+    Params: ClassVar[type] = Params
+
+    def sources(self, p: Params) -> Iterator[Source]:
+        from ..workloads import make_workload
+
+        footprint = p.footprint_mib << 20
+        regions = BASE // (2 << 20) + np.arange(footprint // (2 << 20), dtype=np.int64)
+        for name in p.workloads:
+            workload = make_workload(name, footprint=footprint, seed=p.seed)
+            chunks = list(workload.stream(BASE, p.accesses))
+            yield Source(name, chunks, regions)
+        trace = self._trace(p)
+        if trace is not None:
+            yield trace
+
+    def _trace(self, p: Params) -> Source | None:
+        from ..traces import open_trace, record
+
+        if p.trace == "":
+            return None
+        if p.trace == "auto":
+            if shutil.which("valgrind") is None:
+                return None
+            path = Path(tempfile.mkdtemp(prefix="eptlab-")) / "ls.ept"
+            record(list(TRACE_COMMAND), path)
+            name = "trace:" + " ".join(TRACE_COMMAND)
+        else:
+            path, name = Path(p.trace), f"trace:{Path(p.trace).name}"
+        chunks, total = [], 0
+        for chunk in open_trace(path):
+            take = min(len(chunk), p.trace_accesses - total)
+            chunks.append(TraceChunk(chunk.address[:take], chunk.kind[:take], chunk.size[:take]))
+            total += take
+            if total >= p.trace_accesses:
+                break
+        regions = np.unique(np.concatenate([c.address >> 21 for c in chunks]))
+        return Source(name, chunks, regions)
+
+    def configurations(self, p: Params) -> list[tuple[str, PageSize, PageSize | None, bool]]:
+        guest = [PageSize.parse(g) for g in p.guest_pages]
+        ept = [PageSize.parse(e) for e in p.ept_pages]
+        configs: list[tuple[str, PageSize, PageSize | None, bool]] = []
+        for gp, pwc in product(guest, (False, True)):
+            configs.append(("native", gp, None, pwc))
+        for gp, ep, pwc in product(guest, ept, (False, True)):
+            configs.append(("nested", gp, ep, pwc))
+        return configs
+
+    def rows(self, params: Params, progress: Progress) -> Iterator[Row]:
+        sources = list(self.sources(params))
+        configs = self.configurations(params)
+        total, done = len(sources) * len(configs), 0
+        progress(0, total)
+        for source in sources:
+            for mode, gp, ep, pwc in configs:
+                yield self.measure(source, mode, gp, ep, pwc)
+                done += 1
+                progress(done, total)
+
+    def measure(
+        self, source: Source, mode: str, gp: PageSize, ep: PageSize | None, pwc: bool
+    ) -> Row:
+        space = NestedSpace.create(use_ept=mode == "nested", host_memory=1 << 46,
+                                   guest_memory=1 << 46)
+        for region in source.regions.tolist():  # map every 2 MiB region the stream touches
+            space.map_range(region << 21, 2 << 20, gp, ep or PageSize.SIZE_4K)
+        config = MmuConfig() if pwc else MmuConfig(tlb=without_pwc())
+        engine = Engine(space.memory, config, space.features)
+        engine.add_vcpu(space.guest, space.vmcs)
+        for chunk in source.chunks:
+            result = engine.run(Accesses.build(chunk.address, chunk.kind))
+            if not result.done:
+                raise RuntimeError(f"{source.name}: {result.exit or result.fault}")
+        s = engine.stats()
+        walks = max(1, s.walks)
+        return {
+            "workload": source.name,
+            "mode": mode,
+            "guest_page": gp.label,
+            "ept_page": ep.label if ep is not None else "-",
+            "pwc": pwc,
+            "accesses": s.accesses,
+            "walks": s.walks,
+            "tlb_miss_rate": round(s.walks / max(1, s.accesses), 5),
+            "refs_per_walk": round(s.walk_references / walks, 3),
+            "guest_refs_per_walk": round(sum(s.guest_refs) / walks, 3),
+            "ept_refs_per_walk": round(sum(s.ept_refs) / walks, 3),
+            "cycles_per_access": round(s.cycles / max(1, s.accesses), 2),
+            "translation_cycles_per_access": round(s.translation_cycles / max(1, s.accesses), 2),
+        }
+
+    def figures(self, table: pd.DataFrame, params: Params) -> dict[str, Figure]:
+        return {
+            "nested-overhead-refs": _bars(table, "refs_per_walk", "memory references per walk"),
+            "nested-overhead-cycles": _bars(table, "cycles_per_access", "cycles per access"),
+        }
+
+
+def _label(row: pd.Series) -> str:
+    pages = row["guest_page"] if row["mode"] == "native" else f"{row['guest_page']}/{row['ept_page']}"
+    return f"{row['mode']} {pages} {'pwc' if row['pwc'] else 'no-pwc'}"
+
+
+def _bars(table: pd.DataFrame, column: str, ylabel: str) -> Figure:
+    workloads = list(dict.fromkeys(table["workload"]))
+    labels = list(dict.fromkeys(table.apply(_label, axis=1)))
+    figure = Figure(figsize=(max(8, 1.6 * len(workloads)), 4.5))
+    ax = figure.subplots()
+    width = 0.8 / max(1, len(labels))
+    for i, label in enumerate(labels):
+        values = []
+        for w in workloads:
+            rows = table[(table["workload"] == w) & (table.apply(_label, axis=1) == label)]
+            values.append(float(rows[column].iloc[0]) if len(rows) else 0.0)
+        ax.bar(np.arange(len(workloads)) + i * width, values, width, label=label)
+    ax.set_xticks(np.arange(len(workloads)) + 0.4 - width / 2)
+    ax.set_xticklabels([w.replace("trace:", "trace\n") for w in workloads], fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel}: native vs nested, caches, page sizes")
+    ax.legend(fontsize=6, ncol=2)
+    return figure
