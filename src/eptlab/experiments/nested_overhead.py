@@ -37,7 +37,7 @@ TRACE_COMMAND = ("ls", "-l", "/usr/bin")
 
 
 @dataclass(frozen=True)
-class Params:
+class NestedOverheadParams:
     workloads: tuple[str, ...] = ("sequential", "random", "zipf", "pointer-chase", "gups", "mixed")
     footprint_mib: int = 256
     accesses: int = 200_000
@@ -74,9 +74,9 @@ class NestedOverhead:
         "What does nested (2D) translation cost compared with native paging, and how much do "
         "paging-structure caches, the nested TLB and large pages take back?"
     )
-    Params: ClassVar[type] = Params
+    Params: ClassVar[type] = NestedOverheadParams
 
-    def sources(self, p: Params) -> Iterator[Source]:
+    def sources(self, p: NestedOverheadParams) -> Iterator[Source]:
         from ..workloads import make_workload
 
         footprint = p.footprint_mib << 20
@@ -89,7 +89,7 @@ class NestedOverhead:
         if trace is not None:
             yield trace
 
-    def _trace(self, p: Params) -> Source | None:
+    def _trace(self, p: NestedOverheadParams) -> Source | None:
         from ..traces import open_trace, record
 
         if p.trace == "":
@@ -112,7 +112,7 @@ class NestedOverhead:
         regions = np.unique(np.concatenate([c.address >> 21 for c in chunks]))
         return Source(name, chunks, regions)
 
-    def configurations(self, p: Params) -> list[tuple[str, PageSize, PageSize | None, bool]]:
+    def configurations(self, p: NestedOverheadParams) -> list[tuple[str, PageSize, PageSize | None, bool]]:
         guest = [PageSize.parse(g) for g in p.guest_pages]
         ept = [PageSize.parse(e) for e in p.ept_pages]
         configs: list[tuple[str, PageSize, PageSize | None, bool]] = []
@@ -122,7 +122,7 @@ class NestedOverhead:
             configs.append(("nested", gp, ep, pwc))
         return configs
 
-    def rows(self, params: Params, progress: Progress) -> Iterator[Row]:
+    def rows(self, params: NestedOverheadParams, progress: Progress) -> Iterator[Row]:
         sources = list(self.sources(params))
         configs = self.configurations(params)
         total, done = len(sources) * len(configs), 0
@@ -165,7 +165,7 @@ class NestedOverhead:
             "translation_cycles_per_access": round(s.translation_cycles / max(1, s.accesses), 2),
         }
 
-    def figures(self, table: pd.DataFrame, params: Params) -> dict[str, Figure]:
+    def figures(self, table: pd.DataFrame, params: NestedOverheadParams) -> dict[str, Figure]:
         return {
             "nested-overhead-refs": _bars(table, "refs_per_walk", "memory references per walk"),
             "nested-overhead-cycles": _bars(table, "cycles_per_access", "cycles per access"),

@@ -1,0 +1,59 @@
+"""Exits as the hypervisor sees them: the architectural record plus the vCPU it came from.
+
+The translation hardware produces :class:`~eptlab.arch.exits.EptViolation`,
+:class:`~eptlab.arch.exits.EptMisconfig` and :class:`~eptlab.arch.exits.PmlFull`; the vCPU adds
+VMCALL (a hypercall with its registers) and HLT (the guest has nothing left to run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from ..arch.exits import ExitReason, VmExit
+
+if TYPE_CHECKING:
+    from .vcpu import VCPU
+
+
+@dataclass(frozen=True, slots=True)
+class Vmcall:
+    """Exit reason 18. The hypercall number is RAX, arguments RBX, RCX, RDX, RSI (KVM's ABI)."""
+
+    reason: ClassVar[ExitReason] = ExitReason.VMCALL
+    number: int
+    args: tuple[int, ...] = ()
+    qualification: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"reason": int(self.reason), "reason_name": self.reason.name,
+                "number": self.number, "args": list(self.args)}
+
+
+@dataclass(frozen=True, slots=True)
+class Hlt:
+    """Exit reason 12."""
+
+    reason: ClassVar[ExitReason] = ExitReason.HLT
+    qualification: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"reason": int(self.reason), "reason_name": self.reason.name}
+
+
+Record = VmExit | Vmcall | Hlt
+
+
+@dataclass(frozen=True)
+class Exit:
+    """One VM exit delivered to the hypervisor."""
+
+    vcpu: VCPU
+    record: Record
+
+    @property
+    def reason(self) -> ExitReason:
+        return self.record.reason
+
+    def __str__(self) -> str:
+        return f"vCPU {self.vcpu.name}: {self.record}"

@@ -1,0 +1,141 @@
+"""The hypervisor: owns host memory and the translation engine, creates VMs, and dispatches
+every VM exit to the handlers registered for its reason.
+
+    while (exit := vcpu.run()) is not None:
+        hv.handle(exit)
+
+Handlers are plain functions ``handler(exit) -> bool`` (True: handled, resume the guest). The
+newest handler registered for a reason is asked first, so applications override the defaults
+(lazy backing, PML drain, hypercall dispatch). An exit nobody handles raises
+:class:`UnhandledExit`, which shows the exit record.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+
+from ..arch.bits import PageSize
+from ..arch.exits import ExitReason
+from ..errors import EptlabError
+from ..memory.allocator import Policy
+from ..mmu.config import MmuConfig
+from ..mmu.context import CpuFeatures
+from ..mmu.engine import Engine
+from .exits import Exit, Vmcall
+from .host import HostMemory
+from .scheduler import Scheduler
+from .vcpu import VCPU
+from .vm import VM
+
+Handler = Callable[[Exit], bool]
+HypercallFn = Callable[[VCPU, tuple[int, ...]], int]
+
+
+class UnhandledExit(EptlabError):
+    def __init__(self, exit_: Exit) -> None:
+        super().__init__(f"no handler took this VM exit: {exit_}")
+        self.exit = exit_
+
+
+class Hypervisor:
+    def __init__(
+        self,
+        *,
+        host_memory: int = 1 << 40,
+        mmu: MmuConfig | None = None,
+        features: CpuFeatures | None = None,
+        host_policy: Policy = "sequential",
+        seed: int = 0,
+    ) -> None:
+        self.features = features or CpuFeatures()
+        self.host = HostMemory(host_memory, policy=host_policy, seed=seed)
+        self.engine = Engine(self.host.memory, mmu or MmuConfig(), self.features)
+        self.vms: list[VM] = []
+        self.exits: Counter[str] = Counter()
+        self.hypercall_results: list[tuple[str, int, int]] = []
+        self._handlers: defaultdict[ExitReason, list[Handler]] = defaultdict(list)
+        self._hypercalls: dict[int, tuple[str, HypercallFn]] = {}
+        self._vpid = 0
+        self.on(ExitReason.VMCALL, self._dispatch_hypercall)
+
+    def next_vpid(self) -> int:
+        self._vpid += 1
+        return self._vpid
+
+    # -- VMs ----------------------------------------------------------------------------------
+
+    def create_vm(
+        self,
+        name: str,
+        memory: int,
+        *,
+        ept_levels: int = 4,
+        ept_ad: bool = False,
+        mbec: bool = False,
+        lazy: bool = True,
+        backing: PageSize = PageSize.SIZE_4K,
+        pml: bool = False,
+    ) -> VM:
+        vm = VM(self, name, memory, ept_levels=ept_levels, ept_ad=ept_ad or pml, mbec=mbec,
+                lazy=lazy, backing=backing)
+        self.vms.append(vm)
+        self.on(ExitReason.EPT_VIOLATION, vm.handle_lazy_backing, first=True)
+        self.on(ExitReason.PML_FULL, vm.handle_pml_full, first=True)
+        if pml:
+            vm.enable_pml()
+        return vm
+
+    # -- exits ----------------------------------------------------------------------------------
+
+    def on(self, reason: ExitReason, handler: Handler, *, first: bool = False) -> None:
+        """Register ``handler`` for ``reason``: asked before earlier ones (or after them all,
+        with ``first=True``, for defaults)."""
+        if first:
+            self._handlers[reason].insert(0, handler)
+        else:
+            self._handlers[reason].append(handler)
+
+    def handle(self, exit_: Exit) -> None:
+        self.exits[exit_.reason.name] += 1
+        for handler in reversed(self._handlers[exit_.reason]):
+            if handler(exit_):
+                return
+        raise UnhandledExit(exit_)
+
+    def hypercall(self, number: int, name: str) -> Callable[[HypercallFn], HypercallFn]:
+        """Decorator registering a hypercall: ``fn(vcpu, args) -> result``."""
+
+        def register(fn: HypercallFn) -> HypercallFn:
+            if number in self._hypercalls:
+                raise EptlabError(f"hypercall {number} is already {self._hypercalls[number][0]}")
+            self._hypercalls[number] = (name, fn)
+            return fn
+
+        return register
+
+    def _dispatch_hypercall(self, exit_: Exit) -> bool:
+        record = exit_.record
+        if not isinstance(record, Vmcall) or record.number not in self._hypercalls:
+            return False
+        name, fn = self._hypercalls[record.number]
+        self.hypercall_results.append((name, record.number, fn(exit_.vcpu, record.args)))
+        return True
+
+    # -- running --------------------------------------------------------------------------------
+
+    def run(
+        self,
+        vcpus: Sequence[VCPU] | None = None,
+        *,
+        seed: int = 0,
+        quantum: tuple[int, int] = (256, 1024),
+        preempt_at: dict[int, set[int]] | None = None,
+    ) -> Scheduler:
+        """Run the given vCPUs (default: all) interleaved until every program ends, handling
+        every exit. Returns the scheduler (its ``order`` records the interleaving)."""
+        vcpus = list(vcpus) if vcpus is not None else [v for vm in self.vms for v in vm.vcpus]
+        scheduler = Scheduler(vcpus, seed=seed, quantum=quantum, preempt_at=preempt_at)
+        while (exit_ := scheduler.run()) is not None:
+            self.handle(exit_)
+        return scheduler
