@@ -74,8 +74,13 @@ def test_processes_share_the_kernel_half_and_switch_with_cr3() -> None:
     vcpu = kernel.vm.add_vcpu(cr3=a.cr3)
     kernel.switch_to(vcpu, a)
     ha, hb = kernel.mmap(a, 4096), kernel.mmap(b, 4096)
-    vcpu.load([Run(chunk([ha], Access.WRITE)), GuestAction(lambda v: kernel.switch_to(v, b)),
-               Run(chunk([hb], Access.WRITE))])
+    vcpu.load(
+        [
+            Run(chunk([ha], Access.WRITE)),
+            GuestAction(lambda v: kernel.switch_to(v, b)),
+            Run(chunk([hb], Access.WRITE)),
+        ]
+    )
     run_all(hv)
     assert not vcpu.unresolved_faults and vcpu.guest.cr3 == b.cr3
     assert a.tables.lookup(ha) is not None and b.tables.lookup(ha) is None
@@ -84,8 +89,10 @@ def test_processes_share_the_kernel_half_and_switch_with_cr3() -> None:
 def test_aslr_entropy_follows_the_configuration() -> None:
     bases = {boot(seed=s)[1].spawn().bases["mmap"] for s in range(40)}
     assert len(bases) == 40  # 28 bits: no repeats in 40 draws
-    fixed = {boot(seed=s, aslr=AslrConfig(mmap_bits=0, kernel_bits=0))[1].spawn().bases["mmap"]
-             for s in range(5)}
+    fixed = {
+        boot(seed=s, aslr=AslrConfig(mmap_bits=0, kernel_bits=0))[1].spawn().bases["mmap"]
+        for s in range(5)
+    }
     assert len(fixed) == 1
     kernels = {boot(seed=s)[1].kernel_base for s in range(60)}
     assert all(k % (2 * MiB) == 0 for k in kernels) and len(kernels) > 40  # 512 slots

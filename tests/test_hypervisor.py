@@ -192,8 +192,13 @@ def test_guest_actions_run_in_program_order() -> None:
     hv = Hypervisor()
     vm, _, vcpu = guest_with_mapping(hv)
     log: list[str] = []
-    vcpu.load([GuestAction(lambda v: log.append("a")), Run(chunk([GVA])),
-               GuestAction(lambda v: log.append(f"b{v.stats.accesses}"))])
+    vcpu.load(
+        [
+            GuestAction(lambda v: log.append("a")),
+            Run(chunk([GVA])),
+            GuestAction(lambda v: log.append(f"b{v.stats.accesses}")),
+        ]
+    )
     while (exit_ := vcpu.run()) is not None:
         hv.handle(exit_)
     assert log == ["a", "b1"]

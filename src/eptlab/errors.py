@@ -66,3 +66,11 @@ class TraceFormatError(EptlabError, ValueError):
             f"{path}:{where}: {message}" if unit == "line" else f"{path}: byte {where}: {message}"
         )
         self.path, self.where, self.unit = path, where, unit
+
+
+class RecordError(EptlabError):
+    """valgrind is missing, or the recorded command could not run or failed."""
+
+    def __init__(self, command: list[str], message: str, *, status: int | None = None) -> None:
+        super().__init__(f"recording {' '.join(command)!r}: {message}")
+        self.command, self.status = command, status

@@ -42,7 +42,9 @@ def run_experiment(
         list[str] | None, typer.Option("--set", help="Parameter override KEY=VALUE (repeatable).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default out/NAME).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print {experiment, params, rows}.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print {experiment, params, rows}.")
+    ] = False,
 ) -> int:
     """Run one experiment: progress bar, then CSV, Parquet, JSON and PNG files in OUT."""
     from ..experiments import runner
@@ -54,8 +56,9 @@ def run_experiment(
         raise typer.BadParameter(str(exc)) from None
     if as_json:
         rows = json.loads(result.table.to_json(orient="records"))
-        typer.echo(json.dumps({"experiment": result.experiment, "params": result.params,
-                               "rows": rows}))
+        typer.echo(
+            json.dumps({"experiment": result.experiment, "params": result.params, "rows": rows})
+        )
     else:
         console = Console(width=160)
         console.print(result.table.to_string(index=False))

@@ -112,7 +112,9 @@ class NestedOverhead:
         regions = np.unique(np.concatenate([c.address >> 21 for c in chunks]))
         return Source(name, chunks, regions)
 
-    def configurations(self, p: NestedOverheadParams) -> list[tuple[str, PageSize, PageSize | None, bool]]:
+    def configurations(
+        self, p: NestedOverheadParams
+    ) -> list[tuple[str, PageSize, PageSize | None, bool]]:
         guest = [PageSize.parse(g) for g in p.guest_pages]
         ept = [PageSize.parse(e) for e in p.ept_pages]
         configs: list[tuple[str, PageSize, PageSize | None, bool]] = []
@@ -136,8 +138,12 @@ class NestedOverhead:
     def measure(
         self, source: Source, mode: str, gp: PageSize, ep: PageSize | None, pwc: bool
     ) -> Row:
-        space = NestedSpace.create(use_ept=mode == "nested", host_memory=1 << 46,
-                                   guest_memory=1 << 46)
+        space = NestedSpace.create(
+            use_ept=mode == "nested",
+            host_memory=1 << 46,
+            guest_memory=1 << 46,
+            table_ept_page=ep or PageSize.SIZE_4K,  # guest page tables live in guest RAM too
+        )
         for region in source.regions.tolist():  # map every 2 MiB region the stream touches
             space.map_range(region << 21, 2 << 20, gp, ep or PageSize.SIZE_4K)
         config = MmuConfig() if pwc else MmuConfig(tlb=without_pwc())
@@ -173,7 +179,9 @@ class NestedOverhead:
 
 
 def _label(row: pd.Series) -> str:
-    pages = row["guest_page"] if row["mode"] == "native" else f"{row['guest_page']}/{row['ept_page']}"
+    pages = (
+        row["guest_page"] if row["mode"] == "native" else f"{row['guest_page']}/{row['ept_page']}"
+    )
     return f"{row['mode']} {pages} {'pwc' if row['pwc'] else 'no-pwc'}"
 
 

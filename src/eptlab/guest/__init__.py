@@ -3,5 +3,12 @@
 from .kernel import File, GuestKernel, Process, Region
 from .layout import DIRECT_MAP_BASE, AslrConfig, KernelImage
 
-__all__ = ["DIRECT_MAP_BASE", "AslrConfig", "File", "GuestKernel", "KernelImage", "Process",
-           "Region"]
+__all__ = [
+    "DIRECT_MAP_BASE",
+    "AslrConfig",
+    "File",
+    "GuestKernel",
+    "KernelImage",
+    "Process",
+    "Region",
+]

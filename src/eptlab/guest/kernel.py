@@ -116,8 +116,12 @@ class GuestKernel:
     # -- guest-physical memory and page tables ----------------------------------------------------
 
     def _new_tables(self) -> GuestPageTables:
-        return GuestPageTables(self.vm, self.frames.alloc, levels=self.levels,
-                               maxphyaddr=self.vm.hv.features.maxphyaddr)
+        return GuestPageTables(
+            self.vm,
+            self.frames.alloc,
+            levels=self.levels,
+            maxphyaddr=self.vm.hv.features.maxphyaddr,
+        )
 
     def _map_kernel_image(self) -> list[Region]:
         regions = []
@@ -129,8 +133,14 @@ class GuestKernel:
         ):
             for offset in range(0, size, _2M):
                 gpa = self.frames.alloc(PageSize.SIZE_2M)
-                self.kernel_tables.map(address + offset, gpa, PageSize.SIZE_2M,
-                                       writable=writable, xd=not executable, global_=True)
+                self.kernel_tables.map(
+                    address + offset,
+                    gpa,
+                    PageSize.SIZE_2M,
+                    writable=writable,
+                    xd=not executable,
+                    global_=True,
+                )
             regions.append(Region(address, size, kind, writable, executable, False))
             address += size
         return regions
@@ -169,15 +179,17 @@ class GuestKernel:
         self.processes[pid] = p
         return p
 
-    def mmap(self, process: Process, length: int, *, writable: bool = True,
-             executable: bool = False) -> int:
+    def mmap(
+        self, process: Process, length: int, *, writable: bool = True, executable: bool = False
+    ) -> int:
         """Reserve an anonymous region below the previous one; pages come on first touch."""
         length = -(-length // PAGE_SIZE) * PAGE_SIZE
         process.mmap_next -= length
         align = _2M if self.thp and length >= _2M else PAGE_SIZE
         process.mmap_next &= ~(align - 1)
-        process.regions.append(Region(process.mmap_next, length, "mmap", writable, executable,
-                                      True))
+        process.regions.append(
+            Region(process.mmap_next, length, "mmap", writable, executable, True)
+        )
         return process.mmap_next
 
     def switch_to(self, vcpu: VCPU, process: Process) -> None:
@@ -212,8 +224,14 @@ class GuestKernel:
             tables = process.tables if region.user and process else self.kernel_tables
             size = PageSize.SIZE_2M if self._huge(region, address) else PageSize.SIZE_4K
             gpa = self.frames.alloc(size)
-            tables.map(address & ~(size - 1), gpa, size, writable=region.writable,
-                       user=region.user, xd=not region.executable)
+            tables.map(
+                address & ~(size - 1),
+                gpa,
+                size,
+                writable=region.writable,
+                user=region.user,
+                xd=not region.executable,
+            )
         self.counters["demand_faults"] += 1
         return True
 
@@ -224,8 +242,9 @@ class GuestKernel:
     def _map_direct(self, address: int) -> None:
         """The direct map is built with 2 MiB pages as the kernel first touches each part."""
         base = address & ~(_2M - 1)
-        self.kernel_tables.map(base, base - DIRECT_MAP_BASE, PageSize.SIZE_2M, global_=True,
-                               xd=True)
+        self.kernel_tables.map(
+            base, base - DIRECT_MAP_BASE, PageSize.SIZE_2M, global_=True, xd=True
+        )
 
     # -- files and the page cache -------------------------------------------------------------
 

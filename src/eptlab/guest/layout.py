@@ -28,8 +28,13 @@ class AslrConfig:
     kernel_bits: int = 9
 
     def __post_init__(self) -> None:
-        limits = {"mmap_bits": 30, "stack_bits": 30, "heap_bits": 20, "program_bits": 30,
-                  "kernel_bits": 9}
+        limits = {
+            "mmap_bits": 30,
+            "stack_bits": 30,
+            "heap_bits": 20,
+            "program_bits": 30,
+            "kernel_bits": 9,
+        }
         for name, limit in limits.items():
             value = getattr(self, name)
             if not 0 <= value <= limit:

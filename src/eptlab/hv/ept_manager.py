@@ -42,8 +42,12 @@ class EptManager:
     ) -> None:
         self.host = host
         self.tables = EptTables(
-            HostStore(host.memory), host.alloc, levels=levels, maxphyaddr=maxphyaddr,
-            ad_enabled=ad_enabled, mbec=mbec,
+            HostStore(host.memory),
+            host.alloc,
+            levels=levels,
+            maxphyaddr=maxphyaddr,
+            ad_enabled=ad_enabled,
+            mbec=mbec,
         )
         self.maxphyaddr = maxphyaddr
 
@@ -80,8 +84,9 @@ class EptManager:
             self._set_bits(self._leaf(gpa), parse_permissions(perms))
         return hpa
 
-    def map_range(self, gpa: int, length: int, size: PageSize = PageSize.SIZE_4K,
-                  perms: str = "rwx") -> None:
+    def map_range(
+        self, gpa: int, length: int, size: PageSize = PageSize.SIZE_4K, perms: str = "rwx"
+    ) -> None:
         """Back ``length`` bytes with fresh host blocks of ``size``."""
         size = PageSize(size)
         if gpa % size or length % size:
@@ -151,8 +156,15 @@ class EptManager:
             raise MappingError(f"GPA {gpa:#x} is mapped by a 4 KiB page: nothing to split")
         small = PageSize.at_level(leaf.level - 1)
         base_hpa = ept_address(leaf.value, leaf.level, self.maxphyaddr)
-        keep = leaf.value & (RWX | int(Ept.XU) | MEMTYPE_MASK | int(Ept.IGNORE_PAT)
-                             | int(Ept.A) | int(Ept.D) | int(Ept.SUPPRESS_VE))
+        keep = leaf.value & (
+            RWX
+            | int(Ept.XU)
+            | MEMTYPE_MASK
+            | int(Ept.IGNORE_PAT)
+            | int(Ept.A)
+            | int(Ept.D)
+            | int(Ept.SUPPRESS_VE)
+        )
         if small == PageSize.SIZE_2M:
             keep |= int(Ept.PS)
         table = self.host.alloc()

@@ -26,8 +26,12 @@ class Vmcall:
     qualification: int = 0
 
     def as_dict(self) -> dict[str, object]:
-        return {"reason": int(self.reason), "reason_name": self.reason.name,
-                "number": self.number, "args": list(self.args)}
+        return {
+            "reason": int(self.reason),
+            "reason_name": self.reason.name,
+            "number": self.number,
+            "args": list(self.args),
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,8 +77,16 @@ class Hypervisor:
         backing: PageSize = PageSize.SIZE_4K,
         pml: bool = False,
     ) -> VM:
-        vm = VM(self, name, memory, ept_levels=ept_levels, ept_ad=ept_ad or pml, mbec=mbec,
-                lazy=lazy, backing=backing)
+        vm = VM(
+            self,
+            name,
+            memory,
+            ept_levels=ept_levels,
+            ept_ad=ept_ad or pml,
+            mbec=mbec,
+            lazy=lazy,
+            backing=backing,
+        )
         self.vms.append(vm)
         self.on(ExitReason.EPT_VIOLATION, vm.handle_lazy_backing, first=True)
         self.on(ExitReason.PML_FULL, vm.handle_pml_full, first=True)

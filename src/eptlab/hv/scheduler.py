@@ -66,8 +66,9 @@ class Scheduler:
     ) -> None:
         if not vcpus:
             raise ValueError("nothing to schedule")
-        self.lanes = [_Lane(v, preempt=sorted((preempt_at or {}).get(i, ()))) for i, v in
-                      enumerate(vcpus)]
+        self.lanes = [
+            _Lane(v, preempt=sorted((preempt_at or {}).get(i, ()))) for i, v in enumerate(vcpus)
+        ]
         self.rng = np.random.default_rng(seed)
         self.quantum = quantum
         self._chunk: Accesses | None = None
@@ -122,8 +123,9 @@ class Scheduler:
             return False
         owners = np.concatenate(owner)
         engine_ids = np.array([lane.vcpu.engine_id for lane in self.lanes], np.int32)[owners]
-        self._chunk = Accesses.build(np.concatenate(gva), np.concatenate(kind),
-                                     np.concatenate(user), engine_ids)
+        self._chunk = Accesses.build(
+            np.concatenate(gva), np.concatenate(kind), np.concatenate(user), engine_ids
+        )
         self._owner, self._pos = owners, 0
         self.order.extend(owners.tolist())
         return True

@@ -39,8 +39,13 @@ class VM:
         if memory <= 0 or memory % PageSize.SIZE_2M:
             raise ConfigError("memory", f"{memory} is not a positive multiple of 2 MiB")
         self.hv, self.name, self.memory = hv, name, memory
-        self.ept = EptManager(hv.host, levels=ept_levels, maxphyaddr=hv.features.maxphyaddr,
-                              ad_enabled=ept_ad, mbec=mbec)
+        self.ept = EptManager(
+            hv.host,
+            levels=ept_levels,
+            maxphyaddr=hv.features.maxphyaddr,
+            ad_enabled=ept_ad,
+            mbec=mbec,
+        )
         self.mbec, self.lazy, self.backing = mbec, lazy, PageSize(backing)
         self.vcpus: list[VCPU] = []
         self.counters: Counter[str] = Counter()
@@ -113,8 +118,9 @@ class VM:
 
     # -- invalidation -----------------------------------------------------------------------------
 
-    def invept(self, vcpus: list[VCPU] | None = None,
-               kind: InveptType = InveptType.SINGLE_CONTEXT) -> None:
+    def invept(
+        self, vcpus: list[VCPU] | None = None, kind: InveptType = InveptType.SINGLE_CONTEXT
+    ) -> None:
         """INVEPT on the given vCPUs (default: all of this VM's: a completed shootdown)."""
         targets = self.vcpus if vcpus is None else vcpus
         self.hv.engine.invept(kind, self.ept.eptp, vcpus=[v.engine_id for v in targets])
@@ -133,8 +139,9 @@ class VM:
 
     def enable_pml(self) -> None:
         if not self.ept.tables.ad_enabled:
-            raise ConfigError("pml", "PML needs EPT accessed/dirty flags (create the VM with "
-                              "ept_ad=True)")
+            raise ConfigError(
+                "pml", "PML needs EPT accessed/dirty flags (create the VM with ept_ad=True)"
+            )
         self.pml_enabled = True
         for vcpu in self.vcpus:
             self._arm_pml(vcpu)
@@ -151,8 +158,9 @@ class VM:
         m = vcpu.vmcs
         first = m.pml_index + 1 if m.pml_index < PML_ENTRIES else 0
         memory = self.hv.host.memory
-        logged = [memory.read_u64(m.pml_address + 8 * i) for i in range(PML_ENTRIES - 1,
-                                                                          first - 1, -1)]
+        logged = [
+            memory.read_u64(m.pml_address + 8 * i) for i in range(PML_ENTRIES - 1, first - 1, -1)
+        ]
         m.pml_index = PML_ENTRIES - 1
         self.dirty_log.update(logged)
         self.counters["pml_drained"] += len(logged)

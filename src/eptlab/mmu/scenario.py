@@ -55,7 +55,10 @@ class NestedSpace:
         cr0: int | None = None,
         cr4_extra: int = 0,
         efer: int | None = None,
+        table_ept_page: PageSize = PageSize.SIZE_4K,
     ) -> NestedSpace:
+        """``table_ept_page``: the EPT page size backing the guest page-table pages (a
+        hypervisor backs all of guest RAM alike, page tables included)."""
         features = features or CpuFeatures()
         memory = PhysicalMemory(host_memory)
         host_frames = FrameAllocator(host_memory, policy=host_policy, seed=seed)
@@ -75,10 +78,13 @@ class NestedSpace:
         )
         store: WordStore = GuestPhysicalStore(memory, ept) if ept else HostStore(memory)
 
+        table_page = PageSize(table_ept_page)
+
         def alloc_guest_table() -> int:
             gpa = table_frames.alloc()
-            if ept is not None:
-                ept.map(gpa, host_frames.alloc())
+            if ept is not None and ept.lookup(gpa) is None:
+                base = gpa & ~(table_page - 1)
+                ept.map(base, host_frames.alloc(table_page), table_page)
             return gpa
 
         tables = GuestPageTables(
