@@ -275,3 +275,15 @@ def test_invept_acts_on_the_executing_vcpu_only() -> None:
     assert int(engine.translate(GVA, Access.READ, vcpu=1).hpa[0]) == old  # type: ignore[index]
     engine.invept(InveptType.SINGLE_CONTEXT, space.vmcs.eptp.encode(), vcpus=[1])
     assert int(engine.translate(GVA, Access.READ, vcpu=1).hpa[0]) == new  # type: ignore[index]
+
+
+@pytest.mark.parametrize("use_ept", [False, True])
+def test_tlb_entry_covers_the_guest_large_page(use_ept: bool) -> None:
+    """A 2 MiB guest page (over a 2 MiB EPT page, or natively) is one TLB entry."""
+    space = NestedSpace.create(use_ept=use_ept)
+    space.map(GVA, PageSize.SIZE_2M, PageSize.SIZE_2M)
+    engine = Engine(space.memory, MmuConfig(), space.features)
+    engine.add_vcpu(space.guest, space.vmcs)
+    assert engine.run(Accesses.build(GVA + np.arange(0, 1 << 21, 1 << 16))).done
+    s = engine.stats()
+    assert s.walks == 1 and s.l1d_tlb_hits == 31

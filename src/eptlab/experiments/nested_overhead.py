@@ -14,6 +14,7 @@ translation_cycles_per_access.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,7 +99,7 @@ class NestedOverhead:
             if shutil.which("valgrind") is None:
                 return None
             path = Path(tempfile.mkdtemp(prefix="eptlab-")) / "ls.ept"
-            record(list(TRACE_COMMAND), path)
+            record(list(TRACE_COMMAND), path, stdout=subprocess.DEVNULL)
             name = "trace:" + " ".join(TRACE_COMMAND)
         else:
             path, name = Path(p.trace), f"trace:{Path(p.trace).name}"

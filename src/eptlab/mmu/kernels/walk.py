@@ -314,7 +314,7 @@ def ept_translate(
     if regs[vcpu, REG_USE_EPT] == 0:
         res[0] = gpa
         res[1] = ALL_EPT_RIGHTS
-        res[2] = 1
+        res[2] = 3  # no EPT: no second-dimension page size limits the TLB entry
         res[3] = 1
         res[4] = 0
         return EXIT_NONE
