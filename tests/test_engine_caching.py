@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eptlab.arch import Access, EptQual, EptViolation
+from eptlab.arch import Access, EptQual, EptViolation, PageSize
 from eptlab.arch.ept import Ept
 from eptlab.mmu.config import MmuConfig
 from eptlab.mmu.engine import Accesses, Engine, InveptType, InvvpidType
