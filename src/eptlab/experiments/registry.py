@@ -1,20 +1,27 @@
-"""Every experiment, by name."""
+"""Every experiment, by name: ``name -> "module:Class"`` (imported when first needed)."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from ..errors import ConfigError
 
+_EXPERIMENTS = {
+    "nested-overhead": "eptlab.experiments.nested_overhead:NestedOverhead",
+}
+
+
+def _load(spec: str) -> Any:
+    module, _, cls = spec.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
 
 def experiments() -> dict[str, Any]:
-    from .nested_overhead import NestedOverhead
-
-    return {cls.name: cls for cls in (NestedOverhead,)}
+    return {name: _load(spec) for name, spec in _EXPERIMENTS.items()}
 
 
 def get(name: str) -> Any:
-    known = experiments()
-    if name not in known:
-        raise ConfigError("experiment", f"{name!r} is not one of {', '.join(sorted(known))}")
-    return known[name]
+    if name not in _EXPERIMENTS:
+        raise ConfigError("experiment", f"{name!r} is not one of {', '.join(sorted(_EXPERIMENTS))}")
+    return _load(_EXPERIMENTS[name])

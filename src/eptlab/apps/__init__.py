@@ -1,0 +1,1 @@
+"""Applications: hypervisor policies written against :mod:`eptlab.hv`, one module each."""
