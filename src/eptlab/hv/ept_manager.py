@@ -78,7 +78,7 @@ class EptManager:
         if hpa is None:
             hpa = self.host.alloc(size)
         else:
-            self.host.share(hpa)
+            self.host.share(hpa, size)
         self.tables.map(gpa, hpa, size, memory_type=memory_type)
         if perms != "rwx":
             self._set_bits(self._leaf(gpa), parse_permissions(perms))
@@ -97,7 +97,7 @@ class EptManager:
     def unmap(self, gpa: int) -> Leaf:
         """Remove the leaf mapping ``gpa`` and release its host block."""
         leaf = self.tables.unmap(gpa)
-        self.host.release(ept_address(leaf.value, leaf.level, self.maxphyaddr))
+        self.host.release(ept_address(leaf.value, leaf.level, self.maxphyaddr), leaf.page_size)
         return leaf
 
     def leaves(self, gpa: int, length: int) -> Iterator[tuple[int, Leaf]]:
@@ -172,19 +172,9 @@ class EptManager:
         frame = self.host.memory.frame(table >> 12)
         for i in range(ENTRIES_PER_TABLE):
             frame[i] = base_hpa + i * small | keep
-        # the large block is now referenced as 512 smaller ones
-        self._rebook(base_hpa, PageSize.at_level(leaf.level), small)
+        # reference counts are per 4 KiB frame: 512 smaller leaves map the same frames
         self.host.memory.write_u64(leaf.entry_address, table | RWX | int(Ept.XU))
         return table
-
-    def _rebook(self, hpa: int, big: PageSize, small: PageSize) -> None:
-        """Account a host block of ``big`` as ``big // small`` blocks of ``small``."""
-        frames, refs = self.host.frames, self.host._refs
-        count = refs.pop(hpa)
-        frames.free(hpa)
-        for i in range(big // small):
-            frames.alloc_at(hpa + i * small, small)
-            refs[hpa + i * small] = count
 
     def merge(self, gpa: int, size: PageSize) -> bool:
         """Merge the table under the ``size`` entry of ``gpa`` back into one leaf if its 512
@@ -214,19 +204,9 @@ class EptManager:
                 return False
             if word & ~((1 << self.maxphyaddr) - 1 & ~0xFFF) & ~int(Ept.A | Ept.D) != attrs:
                 return False
-        refs = self.host._refs
-        counts = {refs[base + i * small] for i in range(512)}
-        if len(counts) != 1:
-            return False  # some small pages are shared differently: cannot merge
         dirty = any(w & Ept.D for w in words)
         leaf = base | (attrs & ~int(Ept.PS)) | int(Ept.PS) | (int(Ept.D) if dirty else 0)
-        self.host.memory.write_u64(entry, leaf)
-        count = counts.pop()
-        for i in range(512):
-            del refs[base + i * small]
-            self.host.frames.free(base + i * small)
-        self.host.frames.alloc_at(base, size)
-        refs[base] = count
+        self.host.memory.write_u64(entry, leaf)  # the frames' reference counts do not change
         self.host.release(table)
         self.tables.tables.remove(table)
         return True
