@@ -9,6 +9,8 @@ from ..errors import ConfigError
 
 _EXPERIMENTS = {
     "nested-overhead": "eptlab.experiments.nested_overhead:NestedOverhead",
+    "cow-fork": "eptlab.experiments.cow_fork:CowFork",
+    "integrity-monitor": "eptlab.experiments.integrity_monitor:IntegrityMonitor",
 }
 
 

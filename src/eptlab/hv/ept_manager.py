@@ -100,18 +100,17 @@ class EptManager:
         self.host.release(ept_address(leaf.value, leaf.level, self.maxphyaddr), leaf.page_size)
         return leaf
 
+    def destroy(self) -> None:
+        """Unmap everything and release the EPT's own table frames."""
+        for page, _ in list(self.tables.mapped()):
+            self.unmap(page)
+        for table in self.tables.tables:
+            self.host.release(table)
+        self.tables.tables.clear()
+
     def leaves(self, gpa: int, length: int) -> Iterator[tuple[int, Leaf]]:
-        """``(page GPA, leaf)`` for the pages overlapping ``[gpa, gpa + length)``, in order;
-        unmapped parts are skipped."""
-        address, end = gpa, gpa + length
-        while address < end:
-            leaf = self.tables.lookup(address)
-            if leaf is None:
-                address = (address | 0xFFF) + 1
-                continue
-            page = address & ~(leaf.page_size - 1)
-            yield page, leaf
-            address = page + leaf.page_size
+        """``(page GPA, leaf)`` for the pages overlapping ``[gpa, gpa + length)``, in order."""
+        return self.tables.mapped(gpa, gpa + length)
 
     def _leaf(self, gpa: int) -> Leaf:
         leaf = self.tables.lookup(gpa)

@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
+from ..arch.access import Access
 from ..arch.exits import GuestFault
+from ..errors import EptlabError
 from ..mmu.context import GuestState, Vmcs
+from ..mmu.engine import Accesses
 from ..mmu.stats import VcpuStats
 from .exits import Exit
 from .program import Segment
@@ -47,6 +50,37 @@ class VCPU:
             self._runner = Scheduler([self])
         assert isinstance(self._runner, Scheduler)
         return self._runner.run()
+
+    # -- single accesses with values (tests, examples, data-carrying policies) -------------------
+
+    def access(self, gva: int, access: Access, *, user: bool = False) -> int:
+        """Perform one access now, outside any program: exits go to the hypervisor's handlers
+        and guest faults to the guest OS until it completes. Returns the HPA it used."""
+        hv = self.vm.hv
+        for _ in range(64):
+            result = hv.engine.run(
+                Accesses.build([gva], int(access), int(user), self.engine_id), record_hpa=True
+            )
+            if result.done:
+                assert result.hpa is not None
+                return int(result.hpa[0])
+            if result.fault is not None:
+                if self.guest_os is None or not self.guest_os.handle_fault(self, result.fault):
+                    raise EptlabError(f"{self.name}: unresolved guest fault {result.fault}")
+                continue
+            assert result.exit is not None
+            hv.handle(Exit(self, result.exit))
+        raise EptlabError(f"{self.name}: access to {gva:#x} did not complete after 64 exits")
+
+    def write_u64(self, gva: int, value: int, *, user: bool = False) -> None:
+        """A guest store of an 8-byte value (aligned)."""
+        hpa = self.access(gva, Access.WRITE, user=user)
+        self.vm.hv.host.memory.write_u64(hpa & ~7, value)
+
+    def read_u64(self, gva: int, *, user: bool = False) -> int:
+        """A guest load of an 8-byte value (aligned)."""
+        hpa = self.access(gva, Access.READ, user=user)
+        return self.vm.hv.host.memory.read_u64(hpa & ~7)
 
     @property
     def stats(self) -> VcpuStats:

@@ -7,7 +7,7 @@ creates intermediate tables and installs leaves, always by writing real entries 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,6 +155,30 @@ class RadixTables(ABC):
                 return Leaf(level, slot, value, self._leaf_address(value, level) | offset)
             table = self._table_address(value)
         raise AssertionError("unreachable: level 1 entries are leaves")
+
+    def mapped(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, Leaf]]:
+        """``(page address, leaf)`` of every present leaf overlapping ``[start, end)``, in
+        address order; unmapped parts of the tree are skipped wholesale."""
+        top = 1 << level_shift(self.levels + 1)
+        stop = top if end is None else end
+
+        def visit(table: int, level: int, base: int) -> Iterator[tuple[int, Leaf]]:
+            span = 1 << level_shift(level)
+            words = self.store.words(table, ENTRIES_PER_TABLE)
+            for index in np.flatnonzero(words).tolist():
+                low = base + index * span
+                if low + span <= start or low >= stop:
+                    continue
+                value = int(words[index])
+                if not self._present(value):
+                    continue
+                if self._is_leaf(value, level):
+                    target = self._leaf_address(value, level)
+                    yield low, Leaf(level, table + index * ENTRY_BYTES, value, target)
+                else:
+                    yield from visit(self._table_address(value), level - 1, low)
+
+        yield from visit(self.root, self.levels, 0)
 
     def unmap(self, address: int) -> Leaf:
         """Clear the leaf that maps ``address``; returns what was there."""
