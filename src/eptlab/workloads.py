@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import MISSING, dataclass, fields
 from functools import cached_property
@@ -188,7 +189,7 @@ class Workload(Protocol):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SyntheticWorkload:
+class SyntheticWorkload(ABC):
     """Base of the synthetic workloads: ``footprint`` bytes (multiple of 4096), ``seed``."""
 
     name: ClassVar[str] = ""
@@ -230,9 +231,9 @@ class SyntheticWorkload:
         address = (offsets + np.uint64(base)).view(np.int64)  # high half -> negative, as lackey
         return TraceChunk(address=address, kind=kinds, size=sizes)
 
+    @abstractmethod
     def _generate(self, idx: U64) -> Generated:
         """Offsets, kinds and sizes of the accesses with indices ``idx`` (any order)."""
-        raise NotImplementedError
 
     def _stream_key(self, channel: str) -> int:
         return _key(int(self.seed), self.name, channel)
@@ -255,8 +256,9 @@ class _DataWorkload(SyntheticWorkload):
         sizes = np.full(idx.shape, self.access_size, dtype=np.int32)
         return self._offsets(idx), kinds, sizes
 
+    @abstractmethod
     def _offsets(self, idx: U64) -> U64:
-        raise NotImplementedError
+        """Offsets of the accesses with indices ``idx``."""
 
 
 def _strided(idx: U64, stride: int, footprint: int) -> U64:
