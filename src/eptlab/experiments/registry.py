@@ -10,6 +10,7 @@ from ..errors import ConfigError
 _EXPERIMENTS = {
     "nested-overhead": "eptlab.experiments.nested_overhead:NestedOverhead",
     "cow-fork": "eptlab.experiments.cow_fork:CowFork",
+    "prefetch-hypercall": "eptlab.experiments.prefetch_hypercall:PrefetchHypercall",
     "integrity-monitor": "eptlab.experiments.integrity_monitor:IntegrityMonitor",
 }
 
