@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from ..arch.bits import PageSize
@@ -197,10 +198,11 @@ def _bars(table: pd.DataFrame, column: str, ylabel: str) -> Figure:
         for w in workloads:
             rows = table[(table["workload"] == w) & (table.apply(_label, axis=1) == label)]
             values.append(float(rows[column].iloc[0]) if len(rows) else 0.0)
-        ax.bar(np.arange(len(workloads)) + i * width, values, width, label=label)
+        ax.bar(np.arange(len(workloads)) + i * width, values, width, label=label,
+               color=colormaps["tab20"](i % 20))
     ax.set_xticks(np.arange(len(workloads)) + 0.4 - width / 2)
     ax.set_xticklabels([w.replace("trace:", "trace\n") for w in workloads], fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{ylabel}: native vs nested, caches, page sizes")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return figure
