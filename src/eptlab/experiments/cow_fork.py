@@ -112,7 +112,7 @@ class CowFork:
     def figures(self, table: pd.DataFrame, params: CowForkParams) -> dict[str, Figure]:
         figure = Figure(figsize=(11, 4.2))
         left, right = figure.subplots(1, 2)
-        labels = [f"{r.guest_mib}MiB x{r.clones}\n{r.granularity}" for r in table.itertuples()]
+        labels = [f"{r.guest_mib} MiB x{r.clones} {r.granularity}" for r in table.itertuples()]
         x = np.arange(len(table))
         left.bar(x - 0.2, table["host_mib_used"], 0.4, label="copy-on-write")
         left.bar(x + 0.2, table["host_mib_full_copy"], 0.4, label="full copy")
@@ -125,6 +125,6 @@ class CowFork:
         right.set_title("time spent")
         for ax in (left, right):
             ax.set_xticks(x)
-            ax.set_xticklabels(labels, fontsize=6)
+            ax.set_xticklabels(labels, fontsize=7, rotation=60, ha="right")
             ax.legend(fontsize=7)
         return {"cow-fork": figure}
