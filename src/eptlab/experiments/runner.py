@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import matplotlib
 
@@ -30,13 +31,11 @@ def run(
     experiment: Experiment = get(name)()
     params = apply_overrides(experiment.Params, overrides or {})
     out = Path(out) if out is not None else Path("out") / name
-    out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     csv_path, jsonl_path = out / f"{name}.csv", out / f"{name}.jsonl"
     files = [str(csv_path), str(jsonl_path)]
     with (
-        csv_path.open("w", newline="") as csv_file,
-        jsonl_path.open("w") as jsonl,
+        ExitStack() as opened,
         Progress(
             TextColumn(f"[bold]{name}"),
             BarColumn(),
@@ -52,15 +51,22 @@ def run(
             bar.update(task, completed=done, total=total)
 
         writer: csv.DictWriter[str] | None = None
+        jsonl: TextIO | None = None
+        csv_file: TextIO | None = None
         for row in experiment.rows(params, progress):
-            rows.append(row)
-            if writer is None:
+            if writer is None:  # files appear with the first row: bad parameters leave none
+                out.mkdir(parents=True, exist_ok=True)
+                csv_file = opened.enter_context(csv_path.open("w", newline=""))
+                jsonl = opened.enter_context(jsonl_path.open("w"))
                 writer = csv.DictWriter(csv_file, fieldnames=list(row))
                 writer.writeheader()
+            assert csv_file is not None and jsonl is not None
+            rows.append(row)
             writer.writerow(row)
             csv_file.flush()
             jsonl.write(json.dumps(row, default=_jsonable) + "\n")
             jsonl.flush()
+    out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(rows)
     parquet = out / f"{name}.parquet"
     table.to_parquet(parquet, index=False)
