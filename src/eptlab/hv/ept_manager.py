@@ -81,7 +81,7 @@ class EptManager:
             self.host.share(hpa, size)
         self.tables.map(gpa, hpa, size, memory_type=memory_type)
         if perms != "rwx":
-            self._set_bits(self._leaf(gpa), parse_permissions(perms))
+            self.tables.set_permission_bits(gpa, parse_permissions(perms))
         return hpa
 
     def map_range(
@@ -118,11 +118,6 @@ class EptManager:
             raise MappingError(f"GPA {gpa:#x} is not mapped")
         return leaf
 
-    def _set_bits(self, leaf: Leaf, perm_bits: int) -> int:
-        value = (leaf.value & ~RWX) | perm_bits
-        self.host.memory.write_u64(leaf.entry_address, value)
-        return value
-
     def protect(self, gpa: int, length: int, perms: str) -> int:
         """Set the permissions of every page in the range; a large page that sticks out of it
         is split first. Returns the number of leaves changed."""
@@ -135,7 +130,7 @@ class EptManager:
                 first, last = max(gpa, page), min(gpa + length, end)
                 changed += self.protect(first, last - first, perms)
                 continue
-            self._set_bits(leaf, bits)
+            self.tables.set_permission_bits(page, bits)
             changed += 1
         return changed
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..arch.bits import PAGE_SIZE, PageSize
-from ..arch.ept import Ept, parse_permissions
+from ..arch.ept import parse_permissions
 from ..arch.paging import Cr4, Efer
 from ..errors import AddressError
 from ..memory import FrameAllocator, PhysicalMemory
@@ -109,16 +109,8 @@ class NestedSpace:
         hpa = self.host_frames.alloc(size)
         self.ept.map(gpa & ~(size - 1), hpa, size)
         if perms != "rwx":
-            self._set_leaf_perms(gpa, parse_permissions(perms))
+            self.ept.set_permission_bits(gpa, parse_permissions(perms))
         return hpa
-
-    def _set_leaf_perms(self, gpa: int, perm_bits: int) -> None:
-        assert self.ept is not None
-        leaf = self.ept.lookup(gpa)
-        assert leaf is not None, f"{gpa:#x} is not mapped"
-        self.memory.write_u64(
-            leaf.entry_address, (leaf.value & ~int(Ept.R | Ept.W | Ept.X)) | perm_bits
-        )
 
     def map(
         self,
@@ -177,9 +169,10 @@ class NestedSpace:
 
     def protect_tables(self, perms: str) -> None:
         """Give every EPT leaf that maps a guest page-table page the permissions ``perms``."""
+        assert self.ept is not None, "this space has no EPT"
         bits_ = parse_permissions(perms)
         for table in self.tables.tables:
-            self._set_leaf_perms(table, bits_)
+            self.ept.set_permission_bits(table, bits_)
 
     def walker(self) -> ReferenceWalker:
         return ReferenceWalker(self.memory, self.guest, self.vmcs, self.features)

@@ -131,12 +131,17 @@ class EptTables(RadixTables):
     def set_permissions(self, gpa: int, *, read: bool, write: bool, execute: bool) -> int:
         """Change R/W/X of the leaf mapping ``gpa`` (no invalidation: caches are the caller's
         business, as on hardware); returns the new value."""
+        perms = (Ept.R if read else 0) | (Ept.W if write else 0) | (Ept.X if execute else 0)
+        return self.set_permission_bits(gpa, int(perms))
+
+    def set_permission_bits(self, gpa: int, bits: int) -> int:
+        """Write ``bits`` into bits 2:0 of the leaf mapping ``gpa``, as they are: any
+        combination, ``-w-`` included (an EPT misconfiguration on the next use)."""
         leaf = self.lookup(gpa)
         if leaf is None:
             from ..errors import MappingError
 
             raise MappingError(f"{gpa:#x} is not mapped (EPT)")
-        perms = (Ept.R if read else 0) | (Ept.W if write else 0) | (Ept.X if execute else 0)
-        value = (leaf.value & ~int(Ept.R | Ept.W | Ept.X)) | perms
+        value = (leaf.value & ~int(Ept.R | Ept.W | Ept.X)) | (bits & 7)
         self.store.write_u64(leaf.entry_address, value)
         return value
