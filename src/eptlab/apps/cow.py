@@ -25,12 +25,11 @@ from ..arch.ept import Ept, ept_address
 from ..arch.exits import EptQual, EptViolation, ExitReason
 from ..errors import ConfigError
 from ..hv import VM, Exit, Hypervisor
+from ..hv.costs import COPY_BYTES_PER_CYCLE, EPT_EDIT_CYCLES, INVEPT_CYCLES, VMEXIT_CYCLES
 from ..mmu.context import GuestState
 
-ENTRY_CYCLES = 20
-INVEPT_CYCLES = 500
-EXIT_CYCLES = 1500
-COPY_BYTES_PER_CYCLE = 8
+ENTRY_CYCLES = EPT_EDIT_CYCLES
+EXIT_CYCLES = VMEXIT_CYCLES
 GRANULARITIES = ("4k", "2m-copy", "2m-split")
 
 
@@ -126,8 +125,11 @@ class CopyOnWrite:
         clones = []
         for i in range(n):
             clone = self.hv.create_vm(
-                f"{vm.name}.{i + 1}", vm.memory, ept_levels=vm.ept.tables.levels,
-                lazy=vm.lazy, backing=vm.backing,
+                f"{vm.name}.{i + 1}",
+                vm.memory,
+                ept_levels=vm.ept.tables.levels,
+                lazy=vm.lazy,
+                backing=vm.backing,
             )
             tables_before = len(clone.ept.tables.tables)
             for gpa, hpa, size, value in leaves:
@@ -139,8 +141,11 @@ class CopyOnWrite:
             self.counters.fork_cycles += touched * ENTRY_CYCLES
             for parent_vcpu in vm.vcpus:
                 g = parent_vcpu.guest
-                clone.add_vcpu(guest=GuestState(cr3=g.cr3, cr0=g.cr0, cr4=g.cr4, efer=g.efer,
-                                                pkru=g.pkru, rflags=g.rflags))
+                clone.add_vcpu(
+                    guest=GuestState(
+                        cr3=g.cr3, cr0=g.cr0, cr4=g.cr4, efer=g.efer, pkru=g.pkru, rflags=g.rflags
+                    )
+                )
             clones.append(clone)
         vm.invept()
         self.counters.fork_cycles += INVEPT_CYCLES

@@ -74,15 +74,13 @@ from ..arch.exits import EptQual, EptViolation, ExitReason
 from ..errors import ConfigError
 from ..guest import DIRECT_MAP_BASE, GuestKernel, KernelImage
 from ..hv import VCPU, VM, Exit, Hypervisor
+from ..hv.costs import EPT_EDIT_CYCLES, INVEPT_CYCLES
 from ..mmu.engine import Accesses
 from ..workloads import Zipf
 
 MODES = ("none", "trap-code", "trap-all", "pml")
 
-VMEXIT_CYCLES = 1_500  # VM exit + VM entry round trip, handler dispatch included
 EMULATE_CYCLES = 2_500  # fetch + decode the faulting store, check it, perform or refuse it
-INVEPT_CYCLES = 500  # the instruction; refill walks are counted by the engine
-EPT_EDIT_CYCLES = 20  # read-modify-write of one EPT entry
 PML_ENTRY_CYCLES = 30  # read and classify one PML log entry
 PAGE_COMPARE_CYCLES = 1_000  # compare a 4 KiB page with its golden copy
 

@@ -109,6 +109,7 @@ from ..errors import ConfigError, EptlabError, MappingError
 from ..guest import GuestKernel
 from ..guest.layout import DIRECT_MAP_BASE, KernelImage
 from ..hv import VCPU, VM, Exit, GuestAction, Hypercall, Hypervisor, Run
+from ..hv.costs import COPY_BYTES_PER_CYCLE, EPT_EDIT_CYCLES, INVEPT_CYCLES, VMEXIT_CYCLES
 from ..hv.host import HostMemory
 from ..hv.program import Segment
 from ..memory.physical import PhysicalMemory
@@ -142,11 +143,11 @@ _4K = PageSize.SIZE_4K
 class Costs:
     """Cycles charged for work the engine does not model (see the module docstring)."""
 
-    exit_cycles: int = 1500
-    invept_cycles: int = 500
-    entry_cycles: int = 20
+    exit_cycles: int = VMEXIT_CYCLES
+    invept_cycles: int = INVEPT_CYCLES
+    entry_cycles: int = EPT_EDIT_CYCLES
     alloc_cycles: int = 200
-    bytes_per_cycle: int = 8
+    bytes_per_cycle: int = COPY_BYTES_PER_CYCLE
     guest_fault_cycles: int = 1000
 
     def page(self, size: int) -> int:

@@ -54,7 +54,6 @@ from matplotlib.figure import Figure
 
 from ..apps.integrity import (
     MODES,
-    VMEXIT_CYCLES,
     GuestRunner,
     KernelActivity,
     KernelGuest,
@@ -64,6 +63,7 @@ from ..apps.integrity import (
 from ..apps.integrity import IntegrityMonitor as Monitor
 from ..errors import ConfigError
 from ..guest import KernelImage
+from ..hv.costs import VMEXIT_CYCLES
 from .base import Progress, Row
 
 

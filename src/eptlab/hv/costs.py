@@ -1,0 +1,9 @@
+"""Cycles charged for hypervisor work the translation engine does not model. One place, so
+every application prices an exit, an INVEPT, an EPT edit and a copy the same way."""
+
+from __future__ import annotations
+
+VMEXIT_CYCLES = 1_500  # VM exit + VM entry round trip, handler dispatch included
+INVEPT_CYCLES = 500  # the instruction; refill walks are counted by the engine
+EPT_EDIT_CYCLES = 20  # read-modify-write of one EPT entry
+COPY_BYTES_PER_CYCLE = 8  # memcpy / memset bandwidth
