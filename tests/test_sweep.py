@@ -157,3 +157,8 @@ def test_cli_sweep_runs_and_resumes(tmp_path: Path, capsys) -> None:
     bad.write_text('[[run]]\nexperiment = "nested-overhead"\n[run.grid]\nwat = [1]\n')
     assert main(["sweep", str(bad)]) == 2
     assert "bad.toml: run[0].grid.wat" in capsys.readouterr().err
+
+
+def test_example_spec_is_valid() -> None:
+    spec = load_spec(Path(__file__).parent.parent / "examples" / "sweep.toml")
+    assert len(spec.points) == 4 * 2 * 2 + 3
