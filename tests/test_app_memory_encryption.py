@@ -171,6 +171,30 @@ def test_nested_walks_read_at_least_as_many_dram_lines_as_native(
     assert dram_lines(nested)[0] > 0
 
 
+def test_warmup_is_run_but_not_counted() -> None:
+    chunks = stream([(i * 7919) % (16 * MiB) & ~7 for i in range(3000)], [0, 1] * 1500)
+    platform = Platform(2, EncryptionConfig(40))
+
+    def run(warmup: int, upto: int | None = None) -> VcpuStats:
+        space = build_space("nested", platform, BASE, 16 * MiB, host_memory=HOST)
+        c = chunks[0]
+        part = (
+            chunks if upto is None else [TraceChunk(c.address[:upto], c.kind[:upto], c.size[:upto])]
+        )
+        return run_stream(space, platform, part, warmup=warmup)
+
+    whole, first, rest = run(0), run(0, 1000), run(1000)
+    assert rest.accesses == 2000
+    for name in ("cycles", "translation_cycles", "walks", "walk_refs_served", "data_served"):
+        a, b, c = getattr(whole, name), getattr(first, name), getattr(rest, name)
+        if isinstance(a, tuple):
+            assert tuple(x - y for x, y in zip(a, b, strict=True)) == c, name
+        else:
+            assert a - b == c, name
+    with pytest.raises(ConfigError, match="warmup"):
+        run(3000)
+
+
 # -- TME-MK key IDs -----------------------------------------------------------------------------
 
 

@@ -98,15 +98,27 @@ def build_space(
     return space
 
 
-def run_stream(space: NestedSpace, platform: Platform, chunks: Iterable[TraceChunk]) -> VcpuStats:
-    """Run the chunks on a fresh engine (cold TLBs and caches) for one vCPU; every access must
-    be mapped (an exit or a fault is a RuntimeError)."""
+def run_stream(
+    space: NestedSpace, platform: Platform, chunks: Iterable[TraceChunk], *, warmup: int = 0
+) -> VcpuStats:
+    """Run the chunks on a fresh engine (cold TLBs and caches) for one vCPU and return the
+    statistics of all but the first ``warmup`` accesses (those warm the TLBs and caches). Every
+    access must be mapped (an exit or a fault is a RuntimeError)."""
     engine = Engine(space.memory, platform.mmu(), space.features)
     engine.add_vcpu(space.guest, space.vmcs)
+    position = 0
     for chunk in chunks:
-        result = engine.run(Accesses.build(chunk.address, chunk.kind))
-        if not result.done:
-            raise RuntimeError(f"unmapped access: {result.exit or result.fault}")
+        n = len(chunk)
+        cuts = [0, warmup - position, n] if position < warmup < position + n else [0, n]
+        for lo, hi in zip(cuts, cuts[1:], strict=False):
+            if position + lo == warmup:
+                engine.reset_stats()  # the warm-up ends here
+            result = engine.run(Accesses.build(chunk.address[lo:hi], chunk.kind[lo:hi]))
+            if not result.done:
+                raise RuntimeError(f"unmapped access: {result.exit or result.fault}")
+        position += n
+    if position <= warmup:
+        raise ConfigError("warmup", f"{warmup} leaves none of the {position} accesses to measure")
     return engine.stats()
 
 

@@ -5,8 +5,9 @@ The memory controller decrypts every line read from DRAM (Intel TME/TME-MK, AMD 
 hits are plaintext (:mod:`eptlab.apps.memory_encryption`). Each workload's stream runs through
 the fast engine natively and nested (guest paging under EPT), on machines with several LLC
 sizes, without encryption and with it (a decryption latency per DRAM line, optionally an
-integrity check; the nested VM's EPT leaves carry its TME-MK key ID). Every run starts cold on a
-freshly built address space. ``slowdown_pct`` compares the encrypted run with the plain run of
+integrity check; the nested VM's EPT leaves carry its TME-MK key ID). Every run builds a fresh
+address space, starts with cold TLBs and caches, runs ``warmup`` accesses of the stream
+unmeasured and measures the next ``accesses``. ``slowdown_pct`` compares the encrypted run with the plain run of
 the same mode, workload and LLC; the extra cycles split into translation (page-walk reads
 served by DRAM) and data (data lines served by DRAM). The experiment checks, for every pair,
 that the extra cycles are exactly the penalty times the DRAM lines.
@@ -70,7 +71,8 @@ class MemoryEncryptionParams:
     workloads: tuple[str, ...] = ("sequential", "zipf", "pointer-chase", "random")
     footprint_mib: int = 256  # every workload but random
     random_footprints_mib: tuple[int, ...] = (64, 1024, 8192)  # random over growing footprints
-    accesses: int = 100_000
+    accesses: int = 100_000  # measured accesses per run
+    warmup: int = 100_000  # accesses run first, unmeasured (0: every run starts cold)
     llc_mib: tuple[int, ...] = (2, 8, 32)
     decrypt_latency: int = 40  # cycles per DRAM line (AES rounds + key lookup at core clock)
     integrity_latency: int = 0  # cycles of a MAC check per DRAM line (0: encryption only)
@@ -111,6 +113,8 @@ class MemoryEncryption:
             raise ConfigError("decrypt_latency", "must be > 0: 'on' would equal 'off'")
         if p.accesses <= 0:
             raise ConfigError("accesses", "must be > 0")
+        if p.warmup < 0:
+            raise ConfigError("warmup", "must be >= 0")
         if not p.workloads or not p.llc_mib:
             raise ConfigError("workloads/llc_mib", "need at least one of each")
         for name in p.workloads:
@@ -146,7 +150,8 @@ class MemoryEncryption:
             footprints = p.random_footprints_mib if name == "random" else (p.footprint_mib,)
             for mib in footprints:
                 workload = make_workload(name, footprint=mib << 20, seed=p.seed)
-                yield Source(name, mib, list(workload.stream(BASE, p.accesses)))
+                chunks = list(workload.stream(BASE, p.warmup + p.accesses))
+                yield Source(name, mib, chunks)
 
     # -- running ------------------------------------------------------------------------------
 
@@ -163,7 +168,7 @@ class MemoryEncryption:
             guest_page=PageSize.parse(p.guest_page),
             ept_page=PageSize.parse(p.ept_page),
         )
-        return run_stream(space, platform, source.chunks)
+        return run_stream(space, platform, source.chunks, warmup=p.warmup)
 
     def rows(self, params: MemoryEncryptionParams, progress: Progress) -> Iterator[Row]:
         p = params
