@@ -7,10 +7,10 @@ the fast engine natively and nested (guest paging under EPT), on machines with s
 sizes, without encryption and with it (a decryption latency per DRAM line, optionally an
 integrity check; the nested VM's EPT leaves carry its TME-MK key ID). Every run builds a fresh
 address space, starts with cold TLBs and caches, runs ``warmup`` accesses of the stream
-unmeasured and measures the next ``accesses``. ``slowdown_pct`` compares the encrypted run with the plain run of
-the same mode, workload and LLC; the extra cycles split into translation (page-walk reads
-served by DRAM) and data (data lines served by DRAM). The experiment checks, for every pair,
-that the extra cycles are exactly the penalty times the DRAM lines.
+unmeasured and measures the next ``accesses``. ``slowdown_pct`` compares the encrypted run with
+the plain run of the same mode, workload and LLC; the extra cycles split into translation
+(page-walk reads served by DRAM) and data (data lines served by DRAM). The experiment checks,
+for every pair, that the extra cycles are exactly the penalty times the DRAM lines.
 
 Columns:
 
