@@ -2,9 +2,9 @@
 host memory (SDM Vol. 3C §29.3.2).
 
 With TME-MK key IDs (``keyids``, ``key_id``) every leaf the builder writes carries the VM's key
-ID in the top bits of its address (Intel Memory Encryption Technologies Specification, Fig. 5-1: the
-VMM assigns a key to a VM's pages through the physical addresses in its EPT); the tables
-themselves are the hypervisor's memory and are referenced without a key ID (key 0)."""
+ID in the top bits of its address (Intel Memory Encryption Technologies Specification, Fig.
+5-1: the VMM assigns a key to a VM's pages through the physical addresses in its EPT); the
+tables themselves are the hypervisor's memory and are referenced without a key ID (key 0)."""
 
 from __future__ import annotations
 
