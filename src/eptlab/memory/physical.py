@@ -3,6 +3,12 @@
 Only frames that have been written hold storage (a row of one growable numpy array); reading a
 frame that was never written gives zeros, as freshly zeroed RAM would. A machine with 1 TiB of
 physical address space that touches 1,000 frames holds 1,000 rows (about 4 MiB).
+
+With TME-MK key IDs (``keyids``), addresses may carry a key ID in their top bits
+(:mod:`eptlab.arch.mktme`): the part below it must lie inside ``size``, and storage is kept per
+full address, key ID included. A VM uses one key ID for all its memory, so every access to a
+frame goes through the same key; the same DRAM frame read through another key ID (on hardware:
+ciphertext decrypted with the wrong key) is not modelled, it reads as separate storage.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..arch.bits import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE
+from ..arch.mktme import KeyIdLayout
 from ..errors import AddressError, ConfigError
 
 Frame = npt.NDArray[np.uint64]
@@ -28,10 +35,15 @@ def frame_hash(pfn: int, mask: int) -> int:
 class PhysicalMemory:
     """A physical address space of ``size`` bytes made of sparsely backed 4 KiB frames."""
 
-    def __init__(self, size: int, *, initial_frames: int = 64) -> None:
+    def __init__(
+        self, size: int, *, initial_frames: int = 64, keyids: KeyIdLayout | None = None
+    ) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise ConfigError("size", f"{size} is not a positive multiple of 4 KiB")
+        if keyids is not None:
+            keyids.check_memory(size)
         self.size = size
+        self.keyids = keyids
         self._row_of: dict[int, int] = {}  # frame number -> row of self._rows
         self._rows: Frame = np.zeros((max(1, initial_frames), ENTRIES_PER_TABLE), np.uint64)
         self._free_rows: list[int] = []
@@ -46,6 +58,8 @@ class PhysicalMemory:
     # -- frames -------------------------------------------------------------------------------
 
     def _check(self, address: int, length: int = 1) -> None:
+        if self.keyids is not None and 0 <= address < 1 << self.keyids.maxphyaddr:
+            address = self.keyids.strip(address)  # the key ID selects a key, not a location
         if address < 0 or address + length > self.size:
             raise AddressError(
                 f"physical address {address:#x}+{length} is outside memory of {self.size:#x} bytes"

@@ -3,7 +3,8 @@
 Defaults follow a recent Intel server core (Skylake-SP/Ice Lake class): 64-entry 4-way L1 DTLB
 for 4 KiB pages, 32-entry 2 MiB and 4-entry 1 GiB L1 DTLBs, 128-entry 8-way L1 ITLB, a
 1536-entry 12-way STLB, paging-structure caches of 2 PML4E / 4 PDPTE / 32 PDE entries, a
-48 KiB L1D, 1.25 MiB L2 and a shared LLC. Every number is a field you can change.
+48 KiB L1D, 1.25 MiB L2 and a shared LLC; memory encryption off. Every number is a field you
+can change.
 """
 
 from __future__ import annotations
@@ -106,6 +107,44 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EncryptionConfig:
+    """Memory encryption at the memory controller (Intel TME/TME-MK, AMD SME/SEV).
+
+    The controller decrypts every line it reads from DRAM; lines in the caches are plaintext.
+    So every reference served by DRAM, a page-walk read or a data line (a write's
+    write-allocate fill included), costs ``decrypt_latency`` more, and ``integrity_latency``
+    more again when a MAC is fetched and checked with each line (integrity-protected modes).
+    Nothing else changes: which level serves a reference is the same with and without
+    encryption. AES-XTS cannot start before the ciphertext arrives, so the decryption is not
+    overlapped with the DRAM access. All DRAM is encrypted (TME with one key, or TME-MK with a
+    key per VM and the TME key for the hypervisor's own memory, EPT tables included). Not
+    modelled: encryption of write-backs (off the critical path; the cache model keeps no dirty
+    lines), a MAC cache or integrity tree, the KeyID-0 TME bypass.
+    """
+
+    decrypt_latency: int = 0  # cycles added to each line read from DRAM (0: no encryption)
+    integrity_latency: int = 0  # cycles of a MAC fetch and check per DRAM line (0: none)
+
+    def __post_init__(self) -> None:
+        for name in ("decrypt_latency", "integrity_latency"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"EncryptionConfig.{name}", "must be >= 0 cycles")
+        if self.integrity_latency and not self.decrypt_latency:
+            raise ConfigError(
+                "EncryptionConfig.integrity_latency", "integrity checking needs encryption on"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.decrypt_latency > 0
+
+    @property
+    def dram_penalty(self) -> int:
+        """Cycles added to every reference DRAM serves."""
+        return self.decrypt_latency + self.integrity_latency
+
+
+@dataclass(frozen=True, slots=True)
 class CostModel:
     """Cycles charged besides the cache hierarchy."""
 
@@ -123,6 +162,12 @@ class MmuConfig:
     tlb: TlbConfig = field(default_factory=TlbConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     cost: CostModel = field(default_factory=CostModel)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+
+    @property
+    def dram_cycles(self) -> int:
+        """What a reference served by DRAM costs: the access, then any decryption."""
+        return self.cache.dram_latency + self.encryption.dram_penalty
 
     @classmethod
     def uncached(cls) -> MmuConfig:

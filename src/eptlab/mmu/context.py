@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..arch.ept import Eptp
+from ..arch.mktme import KeyIdLayout
 from ..arch.paging import Cr0, Cr4, Efer
 from ..errors import ConfigError
 
@@ -19,10 +20,23 @@ class CpuFeatures:
     maxphyaddr: int = 46
     ept_execute_only: bool = True
     advanced_ept_exit_info: bool = True  # exit-qualification bits 9-11 of EPT violations
+    # TME-MK: upper physical-address bits repurposed as a key ID (IA32_TME_ACTIVATE[35:32]);
+    # MAXPHYADDR still counts them, memory must fit below them (see eptlab.arch.mktme)
+    keyid_bits: int = 0
 
     def __post_init__(self) -> None:
         if not 36 <= self.maxphyaddr <= 52:
             raise ConfigError("maxphyaddr", f"{self.maxphyaddr} is not in 36..52")
+        KeyIdLayout(self.maxphyaddr, self.keyid_bits)  # refuses impossible keyid_bits
+
+    @property
+    def keyids(self) -> KeyIdLayout:
+        """Where key IDs sit in host-physical addresses."""
+        return KeyIdLayout(self.maxphyaddr, self.keyid_bits)
+
+    def check_host_memory(self, size: int) -> None:
+        """ConfigError unless ``size`` bytes of host memory fit below the key-ID bits."""
+        self.keyids.check_memory(size)
 
 
 @dataclass(slots=True)

@@ -129,6 +129,7 @@ class Engine:
         self.memory = memory
         self.config = config or MmuConfig()
         self.features = features or CpuFeatures()
+        self.features.check_host_memory(memory.size)  # memory fits below any key-ID bits
         self._vcpus: list[_Vcpu] = []
         self._ctx: dict[tuple[int, int], int] = {}
         self._ectx: dict[int, int] = {}
@@ -152,7 +153,7 @@ class Engine:
                 cache.l1.latency,
                 cache.l2.latency,
                 cache.llc.latency,
-                cache.dram_latency,
+                self.config.dram_cycles,  # memory encryption: decryption of each DRAM line
             ],
             np.int64,
         )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..arch.bits import PAGE_SIZE, PageSize
 from ..arch.ept import parse_permissions
 from ..arch.paging import Cr4, Efer
-from ..errors import AddressError
+from ..errors import AddressError, ConfigError
 from ..memory import FrameAllocator, PhysicalMemory
 from ..memory.allocator import Policy
 from ..tables import EptTables, GuestPageTables, GuestPhysicalStore, HostStore
@@ -56,11 +56,19 @@ class NestedSpace:
         cr4_extra: int = 0,
         efer: int | None = None,
         table_ept_page: PageSize = PageSize.SIZE_4K,
+        key_id: int = 0,
     ) -> NestedSpace:
         """``table_ept_page``: the EPT page size backing the guest page-table pages (a
-        hypervisor backs all of guest RAM alike, page tables included)."""
+        hypervisor backs all of guest RAM alike, page tables included). ``key_id``: with
+        ``features.keyid_bits``, the TME-MK key ID the EPT leaves give the guest's memory
+        (host memory must fit below the key-ID bits)."""
         features = features or CpuFeatures()
-        memory = PhysicalMemory(host_memory)
+        keyids = features.keyids if features.keyid_bits else None
+        if key_id and not use_ept:
+            raise ConfigError(
+                "key_id", "native paging: key IDs in the guest's own page tables are not modelled"
+            )
+        memory = PhysicalMemory(host_memory, keyids=keyids)
         host_frames = FrameAllocator(host_memory, policy=host_policy, seed=seed)
         table_frames = FrameAllocator(TABLE_REGION, base=0)
         guest_frames = FrameAllocator(guest_memory - TABLE_REGION, base=TABLE_REGION)
@@ -72,6 +80,8 @@ class NestedSpace:
                 maxphyaddr=features.maxphyaddr,
                 ad_enabled=ept_ad,
                 mbec=mbec,
+                keyids=keyids,
+                key_id=key_id,
             )
             if use_ept
             else None

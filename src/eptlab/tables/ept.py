@@ -1,5 +1,10 @@
 """The EPT builder: maps guest-physical to host-physical pages by writing EPT entries into
-host memory (SDM Vol. 3C §29.3.2)."""
+host memory (SDM Vol. 3C §29.3.2).
+
+With TME-MK key IDs (``keyids``, ``key_id``) every leaf the builder writes carries the VM's key
+ID in the top bits of its address (Intel Memory Encryption Technologies Specification, Fig.
+5-1: the VMM assigns a key to a VM's pages through the physical addresses in its EPT); the
+tables themselves are the hypervisor's memory and are referenced without a key ID (key 0)."""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from ..arch.ept import (
     ept_is_leaf,
     ept_is_present,
 )
+from ..arch.mktme import KeyIdLayout
+from ..errors import ConfigError
 from .radix import RadixTables
 from .store import WordStore
 
@@ -36,9 +43,22 @@ class EptTables(RadixTables):
         maxphyaddr: int = 46,
         ad_enabled: bool = False,
         mbec: bool = False,
+        keyids: KeyIdLayout | None = None,
+        key_id: int = 0,
     ) -> None:
         self.maxphyaddr, self.ad_enabled, self.mbec = maxphyaddr, ad_enabled, mbec
+        if keyids is None and key_id:
+            raise ConfigError("key_id", f"{key_id} needs key-ID bits (CpuFeatures.keyid_bits)")
+        if keyids is not None:
+            if keyids.maxphyaddr != maxphyaddr:
+                raise ConfigError("keyids", f"laid out for MAXPHYADDR {keyids.maxphyaddr}")
+            keyids.check_key(key_id)
+        self.keyids, self.key_id = keyids, key_id
         super().__init__(store, alloc_table, levels)
+
+    def _keyed(self, hpa: int) -> int:
+        """The address a leaf holds for host frame ``hpa``: with the VM's key ID on top."""
+        return hpa if self.keyids is None else self.keyids.compose(hpa, self.key_id)
 
     @property
     def eptp(self) -> Eptp:
@@ -81,7 +101,7 @@ class EptTables(RadixTables):
         size = PageSize(size)
         entry = EptEntry(
             level=size.level,
-            address=hpa,
+            address=self._keyed(hpa),
             read=read,
             write=write,
             execute=execute,
@@ -113,10 +133,13 @@ class EptTables(RadixTables):
             level=size.level, address=0, memory_type=memory_type, page_size=size != PageSize.SIZE_4K
         ).encode(self.maxphyaddr)
         flags = (flags & ~int(Ept.R | Ept.W | Ept.X)) | parse_permissions(perms)
-        return self._install_range(gpa, hpa, length, size, flags)
+        if self.keyids is not None:
+            self._keyed(hpa + length - 1)  # the whole range must fit below the key ID
+        return self._install_range(gpa, self._keyed(hpa), length, size, flags)
 
     def host_address(self, gpa: int) -> int | None:
-        """The HPA that ``gpa`` maps to, ignoring permissions (a software lookup)."""
+        """The HPA that ``gpa`` maps to, ignoring permissions (a software lookup); with key
+        IDs, the VM's key ID included."""
         leaf = self.lookup(gpa)
         return None if leaf is None else leaf.target
 

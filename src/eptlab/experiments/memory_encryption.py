@@ -1,0 +1,412 @@
+"""memory-encryption: what does memory encryption cost per access under native and nested
+paging, and where does the cost land?
+
+The memory controller decrypts every line read from DRAM (Intel TME/TME-MK, AMD SME/SEV); cache
+hits are plaintext (:mod:`eptlab.apps.memory_encryption`). Each workload's stream runs through
+the fast engine natively and nested (guest paging under EPT), on machines with several LLC
+sizes, without encryption and with it (a decryption latency per DRAM line, optionally an
+integrity check; the nested VM's EPT leaves carry its TME-MK key ID). Every run builds a fresh
+address space, starts with cold TLBs and caches, runs ``warmup`` accesses of the stream
+unmeasured and measures the next ``accesses``. ``slowdown_pct`` compares the encrypted run with
+the plain run of the same mode, workload and LLC; the extra cycles split into translation
+(page-walk reads served by DRAM) and data (data lines served by DRAM). The experiment checks,
+for every pair, that the extra cycles are exactly the penalty times the DRAM lines.
+
+Columns:
+
+| column | meaning |
+|---|---|
+| workload, footprint_mib | the stream (random runs over several footprints) |
+| llc_mib | LLC size of the machine |
+| mode | `native` (guest paging only) or `nested` (under EPT) |
+| encryption | `off` or `on` |
+| key_id | TME-MK key ID in the EPT leaves (0: none, or native under the TME key) |
+| accesses, walks | accesses run, page walks (TLB misses) |
+| tlb_miss_rate | walks / accesses |
+| walk_refs | page-walk memory references (guest + EPT) |
+| walk_refs_dram, data_refs_dram | references DRAM served (the lines decrypted when on) |
+| walk_dram_per_access, data_dram_per_access | the same per access |
+| translation_cycles_per_access | TLB lookups and walks, cycles per access |
+| data_cycles_per_access | the data accesses, cycles per access |
+| cycles_per_access | translation + data |
+| extra_translation_cycles_per_access | on minus off, translation cycles per access (0 when off) |
+| extra_data_cycles_per_access | on minus off, data cycles per access (0 when off) |
+| walk_share_pct | share of the extra cycles due to page-walk reads (empty when off) |
+| slowdown_pct | cycles on / cycles off - 1 for the same mode, workload and LLC, in % (0 when off) |
+| translation_slowdown_pct | the same for translation cycles alone |
+| walk_dram_vs_native | walk_refs_dram / native's for the same workload, LLC and encryption |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ..apps.memory_encryption import (
+    MODES,
+    Comparison,
+    Platform,
+    build_space,
+    dram_lines,
+    run_stream,
+)
+from ..arch.bits import PageSize
+from ..errors import ConfigError
+from ..mmu.config import EncryptionConfig
+from ..mmu.stats import VcpuStats
+from ..traces.model import TraceChunk
+from ..workloads import WORKLOADS, make_workload
+from .base import Progress, Row
+
+BASE = 0x0000_2000_0000_0000
+
+
+@dataclass(frozen=True)
+class MemoryEncryptionParams:
+    workloads: tuple[str, ...] = ("sequential", "zipf", "pointer-chase", "random")
+    footprint_mib: int = 256  # every workload but random
+    random_footprints_mib: tuple[int, ...] = (64, 1024, 8192)  # random over growing footprints
+    accesses: int = 100_000  # measured accesses per run
+    warmup: int = 100_000  # accesses run first, unmeasured (0: every run starts cold)
+    llc_mib: tuple[int, ...] = (2, 8, 32)
+    decrypt_latency: int = 40  # cycles per DRAM line (AES rounds + key lookup at core clock)
+    integrity_latency: int = 0  # cycles of a MAC check per DRAM line (0: encryption only)
+    keyid_bits: int = 6  # TME-MK key-ID bits of the encrypted machine
+    key_id: int = 1  # the nested VM's key ID
+    host_gib: int = 1024  # host memory (must fit below the key-ID bits)
+    guest_page: str = "4k"
+    ept_page: str = "4k"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Source:
+    """A named stream that can be replayed."""
+
+    workload: str
+    footprint_mib: int
+    chunks: list[TraceChunk]
+
+    @property
+    def length(self) -> int:
+        return self.footprint_mib << 20
+
+
+class MemoryEncryption:
+    name: ClassVar[str] = "memory-encryption"
+    question: ClassVar[str] = (
+        "What does memory encryption (a decryption per DRAM line) cost per access under native "
+        "and nested paging, and how much of it do two-dimensional walks add?"
+    )
+    Params: ClassVar[type] = MemoryEncryptionParams
+
+    # -- configuration ------------------------------------------------------------------------
+
+    def check(self, p: MemoryEncryptionParams) -> None:
+        """Refuse impossible parameter combinations before anything runs."""
+        if p.decrypt_latency <= 0:
+            raise ConfigError("decrypt_latency", "must be > 0: 'on' would equal 'off'")
+        if p.accesses <= 0:
+            raise ConfigError("accesses", "must be > 0")
+        if p.warmup < 0:
+            raise ConfigError("warmup", "must be >= 0")
+        if not p.workloads or not p.llc_mib:
+            raise ConfigError("workloads/llc_mib", "need at least one of each")
+        for name in p.workloads:
+            if name not in WORKLOADS:
+                raise ConfigError("workloads", f"unknown workload {name!r}")
+        footprints = [p.footprint_mib, *p.random_footprints_mib]
+        if "random" in p.workloads and not p.random_footprints_mib:
+            raise ConfigError("random_footprints_mib", "random needs at least one footprint")
+        if min(footprints) < 2 or any(f % 2 for f in footprints):
+            raise ConfigError("footprint_mib", "footprints are whole 2 MiB regions (>= 2 MiB)")
+        if max(footprints) > p.host_gib << 10:
+            raise ConfigError("footprint_mib", f"a footprint exceeds host memory {p.host_gib} GiB")
+        for name in ("guest_page", "ept_page"):
+            if getattr(p, name) not in ("4k", "2m"):
+                raise ConfigError(name, f"{getattr(p, name)!r} is not 4k or 2m")
+        for llc in p.llc_mib:
+            on = self.platform(p, llc, encrypted=True)
+            on.features().check_host_memory(p.host_gib << 30)
+            on.features().keyids.check_key(p.key_id)
+            self.platform(p, llc, encrypted=False)
+
+    def platform(self, p: MemoryEncryptionParams, llc_mib: int, *, encrypted: bool) -> Platform:
+        if not encrypted:
+            return Platform(llc_mib)
+        return Platform(
+            llc_mib,
+            EncryptionConfig(p.decrypt_latency, p.integrity_latency),
+            keyid_bits=p.keyid_bits,
+        )
+
+    def sources(self, p: MemoryEncryptionParams) -> Iterator[Source]:
+        for name in p.workloads:
+            footprints = p.random_footprints_mib if name == "random" else (p.footprint_mib,)
+            for mib in footprints:
+                workload = make_workload(name, footprint=mib << 20, seed=p.seed)
+                chunks = list(workload.stream(BASE, p.warmup + p.accesses))
+                yield Source(name, mib, chunks)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def measure(
+        self, p: MemoryEncryptionParams, source: Source, mode: str, platform: Platform, key: int
+    ) -> VcpuStats:
+        space = build_space(
+            mode,
+            platform,
+            BASE,
+            source.length,
+            host_memory=p.host_gib << 30,
+            key_id=key,
+            guest_page=PageSize.parse(p.guest_page),
+            ept_page=PageSize.parse(p.ept_page),
+        )
+        return run_stream(space, platform, source.chunks, warmup=p.warmup)
+
+    def rows(self, params: MemoryEncryptionParams, progress: Progress) -> Iterator[Row]:
+        p = params
+        self.check(p)
+        sources = list(self.sources(p))
+        total, done = len(sources) * len(p.llc_mib) * 2 * len(MODES), 0
+        progress(0, total)
+        for source in sources:
+            for llc in p.llc_mib:
+                off = self.platform(p, llc, encrypted=False)
+                on = self.platform(p, llc, encrypted=True)
+                native_dram: dict[str, int] = {}
+                for mode in MODES:
+                    key = p.key_id if mode == "nested" else 0
+                    plain = self.measure(p, source, mode, off, 0)
+                    encrypted = self.measure(p, source, mode, on, key)
+                    pair = Comparison(plain, encrypted, on.encryption)
+                    pair.check()
+                    for label, stats, k in (("off", plain, 0), ("on", encrypted, key)):
+                        walk_dram = dram_lines(stats)[0]
+                        if mode == "native":
+                            native_dram[label] = walk_dram
+                        base = native_dram.get(label, 0)
+                        compared = pair if label == "on" else None
+                        vs_native = walk_dram / base if base else None
+                        yield _row(source, llc, mode, label, k, stats, compared, vs_native)
+                        done += 1
+                        progress(done, total)
+
+    # -- figures ------------------------------------------------------------------------------
+
+    def figures(self, table: pd.DataFrame, params: MemoryEncryptionParams) -> dict[str, Figure]:
+        return {
+            "memory-encryption-slowdown": _slowdown(table),
+            "memory-encryption-cycles": _stacked(table),
+            "memory-encryption-extra": _extra(table),
+        }
+
+
+def _per(value: int, accesses: int) -> float:
+    return value / accesses if accesses else 0.0
+
+
+def _row(
+    source: Source,
+    llc: int,
+    mode: str,
+    encryption: str,
+    key_id: int,
+    s: VcpuStats,
+    pair: Comparison | None,
+    vs_native: float | None,
+) -> Row:
+    walk_dram, data_dram = dram_lines(s)
+    n = s.accesses
+    share = pair.walk_share_pct if pair is not None else None
+    extra_translation = pair.extra_translation_cycles if pair is not None else 0
+    extra_data = pair.extra_data_cycles if pair is not None else 0
+    translation_slowdown = (
+        100.0 * pair.extra_translation_cycles / pair.plain.translation_cycles
+        if pair is not None and pair.plain.translation_cycles
+        else 0.0
+    )
+    return {
+        "workload": source.workload,
+        "footprint_mib": source.footprint_mib,
+        "llc_mib": llc,
+        "mode": mode,
+        "encryption": encryption,
+        "key_id": key_id,
+        "accesses": n,
+        "walks": s.walks,
+        "tlb_miss_rate": round(_per(s.walks, n), 5),
+        "walk_refs": s.walk_references,
+        "walk_refs_dram": walk_dram,
+        "data_refs_dram": data_dram,
+        "walk_dram_per_access": round(_per(walk_dram, n), 5),
+        "data_dram_per_access": round(_per(data_dram, n), 5),
+        "translation_cycles_per_access": round(_per(s.translation_cycles, n), 3),
+        "data_cycles_per_access": round(_per(s.data_cycles, n), 3),
+        "cycles_per_access": round(_per(s.cycles, n), 3),
+        "extra_translation_cycles_per_access": round(_per(extra_translation, n), 3),
+        "extra_data_cycles_per_access": round(_per(extra_data, n), 3),
+        "walk_share_pct": round(share, 2) if share is not None else None,
+        "slowdown_pct": round(pair.slowdown_pct, 3) if pair else 0.0,
+        "translation_slowdown_pct": round(translation_slowdown, 3),
+        "walk_dram_vs_native": round(vs_native, 3) if vs_native is not None else None,
+    }
+
+
+# -- figures ----------------------------------------------------------------------------------
+
+COLORS = {"native": "tab:blue", "nested": "tab:orange"}
+
+
+def _labels(table: pd.DataFrame) -> list[tuple[str, int]]:
+    return list(dict.fromkeys(zip(table["workload"], table["footprint_mib"], strict=True)))
+
+
+def _tick(workload: str, mib: int, sep: str = "\n") -> str:
+    size = f"{mib // 1024} GiB" if mib >= 1024 and mib % 1024 == 0 else f"{mib} MiB"
+    return f"{workload}{sep}{size}"
+
+
+def _value(
+    table: pd.DataFrame, key: tuple[str, int], llc: int, mode: str, enc: str, column: str
+) -> float:
+    rows = table[
+        (table["workload"] == key[0])
+        & (table["footprint_mib"] == key[1])
+        & (table["llc_mib"] == llc)
+        & (table["mode"] == mode)
+        & (table["encryption"] == enc)
+    ]
+    return float(rows[column].iloc[0]) if len(rows) else 0.0
+
+
+def _slowdown(table: pd.DataFrame) -> Figure:
+    """Slowdown by workload, native vs nested, one panel per LLC size; the hatched part of each
+    bar is the share that page-walk reads cause."""
+    keys = _labels(table)
+    llcs = sorted(set(table["llc_mib"]))
+    figure = Figure(figsize=(max(8, 0.75 * len(keys) * len(llcs) + 2), 4.8))
+    axes = figure.subplots(1, len(llcs), sharey=True, squeeze=False)[0]
+    x = np.arange(len(keys))
+    width = 0.38
+    for ax, llc in zip(axes, llcs, strict=True):
+        for i, mode in enumerate(MODES):
+            slow = np.array([_value(table, k, llc, mode, "on", "slowdown_pct") for k in keys])
+            share = np.array([_value(table, k, llc, mode, "on", "walk_share_pct") for k in keys])
+            walk = slow * np.nan_to_num(share) / 100.0
+            pos = x + (i - 0.5) * width
+            ax.bar(pos, slow - walk, width, color=COLORS[mode], label=f"{mode}: data lines")
+            ax.bar(
+                pos,
+                walk,
+                width,
+                bottom=slow - walk,
+                color=COLORS[mode],
+                hatch="//",
+                edgecolor="white",
+                label=f"{mode}: page-walk lines",
+            )
+        ax.set_xticks(x)
+        ax.set_xticklabels([_tick(*k, " ") for k in keys], fontsize=7, rotation=40, ha="right")
+        ax.set_title(f"LLC {llc} MiB")
+    axes[0].set_ylabel("slowdown from encryption (%)")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.suptitle("Memory encryption: slowdown by mode and workload")
+    figure.tight_layout()
+    return figure
+
+
+def _stacked(table: pd.DataFrame) -> Figure:
+    """Cycles per access, translation stacked on data, for each mode without/with encryption,
+    at the smallest and largest LLC."""
+    keys = _labels(table)
+    llcs = sorted(set(table["llc_mib"]))
+    shown = [llcs[0]] if len(llcs) == 1 else [llcs[0], llcs[-1]]
+    figure = Figure(figsize=(max(9, 1.6 * len(keys)), 4.2 * len(shown)))
+    axes = figure.subplots(len(shown), 1, squeeze=False)[:, 0]
+    configs = [(m, e) for m in MODES for e in ("off", "on")]
+    width = 0.8 / len(configs)
+    x = np.arange(len(keys))
+    for ax, llc in zip(axes, shown, strict=True):
+        for i, (mode, enc) in enumerate(configs):
+            data = [_value(table, k, llc, mode, enc, "data_cycles_per_access") for k in keys]
+            trans = [
+                _value(table, k, llc, mode, enc, "translation_cycles_per_access") for k in keys
+            ]
+            pos = x + (i - (len(configs) - 1) / 2) * width
+            alpha = 1.0 if enc == "on" else 0.5
+            ax.bar(
+                pos,
+                data,
+                width,
+                color="tab:gray",
+                alpha=alpha,
+                label=f"data, encryption {enc}" if mode == MODES[0] else None,
+            )
+            ax.bar(
+                pos,
+                trans,
+                width,
+                bottom=data,
+                color=COLORS[mode],
+                alpha=alpha,
+                label=f"translation, {mode}, encryption {enc}",
+            )
+        ax.set_xticks(x)
+        ax.set_xticklabels([_tick(*k) for k in keys], fontsize=7)
+        ax.set_ylabel("cycles per access")
+        ax.set_title(
+            f"LLC {llc} MiB: bars per workload = native off, native on, nested off, nested on",
+            fontsize=9,
+        )
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.tight_layout()
+    return figure
+
+
+def _extra(table: pd.DataFrame) -> Figure:
+    """Extra cycles per access from encryption, page-walk lines stacked on data lines, native
+    vs nested, one panel per LLC size: where the cost lands and what 2D walks add."""
+    keys = _labels(table)
+    llcs = sorted(set(table["llc_mib"]))
+    figure = Figure(figsize=(max(8, 0.75 * len(keys) * len(llcs) + 2), 4.8))
+    axes = figure.subplots(1, len(llcs), sharey=True, squeeze=False)[0]
+    x = np.arange(len(keys))
+    width = 0.38
+    for ax, llc in zip(axes, llcs, strict=True):
+        for i, mode in enumerate(MODES):
+            data = np.array(
+                [_value(table, k, llc, mode, "on", "extra_data_cycles_per_access") for k in keys]
+            )
+            walk = np.array(
+                [
+                    _value(table, k, llc, mode, "on", "extra_translation_cycles_per_access")
+                    for k in keys
+                ]
+            )
+            pos = x + (i - 0.5) * width
+            ax.bar(pos, data, width, color=COLORS[mode], label=f"{mode}: data lines")
+            ax.bar(
+                pos,
+                walk,
+                width,
+                bottom=data,
+                color=COLORS[mode],
+                hatch="//",
+                edgecolor="white",
+                label=f"{mode}: page-walk lines",
+            )
+        ax.set_xticks(x)
+        ax.set_xticklabels([_tick(*k, " ") for k in keys], fontsize=7, rotation=40, ha="right")
+        ax.set_title(f"LLC {llc} MiB")
+    axes[0].set_ylabel("extra cycles per access from encryption")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.suptitle("Where the decryption cycles land: data lines vs page-walk lines")
+    figure.tight_layout()
+    return figure
