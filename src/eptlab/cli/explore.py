@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..arch.bits import LEVEL_NAMES
 from ..explore.model import explorer_data
 from ..explore.page import render_page
 from .walk import (
@@ -31,7 +32,25 @@ from .walk import (
 DEFAULT_OUT = Path("out/explorer.html")
 
 
-OWN_OPTIONS = frozenset({"out", "step", "serve", "port", "screenshot"})
+OWN_OPTIONS = frozenset({"out", "step", "cache", "serve", "port", "screenshot"})
+LEVEL_BY_NAME = {name.lower(): level for level, name in LEVEL_NAMES.items()}
+
+
+def _cache_choice(values: list[str]) -> dict[str, int]:
+    """``--cache`` values: ``tlb``, ``ntlb_tables``, ``ntlb_data`` (on), ``psc=LEVEL`` and
+    ``epsc=LEVEL`` with LEVEL a number (2..5) or an entry name (pde, pdpte, pml4e, pml5e)."""
+    choice: dict[str, int] = {}
+    for text in values:
+        group, _, level = text.replace("-", "_").partition("=")
+        if not level:
+            choice[group] = 1
+        elif level.isdigit():
+            choice[group] = int(level)
+        elif level.lower() in LEVEL_BY_NAME:
+            choice[group] = LEVEL_BY_NAME[level.lower()]
+        else:
+            raise typer.BadParameter(f"{text!r}: the level is a number or an entry name (pde)")
+    return choice
 
 
 def _command_line(ctx: typer.Context) -> str:
@@ -69,6 +88,13 @@ def explore(
     step: Annotated[
         int, typer.Option(min=0, help="References already stepped through when it opens.")
     ] = 0,
+    cache: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Cache scenario the page opens with (repeatable): tlb, psc=pde, "
+            "ntlb_tables, ntlb_data, epsc=pdpte."
+        ),
+    ] = None,
     serve: Annotated[
         bool, typer.Option("--serve", help="Serve the page on 127.0.0.1 until Ctrl-C.")
     ] = False,
@@ -93,7 +119,12 @@ def explore(
         user=user,
         gva=gva,
     )
-    data = explorer_data(translation, command=_command_line(ctx), initial_step=step)
+    data = explorer_data(
+        translation,
+        command=_command_line(ctx),
+        initial_step=step,
+        initial_choice=_cache_choice(cache or []),
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_page(data), encoding="utf-8")
     typer.echo(f"wrote {out} ({translation.count} references)")

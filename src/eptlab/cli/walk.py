@@ -55,6 +55,26 @@ def _address(value: str) -> int:
         raise typer.BadParameter(f"{value!r} is not an integer (use 0x... for hex)") from None
 
 
+def walk_space(
+    guest_levels: int = 4,
+    ept_levels: int = 4,
+    guest_page: PageSize = PageSize.SIZE_4K,
+    ept_page: PageSize = PageSize.SIZE_4K,
+    ept_perms: str = "rwx",
+    table_perms: str = "rwx",
+    ept_ad: bool = False,
+    gva: int = DEFAULT_GVA,
+    page_user: bool = False,
+) -> NestedSpace:
+    """The one-mapping scenario the walk options describe: ``gva`` mapped by a guest page
+    (a user page when ``page_user``) backed by EPT, the guest tables given ``table_perms``."""
+    space = NestedSpace.create(guest_levels=guest_levels, ept_levels=ept_levels, ept_ad=ept_ad)
+    space.map(gva, guest_page, ept_page, ept_perms=ept_perms, user=page_user)
+    if table_perms != "rwx":
+        space.protect_tables(table_perms)
+    return space
+
+
 def run_walk(
     guest_levels: int = 4,
     ept_levels: int = 4,
@@ -68,13 +88,20 @@ def run_walk(
     gva: int = DEFAULT_GVA,
     page_user: bool | None = None,
 ) -> Translation:
-    """Build the scenario the CLI describes and walk ``gva`` once, cold. The access is a
-    user-mode one when ``user``; the page is a user page when ``page_user`` (default: ``user``)."""
-    space = NestedSpace.create(guest_levels=guest_levels, ept_levels=ept_levels, ept_ad=ept_ad)
-    page_user = user if page_user is None else page_user
-    space.map(gva, guest_page, ept_page, ept_perms=ept_perms, user=page_user)
-    if table_perms != "rwx":
-        space.protect_tables(table_perms)
+    """Build the scenario the CLI describes (:func:`walk_space`) and walk ``gva`` once, cold.
+    The access is a user-mode one when ``user``; the page is a user page when ``page_user``
+    (default: ``user``)."""
+    space = walk_space(
+        guest_levels=guest_levels,
+        ept_levels=ept_levels,
+        guest_page=guest_page,
+        ept_page=ept_page,
+        ept_perms=ept_perms,
+        table_perms=table_perms,
+        ept_ad=ept_ad,
+        gva=gva,
+        page_user=user if page_user is None else page_user,
+    )
     return space.walker().translate(gva, access, Mode.USER if user else Mode.SUPERVISOR)
 
 

@@ -14,12 +14,15 @@ small function over the reference list, and the page only displays their results
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import IntFlag
+from typing import TypeVar
 
 from ..arch.bits import LEVEL_NAMES
 from ..arch.ept import MEMTYPE_MASK, MEMTYPE_SHIFT, Ept
 from ..arch.exits import (
+    EPT_QUAL_MEANING,
     EptMisconfig,
     EptQual,
     EptViolation,
@@ -27,9 +30,11 @@ from ..arch.exits import (
     GuestFault,
     PmlFull,
 )
-from ..arch.paging import PTE_PAT, PageFaultError, Pte
+from ..arch.paging import PAGE_FAULT_MEANING, PTE_PAT, PageFaultError, Pte
 from ..errors import ConfigError
 from ..mmu.walker import DATA, Dim, Reference, Translation
+
+F = TypeVar("F", bound=IntFlag)
 
 GUEST_COLUMN = 0
 """``Column.level`` of the column holding the guest-entry reads (EPT columns use levels 1..5)."""
@@ -220,8 +225,8 @@ GROUPS = ("tlb", "psc", "ntlb_tables", "ntlb_data", "epsc")
 GROUP_TITLES = {
     "tlb": "TLB",
     "psc": "Guest paging-structure caches",
-    "ntlb_tables": "Nested TLB: guest table pages",
-    "ntlb_data": "Nested TLB: data page",
+    "ntlb_tables": "Nested TLB (table pages)",
+    "ntlb_data": "Nested TLB (data page)",
     "epsc": "EPT paging-structure caches",
 }
 
@@ -247,25 +252,27 @@ def cache_options(translation: Translation) -> list[CacheOption]:
             why = "it removes nothing from this walk"
         return CacheOption(group, value, label, removed, not why, why)
 
-    options = [option("tlb", 1, "TLB hit (GVA -> HPA)", tlb_hit(refs))]
+    options = [option("tlb", 1, "hit: GVA \u2192 HPA", tlb_hit(refs))]
     guest_levels = [r.level for r in refs if r.dim == Dim.GUEST]
     rows_seen = {r.for_level for r in refs}
     for level in sorted(set(guest_levels), reverse=True):
         if level - 1 in rows_seen and level > 1:  # the entry referenced a table: cacheable
             name = LEVEL_NAMES[level]
-            options.append(option("psc", level, f"holds the {name}", guest_psc_hit(refs, level)))
+            options.append(option("psc", level, name, guest_psc_hit(refs, level)))
     table_rows = [k for k in rows_seen if k != DATA]
     options.append(
-        option("ntlb_tables", 1, "GPA -> HPA of the table pages", nested_tlb_hit(refs, table_rows))
+        option(
+            "ntlb_tables", 1, "GPA \u2192 HPA of the table pages", nested_tlb_hit(refs, table_rows)
+        )
     )
     options.append(
-        option("ntlb_data", 1, "GPA -> HPA of the data page", nested_tlb_hit(refs, [DATA]))
+        option("ntlb_data", 1, "GPA \u2192 HPA of the data page", nested_tlb_hit(refs, [DATA]))
     )
     ept_levels = sorted({r.level for r in refs if r.dim == Dim.EPT}, reverse=True)
     for level in ept_levels:
         if level > 1:
             name = f"EPT {LEVEL_NAMES[level]}"
-            options.append(option("epsc", level, f"down to the {name}", ept_psc_hit(refs, level)))
+            options.append(option("epsc", level, name, ept_psc_hit(refs, level)))
     return options
 
 
@@ -306,12 +313,19 @@ class BitRow:
     bit: int
     name: str
     value: int
+    meaning: str
 
 
-def flag_rows(flags: Iterable[int], value: int) -> list[BitRow]:
-    """One row per flag of an ``IntFlag`` class, lowest bit first: number, name, value."""
+def flag_rows(flags: Iterable[F], value: int, meaning: Mapping[F, str]) -> list[BitRow]:
+    """One row per flag of an ``IntFlag`` class, lowest bit first: number, name, value and
+    what it says."""
     rows = [
-        BitRow(int(f).bit_length() - 1, getattr(f, "name", None) or hex(f), int(bool(value & f)))
+        BitRow(
+            int(f).bit_length() - 1,
+            f.name or hex(f),
+            int(bool(value & f)),
+            meaning.get(f, ""),
+        )
         for f in flags
     ]
     return sorted(rows, key=lambda r: r.bit)
@@ -319,12 +333,12 @@ def flag_rows(flags: Iterable[int], value: int) -> list[BitRow]:
 
 def qualification_bits(qualification: int) -> list[BitRow]:
     """The EPT-violation exit qualification bit by bit (SDM Vol. 3C Table 28-7)."""
-    return flag_rows(EptQual, qualification)
+    return flag_rows(EptQual, qualification, EPT_QUAL_MEANING)
 
 
 def error_code_bits(error_code: int) -> list[BitRow]:
     """The #PF error code bit by bit (SDM Vol. 3A §4.7)."""
-    return flag_rows(PageFaultError, error_code)
+    return flag_rows(PageFaultError, error_code, PAGE_FAULT_MEANING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,16 +497,41 @@ def reference_rows(translation: Translation) -> list[dict[str, object]]:
 # -- everything the page needs -----------------------------------------------------------------
 
 
+def check_choice(options: Sequence[CacheOption], choice: Mapping[str, int]) -> dict[str, int]:
+    """``choice`` (group -> value) if every value is an available option of this walk."""
+    for group, value in choice.items():
+        if group not in GROUPS:
+            raise ConfigError("cache", f"unknown group {group!r} (one of {', '.join(GROUPS)})")
+        if value == 0:
+            continue
+        match = [o for o in options if o.group == group and o.value == value]
+        if not match:
+            offered = [str(o.value) for o in options if o.group == group]
+            raise ConfigError(
+                "cache", f"{group}={value} is not offered for this walk (offered: {offered})"
+            )
+        if not match[0].available:
+            raise ConfigError("cache", f"{group}={value} is not available: {match[0].why}")
+    return {g: int(choice.get(g, 0)) for g in GROUPS}
+
+
 def explorer_data(
-    translation: Translation, *, command: str, initial_step: int = 0
+    translation: Translation,
+    *,
+    command: str,
+    initial_step: int = 0,
+    initial_choice: Mapping[str, int] | None = None,
 ) -> dict[str, object]:
-    """The JSON document the page embeds: grid, references, scenarios and outcome."""
+    """The JSON document the page embeds: grid, references, scenarios and outcome. The page
+    opens with the caches holding ``initial_choice`` and ``initial_step`` references done."""
     t = translation
     grid = grid_of(t)
     options = cache_options(t)
     outcome = outcome_of(t)
-    if not 0 <= initial_step <= t.count:
-        raise ConfigError("step", f"{initial_step} is outside 0..{t.count} for this walk")
+    choice = check_choice(options, initial_choice or {})
+    walked = t.count - len(combine(options, choice))
+    if not 0 <= initial_step <= walked:
+        raise ConfigError("step", f"{initial_step} is outside 0..{walked} for this walk")
     return {
         "command": command,
         "summary": {
@@ -503,6 +542,7 @@ def explorer_data(
             "ept_columns": len(grid.columns) - 1,
         },
         "initial_step": initial_step,
+        "initial_choice": choice,
         "rows": [{"for_level": r.for_level, "label": r.label} for r in grid.rows],
         "columns": [{"level": c.level, "label": c.label} for c in grid.columns],
         "cells": [
@@ -529,7 +569,10 @@ def explorer_data(
             "at": outcome.at,
             "details": [list(d) for d in outcome.details],
             "bits_title": outcome.bits_title,
-            "bits": [{"bit": b.bit, "name": b.name, "value": b.value} for b in outcome.bits],
+            "bits": [
+                {"bit": b.bit, "name": b.name, "value": b.value, "meaning": b.meaning}
+                for b in outcome.bits
+            ],
             "note": outcome.note,
         },
     }

@@ -73,7 +73,7 @@ button#next:hover:not(:disabled) { background: #33405a; color: #fff; }
 .rowhead.data { color: var(--ept); }
 .cell, .slot { height: 58px; border-radius: 9px; display: flex; flex-direction: column;
   align-items: center; justify-content: center; position: relative; }
-.cell { cursor: pointer; border: 2px solid transparent; transition: background 0.12s; }
+.cell { cursor: pointer; border: 2px solid transparent; }
 .cell.ept { background: var(--ept-soft); color: #234a86; }
 .cell.guest { background: var(--guest-soft); color: #7a4309; }
 .cell .num { font-size: 17px; font-weight: 700; line-height: 1.1; }
@@ -106,13 +106,16 @@ dl.kv dd { margin: 0; word-break: break-all; }
 #detail .idle { color: var(--muted); }
 #detail .stop { margin-top: 8px; color: var(--exit); font-weight: 650; }
 /* scenarios */
-.group { margin-bottom: 10px; }
-.group .gt { font-weight: 600; margin-bottom: 3px; }
-.group label { display: inline-flex; align-items: center; gap: 5px; margin: 2px 14px 2px 0;
-  cursor: pointer; }
+.group { display: grid; grid-template-columns: 118px 1fr; gap: 8px; padding: 5px 0;
+  border-bottom: 1px solid #f0f1f5; align-items: baseline; }
+.group .gt { font-weight: 600; font-size: 12.5px; line-height: 1.25; }
+.group .opts { display: flex; flex-wrap: wrap; gap: 2px 14px; }
+.group label { display: inline-flex; align-items: center; gap: 4px; cursor: pointer;
+  white-space: nowrap; }
 .group label.off { color: #aab0bd; cursor: not-allowed; }
 .group .n { color: var(--muted); font-size: 12px; }
-#removed-count { margin-top: 6px; padding: 8px 10px; border-radius: 8px; background: #f1f3f8; }
+#na-notes { color: var(--muted); font-size: 12px; margin-top: 6px; }
+#removed-count { margin-top: 8px; padding: 8px 10px; border-radius: 8px; background: #f1f3f8; }
 #removed-count b { font-size: 15px; }
 /* references */
 table.refs { border-collapse: collapse; width: 100%; font-size: 12px; }
@@ -142,6 +145,8 @@ table.bits th { color: var(--muted); font-weight: 600; font-size: 11.5px; }
 table.bits tr.set td { font-weight: 700; }
 table.bits tr.set td.v { color: var(--exit); }
 table.bits tr.clear td { color: #9aa0ad; }
+table.bits td.m { font-weight: 400; color: var(--muted); font-size: 12px; }
+table.bits tr.set td.m { color: var(--ink); }
 </style>
 </head>
 <body data-step="0">
@@ -172,7 +177,8 @@ table.bits tr.clear td { color: #9aa0ad; }
     <section class="panel" id="detail"><h2>Current reference</h2><div id="detail-body"></div>
     </section>
     <section class="panel" id="scenario"><h2>Cache scenario: what a hit removes</h2>
-      <div id="groups"></div><div id="removed-count" data-count="0"></div>
+      <div id="groups"></div><div id="na-notes"></div>
+      <div id="removed-count" data-count="0"></div>
     </section>
   </div>
   <div class="col">
@@ -198,8 +204,7 @@ const el = (tag, cls, text) => {
   return e;
 };
 
-const choice = {};
-for (const g of D.groups) choice[g.key] = 0;
+const choice = Object.assign({}, D.initial_choice);
 let removed = new Set();
 let active = [];      // indices of the references the walk still makes, in order
 let step = 0;         // how many of them are done or current
@@ -287,6 +292,8 @@ function buildGroups() {
     if (!opts.length) continue;
     const div = el("div", "group");
     div.append(el("div", "gt", g.title));
+    const box2 = el("div", "opts");
+    div.append(box2);
     const binary = opts.length === 1 && opts[0].value === 1;
     const add = (value, text, available, why, n) => {
       const label = el("label", available ? "" : "off");
@@ -296,7 +303,7 @@ function buildGroups() {
       input.id = `opt-${g.key}-${value}`;
       input.value = value;
       input.disabled = !available;
-      input.checked = choice[g.key] === value && !binary;
+      input.checked = binary ? choice[g.key] === 1 : choice[g.key] === value;
       if (!available) label.title = why;
       input.addEventListener("change", () => {
         choice[g.key] = binary ? (input.checked ? 1 : 0) : value;
@@ -304,12 +311,16 @@ function buildGroups() {
         render();
       });
       label.append(input, text);
-      if (n !== null) label.append(el("span", "n", available ? `\\u2212${n}` : `(${why})`));
-      div.append(label);
+      if (n !== null) label.append(el("span", "n", available ? `\\u2212${n}` : "(n/a)"));
+      box2.append(label);
     };
     if (!binary) add(0, "none", true, "", null);
     for (const o of opts) add(o.value, o.label, o.available, o.why, o.removes);
     box.append(div);
+  }
+  for (const o of D.options.filter((o) => !o.available)) {
+    const title = D.groups.find((g) => g.key === o.group).title;
+    $("#na-notes").append(el("div", "", `\u2715 ${title}, ${o.label}: not offered, ${o.why}.`));
   }
 }
 
@@ -331,12 +342,13 @@ function buildOutcome() {
     const t = el("table", "bits");
     t.id = "bits";
     const head = el("tr");
-    head.append(el("th", "", "bit"), el("th", "", o.bits_title), el("th", "", "value"));
+    head.append(el("th", "", "bit"), el("th", "", o.bits_title), el("th", "", "value"),
+      el("th", "", "meaning"));
     t.append(head);
     for (const b of o.bits) {
       const tr = el("tr", b.value ? "set" : "clear");
       tr.append(el("td", "mono", String(b.bit)), el("td", "mono", b.name),
-        el("td", "v", String(b.value)));
+        el("td", "v", String(b.value)), el("td", "m", b.meaning));
       t.append(tr);
     }
     body.append(t);
