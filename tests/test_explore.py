@@ -19,8 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from eptlab.arch import Access, PageSize
-from eptlab.arch.exits import EptMisconfig, EptQual, EptViolation
-from eptlab.arch.paging import PageFaultError
+from eptlab.arch.exits import EPT_QUAL_MEANING, EptMisconfig, EptQual, EptViolation
+from eptlab.arch.paging import PAGE_FAULT_MEANING, PageFaultError
 from eptlab.cli import main
 from eptlab.cli.walk import DEFAULT_GVA, run_walk, walk_space
 from eptlab.errors import ConfigError
@@ -343,9 +343,28 @@ def test_guest_page_fault_error_code_bit_by_bit() -> None:
     assert named["P"] == 1 and named["US"] == 1 and named["WR"] == 0
 
 
-def test_initial_step_outside_the_walk_is_a_config_error() -> None:
+def test_every_bit_has_its_meaning() -> None:
+    assert set(EPT_QUAL_MEANING) == set(EptQual)
+    assert set(PAGE_FAULT_MEANING) == set(PageFaultError)
+    rows = outcome_of(walk(access=Access.WRITE, ept_perms="r-x")).bits
+    assert all(r.meaning == EPT_QUAL_MEANING[EptQual(1 << r.bit)] for r in rows)
+
+
+def test_initial_state_is_checked() -> None:
+    t = walk()
     with pytest.raises(ConfigError):
-        explorer_data(walk(), command="x", initial_step=25)
+        explorer_data(t, command="x", initial_step=25)
+    # with the PDE cached 5 references remain: step 6 does not exist
+    assert explorer_data(t, command="x", initial_step=5, initial_choice={"psc": 2})
+    with pytest.raises(ConfigError):
+        explorer_data(t, command="x", initial_step=6, initial_choice={"psc": 2})
+    with pytest.raises(ConfigError, match="not offered"):
+        explorer_data(t, command="x", initial_choice={"psc": 1})  # a PTE maps, it is no table
+    with pytest.raises(ConfigError, match="unknown group"):
+        explorer_data(t, command="x", initial_choice={"l2": 1})
+    stopped = walk(access=Access.WRITE, ept_perms="r-x")
+    with pytest.raises(ConfigError, match="not available"):
+        explorer_data(stopped, command="x", initial_choice={"tlb": 1})
 
 
 # -- page, CLI, server ---------------------------------------------------------------------------
@@ -379,6 +398,17 @@ def test_cli_writes_the_page(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     )
     assert main(["explore", "--out", str(out), "--step", "99"]) == 1
     assert main(["explore", "--out", str(out), "--ept-perms", "rwz"]) == 2
+    assert main(["explore", "--out", str(out), "--cache", "psc=pde", "--cache", "ntlb-data"]) == 0
+    data = embedded(out.read_text())
+    assert data["initial_choice"] == {
+        "tlb": 0,
+        "psc": 2,
+        "ntlb_tables": 0,
+        "ntlb_data": 1,
+        "epsc": 0,
+    }
+    assert main(["explore", "--out", str(out), "--cache", "psc=pte"]) == 1
+    assert main(["explore", "--out", str(out), "--cache", "psc=big"]) == 2
 
 
 def test_server_serves_the_page_on_loopback(tmp_path: Path) -> None:
@@ -514,3 +544,18 @@ def test_page_shows_where_the_walk_stops(driver: WebDriver, tmp_path: Path) -> N
     assert s["exit"] == [t.count - 1] and s["current"] == [t.count - 1]
     assert s["setBits"] == bin(t.exit.qualification).count("1")
     assert driver.find_element(By.ID, "opt-tlb-1").get_attribute("disabled") is not None
+
+
+@pytest.mark.browser
+def test_page_opens_with_the_chosen_scenario(driver: WebDriver, tmp_path: Path) -> None:
+    t = walk(5, 5)
+    page = tmp_path / "c.html"
+    choice = {"psc": 3, "epsc": 3}
+    data = explorer_data(t, command="x", initial_step=2, initial_choice=choice)
+    page.write_text(render_page(data))
+    driver.get(page.as_uri())
+    removed = guest_psc_hit(t.references, 3) | ept_psc_hit(t.references, 3)
+    s = state(driver)
+    assert len(s["cells"]) == 35  # type: ignore[arg-type]
+    assert s["removed"] == sorted(removed) and s["step"] == 2
+    assert s["current"] == [sorted(set(range(35)) - removed)[1]]
