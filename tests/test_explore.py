@@ -545,6 +545,19 @@ def test_page_shows_where_the_walk_stops(driver: WebDriver, tmp_path: Path) -> N
     assert s["setBits"] == bin(t.exit.qualification).count("1")
     assert driver.find_element(By.ID, "opt-tlb-1").get_attribute("disabled") is not None
 
+    # the accessed-flag write fails after the last read: the exit shows at the end, on the entry
+    t = walk(table_perms="r-x")
+    at = outcome_of(t).at
+    assert at is not None and at < t.count - 1
+    driver.get(write_page(tmp_path / "ad.html", t).as_uri())
+    nxt = driver.find_element(By.ID, "next")
+    for _ in range(at + 1):
+        nxt.click()
+    assert state(driver)["exit"] == []
+    while nxt.is_enabled():
+        nxt.click()
+    assert state(driver)["exit"] == [at]
+
 
 @pytest.mark.browser
 def test_page_opens_with_the_chosen_scenario(driver: WebDriver, tmp_path: Path) -> None:

@@ -360,7 +360,9 @@ function render() {
   const current = step > 0 ? active[step - 1] : null;
   const done = new Set(active.slice(0, Math.max(0, step - 1)));
   const exitAt = D.outcome.at;
-  const exitReached = exitAt !== null && (current === exitAt || done.has(exitAt));
+  // the walk ends where it stops: the exit shows once its last reference is reached (an
+  // accessed-flag write that faults points back at an earlier guest entry)
+  const exitReached = exitAt !== null && active.length > 0 && step === active.length;
   for (const i of refs.map((r) => r.index)) {
     const nodes = [document.getElementById(`cell-${i}`), document.getElementById(`ref-${i}`)];
     for (const node of nodes) {
@@ -390,9 +392,10 @@ function renderDetail(current) {
   const body = $("#detail-body");
   body.innerHTML = "";
   if (current === null) {
-    body.append(el("div", "idle", active.length
-      ? `Press Next (\\u2192) to start: the walk makes ${active.length} references.`
-      : "No reference is left: the cache scenario removes the whole walk."));
+    const text = !N ? "The walk reads no entry: see the outcome."
+      : active.length ? `Press Next (\\u2192) to start: the walk makes ${active.length} references.`
+      : "No reference is left: the cache scenario removes the whole walk.";
+    body.append(el("div", "idle", text));
     return;
   }
   const r = refs[current];
