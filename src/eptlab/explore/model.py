@@ -234,10 +234,13 @@ GROUP_TITLES = {
 def cache_options(translation: Translation) -> list[CacheOption]:
     """Every non-trivial option of every group, with what it removes from this walk.
 
-    A walk that ends in a fault or an exit must still reach the reference where it stopped
-    (cached translations that would skip it hold no rights for it: SDM Vol. 3A §4.10.2.1 and
-    Vol. 3C §29.4.2 create none from a faulting walk), so options that would remove that
-    reference are offered but not available; the TLB is unavailable for such a walk."""
+    A walk that ends in a fault or an exit must still reach the reference where it stopped:
+    no cached mapping is created from a not-present or misconfigured entry (SDM Vol. 3A
+    §4.10.2.1, Vol. 3C §29.4.2), and a cached mapping whose rights refuse the access is not
+    what reports the fault: the processor walks again (a page fault invalidates the entries for
+    the address, SDM Vol. 3A §4.10.4.1; the fast engine drops such an entry and walks). So
+    options that would remove that reference are shown but not offered, and the TLB is never
+    offered for such a walk."""
     refs = translation.references
     stopped = not translation.ok
     must_happen = {len(refs) - 1, outcome_of(translation).at} if stopped else set()
@@ -245,7 +248,7 @@ def cache_options(translation: Translation) -> list[CacheOption]:
     def option(group: str, value: int, label: str, removed: frozenset[int]) -> CacheOption:
         why = ""
         if stopped and group == "tlb":
-            why = "no TLB entry is created for a walk that faults or exits"
+            why = "the fault or exit comes from a walk, not from a TLB entry"
         elif must_happen & removed:
             why = "it would skip the reference where the walk stops"
         elif not removed:
