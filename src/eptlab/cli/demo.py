@@ -90,12 +90,8 @@ def demo(
         result = runner.run("nested-overhead", {}, out / "nested-overhead")
         summary = (
             result.table.groupby(["mode", "guest_page", "ept_page", "pwc"])[
-                [
-                    "tlb_miss_rate",
-                    "refs_per_walk",
-                    "translation_cycles_per_access",
-                    "cycles_per_access",
-                ]
+                ["tlb_miss_rate", "refs_per_walk", "translation_cycles_per_access",
+             "cycles_per_access"]
             ]
             .mean()
             .round(2)

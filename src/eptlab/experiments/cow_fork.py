@@ -87,11 +87,8 @@ class CowFork:
         for child in children:
             chosen = rng.choice(pages, per_clone, replace=False).astype(np.int64)
             addresses = GVA + chosen * PAGE_SIZE + 8 * rng.integers(0, 512, per_clone)
-            chunk = TraceChunk(
-                addresses,
-                np.full(per_clone, Access.WRITE, np.int8),
-                np.full(per_clone, 8, np.int32),
-            )
+            chunk = TraceChunk(addresses, np.full(per_clone, Access.WRITE, np.int8),
+                               np.full(per_clone, 8, np.int32))
             child.vcpus[0].load([Run(chunk, user=False)])
         hv.run([child.vcpus[0] for child in children])
         c = cow.counters
@@ -106,8 +103,8 @@ class CowFork:
             "fork_cycles": fork_cycles,
             "fork_ms": round(fork_ms, 2),
             "cow_cycles": c.fault_cycles,
-            "full_copy_cycles": clones * copy_cycles(memory)
-            + clones * (memory // backing) * ENTRY_CYCLES,
+            "full_copy_cycles": clones * copy_cycles(memory) + clones * (
+                memory // backing) * ENTRY_CYCLES,
             "host_mib_used": round(hv.host.live_bytes / (1 << 20), 2),
             "host_mib_full_copy": (clones + 1) * mib,
         }

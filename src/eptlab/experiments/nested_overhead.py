@@ -198,13 +198,8 @@ def _bars(table: pd.DataFrame, column: str, ylabel: str) -> Figure:
         for w in workloads:
             rows = table[(table["workload"] == w) & (table.apply(_label, axis=1) == label)]
             values.append(float(rows[column].iloc[0]) if len(rows) else 0.0)
-        ax.bar(
-            np.arange(len(workloads)) + i * width,
-            values,
-            width,
-            label=label,
-            color=colormaps["tab20"](i % 20),
-        )
+        ax.bar(np.arange(len(workloads)) + i * width, values, width, label=label,
+               color=colormaps["tab20"](i % 20))
     ax.set_xticks(np.arange(len(workloads)) + 0.4 - width / 2)
     ax.set_xticklabels([w.replace("trace:", "trace\n") for w in workloads], fontsize=8)
     ax.set_ylabel(ylabel)

@@ -19,9 +19,8 @@ from ..memory.allocator import Policy
 class HostMemory:
     """The host's physical memory, its allocator and per-frame reference counts."""
 
-    def __init__(
-        self, size: int = 1 << 40, *, policy: Policy = "sequential", seed: int = 0
-    ) -> None:
+    def __init__(self, size: int = 1 << 40, *, policy: Policy = "sequential",
+                 seed: int = 0) -> None:
         self.memory = PhysicalMemory(size)
         self.frames = FrameAllocator(size, policy=policy, seed=seed)
         self._refs: Counter[int] = Counter()  # frame number -> mappings
