@@ -34,21 +34,40 @@ class ExitReason(IntEnum):
 
 
 class EptQual(IntFlag):
-    """Exit qualification for EPT violations (SDM Vol. 3C Table 28-7)."""
+    """Exit qualification for EPT violations (SDM Vol. 3C Table 28-7); each bit's meaning is in
+    :data:`EPT_QUAL_MEANING`."""
 
-    READ = bit(0)  # the access was a data read
-    WRITE = bit(1)  # the access was a data write
-    FETCH = bit(2)  # the access was an instruction fetch
-    READABLE = bit(3)  # AND of bit 0 (R) over the EPT entries used to translate the GPA
-    WRITABLE = bit(4)  # AND of bit 1 (W)
-    EXECUTABLE = bit(5)  # AND of bit 2 (X; supervisor-execute under MBEC)
-    USER_EXECUTABLE = bit(6)  # AND of bit 10 (XU) under MBEC, else 0 here
-    GLA_VALID = bit(7)  # the guest-linear-address field is valid
-    GLA_TRANSLATION = bit(8)  # 1: access to the translated address; 0: to a paging entry
-    USER_LINEAR = bit(9)  # (bit 8 = 1) the linear address is a user-mode address
-    WRITABLE_LINEAR = bit(10)  # (bit 8 = 1) the linear address is read/write
-    XD_LINEAR = bit(11)  # (bit 8 = 1) the linear address is execute-disable
+    READ = bit(0)
+    WRITE = bit(1)
+    FETCH = bit(2)
+    READABLE = bit(3)
+    WRITABLE = bit(4)
+    EXECUTABLE = bit(5)
+    USER_EXECUTABLE = bit(6)
+    GLA_VALID = bit(7)
+    GLA_TRANSLATION = bit(8)
+    USER_LINEAR = bit(9)
+    WRITABLE_LINEAR = bit(10)
+    XD_LINEAR = bit(11)
     NMI_UNBLOCKING = bit(12)
+
+
+EPT_QUAL_MEANING: dict[EptQual, str] = {
+    EptQual.READ: "the access was a data read",
+    EptQual.WRITE: "the access was a data write",
+    EptQual.FETCH: "the access was an instruction fetch",
+    EptQual.READABLE: "AND of bit 0 (R) over the EPT entries used to translate the GPA",
+    EptQual.WRITABLE: "AND of bit 1 (W)",
+    EptQual.EXECUTABLE: "AND of bit 2 (X; supervisor-execute under MBEC)",
+    EptQual.USER_EXECUTABLE: "AND of bit 10 (XU) under MBEC, else 0 here",
+    EptQual.GLA_VALID: "the guest-linear-address field is valid",
+    EptQual.GLA_TRANSLATION: "1: access to the translated address; 0: to a guest paging entry",
+    EptQual.USER_LINEAR: "(bit 8 = 1) the linear address is a user-mode address",
+    EptQual.WRITABLE_LINEAR: "(bit 8 = 1) the linear address is read/write",
+    EptQual.XD_LINEAR: "(bit 8 = 1) the linear address is execute-disable",
+    EptQual.NMI_UNBLOCKING: "NMI unblocking due to IRET",
+}
+"""What each exit-qualification bit says (SDM Vol. 3C Table 28-7)."""
 
 
 def describe_qualification(qualification: int) -> list[str]:

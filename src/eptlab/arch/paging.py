@@ -77,16 +77,30 @@ PKEY_MASK = bits(62, 59)  # protection key of a leaf (used when CR4.PKE=1)
 
 
 class PageFaultError(IntFlag):
-    """The page-fault (#PF) error code (SDM Vol. 3A §4.7, Figure 4-12)."""
+    """The page-fault (#PF) error code (SDM Vol. 3A §4.7, Figure 4-12); each bit's meaning is
+    in :data:`PAGE_FAULT_MEANING`."""
 
-    P = bit(0)  # 0: non-present page; 1: protection violation (or reserved bit)
-    WR = bit(1)  # the access was a write
-    US = bit(2)  # the access was a user-mode access
-    RSVD = bit(3)  # a reserved bit was set in some paging-structure entry
-    ID = bit(4)  # instruction fetch (only reported if NXE=1 or SMEP=1, SDM §4.7)
-    PK = bit(5)  # protection-key violation
-    SS = bit(6)  # shadow-stack access
+    P = bit(0)
+    WR = bit(1)
+    US = bit(2)
+    RSVD = bit(3)
+    ID = bit(4)
+    PK = bit(5)
+    SS = bit(6)
     SGX = bit(15)
+
+
+PAGE_FAULT_MEANING: dict[PageFaultError, str] = {
+    PageFaultError.P: "0: non-present page; 1: protection violation (or reserved bit)",
+    PageFaultError.WR: "the access was a write",
+    PageFaultError.US: "the access was a user-mode access",
+    PageFaultError.RSVD: "a reserved bit was set in some paging-structure entry",
+    PageFaultError.ID: "instruction fetch (only reported if NXE=1 or SMEP=1, SDM §4.7)",
+    PageFaultError.PK: "protection-key violation",
+    PageFaultError.SS: "shadow-stack access",
+    PageFaultError.SGX: "violation of SGX-specific access-control requirements",
+}
+"""What each #PF error-code bit says (SDM Vol. 3A §4.7)."""
 
 
 def linear_address_width(cr4: int) -> int:

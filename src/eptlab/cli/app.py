@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, demo, experiments, report, sweep, trace, walk
+from . import bench, demo, experiments, explore, report, sweep, trace, walk
 
 app = typer.Typer(
     name="eptlab",
@@ -15,6 +15,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 app.command("walk")(walk.walk)
+app.command("explore")(explore.explore)
 app.command("demo")(demo.demo)
 app.command("bench")(bench.bench)
 app.command("list")(experiments.list_experiments)

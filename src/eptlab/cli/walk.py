@@ -37,6 +37,7 @@ class AccessKind(StrEnum):
 
 
 DEFAULT_GVA = 0x7F12_3456_7ABC
+DEFAULT_GVA_TEXT = hex(DEFAULT_GVA)
 
 
 def _perms(value: str) -> str:
@@ -54,6 +55,26 @@ def _address(value: str) -> int:
         raise typer.BadParameter(f"{value!r} is not an integer (use 0x... for hex)") from None
 
 
+def walk_space(
+    guest_levels: int = 4,
+    ept_levels: int = 4,
+    guest_page: PageSize = PageSize.SIZE_4K,
+    ept_page: PageSize = PageSize.SIZE_4K,
+    ept_perms: str = "rwx",
+    table_perms: str = "rwx",
+    ept_ad: bool = False,
+    gva: int = DEFAULT_GVA,
+    page_user: bool = False,
+) -> NestedSpace:
+    """The one-mapping scenario the walk options describe: ``gva`` mapped by a guest page
+    (a user page when ``page_user``) backed by EPT, the guest tables given ``table_perms``."""
+    space = NestedSpace.create(guest_levels=guest_levels, ept_levels=ept_levels, ept_ad=ept_ad)
+    space.map(gva, guest_page, ept_page, ept_perms=ept_perms, user=page_user)
+    if table_perms != "rwx":
+        space.protect_tables(table_perms)
+    return space
+
+
 def run_walk(
     guest_levels: int = 4,
     ept_levels: int = 4,
@@ -67,39 +88,55 @@ def run_walk(
     gva: int = DEFAULT_GVA,
     page_user: bool | None = None,
 ) -> Translation:
-    """Build the scenario the CLI describes and walk ``gva`` once, cold. The access is a
-    user-mode one when ``user``; the page is a user page when ``page_user`` (default: ``user``)."""
-    space = NestedSpace.create(guest_levels=guest_levels, ept_levels=ept_levels, ept_ad=ept_ad)
-    page_user = user if page_user is None else page_user
-    space.map(gva, guest_page, ept_page, ept_perms=ept_perms, user=page_user)
-    if table_perms != "rwx":
-        space.protect_tables(table_perms)
+    """Build the scenario the CLI describes (:func:`walk_space`) and walk ``gva`` once, cold.
+    The access is a user-mode one when ``user``; the page is a user page when ``page_user``
+    (default: ``user``)."""
+    space = walk_space(
+        guest_levels=guest_levels,
+        ept_levels=ept_levels,
+        guest_page=guest_page,
+        ept_page=ept_page,
+        ept_perms=ept_perms,
+        table_perms=table_perms,
+        ept_ad=ept_ad,
+        gva=gva,
+        page_user=user if page_user is None else page_user,
+    )
     return space.walker().translate(gva, access, Mode.USER if user else Mode.SUPERVISOR)
 
 
-def walk(
-    guest_levels: Annotated[
-        Levels, typer.Option(help="Guest paging levels (5 = LA57).")
-    ] = Levels.four,
-    ept_levels: Annotated[Levels, typer.Option(help="EPT page-walk length.")] = Levels.four,
-    guest_page: Annotated[Size, typer.Option(help="Guest page size of the mapping.")] = Size.k4,
-    ept_page: Annotated[Size, typer.Option(help="EPT page size backing the data page.")] = Size.k4,
-    access: Annotated[AccessKind, typer.Option(help="Kind of access.")] = AccessKind.read,
-    ept_perms: Annotated[
-        str, typer.Option(callback=_perms, help="EPT leaf permissions of the data page, e.g. r-x.")
-    ] = "rwx",
-    table_perms: Annotated[
-        str, typer.Option(callback=_perms, help="EPT permissions of the guest page-table pages.")
-    ] = "rwx",
-    ept_ad: Annotated[
-        bool, typer.Option("--ept-ad", help="Enable EPT accessed/dirty flags.")
-    ] = False,
-    user: Annotated[bool, typer.Option("--user", help="User-mode access to a user page.")] = False,
-    gva: Annotated[str, typer.Option(help="Guest-linear address to walk.")] = hex(DEFAULT_GVA),
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> int:
-    """Show one cold two-dimensional walk (every memory reference, the outcome, the exit)."""
-    result = run_walk(
+# The walk options, shared by every command that walks (``walk``, ``explore``).
+GuestLevelsOption = Annotated[Levels, typer.Option(help="Guest paging levels (5 = LA57).")]
+EptLevelsOption = Annotated[Levels, typer.Option(help="EPT page-walk length.")]
+GuestPageOption = Annotated[Size, typer.Option(help="Guest page size of the mapping.")]
+EptPageOption = Annotated[Size, typer.Option(help="EPT page size backing the data page.")]
+AccessOption = Annotated[AccessKind, typer.Option(help="Kind of access.")]
+EptPermsOption = Annotated[
+    str, typer.Option(callback=_perms, help="EPT leaf permissions of the data page, e.g. r-x.")
+]
+TablePermsOption = Annotated[
+    str, typer.Option(callback=_perms, help="EPT permissions of the guest page-table pages.")
+]
+EptAdOption = Annotated[bool, typer.Option("--ept-ad", help="Enable EPT accessed/dirty flags.")]
+UserOption = Annotated[bool, typer.Option("--user", help="User-mode access to a user page.")]
+GvaOption = Annotated[str, typer.Option(help="Guest-linear address to walk.")]
+
+
+def walk_from_options(
+    *,
+    guest_levels: Levels,
+    ept_levels: Levels,
+    guest_page: Size,
+    ept_page: Size,
+    access: AccessKind,
+    ept_perms: str,
+    table_perms: str,
+    ept_ad: bool,
+    user: bool,
+    gva: str,
+) -> Translation:
+    """:func:`run_walk` with the values of the walk options as the CLI parsed them."""
+    return run_walk(
         guest_levels=int(guest_levels.value),
         ept_levels=int(ept_levels.value),
         guest_page=PageSize.parse(guest_page.value),
@@ -110,6 +147,34 @@ def walk(
         ept_ad=ept_ad,
         user=user,
         gva=_address(gva),
+    )
+
+
+def walk(
+    guest_levels: GuestLevelsOption = Levels.four,
+    ept_levels: EptLevelsOption = Levels.four,
+    guest_page: GuestPageOption = Size.k4,
+    ept_page: EptPageOption = Size.k4,
+    access: AccessOption = AccessKind.read,
+    ept_perms: EptPermsOption = "rwx",
+    table_perms: TablePermsOption = "rwx",
+    ept_ad: EptAdOption = False,
+    user: UserOption = False,
+    gva: GvaOption = DEFAULT_GVA_TEXT,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> int:
+    """Show one cold two-dimensional walk (every memory reference, the outcome, the exit)."""
+    result = walk_from_options(
+        guest_levels=guest_levels,
+        ept_levels=ept_levels,
+        guest_page=guest_page,
+        ept_page=ept_page,
+        access=access,
+        ept_perms=ept_perms,
+        table_perms=table_perms,
+        ept_ad=ept_ad,
+        user=user,
+        gva=gva,
     )
     if as_json:
         typer.echo(json.dumps(result.as_dict()))
