@@ -18,13 +18,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from eptlab import browser
 from eptlab.arch import Access, PageSize
 from eptlab.arch.exits import EPT_QUAL_MEANING, EptMisconfig, EptQual, EptViolation
 from eptlab.arch.paging import PAGE_FAULT_MEANING, PageFaultError
 from eptlab.cli import main
 from eptlab.cli.walk import DEFAULT_GVA, run_walk, walk_space
 from eptlab.errors import ConfigError
-from eptlab.explore import browser
 from eptlab.explore.model import (
     DATA,
     GROUPS,

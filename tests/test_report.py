@@ -81,3 +81,19 @@ def test_report_command(out: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert capsys.readouterr().out.strip() == str(out / "report.html")
     assert main(["report", "--out", str(tmp_path / "empty")]) == 2
     assert "no results" in capsys.readouterr().err
+
+
+@pytest.mark.browser
+def test_report_screenshot_in_headless_chromium(out: Path, tmp_path: Path) -> None:
+    from eptlab import browser
+
+    why = browser.missing()
+    if why is not None:
+        print(f"browser test skipped: {why}")
+        pytest.skip(why)
+    png = tmp_path / "report.png"
+    assert main(["report", "--out", str(out), "--screenshot", str(png), "--height", "700"]) == 0
+    header = png.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    assert (width, height) == (browser.WIDTH, 700)

@@ -129,7 +129,7 @@ def explore(
     out.write_text(render_page(data), encoding="utf-8")
     typer.echo(f"wrote {out} ({translation.count} references)")
     if screenshot is not None:
-        from ..explore.browser import screenshot as take
+        from ..browser import screenshot as take
 
         typer.echo(f"wrote {take(out, screenshot)}")
     if serve:

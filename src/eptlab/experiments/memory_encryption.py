@@ -57,11 +57,11 @@ from ..apps.memory_encryption import (
 )
 from ..arch.bits import PageSize
 from ..errors import ConfigError
-from ..mmu.config import EncryptionConfig
+from ..mmu.config import CacheConfig, EncryptionConfig
 from ..mmu.stats import VcpuStats
 from ..traces.model import TraceChunk
 from ..workloads import WORKLOADS, make_workload
-from .base import Progress, Row
+from .base import Progress, Row, ratio_text
 
 BASE = 0x0000_2000_0000_0000
 
@@ -104,6 +104,12 @@ class MemoryEncryption:
         "and nested paging, and how much of it do two-dimensional walks add?"
     )
     Params: ClassVar[type] = MemoryEncryptionParams
+    demo: ClassVar[dict[str, str]] = {
+        "accesses": "30000",
+        "warmup": "30000",
+        "llc_mib": "2,32",
+        "random_footprints_mib": "64,8192",
+    }
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -199,6 +205,48 @@ class MemoryEncryption:
                         progress(done, total)
 
     # -- figures ------------------------------------------------------------------------------
+
+    def interpret(self, table: pd.DataFrame, params: MemoryEncryptionParams) -> list[str]:
+        on = table[table.encryption == "on"]
+        dram = CacheConfig().dram_latency
+        bound = (params.decrypt_latency + params.integrity_latency) / dram
+        out = [
+            f"Decrypting each line read from DRAM ({params.decrypt_latency} cycles on top of "
+            f"{dram}) slows accesses by {on.slowdown_pct.min():.1f}% to "
+            f"{on.slowdown_pct.max():.1f}% over the {len(on)} encrypted runs; cache hits pay "
+            f"nothing, so no run can lose more than the ratio of the two latencies ({bound:.0%})."
+        ]
+        nested = on[on["mode"] == "nested"]
+        worst = nested.loc[nested.extra_translation_cycles_per_access.idxmax()]
+        keys = ["workload", "footprint_mib", "llc_mib"]
+        native = on[(on["mode"] == "native")].set_index(keys).loc[tuple(worst[k] for k in keys)]
+        amplified = ratio_text(
+            worst.extra_translation_cycles_per_access, native.extra_translation_cycles_per_access
+        )
+        out.append(
+            f"The cost concentrates in two-dimensional walks: on {worst.workload} over "
+            f"{worst.footprint_mib} MiB with a {worst.llc_mib} MiB LLC, nested paging reads "
+            f"{worst.walk_dram_per_access:.2f} page-walk lines per access from DRAM against "
+            f"{native.walk_dram_per_access:.2f} native and pays "
+            f"{worst.extra_translation_cycles_per_access:.1f} extra translation cycles per "
+            f"access against {native.extra_translation_cycles_per_access:.1f} "
+            f"({amplified}); page-walk reads are "
+            f"{worst.walk_share_pct:.0f}% of its encryption cost "
+            f"({native.walk_share_pct:.0f}% native)."
+        )
+        same = nested[(nested.workload == worst.workload)
+                      & (nested.footprint_mib == worst.footprint_mib)]
+        if same.llc_mib.nunique() > 1:
+            small = same.loc[same.llc_mib.idxmin()]
+            large = same.loc[same.llc_mib.idxmax()]
+            out.append(
+                f"A larger LLC takes the walk part away first: from {small.llc_mib} to "
+                f"{large.llc_mib} MiB the nested walk lines from DRAM per access go from "
+                f"{small.walk_dram_per_access:.2f} to {large.walk_dram_per_access:.2f} and the "
+                f"page-walk share of the cost from {small.walk_share_pct:.0f}% to "
+                f"{large.walk_share_pct:.0f}%."
+            )
+        return out
 
     def figures(self, table: pd.DataFrame, params: MemoryEncryptionParams) -> dict[str, Figure]:
         return {

@@ -1,6 +1,6 @@
-"""Headless Chromium through Selenium: the screenshot of the explorer page (and the browser
-test's driver). Debian's ``chromium`` and ``chromium-driver`` packages provide the browser and
-``/usr/bin/chromedriver``; ``selenium`` is a dev extra, imported only here."""
+"""Headless Chromium through Selenium: screenshots of the explorer and the report (and the
+browser tests' driver). Debian's ``chromium`` and ``chromium-driver`` packages provide the
+browser and ``/usr/bin/chromedriver``; ``selenium`` is a dev extra, imported only here."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from selenium.webdriver.chrome.webdriver import WebDriver
@@ -54,23 +54,25 @@ def start(width: int = WIDTH, height: int = 1000) -> WebDriver:
     return webdriver.Chrome(options=options, service=service)
 
 
-def fit_height(driver: WebDriver, width: int = WIDTH) -> None:
-    """Make the viewport exactly ``width`` wide and as tall as the page (for a full-page
-    screenshot), through the DevTools protocol's device-metrics override."""
-    height = int(driver.execute_script("return document.documentElement.scrollHeight"))
-    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+def fit_height(driver: WebDriver, width: int = WIDTH, height: int | None = None) -> None:
+    """Make the viewport exactly ``width`` wide and ``height`` tall (default: as tall as the
+    page, for a full-page screenshot), through the DevTools protocol's device-metrics
+    override."""
+    metrics = {"width": width, "height": height or 1000, "deviceScaleFactor": 1, "mobile": False}
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
-    height = int(driver.execute_script("return document.documentElement.scrollHeight"))
-    metrics["height"] = height
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    if height is None:  # the page's height depends on its width: measure after setting it
+        page_height = driver.execute_script("return document.documentElement.scrollHeight")
+        metrics["height"] = int(page_height)
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
 
 
-def screenshot(page: Path, png: Path, width: int = WIDTH) -> Path:
-    """Render ``page`` headless and save the whole page as ``png``."""
-    driver = start(width)
+def screenshot(page: Path, png: Path, width: int = WIDTH, height: int | None = None) -> Path:
+    """Render ``page`` headless and save it as ``png``: the whole page, or its top ``height``
+    pixels."""
+    driver = start(width, height or 1000)
     try:
         driver.get(page.resolve().as_uri())
-        fit_height(driver, width)
+        fit_height(driver, width, height)
         png.parent.mkdir(parents=True, exist_ok=True)
         if not driver.save_screenshot(str(png)):
             raise ConfigError("screenshot", f"the browser could not write {png}")
