@@ -47,6 +47,7 @@ from matplotlib.figure import Figure
 
 from ..apps.double_caching import GUEST_CACHES, HOST_CACHES, Outcome, Scenario, play
 from ..arch.bits import PAGE_SIZE
+from ..errors import ConfigError
 from ..hv.costs import CYCLES_PER_US
 from .base import Progress, Row
 
@@ -77,6 +78,9 @@ class DoubleCaching:
 
     def scenarios(self, p: DoubleCachingParams) -> list[Scenario]:
         """Every configuration (checked before anything runs)."""
+        for field in ("host_caches", "guest_caches", "disks"):
+            if not getattr(p, field):
+                raise ConfigError(field, "needs at least one value")
         return [
             Scenario(
                 host_cache=host,
