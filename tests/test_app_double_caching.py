@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eptlab.apps.disk import DISK_MODELS, Disk, DiskModel, block_contents, disk_model
-from eptlab.apps.double_caching import Machine, Scenario, play, report_free_pages, residency
+from eptlab.apps.double_caching import (
+    GuestFileReader,
+    Machine,
+    Scenario,
+    play,
+    report_free_pages,
+    residency,
+)
 from eptlab.apps.host_cache import HostPageCache
 from eptlab.apps.virtio_blk import VIRTIO_BLK_NOTIFY, BlockRequest, HostIo, VirtioBlk
 from eptlab.arch import PageSize
@@ -300,3 +307,12 @@ def test_impossible_scenarios_are_config_errors(field: str, value: Any) -> None:
         dataclasses.replace(Scenario(), **{field: value})
     with pytest.raises(ConfigError, match="files"):
         Scenario(files=3, file_mib=1)  # 256 pages do not split in 3
+
+
+def test_reader_rejects_files_off_the_disk() -> None:
+    m = Machine(small())
+    m.kernel.create_file("big", 8 * MiB)
+    with pytest.raises(ConfigError, match="does not fit"):
+        GuestFileReader(m.kernel, m.reader.process, m.device, {"big": m.device.disk.blocks - 1})
+    with pytest.raises(ConfigError, match="not a file"):
+        GuestFileReader(m.kernel, m.reader.process, m.device, {"nothing": 0})

@@ -59,6 +59,7 @@ GUEST_CACHES = ("cold", "warm", "dropped", "dropped-reported")
 EPT_PAGES = {"4k": PageSize.SIZE_4K, "2m": PageSize.SIZE_2M}
 _LINES = np.arange(0, PAGE_SIZE, 64, dtype=np.int64)
 _2M = PageSize.SIZE_2M.value
+GUEST_RESERVE_MIB = 64  # guest memory besides the page cache: kernel image, page tables, buffer
 
 
 def _kernel_chunk(addresses: list[int], kind: Access) -> TraceChunk:
@@ -81,10 +82,13 @@ class GuestFileReader:
         window: int = 128 << 10,
     ) -> None:
         if window <= 0 or window % PAGE_SIZE:
-            raise ConfigError("readahead_kib", f"{window} bytes is not a positive multiple of 4")
-        for name in extents:
+            raise ConfigError("readahead_kib", f"{window} bytes is not a multiple of 4 KiB")
+        for name, first in extents.items():
             if name not in kernel.files:
                 raise ConfigError("extents", f"{name!r} is not a file of the guest")
+            pages = -(-kernel.files[name].size // PAGE_SIZE)
+            if first < 0 or first + pages > device.disk.blocks:
+                raise ConfigError("extents", f"{name!r} does not fit on the disk at block {first}")
         self.kernel, self.process, self.device = kernel, process, device
         self.extents, self.window = extents, window
         self.buffer = kernel.mmap(process, window)
@@ -242,10 +246,12 @@ class Scenario:
                               "for no host caching)")
         if self.readahead_kib < 4 or self.readahead_kib % 4:
             raise ConfigError("readahead_kib", f"{self.readahead_kib} is not a multiple of 4")
-        if self.guest_mib % 2 or (self.file_mib + 64) > self.guest_mib:
+        if self.guest_mib % 2:
+            raise ConfigError("guest_mib", f"{self.guest_mib} is not a multiple of 2")
+        if self.file_mib + GUEST_RESERVE_MIB > self.guest_mib:
             raise ConfigError(
-                "guest_mib", f"{self.guest_mib} MiB cannot hold the kernel (64 MiB) and a page "
-                f"cache of {self.file_mib} MiB (and must be a multiple of 2)"
+                "guest_mib", f"{self.guest_mib} MiB cannot hold the kernel and its tables "
+                f"({GUEST_RESERVE_MIB} MiB) and a page cache of {self.file_mib} MiB"
             )
 
 
