@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, demo, experiments, trace, walk
+from . import bench, demo, experiments, report, sweep, trace, walk
 
 app = typer.Typer(
     name="eptlab",
@@ -19,4 +19,6 @@ app.command("demo")(demo.demo)
 app.command("bench")(bench.bench)
 app.command("list")(experiments.list_experiments)
 app.command("run")(experiments.run_experiment)
+app.command("sweep")(sweep.sweep)
+app.command("report")(report.report)
 app.add_typer(trace.trace_app, name="trace")

@@ -2,7 +2,8 @@
 
 A tour of the reference walker (the cost of a cold two-dimensional walk for every combination of
 paging depths and page sizes, and the architectural events a hypervisor sees; ``out/walks.*``),
-then the baseline experiment ``nested-overhead`` on its defaults (``out/nested-overhead/``).
+then every experiment at a small built-in scale (``out/NAME/``), and one self-contained HTML
+report of all of it (``out/report.html``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.table import Table
 
 from ..arch.access import Access
 from ..arch.bits import PageSize
+from ..report import build_report
 from .walk import run_walk
 
 EVENTS = [
@@ -34,10 +36,13 @@ EVENTS = [
 def demo(
     out: Annotated[Path, typer.Option(help="Directory for the results.")] = Path("out"),
     experiments: Annotated[
-        bool, typer.Option(help="Also run the nested-overhead experiment.")
+        bool, typer.Option(help="Run the experiments (off: only the walk tour and the report).")
     ] = True,
+    only: Annotated[
+        list[str] | None, typer.Option(help="Run only this experiment (repeatable).")
+    ] = None,
 ) -> int:
-    """Run the built-in tour and write its results under OUT."""
+    """The walk tour, every experiment at a small built-in scale, and OUT/report.html."""
     console = Console()
     rows = []
     for gl, el, gp, ep in product((4, 5), (4, 5), PageSize, PageSize):
@@ -85,17 +90,25 @@ def demo(
         writer.writerows(rows)
     console.print(f"wrote {out / 'walks.json'} and {out / 'walks.csv'}")
     if experiments:
-        from ..experiments import runner
-
-        result = runner.run("nested-overhead", {}, out / "nested-overhead")
-        summary = (
-            result.table.groupby(["mode", "guest_page", "ept_page", "pwc"])[
-                ["tlb_miss_rate", "refs_per_walk", "translation_cycles_per_access",
-             "cycles_per_access"]
-            ]
-            .mean()
-            .round(2)
-        )
-        console.print(summary.to_string())
-        console.print("wrote " + ", ".join(result.files))
+        run_all(out, console, only)
+    report = build_report(out)
+    console.print(f"[bold]report:[/] {report}")
     return 0
+
+
+def run_all(out: Path, console: Console, only: list[str] | None = None) -> None:
+    """Every experiment (or ``only`` these) at its small built-in scale, one progress bar each."""
+    from ..experiments import get, runner
+    from ..experiments.registry import names
+
+    for name in only or names():
+        experiment = get(name)
+        runner.run(name, dict(experiment.demo), out / name)
+        for sentence in _reading(name, out):
+            console.print(f"  [dim]-[/] {sentence}")
+
+
+def _reading(name: str, out: Path) -> list[str]:
+    from ..report.sections import experiment_section
+
+    return experiment_section(name, out / name).interpretation

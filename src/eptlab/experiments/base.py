@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 from typing import Any, ClassVar, Protocol
 
 import pandas as pd
@@ -24,6 +25,8 @@ class Experiment(Protocol):
     name: ClassVar[str]
     question: ClassVar[str]
     Params: ClassVar[type]
+    demo: ClassVar[dict[str, str]]
+    """Overrides (as ``--set`` takes them) for the small built-in scale of ``eptlab demo``."""
 
     def rows(self, params: Any, progress: Progress) -> Iterator[Row]:
         """Yield result rows; each is a flat dict of the documented columns."""
@@ -31,6 +34,10 @@ class Experiment(Protocol):
 
     def figures(self, table: pd.DataFrame, params: Any) -> dict[str, Figure]:
         """Figures by file stem, drawn from the finished table."""
+        ...
+
+    def interpret(self, table: pd.DataFrame, params: Any) -> list[str]:
+        """Two or three sentences that read the finished table: computed from its numbers."""
         ...
 
 
@@ -80,6 +87,15 @@ def params_dict(params: Any) -> dict[str, Any]:
     return out
 
 
+def params_from_dict(params_type: type, values: dict[str, Any]) -> Any:
+    """Inverse of :func:`params_dict` (lists back to tuples); unknown keys are a ConfigError."""
+    known = {f.name for f in fields(params_type)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], f"not a parameter of {params_type.__name__}")
+    return params_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 @dataclass(frozen=True)
 class Result:
     """A finished run: the table and where its files went."""
@@ -88,3 +104,19 @@ class Result:
     params: dict[str, Any]
     table: pd.DataFrame
     files: list[str]
+
+
+def ratio_text(numerator: float, denominator: float) -> str:
+    """``"3.2x"`` (or ``"n/a"`` when the denominator is zero): for interpretations."""
+    return f"{numerator / denominator:.1f}x" if denominator else "n/a"
+
+
+def saved_text(before: float, after: float) -> str:
+    """How much smaller ``after`` is than ``before``, as ``"42%"``."""
+    return f"{(before - after) / before:.0%}" if before else "n/a"
+
+
+def records_by(table: pd.DataFrame, key: str) -> dict[Any, SimpleNamespace]:
+    """Rows of ``table`` by the value of column ``key``, as objects with each column's value in
+    its own type (ints stay ints), for writing interpretations."""
+    return {r[key]: SimpleNamespace(**r) for r in table.to_dict("records")}

@@ -33,7 +33,7 @@ from ..hv import Hypervisor, Run
 from ..mmu.config import MmuConfig
 from ..tables import GuestPageTables
 from ..traces.model import TraceChunk
-from .base import Progress, Row
+from .base import Progress, Row, ratio_text, records_by
 
 GVA = 0x0000_7000_0000_0000
 TABLE_REGION = 8 << 20  # guest page tables live in the first 8 MiB of guest memory
@@ -55,6 +55,7 @@ class CowFork:
         "mappings (copy the 2 MiB, or split first) change it?"
     )
     Params: ClassVar[type] = CowForkParams
+    demo: ClassVar[dict[str, str]] = {"guest_mibs": "32,128", "clones": "1,4"}
 
     def rows(self, params: CowForkParams, progress: Progress) -> Iterator[Row]:
         configs = list(product(params.guest_mibs, params.clones, params.granularities))
@@ -108,6 +109,36 @@ class CowFork:
             "host_mib_used": round(hv.host.live_bytes / (1 << 20), 2),
             "host_mib_full_copy": (clones + 1) * mib,
         }
+
+    def interpret(self, table: pd.DataFrame, params: CowForkParams) -> list[str]:
+        big = table[table.guest_mib == table.guest_mib.max()]
+        big = records_by(big[big.clones == big.clones.max()], "granularity")
+        out = []
+        if "4k" in big:
+            r = big["4k"]
+            out.append(
+                f"Forking {r.clones} clones of a {r.guest_mib} MiB guest with 4 KiB copy-on-write "
+                f"costs {r.fork_cycles + r.cow_cycles:,.0f} cycles in all against "
+                f"{r.full_copy_cycles:,.0f} for copying memory "
+                f"({ratio_text(r.full_copy_cycles, r.fork_cycles + r.cow_cycles)} cheaper), and "
+                f"the host holds {r.host_mib_used:.0f} MiB instead of "
+                f"{r.host_mib_full_copy:.0f} MiB."
+            )
+        if "2m-copy" in big:
+            r = big["2m-copy"]
+            out.append(
+                f"Keeping 2 MiB EPT pages and copying them whole copies {r.pages_copied:,} pages "
+                f"for {r.pages_written:,} written ({r.pages_copied / max(r.pages_written, 1):.0f} "
+                f"4 KiB pages per written page) and uses {r.host_mib_used:.0f} MiB."
+            )
+        if "2m-split" in big:
+            r = big["2m-split"]
+            out.append(
+                f"Splitting the 2 MiB page first ({r.splits:,} splits) brings the copies back to "
+                f"{r.pages_copied:,} pages and {r.host_mib_used:.0f} MiB at a fork of "
+                f"{r.fork_cycles:,.0f} cycles."
+            )
+        return out
 
     def figures(self, table: pd.DataFrame, params: CowForkParams) -> dict[str, Figure]:
         figure = Figure(figsize=(11, 4.2))

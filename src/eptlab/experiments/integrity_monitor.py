@@ -64,7 +64,7 @@ from ..apps.integrity import IntegrityMonitor as Monitor
 from ..errors import ConfigError
 from ..guest import KernelImage
 from ..hv.costs import VMEXIT_CYCLES
-from .base import Progress, Row
+from .base import Progress, Row, records_by
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,7 @@ class IntegrityMonitor:
         "whole kernel, or log with PML), and which of them detect and prevent malicious writes?"
     )
     Params: ClassVar[type] = IntegrityMonitorParams
+    demo: ClassVar[dict[str, str]] = {"accesses": "300000", "period": "50000"}
 
     def rows(self, params: IntegrityMonitorParams, progress: Progress) -> Iterator[Row]:
         for _, row in self.runs(params, progress):
@@ -218,6 +219,34 @@ class IntegrityMonitor:
             progress(done, total)
             if mode in params.modes:
                 yield run, row
+
+    def interpret(self, table: pd.DataFrame, params: IntegrityMonitorParams) -> list[str]:
+        by = records_by(table, "mode")
+        out = []
+        if {"trap-code", "trap-all"} <= set(by):
+            code, every = by["trap-code"], by["trap-all"]
+            out.append(
+                f"Trapping writes to the kernel code only takes {code.vm_exits:,} VM exits "
+                f"({code.overhead_cycles_pct:.1f}% cycles) against {every.vm_exits:,} "
+                f"({every.overhead_cycles_pct:.0f}%) for trapping every write; they detect "
+                f"{code.detected} and {every.detected} of the {code.malicious_writes} malicious "
+                f"writes and prevent {code.prevented} and {every.prevented}."
+            )
+        if "pml" in by:
+            pml = by["pml"]
+            out.append(
+                f"Page-modification logging reviewed every {params.period:,} accesses needs "
+                f"{pml.vm_exits:,} exits ({pml.overhead_cycles_pct:.1f}% cycles) and detects "
+                f"{pml.detected}/{pml.malicious_writes} after "
+                f"{pml.mean_detection_delay_accesses:,.0f} accesses on average, but prevents "
+                f"{pml.prevented}: the code is already changed when the log is read."
+            )
+        fp = int(table.false_positives.sum())
+        out.append(
+            f"Legitimate code patches: {int(table.patches_applied.max())}; false alarms over all "
+            f"modes: {fp}."
+        )
+        return out
 
     def figures(self, table: pd.DataFrame, params: IntegrityMonitorParams) -> dict[str, Figure]:
         modes = list(table["mode"])

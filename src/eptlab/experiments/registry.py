@@ -21,6 +21,11 @@ def _load(spec: str) -> Any:
     return getattr(importlib.import_module(module), cls)
 
 
+def names() -> list[str]:
+    """Experiment names in the order they are listed (and reported)."""
+    return list(_EXPERIMENTS)
+
+
 def experiments() -> dict[str, Any]:
     return {name: _load(spec) for name, spec in _EXPERIMENTS.items()}
 

@@ -1,0 +1,71 @@
+"""Running points: in this process, on local worker processes, or on a Dask cluster.
+
+Every executor runs the same function, :func:`run_point`, and yields results as points finish
+(not in submission order), so the store can write each one as it arrives.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any
+
+from ..experiments.base import apply_overrides
+from ..experiments.registry import get
+from .spec import Point
+from .store import PointResult
+
+
+def run_point(point: Point) -> PointResult:
+    """Run one point to the end; an exception becomes the point's recorded error."""
+    start = time.perf_counter()
+    try:
+        experiment = get(point.experiment)()
+        params = apply_overrides(experiment.Params, point.as_dict())
+        rows = [dict(r) for r in experiment.rows(params, lambda done, total: None)]
+        return PointResult(point, rows, None, time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001 - one point's failure must not stop the sweep
+        frames = traceback.extract_tb(exc.__traceback__)
+        ours = [f for f in frames if "eptlab" in f.filename] or frames
+        where = ours[-1]
+        error = f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
+        return PointResult(point, [], error, time.perf_counter() - start)
+
+
+def run_inline(points: Sequence[Point]) -> Iterator[PointResult]:
+    for point in points:
+        yield run_point(point)
+
+
+def run_local(points: Sequence[Point], jobs: int) -> Iterator[PointResult]:
+    """One worker process per job (spawned: no state inherited from this process)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = [pool.submit(run_point, p) for p in points]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def run_dask(points: Sequence[Point], scheduler: Any) -> Iterator[PointResult]:
+    """On a Dask distributed cluster: ``scheduler`` is an address or a ``Client``."""
+    from distributed import Client
+    from distributed import as_completed as dask_completed
+
+    client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+    try:
+        futures = client.map(run_point, list(points), pure=False)
+        try:
+            for future in dask_completed(futures):
+                yield future.result()
+        finally:
+            client.cancel(futures)
+    finally:
+        if client is not scheduler:
+            client.close()

@@ -1,0 +1,83 @@
+"""The HTML report: self-contained, one section per result, readings computed from the tables."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from eptlab.cli import main
+from eptlab.experiments import get, runner
+from eptlab.experiments.registry import names
+from eptlab.report import build_report, collect
+
+SMALL_PREFETCH = {"accesses": "3000", "vcpus": "1,2", "remaps": "2"}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    assert main(["demo", "--out", str(out), "--no-experiments"]) == 0
+    runner.run("prefetch-hypercall", SMALL_PREFETCH, out / "prefetch-hypercall",
+               show_progress=False)
+    return out
+
+
+def test_report_has_the_walk_tour_and_each_result(out: Path) -> None:
+    page = build_report(out).read_text()
+    assert [s.key for s in collect(out)] == ["walks", "prefetch-hypercall"]
+    for key in ("walks", "prefetch-hypercall"):
+        assert f'<section id="{key}">' in page
+    assert get("prefetch-hypercall").question in page
+    assert "cow-fork" not in page  # no results, no section
+
+
+def test_report_is_self_contained(out: Path) -> None:
+    page = build_report(out).read_text()
+    assert "<script" not in page
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    links = re.findall(r'href="([^"]+)"', page)
+    assert links and all(not x.startswith(("http:", "https:", "//")) for x in links)
+    assert all((out / x).exists() for x in links if not x.startswith("#"))
+
+
+def test_reading_is_computed_from_the_table(out: Path, tmp_path: Path) -> None:
+    """The sentences quote the table's numbers, so a different run reads differently."""
+    section = next(s for s in collect(out) if s.key == "prefetch-hypercall")
+    table = section.tables[0][1]
+    one = table[(table.vcpus == 1)].set_index("hint")
+    text = " ".join(section.interpretation)
+    assert f"from {int(one.loc['off', 'ept_violations']):,} to " in text
+    assert f"to {int(one.loc['on', 'ept_violations']):,}," in text
+    other = tmp_path / "other"
+    runner.run("prefetch-hypercall", SMALL_PREFETCH | {"footprint_mib": "2"},
+               other / "prefetch-hypercall", show_progress=False)
+    again = collect(other)[0]
+    assert again.interpretation != section.interpretation
+
+
+def test_walk_reading_counts_the_events(out: Path) -> None:
+    walks = next(s for s in collect(out) if s.key == "walks")
+    situations = dict(walks.tables)["what the hypervisor sees"]
+    exits = situations.outcome.str.startswith("exit").sum()
+    assert f"{exits} end in a VM exit" in walks.interpretation[1]
+    assert "makes 24 memory references" in walks.interpretation[0]
+
+
+def test_every_experiment_has_a_demo_scale_and_a_reading() -> None:
+    for name in names():
+        experiment = get(name)
+        params = experiment.Params()
+        from eptlab.experiments.base import apply_overrides
+
+        assert apply_overrides(type(params), dict(experiment.demo)) is not None
+        assert callable(experiment.interpret)
+
+
+def test_report_command(out: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "report.html")
+    assert main(["report", "--out", str(tmp_path / "empty")]) == 2
+    assert "no results" in capsys.readouterr().err
