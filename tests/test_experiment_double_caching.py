@@ -116,3 +116,16 @@ def test_cli_rejects_impossible_parameters(tmp_path: Path) -> None:
     for bad in ("host_caches=lukewarm", "disks=tape", "file_mib=999", "ept_page=1g", "disks="):
         assert main(["run", "double-caching", "--set", bad, "--out", str(tmp_path)]) == 2, bad
         assert not (tmp_path / "double-caching.csv").exists()
+
+
+def test_reading_quotes_the_table(table: pd.DataFrame) -> None:
+    from eptlab.experiments.double_caching import DoubleCaching, DoubleCachingParams
+
+    params = DoubleCachingParams(files=2, file_mib=FILE_MIB, guest_mib=96, host_cache_mib=8)
+    lines = DoubleCaching().interpret(table, params)
+    assert len(lines) == 3
+    pages = FILE_MIB * PAGES_PER_MIB
+    assert f"{pages:,} new page-cache pages, the same whatever" in lines[0]
+    reported = one(table, "warm", "dropped-reported").ept_violations
+    assert f"it took {reported:,} for the {reported:,} pages" in lines[1]
+    assert f"{FILE_MIB:.1f} of the {FILE_MIB} MiB read" in lines[2]

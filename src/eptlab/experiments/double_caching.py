@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import product
+from types import SimpleNamespace
 from typing import ClassVar
 
 import numpy as np
@@ -75,6 +76,7 @@ class DoubleCaching:
         "from its cache or from disk, and how much file data does host RAM hold twice?"
     )
     Params: ClassVar[type] = DoubleCachingParams
+    demo: ClassVar[dict[str, str]] = {"files": "2", "file_mib": "4", "guest_mib": "128"}
 
     def scenarios(self, p: DoubleCachingParams) -> list[Scenario]:
         """Every configuration (checked before anything runs)."""
@@ -135,6 +137,60 @@ class DoubleCaching:
             "host_cached_mib": mib(o.after.host_cached),
             "host_mib": round(o.host_bytes / MiB, 2),
         }
+
+    def interpret(self, table: pd.DataFrame, params: DoubleCachingParams) -> list[str]:
+        disk = str(table["disk"].iloc[0])
+        rows = {
+            (r["host_cache"], r["guest_cache"]): SimpleNamespace(**r)
+            for r in table[table["disk"] == disk].to_dict("records")
+        }
+        out = []
+        cold = [(h, rows[h, "cold"]) for h in HOST_CACHES if (h, "cold") in rows]
+        if cold:
+            rates = sorted({r.ept_violations_per_mib for _, r in cold})
+            rate = " to ".join(f"{v:,.1f}" for v in rates)
+            sources = "; ".join(
+                f"host {h}: {r.disk_reads:,} disk reads, {r.io_ms:,.2f} ms of I/O" for h, r in cold
+            )
+            same = "the same" if len(rates) == 1 else "not the same"
+            out.append(
+                f"Reading {params.file_mib} MiB into a cold guest cache took {rate} EPT "
+                f"violations per MiB ({disk}) for {cold[0][1].guest_pages_allocated:,} new "
+                f"page-cache pages, {same} whatever served the data ({sources})."
+            )
+        dropped, reported = rows.get(("warm", "dropped")), rows.get(("warm", "dropped-reported"))
+        if dropped is not None:
+            text = (
+                f"After the guest dropped its cache, rereading allocated "
+                f"{dropped.guest_pages_allocated:,} pages again and took "
+                f"{dropped.ept_violations:,} EPT violations (the host still backed the "
+                f"{dropped.stale_mib_before:,.1f} MiB of pages the guest had freed) and "
+                f"{dropped.disk_reads:,} disk reads with a warm host cache"
+            )
+            if reported is not None:
+                given_back = reported.guest_pages_allocated - round(
+                    reported.stale_mib_before * MiB / PAGE_SIZE
+                )
+                text += (
+                    f"; with free page reporting it took {reported.ept_violations:,} for the "
+                    f"{given_back:,} pages the host had taken back"
+                )
+            out.append(text + ".")
+        warm, direct = rows.get(("warm", "cold")), rows.get(("direct", "cold"))
+        if warm is not None and direct is not None:
+            text = (
+                f"With host caching {warm.duplicated_mib:,.1f} of the {params.file_mib} MiB read "
+                f"ended up in host RAM twice (host memory {warm.host_mib:,.1f} MiB against "
+                f"{direct.host_mib:,.1f} MiB with O_DIRECT, which holds "
+                f"{direct.duplicated_mib:,.1f} MiB twice)"
+            )
+            if dropped is not None:
+                text += (
+                    f"; dropping the guest cache left {dropped.stale_mib_before:,.1f} MiB of file "
+                    "data in host frames behind free guest pages"
+                )
+            out.append(text + ".")
+        return out
 
     def figures(self, table: pd.DataFrame, params: DoubleCachingParams) -> dict[str, Figure]:
         figure = Figure(figsize=(15, 5.4))
