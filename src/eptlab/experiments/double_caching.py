@@ -61,7 +61,7 @@ class DoubleCachingParams:
     guest_caches: tuple[str, ...] = GUEST_CACHES
     disks: tuple[str, ...] = ("nvme", "hdd")
     files: int = 4
-    file_mib: int = 16  # all files together
+    file_mib: int = 8  # all files together
     host_cache_mib: int = 64  # the host page cache's capacity (LRU beyond it)
     guest_mib: int = 256
     readahead_kib: int = 128  # the guest's read() size and largest request
