@@ -13,6 +13,7 @@ _EXPERIMENTS = {
     "prefetch-hypercall": "eptlab.experiments.prefetch_hypercall:PrefetchHypercall",
     "integrity-monitor": "eptlab.experiments.integrity_monitor:IntegrityMonitor",
     "memory-encryption": "eptlab.experiments.memory_encryption:MemoryEncryption",
+    "double-caching": "eptlab.experiments.double_caching:DoubleCaching",
 }
 
 

@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..hv.vcpu import VCPU
 from ..hv.vm import VM
 from ..memory import FrameAllocator
+from ..memory.allocator import Policy
 from ..tables import GuestPageTables
 from ..traces.model import TraceChunk
 from .layout import (
@@ -90,11 +91,14 @@ class GuestKernel:
         image: KernelImage | None = None,
         levels: int = 4,
         thp: bool = False,
+        frame_policy: Policy = "sequential",
     ) -> None:
+        """``frame_policy`` is the guest-physical allocator's (``recycle``: freed pages are
+        reused first, as Linux's per-CPU free lists do)."""
         self.vm, self.levels, self.thp = vm, levels, thp
         self.aslr, self.image = aslr or AslrConfig(), image or KernelImage()
         self.rng = np.random.default_rng(seed)
-        self.frames = FrameAllocator(vm.memory)  # the guest-physical allocator
+        self.frames = FrameAllocator(vm.memory, policy=frame_policy)  # guest-physical
         self.counters: Counter[str] = Counter()
         self.processes: dict[int, Process] = {}
         self.current: dict[int, Process] = {}  # by vCPU engine id

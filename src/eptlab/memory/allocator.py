@@ -1,8 +1,10 @@
 """A frame allocator over a physical address range (host-physical or guest-physical).
 
-Hands out naturally aligned blocks of 4 KiB, 2 MiB or 1 GiB, in address order (``sequential``)
-or at seeded random positions (``random``, for randomized GPA->HPA placement). Bookkeeping is
-proportional to the blocks handed out, not to the size of the range.
+Hands out naturally aligned blocks of 4 KiB, 2 MiB or 1 GiB, in address order (``sequential``),
+at seeded random positions (``random``, for randomized GPA->HPA placement), or in address order
+with freed 4 KiB blocks handed out again first, most recently freed first (``recycle``: what an
+OS's per-CPU free lists do with hot pages). Bookkeeping is proportional to the blocks handed out,
+not to the size of the range.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from ..arch.bits import PAGE_SIZE, PageSize
 from ..errors import AddressError, ConfigError, OutOfMemory
 
-Policy = Literal["sequential", "random"]
+Policy = Literal["sequential", "random", "recycle"]
 
 _2M = PageSize.SIZE_2M.value
 _1G = PageSize.SIZE_1G.value
@@ -29,14 +31,15 @@ class FrameAllocator:
     ) -> None:
         if size <= 0 or size % PAGE_SIZE or base % PAGE_SIZE:
             raise ConfigError("size/base", "must be positive multiples of 4 KiB")
-        if policy not in ("sequential", "random"):
-            raise ConfigError("policy", f"{policy!r} is not 'sequential' or 'random'")
+        if policy not in ("sequential", "random", "recycle"):
+            raise ConfigError("policy", f"{policy!r} is not 'sequential', 'random' or 'recycle'")
         self.base, self.size, self.policy = base, size, policy
         self._rng = np.random.default_rng(seed)
         self._blocks: dict[int, PageSize] = {}  # start address -> block size
         self._in_2m: Counter[int] = Counter()  # 2 MiB region -> bytes in use inside it
         self._in_1g: Counter[int] = Counter()  # 1 GiB region -> bytes in use inside it
         self._cursor: dict[PageSize, int] = {}
+        self._recycled: list[int] = []  # freed 4 KiB blocks, most recent last (``recycle``)
         self.used_bytes = 0
 
     def __contains__(self, address: int) -> bool:
@@ -73,6 +76,10 @@ class FrameAllocator:
         if slots == 0:
             raise OutOfMemory(f"range of {self.size:#x} bytes holds no {size.label} block")
         first = self._first_slot(size)
+        while size == PageSize.SIZE_4K and self._recycled:
+            address = self._recycled.pop()
+            if self._free(address, size):  # not taken since by alloc_at or a larger block
+                return self._take(address, size)
         if self.policy == "random":
             for _ in range(64):
                 address = first + int(self._rng.integers(slots)) * size
@@ -115,4 +122,6 @@ class FrameAllocator:
         if size is None:
             raise AddressError(f"no allocated block starts at {address:#x}")
         self._account(address, size, -1)
+        if self.policy == "recycle" and size == PageSize.SIZE_4K:
+            self._recycled.append(address)
         return size

@@ -1,0 +1,183 @@
+"""A virtio-style block device in the hypervisor: the guest queues read requests (a first disk
+block and the guest-physical pages that receive the blocks) and notifies the device with one
+exit; the hypervisor serves every queued request from its page cache or from the disk and
+writes the data into the guest's pages.
+
+Host I/O modes, as QEMU's ``cache=`` option sets them:
+``buffered`` (``cache=writeback``): the image is read through the host page cache; a block
+found there is copied into the guest page, a missing one is read from the disk into a new host
+cache frame, then copied. ``direct`` (``cache=none``, ``O_DIRECT``): the disk transfers straight
+into the guest pages; the host cache is neither consulted nor filled.
+
+The guest must have touched each page it hands over (its EPT entry present): the device writes
+through the VM's EPT mapping and never backs guest memory itself, so every first touch of
+guest-physical memory stays a guest access and an EPT violation.
+
+The notify is a VMCALL (:data:`VIRTIO_BLK_NOTIFY`); a real virtio-blk notify is a write to a
+doorbell (an MMIO access that exits as an EPT misconfiguration, or an ``OUT``, exit reason 30).
+Either is one exit per notify, which is all the model needs.
+
+Costs (:mod:`eptlab.hv.costs`): a notify is a VM exit round trip; copying a block into the guest
+is 4 KiB at memcpy speed; a host cache fill also takes a frame; disk time comes from the
+:class:`~eptlab.apps.disk.DiskModel`. Requests are served one after the other (queue depth 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+from ..arch.bits import PAGE_SHIFT, PAGE_SIZE
+from ..errors import ConfigError
+from ..hv import VCPU, VM
+from ..hv.costs import COPY_BYTES_PER_CYCLE, CYCLES_PER_US, FRAME_ALLOC_CYCLES, VMEXIT_CYCLES
+from .disk import Block, Disk
+from .host_cache import HostPageCache
+
+VIRTIO_BLK_NOTIFY = 0x5642  # "VB"
+HostIo = Literal["buffered", "direct"]
+HOST_IO: tuple[HostIo, ...] = ("buffered", "direct")
+COPY_PAGE_CYCLES = PAGE_SIZE // COPY_BYTES_PER_CYCLE
+
+
+@dataclass(frozen=True)
+class BlockRequest:
+    """Read blocks ``first``, ``first + 1``, ... into the guest pages ``gpas`` (in order)."""
+
+    first: int
+    gpas: tuple[int, ...]
+
+
+@dataclass
+class DeviceCounters:
+    notifies: int = 0  # exits taken to notify the device
+    requests: int = 0  # block requests served
+    blocks: int = 0  # blocks delivered to the guest
+    cache_hits: int = 0  # blocks copied from the host cache
+    cache_misses: int = 0  # blocks the host cache did not hold (buffered mode)
+    disk_reads: int = 0  # disk read requests issued
+    disk_blocks: int = 0  # blocks read from the disk
+    disk_us: float = 0.0  # modelled disk time
+    cpu_cycles: int = 0  # notify exits, copies and cache frame allocations
+
+    @property
+    def io_us(self) -> float:
+        """Modelled time of the I/O path: disk time plus the host CPU work."""
+        return self.disk_us + self.cpu_cycles / CYCLES_PER_US
+
+    def minus(self, before: DeviceCounters) -> DeviceCounters:
+        return DeviceCounters(
+            **{
+                f.name: getattr(self, f.name) - getattr(before, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
+
+
+class VirtioBlk:
+    """One VM's block device backed by ``disk``, with the host's ``cache`` for buffered I/O."""
+
+    def __init__(
+        self,
+        vm: VM,
+        disk: Disk,
+        cache: HostPageCache,
+        mode: HostIo = "buffered",
+        *,
+        notify: int = VIRTIO_BLK_NOTIFY,
+    ) -> None:
+        if mode not in HOST_IO:
+            raise ConfigError("host_io", f"{mode!r} is not one of {', '.join(HOST_IO)}")
+        self.vm, self.disk, self.cache, self.mode = vm, disk, cache, mode
+        self.notify = notify
+        self.queue: deque[BlockRequest] = deque()
+        self.counters = DeviceCounters()
+        vm.hv.hypercall(notify, "virtio-blk notify")(self._notify)
+
+    def key(self, block: int) -> tuple[int, int]:
+        return (self.disk.image, block)
+
+    # -- the guest's side: the virtqueue -----------------------------------------------------------
+
+    def submit(self, request: BlockRequest) -> None:
+        """Queue a request (what the guest driver writes into the virtqueue)."""
+        if not request.gpas:
+            raise ConfigError("request", "a block request needs at least one page")
+        self.queue.append(request)
+
+    # -- the hypervisor's side ---------------------------------------------------------------------
+
+    def _notify(self, vcpu: VCPU, args: tuple[int, ...]) -> int:
+        self.counters.notifies += 1
+        self.counters.cpu_cycles += VMEXIT_CYCLES
+        served = 0
+        while self.queue:
+            self.serve(self.queue.popleft())
+            served += 1
+        return served
+
+    def serve(self, request: BlockRequest) -> None:
+        c = self.counters
+        c.requests += 1
+        count = len(request.gpas)
+        if self.mode == "direct":
+            contents = self._disk_read(request.first, count)
+            for gpa, words in zip(request.gpas, contents, strict=True):
+                self._deliver(gpa, words)  # DMA into the guest page: no copy by the CPU
+            return
+        run: list[tuple[int, int]] = []  # consecutive missing (block, gpa)
+        for i, gpa in enumerate(request.gpas):
+            block = request.first + i
+            hpa = self.cache.lookup(self.key(block))
+            if hpa is None:
+                c.cache_misses += 1
+                run.append((block, gpa))
+                continue
+            self._fill_from_disk(run)
+            run = []
+            c.cache_hits += 1
+            self._copy_to_guest(hpa, gpa)
+        self._fill_from_disk(run)
+
+    def _fill_from_disk(self, run: list[tuple[int, int]]) -> None:
+        """Buffered miss: one disk read for the run, each block into a new cache frame, then
+        copied into the guest page."""
+        if not run:
+            return
+        contents = self._disk_read(run[0][0], len(run))
+        for (block, gpa), words in zip(run, contents, strict=True):
+            hpa = self.cache.insert(self.key(block), words)
+            self.counters.cpu_cycles += FRAME_ALLOC_CYCLES
+            self._copy_to_guest(hpa, gpa)
+
+    def _disk_read(self, first: int, count: int) -> list[Block]:
+        contents, took = self.disk.read(first, count)
+        self.counters.disk_reads += 1
+        self.counters.disk_blocks += count
+        self.counters.disk_us += took
+        return contents
+
+    def _guest_frame(self, gpa: int) -> int:
+        if gpa % PAGE_SIZE:
+            raise ConfigError("request", f"guest page {gpa:#x} is not 4 KiB aligned")
+        return self.vm.host_address(gpa, back=False) >> PAGE_SHIFT  # AddressError if untouched
+
+    def _copy_to_guest(self, hpa: int, gpa: int) -> None:
+        self.vm.hv.host.memory.copy_frame(hpa >> PAGE_SHIFT, self._guest_frame(gpa))
+        self.counters.cpu_cycles += COPY_PAGE_CYCLES
+        self.counters.blocks += 1
+
+    def _deliver(self, gpa: int, words: Block) -> None:
+        self.vm.hv.host.memory.frame(self._guest_frame(gpa))[:] = words
+        self.counters.blocks += 1
+
+    # -- host-side maintenance ---------------------------------------------------------------------
+
+    def prewarm(self, first: int, count: int) -> None:
+        """The host reads blocks into its page cache on its own (``vmtouch -t``, a copy of the
+        image, another VM on the same base image). Not counted as the guest's I/O."""
+        contents, _ = self.disk.read(first, count)
+        for i, words in enumerate(contents):
+            self.cache.insert(self.key(first + i), words)

@@ -1,0 +1,270 @@
+"""double-caching: are EPT violations a probe for the guest's page-cache growth, whatever the
+host's page cache does -- and how much file data does host RAM hold twice?
+
+A guest (lazily backed VM, guest kernel with a page cache) reads ``files`` files of
+``file_mib`` MiB in total from a virtio-style disk (:mod:`eptlab.apps.double_caching`). Before
+the measured read the caches are set up: the host cache ``cold`` (empty: the host dropped it),
+``warm`` (holding the files), or ``direct`` (the host opens the image with O_DIRECT and caches
+nothing); the guest cache ``cold`` (a fresh guest), ``warm`` (the guest read the files
+already), ``dropped`` (it read them, then dropped its page cache) or ``dropped-reported`` (the
+same, with free page reporting giving the freed 2 MiB blocks back to the host). Every row is a
+fresh machine; the disk is a latency model (``nvme``, ``ssd``, ``hdd``).
+
+Columns:
+
+| column | meaning |
+|---|---|
+| disk, host_cache, guest_cache | the configuration |
+| file_mib | MiB of file data read (all files) |
+| guest_pages_allocated | page-cache pages the guest allocated during the read |
+| ept_violations | EPT violations during the read (engine count) |
+| ept_violations_per_mib | ept_violations / file_mib |
+| virtio_requests | block requests the guest queued (one per run of missing pages) |
+| virtio_exits | notify exits (one per read() call that missed) |
+| host_cache_hits, host_cache_misses | blocks the host cache served / did not hold (buffered) |
+| disk_reads | read requests the disk served |
+| disk_mib | MiB read from the disk |
+| io_ms | modelled I/O time: disk + notify exits + host copies and cache frames |
+| ept_ms | modelled hypervisor time of the EPT violations (exit, frame, zeroing, entry) |
+| guest_ms | the guest's accesses (zeroing new pages, copy to user): engine cycles at 3 GHz |
+| duplicated_mib_before | file data in both page caches (byte for byte) when the read starts |
+| duplicated_mib | the same when the read ends |
+| stale_mib_before, stale_mib | host frames behind guest-free pages still holding disk blocks |
+| host_cached_mib | host page cache at the end |
+| host_mib | host memory in use at the end (guest frames, EPT tables, host cache) |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import product
+from types import SimpleNamespace
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ..apps.double_caching import GUEST_CACHES, HOST_CACHES, Outcome, Scenario, play
+from ..arch.bits import PAGE_SIZE
+from ..errors import ConfigError
+from ..hv.costs import CYCLES_PER_US
+from .base import Progress, Row
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class DoubleCachingParams:
+    host_caches: tuple[str, ...] = HOST_CACHES
+    guest_caches: tuple[str, ...] = GUEST_CACHES
+    disks: tuple[str, ...] = ("nvme", "hdd")
+    files: int = 4
+    file_mib: int = 8  # all files together
+    host_cache_mib: int = 64  # the host page cache's capacity (LRU beyond it)
+    guest_mib: int = 256
+    readahead_kib: int = 128  # the guest's read() size and largest request
+    ept_page: str = "4k"  # how the hypervisor backs guest memory: 4k or 2m
+    seed: int = 0
+
+
+class DoubleCaching:
+    name: ClassVar[str] = "double-caching"
+    question: ClassVar[str] = (
+        "Do EPT violations follow the guest's new page-cache pages whether the host serves reads "
+        "from its cache or from disk, and how much file data does host RAM hold twice?"
+    )
+    Params: ClassVar[type] = DoubleCachingParams
+    demo: ClassVar[dict[str, str]] = {"files": "2", "file_mib": "4", "guest_mib": "128"}
+
+    def scenarios(self, p: DoubleCachingParams) -> list[Scenario]:
+        """Every configuration (checked before anything runs)."""
+        for field in ("host_caches", "guest_caches", "disks"):
+            if not getattr(p, field):
+                raise ConfigError(field, "needs at least one value")
+        return [
+            Scenario(
+                host_cache=host,
+                guest_cache=guest,
+                disk=disk,
+                files=p.files,
+                file_mib=p.file_mib,
+                host_cache_mib=p.host_cache_mib,
+                guest_mib=p.guest_mib,
+                readahead_kib=p.readahead_kib,
+                ept_page=p.ept_page,
+                seed=p.seed,
+            )
+            for disk, host, guest in product(p.disks, p.host_caches, p.guest_caches)
+        ]
+
+    def rows(self, params: DoubleCachingParams, progress: Progress) -> Iterator[Row]:
+        scenarios = self.scenarios(params)
+        progress(0, len(scenarios))
+        for done, scenario in enumerate(scenarios, 1):
+            yield self.row(play(scenario))
+            progress(done, len(scenarios))
+
+    @staticmethod
+    def row(o: Outcome) -> Row:
+        s, io = o.scenario, o.io
+
+        def mib(pages: int) -> float:
+            return round(pages * PAGE_SIZE / MiB, 3)
+
+        return {
+            "disk": s.disk,
+            "host_cache": s.host_cache,
+            "guest_cache": s.guest_cache,
+            "file_mib": s.file_mib,
+            "guest_pages_allocated": o.pages_allocated,
+            "ept_violations": o.ept_violations,
+            "ept_violations_per_mib": round(o.ept_violations / s.file_mib, 2),
+            "virtio_requests": io.requests,
+            "virtio_exits": io.notifies,
+            "host_cache_hits": io.cache_hits,
+            "host_cache_misses": io.cache_misses,
+            "disk_reads": io.disk_reads,
+            "disk_mib": mib(io.disk_blocks),
+            "io_ms": round(io.io_us / 1e3, 3),
+            "ept_ms": round(o.ept_us / 1e3, 3),
+            "guest_ms": round(o.guest_cycles / CYCLES_PER_US / 1e3, 3),
+            "duplicated_mib_before": mib(o.before.duplicated),
+            "duplicated_mib": mib(o.after.duplicated),
+            "stale_mib_before": mib(o.before.stale),
+            "stale_mib": mib(o.after.stale),
+            "host_cached_mib": mib(o.after.host_cached),
+            "host_mib": round(o.host_bytes / MiB, 2),
+        }
+
+    def interpret(self, table: pd.DataFrame, params: DoubleCachingParams) -> list[str]:
+        disk = str(table["disk"].iloc[0])
+        rows = {
+            (r["host_cache"], r["guest_cache"]): SimpleNamespace(**r)
+            for r in table[table["disk"] == disk].to_dict("records")
+        }
+        out = []
+        cold = [(h, rows[h, "cold"]) for h in HOST_CACHES if (h, "cold") in rows]
+        if cold:
+            rates = sorted({r.ept_violations_per_mib for _, r in cold})
+            rate = " to ".join(f"{v:,.1f}" for v in rates)
+            sources = "; ".join(
+                f"host {h}: {r.disk_reads:,} disk reads, {r.io_ms:,.2f} ms of I/O" for h, r in cold
+            )
+            same = "the same" if len(rates) == 1 else "not the same"
+            out.append(
+                f"Reading {params.file_mib} MiB into a cold guest cache took {rate} EPT "
+                f"violations per MiB ({disk}) for {cold[0][1].guest_pages_allocated:,} new "
+                f"page-cache pages, {same} whatever served the data ({sources})."
+            )
+        dropped, reported = rows.get(("warm", "dropped")), rows.get(("warm", "dropped-reported"))
+        if dropped is not None:
+            text = (
+                f"After the guest dropped its cache, rereading allocated "
+                f"{dropped.guest_pages_allocated:,} pages again and took "
+                f"{dropped.ept_violations:,} EPT violations (the host still backed the "
+                f"{dropped.stale_mib_before:,.1f} MiB of pages the guest had freed) and "
+                f"{dropped.disk_reads:,} disk reads with a warm host cache"
+            )
+            if reported is not None:
+                given_back = reported.guest_pages_allocated - round(
+                    reported.stale_mib_before * MiB / PAGE_SIZE
+                )
+                text += (
+                    f"; with free page reporting it took {reported.ept_violations:,} for the "
+                    f"{given_back:,} pages the host had taken back"
+                )
+            out.append(text + ".")
+        warm, direct = rows.get(("warm", "cold")), rows.get(("direct", "cold"))
+        if warm is not None and direct is not None:
+            text = (
+                f"With host caching {warm.duplicated_mib:,.1f} of the {params.file_mib} MiB read "
+                f"ended up in host RAM twice (host memory {warm.host_mib:,.1f} MiB against "
+                f"{direct.host_mib:,.1f} MiB with O_DIRECT, which holds "
+                f"{direct.duplicated_mib:,.1f} MiB twice)"
+            )
+            if dropped is not None:
+                text += (
+                    f"; dropping the guest cache left {dropped.stale_mib_before:,.1f} MiB of file "
+                    "data in host frames behind free guest pages"
+                )
+            out.append(text + ".")
+        return out
+
+    def figures(self, table: pd.DataFrame, params: DoubleCachingParams) -> dict[str, Figure]:
+        figure = Figure(figsize=(15, 5.4))
+        axes = figure.subplots(1, 3)
+        guests = [g for g in GUEST_CACHES if g in set(table["guest_cache"])]
+        hosts = [h for h in HOST_CACHES if h in set(table["host_cache"])]
+        disks = list(dict.fromkeys(table["disk"]))
+        colors = {h: f"C{i}" for i, h in enumerate(HOST_CACHES)}
+        x = np.arange(len(guests))
+        first = table[table["disk"] == disks[0]]
+        width = 0.8 / max(1, len(hosts))
+
+        def offset(i: int, n: int, w: float) -> float:
+            return (i - (n - 1) / 2) * w
+
+        ax = axes[0]
+        for i, host in enumerate(hosts):
+            values = [_value(first, host, g, "ept_violations_per_mib") for g in guests]
+            ax.bar(x + offset(i, len(hosts), width), values, width, color=colors[host],
+                   label=f"host {host}")
+        allocated = [
+            _value(first, hosts[0], g, "guest_pages_allocated") / params.file_mib for g in guests
+        ]
+        ax.hlines(allocated, x - 0.45, x + 0.45, color="black", linestyles="--", zorder=3,
+                  label="new page-cache pages per MiB")
+        same = all(
+            _column(table[table["disk"] == d], "ept_violations")
+            == _column(first, "ept_violations")
+            for d in disks
+        )
+        where = f"same on {', '.join(disks)}" if same and len(disks) > 1 else disks[0]
+        ax.set_title(f"EPT violations per MiB read ({where})", fontsize=10)
+
+        ax = axes[1]
+        width_io = 0.8 / max(1, len(hosts) * len(disks))
+        k = 0
+        for d, disk in enumerate(disks):
+            part = table[table["disk"] == disk]
+            for host in hosts:
+                values = [_value(part, host, g, "io_ms") for g in guests]
+                ax.bar(x + offset(k, len(hosts) * len(disks), width_io), values, width_io,
+                       color=colors[host], hatch=("", "//", "..", "xx")[d % 4],
+                       edgecolor="white", label=f"host {host}, {disk}")
+                k += 1
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_ylabel("ms (model)")
+        ax.set_title("I/O time of the read (disk, exits, host copies)", fontsize=10)
+
+        ax = axes[2]
+        for i, host in enumerate(hosts):
+            o = offset(i, len(hosts), width)
+            after = [_value(first, host, g, "duplicated_mib") for g in guests]
+            before = [_value(first, host, g, "duplicated_mib_before") for g in guests]
+            stale = [_value(first, host, g, "stale_mib_before") for g in guests]
+            ax.bar(x + o, after, width, color=colors[host], label=f"host {host}: after the read")
+            ax.scatter(x + o, before, marker="v", color=colors[host], edgecolor="black",
+                       zorder=3, label=f"host {host}: before")
+            ax.scatter(x + o, stale, marker="x", color="black", zorder=3,
+                       label="stale in guest-free frames, before" if i == 0 else None)
+        ax.set_ylabel("MiB")
+        ax.set_title(f"file data held twice in host RAM ({params.file_mib} MiB read)",
+                     fontsize=10)
+
+        for ax in axes:
+            ax.set_xticks(x, [f"guest\n{g}" for g in guests], fontsize=8)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+        figure.tight_layout()
+        return {"double-caching": figure}
+
+
+def _value(table: pd.DataFrame, host: str, guest: str, column: str) -> float:
+    rows = table[(table["host_cache"] == host) & (table["guest_cache"] == guest)]
+    return float(rows[column].iloc[0]) if len(rows) else 0.0
+
+
+def _column(table: pd.DataFrame, column: str) -> list[float]:
+    return [float(v) for v in table.sort_values(["host_cache", "guest_cache"])[column]]
