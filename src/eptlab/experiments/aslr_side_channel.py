@@ -317,7 +317,7 @@ class AslrSideChannel:
                         "trials": tally.trials,
                         "entropy_bits_before": float(target.bits),
                         "entropy_bits_after": round(entropy, 4),
-                        "success_rate": round(success, 4),
+                        "success_rate": round(success, 6),
                         "tlb_miss_rate": round(cost.tlb_miss_rate, 5),
                         "walk_refs_per_access": round(cost.walk_refs_per_access, 3),
                         "cycles_per_access": round(cost.cycles_per_access, 2),
