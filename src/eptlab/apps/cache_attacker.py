@@ -42,7 +42,7 @@ from ..arch.access import Access
 from ..arch.bits import PAGE_SIZE, PageSize
 from ..errors import ConfigError, EptlabError
 from ..guest import DIRECT_MAP_BASE, GuestKernel
-from ..mmu.config import CacheLevel
+from ..mmu.config import CacheConfig, CacheLevel, MmuConfig
 from ..mmu.walker import DATA, ReferenceWalker, Translation
 from .ept_layout import EptLayout, LaidOutVm, boot
 
@@ -148,8 +148,13 @@ class Target:
         return DIRECT_MAP_BASE + self.gpa(slot)
 
     def candidate_gpas(self) -> U64:
+        """The GPA the victim reads, for every slot."""
         slots = np.arange(1 << self.bits, dtype=np.uint64)
         return np.uint64(self.window + self.offset) + slots * np.uint64(int(self.granule))
+
+    def candidate_gvas(self) -> U64:
+        """The direct-map address the victim reads, for every slot."""
+        return self.candidate_gpas() + np.uint64(DIRECT_MAP_BASE)
 
 
 @dataclass(frozen=True)
@@ -198,7 +203,9 @@ class Victim:
         write it once through the direct map (backing its page, mapping the direct map)."""
         if not 0 <= slot < 1 << target.bits:
             raise ConfigError("slot", f"{slot} is not in 0..{(1 << target.bits) - 1}")
-        laid = boot(layout, target.memory, seed=seed)
+        # the walker reads host memory directly: the engine (which performs the victim's
+        # first write) needs no data-cache model here
+        laid = boot(layout, target.memory, seed=seed, mmu=MmuConfig(cache=CacheConfig.disabled()))
         kernel = GuestKernel(laid.vm, seed=seed)
         base = target.gpa(slot) - target.offset
         kernel.frames.alloc_at(base, target.granule)
@@ -315,7 +322,7 @@ class Attacker:
         if probe.dim == "data":
             return self.layout.known_hpa(gpas, self.offset, self.maxphyaddr)
         if probe.dim == "guest":
-            translated = gpas + np.uint64(DIRECT_MAP_BASE)  # the linear address being walked
+            translated = self.target.candidate_gvas()  # the linear address being walked
         elif probe.dim == "ept" and probe.for_level == DATA:
             translated = gpas
         else:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ..arch.bits import PAGE_SHIFT, PageSize
+from ..arch.bits import PAGE_SHIFT, PAGE_SIZE, PageSize
 from ..errors import ConfigError
 from ..hv import VM, Hypervisor
 from ..memory.allocator import Policy
@@ -130,12 +130,12 @@ def back_range(vm: VM, gpa: int, length: int) -> int:
     pages backed."""
     step = int(vm.backing)
     first, end = gpa - gpa % step, gpa + length
-    backed = 0
+    before = vm.counters["pages_backed"]
     for page in range(first, end, step):
-        if vm.ept.lookup(page) is None:
+        # VM.back leaves a mapped 4 KiB page alone; a mapped 2 MiB page must be skipped here
+        if step == PAGE_SIZE or vm.ept.lookup(page) is None:
             vm.back(page)
-            backed += 1
-    return backed
+    return vm.counters["pages_backed"] - before
 
 
 def ept_leaf_sizes(vm: VM) -> set[PageSize]:

@@ -146,8 +146,9 @@ class AttackTally:
         return self.entropy[key] / self.trials, self.success[key] / self.trials
 
 
-def trial_seeds(p: AslrSideChannelParams, target: Target, policy: str, trial: int) -> tuple[
-    int, np.random.Generator, int]:
+def trial_seeds(
+    p: AslrSideChannelParams, target: Target, policy: str, trial: int
+) -> tuple[int, np.random.Generator, int]:
     """The secret's slot and the measurement noise depend on (seed, target, trial) only, so
     every layout faces the same secrets and the same noise; the layout's own randomness (host
     frames, linear offset, guest KASLR) depends on the policy too."""
