@@ -172,7 +172,7 @@ class EptEntry:
             (Ept.SUPPRESS_VE, self.suppress_ve),
         ):
             if on:
-                value |= flag
+                value |= int(flag)  # plain ints: IntFlag arithmetic is slow on hot paths
         if self.leaf:
             value |= int(self.memory_type) << MEMTYPE_SHIFT
         return value

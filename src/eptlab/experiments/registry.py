@@ -14,6 +14,7 @@ _EXPERIMENTS = {
     "integrity-monitor": "eptlab.experiments.integrity_monitor:IntegrityMonitor",
     "memory-encryption": "eptlab.experiments.memory_encryption:MemoryEncryption",
     "double-caching": "eptlab.experiments.double_caching:DoubleCaching",
+    "aslr-side-channel": "eptlab.experiments.aslr_side_channel:AslrSideChannel",
 }
 
 

@@ -69,14 +69,16 @@ class EptManager:
         size: PageSize = PageSize.SIZE_4K,
         *,
         hpa: int | None = None,
+        at: int | None = None,
         perms: str = "rwx",
         memory_type: MemoryType = MemoryType.WB,
     ) -> int:
-        """Map one page; with ``hpa=None`` a fresh host block backs it. Returns the HPA. A given
+        """Map one page; with ``hpa=None`` a fresh host block backs it (placed at host address
+        ``at`` if given, else where the host allocator chooses). Returns the HPA. A given
         ``hpa`` gains a reference (shared mappings)."""
         size = PageSize(size)
         if hpa is None:
-            hpa = self.host.alloc(size)
+            hpa = self.host.alloc(size, at=at)
         else:
             self.host.share(hpa, size)
         self.tables.map(gpa, hpa, size, memory_type=memory_type)

@@ -27,10 +27,11 @@ class HostMemory:
         self._block_of: dict[int, int] = {}  # frame number -> start of its allocator block
         self._live_in_block: Counter[int] = Counter()  # block start -> referenced frames
 
-    def alloc(self, size: PageSize = PageSize.SIZE_4K) -> int:
-        """A fresh block, each of its frames referenced once."""
+    def alloc(self, size: PageSize = PageSize.SIZE_4K, *, at: int | None = None) -> int:
+        """A fresh block, each of its frames referenced once; ``at`` places it at that host
+        address (which must be free and aligned), otherwise the allocator's policy decides."""
         size = PageSize(size)
-        hpa = self.frames.alloc(size)
+        hpa = self.frames.alloc(size) if at is None else self.frames.alloc_at(at, size)
         first = hpa >> PAGE_SHIFT
         for pfn in range(first, first + size // PAGE_SIZE):
             self._refs[pfn] = 1

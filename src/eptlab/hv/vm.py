@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +20,9 @@ from .vcpu import VCPU
 
 if TYPE_CHECKING:
     from .hypervisor import Hypervisor
+
+Placement = Callable[[int, PageSize], int | None]
+"""``placement(gpa, size)``: the host address for a fresh block backing the guest page."""
 
 NOT_PRESENT = EptQual.READABLE | EptQual.WRITABLE | EptQual.EXECUTABLE
 
@@ -47,6 +51,9 @@ class VM:
             mbec=mbec,
         )
         self.mbec, self.lazy, self.backing = mbec, lazy, PageSize(backing)
+        self.placement: Placement | None = None
+        """Where a fresh backing block goes: ``placement(gpa, size)`` returns a host address
+        (or None: the host allocator decides). An EPT layout policy sets it."""
         self.vcpus: list[VCPU] = []
         self.counters: Counter[str] = Counter()
         self.dirty_log: set[int] = set()  # GPAs drained from the PML logs
@@ -75,7 +82,8 @@ class VM:
         if self.ept.lookup(base) is not None and size == PageSize.SIZE_4K:
             return self.ept.host_address(base) or 0
         self.counters["pages_backed"] += 1
-        return self.ept.map(base, size)
+        at = self.placement(base, size) if self.placement is not None else None
+        return self.ept.map(base, size, at=at)
 
     def host_address(self, gpa: int, *, back: bool = True) -> int:
         """HPA of ``gpa``, backing it first when lazy (as the guest's first touch would)."""
