@@ -70,7 +70,7 @@ from ..hv import Run
 from ..mmu.config import CacheConfig
 from ..traces.model import TraceChunk
 from ..workloads import make_workload
-from .base import Progress, Row
+from .base import Progress, Row, records_by
 
 DEFAULT_SETS = CacheConfig().llc.sets
 MAX_PROBES = 64  # references of one walk: at most 1 + 5 * 6 + 5 = 36
@@ -274,6 +274,7 @@ class AslrSideChannel:
         "references and cycles?"
     )
     Params: ClassVar[type] = AslrSideChannelParams
+    demo: ClassVar[dict[str, str]] = {"trials": "40"}
 
     def rows(self, params: AslrSideChannelParams, progress: Progress) -> Iterator[Row]:
         check(params)
@@ -323,6 +324,44 @@ class AslrSideChannel:
                         "walk_refs_per_access": round(cost.walk_refs_per_access, 3),
                         "cycles_per_access": round(cost.cycles_per_access, 2),
                     }
+
+    def interpret(self, table: pd.DataFrame, params: AslrSideChannelParams) -> list[str]:
+        last = table[table.observations == table.observations.max()]
+        sets = last.llc_sets.min()
+        target = "4k" if "4k" in set(last.target) else last.target.iloc[0]
+        view = last[(last.llc_sets == sets) & (last.target == target)]
+        k = int(last.observations.iloc[0])
+        out = []
+        data = records_by(view[view.channel == "data"], "policy")
+        if data:
+            left = ", ".join(
+                f"{r.entropy_bits_after:.1f} under {name} (success {r.success_rate:.0%})"
+                for name, r in data.items()
+            )
+            out.append(
+                f"After {k} noisy observations of the cache set of the target's data line (set "
+                f"index from host bits {next(iter(data.values())).index_bits}), the attacker is "
+                f"left with, of {params.secret_bits} secret bits ({target} target): {left}."
+            )
+        walk = records_by(view[view.channel == "walk+data"], "policy")
+        if "random-4k" in walk and "random-4k" in data:
+            r4k = walk["random-4k"]
+            out.append(
+                f"Adding the page-walk references brings random-4k from "
+                f"{data['random-4k'].entropy_bits_after:.1f} to {r4k.entropy_bits_after:.1f} "
+                f"bits: the EPT leaf is read at a cache line chosen by guest-physical bits, "
+                f"wherever the hypervisor placed the data frame."
+            )
+        cost = records_by(last.drop_duplicates("policy"), "policy")
+        if "random-4k" in cost and "linear" in cost:
+            lin, r4k = cost["linear"], cost["random-4k"]
+            out.append(
+                f"The price: random-4k forbids 2 MiB EPT pages, so the TLB miss rate goes from "
+                f"{lin.tlb_miss_rate:.1%} to {r4k.tlb_miss_rate:.1%} and cycles per access "
+                f"from {lin.cycles_per_access:.1f} to {r4k.cycles_per_access:.1f} "
+                f"(+{r4k.cycles_per_access / lin.cycles_per_access - 1:.0%})."
+            )
+        return out
 
     def figures(self, table: pd.DataFrame, params: AslrSideChannelParams) -> dict[str, Figure]:
         return {
