@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, demo, experiments, trace, walk
+from . import bench, demo, experiments, kvm, trace, walk
 
 app = typer.Typer(
     name="eptlab",
@@ -20,3 +20,4 @@ app.command("bench")(bench.bench)
 app.command("list")(experiments.list_experiments)
 app.command("run")(experiments.run_experiment)
 app.add_typer(trace.trace_app, name="trace")
+app.add_typer(kvm.kvm_app, name="kvm")

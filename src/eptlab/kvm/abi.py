@@ -298,7 +298,12 @@ IOCTLS: dict[str, int] = {
     "KVM_SET_SREGS": _iow(0x84, ctypes.sizeof(Sregs)),
     "KVM_SET_CPUID2": _iow(0x90, 8),
     "KVM_PRE_FAULT_MEMORY": _iowr(0xD5, ctypes.sizeof(PreFaultMemory)),
+    # on a VM or a vCPU
+    "KVM_GET_STATS_FD": _io(0xCE),
 }
+
+STATS_HEADER = "<6I"  # flags, name_size, num_desc, id_offset, desc_offset, data_offset
+STATS_DESC = "<IhHII"  # flags, exponent, size, offset, bucket_size; then name[name_size]
 
 # the kernel's sizes (checked: a wrong layout must not reach an ioctl)
 _SIZES = {

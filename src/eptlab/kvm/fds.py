@@ -11,10 +11,12 @@ Ioctls go through libc's ``ioctl`` by ctypes (which releases the GIL and reports
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno as errno_mod
 import mmap
 import os
+import struct
 import weakref
 from typing import Any, cast
 
@@ -96,6 +98,33 @@ class _Fd:
         return ioctl(self.fd, name, arg)
 
 
+class StatsFd(_Fd):
+    """The binary statistics of a VM or vCPU (KVM_GET_STATS_FD, Documentation/virt/kvm/api.rst
+    "KVM_GET_STATS_FD"): counters by name, read with pread."""
+
+    kind = "stats fd"
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        header = os.pread(fd, struct.calcsize(abi.STATS_HEADER), 0)
+        _, name_size, count, _, desc_offset, self._data_offset = struct.unpack(
+            abi.STATS_HEADER, header)
+        step = struct.calcsize(abi.STATS_DESC) + name_size
+        table = os.pread(fd, count * step, desc_offset)
+        self._fields: list[tuple[str, int, int]] = []  # name, offset, values
+        for i in range(count):
+            _, _, size, offset, _ = struct.unpack_from(abi.STATS_DESC, table, i * step)
+            raw = table[i * step + struct.calcsize(abi.STATS_DESC) : (i + 1) * step]
+            self._fields.append((raw.split(b"\0")[0].decode(), offset, size))
+
+    def read(self) -> dict[str, int]:
+        """Every single-value counter, by name (histograms are left out)."""
+        end = max((offset + 8 * size for _, offset, size in self._fields), default=0)
+        data = os.pread(self.fd, end, self._data_offset)
+        return {name: struct.unpack_from("<Q", data, offset)[0]
+                for name, offset, size in self._fields if size == 1}
+
+
 class Kvm(_Fd):
     """/dev/kvm."""
 
@@ -172,6 +201,9 @@ class VmFd(_Fd):
         """Re-protect the pages harvested from every vCPU's dirty ring; returns how many."""
         return self._ioctl("KVM_RESET_DIRTY_RINGS")
 
+    def stats(self) -> StatsFd:
+        return StatsFd(self._ioctl("KVM_GET_STATS_FD"))
+
     def create_vcpu(self, index: int = 0) -> VcpuFd:
         return VcpuFd(self._ioctl("KVM_CREATE_VCPU", index), self.vcpu_mmap_size)
 
@@ -191,7 +223,8 @@ class _Mapping:
 
     def release(self) -> None:
         self.views.clear()
-        self.mmap.close()
+        with contextlib.suppress(BufferError):  # a view still held elsewhere: unmapped with it
+            self.mmap.close()
 
 
 def _release(mappings: list[_Mapping], fd: int) -> None:
@@ -304,6 +337,9 @@ class VcpuFd(_Fd):
 
     def set_cpuid2(self, cpuid: abi.Cpuid2) -> None:
         self._ioctl("KVM_SET_CPUID2", cpuid)
+
+    def stats(self) -> StatsFd:
+        return StatsFd(self._ioctl("KVM_GET_STATS_FD"))
 
     def pre_fault_memory(self, gpa: int, size: int) -> int:
         """Map ``[gpa, gpa + size)`` in the VM's second-level tables ahead of the guest.
