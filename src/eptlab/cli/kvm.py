@@ -6,7 +6,6 @@ import json
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from ..errors import ConfigError
 
@@ -38,7 +37,7 @@ def run_app(name: str, sets: list[str] | None, as_json: bool) -> int:
     if as_json:
         typer.echo(json.dumps({"command": name, "params": params_dict(params), "rows": rows}))
     else:
-        Console(width=200).print(pd.DataFrame(rows).to_string(index=False))
+        typer.echo(pd.DataFrame(rows).to_string(index=False))
     failed = name == "crosscheck" and not all(r["equal"] for r in rows)
     return 1 if failed else 0
 
