@@ -238,3 +238,33 @@ def test_closed_descriptor_errors_name_the_ioctl() -> None:
         vm.create_vcpu(0)
     kvm.close()
     assert vm.closed and kvm.closed
+
+
+@pytest.mark.kvm
+def test_kernel_patches_trap_on_a_read_only_code_page_and_run_once_emulated() -> None:
+    from eptlab.kvm.backend import BOOT_SIZE, LOG_AREA, image
+
+    nop5_nop3 = bytes([0x0F, 0x1F, 0x44, 0x00, 0x00, 0x0F, 0x1F, 0x00])
+    site = build.LOAD_ADDRESS + image("kernel").data.rindex(nop5_nop3)  # the last: the code page
+    page = site & ~0xFFF
+    assert page + 0x1000 < LOG_AREA
+    slots = [SlotSpec(0, page), SlotSpec(page, 0x1000, abi.MemFlag.READONLY),
+             SlotSpec(page + 0x1000, BOOT_SIZE - page - 0x1000), SlotSpec(BOOT_SIZE, 2 << 20)]
+    trapped: list[tuple[int, bytes]] = []
+    with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(4 << 20), "kernel", slots=slots) as g:
+
+        def on_patch(e: KvmExit) -> Resume | None:
+            if isinstance(e.record, EptViolation):
+                trapped.append((e.record.gpa, e.data))
+                g.emulate_write(e)
+                return Resume.CONTINUE
+            return None
+
+        g.start(r8=100, r9=10)  # 100 iterations, a patch after every 10th
+        result = g.run(on_patch)
+        assert result.reports[2] == site  # the guest told where its patch site is
+        assert result.status == len(trapped) == 10  # every patch trapped, nothing else did
+        assert {gpa for gpa, _ in trapped} == {site}
+        # the patches alternate jmp / nop and the emulated bytes are what the guest executes next
+        assert [data[0] for _, data in trapped] == [0xE9, 0x0F] * 5
+        assert g.memory.read(site, 8) == nop5_nop3  # an even number of flips: back to the NOP
