@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..arch.exits import EptQual, EptViolation, ExitReason, PmlFull
-from ..errors import ConfigError, GuestError
+from ..errors import ConfigError, GuestError, KvmError
 from ..hv.exits import Hlt, TripleFault, Vmcall
 from . import abi, build
-from .fds import Kvm, VcpuFd, VmFd
+from .fds import Kvm, StatsFd, VcpuFd, VmFd
 from .memory import GuestMemory
 from .vcpu_exit import (
     DirtyRingFull,
@@ -124,6 +124,17 @@ class RunResult:
     status: int | None = None  # DONE's argument
     halted: bool = False
     seconds: float = 0.0
+    kernel: dict[str, int] = field(default_factory=dict)  # vCPU statistics counted inside KVM
+
+    @property
+    def kernel_exits(self) -> int:
+        """All exits of the vCPU, handled in the kernel or here (KVM's ``exits`` statistic)."""
+        return self.kernel.get("exits", 0)
+
+    @property
+    def insn_emulated(self) -> int:
+        """Guest instructions KVM's instruction emulator executed (``insn_emulation``)."""
+        return self.kernel.get("insn_emulation", 0)
 
     @property
     def total_exits(self) -> int:
@@ -353,6 +364,7 @@ class KvmGuest:
             for index, slot in enumerate(self.slots):
                 self._set_slot(index, slot)
             self.vcpu: VcpuFd = self._stack.enter_context(self.vm.create_vcpu(0))
+            self._stats: StatsFd | None = None
             if dirty_ring:
                 self.ring = self.vcpu.map_dirty_ring(dirty_ring)
             self.vcpu.set_cpuid2(_supported_cpuid(kvm))
@@ -419,6 +431,8 @@ class KvmGuest:
     def run(self, handler: Handler | None = None, *, timeout: float = 10.0) -> RunResult:
         """Run until DONE or HLT (or an error); every exit goes to ``handler`` first."""
         result = RunResult()
+        stats = self.stats()
+        before = stats.read() if stats is not None else {}
         start = time.perf_counter()
         vcpu = self.vcpu
         with Watchdog(vcpu, timeout) as watchdog:
@@ -441,7 +455,19 @@ class KvmGuest:
                 if resume is Resume.STOP:
                     break
         result.seconds = time.perf_counter() - start
+        if stats is not None:
+            after = stats.read()
+            result.kernel = {k: v - before.get(k, 0) for k, v in after.items()}
         return result
+
+    def stats(self) -> StatsFd | None:
+        """The vCPU's statistics fd (opened once; None where KVM_GET_STATS_FD is missing)."""
+        if self._stats is None:
+            try:
+                self._stats = self._stack.enter_context(self.vcpu.stats())
+            except KvmError:
+                return None
+        return self._stats
 
     @staticmethod
     def _standard(kvm_exit: KvmExit, result: RunResult) -> Resume | None:

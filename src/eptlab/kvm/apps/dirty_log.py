@@ -54,6 +54,8 @@ class DirtyLogOutcome:
     run_seconds: float = 0.0
     harvest_seconds: float = 0.0
     harvested_pages: int = 0
+    kernel_exits: int = 0
+    insn_emulated: int = 0
 
     @property
     def writes(self) -> int:
@@ -136,6 +138,7 @@ def run_mode(kvm: Kvm, mode: str, pattern: WritePattern, memory: int, rounds: in
         guest.start(r8=at, r9=len(pattern), r10=rounds, r11=PATTERN)
         result = guest.run(collector)
         outcome.run_seconds = result.seconds
+        outcome.kernel_exits, outcome.insn_emulated = result.kernel_exits, result.insn_emulated
         for i, address in enumerate(pattern.addresses[:8]):  # the stores reached memory
             if guest.memory.read_u64(int(address)) != PATTERN + rounds - 1:
                 raise ConfigError("mode", f"{mode}: write {i} did not reach memory")
@@ -164,5 +167,7 @@ class DirtyLog:
                     "us_per_write": round(o.run_seconds * 1e6 / max(o.writes, 1), 3),
                     "harvest_pages_per_s": round(o.harvested_pages / o.harvest_seconds)
                     if o.harvest_seconds > 0 else None,
+                    "kernel_exits": o.kernel_exits,
+                    "insn_emulated": o.insn_emulated,
                     **flavour_columns(),
                 }

@@ -54,6 +54,7 @@ class PrefetchOutcome:
     userspace_exits: int
     prefetch_seconds: float
     note: str = ""
+    insn_emulated: int = 0
 
 
 def _minor_faults() -> int:
@@ -66,37 +67,31 @@ def run_method(kvm: Kvm, method: str, memory: int, length: int) -> PrefetchOutco
     if length <= 0 or length % PAGE or DATA_BASE + length > memory:
         raise ConfigError("range_mib", "the range must fit the data region")
     with KvmGuest(kvm, GuestMemory(memory), "touch") as guest:
-        stats = guest.vcpu.stats()
-        try:
-            mechanism, note = "none", ""
-            start = time.perf_counter()
-            if method == "prefault":
-                if kvm.check_extension(abi.Cap.PRE_FAULT_MEMORY):
-                    try:
-                        left = guest.vcpu.pre_fault_memory(DATA_BASE, length)
-                        mechanism = "KVM_PRE_FAULT_MEMORY"
-                        note = f"{left} bytes left" if left else ""
-                    except KvmError as exc:
-                        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
-                            raise
-                        note = str(exc)
-                else:
-                    note = "KVM_CAP_PRE_FAULT_MEMORY is 0 here"
-            if method == "populate" or (method == "prefault" and mechanism == "none"):
-                guest.memory.populate_write(DATA_BASE, length)
-                mechanism = "MADV_POPULATE_WRITE"
-            prefetch_seconds = time.perf_counter() - start
-            guest.start(r8=DATA_BASE, r9=length // PAGE, r10=PAGE, r11=1, r12=1)
-            before, faults = stats.read(), _minor_faults()
-            result = guest.run()
-            faults = _minor_faults() - faults
-            after = stats.read()
-        finally:
-            stats.close()
+        mechanism, note = "none", ""
+        start = time.perf_counter()
+        if method == "prefault":
+            if kvm.check_extension(abi.Cap.PRE_FAULT_MEMORY):
+                try:
+                    left = guest.vcpu.pre_fault_memory(DATA_BASE, length)
+                    mechanism = "KVM_PRE_FAULT_MEMORY"
+                    note = f"{left} bytes left" if left else ""
+                except KvmError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                        raise
+                    note = str(exc)
+            else:
+                note = "KVM_CAP_PRE_FAULT_MEMORY is 0 here"
+        if method == "populate" or (method == "prefault" and mechanism == "none"):
+            guest.memory.populate_write(DATA_BASE, length)
+            mechanism = "MADV_POPULATE_WRITE"
+        prefetch_seconds = time.perf_counter() - start
+        guest.start(r8=DATA_BASE, r9=length // PAGE, r10=PAGE, r11=1, r12=1)
+        faults = _minor_faults()
+        result = guest.run()
+        faults = _minor_faults() - faults
     return PrefetchOutcome(
         method, mechanism, length // PAGE, result.reports[REPORT_CYCLES], faults,
-        after.get("exits", 0) - before.get("exits", 0), result.total_exits, prefetch_seconds,
-        note,
+        result.kernel_exits, result.total_exits, prefetch_seconds, note, result.insn_emulated,
     )
 
 
@@ -125,6 +120,7 @@ class Prefetch:
                     "host_faults": o.host_faults,
                     "kernel_exits": o.kernel_exits,
                     "userspace_exits": o.userspace_exits,
+                    "insn_emulated": o.insn_emulated,
                     "prefetch_ms": round(o.prefetch_seconds * 1e3, 3),
                     "note": o.note,
                     **flavour_columns(),

@@ -61,6 +61,8 @@ class RotationOutcome:
     rotations: int
     slot_changes: int
     seconds: float
+    kernel_exits: int = 0
+    insn_emulated: int = 0
 
 
 class _Rotator:
@@ -124,7 +126,8 @@ def run_fraction(kvm: Kvm, p: TrapRotationParams, fraction: float) -> RotationOu
     if Counter(rotator.detected) - Counter(truth):  # every detection is a logged wild write
         raise GuestError("wild", "a trapped write in the wild region is not in the guest's log")
     return RotationOutcome(fraction, injected, len(rotator.detected), rotator.trap_exits,
-                           rotator.rotations, rotator.slot_changes, result.seconds)
+                           rotator.rotations, rotator.slot_changes, result.seconds,
+                           result.kernel_exits, result.insn_emulated)
 
 
 class TrapRotation:
@@ -143,5 +146,7 @@ class TrapRotation:
                     "rotations": o.rotations,
                     "slot_changes": o.slot_changes,
                     "run_ms": round(o.seconds * 1e3, 1),
+                    "kernel_exits": o.kernel_exits,
+                    "insn_emulated": o.insn_emulated,
                     **flavour_columns(),
                 }
