@@ -149,8 +149,23 @@ def test_flavour_is_reported() -> None:
 
 @pytest.mark.kvm
 def test_halt_is_an_hlt_record() -> None:
-    result = run_guest("halt")
+    result = run_guest("halt", user=False)
     assert result.halted and result.exits["HLT"] == 1
+
+
+@pytest.mark.kvm
+def test_hlt_in_user_mode_faults_and_without_an_idt_shuts_down() -> None:
+    with pytest.raises(GuestError, match="triple fault"):
+        run_guest("halt", user=True)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("user", [False, True])
+def test_both_privilege_levels_run_the_same_program(user: bool) -> None:
+    with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), "touch", user=user) as g:
+        g.start(r8=DATA_BASE, r9=16, r10=4096, r11=5, r12=1)
+        assert g.run().status == 0
+        assert [g.memory.read_u64(DATA_BASE + i * 4096) for i in range(16)] == [5] * 16
 
 
 @pytest.mark.kvm
@@ -214,14 +229,14 @@ def test_a_write_outside_memory_is_reported() -> None:
 @pytest.mark.kvm
 def test_no_descriptor_or_mapping_leaks_over_many_vms() -> None:
     with Kvm.open() as kvm:
-        run_guest("halt", kvm=kvm)  # warm-up: images built, CPUID cached
+        run_guest("halt", kvm=kvm, user=False)  # warm-up: images built, CPUID cached
         fds, maps = open_fds(), mappings()
         for i in range(40):
             if i % 4 == 3:
                 with pytest.raises(GuestError):
                     run_guest("triple_fault", kvm=kvm)
             else:
-                run_guest("halt", kvm=kvm)
+                run_guest("halt", kvm=kvm, user=False)
         # a failure half-way through construction releases what was made
         with pytest.raises(KvmError, match="KVM_SET_USER_MEMORY_REGION"):
             KvmGuest(kvm, GuestMemory(8 << 20), "halt",

@@ -327,10 +327,18 @@ class Watchdog:
 LONG_MODE_CR0 = 0x80050033  # PG, AM, WP, NE, ET, MP, PE
 LONG_MODE_CR4 = 0x20  # PAE
 LONG_MODE_EFER = 0x500  # LMA, LME
+USER_RFLAGS = 0x3002  # IOPL 3
 
 
 class KvmGuest:
     """A VM with one vCPU, its memory, its memslots and a guest image, ready to run.
+
+    The guest runs in 64-bit mode at CPL 3 with IOPL 3 (``user=True``, the default) or at
+    CPL 0. CPL 3 because on kvm-pvm a CPL-0 guest that is not PVM-aware is executed by KVM's
+    instruction emulator, one instruction at a time (its ``insn_emulation`` statistic counts
+    them), while CPL-3 code runs on the processor; on kvm_intel / kvm_amd both run natively.
+    The programs need no privilege: OUT is allowed by IOPL 3, RDTSC by CR4.TSD = 0; only HLT
+    needs CPL 0.
 
     ``memory`` is owned (closed with the guest) unless ``own_memory=False``. ``dirty_ring``
     (entries) enables KVM's dirty ring before the vCPU exists.
@@ -346,8 +354,9 @@ class KvmGuest:
         dirty_ring: int = 0,
         own_memory: bool = True,
         load: bool = True,
+        user: bool = True,
     ) -> None:
-        self.kvm, self.memory, self.name = kvm, memory, guest
+        self.kvm, self.memory, self.name, self.user = kvm, memory, guest, user
         self.image = image(guest)
         self.slots = list(slots) if slots is not None else default_slots(memory.size)
         self._stack = contextlib.ExitStack()
@@ -400,10 +409,11 @@ class KvmGuest:
     def _long_mode(self) -> None:
         """64-bit mode straight away: flat segments from the image's GDT, its page tables."""
         sregs = self.vcpu.get_sregs()
-        code = abi.Segment(base=0, limit=0xFFFFFFFF, selector=0x08, type=11, present=1,
-                           dpl=0, db=0, s=1, l=1, g=1)
-        data = abi.Segment(base=0, limit=0xFFFFFFFF, selector=0x10, type=3, present=1,
-                           dpl=0, db=1, s=1, l=0, g=1)
+        dpl = 3 if self.user else 0
+        code = abi.Segment(base=0, limit=0xFFFFFFFF, selector=0x1B if self.user else 0x08,
+                           type=11, present=1, dpl=dpl, db=0, s=1, l=1, g=1)
+        data = abi.Segment(base=0, limit=0xFFFFFFFF, selector=0x23 if self.user else 0x10,
+                           type=3, present=1, dpl=dpl, db=1, s=1, l=0, g=1)
         sregs.cs = code
         sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
         sregs.tr = abi.Segment(base=0, limit=0x67, selector=0x18, type=11, present=1, s=0)
@@ -415,7 +425,8 @@ class KvmGuest:
 
     def start(self, **registers: int) -> None:
         """Point the vCPU at the image's entry with the given registers (r8=..., r15=...)."""
-        regs = abi.Regs(rflags=2, rip=self.image.entry)
+        # in user mode IOPL 3 lets the guest's OUT (the hypercall) through (SDM Vol. 1 §19.5.1)
+        regs = abi.Regs(rflags=USER_RFLAGS if self.user else 2, rip=self.image.entry)
         for name, value in registers.items():
             if name not in abi.REG_NAMES:
                 raise ConfigError("register", f"{name!r} is not a general register")
@@ -543,10 +554,11 @@ def run_guest(
     registers: Mapping[str, int] | None = None,
     timeout: float = 10.0,
     kvm: Kvm | None = None,
+    user: bool = True,
 ) -> RunResult:
     """Build, run and tear down one guest (tests and the CLI)."""
     with contextlib.ExitStack() as stack:
         kvm = kvm or stack.enter_context(Kvm.open())
-        g = stack.enter_context(KvmGuest(kvm, GuestMemory(memory), guest))
+        g = stack.enter_context(KvmGuest(kvm, GuestMemory(memory), guest, user=user))
         g.start(**dict(registers or {}))
         return g.run(timeout=timeout)

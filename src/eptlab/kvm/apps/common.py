@@ -15,9 +15,17 @@ Row = dict[str, Any]
 MAX_LIST = (LOG_AREA - PARAM_AREA) // 8  # addresses the parameter area holds
 
 
-def flavour_columns() -> Row:
-    """``kvm_module`` and ``tdp`` (hardware EPT/NPT or shadow paging): on every KVM row."""
-    return flavour().as_dict()
+def flavour_columns(guest_cpl: int = 3) -> Row:
+    """``kvm_module`` and ``tdp`` (hardware EPT/NPT or shadow paging), and the guest's
+    privilege level: on every KVM row."""
+    return {**flavour().as_dict(), "guest_cpl": guest_cpl}
+
+
+def user_mode(guest_cpl: int) -> bool:
+    """True for CPL 3 (the default: native execution on every KVM flavour), False for 0."""
+    if guest_cpl not in (0, 3):
+        raise ConfigError("guest_cpl", f"{guest_cpl} is not 0 or 3")
+    return guest_cpl == 3
 
 
 @dataclass(frozen=True)

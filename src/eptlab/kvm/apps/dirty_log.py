@@ -27,7 +27,7 @@ from .. import abi
 from ..backend import HC_ROUND, PAGE, KvmExit, KvmGuest, Resume, default_slots
 from ..fds import Kvm, dirty_pages
 from ..memory import GuestMemory
-from .common import Row, WritePattern, flavour_columns, put_list
+from .common import Row, WritePattern, flavour_columns, put_list, user_mode
 
 MODES = ("log", "ring", "trap")
 DATA_SLOT = 1
@@ -42,6 +42,7 @@ class DirtyLogParams:
     modes: tuple[str, ...] = MODES
     ring_entries: int = 4096  # dirty ring size (a power of two)
     seed: int = 0
+    guest_cpl: int = 3
 
 
 @dataclass
@@ -115,7 +116,7 @@ class _Collector:
 
 
 def run_mode(kvm: Kvm, mode: str, pattern: WritePattern, memory: int, rounds: int,
-             ring_entries: int = 4096) -> DirtyLogOutcome:
+             ring_entries: int = 4096, *, user: bool = True) -> DirtyLogOutcome:
     """One guest run in ``mode``; the dirty set of each round."""
     if mode not in MODES:
         raise ConfigError("modes", f"{mode!r} is not one of {MODES}")
@@ -132,7 +133,7 @@ def run_mode(kvm: Kvm, mode: str, pattern: WritePattern, memory: int, rounds: in
     outcome = DirtyLogOutcome(mode, pattern.pages)
     slots = default_slots(memory, data_flags=flags)
     with KvmGuest(kvm, GuestMemory(memory), "write_set", slots=slots,
-                  dirty_ring=ring_entries if mode == "ring" else 0) as guest:
+                  dirty_ring=ring_entries if mode == "ring" else 0, user=user) as guest:
         collector = _Collector(guest, mode, outcome)
         at = put_list(guest, pattern.addresses)
         guest.start(r8=at, r9=len(pattern), r10=rounds, r11=PATTERN)
@@ -153,7 +154,8 @@ class DirtyLog:
         pattern = WritePattern.random(memory, p.pages, p.seed)
         with Kvm.open() as kvm:
             for mode in p.modes:
-                o = run_mode(kvm, mode, pattern, memory, p.rounds, p.ring_entries)
+                o = run_mode(kvm, mode, pattern, memory, p.rounds, p.ring_entries,
+                             user=user_mode(p.guest_cpl))
                 yield {
                     "mode": mode,
                     "rounds": p.rounds,
@@ -169,5 +171,5 @@ class DirtyLog:
                     if o.harvest_seconds > 0 else None,
                     "kernel_exits": o.kernel_exits,
                     "insn_emulated": o.insn_emulated,
-                    **flavour_columns(),
+                    **flavour_columns(p.guest_cpl),
                 }

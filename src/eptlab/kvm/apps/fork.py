@@ -21,7 +21,7 @@ from ...errors import ConfigError
 from ..backend import PAGE, PARAM_AREA, KvmGuest
 from ..fds import Kvm
 from ..memory import GuestMemory
-from .common import MAX_LIST, Row, WritePattern, flavour_columns, put_list
+from .common import MAX_LIST, Row, WritePattern, flavour_columns, put_list, user_mode
 
 SNAPSHOT = 0x5AB5_0000_0000_0000
 CLONE = 0xC10E_0000_0000_0000
@@ -33,6 +33,7 @@ class ForkParams:
     clones: int = 2
     pages: int = 64  # pages each clone writes (distinct across clones)
     seed: int = 0
+    guest_cpl: int = 3
 
 
 @dataclass
@@ -45,7 +46,8 @@ class ForkOutcome:
     patterns: list[WritePattern]
 
 
-def fork_once(kvm: Kvm, memory: int, clones: int, pages: int, seed: int) -> ForkOutcome:
+def fork_once(kvm: Kvm, memory: int, clones: int, pages: int, seed: int, *,
+              user: bool = True) -> ForkOutcome:
     if clones < 1:
         raise ConfigError("clones", "must be at least 1")
     if (clones + 1) * pages > MAX_LIST:
@@ -53,7 +55,7 @@ def fork_once(kvm: Kvm, memory: int, clones: int, pages: int, seed: int) -> Fork
     union = WritePattern.random(memory, clones * pages, seed)
     patterns = union.split(clones)
     with GuestMemory(memory) as memfd_memory:
-        parent = KvmGuest(kvm, memfd_memory, "write_set", own_memory=False)
+        parent = KvmGuest(kvm, memfd_memory, "write_set", own_memory=False, user=user)
         children: list[KvmGuest] = []
         try:
             lists = [put_list(parent, union.addresses)]
@@ -67,7 +69,8 @@ def fork_once(kvm: Kvm, memory: int, clones: int, pages: int, seed: int) -> Fork
             fork_seconds = []
             for _ in range(clones):
                 start = time.perf_counter()
-                child = KvmGuest(kvm, memfd_memory.clone_private(), "write_set", load=False)
+                child = KvmGuest(kvm, memfd_memory.clone_private(), "write_set", load=False,
+                                 user=user)
                 child.vcpu.set_sregs(sregs)
                 fork_seconds.append(time.perf_counter() - start)
                 children.append(child)
@@ -106,7 +109,8 @@ class Fork:
     def rows(self, p: ForkParams) -> Iterator[Row]:
         with Kvm.open() as kvm:
             for mib in p.guest_mibs:
-                o = fork_once(kvm, mib << 20, p.clones, p.pages, p.seed)
+                o = fork_once(kvm, mib << 20, p.clones, p.pages, p.seed,
+                              user=user_mode(p.guest_cpl))
                 yield {
                     "guest_mib": mib,
                     "clones": p.clones,
@@ -115,5 +119,5 @@ class Fork:
                     "pages_written": sum(o.pages_written),
                     "pages_copied": sum(o.private_bytes) // PAGE,
                     "private_mib_after_writes": round(sum(o.private_bytes) / (1 << 20), 3),
-                    **flavour_columns(),
+                    **flavour_columns(p.guest_cpl),
                 }

@@ -29,7 +29,7 @@ from .. import abi
 from ..backend import DATA_BASE, PAGE, KvmGuest
 from ..fds import Kvm
 from ..memory import GuestMemory
-from .common import Row, flavour_columns
+from .common import Row, flavour_columns, user_mode
 
 METHODS = ("demand", "prefault", "populate")
 REPORT_CYCLES = 1
@@ -41,6 +41,7 @@ class PrefetchParams:
     range_mib: int = 64  # the hinted range, from the start of the data region
     methods: tuple[str, ...] = METHODS
     repeats: int = 3  # runs per method (fresh VM each); the row has the median
+    guest_cpl: int = 3
 
 
 @dataclass
@@ -61,12 +62,13 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def run_method(kvm: Kvm, method: str, memory: int, length: int) -> PrefetchOutcome:
+def run_method(kvm: Kvm, method: str, memory: int, length: int, *,
+               user: bool = True) -> PrefetchOutcome:
     if method not in METHODS:
         raise ConfigError("methods", f"{method!r} is not one of {METHODS}")
     if length <= 0 or length % PAGE or DATA_BASE + length > memory:
         raise ConfigError("range_mib", "the range must fit the data region")
-    with KvmGuest(kvm, GuestMemory(memory), "touch") as guest:
+    with KvmGuest(kvm, GuestMemory(memory), "touch", user=user) as guest:
         mechanism, note = "none", ""
         start = time.perf_counter()
         if method == "prefault":
@@ -104,7 +106,8 @@ class Prefetch:
         with Kvm.open() as kvm:
             for method in p.methods:
                 runs = sorted(
-                    (run_method(kvm, method, p.memory_mib << 20, p.range_mib << 20)
+                    (run_method(kvm, method, p.memory_mib << 20, p.range_mib << 20,
+                                user=user_mode(p.guest_cpl))
                      for _ in range(p.repeats)),
                     key=lambda o: o.guest_cycles,
                 )
@@ -123,5 +126,5 @@ class Prefetch:
                     "insn_emulated": o.insn_emulated,
                     "prefetch_ms": round(o.prefetch_seconds * 1e3, 3),
                     "note": o.note,
-                    **flavour_columns(),
+                    **flavour_columns(p.guest_cpl),
                 }

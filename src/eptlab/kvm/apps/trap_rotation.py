@@ -37,7 +37,7 @@ from ..backend import (
 )
 from ..fds import Kvm
 from ..memory import GuestMemory
-from .common import Row, flavour_columns
+from .common import Row, flavour_columns, user_mode
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class TrapRotationParams:
     wild_period: int = 200  # one wild write after every 200th iteration
     rotate_period: int = 1_000
     seed: int = 1
+    guest_cpl: int = 3
 
 
 @dataclass
@@ -115,7 +116,8 @@ def run_fraction(kvm: Kvm, p: TrapRotationParams, fraction: float) -> RotationOu
     wild_pages = (memory - wild_base) // PAGE
     if p.iterations // p.wild_period > (BOOT_SIZE - LOG_AREA) // 8:
         raise ConfigError("iterations", "too many wild writes for the log")
-    with KvmGuest(kvm, GuestMemory(memory), "wild", slots=slots) as guest:
+    with KvmGuest(kvm, GuestMemory(memory), "wild", slots=slots,
+                  user=user_mode(p.guest_cpl)) as guest:
         rotator = _Rotator(guest, fraction, wild_base, p.seed)
         guest.start(r8=DATA_BASE, r9=p.working_set_pages, r10=p.iterations, r11=p.wild_period,
                     r12=wild_base, r13=wild_pages, r14=p.rotate_period, r15=p.seed)
@@ -148,5 +150,5 @@ class TrapRotation:
                     "run_ms": round(o.seconds * 1e3, 1),
                     "kernel_exits": o.kernel_exits,
                     "insn_emulated": o.insn_emulated,
-                    **flavour_columns(),
+                    **flavour_columns(p.guest_cpl),
                 }
