@@ -54,6 +54,14 @@ def test_dirty_log_every_mode_reports_exactly_the_written_pages() -> None:
 
 
 @pytest.mark.kvm
+def test_dirty_ring_full_exits_lose_no_page() -> None:
+    # 3000 pages a round into a 1024-entry ring: it fills several times per round
+    rows = list(DirtyLog().rows(DirtyLogParams(memory_mib=32, pages=3000, rounds=2,
+                                               modes=("ring",), ring_entries=1024)))
+    assert rows[0]["exact"] and rows[0]["exits"] >= 2
+
+
+@pytest.mark.kvm
 def test_fork_clones_are_isolated_and_copy_only_written_pages() -> None:
     rows = list(Fork().rows(ForkParams(guest_mibs=(16, 4096), clones=3, pages=10)))
     for row in rows:
