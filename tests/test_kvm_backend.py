@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from eptlab.arch.exits import EptQual, EptViolation, PmlFull
 from eptlab.errors import ConfigError, GuestError, KvmError
@@ -80,6 +82,17 @@ def test_write_to_read_only_slot_is_a_write_protection_violation() -> None:
     assert isinstance(record, EptViolation) and record.gpa == 0x201008 and data == b"\x01" * 8
     q = EptQual(record.qualification)
     assert q & EptQual.WRITE and q & EptQual.READABLE and not q & EptQual.WRITABLE
+
+
+@given(gpa=st.integers(0, 8 << 20), write=st.booleans())
+def test_mmio_qualification_follows_the_slots(gpa: int, write: bool) -> None:
+    vexit = MmioWrite(gpa, b"\0" * 8) if write else MmioRead(gpa, 8)
+    record, _ = exit_record(vexit, SLOTS, regs)
+    assert isinstance(record, EptViolation) and record.gpa == gpa
+    q = EptQual(record.qualification)
+    assert bool(q & EptQual.WRITE) == write and bool(q & EptQual.READ) == (not write)
+    assert bool(q & EptQual.READABLE) == (gpa < 4 << 20)  # inside a slot: mapped read-only
+    assert not q & EptQual.WRITABLE
 
 
 def test_access_outside_every_slot_is_a_not_present_violation() -> None:

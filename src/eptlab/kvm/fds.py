@@ -131,7 +131,9 @@ class Kvm(_Fd):
     kind = "/dev/kvm"
 
     @classmethod
-    def open(cls, path: str = "/dev/kvm") -> Kvm:
+    def open(cls, path: str | None = None) -> Kvm:
+        """Open ``path`` (default ``$EPTLAB_KVM_DEVICE`` or /dev/kvm)."""
+        path = path or os.environ.get("EPTLAB_KVM_DEVICE") or "/dev/kvm"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
