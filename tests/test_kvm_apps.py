@@ -116,3 +116,26 @@ def test_cli_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_bad_parameter_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["kvm", "dirty-log", "--set", "modes=bogus"]) == 2
     assert "modes" in capsys.readouterr().err
+
+
+@pytest.mark.kvm
+def test_applications_release_every_fd_and_mapping() -> None:
+    import os
+
+    from eptlab.kvm.apps.dirty_log import run_mode
+    from eptlab.kvm.apps.fork import fork_once
+    from eptlab.kvm.fds import Kvm
+
+    def counts() -> tuple[int, int]:
+        with open("/proc/self/maps") as f:
+            return len(os.listdir("/proc/self/fd")), sum(1 for _ in f)
+
+    with Kvm.open() as kvm:
+        pattern = WritePattern.random(8 << 20, 16, 0)
+        run_mode(kvm, "ring", pattern, 8 << 20, 1)  # warm-up (images, CPUID)
+        before = counts()
+        for _ in range(3):
+            fork_once(kvm, 64 << 20, clones=3, pages=4, seed=0)
+            for mode in ("log", "ring", "trap"):
+                run_mode(kvm, mode, pattern, 8 << 20, 2)
+        assert counts() == before
