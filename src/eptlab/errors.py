@@ -74,3 +74,35 @@ class RecordError(EptlabError):
     def __init__(self, command: list[str], message: str, *, status: int | None = None) -> None:
         super().__init__(f"recording {' '.join(command)!r}: {message}")
         self.command, self.status = command, status
+
+
+class KvmError(EptlabError):
+    """A KVM ioctl (or the open of /dev/kvm) failed: names the ioctl and keeps the errno."""
+
+    def __init__(self, ioctl: str, errno: int, detail: str = "") -> None:
+        import os
+
+        message = f"{ioctl}: {os.strerror(errno)} (errno {errno})"
+        super().__init__(message + (f": {detail}" if detail else ""))
+        self.ioctl, self.errno = ioctl, errno
+
+
+class KvmUnavailable(EptlabError):
+    """/dev/kvm does not open here (not Linux, no KVM module, or no permission)."""
+
+
+class GuestError(EptlabError):
+    """A KVM guest misbehaved: triple fault, internal error, watchdog deadline, unknown
+    hypercall. Carries the exit record (or None) that showed it."""
+
+    def __init__(self, guest: str, message: str, record: object = None) -> None:
+        super().__init__(f"guest {guest}: {message}")
+        self.guest, self.record = guest, record
+
+
+class ToolchainError(EptlabError):
+    """A guest could not be built: a tool (as, ld, objcopy) is missing or failed."""
+
+    def __init__(self, tool: str, message: str) -> None:
+        super().__init__(f"{tool}: {message}")
+        self.tool = tool

@@ -1,7 +1,7 @@
 """The hypervisor: VMs, vCPUs, the exit loop, the EPT manager, PML, hypercalls, scheduling."""
 
 from .ept_manager import EptManager
-from .exits import Exit, Hlt, Vmcall
+from .exits import Exit, Hlt, TripleFault, Vmcall
 from .host import HostMemory
 from .hypervisor import Hypervisor, UnhandledExit
 from .program import GuestAction, Hypercall, Run
@@ -21,6 +21,7 @@ __all__ = [
     "Hypervisor",
     "Run",
     "Scheduler",
+    "TripleFault",
     "UnhandledExit",
     "Vmcall",
 ]

@@ -45,7 +45,19 @@ class Hlt:
         return {"reason": int(self.reason), "reason_name": self.reason.name}
 
 
-Record = VmExit | Vmcall | Hlt
+@dataclass(frozen=True, slots=True)
+class TripleFault:
+    """Exit reason 2: an exception while delivering a double fault (SDM Vol. 3A §6.15,
+    "Interrupt 8"); the processor would shut down. KVM reports it as KVM_EXIT_SHUTDOWN."""
+
+    reason: ClassVar[ExitReason] = ExitReason.TRIPLE_FAULT
+    qualification: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"reason": int(self.reason), "reason_name": self.reason.name}
+
+
+Record = VmExit | Vmcall | Hlt | TripleFault
 
 
 @dataclass(frozen=True)

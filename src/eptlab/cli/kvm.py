@@ -1,0 +1,75 @@
+"""``eptlab kvm NAME``: the applications on real hardware (/dev/kvm), and ``eptlab kvm info``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from ..errors import ConfigError
+
+kvm_app = typer.Typer(
+    help="Applications on real hardware through /dev/kvm (Linux; root or the kvm group).",
+    no_args_is_help=True,
+)
+
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Parameter override KEY=VALUE (repeatable).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print {command, params, rows}.")]
+
+
+def run_app(name: str, sets: list[str] | None, as_json: bool) -> int:
+    """Run one application; a crosscheck that disagrees exits with status 1."""
+    import pandas as pd
+
+    from ..experiments.base import apply_overrides, params_dict
+    from ..kvm.apps import get
+    from .experiments import parse_sets
+
+    app, params_type = get(name)
+    try:
+        params = apply_overrides(params_type, parse_sets(sets or []))
+        rows = list(app.rows(params))
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
+    if as_json:
+        typer.echo(json.dumps({"command": name, "params": params_dict(params), "rows": rows}))
+    else:
+        typer.echo(pd.DataFrame(rows).to_string(index=False))
+    failed = name == "crosscheck" and not all(r["equal"] for r in rows)
+    return 1 if failed else 0
+
+
+def _command(name: str, doc: str) -> None:
+    def command(set_: SetOption = None, as_json: JsonOption = False) -> int:
+        return run_app(name, set_, as_json)
+
+    command.__doc__ = doc
+    kvm_app.command(name)(command)
+
+
+_command("fork", "Copy-on-write snapshot and fork of a VM (memfd, MAP_PRIVATE clones).")
+_command("dirty-log", "Dirty bitmap and dirty ring against trapping every write.")
+_command("prefetch", "Populating a hinted range ahead of the guest against demand faults.")
+_command("trap-rotation", "Rotating write traps over sampled memory to catch wild writes.")
+_command("crosscheck", "The same access patterns through the simulator and KVM, compared.")
+
+
+@kvm_app.command("info")
+def info(as_json: JsonOption = False) -> int:
+    """Which KVM this is (module, TDP or shadow paging) and the capabilities eptlab uses."""
+    from ..kvm import abi
+    from ..kvm.backend import flavour
+    from ..kvm.fds import Kvm
+
+    with Kvm.open() as kvm:
+        caps = {cap.name.lower(): kvm.check_extension(cap) for cap in abi.Cap}
+    out = {**flavour().as_dict(), "label": flavour().label, "capabilities": caps}
+    if as_json:
+        typer.echo(json.dumps(out))
+    else:
+        for key, value in out.items():
+            typer.echo(f"{key}: {value}")
+    return 0

@@ -1,0 +1,564 @@
+"""The KVM backend: one VM with one vCPU running a guest built from ``guests/*.S``, and the run
+loop that turns ``kvm_run`` exits into the exit records the simulator produces.
+
+=====================================  ==============================================  =========
+KVM exit                               eptlab record                                   SDM name
+=====================================  ==============================================  =========
+``out`` to :data:`HC_PORT`             :class:`~eptlab.hv.exits.Vmcall` (RAX; RBX..)   VMCALL
+MMIO write into a read-only memslot    :class:`~eptlab.arch.exits.EptViolation`,        EPT viol.
+                                       qualification WRITE | READABLE | EXECUTABLE
+MMIO access outside every memslot      ``EptViolation``, no permission bits            EPT viol.
+HLT                                    :class:`~eptlab.hv.exits.Hlt`                   HLT
+SHUTDOWN (triple fault)                :class:`~eptlab.hv.exits.TripleFault`           triple f.
+DIRTY_RING_FULL                        :class:`~eptlab.arch.exits.PmlFull`             PML full
+INTERNAL_ERROR, FAIL_ENTRY, others     :class:`KvmFailure` (KVM's own)                 --
+other port I/O                         :class:`PortIo`                                 I/O instr.
+=====================================  ==============================================  =========
+
+The run loop asks the application's handler first, then the standard handling (DONE stops,
+REPORT stores a value, NOP and ROUND resume, HLT stops). An exit nobody takes -- an unknown
+hypercall, a triple fault, an internal error, a stray MMIO -- raises
+:class:`~eptlab.errors.GuestError` with the record. A watchdog (signal + ``immediate_exit``)
+stops a guest that runs past its deadline. Descriptors and mappings are released by
+:meth:`KvmGuest.close` (or ``with``), also on errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import ClassVar
+
+from ..arch.exits import EptQual, EptViolation, ExitReason, PmlFull
+from ..errors import ConfigError, GuestError, KvmError
+from ..hv.exits import Hlt, TripleFault, Vmcall
+from . import abi, build
+from .fds import Kvm, StatsFd, VcpuFd, VmFd
+from .memory import GuestMemory
+from .vcpu_exit import (
+    DirtyRingFull,
+    FailEntry,
+    HltExit,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    ShutdownExit,
+    SystemEvent,
+    VcpuExit,
+)
+
+HC_PORT = 0xE5
+HC_DONE, HC_REPORT, HC_ROUND, HC_NOP = 0, 1, 2, 3
+HYPERCALL_NAMES = {HC_DONE: "DONE", HC_REPORT: "REPORT", HC_ROUND: "ROUND", HC_NOP: "NOP"}
+BOOT_SIZE = 2 << 20  # slot 0: image, page tables, parameter area
+PARAM_AREA = 0x100000
+LOG_AREA = 0x180000
+DATA_BASE = BOOT_SIZE
+IMAGE_MAGIC = b"EPTLABG1"
+PAGE = 4096
+MAX_GUEST = 4 << 30  # the guests' page tables map 4 GiB
+
+
+# -- records the simulator has no counterpart for ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PortIo:
+    """Exit reason 30 for a port other than the hypercall port."""
+
+    reason: ClassVar[ExitReason] = ExitReason.IO_INSTRUCTION
+    port: int
+    write: bool
+    data: bytes = b""
+    qualification: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class KvmFailure:
+    """KVM could not run the guest: internal error, failed entry, an exit it does not name."""
+
+    reason: ClassVar[ExitReason] = ExitReason.EXCEPTION_NMI
+    what: str
+    detail: tuple[int, ...] = ()
+    qualification: int = 0
+
+
+KvmRecord = Vmcall | EptViolation | Hlt | TripleFault | PmlFull | PortIo | KvmFailure
+
+
+@dataclass(frozen=True)
+class KvmExit:
+    """One exit of a KVM guest: the record, plus the bytes of a write that was not performed
+    (MMIO into a read-only slot) so a handler can emulate it."""
+
+    guest: KvmGuest
+    record: KvmRecord
+    data: bytes = b""
+
+
+class Resume(Enum):
+    CONTINUE = "continue"
+    STOP = "stop"
+
+
+Handler = Callable[[KvmExit], Resume | None]
+"""An application's exit handler: CONTINUE or STOP, or None (not mine: standard handling)."""
+
+
+@dataclass
+class RunResult:
+    exits: Counter[str] = field(default_factory=Counter)  # by record reason name
+    hypercalls: Counter[str] = field(default_factory=Counter)
+    reports: dict[int, int] = field(default_factory=dict)  # REPORT(key, value)
+    status: int | None = None  # DONE's argument
+    halted: bool = False
+    seconds: float = 0.0
+    kernel: dict[str, int] = field(default_factory=dict)  # vCPU statistics counted inside KVM
+
+    @property
+    def kernel_exits(self) -> int:
+        """All exits of the vCPU, handled in the kernel or here (KVM's ``exits`` statistic)."""
+        return self.kernel.get("exits", 0)
+
+    @property
+    def insn_emulated(self) -> int:
+        """Guest instructions KVM's instruction emulator executed (``insn_emulation``)."""
+        return self.kernel.get("insn_emulation", 0)
+
+    @property
+    def total_exits(self) -> int:
+        return sum(self.exits.values())
+
+
+# -- host ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """Which KVM this is: the module, and whether second-level paging is hardware (EPT/NPT,
+    "TDP") or KVM's shadow paging."""
+
+    module: str
+    tdp: bool | None
+
+    @property
+    def label(self) -> str:
+        paging = {True: "TDP (EPT/NPT)", False: "shadow paging", None: "paging unknown"}
+        return f"{self.module}, {paging[self.tdp]}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"kvm_module": self.module, "tdp": self.tdp}
+
+
+def _param(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def flavour() -> Flavour:
+    """Read from /sys/module: kvm_intel (ept), kvm_amd (npt), kvm_pvm (always shadow)."""
+    yes = ("Y", "y", "1")
+    for module, param in (("kvm_intel", "ept"), ("kvm_amd", "npt")):
+        if Path(f"/sys/module/{module}").exists():
+            value = _param(f"/sys/module/{module}/parameters/{param}")
+            return Flavour(module, None if value is None else value in yes)
+    if Path("/sys/module/kvm_pvm").exists():
+        return Flavour("kvm_pvm", False)
+    return Flavour("kvm", None)
+
+
+# -- the image -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    data: bytes
+    entry: int
+    cr3: int
+    gdt: int
+    gdt_limit: int
+
+    @classmethod
+    def load(cls, name: str) -> Image:
+        data = build.image(name)
+        magic, entry, cr3, gdt, limit = struct.unpack_from("<8sQQQQ", data, 0)
+        if magic != IMAGE_MAGIC:
+            raise GuestError(name, f"image has no {IMAGE_MAGIC!r} header")
+        if build.LOAD_ADDRESS + len(data) > PARAM_AREA:
+            raise GuestError(name, "image overlaps the parameter area")
+        return cls(name, data, entry, cr3, gdt, limit)
+
+
+_IMAGES: dict[str, Image] = {}
+
+
+def image(name: str) -> Image:
+    if name not in _IMAGES:
+        _IMAGES[name] = Image.load(name)
+    return _IMAGES[name]
+
+
+# -- slots ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    gpa: int
+    size: int
+    flags: int = 0
+
+
+def default_slots(memory: int, data_flags: int = 0, chunk: int | None = None) -> list[SlotSpec]:
+    """Slot 0 for the first 2 MiB (image, tables, parameters), then the data region as one slot
+    or as ``chunk``-sized slots, each with ``data_flags``."""
+    if memory < 2 * BOOT_SIZE or memory % BOOT_SIZE:
+        raise ConfigError("memory", f"{memory} is not a multiple of 2 MiB of at least 4 MiB")
+    if memory > MAX_GUEST:
+        raise ConfigError("memory", f"the guests map at most {MAX_GUEST >> 30} GiB")
+    slots = [SlotSpec(0, BOOT_SIZE)]
+    step = memory - DATA_BASE if chunk is None else chunk
+    if step <= 0 or step % PAGE or (memory - DATA_BASE) % step:
+        raise ConfigError("chunk", f"{chunk} does not divide the data region in whole pages")
+    slots += [SlotSpec(gpa, step, data_flags) for gpa in range(DATA_BASE, memory, step)]
+    return slots
+
+
+# -- KVM exit -> eptlab record -------------------------------------------------------------------
+
+
+def exit_record(
+    vexit: VcpuExit, slots: list[SlotSpec], get_regs: Callable[[], abi.Regs]
+) -> tuple[KvmRecord, bytes]:
+    """The eptlab record for one decoded KVM exit, and the bytes of a write that was not
+    performed. A plain function of the exit (tests feed it synthetic exits, no VM needed);
+    ``get_regs`` is called only for a hypercall."""
+    if isinstance(vexit, IoOut):
+        if vexit.port == HC_PORT:
+            regs = get_regs()
+            return Vmcall(regs.rax & 0xFFFFFFFF, (regs.rbx, regs.rcx, regs.rdx, regs.rsi)), b""
+        return PortIo(vexit.port, True, vexit.data), b""
+    if isinstance(vexit, IoIn):
+        return PortIo(vexit.port, False), b""
+    if isinstance(vexit, MmioWrite | MmioRead):
+        write = isinstance(vexit, MmioWrite)
+        qualification = EptQual.WRITE if write else EptQual.READ
+        if any(s.gpa <= vexit.gpa < s.gpa + s.size for s in slots):
+            # inside a slot, so a read-only one: readable and executable, not writable
+            # (SDM Vol. 3C Table 28-7, bits 3-5)
+            qualification |= EptQual.READABLE | EptQual.EXECUTABLE
+        data = vexit.data if isinstance(vexit, MmioWrite) else b""
+        return EptViolation(vexit.gpa, None, int(qualification)), data
+    if isinstance(vexit, HltExit):
+        return Hlt(), b""
+    if isinstance(vexit, ShutdownExit):
+        return TripleFault(), b""
+    if isinstance(vexit, DirtyRingFull):
+        return PmlFull(), b""
+    if isinstance(vexit, InternalError):
+        return KvmFailure(f"internal error, suberror {vexit.suberror}", vexit.data), b""
+    if isinstance(vexit, FailEntry):
+        what = f"entry failed, hardware reason {vexit.hardware_reason:#x}"
+        return KvmFailure(what, (vexit.cpu,)), b""
+    if isinstance(vexit, SystemEvent):
+        return KvmFailure(f"system event {vexit.type}"), b""
+    if isinstance(vexit, Interrupted):
+        return KvmFailure("interrupted"), b""
+    return KvmFailure(f"KVM exit reason {vexit.reason}"), b""
+
+
+# -- the watchdog --------------------------------------------------------------------------------
+
+
+class Watchdog:
+    """Stops ``KVM_RUN`` after ``seconds``: sets ``immediate_exit`` and sends SIGUSR1 to the
+    running thread (a no-op handler, so the ioctl returns EINTR)."""
+
+    def __init__(self, vcpu: VcpuFd, seconds: float) -> None:
+        self.vcpu, self.seconds = vcpu, seconds
+        self.fired = False
+        self._thread_id = threading.get_ident()
+        self._timer: threading.Timer | None = None
+        self._previous: object = None
+        self._installed = False
+
+    def _fire(self) -> None:
+        self.fired = True
+        self.vcpu.immediate_exit = True
+        with contextlib.suppress(ProcessLookupError):
+            signal.pthread_kill(self._thread_id, signal.SIGUSR1)
+
+    def __enter__(self) -> Watchdog:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+            self._installed = True
+        if self._installed or signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):
+            self._timer = threading.Timer(self.seconds, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()
+        if self._installed:
+            signal.signal(signal.SIGUSR1, self._previous)  # type: ignore[arg-type]
+        if not self.vcpu.closed:
+            self.vcpu.immediate_exit = False
+
+
+# -- the guest -----------------------------------------------------------------------------------
+
+
+LONG_MODE_CR0 = 0x80050033  # PG, AM, WP, NE, ET, MP, PE
+LONG_MODE_CR4 = 0x20  # PAE
+LONG_MODE_EFER = 0x500  # LMA, LME
+USER_RFLAGS = 0x3002  # IOPL 3
+
+
+class KvmGuest:
+    """A VM with one vCPU, its memory, its memslots and a guest image, ready to run.
+
+    The guest runs in 64-bit mode at CPL 3 with IOPL 3 (``user=True``, the default) or at
+    CPL 0. CPL 3 because on kvm-pvm a CPL-0 guest that is not PVM-aware is executed by KVM's
+    instruction emulator, one instruction at a time (its ``insn_emulation`` statistic counts
+    them), while CPL-3 code runs on the processor; on kvm_intel / kvm_amd both run natively.
+    The programs need no privilege: OUT is allowed by IOPL 3, RDTSC by CR4.TSD = 0; only HLT
+    needs CPL 0.
+
+    ``memory`` is owned (closed with the guest) unless ``own_memory=False``. ``dirty_ring``
+    (entries) enables KVM's dirty ring before the vCPU exists.
+    """
+
+    def __init__(
+        self,
+        kvm: Kvm,
+        memory: GuestMemory,
+        guest: str,
+        *,
+        slots: list[SlotSpec] | None = None,
+        dirty_ring: int = 0,
+        own_memory: bool = True,
+        load: bool = True,
+        user: bool = True,
+    ) -> None:
+        self.kvm, self.memory, self.name, self.user = kvm, memory, guest, user
+        self.image = image(guest)
+        self.slots = list(slots) if slots is not None else default_slots(memory.size)
+        self._stack = contextlib.ExitStack()
+        try:
+            if own_memory:
+                self._stack.callback(memory.close)
+            self.vm: VmFd = self._stack.enter_context(kvm.create_vm())
+            self.ring = None
+            if dirty_ring:
+                cap = (abi.Cap.DIRTY_LOG_RING_ACQ_REL
+                       if kvm.check_extension(abi.Cap.DIRTY_LOG_RING_ACQ_REL)
+                       else abi.Cap.DIRTY_LOG_RING)
+                self.vm.enable_cap(cap, dirty_ring * 16)
+            for index, slot in enumerate(self.slots):
+                self._set_slot(index, slot)
+            self.vcpu: VcpuFd = self._stack.enter_context(self.vm.create_vcpu(0))
+            self._stats: StatsFd | None = None
+            if dirty_ring:
+                self.ring = self.vcpu.map_dirty_ring(dirty_ring)
+            self.vcpu.set_cpuid2(_supported_cpuid(kvm))
+            if load:
+                memory.write(build.LOAD_ADDRESS, self.image.data)
+            self._long_mode()
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _set_slot(self, index: int, slot: SlotSpec) -> None:
+        self.vm.set_user_memory_region(
+            index, slot.gpa, slot.size, self.memory.address + slot.gpa, slot.flags
+        )
+
+    def set_slot_flags(self, index: int, flags: int) -> None:
+        """Change a slot's flags. KVM changes only LOG_DIRTY_PAGES in place; for READONLY the
+        slot is deleted and created again."""
+        slot = self.slots[index]
+        if slot.flags == flags:
+            return
+        if (slot.flags ^ flags) & abi.MemFlag.READONLY:
+            self.vm.set_user_memory_region(index, slot.gpa, 0, self.memory.address + slot.gpa, 0)
+        self.slots[index] = SlotSpec(slot.gpa, slot.size, flags)
+        self._set_slot(index, self.slots[index])
+
+    def slot_of(self, gpa: int) -> int | None:
+        for index, slot in enumerate(self.slots):
+            if slot.gpa <= gpa < slot.gpa + slot.size:
+                return index
+        return None
+
+    def _long_mode(self) -> None:
+        """64-bit mode straight away: flat segments from the image's GDT, its page tables."""
+        sregs = self.vcpu.get_sregs()
+        dpl = 3 if self.user else 0
+        code = abi.Segment(base=0, limit=0xFFFFFFFF, selector=0x1B if self.user else 0x08,
+                           type=11, present=1, dpl=dpl, db=0, s=1, l=1, g=1)
+        data = abi.Segment(base=0, limit=0xFFFFFFFF, selector=0x23 if self.user else 0x10,
+                           type=3, present=1, dpl=dpl, db=1, s=1, l=0, g=1)
+        sregs.cs = code
+        sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
+        sregs.tr = abi.Segment(base=0, limit=0x67, selector=0x18, type=11, present=1, s=0)
+        sregs.gdt.base, sregs.gdt.limit = self.image.gdt, self.image.gdt_limit
+        sregs.idt.base, sregs.idt.limit = 0, 0  # no IDT: any exception ends in a triple fault
+        sregs.cr0, sregs.cr3 = LONG_MODE_CR0, self.image.cr3
+        sregs.cr4, sregs.efer = LONG_MODE_CR4, LONG_MODE_EFER
+        self.vcpu.set_sregs(sregs)
+
+    def start(self, **registers: int) -> None:
+        """Point the vCPU at the image's entry with the given registers (r8=..., r15=...)."""
+        # in user mode IOPL 3 lets the guest's OUT (the hypercall) through (SDM Vol. 1 §19.5.1)
+        regs = abi.Regs(rflags=USER_RFLAGS if self.user else 2, rip=self.image.entry)
+        for name, value in registers.items():
+            if name not in abi.REG_NAMES:
+                raise ConfigError("register", f"{name!r} is not a general register")
+            setattr(regs, name, value & (1 << 64) - 1)
+        self.vcpu.set_regs(regs)
+
+    # -- running --------------------------------------------------------------------------------
+
+    def record(self, vexit: VcpuExit) -> tuple[KvmRecord, bytes]:
+        """The eptlab record for one decoded KVM exit (and the data of an unperformed write)."""
+        return exit_record(vexit, self.slots, self.vcpu.get_regs)
+
+    def run(self, handler: Handler | None = None, *, timeout: float = 10.0) -> RunResult:
+        """Run until DONE or HLT (or an error); every exit goes to ``handler`` first."""
+        result = RunResult()
+        stats = self.stats()
+        before = stats.read() if stats is not None else {}
+        start = time.perf_counter()
+        vcpu = self.vcpu
+        with Watchdog(vcpu, timeout) as watchdog:
+            while True:
+                vexit = vcpu.run()
+                if isinstance(vexit, Interrupted):
+                    if watchdog.fired:
+                        raise GuestError(
+                            self.name, f"still running after the {timeout:g} s deadline "
+                            "(stopped by the watchdog)")
+                    continue
+                record, data = self.record(vexit)
+                result.exits[record.reason.name] += 1
+                kvm_exit = KvmExit(self, record, data)
+                resume = handler(kvm_exit) if handler is not None else None
+                if resume is None:
+                    resume = self._standard(kvm_exit, result)
+                if resume is None:
+                    raise GuestError(self.name, _describe(record), record)
+                if resume is Resume.STOP:
+                    break
+        result.seconds = time.perf_counter() - start
+        if stats is not None:
+            after = stats.read()
+            result.kernel = {k: v - before.get(k, 0) for k, v in after.items()}
+        return result
+
+    def stats(self) -> StatsFd | None:
+        """The vCPU's statistics fd (opened once; None where KVM_GET_STATS_FD is missing)."""
+        if self._stats is None:
+            try:
+                self._stats = self._stack.enter_context(self.vcpu.stats())
+            except KvmError:
+                return None
+        return self._stats
+
+    @staticmethod
+    def _standard(kvm_exit: KvmExit, result: RunResult) -> Resume | None:
+        record = kvm_exit.record
+        if isinstance(record, Vmcall):
+            name = HYPERCALL_NAMES.get(record.number)
+            if name is not None:
+                result.hypercalls[name] += 1
+            if record.number == HC_DONE:
+                result.status = record.args[0]
+                return Resume.STOP
+            if record.number == HC_REPORT:
+                result.reports[record.args[0]] = record.args[1]
+                return Resume.CONTINUE
+            if record.number in (HC_NOP, HC_ROUND):
+                return Resume.CONTINUE
+            return None
+        if isinstance(record, Hlt):
+            result.halted = True
+            return Resume.STOP
+        return None
+
+    def emulate_write(self, kvm_exit: KvmExit) -> None:
+        """Perform a trapped write in the backing memory (what the guest meant to store)."""
+        record = kvm_exit.record
+        assert isinstance(record, EptViolation)
+        self.memory.write(record.gpa, kvm_exit.data)
+
+    # -- teardown -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> KvmGuest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _describe(record: KvmRecord) -> str:
+    if isinstance(record, Vmcall):
+        return f"unknown hypercall {record.number:#x} (args {[hex(a) for a in record.args]})"
+    if isinstance(record, TripleFault):
+        return "triple fault (KVM_EXIT_SHUTDOWN): the guest shut down"
+    if isinstance(record, KvmFailure):
+        return f"KVM could not run it: {record.what}"
+    if isinstance(record, EptViolation):
+        kind = "write" if record.qualification & EptQual.WRITE else "read"
+        return f"unhandled {kind} of GPA {record.gpa:#x} (no writable memslot)"
+    if isinstance(record, PortIo):
+        return f"port I/O to unknown port {record.port:#x}"
+    return f"unhandled exit {record}"
+
+
+_CPUID: list[abi.Cpuid2] = []  # the host's supported CPUID: asked once per process
+
+
+def _supported_cpuid(kvm: Kvm) -> abi.Cpuid2:
+    if not _CPUID:
+        _CPUID.append(kvm.supported_cpuid())
+    return _CPUID[0]
+
+
+def open_kvm() -> Kvm:
+    return Kvm.open()
+
+
+def run_guest(
+    guest: str,
+    *,
+    memory: int = 8 << 20,
+    registers: Mapping[str, int] | None = None,
+    timeout: float = 10.0,
+    kvm: Kvm | None = None,
+    user: bool = True,
+) -> RunResult:
+    """Build, run and tear down one guest (tests and the CLI)."""
+    with contextlib.ExitStack() as stack:
+        kvm = kvm or stack.enter_context(Kvm.open())
+        g = stack.enter_context(KvmGuest(kvm, GuestMemory(memory), guest, user=user))
+        g.start(**dict(registers or {}))
+        return g.run(timeout=timeout)

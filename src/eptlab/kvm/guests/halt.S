@@ -1,0 +1,4 @@
+# Halt at once (HLT exit).
+    .include "common.inc"
+    hlt
+    jmp main

@@ -1,0 +1,141 @@
+"""The KVM applications on /dev/kvm (small runs), their cross-checks against the simulator, and
+the ``eptlab kvm`` command's JSON contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eptlab.cli import main
+from eptlab.errors import ConfigError
+from eptlab.kvm.apps.common import WritePattern
+from eptlab.kvm.apps.crosscheck import Crosscheck, CrosscheckParams
+from eptlab.kvm.apps.dirty_log import DirtyLog, DirtyLogParams
+from eptlab.kvm.apps.fork import Fork, ForkParams
+from eptlab.kvm.apps.prefetch import Prefetch, PrefetchParams
+from eptlab.kvm.apps.trap_rotation import TrapRotation, TrapRotationParams
+from eptlab.kvm.backend import DATA_BASE, PAGE
+
+# -- no VM needed ----------------------------------------------------------------------------------
+
+
+@given(pages=st.integers(1, 2000), seed=st.integers(0, 2**32 - 1))
+def test_write_patterns_are_distinct_pages_in_the_data_region(pages: int, seed: int) -> None:
+    memory = 16 << 20
+    pattern = WritePattern.random(memory, pages, seed)
+    assert len(pattern.pages) == pages
+    assert all(DATA_BASE <= a < memory and a % 8 == 0 for a in map(int, pattern.addresses))
+    parts = pattern.split(3)
+    assert sum(len(p) for p in parts) == pages
+    assert set().union(*(p.pages for p in parts)) == pattern.pages
+
+
+def test_write_pattern_larger_than_the_data_region_is_refused() -> None:
+    with pytest.raises(ConfigError, match="pages"):
+        WritePattern.random(4 << 20, 513, 0)
+
+
+# -- on /dev/kvm -----------------------------------------------------------------------------------
+
+
+@pytest.mark.kvm
+def test_dirty_log_every_mode_reports_exactly_the_written_pages() -> None:
+    rows = {r["mode"]: r for r in DirtyLog().rows(DirtyLogParams(memory_mib=16, pages=100,
+                                                                 rounds=2))}
+    assert set(rows) == {"log", "ring", "trap"}
+    for row in rows.values():
+        assert row["exact"] and row["dirty_pages_reported"] == row["pages_written"] == 100
+        assert row["kvm_module"] and "tdp" in row
+    assert rows["trap"]["exits"] == rows["trap"]["writes"] == 200  # every write traps
+    assert rows["log"]["exits"] == 0  # writes run free
+
+
+@pytest.mark.kvm
+def test_dirty_ring_full_exits_lose_no_page() -> None:
+    # 3000 pages a round into a 1024-entry ring: it fills several times per round
+    rows = list(DirtyLog().rows(DirtyLogParams(memory_mib=32, pages=3000, rounds=2,
+                                               modes=("ring",), ring_entries=1024)))
+    assert rows[0]["exact"] and rows[0]["exits"] >= 2
+
+
+@pytest.mark.kvm
+def test_fork_clones_are_isolated_and_copy_only_written_pages() -> None:
+    rows = list(Fork().rows(ForkParams(guest_mibs=(16, 4096), clones=3, pages=10)))
+    for row in rows:
+        assert row["isolated"]
+        assert row["pages_copied"] == row["pages_written"] == 30
+        assert row["private_mib_after_writes"] == pytest.approx(30 * PAGE / (1 << 20), abs=1e-3)
+
+
+@pytest.mark.kvm
+def test_crosscheck_simulator_and_kvm_agree() -> None:
+    rows = list(Crosscheck().rows(CrosscheckParams(memory_mib=8, pages=20, rounds=2, clones=2)))
+    assert len(rows) >= 4
+    disagreements = [r for r in rows if not r["equal"]]
+    assert not disagreements, disagreements
+
+
+@pytest.mark.kvm
+def test_prefetch_rows_say_which_mechanism_ran() -> None:
+    rows = {r["method"]: r for r in Prefetch().rows(PrefetchParams(memory_mib=16, range_mib=8,
+                                                                   repeats=1))}
+    assert rows["demand"]["mechanism"] == "none" and not rows["demand"]["prefault"]
+    assert rows["populate"]["mechanism"] == "MADV_POPULATE_WRITE"
+    assert rows["prefault"]["mechanism"] in ("KVM_PRE_FAULT_MEMORY", "MADV_POPULATE_WRITE")
+    for row in rows.values():
+        assert row["pages"] == 2048 and row["guest_cycles"] > 0
+    # populated ahead, the guest's touches take no host page fault for the range
+    assert rows["populate"]["host_faults"] < rows["demand"]["host_faults"]
+
+
+@pytest.mark.kvm
+def test_trap_rotation_detects_nothing_untrapped_and_everything_trapped() -> None:
+    params = TrapRotationParams(memory_mib=18, trap_fractions=(0.0, 0.5, 1.0), iterations=2000,
+                                wild_period=50, rotate_period=200)
+    rows = {r["trap_fraction"]: r for r in TrapRotation().rows(params)}
+    assert rows[0.0]["bugs_detected"] == 0 and rows[0.0]["exits"] == 0
+    assert rows[1.0]["bugs_detected"] == rows[1.0]["bugs_injected"] == 40
+    assert rows[1.0]["exits"] == 2000 + 40  # every store traps
+    assert 0 <= rows[0.5]["bugs_detected"] <= rows[0.5]["bugs_injected"]
+
+
+@pytest.mark.kvm
+def test_cli_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["kvm", "fork", "--set", "guest_mibs=16", "--set", "pages=4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["command"] == "fork" and out["params"]["pages"] == 4
+    row = out["rows"][0]
+    assert {"guest_mib", "fork_ms", "isolated", "pages_written",
+            "private_mib_after_writes", "kvm_module", "tdp"} <= set(row)
+
+
+@pytest.mark.kvm
+def test_cli_bad_parameter_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["kvm", "dirty-log", "--set", "modes=bogus"]) == 2
+    assert "modes" in capsys.readouterr().err
+
+
+@pytest.mark.kvm
+def test_applications_release_every_fd_and_mapping() -> None:
+    import os
+
+    from eptlab.kvm.apps.dirty_log import run_mode
+    from eptlab.kvm.apps.fork import fork_once
+    from eptlab.kvm.fds import Kvm
+
+    def counts() -> tuple[int, int]:
+        with open("/proc/self/maps") as f:
+            return len(os.listdir("/proc/self/fd")), sum(1 for _ in f)
+
+    with Kvm.open() as kvm:
+        pattern = WritePattern.random(8 << 20, 16, 0)
+        run_mode(kvm, "ring", pattern, 8 << 20, 1)  # warm-up (images, CPUID)
+        before = counts()
+        for _ in range(3):
+            fork_once(kvm, 64 << 20, clones=3, pages=4, seed=0)
+            for mode in ("log", "ring", "trap"):
+                run_mode(kvm, mode, pattern, 8 << 20, 2)
+        assert counts() == before

@@ -1,0 +1,298 @@
+"""The KVM layer: ABI numbers, exit decoding (synthetic exits, no VM), and real guests on
+/dev/kvm (marked ``kvm``): exit records, errors that clean up, no leaked fds or mappings."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eptlab.arch.exits import EptQual, EptViolation, PmlFull
+from eptlab.errors import ConfigError, GuestError, KvmError
+from eptlab.hv.exits import Hlt, TripleFault, Vmcall
+from eptlab.kvm import abi, build
+from eptlab.kvm.backend import (
+    DATA_BASE,
+    HC_PORT,
+    KvmExit,
+    KvmFailure,
+    KvmGuest,
+    PortIo,
+    Resume,
+    SlotSpec,
+    default_slots,
+    exit_record,
+    flavour,
+    run_guest,
+)
+from eptlab.kvm.fds import Kvm, dirty_pages
+from eptlab.kvm.memory import GuestMemory
+from eptlab.kvm.vcpu_exit import (
+    DirtyRingFull,
+    HltExit,
+    InternalError,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    ShutdownExit,
+)
+
+# -- no VM needed ----------------------------------------------------------------------------------
+
+
+def test_ioctl_numbers_are_the_kernels() -> None:
+    # values of the macros in linux/kvm.h on x86-64
+    assert abi.IOCTLS["KVM_CREATE_VM"] == 0xAE01
+    assert abi.IOCTLS["KVM_RUN"] == 0xAE80
+    assert abi.IOCTLS["KVM_GET_REGS"] == 0x8090AE81
+    assert abi.IOCTLS["KVM_SET_SREGS"] == 0x4138AE84
+    assert abi.IOCTLS["KVM_SET_USER_MEMORY_REGION"] == 0x4020AE46
+    assert abi.IOCTLS["KVM_GET_DIRTY_LOG"] == 0x4010AE42
+    assert abi.IOCTLS["KVM_ENABLE_CAP"] == 0x4068AEA3
+
+
+def regs(**values: int) -> abi.Regs:
+    r = abi.Regs()
+    for k, v in values.items():
+        setattr(r, k, v)
+    return r
+
+
+SLOTS = [SlotSpec(0, 2 << 20), SlotSpec(2 << 20, 2 << 20, abi.MemFlag.READONLY)]
+
+
+def test_hypercall_port_io_is_a_vmcall_with_registers() -> None:
+    record, _ = exit_record(IoOut(HC_PORT, b"\x05\0\0\0"), SLOTS,
+                            lambda: regs(rax=5, rbx=1, rcx=2, rdx=3, rsi=4))
+    assert record == Vmcall(5, (1, 2, 3, 4))
+
+
+def test_other_ports_do_not_read_registers() -> None:
+    def no_regs() -> abi.Regs:
+        raise AssertionError("registers read for a non-hypercall port")
+
+    record, _ = exit_record(IoOut(0x3F8, b"A"), SLOTS, no_regs)
+    assert record == PortIo(0x3F8, True, b"A")
+
+
+def test_write_to_read_only_slot_is_a_write_protection_violation() -> None:
+    record, data = exit_record(MmioWrite(0x201008, b"\x01" * 8), SLOTS, regs)
+    assert isinstance(record, EptViolation) and record.gpa == 0x201008 and data == b"\x01" * 8
+    q = EptQual(record.qualification)
+    assert q & EptQual.WRITE and q & EptQual.READABLE and not q & EptQual.WRITABLE
+
+
+@given(gpa=st.integers(0, 8 << 20), write=st.booleans())
+def test_mmio_qualification_follows_the_slots(gpa: int, write: bool) -> None:
+    vexit = MmioWrite(gpa, b"\0" * 8) if write else MmioRead(gpa, 8)
+    record, _ = exit_record(vexit, SLOTS, regs)
+    assert isinstance(record, EptViolation) and record.gpa == gpa
+    q = EptQual(record.qualification)
+    assert bool(q & EptQual.WRITE) == write and bool(q & EptQual.READ) == (not write)
+    assert bool(q & EptQual.READABLE) == (gpa < 4 << 20)  # inside a slot: mapped read-only
+    assert not q & EptQual.WRITABLE
+
+
+def test_access_outside_every_slot_is_a_not_present_violation() -> None:
+    record, _ = exit_record(MmioRead(0x10_0000_0000, 8), SLOTS, regs)
+    assert isinstance(record, EptViolation)
+    assert record.qualification == EptQual.READ  # no permission bits: nothing mapped
+
+
+@pytest.mark.parametrize(
+    ("vexit", "expected"),
+    [(HltExit(), Hlt), (ShutdownExit(), TripleFault), (DirtyRingFull(), PmlFull),
+     (InternalError(1, (2,)), KvmFailure)],
+)
+def test_other_exits(vexit: object, expected: type) -> None:
+    record, _ = exit_record(vexit, SLOTS, regs)  # type: ignore[arg-type]
+    assert isinstance(record, expected)
+
+
+def test_dirty_bitmap_bits_are_little_endian_page_numbers() -> None:
+    import numpy as np
+
+    bitmap = np.zeros(16, np.uint8)
+    bitmap[0], bitmap[9] = 0b1000_0001, 0b10
+    assert dirty_pages(bitmap).tolist() == [0, 7, 73]
+
+
+def test_slot_layout_checks_sizes() -> None:
+    assert [s.gpa for s in default_slots(8 << 20, chunk=2 << 20)] == [0, 2 << 20, 4 << 20, 6 << 20]
+    with pytest.raises(ConfigError):
+        default_slots(3 << 20)
+    with pytest.raises(ConfigError):
+        default_slots(8 << 20, chunk=5000)
+
+
+def test_unknown_guest_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="guest"):
+        build.build("no-such-guest")
+
+
+def test_missing_tool_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    monkeypatch.setenv("EPTLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    from eptlab.errors import ToolchainError
+
+    with pytest.raises(ToolchainError, match="as"):
+        build.build("halt")
+
+
+# -- on /dev/kvm -----------------------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+@pytest.mark.kvm
+def test_flavour_is_reported() -> None:
+    f = flavour()
+    assert f.module.startswith("kvm")
+    assert set(f.as_dict()) == {"kvm_module", "tdp"}
+
+
+@pytest.mark.kvm
+def test_halt_is_an_hlt_record() -> None:
+    result = run_guest("halt", user=False)
+    assert result.halted and result.exits["HLT"] == 1
+
+
+@pytest.mark.kvm
+def test_hlt_in_user_mode_faults_and_without_an_idt_shuts_down() -> None:
+    with pytest.raises(GuestError, match="triple fault"):
+        run_guest("halt", user=True)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("user", [False, True])
+def test_both_privilege_levels_run_the_same_program(user: bool) -> None:
+    with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), "touch", user=user) as g:
+        g.start(r8=DATA_BASE, r9=16, r10=4096, r11=5, r12=1)
+        assert g.run().status == 0
+        assert [g.memory.read_u64(DATA_BASE + i * 4096) for i in range(16)] == [5] * 16
+
+
+@pytest.mark.kvm
+def test_touch_writes_the_pattern_with_stride() -> None:
+    with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), "touch") as g:
+        g.start(r8=DATA_BASE, r9=10, r10=3 * 4096, r11=0x1122334455667788, r12=1)
+        result = g.run()
+        assert result.status == 0 and result.reports[1] > 0  # guest TSC cycles
+        written = [g.memory.read_u64(DATA_BASE + i * 3 * 4096) for i in range(10)]
+        assert written == [0x1122334455667788] * 10
+        assert g.memory.read_u64(DATA_BASE + 4096) == 0  # between the strides: untouched
+
+
+@pytest.mark.kvm
+def test_read_only_slot_traps_every_write_and_emulation_completes_it() -> None:
+    with Kvm.open() as kvm:
+        slots = default_slots(8 << 20, data_flags=abi.MemFlag.READONLY)
+        with KvmGuest(kvm, GuestMemory(8 << 20), "touch", slots=slots) as g:
+            seen: list[EptViolation] = []
+
+            def trap(e: KvmExit) -> Resume | None:
+                if isinstance(e.record, EptViolation):
+                    seen.append(e.record)
+                    g.emulate_write(e)
+                    return Resume.CONTINUE
+                return None
+
+            g.start(r8=DATA_BASE, r9=5, r10=4096, r11=7, r12=1)
+            g.run(trap)
+            assert [r.gpa for r in seen] == [DATA_BASE + i * 4096 for i in range(5)]
+            assert all(r.qualification & EptQual.WRITE for r in seen)
+            assert [g.memory.read_u64(DATA_BASE + i * 4096) for i in range(5)] == [7] * 5
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(
+    ("guest", "match", "record"),
+    [
+        ("triple_fault", "triple fault", TripleFault),
+        ("bad_hypercall", "unknown hypercall 0x7777", Vmcall),
+        ("spin", "watchdog", type(None)),
+    ],
+)
+def test_misbehaving_guests_are_reported_and_cleaned_up(
+    guest: str, match: str, record: type
+) -> None:
+    fds, maps = open_fds(), mappings()
+    with pytest.raises(GuestError, match=match) as info:
+        run_guest(guest, timeout=0.3)
+    assert isinstance(info.value.record, record)
+    assert (open_fds(), mappings()) == (fds, maps)
+
+
+@pytest.mark.kvm
+def test_a_write_outside_memory_is_reported() -> None:
+    # 8 MiB of memory, the guest writes at 16 MiB: no slot there
+    with pytest.raises(GuestError, match="no writable memslot"):
+        run_guest("touch", registers=dict(r8=16 << 20, r9=1, r10=4096, r11=1, r12=1))
+
+
+@pytest.mark.kvm
+def test_no_descriptor_or_mapping_leaks_over_many_vms() -> None:
+    with Kvm.open() as kvm:
+        run_guest("halt", kvm=kvm, user=False)  # warm-up: images built, CPUID cached
+        fds, maps = open_fds(), mappings()
+        for i in range(40):
+            if i % 4 == 3:
+                with pytest.raises(GuestError):
+                    run_guest("triple_fault", kvm=kvm)
+            else:
+                run_guest("halt", kvm=kvm, user=False)
+        # a failure half-way through construction releases what was made
+        with pytest.raises(KvmError, match="KVM_SET_USER_MEMORY_REGION"):
+            KvmGuest(kvm, GuestMemory(8 << 20), "halt",
+                     slots=[SlotSpec(0, 4 << 20), SlotSpec(2 << 20, 4 << 20)])  # overlap
+        assert (open_fds(), mappings()) == (fds, maps)
+
+
+@pytest.mark.kvm
+def test_closed_descriptor_errors_name_the_ioctl() -> None:
+    kvm = Kvm.open()
+    vm = kvm.create_vm()
+    vm.close()
+    with pytest.raises(KvmError, match="KVM_CREATE_VCPU"):
+        vm.create_vcpu(0)
+    kvm.close()
+    assert vm.closed and kvm.closed
+
+
+@pytest.mark.kvm
+def test_kernel_patches_trap_on_a_read_only_code_page_and_run_once_emulated() -> None:
+    from eptlab.kvm.backend import BOOT_SIZE, LOG_AREA, image
+
+    nop5_nop3 = bytes([0x0F, 0x1F, 0x44, 0x00, 0x00, 0x0F, 0x1F, 0x00])
+    site = build.LOAD_ADDRESS + image("kernel").data.rindex(nop5_nop3)  # the last: the code page
+    page = site & ~0xFFF
+    assert page + 0x1000 < LOG_AREA
+    slots = [SlotSpec(0, page), SlotSpec(page, 0x1000, abi.MemFlag.READONLY),
+             SlotSpec(page + 0x1000, BOOT_SIZE - page - 0x1000), SlotSpec(BOOT_SIZE, 2 << 20)]
+    trapped: list[tuple[int, bytes]] = []
+    with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(4 << 20), "kernel", slots=slots) as g:
+
+        def on_patch(e: KvmExit) -> Resume | None:
+            if isinstance(e.record, EptViolation):
+                trapped.append((e.record.gpa, e.data))
+                g.emulate_write(e)
+                return Resume.CONTINUE
+            return None
+
+        g.start(r8=100, r9=10)  # 100 iterations, a patch after every 10th
+        result = g.run(on_patch)
+        assert result.reports[2] == site  # the guest told where its patch site is
+        assert result.status == len(trapped) == 10  # every patch trapped, nothing else did
+        assert {gpa for gpa, _ in trapped} == {site}
+        # the patches alternate jmp / nop and the emulated bytes are what the guest executes next
+        assert [data[0] for _, data in trapped] == [0xE9, 0x0F] * 5
+        assert g.memory.read(site, 8) == nop5_nop3  # an even number of flips: back to the NOP
