@@ -17,15 +17,10 @@ settings.load_profile("ci" if os.environ.get("CI") else "default")
 def _kvm_unavailable() -> str | None:
     """Why tests marked ``kvm`` cannot run here (None: /dev/kvm opens)."""
     try:
-        from eptlab.errors import KvmUnavailable
-        from eptlab.kvm.fds import Kvm
+        from eptlab.kvm.results import unavailable
     except Exception as exc:  # pragma: no cover - import problems are reported as the reason
         return f"eptlab.kvm does not import: {exc}"
-    try:
-        Kvm.open().close()
-    except KvmUnavailable as exc:
-        return str(exc)
-    return None
+    return unavailable()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -89,7 +89,7 @@ def test_bad_arguments_give_one_line_and_status_2(
 
 
 def test_demo_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--out", str(tmp_path), "--no-experiments"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--no-experiments", "--no-kvm"]) == 0
     data = json.loads((tmp_path / "walks.json").read_text())
     counts = {
         (r["guest_levels"], r["ept_levels"], r["guest_page"], r["ept_page"]): r["references"]

@@ -18,7 +18,7 @@ SMALL_PREFETCH = {"accesses": "3000", "vcpus": "1,2", "remaps": "2"}
 @pytest.fixture(scope="module")
 def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("report")
-    assert main(["demo", "--out", str(out), "--no-experiments"]) == 0
+    assert main(["demo", "--out", str(out), "--no-experiments", "--no-kvm"]) == 0
     runner.run("prefetch-hypercall", SMALL_PREFETCH, out / "prefetch-hypercall",
                show_progress=False)
     return out
@@ -97,3 +97,25 @@ def test_report_screenshot_in_headless_chromium(out: Path, tmp_path: Path) -> No
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
     assert (width, height) == (browser.WIDTH, 700)
+
+
+@pytest.mark.kvm
+def test_kvm_section_reads_the_kvm_results(tmp_path: Path) -> None:
+    from eptlab.kvm.results import run_app, save
+    from eptlab.report.sections import kvm_section
+
+    for name, overrides in (("crosscheck", {"pages": "16", "rounds": "1", "clones": "1"}),
+                            ("dirty-log", {"pages": "32", "rounds": "1"})):
+        params, rows = run_app(name, overrides)
+        save(tmp_path / "kvm", name, params, rows)
+    section = kvm_section(tmp_path / "kvm")
+    cross = dict(section.tables)["eptlab kvm crosscheck"]
+    assert f"{int(cross.equal.sum())} of {len(cross)} cross-checks agree" in " ".join(
+        section.interpretation
+    )
+    module = cross.kvm_module.iloc[0]
+    assert section.interpretation[0].startswith(f"Measured on {module}")
+    assert "exactly the pages" in section.interpretation[2]
+    assert [s.key for s in collect(tmp_path)] == ["kvm"]
+    page = build_report(tmp_path).read_text()
+    assert '<section id="kvm">' in page

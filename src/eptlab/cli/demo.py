@@ -41,6 +41,9 @@ def demo(
     only: Annotated[
         list[str] | None, typer.Option(help="Run only this experiment (repeatable).")
     ] = None,
+    kvm: Annotated[
+        bool, typer.Option(help="Also run the KVM applications when /dev/kvm opens.")
+    ] = True,
 ) -> int:
     """The walk tour, every experiment at a small built-in scale, and OUT/report.html."""
     console = Console()
@@ -91,6 +94,8 @@ def demo(
     console.print(f"wrote {out / 'walks.json'} and {out / 'walks.csv'}")
     if experiments:
         run_all(out, console, only)
+    if kvm and not only:
+        run_kvm(out / "kvm", console)
     report = build_report(out)
     console.print(f"[bold]report:[/] {report}")
     return 0
@@ -106,6 +111,24 @@ def run_all(out: Path, console: Console, only: list[str] | None = None) -> None:
         runner.run(name, dict(experiment.demo), out / name)
         for sentence in _reading(name, out):
             console.print(f"  [dim]-[/] {sentence}")
+
+
+def run_kvm(out: Path, console: Console) -> None:
+    """The KVM applications on their defaults, when /dev/kvm opens (a few seconds)."""
+    from ..kvm.results import names, run_app, save, unavailable
+
+    why = unavailable()
+    if why is not None:
+        console.print(f"[yellow]KVM applications skipped:[/] {why}")
+        return
+    for name in names():
+        console.print(f"kvm {name} ...")
+        params, rows = run_app(name)
+        save(out, name, params, rows)
+    from ..report.sections import kvm_section
+
+    for sentence in kvm_section(out).interpretation:
+        console.print(f"  [dim]-[/] {sentence}")
 
 
 def _reading(name: str, out: Path) -> list[str]:

@@ -24,18 +24,15 @@ def run_app(name: str, sets: list[str] | None, as_json: bool) -> int:
     """Run one application; a crosscheck that disagrees exits with status 1."""
     import pandas as pd
 
-    from ..experiments.base import apply_overrides, params_dict
-    from ..kvm.apps import get
+    from ..kvm.results import run_app as run
     from .experiments import parse_sets
 
-    app, params_type = get(name)
     try:
-        params = apply_overrides(params_type, parse_sets(sets or []))
-        rows = list(app.rows(params))
+        params, rows = run(name, parse_sets(sets or []))
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--set") from None
     if as_json:
-        typer.echo(json.dumps({"command": name, "params": params_dict(params), "rows": rows}))
+        typer.echo(json.dumps({"command": name, "params": params, "rows": rows}))
     else:
         typer.echo(pd.DataFrame(rows).to_string(index=False))
     failed = name == "crosscheck" and not all(r["equal"] for r in rows)

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from ..experiments.registry import names
 from .html import render
-from .sections import Section, experiment_section, walks_section
+from .sections import Section, experiment_section, kvm_section, walks_section
 
 
 def collect(out: Path, experiments: list[str] | None = None) -> list[Section]:
-    """Sections for the walk tour and every experiment that has results under ``out``."""
+    """Sections for the walk tour, every experiment that has results under ``out``, and the
+    KVM applications' results (``out/kvm``)."""
     sections = []
     if (out / "walks.json").exists():
         sections.append(walks_section(out / "walks.json"))
@@ -19,6 +20,8 @@ def collect(out: Path, experiments: list[str] | None = None) -> list[Section]:
         directory = out / name
         if (directory / f"{name}.json").exists() and (directory / f"{name}.parquet").exists():
             sections.append(experiment_section(name, directory))
+    if list((out / "kvm").glob("*.json")):
+        sections.append(kvm_section(out / "kvm"))
     return sections
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..experiments.base import params_from_dict
+from ..experiments.base import params_from_dict, records_by
 from ..experiments.registry import get
 
 
@@ -91,3 +91,70 @@ def _outcome(outcome: Any) -> str:
     if isinstance(outcome, dict):
         return f"#PF error code {outcome['error_code']:#x}"
     return "translated"
+
+
+KVM_QUESTION = (
+    "What does real KVM do with the same questions: VM fork by copy-on-write, dirty logging "
+    "against trapping every write, populating a hinted range, rotating write traps, and do the "
+    "simulator and KVM agree where both can answer?"
+)
+
+
+def kvm_section(directory: Path) -> Section:
+    """The KVM applications' results (``OUT/kvm/NAME.json`` as ``eptlab demo`` saves them)."""
+    results = {
+        p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))
+    }
+    tables = {name: pd.DataFrame(r["rows"]) for name, r in results.items()}
+    reading: list[str] = []
+    any_table = next(iter(tables.values()))
+    module, tdp = any_table.kvm_module.iloc[0], any_table.tdp.iloc[0]
+    paging = "hardware EPT/NPT" if tdp is True else "KVM's shadow paging (no hardware EPT)"
+    reading.append(f"Measured on {module} with {paging}: times are this machine's, not a model's.")
+    if "crosscheck" in tables:
+        c = tables["crosscheck"]
+        reading.append(
+            f"{int(c.equal.sum())} of {len(c)} cross-checks agree between the simulator and KVM "
+            f"({'; '.join(c[~c.equal].check) or 'none disagrees'})."
+        )
+    if "dirty-log" in tables:
+        d = records_by(tables["dirty-log"], "mode")
+        exact = all(r.exact for r in d.values())
+        parts = ", ".join(
+            f"{m} {r.exits_per_write:g} exits and {r.us_per_write:.1f} us per write"
+            for m, r in d.items()
+        )
+        reading.append(
+            f"Dirty logging reports {'exactly' if exact else 'NOT exactly'} the pages the guest "
+            f"wrote in every mode; {parts}."
+        )
+    if "fork" in tables:
+        f = tables["fork"].sort_values("guest_mib")
+        big = f.iloc[-1]
+        reading.append(
+            f"Forking a {big.guest_mib:,} MiB guest takes {big.fork_ms:.1f} ms "
+            f"({f.iloc[0].guest_mib} MiB: {f.iloc[0].fork_ms:.1f} ms); after "
+            f"{big.pages_written} written pages a clone holds {big.private_mib_after_writes:g} "
+            f"MiB of private memory; clones isolated: {bool(f.isolated.all())}."
+        )
+    if "prefetch" in tables:
+        p = tables["prefetch"].set_index("method")
+        if {"demand", "prefault"} <= set(p.index):
+            reading.append(
+                f"Populating the hinted range ahead ({p.loc['prefault', 'mechanism']}) cuts the "
+                f"guest's cycles per page from {p.loc['demand', 'cycles_per_page']:,.0f} to "
+                f"{p.loc['prefault', 'cycles_per_page']:,.0f}."
+            )
+    return Section(
+        key="kvm",
+        title="on real hardware (KVM)",
+        question=KVM_QUESTION,
+        interpretation=reading,
+        tables=[(f"eptlab kvm {name}", table) for name, table in tables.items()],
+        params={name: _compact(r["params"]) for name, r in results.items()},
+        files=sorted(p for p in directory.iterdir() if p.suffix in (".csv", ".parquet", ".json")),
+    )
+
+
+def _compact(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
