@@ -36,14 +36,13 @@ write is skipped the same way without writing anything. Ordinary data writes car
 modelled value: emulating them only skips the access. The page stays write-protected
 throughout, so there is no window in which another write could slip through.
 
-Because the hv scheduler always retries the access that exited, this module has its own
-single-vCPU run loop (:class:`GuestRunner`): ``engine.run`` until an exit, ``hv.handle(exit)``
-(the handlers registered with :meth:`Hypervisor.on`), then resume at the same access or after
-it, as the handler decided. Stores that carry a value run as single accesses so the value can be
-written at the host-physical address the hardware used. The period-end review in pml mode stands
-for a VMX-preemption-timer exit (basic exit reason 52): the loop counts it as an exit
-(``PREEMPTION_TIMER``) and calls :meth:`IntegrityMonitor.period_end`, as :mod:`eptlab.hv` has no
-record type for that exit.
+Because the hv scheduler always retries the access that exited, the guest runs on the shared
+single-vCPU loop of :mod:`eptlab.hv.guest_runner` (:class:`GuestRunner` feeds it a
+:class:`Stream`): ``engine.run`` until an exit, ``hv.handle(exit)`` (the handlers registered with
+:meth:`Hypervisor.on`), then resume at the same access or after it, as the handler decided;
+stores that carry a value are written at the host-physical address the hardware used. The
+period-end review in pml mode is a VMX-preemption-timer exit (basic exit reason 52) that the loop
+delivers every ``period`` accesses while :attr:`IntegrityMonitor.timer_armed`.
 
 Only the watched pages are split to 4 KiB EPT pages (pml: kernel code); the rest of guest memory
 stays on 2 MiB EPT pages, whose dirty flags the monitor never clears, so they log once and the
@@ -60,10 +59,8 @@ way shows up in the engine's cycles.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
 import numpy.typing as npt
@@ -73,14 +70,13 @@ from ..arch.ept import Ept
 from ..arch.exits import EptQual, EptViolation, ExitReason
 from ..errors import ConfigError
 from ..guest import DIRECT_MAP_BASE, GuestKernel, KernelImage
-from ..hv import VCPU, VM, Exit, Hypervisor
-from ..hv.costs import EPT_EDIT_CYCLES, INVEPT_CYCLES
-from ..mmu.engine import Accesses
+from ..hv import VCPU, VM, Exit, Hypervisor, guest_runner
+from ..hv.costs import EMULATE_CYCLES, EPT_EDIT_CYCLES, INVEPT_CYCLES
+from ..hv.guest_runner import Resume, RunReport
 from ..workloads import Zipf
 
 MODES = ("none", "trap-code", "trap-all", "pml")
 
-EMULATE_CYCLES = 2_500  # fetch + decode the faulting store, check it, perform or refuse it
 PML_ENTRY_CYCLES = 30  # read and classify one PML log entry
 PAGE_COMPARE_CYCLES = 1_000  # compare a 4 KiB page with its golden copy
 
@@ -386,13 +382,6 @@ class KernelActivity:
 # -- the monitor --------------------------------------------------------------------------------
 
 
-class Resume(Enum):
-    """How the vCPU continues after an exit."""
-
-    RETRY = "retry"  # run the access again (the handler fixed what stopped it)
-    SKIP = "skip"  # the access is complete (emulated) or suppressed (denied): go past it
-
-
 @dataclass(frozen=True)
 class Detection:
     gpa: int  # the word found tampered with
@@ -497,6 +486,7 @@ class IntegrityMonitor:
                 self.golden[page] = self.vm.words(page, 512).copy()
                 self._clear_dirty(page)
             self.hv.on(ExitReason.PML_FULL, self._on_pml_full)
+            self.hv.on(ExitReason.PREEMPTION_TIMER, self._on_timer)
         # every mode (``none`` too) starts with the VM's cached translations dropped, so that
         # the modes are measured from the same state
         self._invept()
@@ -553,6 +543,17 @@ class IntegrityMonitor:
         self.review(exit_.vcpu)
         return True  # the write that found the log full is retried with an empty log
 
+    @property
+    def timer_armed(self) -> bool:
+        """pml mode reviews the log at every VMX-preemption-timer exit (end of a period)."""
+        return self.attached and self.mode == "pml"
+
+    def _on_timer(self, exit_: Exit) -> bool:
+        if exit_.vcpu.vm is not self.vm:
+            return False
+        self.period_end(exit_.vcpu)
+        return True
+
     def period_end(self, vcpu: VCPU) -> None:
         """The end of a period: in pml mode a timer exit and a review of the log."""
         if self.mode != "pml":
@@ -589,24 +590,13 @@ class IntegrityMonitor:
 # -- running the guest --------------------------------------------------------------------------
 
 
-@dataclass
-class RunReport:
-    accesses: int
-    exits: Counter[str]
-    engine_cycles: int
-    performed_stores: dict[int, int]  # stream position -> HPA the hardware wrote
-
-    @property
-    def vm_exits(self) -> int:
-        return sum(self.exits.values())
-
-
 class GuestRunner:
-    """A single-vCPU run loop: the hypervisor loop with a resume decision per exit."""
+    """The shared run loop (:class:`eptlab.hv.guest_runner.GuestRunner`) on a guest's vCPU, fed a
+    :class:`Stream` (its code writes carry their values)."""
 
     def __init__(self, guest: KernelGuest, monitor: IntegrityMonitor) -> None:
         self.guest, self.monitor = guest, monitor
-        self.hv, self.vcpu = guest.hv, guest.vcpu
+        self.loop = guest_runner.GuestRunner(guest.vcpu, monitor)
 
     def run(
         self,
@@ -617,97 +607,7 @@ class GuestRunner:
     ) -> RunReport:
         """Run the whole stream; in pml mode the log is reviewed every ``period`` accesses and
         at the end."""
-        if period < 1:
-            raise ConfigError("period", "must be at least 1")
-        n = len(stream)
-        vid = self.vcpu.engine_id
-        user = np.zeros(n, np.int8)
-        owner = np.full(n, vid, np.int32)
-        exits_before = Counter(self.hv.exits)
-        cycles_before = self.vcpu.stats.cycles
-        timer_before = self.monitor.counters.timer_exits
-        performed: dict[int, int] = {}
-        stores = [w.index for w in stream.writes]
-        s = 0
-        pos = 0
-        while pos < n:
-            next_period = (pos // period + 1) * period
-            while s < len(stores) and stores[s] < pos:
-                s += 1
-            next_store = stores[s] if s < len(stores) else n
-            if next_store == pos:
-                store = stream.store_at(pos)
-                assert store is not None
-                hpa = self._store(stream, pos, store.value, owner)
-                if hpa is not None:
-                    performed[pos] = hpa
-                pos += 1
-            else:
-                end = min(n, next_period, next_store)
-                chunk = Accesses(
-                    stream.gva[pos:end], stream.kind[pos:end], user[pos:end], owner[pos:end]
-                )
-                self._run(chunk, pos)
-                pos = end
-            if pos % period == 0 or pos == n:
-                self.monitor.clock = pos
-                self.monitor.period_end(self.vcpu)
-                if progress is not None:
-                    progress(pos)
-        exits = Counter(self.hv.exits)
-        exits.subtract(exits_before)
-        exits = +exits
-        timers = self.monitor.counters.timer_exits - timer_before
-        if timers:
-            exits["PREEMPTION_TIMER"] += timers
-        return RunReport(n, exits, self.vcpu.stats.cycles - cycles_before, performed)
-
-    def _exit(self, exit_: Exit, position: int, operand: int | None) -> Resume:
-        m = self.monitor
-        m.clock, m.operand, m.resume = position, operand, Resume.RETRY
-        self.hv.handle(exit_)
-        return m.resume
-
-    def _run(self, chunk: Accesses, first: int) -> None:
-        engine, at = self.hv.engine, 0
-        while at < len(chunk):
-            result = engine.run(chunk, at)
-            at = result.stopped_at
-            if result.done:
-                return
-            if result.fault is not None:
-                if not self.guest.kernel.handle_fault(self.vcpu, result.fault):
-                    self.vcpu.unresolved_faults.append(result.fault)
-                    at += 1
-                continue
-            assert result.exit is not None
-            if self._exit(Exit(self.vcpu, result.exit), first + at, None) is Resume.SKIP:
-                at += 1
-
-    def _store(
-        self, stream: Stream, position: int, value: int, owner: npt.NDArray[np.int32]
-    ) -> int | None:
-        """One store that carries a value; returns the HPA written, or None when the monitor
-        took the access (emulated or denied)."""
-        one = Accesses(
-            stream.gva[position : position + 1],
-            stream.kind[position : position + 1],
-            np.zeros(1, np.int8),
-            owner[position : position + 1],
+        values = {w.index: w.value for w in stream.writes}
+        return self.loop.run(
+            stream.gva, stream.kind, values=values, period=period, progress=progress
         )
-        for _ in range(64):
-            result = self.hv.engine.run(one, 0, record_hpa=True)
-            if result.done:
-                assert result.hpa is not None
-                hpa = int(result.hpa[0])
-                self.hv.host.memory.write_u64(hpa & ~7, value)
-                return hpa
-            if result.fault is not None:
-                if not self.guest.kernel.handle_fault(self.vcpu, result.fault):
-                    self.vcpu.unresolved_faults.append(result.fault)
-                    return None
-                continue
-            assert result.exit is not None
-            if self._exit(Exit(self.vcpu, result.exit), position, value) is Resume.SKIP:
-                return None
-        raise ConfigError("store", f"access {position} did not complete after 64 exits")

@@ -57,13 +57,13 @@ from ..apps.integrity import (
     GuestRunner,
     KernelActivity,
     KernelGuest,
-    RunReport,
     Stream,
 )
 from ..apps.integrity import IntegrityMonitor as Monitor
 from ..errors import ConfigError
 from ..guest import KernelImage
 from ..hv.costs import VMEXIT_CYCLES
+from ..hv.guest_runner import RunReport
 from .base import Progress, Row, records_by
 
 

@@ -10,3 +10,4 @@ EPT_EDIT_CYCLES = 20  # read-modify-write of one EPT entry
 COPY_BYTES_PER_CYCLE = 8  # memcpy / memset bandwidth
 FRAME_ALLOC_CYCLES = 200  # taking a frame from the host allocator
 CYCLES_PER_US = 3_000  # a 3 GHz clock: converts modelled cycles into modelled time
+EMULATE_CYCLES = 2_500  # fetch + decode a trapped access, check it, perform or refuse it

@@ -2,7 +2,9 @@
 
 The translation hardware produces :class:`~eptlab.arch.exits.EptViolation`,
 :class:`~eptlab.arch.exits.EptMisconfig` and :class:`~eptlab.arch.exits.PmlFull`; the vCPU adds
-VMCALL (a hypercall with its registers) and HLT (the guest has nothing left to run).
+VMCALL (a hypercall with its registers) and HLT (the guest has nothing left to run); the run loop
+of :mod:`eptlab.hv.guest_runner` adds the monitor-trap-flag and VMX-preemption-timer exits that
+a hypervisor arms for itself.
 """
 
 from __future__ import annotations
@@ -57,7 +59,31 @@ class TripleFault:
         return {"reason": int(self.reason), "reason_name": self.reason.name}
 
 
-Record = VmExit | Vmcall | Hlt | TripleFault
+@dataclass(frozen=True, slots=True)
+class MonitorTrap:
+    """Exit reason 37: with the monitor trap flag set, the guest ran one instruction and exits
+    at the next instruction boundary (SDM Vol. 3C §26.5.2)."""
+
+    reason: ClassVar[ExitReason] = ExitReason.MONITOR_TRAP_FLAG
+    qualification: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"reason": int(self.reason), "reason_name": self.reason.name}
+
+
+@dataclass(frozen=True, slots=True)
+class PreemptionTimer:
+    """Exit reason 52: the VMX-preemption timer counted down to zero (SDM Vol. 3C §26.5.1);
+    a hypervisor arms it to get control back periodically."""
+
+    reason: ClassVar[ExitReason] = ExitReason.PREEMPTION_TIMER
+    qualification: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"reason": int(self.reason), "reason_name": self.reason.name}
+
+
+Record = VmExit | Vmcall | Hlt | TripleFault | MonitorTrap | PreemptionTimer
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,225 @@
+"""A single-vCPU run loop in which the handler of an exit decides how the guest resumes.
+
+The hv scheduler always retries the access that exited (the handler fixed what stopped it).
+Policies that trap accesses need more: *emulate* the access in software and resume after it,
+or *single-step* it with the permission restored and get control back right after it (the
+monitor trap flag). :class:`GuestRunner` is that loop, shared by the applications that trap:
+
+    engine.run(chunk) until an exit      -> hv.handle(exit)   (the handlers of Hypervisor.on)
+    policy.resume is Resume.RETRY        -> run the same access again
+    policy.resume is Resume.SKIP         -> the handler completed (or suppressed) it: go past it
+    policy.resume is Resume.STEP         -> run that one access, then a monitor-trap-flag exit
+
+Before each exit the loop tells the policy where the guest is (``policy.clock``, the stream
+position) and the value the access stores when the stream carries one (``policy.operand``: the
+handler's decode of the store); the handler answers in ``policy.resume``.
+
+Guest stores can carry values (``values``: position -> 64-bit word). Chunks run with the HPA of
+every access recorded, and the loop writes each performed store's value at the HPA the hardware
+used, in stream order, so memory holds what the guest wrote whether the store ran in hardware,
+was emulated by a handler (which writes ``operand`` itself) or was single-stepped.
+
+Two exits the hypervisor arms for itself come from the loop, delivered through
+:meth:`Hypervisor.handle` like any other: the monitor-trap-flag exit after a stepped access
+(reason 37, SDM Vol. 3C §26.5.2), and, when ``policy.timer_armed``, a VMX-preemption-timer exit
+(reason 52, SDM Vol. 3C §26.5.1) at the end of every ``period`` accesses and at the end of the
+stream (with ``final_timer``). Guest hypercalls sit in the stream too (``calls``: position ->
+:class:`Vmcall`, executed before the access at that position).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import ConfigError, EptlabError
+from ..mmu.engine import Accesses
+from .exits import Exit, MonitorTrap, PreemptionTimer, Record, Vmcall
+from .vcpu import VCPU
+
+MAX_EXITS_PER_ACCESS = 64
+
+
+class Resume(Enum):
+    """How the vCPU continues after an exit."""
+
+    RETRY = "retry"  # run the access again (the handler fixed what stopped it)
+    SKIP = "skip"  # the access is complete (emulated) or suppressed (denied): go past it
+    STEP = "step"  # run the access once, then exit with the monitor trap flag
+
+
+class Policy(Protocol):
+    """What the loop tells a trapping policy, and what it is told back."""
+
+    clock: int  # stream position of the access that exited (or of the timer)
+    operand: int | None  # the value the access stores, when the stream carries one
+    resume: Resume  # the handler's decision
+
+    @property
+    def timer_armed(self) -> bool:
+        """Whether the VMX-preemption timer runs (a timer exit every period)."""
+        ...
+
+
+@dataclass
+class RunReport:
+    accesses: int
+    exits: Counter[str]  # by reason name, this run only
+    engine_cycles: int
+    performed_stores: dict[int, int]  # stream position -> HPA the hardware wrote
+
+    @property
+    def vm_exits(self) -> int:
+        return sum(self.exits.values())
+
+
+class GuestRunner:
+    """Runs one vCPU through a stream of accesses (guest faults go to ``vcpu.guest_os``)."""
+
+    def __init__(self, vcpu: VCPU, policy: Policy) -> None:
+        self.vcpu, self.policy = vcpu, policy
+        self.hv = vcpu.vm.hv
+        self._stores = np.zeros(0, np.int64)  # positions of the stores that carry values
+
+    def run(
+        self,
+        gva: npt.NDArray[np.int64],
+        kind: npt.NDArray[np.int8],
+        *,
+        values: Mapping[int, int] | None = None,
+        calls: Mapping[int, Vmcall] | None = None,
+        period: int = 50_000,
+        final_timer: bool = True,
+        progress: Callable[[int], None] | None = None,
+    ) -> RunReport:
+        """Run the whole stream (signed GVAs, kinds 0 read / 1 write / 2 fetch)."""
+        if period < 1:
+            raise ConfigError("period", "must be at least 1")
+        n = int(gva.shape[0])
+        values = values or {}
+        calls = calls or {}
+        if any(not 0 <= p <= n for p in calls):
+            raise ConfigError("calls", f"positions must be in 0..{n}")
+        user = np.zeros(n, np.int8)
+        owner = np.full(n, self.vcpu.engine_id, np.int32)
+        accesses = Accesses(gva, kind, user, owner)
+        self._stores = np.array(sorted(values), np.int64)
+        exits_before = Counter(self.hv.exits)
+        cycles_before = self.vcpu.stats.cycles
+        performed: dict[int, int] = {}
+        stops = sorted(calls)
+        s = 0
+        pos = 0
+        while pos < n:
+            while s < len(stops) and stops[s] < pos:
+                s += 1
+            if s < len(stops) and stops[s] == pos:
+                self._deliver(calls[pos], pos)
+                s += 1
+            next_call = stops[s] if s < len(stops) else n
+            end = min(n, (pos // period + 1) * period, max(next_call, pos + 1))
+            self._run(accesses, pos, end, values, performed)
+            pos = end
+            if pos % period == 0 or (pos == n and final_timer):
+                if self.policy.timer_armed:
+                    self._deliver(PreemptionTimer(), pos)
+                if progress is not None:
+                    progress(pos)
+        if n in calls:
+            self._deliver(calls[n], n)
+        exits = Counter(self.hv.exits)
+        exits.subtract(exits_before)
+        return RunReport(n, +exits, self.vcpu.stats.cycles - cycles_before, performed)
+
+    def _deliver(self, record: Record, position: int, operand: int | None = None) -> Resume:
+        p = self.policy
+        p.clock, p.operand, p.resume = position, operand, Resume.RETRY
+        self.hv.handle(Exit(self.vcpu, record))
+        return p.resume
+
+    def _run(
+        self,
+        accesses: Accesses,
+        at: int,
+        end: int,
+        values: Mapping[int, int],
+        performed: dict[int, int],
+    ) -> None:
+        """Run ``accesses[at:end]``, handling exits and guest faults on the way."""
+        engine, memory = self.hv.engine, self.hv.host.memory
+        window = Accesses(
+            accesses.gva[:end], accesses.kind[:end], accesses.user[:end], accesses.vcpu[:end]
+        )
+        stores = self._stores
+        record = bool(np.searchsorted(stores, end) > np.searchsorted(stores, at))
+        exits_here = 0
+        while at < end:
+            result = engine.run(window, at, record_hpa=record)
+            if result.hpa is not None:  # the stores performed, in order, at the HPA used
+                first, last = np.searchsorted(stores, [at, result.stopped_at])
+                for p in stores[first:last].tolist():
+                    hpa = int(result.hpa[p])
+                    memory.write_u64(hpa & ~7, values[p])
+                    performed[p] = hpa
+            exits_here = exits_here + 1 if result.stopped_at == at else 1
+            at = result.stopped_at
+            if result.done:
+                return
+            if exits_here > MAX_EXITS_PER_ACCESS:
+                raise EptlabError(f"access {at} did not complete after {exits_here} exits")
+            if result.fault is not None:
+                guest_os = self.vcpu.guest_os
+                if guest_os is None or not guest_os.handle_fault(self.vcpu, result.fault):
+                    self.vcpu.unresolved_faults.append(result.fault)
+                    at += 1
+                continue
+            assert result.exit is not None
+            resume = self._deliver(result.exit, at, values.get(at))
+            if resume is Resume.SKIP:
+                at += 1
+            elif resume is Resume.STEP:
+                self._step(window, at, values, performed)
+                at += 1
+
+    def _step(
+        self,
+        window: Accesses,
+        at: int,
+        values: Mapping[int, int],
+        performed: dict[int, int],
+    ) -> None:
+        """Single-step the access at ``at`` (monitor trap flag set), then deliver the MTF exit.
+        An exit or fault during the step is handled first; the MTF exit follows completion."""
+        one = Accesses(
+            window.gva[at : at + 1],
+            window.kind[at : at + 1],
+            window.user[at : at + 1],
+            window.vcpu[at : at + 1],
+        )
+        for _ in range(MAX_EXITS_PER_ACCESS):
+            result = self.hv.engine.run(one, 0, record_hpa=True)
+            if result.done:
+                assert result.hpa is not None
+                if at in values:
+                    hpa = int(result.hpa[0])
+                    self.hv.host.memory.write_u64(hpa & ~7, values[at])
+                    performed[at] = hpa
+                break
+            if result.fault is not None:
+                guest_os = self.vcpu.guest_os
+                if guest_os is None or not guest_os.handle_fault(self.vcpu, result.fault):
+                    self.vcpu.unresolved_faults.append(result.fault)
+                    break
+                continue
+            assert result.exit is not None
+            if self._deliver(result.exit, at, values.get(at)) is not Resume.RETRY:
+                raise EptlabError(f"access {at}: a stepped access can only be retried")
+        else:
+            raise EptlabError(f"stepped access {at} did not complete")
+        self._deliver(MonitorTrap(), at)
