@@ -74,6 +74,8 @@ def _convert(text: str, current: Any) -> Any:
         items = [t.strip() for t in text.split(",") if t.strip()]
         if current and isinstance(current[0], int):
             return tuple(int(t, 0) for t in items)
+        if current and isinstance(current[0], float):
+            return tuple(float(t) for t in items)
         return tuple(items)
     return text
 

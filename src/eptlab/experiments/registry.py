@@ -15,6 +15,7 @@ _EXPERIMENTS = {
     "memory-encryption": "eptlab.experiments.memory_encryption:MemoryEncryption",
     "double-caching": "eptlab.experiments.double_caching:DoubleCaching",
     "aslr-side-channel": "eptlab.experiments.aslr_side_channel:AslrSideChannel",
+    "trap-debugger": "eptlab.experiments.trap_debugger:TrapDebugger",
 }
 
 

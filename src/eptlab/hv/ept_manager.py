@@ -136,6 +136,33 @@ class EptManager:
             changed += 1
         return changed
 
+    def set_leaf_permissions(self, gpa: int, perms: str) -> bool:
+        """Set the permissions of the 4 KiB leaf mapping ``gpa``, present or not.
+
+        Revoking every right (``"---"``) makes the entry not present (bits 2:0 = 0, SDM Vol. 3C
+        §29.3.2) but it keeps its address and attributes, so the same call restores it, which
+        :meth:`protect` (present leaves only) cannot do. Returns whether the entry changed."""
+        return self.set_entry_permissions(self.leaf_slot(gpa), perms)
+
+    def leaf_slot(self, gpa: int) -> int:
+        """Host address of the 4 KiB leaf entry mapping ``gpa`` (present or not). A hypervisor
+        that edits the same entries often keeps these (as KVM's reverse maps do) and passes them
+        to :meth:`set_entry_permissions`, skipping the table walk."""
+        slot = self.tables.entry_address(gpa, 1)  # MappingError if no 4 KiB table holds it
+        if not self.host.memory.read_u64(slot) & ~RWX:
+            raise MappingError(f"GPA {gpa:#x} has no 4 KiB EPT mapping")
+        return slot
+
+    def set_entry_permissions(self, slot: int, perms: str) -> bool:
+        """Set bits 2:0 of the leaf entry at host address ``slot`` (from :meth:`leaf_slot`);
+        returns whether it changed. Invalidation is the caller's business."""
+        value = self.host.memory.read_u64(slot)
+        new = (value & ~RWX) | parse_permissions(perms)
+        if new == value:
+            return False
+        self.host.memory.write_u64(slot, new)
+        return True
+
     def set_memory_type(self, gpa: int, memory_type: MemoryType) -> None:
         leaf = self._leaf(gpa)
         value = (leaf.value & ~MEMTYPE_MASK) | (int(memory_type) << MEMTYPE_SHIFT)

@@ -146,33 +146,38 @@ class GuestRunner:
     def _run(
         self,
         accesses: Accesses,
-        at: int,
+        start: int,
         end: int,
         values: Mapping[int, int],
         performed: dict[int, int],
     ) -> None:
-        """Run ``accesses[at:end]``, handling exits and guest faults on the way."""
+        """Run ``accesses[start:end]``, handling exits and guest faults on the way."""
         engine, memory = self.hv.engine, self.hv.host.memory
-        window = Accesses(
-            accesses.gva[:end], accesses.kind[:end], accesses.user[:end], accesses.vcpu[:end]
+        window = Accesses(  # positions in the window are offset by ``start``
+            accesses.gva[start:end],
+            accesses.kind[start:end],
+            accesses.user[start:end],
+            accesses.vcpu[start:end],
         )
         stores = self._stores
-        record = bool(np.searchsorted(stores, end) > np.searchsorted(stores, at))
+        record = bool(np.searchsorted(stores, end) > np.searchsorted(stores, start))
         exits_here = 0
-        while at < end:
+        at = 0
+        while at < len(window):
             result = engine.run(window, at, record_hpa=record)
             if result.hpa is not None:  # the stores performed, in order, at the HPA used
-                first, last = np.searchsorted(stores, [at, result.stopped_at])
+                first, last = np.searchsorted(stores, [start + at, start + result.stopped_at])
                 for p in stores[first:last].tolist():
-                    hpa = int(result.hpa[p])
+                    hpa = int(result.hpa[p - start])
                     memory.write_u64(hpa & ~7, values[p])
                     performed[p] = hpa
             exits_here = exits_here + 1 if result.stopped_at == at else 1
             at = result.stopped_at
             if result.done:
                 return
+            position = start + at
             if exits_here > MAX_EXITS_PER_ACCESS:
-                raise EptlabError(f"access {at} did not complete after {exits_here} exits")
+                raise EptlabError(f"access {position} did not complete after {exits_here} exits")
             if result.fault is not None:
                 guest_os = self.vcpu.guest_os
                 if guest_os is None or not guest_os.handle_fault(self.vcpu, result.fault):
@@ -180,16 +185,16 @@ class GuestRunner:
                     at += 1
                 continue
             assert result.exit is not None
-            resume = self._deliver(result.exit, at, values.get(at))
+            resume = self._deliver(result.exit, position, values.get(position))
             if resume is Resume.SKIP:
                 at += 1
             elif resume is Resume.STEP:
-                self._step(window, at, values, performed)
+                self._step(accesses, position, values, performed)
                 at += 1
 
     def _step(
         self,
-        window: Accesses,
+        accesses: Accesses,
         at: int,
         values: Mapping[int, int],
         performed: dict[int, int],
@@ -197,10 +202,10 @@ class GuestRunner:
         """Single-step the access at ``at`` (monitor trap flag set), then deliver the MTF exit.
         An exit or fault during the step is handled first; the MTF exit follows completion."""
         one = Accesses(
-            window.gva[at : at + 1],
-            window.kind[at : at + 1],
-            window.user[at : at + 1],
-            window.vcpu[at : at + 1],
+            accesses.gva[at : at + 1],
+            accesses.kind[at : at + 1],
+            accesses.user[at : at + 1],
+            accesses.vcpu[at : at + 1],
         )
         for _ in range(MAX_EXITS_PER_ACCESS):
             result = self.hv.engine.run(one, 0, record_hpa=True)
@@ -223,3 +228,13 @@ class GuestRunner:
         else:
             raise EptlabError(f"stepped access {at} did not complete")
         self._deliver(MonitorTrap(), at)
+
+
+@dataclass
+class Passive:
+    """A policy that traps nothing and arms no timer (baselines, warm-up runs)."""
+
+    clock: int = 0
+    operand: int | None = None
+    resume: Resume = Resume.RETRY
+    timer_armed: bool = False

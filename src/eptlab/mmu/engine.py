@@ -363,6 +363,8 @@ class Engine:
         contexts, keys and globality given."""
         tags, data = self._tlb[:, :, planes.TAGS], self._tlb[:, :, planes.DATA]
         targets = range(max(1, len(self._vcpus))) if vcpus is None else vcpus
+        only = next(iter(ctxs)) if ctxs is not None and len(ctxs) == 1 else None
+        wanted = None if ctxs is None else np.array(sorted(ctxs), np.int64)
         for s in structures:
             first, sets, ways = (int(x) for x in self._desc[s])
             if sets == 0:
@@ -371,8 +373,10 @@ class Engine:
                 block = slice(first + v * sets, first + (v + 1) * sets)
                 t = tags[block, :ways]
                 hit = t >= 0
-                if ctxs is not None:
-                    hit &= np.isin(t & 0xFFFF, list(ctxs))
+                if only is not None:  # the common case, without np.isin's overhead
+                    hit &= (t & 0xFFFF) == only
+                elif wanted is not None:
+                    hit &= np.isin(t & 0xFFFF, wanted)
                 if key_for is not None and s in key_for:
                     hit &= (t >> 16) == key_for[s]
                 if keep_global:

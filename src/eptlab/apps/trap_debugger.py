@@ -1,0 +1,414 @@
+"""The rotating-trap debugger: catch wild-pointer writes into heap memory nobody owns by
+trapping a random, rotating sample of the guest's heap pages in the EPT.
+
+KFENCE and GWP-ASan find memory bugs in production because they watch only a *sample* of the
+memory and rely on time and volume to find bugs: cheap enough to leave on. This is the same idea
+from the hypervisor: every ``period`` accesses (a VMX-preemption-timer exit) a new uniform random
+sample of ``fraction`` of the heap pages loses its EPT write permission (mode ``write``, ``r-x``)
+or every permission (mode ``all``, ``---``: the entry is then not present and reads trap too);
+the previous sample gets ``rwx`` back. After revoking, the debugger runs INVEPT: a processor may
+keep using a cached translation that still allows the write (SDM Vol. 3C §29.4.3), and a write
+through it would not exit (``invept=False`` shows it). Restoring a right needs no INVEPT here
+(a cached translation with fewer rights makes the processor walk again; on hardware it may cause
+a spurious EPT violation, which the handler would answer the same way).
+
+**A trapped access** exits with an EPT violation. A write is checked (below); the access is then
+let through, in one of two ways (``resume``):
+
+``emulate``
+    decode the store and perform it in software (the value from the decode, at the HPA the
+    debugger knows), resume after it; the page stays protected. One exit, ``EMULATE_CYCLES``.
+``mtf``
+    give the page its rights back, resume with the monitor trap flag set: the guest runs that one
+    access and exits again (MTF, reason 37); revoke the rights and INVEPT. Two exits, two EPT
+    edits and an INVEPT, whose refill walks the engine counts.
+
+The debugger reports; it does not stop the write (KFENCE reports too: hiding the corruption would
+hide the symptom), so memory ends the same in every configuration.
+
+**The check.** The guest allocator reports ownership changes through a ring in guest memory and
+flushes it with a hypercall every ``batch`` events (:mod:`eptlab.apps.heap_guest`). A write
+hitting memory the guest does not own is a bug, and three views are kept side by side:
+
+``unfiltered``
+    the ownership map as of the last flush: any trapped write outside the owned objects alarms.
+    It raises false alarms on objects allocated (or freed and reallocated) since the last flush,
+    whose owners write them at once, and on the allocator's own link stores into free memory;
+    and it misses writes into chunks freed since the last flush.
+``sync-only``
+    first read the ring's pending events (guest memory: no exit) and apply them, then check.
+    The stale-map alarms are gone; the allocator's link stores still alarm.
+filtered (the reports)
+    sync, then an allow-list for allocator metadata: the link word (word 0) of a chunk the map
+    knows is free, holding 0 or the address of another free chunk of the same size, is the
+    allocator's. A wild write storing garbage there is still reported. What is left is a report.
+
+Costs (cycles, on top of the engine's): each exit ``VMEXIT_CYCLES``; each emulated access
+``EMULATE_CYCLES``; each check ``CHECK_CYCLES``; each ring event applied ``RING_ENTRY_CYCLES``;
+EPT edits ``EPT_EDIT_CYCLES``; INVEPT ``INVEPT_CYCLES``. The unfiltered and sync-only views are
+counterfactuals kept for the comparison: their bookkeeping is not charged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..arch.bits import PAGE_SIZE, PageSize
+from ..arch.exits import EptQual, EptViolation, ExitReason
+from ..errors import ConfigError, EptlabError
+from ..guest import DIRECT_MAP_BASE
+from ..hv import VCPU, VM, Exit
+from ..hv.costs import EMULATE_CYCLES, EPT_EDIT_CYCLES, INVEPT_CYCLES
+from ..hv.guest_runner import Resume
+from ..memory.physical import PhysicalMemory
+from .heap_guest import (
+    EVENT_ALLOC,
+    EVENT_FREE,
+    EVENT_SLAB,
+    FLUSH_HYPERCALL,
+    RING_SLOTS,
+    U64,
+    TrapStream,
+    decode_event,
+)
+
+MODES = ("write", "all")
+RESUMES = ("emulate", "mtf")
+CHECK_CYCLES = 150  # look a trapped write up in the ownership map and the allow-list
+RING_ENTRY_CYCLES = 40  # read, decode and apply one ownership event from the ring
+_REVOKED = {"write": "r-x", "all": "---"}
+_2M = int(PageSize.SIZE_2M)
+
+
+class Ownership:
+    """What the guest owns, as the debugger learns it from the allocator's events."""
+
+    def __init__(self) -> None:
+        self.slab_class: dict[int, int] = {}  # slab page -> object size
+        self.live_small: set[int] = set()  # live small objects (start)
+        self.large: dict[int, int] = {}  # page of a live large object -> its start
+        self.free_chunks: dict[int, int] = {}  # chunks known free (start -> size)
+        self.applied = 0  # ring events applied so far
+
+    def apply(self, word: int) -> None:
+        op, gpa, size = decode_event(word)
+        if op == EVENT_SLAB:
+            self.slab_class[gpa] = size
+            for obj in range(gpa, gpa + PAGE_SIZE, size):
+                self.free_chunks[obj] = size
+        elif op == EVENT_ALLOC:
+            self.free_chunks.pop(gpa, None)
+            if size < PAGE_SIZE:
+                self.live_small.add(gpa)
+            else:
+                for page in range(gpa, gpa + size, PAGE_SIZE):
+                    self.large[page] = gpa
+        elif op == EVENT_FREE:
+            self.free_chunks[gpa] = size
+            if size < PAGE_SIZE:
+                self.live_small.discard(gpa)
+            else:
+                for page in range(gpa, gpa + size, PAGE_SIZE):
+                    self.large.pop(page, None)
+        else:
+            raise EptlabError(f"unknown ownership event {word:#x}")
+
+    def catch_up(self, memory: PhysicalMemory, ring_hpa: int) -> int:
+        """Apply the ring's events not yet applied (read from the guest's ring page, at its
+        host-physical address); returns how many."""
+        head = memory.read_u64(ring_hpa)
+        if head - self.applied > RING_SLOTS:
+            raise EptlabError(f"ownership ring overrun: {head - self.applied} pending events")
+        for i in range(self.applied, head):
+            self.apply(memory.read_u64(ring_hpa + 8 * (1 + i % RING_SLOTS)))
+        count = head - self.applied
+        self.applied = head
+        return count
+
+    def owns(self, gpa: int) -> bool:
+        page = gpa & ~(PAGE_SIZE - 1)
+        if page in self.large:
+            return True
+        size = self.slab_class.get(page)
+        return size is not None and page + (gpa - page) // size * size in self.live_small
+
+    def free_link(self, gpa: int, value: int | None) -> bool:
+        """The allow-list: the allocator storing a free-list link into a free chunk (its word
+        0 gets 0 or a pointer to another free chunk of the same size)."""
+        size = self.free_chunks.get(gpa)
+        if size is None or value is None:
+            return False
+        return value == 0 or self.free_chunks.get((value - DIRECT_MAP_BASE) & U64) == size
+
+
+@dataclass(frozen=True)
+class Alarm:
+    position: int  # stream position of the write
+    gpa: int
+    value: int | None
+
+
+@dataclass
+class DebuggerCounters:
+    trapped_writes: int = 0
+    trapped_reads: int = 0  # mode all
+    emulated: int = 0
+    stepped: int = 0
+    checks: int = 0
+    ring_entries: int = 0  # applied to the map the debugger uses
+    metadata_writes: int = 0  # allocator link stores let through by the allow-list
+    flushes: int = 0
+    rotations: int = 0
+    ept_edits: int = 0
+    invept: int = 0
+    splits: int = 0
+
+    def cycles(self) -> int:
+        """Cycles of the debugger's own work (VM exits are costed by the caller)."""
+        return (
+            self.emulated * EMULATE_CYCLES
+            + self.checks * CHECK_CYCLES
+            + self.ring_entries * RING_ENTRY_CYCLES
+            + self.ept_edits * EPT_EDIT_CYCLES
+            + self.invept * INVEPT_CYCLES
+        )
+
+
+class TrapDebugger:
+    """The policy, attached to one VM's heap (see the module docstring)."""
+
+    def __init__(
+        self,
+        vm: VM,
+        pages: Iterable[int],
+        ring: int,
+        *,
+        fraction: float,
+        mode: str = "write",
+        resume: str = "emulate",
+        invept: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError("fraction", f"{fraction} is not in [0, 1]")
+        if mode not in MODES:
+            raise ConfigError("mode", f"{mode!r} is not one of {', '.join(MODES)}")
+        if resume not in RESUMES:
+            raise ConfigError("resume", f"{resume!r} is not one of {', '.join(RESUMES)}")
+        self.vm, self.hv, self.ring = vm, vm.hv, ring
+        self.pages = sorted(set(pages))
+        if not self.pages:
+            raise ConfigError("pages", "no heap page to watch")
+        self.fraction, self.mode, self.resume_mode = fraction, mode, resume
+        self.invept = invept
+        self.sampled = 0 if fraction == 0 else max(1, round(fraction * len(self.pages)))
+        self.rng = np.random.default_rng([seed, 11])
+        self.revoked = _REVOKED[mode]
+        self.counters = DebuggerCounters()
+        self.synced = Ownership()  # what the debugger checks against
+        self.flushed = Ownership()  # the unfiltered counterfactual: updated at flushes only
+        self.reports: list[Alarm] = []
+        self.sync_only: list[Alarm] = []
+        self.unfiltered: list[Alarm] = []
+        self.trapped: frozenset[int] = frozenset()
+        self.samples: list[tuple[int, frozenset[int]]] = []  # (clock, pages) at each change
+        self.hpa: dict[int, int] = {}  # heap page -> its host-physical address
+        self.slot: dict[int, int] = {}  # heap page -> host address of its EPT leaf entry
+        self.ring_hpa = 0
+        self.stepping: int | None = None
+        # the run loop's side of the conversation (eptlab.hv.guest_runner.Policy)
+        self.clock = 0
+        self.operand: int | None = None
+        self.resume = Resume.RETRY
+        self.attached = False
+
+    @property
+    def timer_armed(self) -> bool:
+        """Rotation runs on the VMX-preemption timer when only a sample is trapped."""
+        return self.attached and 0 < self.sampled < len(self.pages)
+
+    # -- setting up ---------------------------------------------------------------------------
+
+    def attach(self, registration: Iterable[int] = ()) -> None:
+        """Learn the heap as the guest registers it (its ownership events so far), split the
+        heap's EPT mappings to 4 KiB pages, register the handlers, trap the first sample and
+        INVEPT (the split alone needs it: a cached 2 MiB translation would bypass every trap)."""
+        if self.attached:
+            raise ConfigError("TrapDebugger", "already attached")
+        self.attached = True
+        for word in registration:
+            self.synced.apply(word)
+            self.flushed.apply(word)
+        ept = self.vm.ept
+        for page in self.pages:
+            leaf = ept.lookup(page)
+            if leaf is None:
+                raise ConfigError("pages", f"heap page {page:#x} is not backed")
+            while leaf.level > 1:
+                ept.split(page)
+                self.counters.splits += 1
+                leaf = ept.lookup(page)
+                assert leaf is not None
+            self.hpa[page] = leaf.target
+            self.slot[page] = ept.leaf_slot(page)
+        self.ring_hpa = self.vm.host_address(self.ring)  # the debugger maps the ring once
+        self.hv.on(ExitReason.EPT_VIOLATION, self._on_ept_violation)
+        self.hv.on(ExitReason.MONITOR_TRAP_FLAG, self._on_mtf)
+        self.hv.on(ExitReason.PREEMPTION_TIMER, self._on_timer)
+        self.hv.hypercall(FLUSH_HYPERCALL, "trap-debugger-flush")(self._on_flush)
+        self.trap(self._draw(), invept=False)
+        self._invept()
+
+    def _draw(self) -> set[int]:
+        if self.sampled >= len(self.pages):
+            return set(self.pages)
+        chosen = self.rng.choice(len(self.pages), self.sampled, replace=False)
+        return {self.pages[int(i)] for i in chosen}
+
+    def trap(self, pages: Iterable[int], *, invept: bool | None = None) -> None:
+        """Make ``pages`` the trapped sample: the pages leaving it get ``rwx`` back, the pages
+        entering it lose their rights, then INVEPT (unless ``invept`` is False, or the
+        debugger was built with ``invept=False``)."""
+        new = frozenset(pages)
+        if not new <= set(self.hpa):
+            raise ConfigError("pages", "can only trap heap pages")
+        edit = self.vm.ept.set_entry_permissions
+        for page in sorted(self.trapped - new):
+            self.counters.ept_edits += edit(self.slot[page], "rwx")
+        revoked = 0
+        for page in sorted(new - self.trapped):
+            revoked += edit(self.slot[page], self.revoked)
+        self.counters.ept_edits += revoked
+        self.trapped = new
+        self.samples.append((self.clock, new))
+        if revoked and (self.invept if invept is None else invept):
+            self._invept()
+
+    def _invept(self) -> None:
+        self.vm.invept()
+        self.counters.invept += 1
+
+    # -- exits --------------------------------------------------------------------------------
+
+    def _on_timer(self, exit_: Exit) -> bool:
+        if exit_.vcpu.vm is not self.vm:
+            return False
+        self.counters.rotations += 1
+        self.trap(self._draw())
+        return True
+
+    def _on_flush(self, vcpu: VCPU, args: tuple[int, ...]) -> int:
+        self.counters.flushes += 1
+        self.counters.ring_entries += self.synced.catch_up(self.hv.host.memory, self.ring_hpa)
+        self.flushed.catch_up(self.hv.host.memory, self.ring_hpa)
+        return 0
+
+    def _on_ept_violation(self, exit_: Exit) -> bool:
+        record = exit_.record
+        if exit_.vcpu.vm is not self.vm or not isinstance(record, EptViolation):
+            return False
+        page = record.gpa & ~(PAGE_SIZE - 1)
+        if page not in self.trapped:
+            return False
+        write = bool(record.qualification & EptQual.WRITE)
+        if write:
+            self.counters.trapped_writes += 1
+            self.check(record.gpa & ~7, self.operand)
+        else:
+            self.counters.trapped_reads += 1
+        if self.resume_mode == "emulate":
+            if write and self.operand is not None:
+                offset = record.gpa & (PAGE_SIZE - 1) & ~7
+                self.hv.host.memory.write_u64(self.hpa[page] + offset, self.operand)
+            self.counters.emulated += 1
+            self.resume = Resume.SKIP
+        else:
+            self.counters.ept_edits += self.vm.ept.set_entry_permissions(self.slot[page], "rwx")
+            self.counters.stepped += 1
+            self.stepping = page
+            self.resume = Resume.STEP
+        return True
+
+    def _on_mtf(self, exit_: Exit) -> bool:
+        if exit_.vcpu.vm is not self.vm or self.stepping is None:
+            return False
+        page, self.stepping = self.stepping, None
+        self.counters.ept_edits += self.vm.ept.set_entry_permissions(self.slot[page], self.revoked)
+        if self.invept:
+            self._invept()
+        return True
+
+    def check(self, gpa: int, value: int | None) -> bool:
+        """Judge a trapped write in the three views; True when it is reported."""
+        alarm = Alarm(self.clock, gpa, value)
+        if not self.flushed.owns(gpa):
+            self.unfiltered.append(alarm)
+        self.counters.checks += 1
+        self.counters.ring_entries += self.synced.catch_up(self.hv.host.memory, self.ring_hpa)
+        if self.synced.owns(gpa):
+            return False
+        self.sync_only.append(alarm)
+        if self.synced.free_link(gpa, value):
+            self.counters.metadata_writes += 1
+            return False
+        self.reports.append(alarm)
+        return True
+
+
+# -- scoring against the ground truth ------------------------------------------------------------
+
+
+@dataclass
+class Score:
+    bugs_injected: int
+    bug_writes: int
+    bugs_detected: int
+    bugs_detected_unfiltered: int
+    time_to_detect: list[int] = field(default_factory=list)  # accesses, per detected bug
+    false_positives: int = 0
+    false_positives_sync_only: int = 0
+    false_positives_unfiltered: int = 0
+
+    @property
+    def detection_rate(self) -> float:
+        return self.bugs_detected / self.bugs_injected if self.bugs_injected else 0.0
+
+    @property
+    def mean_time_to_detect(self) -> float | None:
+        return float(np.mean(self.time_to_detect)) if self.time_to_detect else None
+
+
+def score(stream: TrapStream, debugger: TrapDebugger | None) -> Score:
+    """Match the debugger's alarms with the bug writes (the ground truth): a bug is detected
+    when one of its writes is reported; an alarm at any other position is a false positive."""
+    bugs = len(stream.bug_positions)
+    writes = len(stream.firings)
+    if debugger is None:
+        return Score(bugs, writes, 0, 0)
+
+    def detected(alarms: list[Alarm]) -> dict[int, int]:
+        first: dict[int, int] = {}
+        for a in alarms:
+            hit = stream.firings.get(a.position)
+            if hit is not None and hit[1] == a.gpa:
+                first.setdefault(hit[0], a.position)
+        return first
+
+    def false(alarms: list[Alarm]) -> int:
+        return sum(1 for a in alarms if a.position not in stream.firings)
+
+    found = detected(debugger.reports)
+    delays = [found[b] - stream.bug_positions[b][0] for b in sorted(found)]
+    return Score(
+        bugs,
+        writes,
+        len(found),
+        len(detected(debugger.unfiltered)),
+        delays,
+        false(debugger.reports),
+        false(debugger.sync_only),
+        false(debugger.unfiltered),
+    )
