@@ -22,8 +22,8 @@ was emulated by a handler (which writes ``operand`` itself) or was single-steppe
 Two exits the hypervisor arms for itself come from the loop, delivered through
 :meth:`Hypervisor.handle` like any other: the monitor-trap-flag exit after a stepped access
 (reason 37, SDM Vol. 3C §26.5.2), and, when ``policy.timer_armed``, a VMX-preemption-timer exit
-(reason 52, SDM Vol. 3C §26.5.1) at the end of every ``period`` accesses and at the end of the
-stream (with ``final_timer``). Guest hypercalls sit in the stream too (``calls``: position ->
+(reason 52, SDM Vol. 3C §26.5.1) after every ``period`` accesses, and at the end of the stream
+unless ``final_timer`` is False. Guest hypercalls sit in the stream too (``calls``: position ->
 :class:`Vmcall`, executed before the access at that position).
 """
 
@@ -126,11 +126,11 @@ class GuestRunner:
             end = min(n, (pos // period + 1) * period, max(next_call, pos + 1))
             self._run(accesses, pos, end, values, performed)
             pos = end
-            if pos % period == 0 or (pos == n and final_timer):
-                if self.policy.timer_armed:
-                    self._deliver(PreemptionTimer(), pos)
-                if progress is not None:
-                    progress(pos)
+            timer = (pos < n and pos % period == 0) or (pos == n and final_timer)
+            if timer and self.policy.timer_armed:
+                self._deliver(PreemptionTimer(), pos)
+            if progress is not None and (pos % period == 0 or pos == n):
+                progress(pos)
         if n in calls:
             self._deliver(calls[n], n)
         exits = Counter(self.hv.exits)
@@ -161,7 +161,7 @@ class GuestRunner:
         )
         stores = self._stores
         record = bool(np.searchsorted(stores, end) > np.searchsorted(stores, start))
-        exits_here = 0
+        exits_here, last_exit = 0, -1  # exits in a row at the same access
         at = 0
         while at < len(window):
             result = engine.run(window, at, record_hpa=record)
@@ -171,11 +171,11 @@ class GuestRunner:
                     hpa = int(result.hpa[p - start])
                     memory.write_u64(hpa & ~7, values[p])
                     performed[p] = hpa
-            exits_here = exits_here + 1 if result.stopped_at == at else 1
             at = result.stopped_at
             if result.done:
                 return
             position = start + at
+            exits_here, last_exit = (exits_here + 1 if position == last_exit else 1), position
             if exits_here > MAX_EXITS_PER_ACCESS:
                 raise EptlabError(f"access {position} did not complete after {exits_here} exits")
             if result.fault is not None:
