@@ -53,6 +53,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from ..apps.heap_guest import HeapGuest, HeapProgram, HeapWorkload, TrapStream
 from ..apps.heap_guest import expected_detection as sampling_theory
@@ -305,21 +306,29 @@ class TrapDebugger:
                 )
             times = rows["mean_time_to_detect"].astype(float)
             ax_time.plot(rows["trap_fraction"], times, "o-", color=colors[t], label=f"period {t:,}")
-        for row in table[table["config"].isin(["trap-all", "compare"])].itertuples():
-            marker = "*" if row.config == "trap-all" else "D"
-            label = "trap all" if row.config == "trap-all" else f"{row.mode}/{row.resume}"
-            label += f" ({row.trap_fraction:g})"
+        ax_trade.plot([], [], "x:", color="gray", label="sampling theory")
+        extra = table[table["config"].isin(["trap-all", "compare"])]
+        for k, row in enumerate(extra.itertuples()):
+            everything = row.config == "trap-all"
+            label = "trap all" if everything else f"{row.mode}/{row.resume}"
             ax_trade.scatter(
                 float(row.overhead_cycles_pct),
                 float(row.detection_rate),
-                marker=marker,
-                s=80,
-                label=label,
+                marker="*" if everything else "D",
+                color="black" if everything else ("tab:purple", "tab:brown", "tab:pink")[k % 3],
+                s=90,
+                label=f"{label} ({row.trap_fraction:g})",
                 zorder=3,
             )
         ax_trade.set_xscale("log")
-        ax_trade.set_xlabel("overhead over no debugger (cycles, %, log)")
-        ax_trade.set_ylabel("bugs detected / injected (x: sampling theory)")
+        spent = table.loc[table["config"] != "none", "overhead_cycles_pct"].astype(float)
+        if len(spent) and spent.min() > 0:
+            steps = [m * 10**e for e in range(-2, 8) for m in (1, 2, 5)]
+            ax_trade.set_xticks([v for v in steps if spent.min() / 2 <= v <= spent.max() * 2])
+        ax_trade.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+        ax_trade.xaxis.set_minor_formatter(NullFormatter())
+        ax_trade.set_xlabel("overhead over no debugger (cycles, log)")
+        ax_trade.set_ylabel("bugs detected / injected")
         ax_trade.set_ylim(-0.03, 1.05)
         ax_trade.set_title("detection vs overhead (labels: trap fraction)")
         ax_trade.legend(fontsize=7)
@@ -350,6 +359,9 @@ class TrapDebugger:
         ax_fp.set_title("false positives: unfiltered vs filtered")
         ax_fp.legend(fontsize=7)
         ax_time.set_xscale("log")
+        ax_time.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax_time.xaxis.set_minor_formatter(NullFormatter())
+        ax_time.set_xticks(sorted({float(f) for f in sampled["trap_fraction"]}))
         ax_time.set_xlabel("trap fraction (log)")
         ax_time.set_ylabel("accesses from injection to report (mean)")
         ax_time.set_title("time to detect (detected bugs)")

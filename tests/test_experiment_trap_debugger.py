@@ -1,0 +1,201 @@
+"""The trap-debugger experiment: the claims its table makes, checked on a small run, and
+`eptlab run trap-debugger`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from eptlab.apps.heap_guest import expected_detection
+from eptlab.cli import main
+from eptlab.errors import ConfigError
+from eptlab.experiments.base import Row, apply_overrides
+from eptlab.experiments.trap_debugger import (
+    ConfigRun,
+    TrapDebugger,
+    TrapDebuggerParams,
+    configs,
+)
+
+P = TrapDebuggerParams(
+    fractions=(0.05, 0.3),
+    periods=(500, 20_000),
+    compare=("all/emulate", "write/mtf"),
+    compare_fraction=0.3,
+    heap_pages=256,
+    accesses=40_000,
+    warmup=4_000,
+    live_objects=600,
+    accesses_per_op=25,
+    bugs=80,
+    writes_per_bug=4.0,
+    bug_span=8_000,
+    seed=1,
+)
+REQUIRED = {
+    "trap_fraction",
+    "period",
+    "bugs_injected",
+    "bugs_detected",
+    "mean_time_to_detect",
+    "false_positives",
+    "false_positives_unfiltered",
+    "vm_exits",
+    "overhead_cycles_pct",
+}
+
+
+@pytest.fixture(scope="module")
+def results() -> list[tuple[ConfigRun, Row]]:
+    return list(TrapDebugger().runs(P, lambda d, t: None))
+
+
+@pytest.fixture(scope="module")
+def table(results: list[tuple[ConfigRun, Row]]) -> pd.DataFrame:
+    return pd.DataFrame([row for _, row in results])
+
+
+def one(table: pd.DataFrame, **where: Any) -> pd.Series:
+    rows = table
+    for key, value in where.items():
+        rows = rows[rows[key] == value]
+    assert len(rows) == 1, where
+    return rows.iloc[0]
+
+
+def test_configurations_and_columns(table: pd.DataFrame) -> None:
+    assert set(table.columns) >= REQUIRED
+    assert list(table["config"]) == ["none"] + ["sampled"] * 4 + ["trap-all"] + ["compare"] * 2
+    assert (table["bugs_injected"] == P.bugs).all()
+    none = one(table, config="none")
+    assert none["vm_exits"] == none["bugs_detected"] == none["overhead_cycles_pct"] == 0
+    assert none["accesses"] < one(table, config="trap-all")["accesses"]  # no ownership reports
+
+
+def test_trap_all_detects_everything_at_the_highest_cost(table: pd.DataFrame) -> None:
+    everything = one(table, config="trap-all")
+    assert everything["detection_rate"] == everything["expected_detection_rate"] == 1.0
+    assert everything["mean_time_to_detect"] == 0
+    others = table[table["config"] == "sampled"]
+    assert (others["overhead_cycles_pct"] < everything["overhead_cycles_pct"]).all()
+    assert (others["vm_exits"] < everything["vm_exits"]).all()
+    assert (others["detection_rate"] <= 1.0).all() and (others["bugs_detected"] > 0).all()
+
+
+def test_sampling_trades_detection_for_overhead(table: pd.DataFrame) -> None:
+    for period in P.periods:
+        low = one(table, config="sampled", trap_fraction=0.05, period=period)
+        high = one(table, config="sampled", trap_fraction=0.3, period=period)
+        assert 0 < low["overhead_cycles_pct"] < high["overhead_cycles_pct"]
+        assert low["trapped_writes"] < high["trapped_writes"]
+        assert low["expected_detection_rate"] < high["expected_detection_rate"]
+        assert low["bugs_detected"] < high["bugs_detected"]
+    # rotating faster gives a bug's later writes fresh chances: theory and measurement agree
+    fast = one(table, config="sampled", trap_fraction=0.3, period=500)
+    slow = one(table, config="sampled", trap_fraction=0.3, period=20_000)
+    assert fast["expected_detection_rate"] > slow["expected_detection_rate"]
+    assert fast["timer_exits"] > slow["timer_exits"] and fast["invept"] > slow["invept"]
+
+
+def test_measured_detection_matches_sampling_theory(
+    results: list[tuple[ConfigRun, Row]],
+) -> None:
+    """Each bug is caught with the probability sampling theory gives for its writes; the count
+    of detected bugs stays within 4 standard deviations of the expected count."""
+    for run, row in results:
+        if run.config.name != "sampled":
+            continue
+        assert run.debugger is not None and run.config.period is not None
+        stream = run.stream
+        chances = [
+            expected_detection(
+                [positions],
+                [[stream.firings[p][1] & ~0xFFF for p in positions]],
+                pages=len(run.debugger.pages),
+                sampled=run.debugger.sampled,
+                period=run.config.period,
+            )
+            for positions in stream.bug_positions
+        ]
+        mean = sum(chances)
+        sigma = math.sqrt(sum(c * (1 - c) for c in chances))
+        assert abs(row["bugs_detected"] - mean) <= 4 * sigma + 1, (row, mean, sigma)
+        assert row["expected_detection_rate"] == pytest.approx(mean / len(chances), abs=1e-4)
+
+
+def test_filtering_removes_every_false_alarm_and_loses_no_bug(table: pd.DataFrame) -> None:
+    trapping = table[table["config"] != "none"]
+    assert (trapping["false_positives"] == 0).all()
+    assert (trapping["false_positives_sync_only"] <= trapping["false_positives_unfiltered"]).all()
+    assert (trapping["false_positives_unfiltered"] > 0).all()
+    assert (trapping["bugs_detected"] >= trapping["bugs_detected_unfiltered"]).all()
+    assert (trapping["metadata_writes_allowed"] == trapping["false_positives_sync_only"]).all()
+
+
+def test_resume_and_mode_change_the_cost_not_the_findings(table: pd.DataFrame) -> None:
+    base = one(table, config="sampled", trap_fraction=0.3, period=500)
+    mtf = one(table, config="compare", mode="write", resume="mtf")
+    every = one(table, config="compare", mode="all", resume="emulate")
+    for other in (mtf, every):  # the same samples, so the same bugs and the same alarms
+        for column in ("bugs_detected", "mean_time_to_detect", "false_positives_unfiltered"):
+            assert other[column] == base[column]
+    assert mtf["mtf_exits"] == mtf["stepped"] == mtf["trapped_writes"] == base["trapped_writes"]
+    assert mtf["invept"] == base["invept"] + mtf["stepped"]  # re-arm after every step
+    assert mtf["emulated"] == 0 and base["stepped"] == 0
+    assert every["trapped_reads"] > 0 and every["vm_exits"] > base["vm_exits"]
+    assert every["overhead_cycles_pct"] > base["overhead_cycles_pct"]
+
+
+def test_figures(table: pd.DataFrame) -> None:
+    figures = TrapDebugger().figures(table, P)
+    assert list(figures) == ["trap-debugger"]
+    assert len(figures["trap-debugger"].axes) == 3
+
+
+def test_bad_parameters() -> None:
+    for bad in (
+        {"fractions": (1.5,)},
+        {"periods": (0,)},
+        {"mode": "read"},
+        {"resume": "pray"},
+        {"compare": ("write",)},
+        {"batch": 0},
+    ):
+        with pytest.raises(ConfigError):
+            configs(TrapDebuggerParams(**bad))  # type: ignore[arg-type]
+    params = apply_overrides(TrapDebuggerParams, {"fractions": "0.1,0.2", "periods": "100"})
+    assert params.fractions == (0.1, 0.2) and params.periods == (100,)
+
+
+def test_cli_run_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    sets = {
+        "accesses": "8000",
+        "warmup": "1000",
+        "heap_pages": "64",
+        "live_objects": "150",
+        "bugs": "10",
+        "fractions": "0.2",
+        "periods": "1000",
+        "compare": "write/mtf",
+    }
+    args = ["run", "trap-debugger", "--out", str(tmp_path), "--json"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    assert main(args) == 0
+    out: dict[str, Any] = json.loads(capsys.readouterr().out)
+    assert out["experiment"] == "trap-debugger"
+    rows = {(r["config"], r["resume"]): r for r in out["rows"]}
+    assert list(rows) == [
+        ("none", "-"),
+        ("sampled", "emulate"),
+        ("trap-all", "emulate"),
+        ("compare", "mtf"),
+    ]
+    assert rows[("trap-all", "emulate")]["bugs_detected"] == 10
+    assert (tmp_path / "trap-debugger.png").stat().st_size > 1000
+    assert main(["run", "trap-debugger", "--set", "fractions=2"]) == 2
