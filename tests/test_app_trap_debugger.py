@@ -75,6 +75,39 @@ def reported(run: ConfigRun) -> dict[int, int]:
     return {a.position: a.gpa for a in run.debugger.reports}
 
 
+# -- the ground truth ---------------------------------------------------------------------------
+
+
+def test_bug_writes_and_only_they_hit_memory_nobody_owns(program: HeapProgram) -> None:
+    """Replay the allocator's reports at the moment it writes them: every bug write lands in
+    memory nobody owns (and is no allocator link), every other heap write in an owned object or
+    is the allocator linking a free chunk."""
+    stream = program.layout(notify=True)
+    own = Ownership()
+    for word in program.boot_events:
+        own.apply(word)
+    kinds = {"bug": 0, "owned": 0, "link": 0}
+    for pos in range(len(stream)):
+        gpa = int(stream.gva[pos]) - DM
+        if gpa & ~0xFFF == program.ring:
+            if gpa != program.ring:  # an event slot (word 0 is the head)
+                own.apply(stream.values[pos])
+            continue
+        if stream.kind[pos] != 1:
+            continue
+        value = stream.values.get(pos)
+        if pos in stream.firings:
+            assert not own.owns(gpa) and not own.free_link(gpa, value)
+            kinds["bug"] += 1
+        elif own.owns(gpa):
+            kinds["owned"] += 1
+        else:
+            assert own.free_link(gpa, value), pos
+            kinds["link"] += 1
+    assert kinds["bug"] == len(stream.firings) > W.bugs
+    assert kinds["owned"] > kinds["link"] > 0
+
+
 # -- the extremes ------------------------------------------------------------------------------
 
 

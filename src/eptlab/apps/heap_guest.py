@@ -58,6 +58,7 @@ from ..hv import Hypervisor, Vmcall
 
 SIZE_CLASSES = (64, 128, 256, 512, 1024, 2048)
 CLASS_WEIGHTS = (0.30, 0.25, 0.20, 0.12, 0.08, 0.05)
+_CLASS_P = np.array(CLASS_WEIGHTS) / sum(CLASS_WEIGHTS)
 PAGES_PER_BLOCK = int(PageSize.SIZE_2M) // PAGE_SIZE
 
 # ownership events: op in bits 63:60, size in 59:40, guest-physical address in 39:0
@@ -156,7 +157,7 @@ class Interval:
 class HeapAllocator:
     """The guest allocator (see the module docstring). Its state is the ground truth."""
 
-    def __init__(self, pages: list[int], rng: np.random.Generator, workload: HeapWorkload):
+    def __init__(self, pages: list[int], rng: np.random.Generator, workload: HeapWorkload) -> None:
         self.pages, self.rng, self.w = pages, rng, workload
         self.fresh = 0  # next never-used page index (bump)
         self.free_objects: dict[int, list[int]] = {c: [] for c in SIZE_CLASSES}  # LIFO: end
@@ -312,9 +313,6 @@ class HeapAllocator:
         if wants_alloc and (self.alloc(sink) or self.live == 0):
             return
         self.free(sink)  # (also when the heap is full)
-
-
-_CLASS_P = np.array(CLASS_WEIGHTS) / sum(CLASS_WEIGHTS)
 
 
 # -- the workload and its program ------------------------------------------------------------------
@@ -541,6 +539,8 @@ def build_program(workload: HeapWorkload, pages: list[int], ring: int) -> HeapPr
         allocator.step(boot)
     if allocator.live == 0:
         raise ConfigError("heap_pages", "the heap holds no object")
+    allocator.uaf.clear()  # spans that opened and closed during boot are no bug targets
+    allocator.overflow.clear()
     n = allocator.live
     warm = _touches(rng, w.warmup, allocator.live_start[:n], allocator.live_size[:n], 0.3)
     builder = _Builder()
