@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..arch.bits import PAGE_SIZE, PageSize
+from ..arch.bits import PAGE_SIZE
 from ..arch.exits import EptQual, EptViolation, ExitReason
 from ..errors import ConfigError, EptlabError
 from ..guest import DIRECT_MAP_BASE
@@ -80,7 +80,6 @@ RESUMES = ("emulate", "mtf")
 CHECK_CYCLES = 150  # look a trapped write up in the ownership map and the allow-list
 RING_ENTRY_CYCLES = 40  # read, decode and apply one ownership event from the ring
 _REVOKED = {"write": "r-x", "all": "---"}
-_2M = int(PageSize.SIZE_2M)
 
 
 class Ownership:
