@@ -151,6 +151,16 @@ def test_resume_and_mode_change_the_cost_not_the_findings(table: pd.DataFrame) -
     assert every["overhead_cycles_pct"] > base["overhead_cycles_pct"]
 
 
+def test_reading_quotes_the_table(table: pd.DataFrame) -> None:
+    lines = TrapDebugger().interpret(table, P)
+    everything = one(table, config="trap-all")
+    assert f"catches {everything['bugs_detected']}/{P.bugs} bugs" in lines[0]
+    fast = one(table, config="sampled", trap_fraction=0.3, period=500)
+    assert f"catches {fast['bugs_detected']}/{P.bugs}" in lines[1]
+    unfiltered = int(table["false_positives_unfiltered"].sum())
+    assert f"{unfiltered:,} unfiltered" in lines[2] and "0 with the allocator" in lines[2]
+
+
 def test_figures(table: pd.DataFrame) -> None:
     figures = TrapDebugger().figures(table, P)
     assert list(figures) == ["trap-debugger"]

@@ -258,6 +258,7 @@ class TrapDebugger:
         "alarms before and after filtering, against trapping everything and trapping nothing?"
     )
     Params: ClassVar[type] = TrapDebuggerParams
+    demo: ClassVar[dict[str, str]] = {"accesses": "100000", "periods": "1000,100000"}
 
     def rows(self, params: TrapDebuggerParams, progress: Progress) -> Iterator[Row]:
         for _, row in self.runs(params, progress):
@@ -284,6 +285,46 @@ class TrapDebugger:
                 baseline = run.report.engine_cycles
             progress((k + 1) * step, total)
             yield run, measure(run, baseline)
+
+    def interpret(self, table: pd.DataFrame, params: TrapDebuggerParams) -> list[str]:
+        everything = table[table["config"] == "trap-all"].iloc[0]
+        none = table[table["config"] == "none"].iloc[0]
+        sampled = table[table["config"] == "sampled"]
+        top = sampled[sampled["trap_fraction"] == sampled["trap_fraction"].max()]
+        fast = top[top["period"] == top["period"].min()].iloc[0]
+        slow = top[top["period"] == top["period"].max()].iloc[0]
+        bugs = int(everything["bugs_injected"])
+        out = [
+            f"Trapping every heap page catches {everything['bugs_detected']}/{bugs} bugs at "
+            f"their first write, for {everything['overhead_cycles_pct']:,.0f}% more cycles "
+            f"({everything['vm_exits']:,} exits); no trapping takes {none['vm_exits']} exits "
+            f"and catches {none['bugs_detected']}.",
+            f"Trapping {fast['trap_fraction']:g} of the pages, rotated every "
+            f"{int(fast['period']):,} accesses, catches {fast['bugs_detected']}/{bugs} "
+            f"(sampling theory: {fast['expected_detection_rate'] * bugs:.0f}) for "
+            f"{fast['overhead_cycles_pct']:,.0f}% more cycles."
+            + (
+                ""
+                if slow["period"] == fast["period"]
+                else f" Rotated every {int(slow['period']):,} accesses it catches "
+                f"{slow['bugs_detected']} (theory: {slow['expected_detection_rate'] * bugs:.0f})"
+                + (
+                    ": a bug's later writes get fewer fresh draws."
+                    if slow["expected_detection_rate"] < fast["expected_detection_rate"]
+                    else "."
+                )
+            ),
+        ]
+        trapping = table[table["config"] != "none"]
+        out.append(
+            f"False alarms over the {len(trapping)} trapping runs: "
+            f"{int(trapping['false_positives_unfiltered'].sum()):,} unfiltered, "
+            f"{int(trapping['false_positives_sync_only'].sum()):,} with the ownership ring "
+            f"synced, {int(trapping['false_positives'].sum())} with the allocator allow-list "
+            f"too; bugs caught: {int(trapping['bugs_detected'].sum())} filtered against "
+            f"{int(trapping['bugs_detected_unfiltered'].sum())} unfiltered."
+        )
+        return out
 
     def figures(self, table: pd.DataFrame, params: TrapDebuggerParams) -> dict[str, Figure]:
         figure = Figure(figsize=(15, 4.5))
