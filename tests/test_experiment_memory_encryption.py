@@ -11,6 +11,7 @@ import pytest
 
 from eptlab.cli import main
 from eptlab.experiments import runner
+from eptlab.experiments.memory_encryption import MemoryEncryption, MemoryEncryptionParams
 from eptlab.mmu.config import CacheConfig
 
 DECRYPT = 40
@@ -149,3 +150,19 @@ def test_cli_json_and_bad_parameters(capsys: pytest.CaptureFixture[str], tmp_pat
         never = tmp_path / bad.split("=")[0]
         assert main([*args, "--set", bad, "--out", str(never)]) == 2, bad
         assert not never.exists(), bad
+
+
+def test_reading_follows_the_numbers(table: pd.DataFrame) -> None:
+    """The sentences quote the table and their verdicts flip when the numbers do."""
+    experiment = MemoryEncryption()
+    params = MemoryEncryptionParams(decrypt_latency=DECRYPT)
+    on = table[table.encryption == "on"]
+    first, walks = experiment.interpret(table, params)[:2]
+    assert f"{on.slowdown_pct.max():.1f}%" in first
+    assert walks.startswith("The cost concentrates in two-dimensional walks")
+    flipped = table.copy()
+    nested = flipped["mode"] == "nested"
+    flipped.loc[nested, "extra_translation_cycles_per_access"] = 0.0
+    assert experiment.interpret(flipped, params)[1].startswith(
+        "Here two-dimensional walks do not add to the cost"
+    )

@@ -119,3 +119,58 @@ def test_kvm_section_reads_the_kvm_results(tmp_path: Path) -> None:
     assert [s.key for s in collect(tmp_path)] == ["kvm"]
     page = build_report(tmp_path).read_text()
     assert '<section id="kvm">' in page
+
+
+@pytest.mark.parametrize(
+    ("tdp", "words"),
+    [
+        (True, "hardware EPT/NPT (TDP on)"),
+        (False, "shadow paging"),
+        (None, "unknown kind"),
+    ],
+)
+def test_flavour_sentence_reads_tdp_from_a_table(tdp: bool | None, words: str) -> None:
+    import pandas as pd
+
+    from eptlab.report.sections import flavour_sentence
+
+    table = pd.DataFrame([{"kvm_module": "kvm_intel", "tdp": tdp, "x": 1}] * 2)
+    sentence = flavour_sentence(table)
+    assert sentence.startswith("Measured on kvm_intel") and words in sentence
+
+
+def test_broken_result_files_are_named_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kvm = tmp_path / "kvm"
+    kvm.mkdir()
+    (kvm / "fork.json").write_text('{"command": "fork", "params": {}, "rows": [')
+    assert main(["report", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{kvm / 'fork.json'}: not a readable results file" in err
+    (kvm / "fork.json").write_text('{"command": "fork", "params": {}, "rows": []}')
+    assert main(["report", "--out", str(tmp_path)]) == 1
+    assert "no KVM application result has any row" in capsys.readouterr().err
+    (kvm / "fork.json").unlink()
+    broken = tmp_path / "prefetch-hypercall"
+    broken.mkdir()
+    (broken / "prefetch-hypercall.json").write_text('{"params": {"no_such": 1}}')
+    (broken / "prefetch-hypercall.parquet").write_bytes(b"not parquet")
+    assert main(["report", "--out", str(tmp_path)]) == 1
+    assert "prefetch-hypercall.parquet: not a readable Parquet table" in capsys.readouterr().err
+
+
+def test_demo_leaves_a_failing_experiment_out_and_still_writes_the_report(
+    out: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from eptlab.experiments.prefetch_hypercall import PrefetchHypercall
+
+    shutil.copytree(out / "prefetch-hypercall", tmp_path / "prefetch-hypercall")  # stale results
+    monkeypatch.setattr(PrefetchHypercall, "demo", {"accesses": "many"})
+    args = ["demo", "--out", str(tmp_path), "--only", "prefetch-hypercall", "--no-kvm"]
+    assert main(args) == 1
+    page = (tmp_path / "report.html").read_text()
+    assert '<section id="walks">' in page and "prefetch-hypercall" not in page
+    assert main(["demo", "--out", str(tmp_path), "--only", "no-such-thing"]) != 0

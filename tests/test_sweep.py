@@ -162,3 +162,34 @@ def test_cli_sweep_runs_and_resumes(tmp_path: Path, capsys) -> None:
 def test_example_spec_is_valid() -> None:
     spec = load_spec(Path(__file__).parent.parent / "examples" / "sweep.toml")
     assert len(spec.points) == 4 * 2 * 2 + 3
+
+
+def test_unreadable_spec_files_are_named_errors(tmp_path: Path) -> None:
+    binary = tmp_path / "latin1.toml"
+    binary.write_bytes(b"out = '\xff'\n")
+    with pytest.raises(ConfigError, match="latin1.toml: cannot read it"):
+        load_spec(binary)
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_spec(tmp_path)  # a directory
+    data = spec_data(tmp_path)
+    data["out"] = 5
+    with pytest.raises(ConfigError) as err:
+        parse_spec(data, "grid.toml")
+    assert err.value.field == "grid.toml: out"
+
+
+def test_ok_point_without_rows_counts_as_done_and_log_noise_is_ignored(tmp_path: Path) -> None:
+    from eptlab.sweep import PointResult
+
+    spec = parse_spec(spec_data(tmp_path))
+    store = SweepStore(tmp_path)
+    empty = spec.points[0]
+    store.save(PointResult(empty, [], None, 0.1))
+    with store.log.open("a") as fh:
+        fh.write("[1, 2]\n{\"status\": \"ok\"}\n{\"point_id\": \"cut sho")
+    assert store.done() == {empty.point_id}
+    assert list(store.points().point_id) == [empty.point_id]
+    assert run_sweep(spec, jobs=1).skipped == 1
+    # a later failure of the same point replaces the earlier ok
+    store.save(PointResult(empty, [], "RuntimeError: boom", 0.1))
+    assert empty.point_id not in store.done()

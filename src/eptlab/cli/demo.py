@@ -20,6 +20,7 @@ from rich.table import Table
 
 from ..arch.access import Access
 from ..arch.bits import PageSize
+from ..errors import EptlabError
 from ..report import build_report
 from .walk import run_walk
 
@@ -92,43 +93,69 @@ def demo(
         writer.writeheader()
         writer.writerows(rows)
     console.print(f"wrote {out / 'walks.json'} and {out / 'walks.csv'}")
+    failed: list[str] = []
     if experiments:
-        run_all(out, console, only)
+        failed += run_all(out, console, only)
     if kvm and not only:
-        run_kvm(out / "kvm", console)
+        failed += run_kvm(out / "kvm", console)
     report = build_report(out)
     console.print(f"[bold]report:[/] {report}")
-    return 0
+    if failed:
+        console.print(f"[red]failed (not in the report):[/] {', '.join(failed)}")
+    return 1 if failed else 0
 
 
-def run_all(out: Path, console: Console, only: list[str] | None = None) -> None:
-    """Every experiment (or ``only`` these) at its small built-in scale, one progress bar each."""
+def run_all(out: Path, console: Console, only: list[str] | None = None) -> list[str]:
+    """Every experiment (or ``only`` these) at its small built-in scale, one progress bar each.
+    One that fails is reported and left out of the report; the others still run. Returns the
+    names that failed."""
     from ..experiments import get, runner
     from ..experiments.registry import names
 
-    for name in only or names():
-        experiment = get(name)
-        runner.run(name, dict(experiment.demo), out / name)
-        for sentence in _reading(name, out):
+    chosen = only or names()
+    for name in chosen:
+        get(name)  # an unknown name fails before anything runs
+    failed = []
+    for name in chosen:
+        try:
+            runner.run(name, dict(get(name).demo), out / name)
+            reading = _reading(name, out)
+        except EptlabError as exc:
+            console.print(f"[red]{name} failed:[/] {exc}")
+            (out / name / f"{name}.json").unlink(missing_ok=True)  # no stale section
+            failed.append(name)
+            continue
+        for sentence in reading:
             console.print(f"  [dim]-[/] {sentence}")
+    return failed
 
 
-def run_kvm(out: Path, console: Console) -> None:
-    """The KVM applications on their defaults, when /dev/kvm opens (a few seconds)."""
+def run_kvm(out: Path, console: Console) -> list[str]:
+    """The KVM applications on their defaults, when /dev/kvm opens (a few seconds). Returns
+    the applications that failed (left out of the report)."""
     from ..kvm.results import names, run_app, save, unavailable
 
     why = unavailable()
     if why is not None:
         console.print(f"[yellow]KVM applications skipped:[/] {why}")
-        return
+        return []
+    failed = []
     for name in names():
         console.print(f"kvm {name} ...")
-        params, rows = run_app(name)
+        try:
+            params, rows = run_app(name)
+        except EptlabError as exc:
+            console.print(f"[red]kvm {name} failed:[/] {exc}")
+            (out / f"{name}.json").unlink(missing_ok=True)
+            failed.append(f"kvm {name}")
+            continue
         save(out, name, params, rows)
-    from ..report.sections import kvm_section
+    if len(failed) < len(names()):
+        from ..report.sections import kvm_section
 
-    for sentence in kvm_section(out).interpretation:
-        console.print(f"  [dim]-[/] {sentence}")
+        for sentence in kvm_section(out).interpretation:
+            console.print(f"  [dim]-[/] {sentence}")
+    return failed
 
 
 def _reading(name: str, out: Path) -> list[str]:

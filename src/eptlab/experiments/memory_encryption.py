@@ -223,8 +223,16 @@ class MemoryEncryption:
         amplified = ratio_text(
             worst.extra_translation_cycles_per_access, native.extra_translation_cycles_per_access
         )
+        more = (
+            worst.extra_translation_cycles_per_access > native.extra_translation_cycles_per_access
+        )
         out.append(
-            f"The cost concentrates in two-dimensional walks: on {worst.workload} over "
+            (
+                "The cost concentrates in two-dimensional walks"
+                if more
+                else "Here two-dimensional walks do not add to the cost"
+            )
+            + f": on {worst.workload} over "
             f"{worst.footprint_mib} MiB with a {worst.llc_mib} MiB LLC, nested paging reads "
             f"{worst.walk_dram_per_access:.2f} page-walk lines per access from DRAM against "
             f"{native.walk_dram_per_access:.2f} native and pays "
@@ -234,13 +242,22 @@ class MemoryEncryption:
             f"{worst.walk_share_pct:.0f}% of its encryption cost "
             f"({native.walk_share_pct:.0f}% native)."
         )
-        same = nested[(nested.workload == worst.workload)
-                      & (nested.footprint_mib == worst.footprint_mib)]
+        same = nested[
+            (nested.workload == worst.workload) & (nested.footprint_mib == worst.footprint_mib)
+        ]
         if same.llc_mib.nunique() > 1:
             small = same.loc[same.llc_mib.idxmin()]
             large = same.loc[same.llc_mib.idxmax()]
+            fewer = large.walk_dram_per_access < small.walk_dram_per_access
+            lead = (
+                "A larger LLC takes the walk part away first"
+                if fewer and large.walk_share_pct < small.walk_share_pct
+                else "A larger LLC removes walk reads"
+                if fewer
+                else "A larger LLC does not remove walk reads here"
+            )
             out.append(
-                f"A larger LLC takes the walk part away first: from {small.llc_mib} to "
+                f"{lead}: from {small.llc_mib} to "
                 f"{large.llc_mib} MiB the nested walk lines from DRAM per access go from "
                 f"{small.walk_dram_per_access:.2f} to {large.walk_dram_per_access:.2f} and the "
                 f"page-walk share of the cost from {small.walk_share_pct:.0f}% to "

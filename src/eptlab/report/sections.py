@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..errors import ConfigError
 from ..experiments.base import params_from_dict, records_by
 from ..experiments.registry import get
 
@@ -29,9 +30,13 @@ class Section:
 def experiment_section(name: str, directory: Path) -> Section:
     """The section of experiment ``name`` from its result files in ``directory``."""
     experiment = get(name)()
-    summary = json.loads((directory / f"{name}.json").read_text())
-    table = pd.read_parquet(directory / f"{name}.parquet")
-    params = params_from_dict(experiment.Params, summary["params"])
+    summary = read_json(directory / f"{name}.json", "params")
+    table = _read_parquet(directory / f"{name}.parquet")
+    try:
+        params = params_from_dict(experiment.Params, summary["params"])
+    except (ConfigError, TypeError) as exc:
+        where = str(directory / f"{name}.json")
+        raise ConfigError(where, f"params do not fit {name}: {exc}") from None
     try:
         interpretation = list(experiment.interpret(table, params))
     except (KeyError, IndexError, ValueError, ZeroDivisionError) as exc:
@@ -51,7 +56,7 @@ def experiment_section(name: str, directory: Path) -> Section:
 
 def walks_section(path: Path) -> Section:
     """The walk tour of ``eptlab demo`` (``walks.json``): cold 2D walk costs and exit events."""
-    data = json.loads(path.read_text())
+    data = read_json(path, "walk_costs", "events")
     costs = pd.DataFrame(data["walk_costs"])
     events = data["events"]
     by = {(r["guest_levels"], r["ept_levels"], r["guest_page"], r["ept_page"]): r["references"]
@@ -102,15 +107,11 @@ KVM_QUESTION = (
 
 def kvm_section(directory: Path) -> Section:
     """The KVM applications' results (``OUT/kvm/NAME.json`` as ``eptlab demo`` saves them)."""
-    results = {
-        p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))
-    }
-    tables = {name: pd.DataFrame(r["rows"]) for name, r in results.items()}
-    reading: list[str] = []
-    any_table = next(iter(tables.values()))
-    module, tdp = any_table.kvm_module.iloc[0], any_table.tdp.iloc[0]
-    paging = "hardware EPT/NPT" if tdp is True else "KVM's shadow paging (no hardware EPT)"
-    reading.append(f"Measured on {module} with {paging}: times are this machine's, not a model's.")
+    results = {p.stem: read_json(p, "params", "rows") for p in sorted(directory.glob("*.json"))}
+    tables = {name: pd.DataFrame(r["rows"]) for name, r in results.items() if r["rows"]}
+    if not tables:
+        raise ConfigError(str(directory), "no KVM application result has any row")
+    reading = [flavour_sentence(next(iter(tables.values())))]
     if "crosscheck" in tables:
         c = tables["crosscheck"]
         reading.append(
@@ -154,6 +155,41 @@ def kvm_section(directory: Path) -> Section:
         params={name: _compact(r["params"]) for name, r in results.items()},
         files=sorted(p for p in directory.iterdir() if p.suffix in (".csv", ".parquet", ".json")),
     )
+
+
+def flavour_sentence(table: pd.DataFrame) -> str:
+    """Which KVM produced ``table`` (its ``kvm_module`` and ``tdp`` columns), in words."""
+    if "kvm_module" not in table or "tdp" not in table:
+        return "The KVM flavour is not recorded in these results."
+    module, tdp = table.kvm_module.iloc[0], table.tdp.iloc[0]
+    if tdp is None or pd.isna(tdp):
+        paging = "second-level paging of unknown kind (TDP not reported)"
+    elif bool(tdp):
+        paging = "hardware EPT/NPT (TDP on)"
+    else:
+        paging = "KVM's shadow paging (no hardware EPT/NPT)"
+    return f"Measured on {module} with {paging}: times are this machine's, not a model's."
+
+
+def read_json(path: Path, *keys: str) -> dict[str, Any]:
+    """A results JSON object with ``keys``; anything else is a ConfigError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(str(path), f"not a readable results file: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "not a results object")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ConfigError(str(path), f"missing {', '.join(missing)}")
+    return data
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(path), f"not a readable Parquet table: {exc}") from None
 
 
 def _compact(params: dict[str, Any]) -> str:

@@ -70,6 +70,8 @@ def load_spec(path: Path) -> SweepSpec:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(str(path), "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), f"cannot read it: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from None
     return parse_spec(data, str(path))
@@ -82,14 +84,16 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> SweepSpec:
     runs = data.get("run")
     if not isinstance(runs, list) or not runs:
         raise ConfigError(f"{source}: run", "needs at least one [[run]] table")
-    out = Path(data.get("out", Path("out") / f"sweep-{Path(source).stem}"))
+    out = data.get("out", str(Path("out") / f"sweep-{Path(source).stem}"))
+    if not isinstance(out, str) or not out:
+        raise ConfigError(f"{source}: out", "must be a non-empty string (a folder)")
     points: list[Point] = []
     for i, run in enumerate(runs):
         points += _points(run, f"{source}: run[{i}]")
     ids = [p.point_id for p in points]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{source}: run", "the same point appears twice")
-    return SweepSpec(source, out, points)
+    return SweepSpec(source, Path(out), points)
 
 
 def _points(run: Any, where: str) -> list[Point]:

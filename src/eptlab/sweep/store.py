@@ -42,25 +42,34 @@ class SweepStore:
         self.log = self.out / "points.jsonl"
 
     def part(self, point: Point) -> Path:
-        return self.data / f"experiment={point.experiment}" / f"part-{point.point_id}.parquet"
+        return self._part(point.experiment, point.point_id)
+
+    def _part(self, experiment: object, point_id: str) -> Path:
+        return self.data / f"experiment={experiment}" / f"part-{point_id}.parquet"
 
     def done(self) -> set[str]:
-        """Ids of points finished with ``ok`` whose part file exists."""
+        """Ids of points whose last record is ``ok``, with their part file or no rows at all."""
+        last = {str(r["point_id"]): r for r in self._records() if "point_id" in r}
+        return {
+            pid
+            for pid, r in last.items()
+            if r.get("status") == "ok"
+            and (r.get("rows") == 0 or self._part(r.get("experiment"), pid).exists())
+        }
+
+    def _records(self) -> list[dict[str, Any]]:
+        """The log's records in order; lines cut short by an interruption are skipped."""
         if not self.log.exists():
-            return set()
-        ok: dict[str, str] = {}
+            return []
+        records = []
         for line in self.log.read_text().splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut short by an interruption
-            if record.get("status") == "ok":
-                ok[record["point_id"]] = record["experiment"]
-        return {
-            pid
-            for pid, name in ok.items()
-            if (self.data / f"experiment={name}" / f"part-{pid}.parquet").exists()
-        }
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
 
     def save(self, result: PointResult) -> None:
         point = result.point
@@ -91,14 +100,9 @@ class SweepStore:
 
     def points(self) -> pd.DataFrame:
         """The point log, last record per point."""
-        if not self.log.exists():
+        records = [r for r in self._records() if "point_id" in r]
+        if not records:
             return pd.DataFrame(columns=["point_id", "experiment", "status", "error"])
-        records = []
-        for line in self.log.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
         return pd.DataFrame(records).drop_duplicates("point_id", keep="last")
 
 
