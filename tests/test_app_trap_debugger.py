@@ -306,3 +306,22 @@ def test_bad_parameters() -> None:
         HeapWorkload(write_share=2.0)
     with pytest.raises(ConfigError):
         HeapGuest(heap_pages=4)
+
+
+def test_score_counts_every_alarm_that_is_not_a_bug_write() -> None:
+    """An alarm at a bug write's position but another address is a false positive, not lost."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from eptlab.apps.heap_guest import TrapStream
+    from eptlab.apps.trap_debugger import Alarm, score
+
+    stream = TrapStream(
+        gva=np.zeros(30, np.int64), kind=np.zeros(30, np.int8), values={}, calls={},
+        firings={10: (0, 0x5000), 20: (1, 0x6000)}, bug_positions=[[10], [20]],
+    )
+    alarms = [Alarm(10, 0x5000, None), Alarm(20, 0x7000, None), Alarm(25, 0x8000, None)]
+    fake = SimpleNamespace(reports=alarms, unfiltered=alarms, sync_only=alarms)
+    s = score(stream, fake)  # type: ignore[arg-type]
+    assert (s.bugs_detected, s.false_positives, s.time_to_detect) == (1, 2, [0])

@@ -209,3 +209,25 @@ def test_cli_run_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert rows[("trap-all", "emulate")]["bugs_detected"] == 10
     assert (tmp_path / "trap-debugger.png").stat().st_size > 1000
     assert main(["run", "trap-debugger", "--set", "fractions=2"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("positions", "pages_hit", "pages", "sampled", "expected"),
+    [
+        ([[5]], [[0x1000]], 4, 1, 1 / 4),  # one write, one page: the sample holds it 1 in 4
+        ([[5, 6]], [[0x1000, 0x2000]], 4, 1, 1 / 2),  # two pages in one period: 2 in 4
+        ([[5, 6]], [[0x1000, 0x1000]], 4, 1, 1 / 4),  # the same page twice in one period
+        ([[5, 15]], [[0x1000, 0x1000]], 4, 1, 1 - (3 / 4) ** 2),  # one page in two periods
+        ([[5, 6]], [[0x1000, 0x2000]], 4, 2, 1 - (2 / 4) * (1 / 3)),  # C(2,2)/C(4,2) escapes
+        ([[5]], [[0x1000]], 4, 0, 0.0),
+        ([[5]], [[0x1000]], 4, 4, 1.0),
+        ([[5], [5, 15]], [[0x1000], [0x1000, 0x1000]], 4, 1, (1 / 4 + 7 / 16) / 2),
+    ],
+)
+def test_sampling_theory_by_hand(
+    positions: list[list[int]], pages_hit: list[list[int]], pages: int, sampled: int,
+    expected: float,
+) -> None:
+    """C(N-m, s) / C(N, s) escapes per period, worked out by hand (period 10)."""
+    got = expected_detection(positions, pages_hit, pages=pages, sampled=sampled, period=10)
+    assert got == pytest.approx(expected)

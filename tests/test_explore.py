@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -416,15 +417,33 @@ def test_server_serves_the_page_on_loopback(tmp_path: Path) -> None:
     page.write_text(render_page(explorer_data(walk(), command="eptlab explore")))
     server = make_server(page, 0)
     assert server.server_address[0] == "127.0.0.1"
+    (tmp_path / "secret.csv").write_text("results")
     thread = serve_in_thread(server)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    refused = []
     try:
         with urllib.request.urlopen(url_of(server, page), timeout=10) as response:
             body = response.read().decode()
+        with urllib.request.urlopen(base + "/", timeout=10) as response:
+            assert response.read().decode() == body
+        for path in ("/secret.csv", "/../etc/passwd", "/explorer.html/..", "/?x=/secret.csv/"):
+            try:
+                urllib.request.urlopen(base + path, timeout=10)
+            except urllib.error.HTTPError as err:
+                refused.append(err.code)
     finally:
         server.shutdown()
         server.server_close()
         thread.join(5)
     assert len(embedded(body)["cells"]) == 24  # type: ignore[arg-type]
+    assert refused == [404, 404, 404]  # the query string does not change the path: "/" served
+
+
+def test_addresses_outside_64_bits_are_refused(tmp_path: Path) -> None:
+    out = tmp_path / "e.html"
+    assert main(["explore", "--out", str(out), "--gva", "-1"]) == 2
+    assert main(["walk", "--gva", hex(1 << 64)]) == 2
+    assert main(["explore", "--out", str(out), "--gva", "0xffffffffffffffff"]) == 0
 
 
 def test_cli_serve_prints_the_url_and_serves(tmp_path: Path) -> None:

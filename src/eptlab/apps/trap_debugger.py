@@ -397,7 +397,9 @@ def score(stream: TrapStream, debugger: TrapDebugger | None) -> Score:
         return first
 
     def false(alarms: list[Alarm]) -> int:
-        return sum(1 for a in alarms if a.position not in stream.firings)
+        """Alarms that are not a bug write: another position, or the bug's position with
+        another address (which would be a debugger defect, so it counts against it)."""
+        return sum(1 for a in alarms if stream.firings.get(a.position, (None, None))[1] != a.gpa)
 
     found = detected(debugger.reports)
     delays = [found[b] - stream.bug_positions[b][0] for b in sorted(found)]

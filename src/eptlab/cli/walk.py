@@ -50,9 +50,12 @@ def _perms(value: str) -> str:
 
 def _address(value: str) -> int:
     try:
-        return int(value, 0)
+        address = int(value, 0)
     except ValueError:
         raise typer.BadParameter(f"{value!r} is not an integer (use 0x... for hex)") from None
+    if not 0 <= address < 1 << 64:
+        raise typer.BadParameter(f"{value!r} is not a 64-bit address (0 .. 2^64-1)")
+    return address
 
 
 def walk_space(
