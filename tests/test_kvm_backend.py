@@ -296,3 +296,39 @@ def test_kernel_patches_trap_on_a_read_only_code_page_and_run_once_emulated() ->
         # the patches alternate jmp / nop and the emulated bytes are what the guest executes next
         assert [data[0] for _, data in trapped] == [0xE9, 0x0F] * 5
         assert g.memory.read(site, 8) == nop5_nop3  # an even number of flips: back to the NOP
+
+
+# -- review fixes ----------------------------------------------------------------------------------
+
+
+def test_a_device_that_is_not_kvm_is_unavailable_and_not_leaked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from eptlab.errors import KvmUnavailable
+    from eptlab.kvm.results import unavailable
+
+    monkeypatch.setenv("EPTLAB_KVM_DEVICE", "/dev/null")
+    fds = open_fds()
+    with pytest.raises(KvmUnavailable, match="/dev/null is not a KVM device") as info:
+        Kvm.open()
+    assert "KVM_GET_API_VERSION" in str(info.value)
+    assert open_fds() == fds  # the exception is still referenced: the fd was closed, not collected
+    reason = unavailable()
+    assert reason is not None and "/dev/null" in reason
+
+
+@pytest.mark.kvm
+def test_create_vm_closes_the_vm_fd_when_a_later_ioctl_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    def fail(self: Kvm) -> int:
+        raise KvmError("KVM_GET_VCPU_MMAP_SIZE", errno.EINVAL)
+
+    with Kvm.open() as kvm:
+        fds = open_fds()
+        monkeypatch.setattr(Kvm, "vcpu_mmap_size", fail)
+        with pytest.raises(KvmError, match="KVM_GET_VCPU_MMAP_SIZE") as info:
+            kvm.create_vm()
+        assert info.value is not None and open_fds() == fds

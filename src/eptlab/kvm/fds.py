@@ -139,7 +139,11 @@ class Kvm(_Fd):
         except OSError as exc:
             raise KvmUnavailable(f"cannot open {path}: {exc.strerror}") from exc
         kvm = cls(fd)
-        version = kvm.api_version()
+        try:
+            version = kvm.api_version()
+        except KvmError as exc:  # it opened, but it is not KVM (e.g. /dev/null)
+            kvm.close()
+            raise KvmUnavailable(f"{path} is not a KVM device: {exc}") from exc
         if version != abi.API_VERSION:
             kvm.close()
             raise KvmUnavailable(f"KVM API version {version}, expected {abi.API_VERSION}")
@@ -161,7 +165,13 @@ class Kvm(_Fd):
         return cpuid
 
     def create_vm(self) -> VmFd:
-        return VmFd(self._ioctl("KVM_CREATE_VM", 0), self.vcpu_mmap_size())
+        vm = VmFd(self._ioctl("KVM_CREATE_VM", 0), 0)  # owned (closed on error) from here
+        try:
+            vm.vcpu_mmap_size = self.vcpu_mmap_size()
+        except BaseException:
+            vm.close()
+            raise
+        return vm
 
 
 class VmFd(_Fd):
