@@ -332,3 +332,46 @@ def test_create_vm_closes_the_vm_fd_when_a_later_ioctl_fails(
         with pytest.raises(KvmError, match="KVM_GET_VCPU_MMAP_SIZE") as info:
             kvm.create_vm()
         assert info.value is not None and open_fds() == fds
+
+
+@pytest.mark.kvm
+def test_pre_fault_memory_is_called_again_until_the_whole_range_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    from eptlab.kvm import fds
+
+    real_ioctl = fds.ioctl
+    calls: list[tuple[int, int]] = []
+    # what each call does: advance by n bytes and succeed, or fail with an errno, no progress
+    script: list[int | str] = [4096, "EINTR", 3 * 4096, "EAGAIN", 1 << 30]
+
+    def fake(fd: int, name: str, arg: fds.Arg = None) -> int:
+        if name != "KVM_PRE_FAULT_MEMORY":
+            return real_ioctl(fd, name, arg)
+        assert isinstance(arg, abi.PreFaultMemory)
+        calls.append((int(arg.gpa), int(arg.size)))
+        step = script.pop(0)
+        if isinstance(step, str):
+            raise KvmError(name, getattr(errno, step))
+        n = min(step, int(arg.size))
+        arg.gpa, arg.size = arg.gpa + n, arg.size - n
+        return 0
+
+    with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), "touch") as g:
+        monkeypatch.setattr(fds, "ioctl", fake)
+        g.vcpu.pre_fault_memory(DATA_BASE, 64 << 10)
+        # called until size is 0, retried on EINTR / EAGAIN, each call from where KVM stopped
+        assert calls == [(DATA_BASE, 64 << 10), (DATA_BASE + 4096, 60 << 10),
+                         (DATA_BASE + 4096, 60 << 10), (DATA_BASE + 4 * 4096, 48 << 10),
+                         (DATA_BASE + 4 * 4096, 48 << 10)]
+        assert not script
+        # other errors are raised, and a call that never progresses does not spin for ever
+        script[:] = ["EOPNOTSUPP"]
+        with pytest.raises(KvmError, match="KVM_PRE_FAULT_MEMORY") as info:
+            g.vcpu.pre_fault_memory(DATA_BASE, 4096)
+        assert info.value.errno == errno.EOPNOTSUPP
+        script[:] = ["EAGAIN"] * fds.MAX_RETRIES
+        with pytest.raises(KvmError, match="no progress"):
+            g.vcpu.pre_fault_memory(DATA_BASE, 4096)

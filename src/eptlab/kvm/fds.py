@@ -45,6 +45,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc.ioctl.restype = ctypes.c_int
 
+MAX_RETRIES = 1000
+"""Calls in a row that may return EAGAIN (or EINTR, or no progress) before the ioctl is given up
+on with a ``KvmError`` instead of spinning: ``KVM_PRE_FAULT_MEMORY`` and ``KVM_RUN``."""
+
 Arg = ctypes.Structure | ctypes.Array[Any] | int | None
 
 
@@ -353,12 +357,28 @@ class VcpuFd(_Fd):
     def stats(self) -> StatsFd:
         return StatsFd(self._ioctl("KVM_GET_STATS_FD"))
 
-    def pre_fault_memory(self, gpa: int, size: int) -> int:
+    def pre_fault_memory(self, gpa: int, size: int) -> None:
         """Map ``[gpa, gpa + size)`` in the VM's second-level tables ahead of the guest.
-        Returns the bytes left (the kernel may stop early)."""
+
+        One call may do part of the range (KVM advances ``gpa`` and shrinks ``size`` to what is
+        left) or be interrupted (EINTR, EAGAIN), so it is called again until ``size`` is 0
+        (Documentation/virt/kvm/api.rst, "KVM_PRE_FAULT_MEMORY"; the kernel's selftest
+        ``pre_fault_memory_test.c`` loops the same way). Any other errno raises ``KvmError``;
+        so do :data:`MAX_RETRIES` calls in a row that make no progress."""
         request = abi.PreFaultMemory(gpa=gpa, size=size)
-        self._ioctl("KVM_PRE_FAULT_MEMORY", request)
-        return int(request.size)
+        stalled = 0
+        while request.size:
+            left = int(request.size)
+            try:
+                self._ioctl("KVM_PRE_FAULT_MEMORY", request)
+            except KvmError as exc:
+                if exc.errno not in (errno_mod.EINTR, errno_mod.EAGAIN):
+                    raise
+            stalled = 0 if request.size < left else stalled + 1
+            if stalled >= MAX_RETRIES:
+                raise KvmError("KVM_PRE_FAULT_MEMORY", errno_mod.EAGAIN,
+                               f"no progress in {stalled} calls, {request.size} of {size} "
+                               f"bytes left at GPA {request.gpa:#x}")
 
     # -- dirty ring -----------------------------------------------------------------------------
 
