@@ -375,3 +375,33 @@ def test_pre_fault_memory_is_called_again_until_the_whole_range_is_done(
         script[:] = ["EAGAIN"] * fds.MAX_RETRIES
         with pytest.raises(KvmError, match="no progress"):
             g.vcpu.pre_fault_memory(DATA_BASE, 4096)
+
+
+@pytest.mark.kvm
+def test_kvm_run_returning_eagain_for_ever_is_an_error_not_a_spin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ctypes
+    import errno
+
+    from eptlab.kvm import fds
+
+    real = fds._libc
+
+    class AlwaysEagain:  # KVM_RUN fails with EAGAIN; every other ioctl is the real one
+        calls = 0
+
+        def ioctl(self, fd: int, request: int, arg: object) -> int:
+            if request != abi.IOCTLS["KVM_RUN"]:
+                return int(real.ioctl(fd, request, arg))
+            self.calls += 1
+            ctypes.set_errno(errno.EAGAIN)
+            return -1
+
+    with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), "spin") as g:
+        g.start()
+        libc = AlwaysEagain()
+        monkeypatch.setattr(fds, "_libc", libc)
+        with pytest.raises(KvmError, match="EAGAIN 1000 times in a row") as info:
+            g.run(timeout=30)  # the watchdog would stop it only after 30 s
+        assert info.value.ioctl == "KVM_RUN" and libc.calls == fds.MAX_RETRIES

@@ -286,15 +286,20 @@ class VcpuFd(_Fd):
         self._run.immediate_exit = int(value)
 
     def run(self) -> VcpuExit:
-        """KVM_RUN until the next exit to userspace, decoded. EINTR is :class:`Interrupted`."""
+        """KVM_RUN until the next exit to userspace, decoded. EINTR is :class:`Interrupted`;
+        EAGAIN is retried, at most :data:`MAX_RETRIES` times in a row (then ``KvmError``)."""
         if self.closed:
             raise KvmError("KVM_RUN", errno_mod.EBADF, "the vCPU fd is closed")
-        if _libc.ioctl(self.fd, self._run_number, None) < 0:
+        for _ in range(MAX_RETRIES):
+            if _libc.ioctl(self.fd, self._run_number, None) >= 0:
+                return self._decode()
             err = ctypes.get_errno()
-            if err in (errno_mod.EINTR, errno_mod.EAGAIN):
+            if err == errno_mod.EINTR or (err == errno_mod.EAGAIN and self.immediate_exit):
                 return Interrupted()
-            raise KvmError("KVM_RUN", err)
-        return self._decode()
+            if err != errno_mod.EAGAIN:
+                raise KvmError("KVM_RUN", err)
+        raise KvmError("KVM_RUN", errno_mod.EAGAIN,
+                       f"returned EAGAIN {MAX_RETRIES} times in a row; the vCPU cannot run")
 
     def _decode(self) -> VcpuExit:
         run = self._run
