@@ -225,6 +225,8 @@ def test_read_only_slot_traps_every_write_and_emulation_completes_it() -> None:
 def test_misbehaving_guests_are_reported_and_cleaned_up(
     guest: str, match: str, record: type
 ) -> None:
+    with pytest.raises(GuestError):  # warm-up: image built, CPUID cached, timer thread's arena
+        run_guest(guest, timeout=0.3)
     fds, maps = open_fds(), mappings()
     with pytest.raises(GuestError, match=match) as info:
         run_guest(guest, timeout=0.3)
@@ -405,3 +407,60 @@ def test_kvm_run_returning_eagain_for_ever_is_an_error_not_a_spin(
         with pytest.raises(KvmError, match="EAGAIN 1000 times in a row") as info:
             g.run(timeout=30)  # the watchdog would stop it only after 30 s
         assert info.value.ioctl == "KVM_RUN" and libc.calls == fds.MAX_RETRIES
+
+
+def _run_in_thread(target: object, join_timeout: float = 20.0) -> BaseException | None:
+    """Run ``target()`` in a daemon thread; its exception (None if it returned). Fails the test
+    instead of hanging when the thread is still running after ``join_timeout``."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def body() -> None:
+        try:
+            target()  # type: ignore[operator]
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    thread.join(join_timeout)
+    assert not thread.is_alive(), "the guest is still running: the watchdog was off"
+    return outcome[0]
+
+
+@pytest.mark.kvm
+def test_watchdog_stops_a_spinning_guest_in_another_thread() -> None:
+    import signal
+
+    from eptlab.kvm.backend import install_watchdog_handler
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        install_watchdog_handler()  # from the main thread, once
+        error = _run_in_thread(lambda: run_guest("spin", timeout=0.3))
+        assert isinstance(error, GuestError) and "watchdog" in str(error)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("disposition", ["SIG_DFL", "SIG_IGN"])
+def test_watchdog_without_a_handler_in_another_thread_is_a_clear_error(disposition: str) -> None:
+    import signal
+
+    from eptlab.errors import WatchdogUnavailable
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        signal.signal(signal.SIGUSR1, getattr(signal, disposition))
+        _run_in_thread(lambda: None)  # warm-up: a thread's first malloc arena stays mapped
+        fds, maps = open_fds(), mappings()
+        error = _run_in_thread(lambda: run_guest("spin", timeout=0.3))
+        assert isinstance(error, WatchdogUnavailable)
+        assert "install_watchdog_handler" in str(error)
+        del error
+        assert (open_fds(), mappings()) == (fds, maps)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

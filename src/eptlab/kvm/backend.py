@@ -19,8 +19,10 @@ The run loop asks the application's handler first, then the standard handling (D
 REPORT stores a value, NOP and ROUND resume, HLT stops). An exit nobody takes -- an unknown
 hypercall, a triple fault, an internal error, a stray MMIO -- raises
 :class:`~eptlab.errors.GuestError` with the record. A watchdog (signal + ``immediate_exit``)
-stops a guest that runs past its deadline. Descriptors and mappings are released by
-:meth:`KvmGuest.close` (or ``with``), also on errors.
+stops a guest that runs past its deadline, in any thread once SIGUSR1 has a handler
+(:func:`install_watchdog_handler`; a run in the main thread installs it, a run elsewhere without
+it raises :class:`~eptlab.errors.WatchdogUnavailable` rather than run unguarded). Descriptors
+and mappings are released by :meth:`KvmGuest.close` (or ``with``), also on errors.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..arch.exits import EptQual, EptViolation, ExitReason, PmlFull
-from ..errors import ConfigError, GuestError, KvmError
+from ..errors import ConfigError, GuestError, KvmError, WatchdogUnavailable
 from ..hv.exits import Hlt, TripleFault, Vmcall
 from . import abi, build
 from .fds import Kvm, StatsFd, VcpuFd, VmFd
@@ -283,40 +285,65 @@ def exit_record(
 # -- the watchdog --------------------------------------------------------------------------------
 
 
+WATCHDOG_SIGNAL = signal.SIGUSR1
+
+
+def _kick(signum: int, frame: object) -> None:
+    """The watchdog's handler does nothing: delivering the signal is what makes ``KVM_RUN`` in
+    the vCPU's thread return EINTR."""
+
+
+def _handled() -> bool:
+    """Whether the watchdog's signal has a Python handler. SIG_DFL would kill the process and
+    SIG_IGN discards the signal before it can interrupt ``KVM_RUN``."""
+    return callable(signal.getsignal(WATCHDOG_SIGNAL))
+
+
+def install_watchdog_handler() -> None:
+    """Give SIGUSR1 a (no-op) handler for the whole process, once, so the watchdog can interrupt
+    ``KVM_RUN`` in any thread. Python installs handlers only from the main thread: a run in the
+    main thread does this itself; call it there before running guests in other threads. A
+    Python handler already in place is kept (any Python handler interrupts ``KVM_RUN``; it is
+    called, in the main thread, each time a watchdog fires)."""
+    if _handled():
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise WatchdogUnavailable(
+            "SIGUSR1 has no handler and only the main thread can install one: call "
+            "eptlab.kvm.backend.install_watchdog_handler() from the main thread first")
+    signal.signal(WATCHDOG_SIGNAL, _kick)
+
+
 class Watchdog:
     """Stops ``KVM_RUN`` after ``seconds``: sets ``immediate_exit`` and sends SIGUSR1 to the
-    running thread (a no-op handler, so the ioctl returns EINTR)."""
+    running thread (a no-op handler, so the ioctl returns EINTR). Never silently off: without
+    a usable handler (see :func:`install_watchdog_handler`) entering it raises
+    :class:`~eptlab.errors.WatchdogUnavailable`."""
 
     def __init__(self, vcpu: VcpuFd, seconds: float) -> None:
         self.vcpu, self.seconds = vcpu, seconds
         self.fired = False
         self._thread_id = threading.get_ident()
         self._timer: threading.Timer | None = None
-        self._previous: object = None
-        self._installed = False
 
     def _fire(self) -> None:
         self.fired = True
         self.vcpu.immediate_exit = True
         with contextlib.suppress(ProcessLookupError):
-            signal.pthread_kill(self._thread_id, signal.SIGUSR1)
+            signal.pthread_kill(self._thread_id, WATCHDOG_SIGNAL)
 
     def __enter__(self) -> Watchdog:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGUSR1, lambda *_: None)
-            self._installed = True
-        if self._installed or signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):
-            self._timer = threading.Timer(self.seconds, self._fire)
-            self._timer.daemon = True
-            self._timer.start()
+        install_watchdog_handler()
+        self._thread_id = threading.get_ident()
+        self._timer = threading.Timer(self.seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer.join()
-        if self._installed:
-            signal.signal(signal.SIGUSR1, self._previous)  # type: ignore[arg-type]
         if not self.vcpu.closed:
             self.vcpu.immediate_exit = False
 
