@@ -84,15 +84,27 @@ def test_write_to_read_only_slot_is_a_write_protection_violation() -> None:
     assert q & EptQual.WRITE and q & EptQual.READABLE and not q & EptQual.WRITABLE
 
 
-@given(gpa=st.integers(0, 8 << 20), write=st.booleans())
-def test_mmio_qualification_follows_the_slots(gpa: int, write: bool) -> None:
+@given(
+    flags=st.lists(st.sampled_from([0, abi.MemFlag.READONLY, abi.MemFlag.LOG_DIRTY_PAGES]),
+                   min_size=1, max_size=4),
+    gpa=st.integers(0, 10 << 20),
+    write=st.booleans(),
+)
+def test_mmio_record_follows_the_slot_flags(flags: list[int], gpa: int, write: bool) -> None:
+    slots = [SlotSpec(i * (2 << 20), 2 << 20, f) for i, f in enumerate(flags)]
+    # the expectation, from the slot flags alone (SDM Vol. 3C Table 28-7, bits 0-5)
+    index = gpa // (2 << 20)
+    slot_flags = flags[index] if index < len(flags) else None
     vexit = MmioWrite(gpa, b"\0" * 8) if write else MmioRead(gpa, 8)
-    record, _ = exit_record(vexit, SLOTS, regs)
-    assert isinstance(record, EptViolation) and record.gpa == gpa
-    q = EptQual(record.qualification)
-    assert bool(q & EptQual.WRITE) == write and bool(q & EptQual.READ) == (not write)
-    assert bool(q & EptQual.READABLE) == (gpa < 4 << 20)  # inside a slot: mapped read-only
-    assert not q & EptQual.WRITABLE
+    record, data = exit_record(vexit, slots, regs)
+    if slot_flags is None:  # no slot: not present, no permission bits
+        assert record == EptViolation(gpa, None, EptQual.WRITE if write else EptQual.READ)
+    elif write and slot_flags & abi.MemFlag.READONLY:  # write-protected: readable, executable
+        assert record == EptViolation(
+            gpa, None, EptQual.WRITE | EptQual.READABLE | EptQual.EXECUTABLE)
+        assert data == b"\0" * 8
+    else:  # a readable page read, or a writable one written: no EPT violation is possible
+        assert isinstance(record, KvmFailure) and hex(gpa) in record.what
 
 
 def test_access_outside_every_slot_is_a_not_present_violation() -> None:

@@ -8,6 +8,7 @@ KVM exit                               eptlab record                            
 MMIO write into a read-only memslot    :class:`~eptlab.arch.exits.EptViolation`,        EPT viol.
                                        qualification WRITE | READABLE | EXECUTABLE
 MMIO access outside every memslot      ``EptViolation``, no permission bits            EPT viol.
+other MMIO inside a memslot (a read)   :class:`KvmFailure`                             --
 HLT                                    :class:`~eptlab.hv.exits.Hlt`                   HLT
 SHUTDOWN (triple fault)                :class:`~eptlab.hv.exits.TripleFault`           triple f.
 DIRTY_RING_FULL                        :class:`~eptlab.arch.exits.PmlFull`             PML full
@@ -257,13 +258,22 @@ def exit_record(
         return PortIo(vexit.port, False), b""
     if isinstance(vexit, MmioWrite | MmioRead):
         write = isinstance(vexit, MmioWrite)
-        qualification = EptQual.WRITE if write else EptQual.READ
-        if any(s.gpa <= vexit.gpa < s.gpa + s.size for s in slots):
-            # inside a slot, so a read-only one: readable and executable, not writable
-            # (SDM Vol. 3C Table 28-7, bits 3-5)
-            qualification |= EptQual.READABLE | EptQual.EXECUTABLE
-        data = vexit.data if isinstance(vexit, MmioWrite) else b""
-        return EptViolation(vexit.gpa, None, int(qualification)), data
+        slot = next((s for s in slots if s.gpa <= vexit.gpa < s.gpa + s.size), None)
+        if slot is None:  # nothing mapped: an EPT violation with no permission bits
+            qualification = EptQual.WRITE if write else EptQual.READ
+            data = vexit.data if isinstance(vexit, MmioWrite) else b""
+            return EptViolation(vexit.gpa, None, int(qualification)), data
+        if isinstance(vexit, MmioWrite) and slot.flags & abi.MemFlag.READONLY:
+            # a write to a read-only slot: the page is readable and executable, not writable
+            # (SDM Vol. 3C Table 28-7, exit qualification bits 3-5). KVM does not report the
+            # guest-linear address: bits 7-8 (GLA valid, translation) are unknown, not 0.
+            qualification = EptQual.WRITE | EptQual.READABLE | EptQual.EXECUTABLE
+            return EptViolation(vexit.gpa, None, int(qualification)), vexit.data
+        # A read of a readable GPA, or a write to a writable slot, cannot be an EPT violation:
+        # KVM sent it to userspace for a reason of its own.
+        kind = "write" if write else "read"
+        return KvmFailure(f"MMIO {kind} of GPA {vexit.gpa:#x} inside memslot "
+                          f"{slots.index(slot)} (flags {slot.flags:#x})", (vexit.gpa,)), b""
     if isinstance(vexit, HltExit):
         return Hlt(), b""
     if isinstance(vexit, ShutdownExit):
