@@ -248,7 +248,13 @@ def exit_record(
 ) -> tuple[KvmRecord, bytes]:
     """The eptlab record for one decoded KVM exit, and the bytes of a write that was not
     performed. A plain function of the exit (tests feed it synthetic exits, no VM needed);
-    ``get_regs`` is called only for a hypercall."""
+    ``get_regs`` is called only for a hypercall.
+
+    KVM reports an MMIO exit's guest-physical address only, never the guest-linear one: an
+    ``EptViolation`` from here has ``gla=None`` and qualification bits 7-8 (GLA valid, access
+    to the translation) clear, which means *unknown*, not "no linear address" as it would on
+    hardware (SDM Vol. 3C Table 28-7). Compare those bits with the simulator's only where both
+    engines can know them."""
     if isinstance(vexit, IoOut):
         if vexit.port == HC_PORT:
             regs = get_regs()
