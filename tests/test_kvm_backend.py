@@ -476,3 +476,27 @@ def test_watchdog_without_a_handler_in_another_thread_is_a_clear_error(dispositi
         assert (open_fds(), mappings()) == (fds, maps)
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.kvm
+def test_kvm_failures_are_counted_as_such_not_as_an_architectural_exit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from eptlab.arch.exits import ExitReason
+
+    exits = iter([InternalError(1, (2,)), InternalError(3, ()), HltExit()])
+    with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), "halt", user=False) as g:
+        g.start()
+        monkeypatch.setattr(g.vcpu, "run", lambda: next(exits))
+        seen: list[object] = []
+
+        def accept_failures(e: KvmExit) -> Resume | None:
+            if isinstance(e.record, KvmFailure):
+                seen.append(e.record)
+                return Resume.CONTINUE
+            return None
+
+        result = g.run(accept_failures)
+    assert len(seen) == 2 and result.halted
+    assert dict(result.exits) == {"KVM_FAILURE": 2, "HLT": 1}
+    assert "KVM_FAILURE" not in ExitReason.__members__  # its own name, no SDM reason reused

@@ -89,15 +89,24 @@ class PortIo:
 
 @dataclass(frozen=True, slots=True)
 class KvmFailure:
-    """KVM could not run the guest: internal error, failed entry, an exit it does not name."""
+    """KVM could not run the guest: internal error, failed entry, an exit it does not name.
+    Not a VM exit of the architecture, so it has no ``reason``; it is counted as
+    :data:`KVM_FAILURE` (see :func:`record_name`)."""
 
-    reason: ClassVar[ExitReason] = ExitReason.EXCEPTION_NMI
     what: str
     detail: tuple[int, ...] = ()
     qualification: int = 0
 
 
 KvmRecord = Vmcall | EptViolation | Hlt | TripleFault | PmlFull | PortIo | KvmFailure
+
+KVM_FAILURE = "KVM_FAILURE"
+
+
+def record_name(record: KvmRecord) -> str:
+    """The name a record is counted under: its SDM exit reason, or :data:`KVM_FAILURE` for
+    what KVM could not run (no architectural reason number stands for that)."""
+    return KVM_FAILURE if isinstance(record, KvmFailure) else record.reason.name
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,7 @@ Handler = Callable[[KvmExit], Resume | None]
 
 @dataclass
 class RunResult:
-    exits: Counter[str] = field(default_factory=Counter)  # by record reason name
+    exits: Counter[str] = field(default_factory=Counter)  # by record_name(): reason or KVM_FAILURE
     hypercalls: Counter[str] = field(default_factory=Counter)
     reports: dict[int, int] = field(default_factory=dict)  # REPORT(key, value)
     status: int | None = None  # DONE's argument
@@ -499,7 +508,7 @@ class KvmGuest:
                             "(stopped by the watchdog)")
                     continue
                 record, data = self.record(vexit)
-                result.exits[record.reason.name] += 1
+                result.exits[record_name(record)] += 1
                 kvm_exit = KvmExit(self, record, data)
                 resume = handler(kvm_exit) if handler is not None else None
                 if resume is None:
