@@ -500,3 +500,20 @@ def test_kvm_failures_are_counted_as_such_not_as_an_architectural_exit(
     assert len(seen) == 2 and result.halted
     assert dict(result.exits) == {"KVM_FAILURE": 2, "HLT": 1}
     assert "KVM_FAILURE" not in ExitReason.__members__  # its own name, no SDM reason reused
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(("guest", "memory", "match"),
+                         [("no-such-guest", 8 << 20, "guest"),  # the image cannot be built
+                          ("halt", 7 << 20, "memory")])  # no 2 MiB slot layout for 7 MiB
+def test_an_early_construction_error_releases_owned_memory(
+    guest: str, memory: int, match: str
+) -> None:
+    with Kvm.open() as kvm:
+        run_guest("halt", kvm=kvm, user=False)  # warm-up: image built, CPUID cached
+        fds, maps = open_fds(), mappings()
+        with pytest.raises(ConfigError, match=match) as info:
+            KvmGuest(kvm, GuestMemory(memory), guest)
+        # the exception (and its frames) is still referenced: released by the guest, not the GC
+        assert info.value is not None
+        assert (open_fds(), mappings()) == (fds, maps)

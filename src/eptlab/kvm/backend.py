@@ -409,12 +409,12 @@ class KvmGuest:
         user: bool = True,
     ) -> None:
         self.kvm, self.memory, self.name, self.user = kvm, memory, guest, user
-        self.image = image(guest)
-        self.slots = list(slots) if slots is not None else default_slots(memory.size)
         self._stack = contextlib.ExitStack()
         try:
-            if own_memory:
+            if own_memory:  # first, so any failure below releases the memory
                 self._stack.callback(memory.close)
+            self.image = image(guest)
+            self.slots = list(slots) if slots is not None else default_slots(memory.size)
             self.vm: VmFd = self._stack.enter_context(kvm.create_vm())
             self.ring = None
             if dirty_ring:
