@@ -517,3 +517,20 @@ def test_an_early_construction_error_releases_owned_memory(
         # the exception (and its frames) is still referenced: released by the guest, not the GC
         assert info.value is not None
         assert (open_fds(), mappings()) == (fds, maps)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("readonly", [0, abi.MemFlag.READONLY])
+def test_slot_flags_change_only_when_kvm_takes_the_new_slot(readonly: int) -> None:
+    bogus = 1 << 7  # not a memslot flag: KVM answers EINVAL
+    with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), "touch") as g:
+        before = list(g.slots)
+        with pytest.raises(KvmError, match="KVM_SET_USER_MEMORY_REGION"):
+            g.set_slot_flags(1, readonly | bogus)
+        assert g.slots == before
+        # and the slot KVM has is still the old one: the guest's writes land in memory
+        g.start(r8=DATA_BASE, r9=4, r10=4096, r11=9, r12=1)
+        assert g.run().status == 0
+        assert [g.memory.read_u64(DATA_BASE + i * 4096) for i in range(4)] == [9] * 4
+        g.set_slot_flags(1, abi.MemFlag.LOG_DIRTY_PAGES)  # a valid change is recorded
+        assert g.slots[1].flags == abi.MemFlag.LOG_DIRTY_PAGES

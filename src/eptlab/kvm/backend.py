@@ -443,14 +443,25 @@ class KvmGuest:
 
     def set_slot_flags(self, index: int, flags: int) -> None:
         """Change a slot's flags. KVM changes only LOG_DIRTY_PAGES in place; for READONLY the
-        slot is deleted and created again."""
+        slot is deleted and created again. ``slots`` changes only once KVM took the new slot;
+        when it refuses, the old slot is put back (or, if even that fails, recorded as gone)."""
         slot = self.slots[index]
         if slot.flags == flags:
             return
-        if (slot.flags ^ flags) & abi.MemFlag.READONLY:
+        new = SlotSpec(slot.gpa, slot.size, flags)
+        if not (slot.flags ^ flags) & abi.MemFlag.READONLY:
+            self._set_slot(index, new)
+        else:
             self.vm.set_user_memory_region(index, slot.gpa, 0, self.memory.address + slot.gpa, 0)
-        self.slots[index] = SlotSpec(slot.gpa, slot.size, flags)
-        self._set_slot(index, self.slots[index])
+            try:
+                self._set_slot(index, new)
+            except KvmError:
+                try:
+                    self._set_slot(index, slot)
+                except KvmError:
+                    self.slots[index] = SlotSpec(slot.gpa, 0)  # deleted: no memory there now
+                raise
+        self.slots[index] = new
 
     def slot_of(self, gpa: int) -> int | None:
         for index, slot in enumerate(self.slots):
