@@ -534,3 +534,27 @@ def test_slot_flags_change_only_when_kvm_takes_the_new_slot(readonly: int) -> No
         assert [g.memory.read_u64(DATA_BASE + i * 4096) for i in range(4)] == [9] * 4
         g.set_slot_flags(1, abi.MemFlag.LOG_DIRTY_PAGES)  # a valid change is recorded
         assert g.slots[1].flags == abi.MemFlag.LOG_DIRTY_PAGES
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("user", [False, True])
+def test_tr_is_loaded_from_a_64_bit_tss_descriptor_in_the_guest_gdt(user: bool) -> None:
+    import struct
+
+    from eptlab.kvm.backend import image
+
+    for name in build.available():
+        img = image(name)
+        with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), name, user=user) as g:
+            tr = g.vcpu.get_sregs().tr
+        # decode the GDT entry TR selects straight from the image bytes (SDM Vol. 3A §8.2.3)
+        assert tr.selector % 8 == 0 and tr.selector + 15 <= img.gdt_limit
+        lo, hi = struct.unpack_from("<QQ", img.data, img.gdt - build.LOAD_ADDRESS + tr.selector)
+        access = lo >> 40 & 0xFF
+        assert access & 0x80 and not access & 0x10  # present, a system descriptor
+        assert access & 0xF == 0xB == tr.type  # a busy 64-bit TSS, as after LTR
+        base = (lo >> 16 & 0xFFFFFF) | (lo >> 56 & 0xFF) << 24 | (hi & 0xFFFFFFFF) << 32
+        limit = (lo & 0xFFFF) | (lo >> 48 & 0xF) << 16
+        assert (tr.base, tr.limit) == (base, limit) and limit >= 0x67
+        # the TSS lies inside the image, clear of the GDT
+        assert img.gdt + img.gdt_limit < base and base + limit < build.LOAD_ADDRESS + len(img.data)

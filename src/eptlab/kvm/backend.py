@@ -215,6 +215,34 @@ class Image:
         return cls(name, data, entry, cr3, gdt, limit)
 
 
+    def tss(self) -> TssDescriptor:
+        """The 64-bit TSS descriptor at :data:`TSS_SELECTOR` in the image's GDT."""
+        if self.gdt_limit < TSS_SELECTOR + 15:
+            raise GuestError(self.name, f"the GDT has no TSS descriptor at {TSS_SELECTOR:#x}")
+        lo, hi = struct.unpack_from("<QQ", self.data, self.gdt - build.LOAD_ADDRESS + TSS_SELECTOR)
+        access = lo >> 40 & 0xFF  # type 3:0, S 4, DPL 6:5, P 7 (SDM Vol. 3A §8.2.3)
+        tss = TssDescriptor(
+            base=(lo >> 16 & 0xFFFFFF) | (lo >> 56 & 0xFF) << 24 | (hi & 0xFFFFFFFF) << 32,
+            limit=(lo & 0xFFFF) | (lo >> 48 & 0xF) << 16,
+            type=access & 0xF, system=not access & 0x10, present=bool(access & 0x80))
+        if not (tss.present and tss.system and tss.type in (TSS_AVAILABLE, TSS_BUSY)):
+            raise GuestError(self.name, f"GDT entry {TSS_SELECTOR:#x} is not a 64-bit TSS")
+        return tss
+
+
+TSS_SELECTOR = 0x28  # the GDT entry of the guests' TSS (guests/common.inc)
+TSS_AVAILABLE, TSS_BUSY = 0x9, 0xB  # 64-bit TSS descriptor types (SDM Vol. 3A Table 3-2)
+
+
+@dataclass(frozen=True)
+class TssDescriptor:
+    base: int
+    limit: int
+    type: int
+    system: bool
+    present: bool
+
+
 _IMAGES: dict[str, Image] = {}
 
 
@@ -479,7 +507,9 @@ class KvmGuest:
                            type=3, present=1, dpl=dpl, db=1, s=1, l=0, g=1)
         sregs.cs = code
         sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
-        sregs.tr = abi.Segment(base=0, limit=0x67, selector=0x18, type=11, present=1, s=0)
+        tss = self.image.tss()  # TR as LTR would load it: the TSS descriptor, busy
+        sregs.tr = abi.Segment(base=tss.base, limit=tss.limit, selector=TSS_SELECTOR,
+                               type=TSS_BUSY, present=1, s=0)
         sregs.gdt.base, sregs.gdt.limit = self.image.gdt, self.image.gdt_limit
         sregs.idt.base, sregs.idt.limit = 0, 0  # no IDT: any exception ends in a triple fault
         sregs.cr0, sregs.cr3 = LONG_MODE_CR0, self.image.cr3
