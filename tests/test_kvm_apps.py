@@ -167,3 +167,27 @@ def test_cli_crosscheck_exits_1_when_the_engines_disagree(
     # without the fault the same command agrees
     monkeypatch.setattr(sim, "dirty_log_pml", real)
     assert main(["kvm", "crosscheck", *args, "--json"]) == 0
+
+
+@pytest.mark.kvm
+def test_crosscheck_fork_row_fails_when_the_simulator_copies_a_page_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataclasses
+
+    from eptlab.kvm import sim
+    from eptlab.kvm.fds import Kvm
+
+    real = sim.fork
+
+    def copies_one_more(*args: object) -> sim.SimFork:
+        out = real(*args)  # type: ignore[arg-type]
+        return dataclasses.replace(out, pages_copied=[out.pages_copied[0] + 1,
+                                                      *out.pages_copied[1:]])
+
+    monkeypatch.setattr(sim, "fork", copies_one_more)
+    p = CrosscheckParams(memory_mib=8, pages=6, clones=2)
+    with Kvm.open() as kvm:
+        rows = list(Crosscheck().fork(kvm, 8 << 20, p))
+    assert [r["equal"] for r in rows] == [False, True]  # the sim side is computed, not assumed
+    assert rows[0]["sim"] == rows[0]["kvm"] + 1
