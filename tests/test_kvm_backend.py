@@ -84,15 +84,27 @@ def test_write_to_read_only_slot_is_a_write_protection_violation() -> None:
     assert q & EptQual.WRITE and q & EptQual.READABLE and not q & EptQual.WRITABLE
 
 
-@given(gpa=st.integers(0, 8 << 20), write=st.booleans())
-def test_mmio_qualification_follows_the_slots(gpa: int, write: bool) -> None:
+@given(
+    flags=st.lists(st.sampled_from([0, abi.MemFlag.READONLY, abi.MemFlag.LOG_DIRTY_PAGES]),
+                   min_size=1, max_size=4),
+    gpa=st.integers(0, 10 << 20),
+    write=st.booleans(),
+)
+def test_mmio_record_follows_the_slot_flags(flags: list[int], gpa: int, write: bool) -> None:
+    slots = [SlotSpec(i * (2 << 20), 2 << 20, f) for i, f in enumerate(flags)]
+    # the expectation, from the slot flags alone (SDM Vol. 3C Table 28-7, bits 0-5)
+    index = gpa // (2 << 20)
+    slot_flags = flags[index] if index < len(flags) else None
     vexit = MmioWrite(gpa, b"\0" * 8) if write else MmioRead(gpa, 8)
-    record, _ = exit_record(vexit, SLOTS, regs)
-    assert isinstance(record, EptViolation) and record.gpa == gpa
-    q = EptQual(record.qualification)
-    assert bool(q & EptQual.WRITE) == write and bool(q & EptQual.READ) == (not write)
-    assert bool(q & EptQual.READABLE) == (gpa < 4 << 20)  # inside a slot: mapped read-only
-    assert not q & EptQual.WRITABLE
+    record, data = exit_record(vexit, slots, regs)
+    if slot_flags is None:  # no slot: not present, no permission bits
+        assert record == EptViolation(gpa, None, EptQual.WRITE if write else EptQual.READ)
+    elif write and slot_flags & abi.MemFlag.READONLY:  # write-protected: readable, executable
+        assert record == EptViolation(
+            gpa, None, EptQual.WRITE | EptQual.READABLE | EptQual.EXECUTABLE)
+        assert data == b"\0" * 8
+    else:  # a readable page read, or a writable one written: no EPT violation is possible
+        assert isinstance(record, KvmFailure) and hex(gpa) in record.what
 
 
 def test_access_outside_every_slot_is_a_not_present_violation() -> None:
@@ -225,6 +237,8 @@ def test_read_only_slot_traps_every_write_and_emulation_completes_it() -> None:
 def test_misbehaving_guests_are_reported_and_cleaned_up(
     guest: str, match: str, record: type
 ) -> None:
+    with pytest.raises(GuestError):  # warm-up: image built, CPUID cached, timer thread's arena
+        run_guest(guest, timeout=0.3)
     fds, maps = open_fds(), mappings()
     with pytest.raises(GuestError, match=match) as info:
         run_guest(guest, timeout=0.3)
@@ -296,3 +310,251 @@ def test_kernel_patches_trap_on_a_read_only_code_page_and_run_once_emulated() ->
         # the patches alternate jmp / nop and the emulated bytes are what the guest executes next
         assert [data[0] for _, data in trapped] == [0xE9, 0x0F] * 5
         assert g.memory.read(site, 8) == nop5_nop3  # an even number of flips: back to the NOP
+
+
+# -- review fixes ----------------------------------------------------------------------------------
+
+
+def test_a_device_that_is_not_kvm_is_unavailable_and_not_leaked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from eptlab.errors import KvmUnavailable
+    from eptlab.kvm.results import unavailable
+
+    monkeypatch.setenv("EPTLAB_KVM_DEVICE", "/dev/null")
+    fds = open_fds()
+    with pytest.raises(KvmUnavailable, match="/dev/null is not a KVM device") as info:
+        Kvm.open()
+    assert "KVM_GET_API_VERSION" in str(info.value)
+    assert open_fds() == fds  # the exception is still referenced: the fd was closed, not collected
+    reason = unavailable()
+    assert reason is not None and "/dev/null" in reason
+
+
+@pytest.mark.kvm
+def test_create_vm_closes_the_vm_fd_when_a_later_ioctl_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    def fail(self: Kvm) -> int:
+        raise KvmError("KVM_GET_VCPU_MMAP_SIZE", errno.EINVAL)
+
+    with Kvm.open() as kvm:
+        fds = open_fds()
+        monkeypatch.setattr(Kvm, "vcpu_mmap_size", fail)
+        with pytest.raises(KvmError, match="KVM_GET_VCPU_MMAP_SIZE") as info:
+            kvm.create_vm()
+        assert info.value is not None and open_fds() == fds
+
+
+@pytest.mark.kvm
+def test_pre_fault_memory_is_called_again_until_the_whole_range_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    from eptlab.kvm import fds
+
+    real_ioctl = fds.ioctl
+    calls: list[tuple[int, int]] = []
+    # what each call does: advance by n bytes and succeed, or fail with an errno, no progress
+    script: list[int | str] = [4096, "EINTR", 3 * 4096, "EAGAIN", 1 << 30]
+
+    def fake(fd: int, name: str, arg: fds.Arg = None) -> int:
+        if name != "KVM_PRE_FAULT_MEMORY":
+            return real_ioctl(fd, name, arg)
+        assert isinstance(arg, abi.PreFaultMemory)
+        calls.append((int(arg.gpa), int(arg.size)))
+        step = script.pop(0)
+        if isinstance(step, str):
+            raise KvmError(name, getattr(errno, step))
+        n = min(step, int(arg.size))
+        arg.gpa, arg.size = arg.gpa + n, arg.size - n
+        return 0
+
+    with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), "touch") as g:
+        monkeypatch.setattr(fds, "ioctl", fake)
+        g.vcpu.pre_fault_memory(DATA_BASE, 64 << 10)
+        # called until size is 0, retried on EINTR / EAGAIN, each call from where KVM stopped
+        assert calls == [(DATA_BASE, 64 << 10), (DATA_BASE + 4096, 60 << 10),
+                         (DATA_BASE + 4096, 60 << 10), (DATA_BASE + 4 * 4096, 48 << 10),
+                         (DATA_BASE + 4 * 4096, 48 << 10)]
+        assert not script
+        # other errors are raised, and a call that never progresses does not spin for ever
+        script[:] = ["EOPNOTSUPP"]
+        with pytest.raises(KvmError, match="KVM_PRE_FAULT_MEMORY") as info:
+            g.vcpu.pre_fault_memory(DATA_BASE, 4096)
+        assert info.value.errno == errno.EOPNOTSUPP
+        script[:] = ["EAGAIN"] * fds.MAX_RETRIES
+        with pytest.raises(KvmError, match="no progress"):
+            g.vcpu.pre_fault_memory(DATA_BASE, 4096)
+
+
+@pytest.mark.kvm
+def test_kvm_run_returning_eagain_for_ever_is_an_error_not_a_spin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ctypes
+    import errno
+
+    from eptlab.kvm import fds
+
+    real = fds._libc
+
+    class AlwaysEagain:  # KVM_RUN fails with EAGAIN; every other ioctl is the real one
+        calls = 0
+
+        def ioctl(self, fd: int, request: int, arg: object) -> int:
+            if request != abi.IOCTLS["KVM_RUN"]:
+                return int(real.ioctl(fd, request, arg))
+            self.calls += 1
+            ctypes.set_errno(errno.EAGAIN)
+            return -1
+
+    with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), "spin") as g:
+        g.start()
+        libc = AlwaysEagain()
+        monkeypatch.setattr(fds, "_libc", libc)
+        with pytest.raises(KvmError, match="EAGAIN 1000 times in a row") as info:
+            g.run(timeout=30)  # the watchdog would stop it only after 30 s
+        assert info.value.ioctl == "KVM_RUN" and libc.calls == fds.MAX_RETRIES
+
+
+def _run_in_thread(target: object, join_timeout: float = 20.0) -> BaseException | None:
+    """Run ``target()`` in a daemon thread; its exception (None if it returned). Fails the test
+    instead of hanging when the thread is still running after ``join_timeout``."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def body() -> None:
+        try:
+            target()  # type: ignore[operator]
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    thread.join(join_timeout)
+    assert not thread.is_alive(), "the guest is still running: the watchdog was off"
+    return outcome[0]
+
+
+@pytest.mark.kvm
+def test_watchdog_stops_a_spinning_guest_in_another_thread() -> None:
+    import signal
+
+    from eptlab.kvm.backend import install_watchdog_handler
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        install_watchdog_handler()  # from the main thread, once
+        error = _run_in_thread(lambda: run_guest("spin", timeout=0.3))
+        assert isinstance(error, GuestError) and "watchdog" in str(error)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("disposition", ["SIG_DFL", "SIG_IGN"])
+def test_watchdog_without_a_handler_in_another_thread_is_a_clear_error(disposition: str) -> None:
+    import signal
+
+    from eptlab.errors import WatchdogUnavailable
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        signal.signal(signal.SIGUSR1, getattr(signal, disposition))
+        _run_in_thread(lambda: None)  # warm-up: a thread's first malloc arena stays mapped
+        fds, maps = open_fds(), mappings()
+        error = _run_in_thread(lambda: run_guest("spin", timeout=0.3))
+        assert isinstance(error, WatchdogUnavailable)
+        assert "install_watchdog_handler" in str(error)
+        del error
+        assert (open_fds(), mappings()) == (fds, maps)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.kvm
+def test_kvm_failures_are_counted_as_such_not_as_an_architectural_exit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from eptlab.arch.exits import ExitReason
+
+    exits = iter([InternalError(1, (2,)), InternalError(3, ()), HltExit()])
+    with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), "halt", user=False) as g:
+        g.start()
+        monkeypatch.setattr(g.vcpu, "run", lambda: next(exits))
+        seen: list[object] = []
+
+        def accept_failures(e: KvmExit) -> Resume | None:
+            if isinstance(e.record, KvmFailure):
+                seen.append(e.record)
+                return Resume.CONTINUE
+            return None
+
+        result = g.run(accept_failures)
+    assert len(seen) == 2 and result.halted
+    assert dict(result.exits) == {"KVM_FAILURE": 2, "HLT": 1}
+    assert "KVM_FAILURE" not in ExitReason.__members__  # its own name, no SDM reason reused
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(("guest", "memory", "match"),
+                         [("no-such-guest", 8 << 20, "guest"),  # the image cannot be built
+                          ("halt", 7 << 20, "memory")])  # no 2 MiB slot layout for 7 MiB
+def test_an_early_construction_error_releases_owned_memory(
+    guest: str, memory: int, match: str
+) -> None:
+    with Kvm.open() as kvm:
+        run_guest("halt", kvm=kvm, user=False)  # warm-up: image built, CPUID cached
+        fds, maps = open_fds(), mappings()
+        with pytest.raises(ConfigError, match=match) as info:
+            KvmGuest(kvm, GuestMemory(memory), guest)
+        # the exception (and its frames) is still referenced: released by the guest, not the GC
+        assert info.value is not None
+        assert (open_fds(), mappings()) == (fds, maps)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("readonly", [0, abi.MemFlag.READONLY])
+def test_slot_flags_change_only_when_kvm_takes_the_new_slot(readonly: int) -> None:
+    bogus = 1 << 7  # not a memslot flag: KVM answers EINVAL
+    with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), "touch") as g:
+        before = list(g.slots)
+        with pytest.raises(KvmError, match="KVM_SET_USER_MEMORY_REGION"):
+            g.set_slot_flags(1, readonly | bogus)
+        assert g.slots == before
+        # and the slot KVM has is still the old one: the guest's writes land in memory
+        g.start(r8=DATA_BASE, r9=4, r10=4096, r11=9, r12=1)
+        assert g.run().status == 0
+        assert [g.memory.read_u64(DATA_BASE + i * 4096) for i in range(4)] == [9] * 4
+        g.set_slot_flags(1, abi.MemFlag.LOG_DIRTY_PAGES)  # a valid change is recorded
+        assert g.slots[1].flags == abi.MemFlag.LOG_DIRTY_PAGES
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("user", [False, True])
+def test_tr_is_loaded_from_a_64_bit_tss_descriptor_in_the_guest_gdt(user: bool) -> None:
+    import struct
+
+    from eptlab.kvm.backend import image
+
+    for name in build.available():
+        img = image(name)
+        with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), name, user=user) as g:
+            tr = g.vcpu.get_sregs().tr
+        # decode the GDT entry TR selects straight from the image bytes (SDM Vol. 3A §8.2.3)
+        assert tr.selector % 8 == 0 and tr.selector + 15 <= img.gdt_limit
+        lo, hi = struct.unpack_from("<QQ", img.data, img.gdt - build.LOAD_ADDRESS + tr.selector)
+        access = lo >> 40 & 0xFF
+        assert access & 0x80 and not access & 0x10  # present, a system descriptor
+        assert access & 0xF == 0xB == tr.type  # a busy 64-bit TSS, as after LTR
+        base = (lo >> 16 & 0xFFFFFF) | (lo >> 56 & 0xFF) << 24 | (hi & 0xFFFFFFFF) << 32
+        limit = (lo & 0xFFFF) | (lo >> 48 & 0xF) << 16
+        assert (tr.base, tr.limit) == (base, limit) and limit >= 0x67
+        # the TSS lies inside the image, clear of the GDT
+        assert img.gdt + img.gdt_limit < base and base + limit < build.LOAD_ADDRESS + len(img.data)

@@ -91,6 +91,11 @@ class KvmUnavailable(EptlabError):
     """/dev/kvm does not open here (not Linux, no KVM module, or no permission)."""
 
 
+class WatchdogUnavailable(EptlabError):
+    """The KVM watchdog cannot stop a vCPU in this thread: the signal that interrupts
+    ``KVM_RUN`` has no Python handler, and only the main thread can install one."""
+
+
 class GuestError(EptlabError):
     """A KVM guest misbehaved: triple fault, internal error, watchdog deadline, unknown
     hypercall. Carries the exit record (or None) that showed it."""

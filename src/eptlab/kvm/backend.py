@@ -8,6 +8,7 @@ KVM exit                               eptlab record                            
 MMIO write into a read-only memslot    :class:`~eptlab.arch.exits.EptViolation`,        EPT viol.
                                        qualification WRITE | READABLE | EXECUTABLE
 MMIO access outside every memslot      ``EptViolation``, no permission bits            EPT viol.
+other MMIO inside a memslot (a read)   :class:`KvmFailure`                             --
 HLT                                    :class:`~eptlab.hv.exits.Hlt`                   HLT
 SHUTDOWN (triple fault)                :class:`~eptlab.hv.exits.TripleFault`           triple f.
 DIRTY_RING_FULL                        :class:`~eptlab.arch.exits.PmlFull`             PML full
@@ -19,8 +20,10 @@ The run loop asks the application's handler first, then the standard handling (D
 REPORT stores a value, NOP and ROUND resume, HLT stops). An exit nobody takes -- an unknown
 hypercall, a triple fault, an internal error, a stray MMIO -- raises
 :class:`~eptlab.errors.GuestError` with the record. A watchdog (signal + ``immediate_exit``)
-stops a guest that runs past its deadline. Descriptors and mappings are released by
-:meth:`KvmGuest.close` (or ``with``), also on errors.
+stops a guest that runs past its deadline, in any thread once SIGUSR1 has a handler
+(:func:`install_watchdog_handler`; a run in the main thread installs it, a run elsewhere without
+it raises :class:`~eptlab.errors.WatchdogUnavailable` rather than run unguarded). Descriptors
+and mappings are released by :meth:`KvmGuest.close` (or ``with``), also on errors.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..arch.exits import EptQual, EptViolation, ExitReason, PmlFull
-from ..errors import ConfigError, GuestError, KvmError
+from ..errors import ConfigError, GuestError, KvmError, WatchdogUnavailable
 from ..hv.exits import Hlt, TripleFault, Vmcall
 from . import abi, build
 from .fds import Kvm, StatsFd, VcpuFd, VmFd
@@ -86,15 +89,24 @@ class PortIo:
 
 @dataclass(frozen=True, slots=True)
 class KvmFailure:
-    """KVM could not run the guest: internal error, failed entry, an exit it does not name."""
+    """KVM could not run the guest: internal error, failed entry, an exit it does not name.
+    Not a VM exit of the architecture, so it has no ``reason``; it is counted as
+    :data:`KVM_FAILURE` (see :func:`record_name`)."""
 
-    reason: ClassVar[ExitReason] = ExitReason.EXCEPTION_NMI
     what: str
     detail: tuple[int, ...] = ()
     qualification: int = 0
 
 
 KvmRecord = Vmcall | EptViolation | Hlt | TripleFault | PmlFull | PortIo | KvmFailure
+
+KVM_FAILURE = "KVM_FAILURE"
+
+
+def record_name(record: KvmRecord) -> str:
+    """The name a record is counted under: its SDM exit reason, or :data:`KVM_FAILURE` for
+    what KVM could not run (no architectural reason number stands for that)."""
+    return KVM_FAILURE if isinstance(record, KvmFailure) else record.reason.name
 
 
 @dataclass(frozen=True)
@@ -118,7 +130,7 @@ Handler = Callable[[KvmExit], Resume | None]
 
 @dataclass
 class RunResult:
-    exits: Counter[str] = field(default_factory=Counter)  # by record reason name
+    exits: Counter[str] = field(default_factory=Counter)  # by record_name(): reason or KVM_FAILURE
     hypercalls: Counter[str] = field(default_factory=Counter)
     reports: dict[int, int] = field(default_factory=dict)  # REPORT(key, value)
     status: int | None = None  # DONE's argument
@@ -203,6 +215,34 @@ class Image:
         return cls(name, data, entry, cr3, gdt, limit)
 
 
+    def tss(self) -> TssDescriptor:
+        """The 64-bit TSS descriptor at :data:`TSS_SELECTOR` in the image's GDT."""
+        if self.gdt_limit < TSS_SELECTOR + 15:
+            raise GuestError(self.name, f"the GDT has no TSS descriptor at {TSS_SELECTOR:#x}")
+        lo, hi = struct.unpack_from("<QQ", self.data, self.gdt - build.LOAD_ADDRESS + TSS_SELECTOR)
+        access = lo >> 40 & 0xFF  # type 3:0, S 4, DPL 6:5, P 7 (SDM Vol. 3A §8.2.3)
+        tss = TssDescriptor(
+            base=(lo >> 16 & 0xFFFFFF) | (lo >> 56 & 0xFF) << 24 | (hi & 0xFFFFFFFF) << 32,
+            limit=(lo & 0xFFFF) | (lo >> 48 & 0xF) << 16,
+            type=access & 0xF, system=not access & 0x10, present=bool(access & 0x80))
+        if not (tss.present and tss.system and tss.type in (TSS_AVAILABLE, TSS_BUSY)):
+            raise GuestError(self.name, f"GDT entry {TSS_SELECTOR:#x} is not a 64-bit TSS")
+        return tss
+
+
+TSS_SELECTOR = 0x28  # the GDT entry of the guests' TSS (guests/common.inc)
+TSS_AVAILABLE, TSS_BUSY = 0x9, 0xB  # 64-bit TSS descriptor types (SDM Vol. 3A Table 3-2)
+
+
+@dataclass(frozen=True)
+class TssDescriptor:
+    base: int
+    limit: int
+    type: int
+    system: bool
+    present: bool
+
+
 _IMAGES: dict[str, Image] = {}
 
 
@@ -245,7 +285,13 @@ def exit_record(
 ) -> tuple[KvmRecord, bytes]:
     """The eptlab record for one decoded KVM exit, and the bytes of a write that was not
     performed. A plain function of the exit (tests feed it synthetic exits, no VM needed);
-    ``get_regs`` is called only for a hypercall."""
+    ``get_regs`` is called only for a hypercall.
+
+    KVM reports an MMIO exit's guest-physical address only, never the guest-linear one: an
+    ``EptViolation`` from here has ``gla=None`` and qualification bits 7-8 (GLA valid, access
+    to the translation) clear, which means *unknown*, not "no linear address" as it would on
+    hardware (SDM Vol. 3C Table 28-7). Compare those bits with the simulator's only where both
+    engines can know them."""
     if isinstance(vexit, IoOut):
         if vexit.port == HC_PORT:
             regs = get_regs()
@@ -255,13 +301,22 @@ def exit_record(
         return PortIo(vexit.port, False), b""
     if isinstance(vexit, MmioWrite | MmioRead):
         write = isinstance(vexit, MmioWrite)
-        qualification = EptQual.WRITE if write else EptQual.READ
-        if any(s.gpa <= vexit.gpa < s.gpa + s.size for s in slots):
-            # inside a slot, so a read-only one: readable and executable, not writable
-            # (SDM Vol. 3C Table 28-7, bits 3-5)
-            qualification |= EptQual.READABLE | EptQual.EXECUTABLE
-        data = vexit.data if isinstance(vexit, MmioWrite) else b""
-        return EptViolation(vexit.gpa, None, int(qualification)), data
+        slot = next((s for s in slots if s.gpa <= vexit.gpa < s.gpa + s.size), None)
+        if slot is None:  # nothing mapped: an EPT violation with no permission bits
+            qualification = EptQual.WRITE if write else EptQual.READ
+            data = vexit.data if isinstance(vexit, MmioWrite) else b""
+            return EptViolation(vexit.gpa, None, int(qualification)), data
+        if isinstance(vexit, MmioWrite) and slot.flags & abi.MemFlag.READONLY:
+            # a write to a read-only slot: the page is readable and executable, not writable
+            # (SDM Vol. 3C Table 28-7, exit qualification bits 3-5). KVM does not report the
+            # guest-linear address: bits 7-8 (GLA valid, translation) are unknown, not 0.
+            qualification = EptQual.WRITE | EptQual.READABLE | EptQual.EXECUTABLE
+            return EptViolation(vexit.gpa, None, int(qualification)), vexit.data
+        # A read of a readable GPA, or a write to a writable slot, cannot be an EPT violation:
+        # KVM sent it to userspace for a reason of its own.
+        kind = "write" if write else "read"
+        return KvmFailure(f"MMIO {kind} of GPA {vexit.gpa:#x} inside memslot "
+                          f"{slots.index(slot)} (flags {slot.flags:#x})", (vexit.gpa,)), b""
     if isinstance(vexit, HltExit):
         return Hlt(), b""
     if isinstance(vexit, ShutdownExit):
@@ -283,40 +338,65 @@ def exit_record(
 # -- the watchdog --------------------------------------------------------------------------------
 
 
+WATCHDOG_SIGNAL = signal.SIGUSR1
+
+
+def _kick(signum: int, frame: object) -> None:
+    """The watchdog's handler does nothing: delivering the signal is what makes ``KVM_RUN`` in
+    the vCPU's thread return EINTR."""
+
+
+def _handled() -> bool:
+    """Whether the watchdog's signal has a Python handler. SIG_DFL would kill the process and
+    SIG_IGN discards the signal before it can interrupt ``KVM_RUN``."""
+    return callable(signal.getsignal(WATCHDOG_SIGNAL))
+
+
+def install_watchdog_handler() -> None:
+    """Give SIGUSR1 a (no-op) handler for the whole process, once, so the watchdog can interrupt
+    ``KVM_RUN`` in any thread. Python installs handlers only from the main thread: a run in the
+    main thread does this itself; call it there before running guests in other threads. A
+    Python handler already in place is kept (any Python handler interrupts ``KVM_RUN``; it is
+    called, in the main thread, each time a watchdog fires)."""
+    if _handled():
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise WatchdogUnavailable(
+            "SIGUSR1 has no handler and only the main thread can install one: call "
+            "eptlab.kvm.backend.install_watchdog_handler() from the main thread first")
+    signal.signal(WATCHDOG_SIGNAL, _kick)
+
+
 class Watchdog:
     """Stops ``KVM_RUN`` after ``seconds``: sets ``immediate_exit`` and sends SIGUSR1 to the
-    running thread (a no-op handler, so the ioctl returns EINTR)."""
+    running thread (a no-op handler, so the ioctl returns EINTR). Never silently off: without
+    a usable handler (see :func:`install_watchdog_handler`) entering it raises
+    :class:`~eptlab.errors.WatchdogUnavailable`."""
 
     def __init__(self, vcpu: VcpuFd, seconds: float) -> None:
         self.vcpu, self.seconds = vcpu, seconds
         self.fired = False
         self._thread_id = threading.get_ident()
         self._timer: threading.Timer | None = None
-        self._previous: object = None
-        self._installed = False
 
     def _fire(self) -> None:
         self.fired = True
         self.vcpu.immediate_exit = True
         with contextlib.suppress(ProcessLookupError):
-            signal.pthread_kill(self._thread_id, signal.SIGUSR1)
+            signal.pthread_kill(self._thread_id, WATCHDOG_SIGNAL)
 
     def __enter__(self) -> Watchdog:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGUSR1, lambda *_: None)
-            self._installed = True
-        if self._installed or signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):
-            self._timer = threading.Timer(self.seconds, self._fire)
-            self._timer.daemon = True
-            self._timer.start()
+        install_watchdog_handler()
+        self._thread_id = threading.get_ident()
+        self._timer = threading.Timer(self.seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer.join()
-        if self._installed:
-            signal.signal(signal.SIGUSR1, self._previous)  # type: ignore[arg-type]
         if not self.vcpu.closed:
             self.vcpu.immediate_exit = False
 
@@ -357,12 +437,12 @@ class KvmGuest:
         user: bool = True,
     ) -> None:
         self.kvm, self.memory, self.name, self.user = kvm, memory, guest, user
-        self.image = image(guest)
-        self.slots = list(slots) if slots is not None else default_slots(memory.size)
         self._stack = contextlib.ExitStack()
         try:
-            if own_memory:
+            if own_memory:  # first, so any failure below releases the memory
                 self._stack.callback(memory.close)
+            self.image = image(guest)
+            self.slots = list(slots) if slots is not None else default_slots(memory.size)
             self.vm: VmFd = self._stack.enter_context(kvm.create_vm())
             self.ring = None
             if dirty_ring:
@@ -391,14 +471,25 @@ class KvmGuest:
 
     def set_slot_flags(self, index: int, flags: int) -> None:
         """Change a slot's flags. KVM changes only LOG_DIRTY_PAGES in place; for READONLY the
-        slot is deleted and created again."""
+        slot is deleted and created again. ``slots`` changes only once KVM took the new slot;
+        when it refuses, the old slot is put back (or, if even that fails, recorded as gone)."""
         slot = self.slots[index]
         if slot.flags == flags:
             return
-        if (slot.flags ^ flags) & abi.MemFlag.READONLY:
+        new = SlotSpec(slot.gpa, slot.size, flags)
+        if not (slot.flags ^ flags) & abi.MemFlag.READONLY:
+            self._set_slot(index, new)
+        else:
             self.vm.set_user_memory_region(index, slot.gpa, 0, self.memory.address + slot.gpa, 0)
-        self.slots[index] = SlotSpec(slot.gpa, slot.size, flags)
-        self._set_slot(index, self.slots[index])
+            try:
+                self._set_slot(index, new)
+            except KvmError:
+                try:
+                    self._set_slot(index, slot)
+                except KvmError:
+                    self.slots[index] = SlotSpec(slot.gpa, 0)  # deleted: no memory there now
+                raise
+        self.slots[index] = new
 
     def slot_of(self, gpa: int) -> int | None:
         for index, slot in enumerate(self.slots):
@@ -416,7 +507,9 @@ class KvmGuest:
                            type=3, present=1, dpl=dpl, db=1, s=1, l=0, g=1)
         sregs.cs = code
         sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
-        sregs.tr = abi.Segment(base=0, limit=0x67, selector=0x18, type=11, present=1, s=0)
+        tss = self.image.tss()  # TR as LTR would load it: the TSS descriptor, busy
+        sregs.tr = abi.Segment(base=tss.base, limit=tss.limit, selector=TSS_SELECTOR,
+                               type=TSS_BUSY, present=1, s=0)
         sregs.gdt.base, sregs.gdt.limit = self.image.gdt, self.image.gdt_limit
         sregs.idt.base, sregs.idt.limit = 0, 0  # no IDT: any exception ends in a triple fault
         sregs.cr0, sregs.cr3 = LONG_MODE_CR0, self.image.cr3
@@ -456,7 +549,7 @@ class KvmGuest:
                             "(stopped by the watchdog)")
                     continue
                 record, data = self.record(vexit)
-                result.exits[record.reason.name] += 1
+                result.exits[record_name(record)] += 1
                 kvm_exit = KvmExit(self, record, data)
                 resume = handler(kvm_exit) if handler is not None else None
                 if resume is None:

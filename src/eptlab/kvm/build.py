@@ -82,7 +82,8 @@ def build(name: str) -> Path:
         for path in src_dir.glob("*"):
             if path.suffix in (".S", ".inc"):
                 shutil.copy(path, work / path.name)
-        _run("as", ["--64", "-I", str(work), "-o", f"{name}.o", f"{name}.S"], work)
+        _run("as", ["--64", "--defsym", f"LOAD_ADDRESS={LOAD_ADDRESS:#x}", "-I", str(work),
+                    "-o", f"{name}.o", f"{name}.S"], work)
         _run("ld", ["-m", "elf_x86_64", "-nostdlib", "-static", "-Ttext", hex(LOAD_ADDRESS),
                     "-e", "_start", "-o", f"{name}.elf", f"{name}.o"], work)
         _run("objcopy", ["-O", "binary", "-j", ".text", f"{name}.elf", f"{name}.bin"], work)

@@ -45,6 +45,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc.ioctl.restype = ctypes.c_int
 
+MAX_RETRIES = 1000
+"""Calls in a row that may return EAGAIN (or EINTR, or no progress) before the ioctl is given up
+on with a ``KvmError`` instead of spinning: ``KVM_PRE_FAULT_MEMORY`` and ``KVM_RUN``."""
+
 Arg = ctypes.Structure | ctypes.Array[Any] | int | None
 
 
@@ -139,7 +143,11 @@ class Kvm(_Fd):
         except OSError as exc:
             raise KvmUnavailable(f"cannot open {path}: {exc.strerror}") from exc
         kvm = cls(fd)
-        version = kvm.api_version()
+        try:
+            version = kvm.api_version()
+        except KvmError as exc:  # it opened, but it is not KVM (e.g. /dev/null)
+            kvm.close()
+            raise KvmUnavailable(f"{path} is not a KVM device: {exc}") from exc
         if version != abi.API_VERSION:
             kvm.close()
             raise KvmUnavailable(f"KVM API version {version}, expected {abi.API_VERSION}")
@@ -161,7 +169,13 @@ class Kvm(_Fd):
         return cpuid
 
     def create_vm(self) -> VmFd:
-        return VmFd(self._ioctl("KVM_CREATE_VM", 0), self.vcpu_mmap_size())
+        vm = VmFd(self._ioctl("KVM_CREATE_VM", 0), 0)  # owned (closed on error) from here
+        try:
+            vm.vcpu_mmap_size = self.vcpu_mmap_size()
+        except BaseException:
+            vm.close()
+            raise
+        return vm
 
 
 class VmFd(_Fd):
@@ -272,15 +286,20 @@ class VcpuFd(_Fd):
         self._run.immediate_exit = int(value)
 
     def run(self) -> VcpuExit:
-        """KVM_RUN until the next exit to userspace, decoded. EINTR is :class:`Interrupted`."""
+        """KVM_RUN until the next exit to userspace, decoded. EINTR is :class:`Interrupted`;
+        EAGAIN is retried, at most :data:`MAX_RETRIES` times in a row (then ``KvmError``)."""
         if self.closed:
             raise KvmError("KVM_RUN", errno_mod.EBADF, "the vCPU fd is closed")
-        if _libc.ioctl(self.fd, self._run_number, None) < 0:
+        for _ in range(MAX_RETRIES):
+            if _libc.ioctl(self.fd, self._run_number, None) >= 0:
+                return self._decode()
             err = ctypes.get_errno()
-            if err in (errno_mod.EINTR, errno_mod.EAGAIN):
+            if err == errno_mod.EINTR or (err == errno_mod.EAGAIN and self.immediate_exit):
                 return Interrupted()
-            raise KvmError("KVM_RUN", err)
-        return self._decode()
+            if err != errno_mod.EAGAIN:
+                raise KvmError("KVM_RUN", err)
+        raise KvmError("KVM_RUN", errno_mod.EAGAIN,
+                       f"returned EAGAIN {MAX_RETRIES} times in a row; the vCPU cannot run")
 
     def _decode(self) -> VcpuExit:
         run = self._run
@@ -343,12 +362,28 @@ class VcpuFd(_Fd):
     def stats(self) -> StatsFd:
         return StatsFd(self._ioctl("KVM_GET_STATS_FD"))
 
-    def pre_fault_memory(self, gpa: int, size: int) -> int:
+    def pre_fault_memory(self, gpa: int, size: int) -> None:
         """Map ``[gpa, gpa + size)`` in the VM's second-level tables ahead of the guest.
-        Returns the bytes left (the kernel may stop early)."""
+
+        One call may do part of the range (KVM advances ``gpa`` and shrinks ``size`` to what is
+        left) or be interrupted (EINTR, EAGAIN), so it is called again until ``size`` is 0
+        (Documentation/virt/kvm/api.rst, "KVM_PRE_FAULT_MEMORY"; the kernel's selftest
+        ``pre_fault_memory_test.c`` loops the same way). Any other errno raises ``KvmError``;
+        so do :data:`MAX_RETRIES` calls in a row that make no progress."""
         request = abi.PreFaultMemory(gpa=gpa, size=size)
-        self._ioctl("KVM_PRE_FAULT_MEMORY", request)
-        return int(request.size)
+        stalled = 0
+        while request.size:
+            left = int(request.size)
+            try:
+                self._ioctl("KVM_PRE_FAULT_MEMORY", request)
+            except KvmError as exc:
+                if exc.errno not in (errno_mod.EINTR, errno_mod.EAGAIN):
+                    raise
+            stalled = 0 if request.size < left else stalled + 1
+            if stalled >= MAX_RETRIES:
+                raise KvmError("KVM_PRE_FAULT_MEMORY", errno_mod.EAGAIN,
+                               f"no progress in {stalled} calls, {request.size} of {size} "
+                               f"bytes left at GPA {request.gpa:#x}")
 
     # -- dirty ring -----------------------------------------------------------------------------
 

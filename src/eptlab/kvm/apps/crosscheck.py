@@ -1,9 +1,12 @@
 """crosscheck: the same guest access pattern through the simulator and through KVM.
 
-Compared where both engines can answer: a fork's pages copied (per clone) against the pages it
-wrote; the dirty page set of every round (KVM's bitmap and dirty ring against the simulator's
-PML log; KVM's read-only-slot traps against the simulator's write-protected EPT); exits per
-write when every write traps. Times are reported beside, never compared: KVM's are measured
+Compared where both engines can answer: a fork's pages copied (per clone), counted by the
+simulator's copy-on-write (:class:`eptlab.apps.cow.CopyOnWrite` run on the same pattern) and by
+the host kernel (``Private_Dirty``), each against the pages the clone wrote (distinct pages,
+one store each: either engine copying a page more or less fails the row); the dirty page set
+of every round (KVM's bitmap and dirty ring against the simulator's PML log; KVM's
+read-only-slot traps against the simulator's write-protected EPT); exits per write when every
+write traps. Times are reported beside, never compared: KVM's are measured
 (``kvm_us``), the simulator's modelled (``sim_cycles``, :mod:`eptlab.hv.costs`).
 """
 
@@ -56,7 +59,8 @@ class Crosscheck:
         union = [int(a) for pattern in o.patterns for a in pattern.addresses]
         s = sim.fork(memory, union, [[int(a) for a in q.addresses] for q in o.patterns])
         for i in range(p.clones):
-            yield _row(f"fork: clone {i} pages copied = pages written ({o.pages_written[i]})",
+            yield _row(f"fork: clone {i} pages copied, sim CopyOnWrite and kvm Private_Dirty, "
+                       f"each = its {o.pages_written[i]} pages written",
                        s.pages_copied[i], o.private_bytes[i] // PAGE,
                        equal=s.pages_copied[i] == o.private_bytes[i] // PAGE == o.pages_written[i],
                        kvm_us=1e6 * o.fork_seconds[i],
