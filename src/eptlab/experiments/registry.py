@@ -1,4 +1,5 @@
-"""Every experiment, by name: ``name -> "module:Class"`` (imported when first needed)."""
+"""Every experiment, by name: ``name -> "module:Class"`` (imported when first needed), in the
+order of the applications they answer for (the report follows it)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ _EXPERIMENTS = {
     "nested-overhead": "eptlab.experiments.nested_overhead:NestedOverhead",
     "cow-fork": "eptlab.experiments.cow_fork:CowFork",
     "prefetch-hypercall": "eptlab.experiments.prefetch_hypercall:PrefetchHypercall",
-    "integrity-monitor": "eptlab.experiments.integrity_monitor:IntegrityMonitor",
-    "memory-encryption": "eptlab.experiments.memory_encryption:MemoryEncryption",
     "double-caching": "eptlab.experiments.double_caching:DoubleCaching",
     "aslr-side-channel": "eptlab.experiments.aslr_side_channel:AslrSideChannel",
+    "integrity-monitor": "eptlab.experiments.integrity_monitor:IntegrityMonitor",
     "trap-debugger": "eptlab.experiments.trap_debugger:TrapDebugger",
+    "memory-encryption": "eptlab.experiments.memory_encryption:MemoryEncryption",
 }
 
 
