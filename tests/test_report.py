@@ -114,7 +114,7 @@ def test_kvm_section_reads_the_kvm_results(tmp_path: Path) -> None:
         section.interpretation
     )
     module = cross.kvm_module.iloc[0]
-    assert section.interpretation[0].startswith(f"Measured on {module}")
+    assert section.interpretation[1].startswith(f"Measured on {module}")
     assert "exactly the pages" in section.interpretation[2]
     assert [s.key for s in collect(tmp_path)] == ["kvm"]
     page = build_report(tmp_path).read_text()

@@ -38,6 +38,7 @@ table.data td { padding: 3px 8px; text-align: right; white-space: nowrap;
 table.data tr:nth-child(even) td { background: #f6f7f8; }
 figure { margin: 14px 0; } figure img { max-width: 100%; border: 1px solid #e1e4e8; }
 .files, footer { color: #5b6b7a; font-size: 13px; }
+.glance li { margin: 6px 0; } .glance a { font-weight: 600; color: #2f6f9f; }
 """
 
 
@@ -49,13 +50,20 @@ def render(sections: Sequence[Section], *, root: Path, title: str = "eptlab repo
         for s in sections
     )
     body = "\n".join(_section(s, root) for s in sections)
+    glance = "".join(
+        f'<li><a href="#{_e(s.key)}">{_e(s.title)}</a>: {_e(s.interpretation[0])}</li>'
+        for s in sections
+        if s.interpretation
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(title)}</title><style>{STYLE}</style></head>
 <body><header><h1>{_e(title)} <small>second-level address translation, measured</small></h1>
-<p>Every number on this page was computed by eptlab's simulated machine in this run; the
-sentences under each question are generated from the table below them.</p></header>
+<p>Every number on this page was computed in this run: by eptlab's simulated machine, and in
+the last section by real KVM on this host. The sentences under each question are generated
+from the table below them.</p></header>
+<section id="glance"><h2>At a glance</h2><ul class="glance">{glance}</ul></section>
 <nav><h3>Contents</h3><ol>{toc}</ol></nav>
 {body}
 <footer><p>Generated {now} on {_e(platform.node())} ({_e(platform.platform())}, Python

@@ -70,7 +70,8 @@ def walks_section(path: Path) -> Section:
         f"both dimensions; the fewest over all {len(costs)} combinations is "
         f"{costs.references.min()} and the most {costs.references.max()}.",
         f"Of the {len(events)} situations in the second table, {exits} end in a VM exit the "
-        f"hypervisor handles and {len(events) - exits} are seen by the guest or translate.",
+        f"hypervisor handles and {len(events) - exits} "
+        f"{'is' if len(events) - exits == 1 else 'are'} seen by the guest or translate.",
     ]
     seen = pd.DataFrame(
         [
@@ -85,9 +86,23 @@ def walks_section(path: Path) -> Section:
         question="How many memory references does one translation cost under EPT, and which "
         "architectural events does the hypervisor see?",
         interpretation=interpretation,
-        tables=[("cold walk: memory references", costs), ("what the hypervisor sees", seen)],
+        tables=[
+            ("cold walk: memory references (rows: guest paging, columns: EPT)", _grid(costs)),
+            ("what the hypervisor sees", seen),
+        ],
         files=[path, path.with_suffix(".csv")],
     )
+
+
+def _grid(costs: pd.DataFrame) -> pd.DataFrame:
+    """Walk costs as a guest x EPT grid (levels and page size on each side)."""
+    frame = costs.assign(
+        guest=costs.guest_levels.astype(str) + "-level, " + costs.guest_page + " pages",
+        ept=costs.ept_levels.astype(str) + "-level, " + costs.ept_page,
+    )
+    grid = frame.pivot(index="guest", columns="ept", values="references")
+    grid.columns.name = None
+    return grid.reset_index().rename(columns={"guest": "guest \\ EPT"})
 
 
 def _outcome(outcome: Any) -> str:
@@ -111,13 +126,14 @@ def kvm_section(directory: Path) -> Section:
     tables = {name: pd.DataFrame(r["rows"]) for name, r in results.items() if r["rows"]}
     if not tables:
         raise ConfigError(str(directory), "no KVM application result has any row")
-    reading = [flavour_sentence(next(iter(tables.values())))]
-    if "crosscheck" in tables:
+    reading = []
+    if "crosscheck" in tables:  # first: the "at a glance" line of this section
         c = tables["crosscheck"]
         reading.append(
             f"{int(c.equal.sum())} of {len(c)} cross-checks agree between the simulator and KVM "
             f"({'; '.join(c[~c.equal].check) or 'none disagrees'})."
         )
+    reading.insert(min(1, len(reading)), flavour_sentence(next(iter(tables.values()))))
     if "dirty-log" in tables:
         d = records_by(tables["dirty-log"], "mode")
         exact = all(r.exact for r in d.values())
