@@ -29,6 +29,7 @@ class ExitReason(IntEnum):
     EPT_VIOLATION = 48
     EPT_MISCONFIG = 49
     INVEPT = 50
+    PREEMPTION_TIMER = 52  # "VMX-preemption timer expired"
     INVVPID = 53
     PML_FULL = 62
 

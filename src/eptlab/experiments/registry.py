@@ -12,6 +12,7 @@ _EXPERIMENTS = {
     "cow-fork": "eptlab.experiments.cow_fork:CowFork",
     "prefetch-hypercall": "eptlab.experiments.prefetch_hypercall:PrefetchHypercall",
     "integrity-monitor": "eptlab.experiments.integrity_monitor:IntegrityMonitor",
+    "tsx-aborts": "eptlab.experiments.tsx_aborts:TsxAborts",
 }
 
 

@@ -2,7 +2,8 @@
 
 The translation hardware produces :class:`~eptlab.arch.exits.EptViolation`,
 :class:`~eptlab.arch.exits.EptMisconfig` and :class:`~eptlab.arch.exits.PmlFull`; the vCPU adds
-VMCALL (a hypercall with its registers) and HLT (the guest has nothing left to run).
+VMCALL (a hypercall with its registers), HLT (the guest has nothing left to run) and the
+VMX-preemption timer (a periodic tick).
 """
 
 from __future__ import annotations
@@ -45,7 +46,19 @@ class Hlt:
         return {"reason": int(self.reason), "reason_name": self.reason.name}
 
 
-Record = VmExit | Vmcall | Hlt
+@dataclass(frozen=True, slots=True)
+class PreemptionTimer:
+    """Exit reason 52: the VMX-preemption timer counted down to zero (SDM Vol. 3C §26.5.1);
+    the hypervisor's periodic tick (and how an interrupt reaches a long-running guest)."""
+
+    reason: ClassVar[ExitReason] = ExitReason.PREEMPTION_TIMER
+    qualification: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"reason": int(self.reason), "reason_name": self.reason.name}
+
+
+Record = VmExit | Vmcall | Hlt | PreemptionTimer
 
 
 @dataclass(frozen=True)
