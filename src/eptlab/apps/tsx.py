@@ -34,8 +34,10 @@ The hypervisor side
 
 Mitigations
     ``pretouch``: before each section, touch every page of its footprint non-transactionally
-    (a read for pages it only reads, an atomic ``add 0`` for pages it writes), so the exits
-    (backing, copy-on-write, dirty logging) and guest faults happen outside the transaction.
+    (the lock word, then a read for pages it only reads, an atomic ``add 0`` for pages it
+    writes), so the exits (backing, copy-on-write, dirty logging -- of the data pages and of
+    the guest page-table pages whose accessed/dirty flags the walks set) and guest faults
+    happen outside the transaction.
     ``prefetch``: announce the whole region once with the prefetch hypercall
     (:mod:`eptlab.apps.prefetch`), which backs it in batches; it helps only where memory is
     lazily backed (it does not break copy-on-write or dirty-logging protection).
@@ -293,8 +295,8 @@ class TsxRunner:
             return
         job.section_id, job.section = nxt
         job.attempts = 0
-        if self.mitigation == "pretouch":
-            stream = job.section.pretouch
+        if self.mitigation == "pretouch":  # the lock word is part of the footprint too
+            stream = TxStream.of([(Op.READ, self.lock)]) + job.section.pretouch
             self.stats.pretouch_accesses += len(stream)
             job.phase = "pretouch"
             self.machine.load(i, stream)
@@ -354,6 +356,7 @@ class TsxRunner:
             return
         before = self._invepts()
         self.on_round()
+        self.machine.forget_translations()
         self.stats.rounds += 1
         self._interrupt_after(before, initiator=None)
 

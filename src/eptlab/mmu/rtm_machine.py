@@ -29,8 +29,10 @@ What :meth:`RtmMachine.run` returns (an *event*):
     A transaction aborted without an exit (conflict, capacity, XABORT, nesting, suppressed
     fault, :meth:`interrupt`).
 ``CommitEvent`` / ``DoneEvent`` / ``DeadlineEvent``
-    The outermost XEND committed; a lane reached the end of its stream; a lane performed the
-    number of accesses set with :meth:`set_deadline` (a timer).
+    The outermost XEND committed; a lane reached the end of its stream (outside a
+    transaction: a lane whose stream ends inside one stalls there, its transaction open, until
+    :meth:`RtmMachine.extend` gives it more); a lane performed the number of accesses set with
+    :meth:`set_deadline` (a timer).
 
 After an abort the lane is *parked* at its abort path: it runs nothing until the caller (the
 guest's abort handler: retry, fallback) loads a stream. Transactional stores go to the lane's
@@ -212,6 +214,14 @@ class RtmMachine:
         target.stream, target.pos = stream, pos
         target.reads.clear()
 
+    def extend(self, lane: int, stream: TxStream) -> None:
+        """Append to what the lane runs (allowed inside a transaction: a lane whose stream
+        ends inside one stalls there, holding its transaction open, until extended)."""
+        target = self.lanes[lane]
+        if target.stream is None:
+            raise EptlabError(f"lane {lane} is parked; load a stream first")
+        target.stream = TxStream.concat([target.stream, stream])
+
     def park(self, lane: int) -> None:
         """Stop the lane (it runs nothing until the next :meth:`load`)."""
         target = self.lanes[lane]
@@ -270,9 +280,7 @@ class RtmMachine:
             stream = lane.stream
             if lane.pos >= len(stream):
                 if lane.state.active:
-                    raise ConfigError(
-                        "TxStream", f"lane {lane.index}'s stream ends inside a transaction"
-                    )
+                    return None  # stalled inside its transaction until :meth:`extend`
                 lane.stream = None
                 self.sequence += 1
                 return DoneEvent(lane.index, stream, self.sequence, tuple(lane.reads))
