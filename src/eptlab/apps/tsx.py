@@ -487,6 +487,7 @@ class Scenario:
     reads: int = 8
     writes: int = 4
     max_retries: int = 4
+    honor_retry_bit: bool = False  # the glibc policy: no retry unless EAX says RETRY
     round_every: int = 200  # wp-dirty, pml-dirty: sections per dirty-logging round
     timer_period: int = 2000  # timer: accesses of a vCPU between preemption-timer exits
     long_body: int = 256  # timer: accesses of each section
@@ -602,7 +603,7 @@ def play(s: Scenario) -> Outcome:
         hv,
         vcpus,
         lock=lock.gva,
-        policy=RetryPolicy(s.max_retries),
+        policy=RetryPolicy(s.max_retries, honor_retry_bit=s.honor_retry_bit),
         seed=s.seed,
         mitigation="pretouch" if s.mitigation == "pretouch" else "none",
         timer_period=s.timer_period if s.kind == "timer" else None,

@@ -5,7 +5,8 @@ EPT-violation rate, and does pre-faulting the region before the transaction remo
 Every configuration runs :func:`eptlab.apps.tsx.play`: a guest kernel, a populated region of
 ``region_pages`` pages, and ``sections`` critical sections per vCPU (``reads`` reads and
 ``writes`` atomic adds at random lines) executed with lock elision (``max_retries`` retries,
-then the lock). Scenarios: ``lazy`` (host memory backed on first touch), ``guest-pf`` (the guest
+then the lock; with ``honor_retry_bit`` the guest gives up at once unless EAX has the RETRY bit,
+as glibc does). Scenarios: ``lazy`` (host memory backed on first touch), ``guest-pf`` (the guest
 maps its pages on first touch too: a #PF inside a transaction is suppressed, so only the
 fallback can take it), ``cow`` (the sections run in a fork of the VM), ``wp-dirty`` (dirty
 logging by write protection, a round every ``round_every`` sections), ``pml-dirty`` (dirty
@@ -13,8 +14,8 @@ logging with PML), ``timer`` (a preemption-timer exit every ``timer_period`` acc
 of ``long_body`` accesses), ``conflict`` (``conflict_vcpus`` vCPUs whose writes go to
 ``hot_lines`` shared lines), ``capacity`` (each section writes ``capacity_lines`` lines of one
 L1 set). Mitigations: ``none``, ``pretouch`` (touch the section's pages non-transactionally
-first), ``prefetch`` (one prefetch hypercall for the region; only where memory is lazily
-backed, so only with ``lazy``).
+first), ``prefetch`` (one prefetch hypercall for the region; only where memory is lazily backed,
+so only with ``lazy``).
 
 Columns: scenario, mitigation, vcpus, transactions (critical sections completed), attempts
 (transactional attempts), commits, fallbacks (sections completed under the lock), aborts,
@@ -54,6 +55,7 @@ class TsxAbortsParams:
     reads: int = 8
     writes: int = 4
     max_retries: int = 4
+    honor_retry_bit: bool = False
     round_every: int = 200
     timer_period: int = 2000
     long_body: int = 256
@@ -96,6 +98,7 @@ class TsxAborts:
                     reads=p.reads,
                     writes=p.writes,
                     max_retries=p.max_retries,
+                    honor_retry_bit=p.honor_retry_bit,
                     round_every=p.round_every,
                     timer_period=p.timer_period,
                     long_body=p.long_body,
