@@ -28,8 +28,11 @@ from eptlab.mmu.rtm import (
     AbortCause,
     Op,
     RtmConfig,
+    TxState,
     TxStream,
     abort_status,
+    conflicts_with,
+    first_capacity_overflow,
     xabort_code,
 )
 from eptlab.mmu.rtm_machine import (
@@ -344,3 +347,66 @@ def _peek_world() -> World:
     if not _cached:
         _cached.append(world(1))
     return _cached[0]
+
+
+# -- the vectorized set logic against a one-access-at-a-time reference -----------------------------
+
+
+accesses = st.lists(
+    st.tuples(st.integers(0, 2), st.integers(0, 40), st.sampled_from(["r", "w", "rw", "f"])),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pre=st.lists(st.tuples(st.integers(0, 40), st.booleans()), max_size=10), run=accesses)
+def test_capacity_and_conflicts_match_a_sequential_reference(
+    pre: list[tuple[int, bool]], run: list[tuple[int, int, str]]
+) -> None:
+    cfg = RtmConfig(write_sets=4, write_ways=2, read_lines=6)
+    state = TxState(cfg)
+    state.start(0)
+    lines_of = [line * 3 for line in range(41)]  # spread over the 4 sets
+    for line, written in pre[:5]:
+        r = np.array([lines_of[line]], np.int64)
+        if written and state.per_set[lines_of[line] & 3] < 2:
+            state.track(r[:0], r)
+        elif not written and len(state.read) < 6:
+            state.track(r, r[:0])
+    owner = np.array([o for o, _, _ in run], np.int32)
+    lines = np.array([lines_of[x] for _, x, _ in run], np.int64)
+    is_read = np.array(["r" in k for _, _, k in run], bool)
+    is_write = np.array(["w" in k for _, _, k in run], bool)
+
+    # conflicts with lane 0's transaction (its own accesses grow its sets)
+    read, write = set(state.read), set(state.write)
+    expected = []
+    for o, line, r, w in zip(owner, lines.tolist(), is_read, is_write, strict=True):
+        if o == 0:
+            expected.append(False)
+            if r:
+                read.add(line)
+            if w:
+                write.add(line)
+        else:
+            expected.append(line in write or (bool(w) and line in read | write))
+    got = conflicts_with(state, 0, owner, lines, is_read, is_write)
+    assert got.tolist() == expected
+
+    # capacity of lane 0's own accesses
+    mine = owner == 0
+    read, write = set(state.read), set(state.write)
+    per = state.per_set.copy()
+    first = int(mine.sum())
+    for k, (line, r, w) in enumerate(zip(lines[mine].tolist(), is_read[mine], is_write[mine],
+                                         strict=True)):
+        new_w, new_r = w and line not in write, r and line not in read
+        if (new_w and per[line & 3] + 1 > 2) or (new_r and len(read) + 1 > 6):
+            first = k
+            break
+        if new_w:
+            write.add(line)
+            per[line & 3] += 1
+        if new_r:
+            read.add(line)
+    assert first_capacity_overflow(state, lines[mine], is_read[mine], is_write[mine]) == first
