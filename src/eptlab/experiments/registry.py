@@ -16,6 +16,7 @@ _EXPERIMENTS = {
     "aslr-side-channel": "eptlab.experiments.aslr_side_channel:AslrSideChannel",
     "integrity-monitor": "eptlab.experiments.integrity_monitor:IntegrityMonitor",
     "trap-debugger": "eptlab.experiments.trap_debugger:TrapDebugger",
+    "tsx-aborts": "eptlab.experiments.tsx_aborts:TsxAborts",
     "memory-encryption": "eptlab.experiments.memory_encryption:MemoryEncryption",
 }
 

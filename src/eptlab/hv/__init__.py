@@ -1,7 +1,7 @@
 """The hypervisor: VMs, vCPUs, the exit loop, the EPT manager, PML, hypercalls, scheduling."""
 
 from .ept_manager import EptManager
-from .exits import Exit, Hlt, TripleFault, Vmcall
+from .exits import Exit, Hlt, PreemptionTimer, TripleFault, Vmcall
 from .host import HostMemory
 from .hypervisor import Hypervisor, UnhandledExit
 from .program import GuestAction, Hypercall, Run
@@ -19,6 +19,7 @@ __all__ = [
     "HostMemory",
     "Hypercall",
     "Hypervisor",
+    "PreemptionTimer",
     "Run",
     "Scheduler",
     "TripleFault",

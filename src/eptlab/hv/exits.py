@@ -74,7 +74,8 @@ class MonitorTrap:
 @dataclass(frozen=True, slots=True)
 class PreemptionTimer:
     """Exit reason 52: the VMX-preemption timer counted down to zero (SDM Vol. 3C §26.5.1);
-    a hypervisor arms it to get control back periodically."""
+    a hypervisor arms it to get control back periodically (and it is how an interrupt reaches a
+    long-running guest)."""
 
     reason: ClassVar[ExitReason] = ExitReason.PREEMPTION_TIMER
     qualification: int = 0

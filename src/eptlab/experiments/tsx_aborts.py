@@ -1,0 +1,220 @@
+"""tsx-aborts: how often do a guest's TSX transactions abort while the hypervisor backs memory
+lazily, breaks copy-on-write after a fork or logs dirty pages -- does the abort rate follow the
+EPT-violation rate, and does pre-faulting the region before the transaction remove those aborts?
+
+Every configuration runs :func:`eptlab.apps.tsx.play`: a guest kernel, a populated region of
+``region_pages`` pages, and ``sections`` critical sections per vCPU (``reads`` reads and
+``writes`` atomic adds at random lines) executed with lock elision (``max_retries`` retries,
+then the lock; with ``honor_retry_bit`` the guest gives up at once unless EAX has the RETRY bit,
+as glibc does). Scenarios: ``lazy`` (host memory backed on first touch), ``guest-pf`` (the guest
+maps its pages on first touch too: a #PF inside a transaction is suppressed, so only the
+fallback can take it), ``cow`` (the sections run in a fork of the VM), ``wp-dirty`` (dirty
+logging by write protection, a round every ``round_every`` sections), ``pml-dirty`` (dirty
+logging with PML), ``timer`` (a preemption-timer exit every ``timer_period`` accesses, sections
+of ``long_body`` accesses), ``conflict`` (``conflict_vcpus`` vCPUs whose writes go to
+``hot_lines`` shared lines), ``capacity`` (each section writes ``capacity_lines`` lines of one
+L1 set). Mitigations: ``none``, ``pretouch`` (touch the section's pages non-transactionally
+first), ``prefetch`` (one prefetch hypercall for the region; only where memory is lazily backed,
+so only with ``lazy``).
+
+Columns: scenario, mitigation, vcpus, transactions (critical sections completed), attempts
+(transactional attempts), commits, fallbacks (sections completed under the lock), aborts,
+abort_rate (aborts / attempts), aborts_per_transaction, aborts_by_cause (``cause=count`` pairs,
+``;``-separated, most frequent first; causes: ept_violation, pml_full, timer, ipi, guest_fault,
+conflict, capacity, xabort, nesting), exit_aborts (aborts caused by a VM exit), ept_violations
+(EPT-violation exits of the run, in transactions or not), ept_violations_in_tx (of which aborted
+a transaction), ept_violation_rate (EPT violations per transaction), retries_to_commit (mean
+aborted attempts before the commit, over the sections that committed), fallback_rate (fallbacks
+/ transactions), vm_exits (all exits, IPIs included), accesses (all accesses performed),
+wasted_accesses (of which by attempts that aborted), pretouch_accesses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import product
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ..apps.tsx import LAZY_SCENARIOS, MITIGATIONS, SCENARIOS, Outcome, Scenario, play
+from ..errors import ConfigError
+from ..mmu.rtm import EXIT_CAUSES
+from .base import Progress, Row
+
+
+@dataclass(frozen=True)
+class TsxAbortsParams:
+    scenarios: tuple[str, ...] = SCENARIOS
+    mitigations: tuple[str, ...] = MITIGATIONS
+    sections: int = 500  # per vCPU
+    region_pages: int = 2048
+    reads: int = 8
+    writes: int = 4
+    max_retries: int = 4
+    honor_retry_bit: bool = False
+    round_every: int = 200
+    timer_period: int = 2000
+    long_body: int = 256
+    conflict_vcpus: int = 2
+    hot_lines: int = 64
+    capacity_lines: int = 16
+    seed: int = 0
+
+
+class TsxAborts:
+    name: ClassVar[str] = "tsx-aborts"
+    question: ClassVar[str] = (
+        "How often do guest TSX transactions abort under lazy backing, copy-on-write and dirty "
+        "logging, does the abort rate follow the EPT-violation rate, and does pre-faulting help?"
+    )
+    Params: ClassVar[type] = TsxAbortsParams
+
+    def configurations(self, p: TsxAbortsParams) -> list[Scenario]:
+        for name in p.scenarios:
+            if name not in SCENARIOS:
+                raise ConfigError("scenarios", f"{name!r} is not one of {', '.join(SCENARIOS)}")
+        for name in p.mitigations:
+            if name not in MITIGATIONS:
+                raise ConfigError(
+                    "mitigations", f"{name!r} is not one of {', '.join(MITIGATIONS)}"
+                )
+        if p.conflict_vcpus < 2:
+            raise ConfigError("conflict_vcpus", "conflicts need at least 2 vCPUs")
+        out = []
+        for kind, mitigation in product(p.scenarios, p.mitigations):
+            if mitigation == "prefetch" and kind not in LAZY_SCENARIOS:
+                continue  # the hypercall backs holes; it changes nothing where memory is mapped
+            out.append(
+                Scenario(
+                    kind,
+                    mitigation,
+                    vcpus=p.conflict_vcpus if kind == "conflict" else 1,
+                    sections=p.sections,
+                    region_pages=p.region_pages,
+                    reads=p.reads,
+                    writes=p.writes,
+                    max_retries=p.max_retries,
+                    honor_retry_bit=p.honor_retry_bit,
+                    round_every=p.round_every,
+                    timer_period=p.timer_period,
+                    long_body=p.long_body,
+                    hot_lines=p.hot_lines,
+                    capacity_lines=p.capacity_lines,
+                    seed=p.seed,
+                )
+            )
+        if not out:
+            raise ConfigError("scenarios/mitigations", "no configuration to run")
+        return out
+
+    def rows(self, params: TsxAbortsParams, progress: Progress) -> Iterator[Row]:
+        configs = self.configurations(params)
+        progress(0, len(configs))
+        for done, scenario in enumerate(configs, 1):
+            yield self.row(play(scenario))
+            progress(done, len(configs))
+
+    @staticmethod
+    def row(o: Outcome) -> Row:
+        s, st = o.scenario, o.stats
+        exit_aborts = sum(n for c, n in st.aborts_by_cause.items() if c in EXIT_CAUSES)
+        return {
+            "scenario": s.kind,
+            "mitigation": s.mitigation,
+            "vcpus": s.vcpus,
+            "transactions": st.sections,
+            "attempts": st.attempts,
+            "commits": st.commits,
+            "fallbacks": st.fallbacks,
+            "aborts": st.aborts,
+            "abort_rate": round(st.abort_rate, 4),
+            "aborts_per_transaction": round(st.aborts / max(1, st.sections), 4),
+            "aborts_by_cause": st.causes(),
+            "exit_aborts": exit_aborts,
+            "ept_violations": st.ept_violations,
+            "ept_violations_in_tx": st.ept_violations_in_tx,
+            "ept_violation_rate": round(st.ept_violations / max(1, st.sections), 4),
+            "retries_to_commit": round(st.retries_to_commit, 3),
+            "fallback_rate": round(st.fallbacks / max(1, st.sections), 4),
+            "vm_exits": sum(st.exits.values()),
+            "accesses": st.accesses,
+            "wasted_accesses": st.wasted_accesses,
+            "pretouch_accesses": st.pretouch_accesses,
+        }
+
+    def figures(self, table: pd.DataFrame, params: TsxAbortsParams) -> dict[str, Figure]:
+        figure = Figure(figsize=(14, 5.5))
+        left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.2]})
+        scenarios = list(dict.fromkeys(table["scenario"]))
+        colors = {s: f"C{i % 10}" for i, s in enumerate(scenarios)}
+        markers = {"none": "o", "pretouch": "^", "prefetch": "s"}
+        x_col, y_col = "ept_violation_rate", "aborts_per_transaction"
+        top = float(max(table[x_col].max(), table[y_col].max(), 1.0)) * 1.08
+        left.plot([0, top], [0, top], ":", color="grey", lw=1)
+        left.text(top * 0.55, top * 0.6, "one abort per EPT violation", rotation=40,
+                  color="grey", fontsize=7)
+        for scenario in scenarios:
+            rows = table[table["scenario"] == scenario]
+            base = rows[rows["mitigation"] == "none"]
+            for r in rows.itertuples():
+                hollow = r.mitigation != "none"
+                left.scatter(
+                    getattr(r, x_col),
+                    getattr(r, y_col),
+                    marker=markers.get(str(r.mitigation), "x"),
+                    s=70,
+                    edgecolors=colors[scenario],
+                    facecolors="none" if hollow else colors[scenario],
+                )
+                if len(base) and hollow:
+                    b = base.iloc[0]
+                    left.annotate(
+                        "",
+                        (getattr(r, x_col), getattr(r, y_col)),
+                        (b[x_col], b[y_col]),
+                        arrowprops={"arrowstyle": "->", "color": colors[scenario], "alpha": 0.6},
+                    )
+            left.scatter([], [], color=colors[scenario], label=scenario)
+        for mitigation, marker in markers.items():
+            if mitigation in set(table["mitigation"]):
+                left.scatter(
+                    [], [], marker=marker, edgecolors="black",
+                    facecolors="black" if mitigation == "none" else "none",
+                    label=f"mitigation: {mitigation}",
+                )
+        left.set_xlim(-0.05 * top, top)
+        left.set_ylim(-0.05 * top, top)
+        left.set_xlabel("EPT violations per transaction (inside transactions or not)")
+        left.set_ylabel("aborts per transaction")
+        left.set_title("aborts vs EPT violations (arrows: with the mitigation)")
+        left.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+        labels = [f"{r.scenario}/{r.mitigation}" for r in table.itertuples()]
+        attempts = np.maximum(1, table["attempts"].to_numpy())
+        causes: dict[str, np.ndarray] = {}
+        for k, text in enumerate(table["aborts_by_cause"]):
+            for pair in filter(None, str(text).split(";")):
+                cause, count = pair.split("=")
+                causes.setdefault(cause, np.zeros(len(table)))[k] = int(count)
+        bottom = np.zeros(len(table))
+        x = np.arange(len(table))
+        for i, (cause, counts) in enumerate(sorted(causes.items())):
+            right.bar(x, counts / attempts, 0.7, bottom=bottom, label=cause,
+                      color=f"C{(i + 3) % 10}")
+            bottom += counts / attempts
+        right.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+        right.set_ylim(0, 1.05)
+        right.set_ylabel("abort rate (aborts / attempts), by cause")
+        right.set_title("why transactions abort")
+        right.legend(fontsize=7, loc="upper left")
+        figure.suptitle(
+            f"TSX aborts ({params.sections} sections per vCPU, {params.max_retries} retries, "
+            f"{params.region_pages}-page region)",
+            fontsize=10,
+        )
+        figure.tight_layout()
+        return {"tsx-aborts": figure}

@@ -1,0 +1,117 @@
+"""The tsx-aborts experiment's claims, on a small run: exit-caused aborts are the EPT violations
+that happened inside transactions, pre-faulting removes them, and the other causes (timer,
+conflicts, capacity) are not EPT's doing and stay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from eptlab.errors import ConfigError
+from eptlab.experiments import runner
+
+EPT_SCENARIOS = ("lazy", "cow", "wp-dirty")
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("tsx")
+    result = runner.run(
+        "tsx-aborts",
+        {
+            "sections": "40",
+            "region_pages": "128",
+            "round_every": "15",
+            "timer_period": "600",
+            "long_body": "128",
+        },
+        out,
+        show_progress=False,
+    )
+    for suffix in (".csv", ".parquet", ".json", ".jsonl"):
+        assert (out / f"tsx-aborts{suffix}").exists()
+    assert (Path(out) / "tsx-aborts.png").stat().st_size > 1000
+    return result.table
+
+
+def row(t: pd.DataFrame, scenario: str, mitigation: str) -> pd.Series:
+    sel = t[(t.scenario == scenario) & (t.mitigation == mitigation)]
+    assert len(sel) == 1
+    return sel.iloc[0]
+
+
+def causes(r: pd.Series) -> dict[str, int]:
+    pairs = (p.split("=") for p in str(r.aborts_by_cause).split(";") if p)
+    return {c: int(n) for c, n in pairs}
+
+
+def test_every_section_completes_once(table: pd.DataFrame) -> None:
+    assert len(table) == 17  # 8 scenarios x (none, pretouch) + lazy/prefetch
+    for r in table.itertuples():
+        assert r.transactions == 40 * r.vcpus == r.commits + r.fallbacks
+        assert r.aborts == r.attempts - r.commits
+        assert sum(causes(pd.Series(r._asdict())).values()) == r.aborts
+
+
+def test_aborts_track_the_ept_violations_inside_transactions(table: pd.DataFrame) -> None:
+    for scenario in EPT_SCENARIOS:
+        r = row(table, scenario, "none")
+        assert r.ept_violations_in_tx > 0
+        assert causes(r) == {"ept_violation": r.ept_violations_in_tx}
+        assert r.exit_aborts == r.aborts == r.ept_violations_in_tx <= r.ept_violations
+        assert r.abort_rate == pytest.approx(r.ept_violations_in_tx / r.attempts, abs=1e-4)
+        assert r.retries_to_commit > 0
+
+
+def test_prefaulting_removes_the_aborts_ept_violations_caused(table: pd.DataFrame) -> None:
+    for scenario in (*EPT_SCENARIOS, "guest-pf"):
+        base, touched = row(table, scenario, "none"), row(table, scenario, "pretouch")
+        assert base.aborts > 0
+        assert touched.aborts == 0 and touched.ept_violations_in_tx == 0
+        assert touched.ept_violations > 0  # the exits still happen, outside the transaction
+        assert touched.retries_to_commit == 0 and touched.fallbacks == 0
+    prefetch = row(table, "lazy", "prefetch")
+    assert prefetch.ept_violations == 0 and prefetch.aborts == 0
+
+
+def test_guest_faults_abort_without_an_exit_and_only_the_fallback_resolves_them(
+    table: pd.DataFrame,
+) -> None:
+    r = row(table, "guest-pf", "none")
+    assert set(causes(r)) == {"guest_fault"} and r.ept_violations_in_tx == 0
+    assert r.fallbacks > 0
+
+
+def test_pml_aborts_only_on_log_full_and_far_less_than_write_protection(
+    table: pd.DataFrame,
+) -> None:
+    pml, wp = row(table, "pml-dirty", "none"), row(table, "wp-dirty", "none")
+    assert set(causes(pml)) <= {"pml_full"}
+    assert pml.ept_violations == 0
+    assert pml.aborts * 10 < wp.aborts
+
+
+def test_other_causes_are_not_ept_violations_and_prefaulting_does_not_remove_them(
+    table: pd.DataFrame,
+) -> None:
+    for scenario, cause in (("timer", "timer"), ("conflict", "conflict"),
+                            ("capacity", "capacity")):
+        for mitigation in ("none", "pretouch"):
+            r = row(table, scenario, mitigation)
+            assert r.ept_violations == 0 and r.aborts > 0
+            assert set(causes(r)) == {cause}
+    assert row(table, "conflict", "none").vcpus == 2
+    capacity = row(table, "capacity", "none")
+    assert capacity.fallbacks == capacity.transactions  # never fits: the policy falls back
+
+
+def test_bad_parameters(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        runner.run("tsx-aborts", {"scenarios": "lazy,bogus"}, tmp_path, show_progress=False)
+    with pytest.raises(ConfigError):
+        runner.run("tsx-aborts", {"conflict_vcpus": "1"}, tmp_path, show_progress=False)
+    with pytest.raises(ConfigError):
+        runner.run("tsx-aborts", {"sections": "0"}, tmp_path, show_progress=False)
+    assert not list(tmp_path.iterdir())
