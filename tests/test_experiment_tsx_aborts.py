@@ -115,3 +115,14 @@ def test_bad_parameters(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         runner.run("tsx-aborts", {"sections": "0"}, tmp_path, show_progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_reading_quotes_the_table_and_follows_it(table: pd.DataFrame) -> None:
+    from eptlab.experiments.tsx_aborts import TsxAborts, TsxAbortsParams
+
+    ept = table[table.scenario.isin(["lazy", "cow", "wp-dirty"]) & (table.mitigation == "none")]
+    reading = TsxAborts().interpret(table, TsxAbortsParams())
+    assert f"({int(ept.exit_aborts.sum()):,}) equal" in reading[0]
+    broken = table.copy()
+    broken.loc[ept.index[0], "exit_aborts"] += 1
+    assert "do not equal" in TsxAborts().interpret(broken, TsxAbortsParams())[0]

@@ -72,6 +72,7 @@ class TsxAborts:
         "logging, does the abort rate follow the EPT-violation rate, and does pre-faulting help?"
     )
     Params: ClassVar[type] = TsxAbortsParams
+    demo: ClassVar[dict[str, str]] = {"sections": "250"}
 
     def configurations(self, p: TsxAbortsParams) -> list[Scenario]:
         for name in p.scenarios:
@@ -145,6 +146,56 @@ class TsxAborts:
             "wasted_accesses": st.wasted_accesses,
             "pretouch_accesses": st.pretouch_accesses,
         }
+
+    def interpret(self, table: pd.DataFrame, params: TsxAbortsParams) -> list[str]:
+        rows = {(r["scenario"], r["mitigation"]): r for r in table.to_dict("records")}
+        out = []
+        ept = [rows[(s, "none")] for s in ("lazy", "cow", "wp-dirty") if (s, "none") in rows]
+        if ept:
+            aborts = sum(r["exit_aborts"] for r in ept)
+            inside = sum(r["ept_violations_in_tx"] for r in ept)
+            verdict = (
+                "equal the EPT violations taken inside transactions ({inside:,}): every such "
+                "violation aborts its transaction"
+                if aborts == inside
+                else "do not equal the EPT violations taken inside transactions ({inside:,})"
+            ).format(inside=inside)
+            rates = ", ".join(f"{r['scenario']} {r['abort_rate']:.0%}" for r in ept)
+            out.append(
+                f"Under lazy backing, copy-on-write and write-protect dirty logging the aborts "
+                f"caused by exits ({aborts:,}) {verdict} (abort rate {rates})."
+            )
+        fixed = [
+            rows[(s, "pretouch")] for s in ("lazy", "cow", "wp-dirty") if (s, "pretouch") in rows
+        ]
+        if fixed:
+            left = sum(r["ept_violations_in_tx"] for r in fixed)
+            total = sum(r["ept_violations"] for r in fixed)
+            sentence = (
+                f"Pre-touching the region before the transaction keeps the {total:,} EPT "
+                f"violations but takes them outside: {left:,} remain inside transactions"
+            )
+            if ("lazy", "prefetch") in rows:
+                pre = rows[("lazy", "prefetch")]
+                sentence += (
+                    f"; the prefetch hypercall removes them ({pre['ept_violations']:,} violations, "
+                    f"abort rate {pre['abort_rate']:.0%} under lazy backing)"
+                )
+            out.append(sentence + ".")
+        if ("pml-dirty", "none") in rows and ("wp-dirty", "none") in rows:
+            pml, wp = rows[("pml-dirty", "none")], rows[("wp-dirty", "none")]
+            out.append(
+                f"Dirty logging with PML costs {pml['aborts']:,} abort(s) (log-full exits only) "
+                f"against {wp['aborts']:,} with write protection; a suppressed guest #PF "
+                + (
+                    f"sends {rows[('guest-pf', 'none')]['fallback_rate']:.0%} of sections to the "
+                    f"lock, "
+                    if ("guest-pf", "none") in rows
+                    else ""
+                )
+                + "and timer, conflict and capacity aborts are not EPT's doing."
+            )
+        return out
 
     def figures(self, table: pd.DataFrame, params: TsxAbortsParams) -> dict[str, Figure]:
         figure = Figure(figsize=(14, 5.5))
