@@ -148,7 +148,7 @@ class DoubleCaching:
         cold = [(h, rows[h, "cold"]) for h in HOST_CACHES if (h, "cold") in rows]
         if cold:
             rates = sorted({r.ept_violations_per_mib for _, r in cold})
-            rate = " to ".join(f"{v:,.1f}" for v in rates)
+            rate = " to ".join(f"{v:,.4g}" for v in rates)
             sources = "; ".join(
                 f"host {h}: {r.disk_reads:,} disk reads, {r.io_ms:,.2f} ms of I/O" for h, r in cold
             )

@@ -23,7 +23,8 @@ header { border-bottom: 3px solid #2f6f9f; margin-bottom: 8px; }
 h1 { font-size: 30px; margin: 28px 0 4px; } h1 small { color: #5b6b7a; font-weight: 400; }
 h2 { font-size: 22px; margin: 44px 0 6px; padding-top: 12px; border-top: 1px solid #d8dde3; }
 h3 { font-size: 15px; margin: 18px 0 6px; color: #3b4b5a; }
-nav ol { columns: 2; padding-left: 20px; } nav a { color: #2f6f9f; text-decoration: none; }
+nav ol { columns: 2; column-gap: 56px; padding-left: 28px; }
+nav a { color: #2f6f9f; text-decoration: none; }
 .question { font-style: italic; color: #33475b; margin: 0 0 10px; }
 .reading { background: #eef5fb; border-left: 4px solid #2f6f9f; padding: 8px 16px; }
 .reading li { margin: 4px 0; }
