@@ -104,7 +104,6 @@ from ..arch.access import Access
 from ..arch.bits import PAGE_SHIFT, PAGE_SIZE, PageSize, bits
 from ..arch.ept import Ept, EptEntry, ept_address, ept_is_leaf, ept_is_present
 from ..arch.exits import EptQual, EptViolation, ExitReason, GuestFault, VmExit
-from ..arch.paging import frame_mask, paging_levels
 from ..errors import ConfigError, EptlabError, MappingError
 from ..guest import GuestKernel
 from ..guest.layout import DIRECT_MAP_BASE, KernelImage
@@ -117,6 +116,7 @@ from ..mmu.config import CacheConfig, MmuConfig
 from ..mmu.context import CpuFeatures
 from ..mmu.engine import Accesses, Engine, RunResult
 from ..mmu.kernels import layout as L
+from ..mmu.peek import Peeker
 from ..traces.model import TraceChunk
 
 if TYPE_CHECKING:
@@ -914,6 +914,7 @@ class StaleUseChecker:
         self.by_kind: Counter[str] = Counter()
         self.examples: list[StaleUse] = []
         self._gpa_cache: dict[tuple[int, int], int] = {}  # (cr3, GVA page) -> GPA page
+        self._peeker = Peeker(hv.host.memory, hv.features.maxphyaddr)
 
     @property
     def stale_uses(self) -> int:
@@ -927,35 +928,23 @@ class StaleUseChecker:
         return {v.engine_id: v for vm in self.hv.vms for v in vm.vcpus}
 
     def _guest_page(self, vcpu: VCPU, gva_page: int) -> int:
-        """GPA page number of a GVA page number, by a software walk (-1 if unmapped)."""
-        guest = vcpu.guest
-        key = (guest.cr3, gva_page)
+        """GPA page number of a GVA page number, by a read-only software walk (-1 if
+        unmapped)."""
+        key = (vcpu.guest.cr3, gva_page)
         cached = self._gpa_cache.get(key)
         if cached is not None:
             return cached
-        vm, memory = vcpu.vm, self.hv.host.memory
-        maxphy = self.hv.features.maxphyaddr
-        table = guest.cr3 & bits(maxphy - 1, PAGE_SHIFT)
-        gva = gva_page << PAGE_SHIFT
-        for level in range(paging_levels(guest.cr4), 0, -1):
-            shift = PAGE_SHIFT + 9 * (level - 1)
-            hpa = vm.ept.host_address(table + ((gva >> shift) & 511) * 8)
-            if hpa is None:
-                return -1
-            value = memory.read_u64(hpa)
-            if not value & 1:
-                return -1
-            if level == 1 or (level in (2, 3) and value & 0x80):
-                gpa = (value & frame_mask(level, maxphy)) | (gva & ((1 << shift) - 1))
-                self._gpa_cache[key] = gpa >> PAGE_SHIFT
-                return gpa >> PAGE_SHIFT
-            table = value & bits(maxphy - 1, PAGE_SHIFT)
-        return -1
+        gpa = self._peeker.gpa(vcpu.guest, vcpu.vmcs, gva_page << PAGE_SHIFT)
+        if gpa is None:
+            return -1
+        self._gpa_cache[key] = gpa >> PAGE_SHIFT
+        return gpa >> PAGE_SHIFT
 
     def __call__(self, run: ObservedRun) -> None:
         n = run.stop - run.start
         if n <= 0:
             return
+        self._peeker.forget()  # the EPT may have changed since the last run was checked
         self.checked += n
         vids, gvas, hpas = run.vcpu, run.gva, run.hpa
         frames = hpas >> PAGE_SHIFT

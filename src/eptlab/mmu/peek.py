@@ -64,10 +64,10 @@ class Peeker:
             table = value & self.table_mask
         return -1
 
-    def hpa(self, guest: GuestState, vmcs: Vmcs | None, gva: int) -> int | None:
-        """The HPA ``gva`` translates to through the guest page tables and the EPT, or None if
-        the guest mapping or an EPT mapping on the way (a paging-structure page or the data
-        page) is missing."""
+    def gpa(self, guest: GuestState, vmcs: Vmcs | None, gva: int) -> int | None:
+        """The guest-physical address ``gva`` translates to through the guest page tables
+        (read through the EPT), or None if the guest mapping or the EPT mapping of one of its
+        paging-structure pages is missing."""
         read = self.memory.read_u64
         table = guest.cr3 & self.table_mask
         for level in range(paging_levels(guest.cr4), 0, -1):
@@ -79,10 +79,16 @@ class Peeker:
             if not value & _PRESENT:
                 return None
             if level == 1 or (level < 4 and value & _PS):
-                gpa = (value & self.leaf_mask[level]) | (gva & ((1 << shift) - 1))
-                return self.gpa_to_hpa(vmcs, gpa)
+                return (value & self.leaf_mask[level]) | (gva & ((1 << shift) - 1))
             table = value & self.table_mask
         return None
+
+    def hpa(self, guest: GuestState, vmcs: Vmcs | None, gva: int) -> int | None:
+        """The HPA ``gva`` translates to through the guest page tables and the EPT, or None if
+        the guest mapping or an EPT mapping on the way (a paging-structure page or the data
+        page) is missing."""
+        gpa = self.gpa(guest, vmcs, gva)
+        return None if gpa is None else self.gpa_to_hpa(vmcs, gpa)
 
 
 def peek_hpa(
