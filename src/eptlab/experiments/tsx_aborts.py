@@ -155,15 +155,20 @@ class TsxAborts:
             aborts = sum(r["exit_aborts"] for r in ept)
             inside = sum(r["ept_violations_in_tx"] for r in ept)
             verdict = (
-                "equal the EPT violations taken inside transactions ({inside:,}): every such "
-                "violation aborts its transaction"
+                "equal the EPT violations taken inside transactions ({inside:,}), as the model's "
+                "rule (any exit inside a transaction aborts it) requires"
                 if aborts == inside
-                else "do not equal the EPT violations taken inside transactions ({inside:,})"
+                else "do not equal the EPT violations taken inside transactions ({inside:,}): "
+                "the accounting is broken"
             ).format(inside=inside)
-            rates = ", ".join(f"{r['scenario']} {r['abort_rate']:.0%}" for r in ept)
+            rates = ", ".join(
+                f"{r['scenario']} {r['abort_rate']:.0%} with {r['ept_violation_rate']:.2f} EPT "
+                f"violations per section"
+                for r in ept
+            )
             out.append(
                 f"Under lazy backing, copy-on-write and write-protect dirty logging the aborts "
-                f"caused by exits ({aborts:,}) {verdict} (abort rate {rates})."
+                f"caused by exits ({aborts:,}) {verdict}; abort rates: {rates}."
             )
         fixed = [
             rows[(s, "pretouch")] for s in ("lazy", "cow", "wp-dirty") if (s, "pretouch") in rows
@@ -185,15 +190,26 @@ class TsxAborts:
         if ("pml-dirty", "none") in rows and ("wp-dirty", "none") in rows:
             pml, wp = rows[("pml-dirty", "none")], rows[("wp-dirty", "none")]
             out.append(
-                f"Dirty logging with PML costs {pml['aborts']:,} abort(s) (log-full exits only) "
-                f"against {wp['aborts']:,} with write protection; a suppressed guest #PF "
+                f"Dirty logging with PML costs {pml['aborts']:,} abort(s) "
+                f"({pml['aborts_by_cause'] or 'none'}) against {wp['aborts']:,} with write "
+                f"protection (logging rounds run between critical sections here)."
+            )
+        kinds = ("timer", "conflict", "capacity")
+        others = [r for (s, _), r in rows.items() if s in kinds and r["aborts"]]
+        if others:
+            ept_caused = [r for r in others if "ept_violation" in str(r["aborts_by_cause"])]
+            causes = sorted({
+                c.split("=")[0] for r in others for c in str(r["aborts_by_cause"]).split(";") if c
+            })
+            out.append(
+                f"The timer, conflict and capacity scenarios abort for "
+                f"{', '.join(causes) or 'no recorded cause'}"
                 + (
-                    f"sends {rows[('guest-pf', 'none')]['fallback_rate']:.0%} of sections to the "
-                    f"lock, "
-                    if ("guest-pf", "none") in rows
-                    else ""
+                    "; none of those aborts is an EPT violation, so pre-faulting cannot "
+                    "remove them."
+                    if not ept_caused
+                    else f"; {len(ept_caused)} of those runs also abort on EPT violations."
                 )
-                + "and timer, conflict and capacity aborts are not EPT's doing."
             )
         return out
 
