@@ -108,7 +108,12 @@ def test_kvm_section_reads_the_kvm_results(tmp_path: Path) -> None:
                             ("dirty-log", {"pages": "32", "rounds": "1"})):
         params, rows = run_app(name, overrides)
         save(tmp_path / "kvm", name, params, rows)
+    from eptlab.kvm.results import summary_figure
+
+    png = summary_figure(tmp_path / "kvm")
+    assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
     section = kvm_section(tmp_path / "kvm")
+    assert section.figures == [png]
     cross = dict(section.tables)["eptlab kvm crosscheck"]
     assert f"{int(cross.equal.sum())} of {len(cross)} cross-checks agree" in " ".join(
         section.interpretation

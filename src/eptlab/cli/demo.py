@@ -151,7 +151,10 @@ def run_kvm(out: Path, console: Console) -> list[str]:
             continue
         save(out, name, params, rows)
     if len(failed) < len(names()):
+        from ..kvm.results import summary_figure
         from ..report.sections import kvm_section
+
+        summary_figure(out)
 
         for sentence in kvm_section(out).interpretation:
             console.print(f"  [dim]-[/] {sentence}")

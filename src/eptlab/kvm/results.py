@@ -47,3 +47,53 @@ def save(out: Path, name: str, params: dict[str, Any], rows: list[Row]) -> list[
 
 def names() -> list[str]:
     return list(APPS)
+
+
+def summary_figure(out: Path) -> Path | None:
+    """One figure of the KVM results in ``out`` (fork time by guest size, dirty-logging cost by
+    mode, trap-rotation detection by trapped fraction), saved as ``out/kvm.png``; None when
+    none of those results is there."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    tables = {
+        name: pd.read_parquet(out / f"{name}.parquet")
+        for name in ("fork", "dirty-log", "trap-rotation")
+        if (out / f"{name}.parquet").exists()
+    }
+    if not tables:
+        return None
+    figure = Figure(figsize=(4.2 * len(tables), 3.6))
+    axes = figure.subplots(1, len(tables), squeeze=False)[0]
+    for ax, (name, t) in zip(axes, tables.items(), strict=True):
+        if name == "fork":
+            ax.plot(t.guest_mib, t.fork_ms, "o-")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("guest MiB")
+            ax.set_ylabel("fork ms (measured)")
+            ax.set_title("fork: memfd + MAP_PRIVATE clones")
+        elif name == "dirty-log":
+            ax.bar(t["mode"], t.us_per_write, color="tab:blue")
+            for i, (us, ex) in enumerate(zip(t.us_per_write, t.exits_per_write, strict=True)):
+                ax.annotate(f"{ex:g} exits/write", (i, us), ha="center", va="bottom", fontsize=8)
+            ax.set_ylabel("us per write (measured)")
+            ax.set_title("dirty logging vs trapping writes")
+        else:
+            ax.plot(t.trap_fraction, t.detection_rate, "o-", label="measured")
+            ax.plot([0, 1], [0, 1], ":", color="grey", label="fraction trapped")
+            ax.set_xlabel("fraction of memory write-protected")
+            ax.set_ylabel("wild writes detected")
+            ax.set_title("trap rotation")
+            ax.legend(fontsize=8)
+    first = next(iter(tables.values()))
+    tdp = first.tdp.iloc[0]
+    paging = "shadow paging" if tdp is False or tdp == False else "TDP on"  # noqa: E712
+    if tdp is None or pd.isna(tdp):
+        paging = "paging unknown"
+    figure.suptitle(f"On real KVM ({first.kvm_module.iloc[0]}, {paging}): measured")
+    figure.tight_layout()
+    path = out / "kvm.png"
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return path

@@ -169,6 +169,7 @@ def kvm_section(directory: Path) -> Section:
         interpretation=reading,
         tables=[(f"eptlab kvm {name}", table) for name, table in tables.items()],
         params={name: _compact(r["params"]) for name, r in results.items()},
+        figures=sorted(directory.glob("*.png")),
         files=sorted(p for p in directory.iterdir() if p.suffix in (".csv", ".parquet", ".json")),
     )
 
