@@ -45,6 +45,13 @@ def save(out: Path, name: str, params: dict[str, Any], rows: list[Row]) -> list[
     return paths
 
 
+def paging_words(tdp: object) -> str:
+    """A ``tdp`` column value (bool, numpy bool, None or NaN) in words."""
+    if tdp is None or pd.isna(tdp):
+        return "paging unknown"
+    return "TDP on" if bool(tdp) else "shadow paging"
+
+
 def names() -> list[str]:
     return list(APPS)
 
@@ -88,10 +95,7 @@ def summary_figure(out: Path) -> Path | None:
             ax.set_title("trap rotation")
             ax.legend(fontsize=8)
     first = next(iter(tables.values()))
-    tdp = first.tdp.iloc[0]
-    paging = "shadow paging" if tdp is False or tdp == False else "TDP on"  # noqa: E712
-    if tdp is None or pd.isna(tdp):
-        paging = "paging unknown"
+    paging = paging_words(first.tdp.iloc[0])
     figure.suptitle(f"On real KVM ({first.kvm_module.iloc[0]}, {paging}): measured")
     figure.tight_layout()
     path = out / "kvm.png"
