@@ -207,8 +207,7 @@ class Engine:
             cdesc[i] = (row, level.sets, level.ways, int(per_vcpu))
             row += level.sets * (nv if per_vcpu else 1)
             cways = max(cways, level.ways)
-        self._cache = np.zeros((max(1, row), cways, 2), np.int64)
-        self._cache[:, :, 0] = -1
+        self._cache = np.full((max(1, row), cways), -1, np.int64)  # tags, most recent first
         self._cdesc = cdesc
         self._stats = np.zeros((nv, L.NSTATS), np.int64)
         self._occupied = np.zeros(nv, np.int64)  # per vCPU: structures that hold entries
@@ -457,5 +456,4 @@ class Engine:
 
     def flush_caches(self) -> None:
         """Empty the data-cache model (e.g. between benchmark phases)."""
-        self._cache[:, :, 0] = -1
-        self._cache[:, :, 1] = 0
+        self._cache[:] = -1
