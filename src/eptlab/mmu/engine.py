@@ -195,8 +195,8 @@ class Engine:
             desc[i] = (row, shape.sets, shape.ways)
             row += shape.sets * nv
             max_ways = max(max_ways, shape.ways)
-        self._tlb = np.zeros((max(1, row), max_ways, planes.NPLANES), np.int64)
-        self._tlb[:, :, planes.TAGS] = -1
+        self._tlb = np.zeros((max(1, row), planes.NPLANES, max_ways), np.int64)
+        self._tlb[:, planes.TAGS, :] = -1
         self._desc = desc
         levels = (self.config.cache.l1, self.config.cache.l2, self.config.cache.llc)
         cdesc = np.zeros((L.NCACHE, 4), np.int64)
@@ -360,7 +360,7 @@ class Engine:
     ) -> None:
         """Invalidate entries of ``structures`` held by ``vcpus`` (all if None) that match the
         contexts, keys and globality given."""
-        tags, data = self._tlb[:, :, planes.TAGS], self._tlb[:, :, planes.DATA]
+        tags, data = self._tlb[:, planes.TAGS, :], self._tlb[:, planes.DATA, :]
         targets = range(max(1, len(self._vcpus))) if vcpus is None else vcpus
         only = next(iter(ctxs)) if ctxs is not None and len(ctxs) == 1 else None
         wanted = None if ctxs is None else np.array(sorted(ctxs), np.int64)
