@@ -133,7 +133,6 @@ class Engine:
         self._vcpus: list[_Vcpu] = []
         self._ctx: dict[tuple[int, int], int] = {}
         self._ectx: dict[int, int] = {}
-        self._clock = np.zeros(1, np.int64)
         self._feat = np.array(
             [
                 self.features.maxphyaddr,
@@ -207,7 +206,8 @@ class Engine:
             cdesc[i] = (row, level.sets, level.ways, int(per_vcpu))
             row += level.sets * (nv if per_vcpu else 1)
             cways = max(cways, level.ways)
-        self._cache = np.full((max(1, row), cways), -1, np.int64)  # tags, most recent first
+        self._cache = np.full((max(1, row), cways), -1, np.int64)  # line tags
+        self._heads = np.zeros(max(1, row), np.int64)  # per row: way of the most recent line
         self._cdesc = cdesc
         self._stats = np.zeros((nv, L.NSTATS), np.int64)
         self._occupied = np.zeros(nv, np.int64)  # per vCPU: structures that hold entries
@@ -285,7 +285,7 @@ class Engine:
                 self._stats,
                 refs,
                 ref_count,
-                self._clock,
+                self._heads,
                 exit_info,
                 out_hpa,
                 self._res,
@@ -457,3 +457,4 @@ class Engine:
     def flush_caches(self) -> None:
         """Empty the data-cache model (e.g. between benchmark phases)."""
         self._cache[:] = -1
+        self._heads[:] = 0

@@ -35,9 +35,9 @@ def _put_front(tlb, row, way, tag, value, extra):  # type: ignore[no-untyped-def
 
 
 @inline_kernel
-def lookup(tlb, desc, struct, vcpu, key, ctx, clock):  # type: ignore[no-untyped-def]
+def lookup(tlb, desc, struct, vcpu, key, ctx):  # type: ignore[no-untyped-def]
     """Row * max_ways + way of the hit, or -1. A hit becomes the most recently used way (way
-    0). ``clock`` is unused (the order of a row is its LRU state)."""
+    0)."""
     sets = desc[struct, 1]
     if sets == 0:
         return -1
@@ -52,7 +52,7 @@ def lookup(tlb, desc, struct, vcpu, key, ctx, clock):  # type: ignore[no-untyped
 
 
 @inline_kernel
-def insert(tlb, desc, struct, vcpu, key, ctx, value, extra, clock):  # type: ignore[no-untyped-def]
+def insert(tlb, desc, struct, vcpu, key, ctx, value, extra):  # type: ignore[no-untyped-def]
     """Install (key, ctx) -> (value, extra) in front, replacing the same tag or the LRU way."""
     sets = desc[struct, 1]
     if sets == 0:
