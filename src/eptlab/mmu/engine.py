@@ -207,7 +207,7 @@ class Engine:
             row += level.sets * (nv if per_vcpu else 1)
             cways = max(cways, level.ways)
         self._cache = np.full((max(1, row), cways), -1, np.int64)  # line tags
-        self._heads = np.zeros(max(1, row), np.int64)  # per row: way of the most recent line
+        self._heads = np.zeros(max(1, row), np.int32)  # per row: way of the most recent line
         self._cdesc = cdesc
         self._stats = np.zeros((nv, L.NSTATS), np.int64)
         self._occupied = np.zeros(nv, np.int64)  # per vCPU: structures that hold entries
