@@ -39,7 +39,7 @@ class StampedCaches:
     def access(self, vcpu: int, line: int) -> int:
         missed = []
         found = 3
-        for level, (sets, ways, per_vcpu) in enumerate(LEVELS):
+        for level, (sets, _ways, per_vcpu) in enumerate(LEVELS):
             lines = self.sets.setdefault((level, vcpu if per_vcpu else 0, line % sets), {})
             self.clock += 1
             if line in lines:
@@ -99,7 +99,9 @@ class StampedTlb:
 @settings(max_examples=80, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.sampled_from(["lookup", "insert", "drop"]), st.integers(0, 7), st.integers(0, 1)),
+        st.tuples(
+            st.sampled_from(["lookup", "insert", "drop"]), st.integers(0, 7), st.integers(0, 1)
+        ),
         max_size=200,
     )
 )
