@@ -5,12 +5,24 @@ previous representation), so any difference in what is kept or evicted shows up.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, cast
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eptlab.mmu.kernels.assoc import DATA, NPLANES, TAGS, drop, entry_word, insert, lookup
-from eptlab.mmu.kernels.cache import access_line
+from eptlab.mmu.kernels import assoc
+from eptlab.mmu.kernels import cache as data_cache
+from eptlab.mmu.kernels.assoc import DATA, NPLANES, TAGS
+
+# numba dispatchers, called from Python here
+Kernel = Callable[..., Any]
+access_line = cast(Kernel, data_cache.access_line)
+lookup = cast(Kernel, assoc.lookup)
+insert = cast(Kernel, assoc.insert)
+entry_word = cast(Kernel, assoc.entry_word)
+drop = cast(Kernel, assoc.drop)
 
 # -- data caches ---------------------------------------------------------------------------------
 
