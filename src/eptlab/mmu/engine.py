@@ -133,7 +133,6 @@ class Engine:
         self._vcpus: list[_Vcpu] = []
         self._ctx: dict[tuple[int, int], int] = {}
         self._ectx: dict[int, int] = {}
-        self._clock = np.zeros(1, np.int64)
         self._feat = np.array(
             [
                 self.features.maxphyaddr,
@@ -195,8 +194,8 @@ class Engine:
             desc[i] = (row, shape.sets, shape.ways)
             row += shape.sets * nv
             max_ways = max(max_ways, shape.ways)
-        self._tlb = np.zeros((max(1, row), max_ways, planes.NPLANES), np.int64)
-        self._tlb[:, :, planes.TAGS] = -1
+        self._tlb = np.zeros((max(1, row), planes.NPLANES, max_ways), np.int64)
+        self._tlb[:, planes.TAGS, :] = -1
         self._desc = desc
         levels = (self.config.cache.l1, self.config.cache.l2, self.config.cache.llc)
         cdesc = np.zeros((L.NCACHE, 4), np.int64)
@@ -207,8 +206,8 @@ class Engine:
             cdesc[i] = (row, level.sets, level.ways, int(per_vcpu))
             row += level.sets * (nv if per_vcpu else 1)
             cways = max(cways, level.ways)
-        self._cache = np.zeros((max(1, row), cways, 2), np.int64)
-        self._cache[:, :, 0] = -1
+        self._cache = np.full((max(1, row), cways), -1, np.int64)  # line tags
+        self._heads = np.zeros(max(1, row), np.int32)  # per row: way of the most recent line
         self._cdesc = cdesc
         self._stats = np.zeros((nv, L.NSTATS), np.int64)
         self._occupied = np.zeros(nv, np.int64)  # per vCPU: structures that hold entries
@@ -286,7 +285,7 @@ class Engine:
                 self._stats,
                 refs,
                 ref_count,
-                self._clock,
+                self._heads,
                 exit_info,
                 out_hpa,
                 self._res,
@@ -361,7 +360,7 @@ class Engine:
     ) -> None:
         """Invalidate entries of ``structures`` held by ``vcpus`` (all if None) that match the
         contexts, keys and globality given."""
-        tags, data = self._tlb[:, :, planes.TAGS], self._tlb[:, :, planes.DATA]
+        tags, data = self._tlb[:, planes.TAGS, :], self._tlb[:, planes.DATA, :]
         targets = range(max(1, len(self._vcpus))) if vcpus is None else vcpus
         only = next(iter(ctxs)) if ctxs is not None and len(ctxs) == 1 else None
         wanted = None if ctxs is None else np.array(sorted(ctxs), np.int64)
@@ -457,5 +456,5 @@ class Engine:
 
     def flush_caches(self) -> None:
         """Empty the data-cache model (e.g. between benchmark phases)."""
-        self._cache[:, :, 0] = -1
-        self._cache[:, :, 1] = 0
+        self._cache[:] = -1
+        self._heads[:] = 0

@@ -39,7 +39,7 @@ def run_chunk(
     stats,
     refs,
     ref_count,
-    clock,
+    heads,
     exit_info,
     out_hpa,
     res,
@@ -56,7 +56,7 @@ def run_chunk(
         access = kind[i]
         va = gva[i]
         is_user = user[i] != 0
-        if not tlb_translate(va, access, is_user, v, regs, tlb, desc, cost, stats, clock, res):
+        if not tlb_translate(va, access, is_user, v, regs, tlb, desc, cost, stats, res):
             status = walk_translate(
                 va,
                 access,
@@ -75,7 +75,7 @@ def run_chunk(
                 stats,
                 refs,
                 ref_count,
-                clock,
+                heads,
                 exit_info,
                 res,
                 scratch,
@@ -84,7 +84,7 @@ def run_chunk(
                 exit_info[X_INDEX] = i
                 return i
         hpa = res[0]
-        where = access_line(cache, cdesc, v, hpa, clock)
+        where = access_line(cache, cdesc, v, hpa, heads)
         data_cycles = cost[COST_CACHE + where]
         stats[v, ST_DATA_CACHE + where] += 1
         stats[v, ST_ACCESSES] += 1

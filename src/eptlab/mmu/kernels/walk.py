@@ -263,7 +263,7 @@ def reference(
     stats,
     refs,
     ref_count,
-    clock,
+    heads,
 ):  # type: ignore[no-untyped-def]
     """Account one paging-structure read: log it, count it, send it through the caches."""
     n = ref_count[0]
@@ -276,7 +276,7 @@ def reference(
         refs[n, 5] = for_level
     ref_count[0] = n + 1
     stats[vcpu, (ST_GUEST_REFS if dim == DIM_GUEST else ST_EPT_REFS) + level - 1] += 1
-    where = access_line(cache, cdesc, vcpu, address, clock)
+    where = access_line(cache, cdesc, vcpu, address, heads)
     stats[vcpu, ST_WALK_CACHE + where] += 1
     return cost[COST_CACHE + where]
 
@@ -303,7 +303,7 @@ def ept_translate(
     stats,
     refs,
     ref_count,
-    clock,
+    heads,
     exit_info,
     res,
     scratch,
@@ -363,7 +363,7 @@ def ept_translate(
         if (occupied >> (S_NTLB + s)) & 1 == 0:
             continue
         shift = 12 + 9 * s
-        hit = lookup(tlb, desc, S_NTLB + s, vcpu, gpa >> shift, ectx, clock)
+        hit = lookup(tlb, desc, S_NTLB + s, vcpu, gpa >> shift, ectx)
         if hit >= 0:
             word = entry_word(tlb, DATA, hit)
             rights = unpack_rights((word >> 3) & 15)
@@ -387,9 +387,7 @@ def ept_translate(
         if desc[S_EPSC + 5 - cached, 1] == 0:
             continue
         cycles += cost[COST_PSC]
-        hit = lookup(
-            tlb, desc, S_EPSC + 5 - cached, vcpu, gpa >> (12 + 9 * (cached - 1)), ectx, clock
-        )
+        hit = lookup(tlb, desc, S_EPSC + 5 - cached, vcpu, gpa >> (12 + 9 * (cached - 1)), ectx)
         if hit >= 0:
             stats[vcpu, ST_EPSC_HITS] += 1
             table = entry_word(tlb, DATA, hit)
@@ -415,7 +413,7 @@ def ept_translate(
             stats,
             refs,
             ref_count,
-            clock,
+            heads,
         )
         rights &= value
         if not ept_present(value, mbec):
@@ -490,7 +488,6 @@ def ept_translate(
             ectx,
             scratch[PATH_VALUE, k] & table_mask,
             scratch[PATH_RIGHTS, k],
-            clock,
         )
     insert(
         tlb,
@@ -501,7 +498,6 @@ def ept_translate(
         ectx,
         base | (pack_rights(rights) << 3) | (TF_DIRTY if dirty_after else 0),
         0,
-        clock,
     )
     regs[vcpu, REG_OCCUPIED] |= 1 << (S_NTLB + level - 1)
     res[0] = base | (gpa & ((np.int64(1) << shift) - 1))
@@ -523,7 +519,7 @@ def guest_fault(vector, error, va, vcpu, stats, exit_info):  # type: ignore[no-u
 
 
 @inline_kernel
-def tlb_probe(first_struct, va, vcpu, ctx, regs, tlb, desc, clock):  # type: ignore[no-untyped-def]
+def tlb_probe(first_struct, va, vcpu, ctx, regs, tlb, desc):  # type: ignore[no-untyped-def]
     """Probe the three page-size structures from ``first_struct``; (flat index, size) or -1.
     Structures that never received an entry for this vCPU are skipped."""
     key = va & VA_MASK
@@ -531,14 +527,14 @@ def tlb_probe(first_struct, va, vcpu, ctx, regs, tlb, desc, clock):  # type: ign
     for s in range(3):
         if (occupied >> (first_struct + s)) & 1 == 0:
             continue
-        hit = lookup(tlb, desc, first_struct + s, vcpu, key >> (12 + 9 * s), ctx, clock)
+        hit = lookup(tlb, desc, first_struct + s, vcpu, key >> (12 + 9 * s), ctx)
         if hit >= 0:
             return hit, s
     return -1, 0
 
 
 @inline_kernel
-def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, clock, res):  # type: ignore[no-untyped-def]
+def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, res):  # type: ignore[no-untyped-def]
     """The TLBs (SDM Vol. 3A §4.10.2): True with res[0] = HPA when a cached translation may be
     used for this access. res[4] holds the cycles of the lookups either way. An entry that
     does not allow the access (or a write whose dirty flags are not set) is dropped."""
@@ -551,11 +547,11 @@ def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, clock, r
     key = va & VA_MASK
     l1 = S_L1I if access == FETCH else S_L1D
     cycles = cost[COST_L1_TLB]
-    hit, s = tlb_probe(l1, va, vcpu, ctx, regs, tlb, desc, clock)
+    hit, s = tlb_probe(l1, va, vcpu, ctx, regs, tlb, desc)
     from_stlb = False
     if hit < 0:
         cycles += cost[COST_STLB]
-        hit, s = tlb_probe(S_STLB, va, vcpu, ctx, regs, tlb, desc, clock)
+        hit, s = tlb_probe(S_STLB, va, vcpu, ctx, regs, tlb, desc)
         from_stlb = hit >= 0
     res[4] = cycles
     if hit < 0:
@@ -583,7 +579,7 @@ def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, clock, r
     shift = 12 + 9 * s
     if from_stlb:
         stats[vcpu, ST_STLB_HITS] += 1
-        insert(tlb, desc, l1 + s, vcpu, key >> shift, ctx, word, extra, clock)
+        insert(tlb, desc, l1 + s, vcpu, key >> shift, ctx, word, extra)
         regs[vcpu, REG_OCCUPIED] |= 1 << (l1 + s)
     else:
         stats[vcpu, ST_L1I_HITS if access == FETCH else ST_L1D_HITS] += 1
@@ -610,7 +606,7 @@ def walk_translate(
     stats,
     refs,
     ref_count,
-    clock,
+    heads,
     exit_info,
     res,
     scratch,
@@ -654,7 +650,7 @@ def walk_translate(
         if desc[psc, 1] == 0:
             continue
         cycles += cost[COST_PSC]
-        hit = lookup(tlb, desc, psc, vcpu, key >> (12 + 9 * (cached - 1)), ctx, clock)
+        hit = lookup(tlb, desc, psc, vcpu, key >> (12 + 9 * (cached - 1)), ctx)
         if hit >= 0:
             stats[vcpu, ST_PSC_HITS + cached - 1] += 1
             word = entry_word(tlb, DATA, hit)
@@ -696,7 +692,7 @@ def walk_translate(
                 stats,
                 refs,
                 ref_count,
-                clock,
+                heads,
                 exit_info,
                 res,
                 scratch,
@@ -721,7 +717,7 @@ def walk_translate(
             stats,
             refs,
             ref_count,
-            clock,
+            heads,
         )
         if not (value & P):
             return guest_fault(
@@ -811,7 +807,7 @@ def walk_translate(
         stats,
         refs,
         ref_count,
-        clock,
+        heads,
         exit_info,
         res,
         scratch,
@@ -845,7 +841,6 @@ def walk_translate(
             ctx,
             word,
             scratch[STEP_GPA, k + 1] & ~np.int64(4095),
-            clock,
         )
     # and the TLBs: a combined entry of size min(guest page, EPT page)
     size_level = min(guest_level, res[2])
@@ -862,8 +857,8 @@ def walk_translate(
         | (TF_GLOBAL if (leaf & G) else 0)
     )
     extra = (gpa & page_mask) | pkey
-    insert(tlb, desc, l1 + size_level - 1, vcpu, key >> shift, ctx, word, extra, clock)
-    insert(tlb, desc, S_STLB + size_level - 1, vcpu, key >> shift, ctx, word, extra, clock)
+    insert(tlb, desc, l1 + size_level - 1, vcpu, key >> shift, ctx, word, extra)
+    insert(tlb, desc, S_STLB + size_level - 1, vcpu, key >> shift, ctx, word, extra)
     regs[vcpu, REG_OCCUPIED] |= (1 << (l1 + size_level - 1)) | (1 << (S_STLB + size_level - 1))
     res[0] = hpa
     res[4] = cycles
