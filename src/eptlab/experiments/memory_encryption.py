@@ -39,11 +39,12 @@ Columns:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -329,7 +330,11 @@ def _row(
 COLORS = {"native": "tab:blue", "nested": "tab:orange"}
 
 
-def _labels(table: pd.DataFrame) -> list[tuple[str, int]]:
+Key = tuple[str, int]  # (workload, footprint MiB)
+Array = npt.NDArray[np.float64]
+
+
+def _labels(table: pd.DataFrame) -> list[Key]:
     return list(dict.fromkeys(zip(table["workload"], table["footprint_mib"], strict=True)))
 
 
@@ -354,6 +359,29 @@ def _value(
 def _slowdown(table: pd.DataFrame) -> Figure:
     """Slowdown by workload, native vs nested, one panel per LLC size; the hatched part of each
     bar is the share that page-walk reads cause."""
+
+    def parts(keys: list[Key], llc: int, mode: str) -> tuple[Array, Array]:
+        slow = np.array([_value(table, k, llc, mode, "on", "slowdown_pct") for k in keys])
+        share = np.array([_value(table, k, llc, mode, "on", "walk_share_pct") for k in keys])
+        walk = slow * np.nan_to_num(share) / 100.0
+        return slow - walk, walk
+
+    return _walk_on_data(
+        table,
+        parts,
+        "slowdown from encryption (%)",
+        "Memory encryption: slowdown by mode and workload",
+    )
+
+
+def _walk_on_data(
+    table: pd.DataFrame,
+    parts: Callable[[list[Key], int, str], tuple[Array, Array]],
+    ylabel: str,
+    title: str,
+) -> Figure:
+    """One panel per LLC size, per workload a bar for each mode: the data-line part, and the
+    page-walk part hatched on top of it. ``parts(keys, llc, mode)`` gives the two arrays."""
     keys = _labels(table)
     llcs = sorted(set(table["llc_mib"]))
     figure = Figure(figsize=(max(8, 0.75 * len(keys) * len(llcs) + 2), 4.8))
@@ -362,16 +390,14 @@ def _slowdown(table: pd.DataFrame) -> Figure:
     width = 0.38
     for ax, llc in zip(axes, llcs, strict=True):
         for i, mode in enumerate(MODES):
-            slow = np.array([_value(table, k, llc, mode, "on", "slowdown_pct") for k in keys])
-            share = np.array([_value(table, k, llc, mode, "on", "walk_share_pct") for k in keys])
-            walk = slow * np.nan_to_num(share) / 100.0
+            data, walk = parts(keys, llc, mode)
             pos = x + (i - 0.5) * width
-            ax.bar(pos, slow - walk, width, color=COLORS[mode], label=f"{mode}: data lines")
+            ax.bar(pos, data, width, color=COLORS[mode], label=f"{mode}: data lines")
             ax.bar(
                 pos,
                 walk,
                 width,
-                bottom=slow - walk,
+                bottom=data,
                 color=COLORS[mode],
                 hatch="//",
                 edgecolor="white",
@@ -380,9 +406,9 @@ def _slowdown(table: pd.DataFrame) -> Figure:
         ax.set_xticks(x)
         ax.set_xticklabels([_tick(*k, " ") for k in keys], fontsize=7, rotation=40, ha="right")
         ax.set_title(f"LLC {llc} MiB")
-    axes[0].set_ylabel("slowdown from encryption (%)")
+    axes[0].set_ylabel(ylabel)
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    figure.suptitle("Memory encryption: slowdown by mode and workload")
+    figure.suptitle(title)
     figure.tight_layout()
     return figure
 
@@ -438,40 +464,17 @@ def _stacked(table: pd.DataFrame) -> Figure:
 def _extra(table: pd.DataFrame) -> Figure:
     """Extra cycles per access from encryption, page-walk lines stacked on data lines, native
     vs nested, one panel per LLC size: where the cost lands and what 2D walks add."""
-    keys = _labels(table)
-    llcs = sorted(set(table["llc_mib"]))
-    figure = Figure(figsize=(max(8, 0.75 * len(keys) * len(llcs) + 2), 4.8))
-    axes = figure.subplots(1, len(llcs), sharey=True, squeeze=False)[0]
-    x = np.arange(len(keys))
-    width = 0.38
-    for ax, llc in zip(axes, llcs, strict=True):
-        for i, mode in enumerate(MODES):
-            data = np.array(
-                [_value(table, k, llc, mode, "on", "extra_data_cycles_per_access") for k in keys]
-            )
-            walk = np.array(
-                [
-                    _value(table, k, llc, mode, "on", "extra_translation_cycles_per_access")
-                    for k in keys
-                ]
-            )
-            pos = x + (i - 0.5) * width
-            ax.bar(pos, data, width, color=COLORS[mode], label=f"{mode}: data lines")
-            ax.bar(
-                pos,
-                walk,
-                width,
-                bottom=data,
-                color=COLORS[mode],
-                hatch="//",
-                edgecolor="white",
-                label=f"{mode}: page-walk lines",
-            )
-        ax.set_xticks(x)
-        ax.set_xticklabels([_tick(*k, " ") for k in keys], fontsize=7, rotation=40, ha="right")
-        ax.set_title(f"LLC {llc} MiB")
-    axes[0].set_ylabel("extra cycles per access from encryption")
-    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    figure.suptitle("Where the decryption cycles land: data lines vs page-walk lines")
-    figure.tight_layout()
-    return figure
+
+    def parts(keys: list[Key], llc: int, mode: str) -> tuple[Array, Array]:
+        data = [_value(table, k, llc, mode, "on", "extra_data_cycles_per_access") for k in keys]
+        walk = [
+            _value(table, k, llc, mode, "on", "extra_translation_cycles_per_access") for k in keys
+        ]
+        return np.array(data), np.array(walk)
+
+    return _walk_on_data(
+        table,
+        parts,
+        "extra cycles per access from encryption",
+        "Where the decryption cycles land: data lines vs page-walk lines",
+    )
