@@ -118,7 +118,11 @@ def saved_text(before: float, after: float) -> str:
     return f"{(before - after) / before:.0%}" if before else "n/a"
 
 
-def records_by(table: pd.DataFrame, key: str) -> dict[Any, SimpleNamespace]:
-    """Rows of ``table`` by the value of column ``key``, as objects with each column's value in
-    its own type (ints stay ints), for writing interpretations."""
-    return {r[key]: SimpleNamespace(**r) for r in table.to_dict("records")}
+def records_by(table: pd.DataFrame, *keys: str) -> dict[Any, SimpleNamespace]:
+    """Rows of ``table`` by the value of column ``keys[0]`` (or by the tuple of the ``keys``
+    columns' values), as objects with each column's value in its own type (ints stay ints),
+    for writing interpretations."""
+    records = table.to_dict("records")
+    if len(keys) == 1:
+        return {r[keys[0]]: SimpleNamespace(**r) for r in records}
+    return {tuple(r[k] for k in keys): SimpleNamespace(**r) for r in records}

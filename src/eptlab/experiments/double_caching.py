@@ -39,7 +39,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import product
-from types import SimpleNamespace
 from typing import ClassVar
 
 import numpy as np
@@ -50,7 +49,7 @@ from ..apps.double_caching import GUEST_CACHES, HOST_CACHES, Outcome, Scenario, 
 from ..arch.bits import PAGE_SIZE
 from ..errors import ConfigError
 from ..hv.costs import CYCLES_PER_US
-from .base import Progress, Row
+from .base import Progress, Row, records_by
 
 MiB = 1 << 20
 
@@ -140,10 +139,7 @@ class DoubleCaching:
 
     def interpret(self, table: pd.DataFrame, params: DoubleCachingParams) -> list[str]:
         disk = str(table["disk"].iloc[0])
-        rows = {
-            (r["host_cache"], r["guest_cache"]): SimpleNamespace(**r)
-            for r in table[table["disk"] == disk].to_dict("records")
-        }
+        rows = records_by(table[table["disk"] == disk], "host_cache", "guest_cache")
         out = []
         cold = [(h, rows[h, "cold"]) for h in HOST_CACHES if (h, "cold") in rows]
         if cold:

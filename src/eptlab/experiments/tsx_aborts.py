@@ -43,7 +43,7 @@ from matplotlib.figure import Figure
 from ..apps.tsx import LAZY_SCENARIOS, MITIGATIONS, SCENARIOS, Outcome, Scenario, play
 from ..errors import ConfigError
 from ..mmu.rtm import EXIT_CAUSES
-from .base import Progress, Row
+from .base import Progress, Row, records_by
 
 
 @dataclass(frozen=True)
@@ -148,12 +148,12 @@ class TsxAborts:
         }
 
     def interpret(self, table: pd.DataFrame, params: TsxAbortsParams) -> list[str]:
-        rows = {(r["scenario"], r["mitigation"]): r for r in table.to_dict("records")}
+        rows = records_by(table, "scenario", "mitigation")
         out = []
         ept = [rows[(s, "none")] for s in ("lazy", "cow", "wp-dirty") if (s, "none") in rows]
         if ept:
-            aborts = sum(r["exit_aborts"] for r in ept)
-            inside = sum(r["ept_violations_in_tx"] for r in ept)
+            aborts = sum(r.exit_aborts for r in ept)
+            inside = sum(r.ept_violations_in_tx for r in ept)
             verdict = (
                 "equal the EPT violations taken inside transactions ({inside:,}), as the model's "
                 "rule (any exit inside a transaction aborts it) requires"
@@ -162,7 +162,7 @@ class TsxAborts:
                 "the accounting is broken"
             ).format(inside=inside)
             rates = ", ".join(
-                f"{r['scenario']} {r['abort_rate']:.0%} with {r['ept_violation_rate']:.2f} EPT "
+                f"{r.scenario} {r.abort_rate:.0%} with {r.ept_violation_rate:.2f} EPT "
                 f"violations per section"
                 for r in ept
             )
@@ -174,8 +174,8 @@ class TsxAborts:
             rows[(s, "pretouch")] for s in ("lazy", "cow", "wp-dirty") if (s, "pretouch") in rows
         ]
         if fixed:
-            left = sum(r["ept_violations_in_tx"] for r in fixed)
-            total = sum(r["ept_violations"] for r in fixed)
+            left = sum(r.ept_violations_in_tx for r in fixed)
+            total = sum(r.ept_violations for r in fixed)
             sentence = (
                 f"Pre-touching the region before the transaction keeps the {total:,} EPT "
                 f"violations but takes them outside: {left:,} remain inside transactions"
@@ -183,23 +183,23 @@ class TsxAborts:
             if ("lazy", "prefetch") in rows:
                 pre = rows[("lazy", "prefetch")]
                 sentence += (
-                    f"; the prefetch hypercall removes them ({pre['ept_violations']:,} violations, "
-                    f"abort rate {pre['abort_rate']:.0%} under lazy backing)"
+                    f"; the prefetch hypercall removes them ({pre.ept_violations:,} violations, "
+                    f"abort rate {pre.abort_rate:.0%} under lazy backing)"
                 )
             out.append(sentence + ".")
         if ("pml-dirty", "none") in rows and ("wp-dirty", "none") in rows:
             pml, wp = rows[("pml-dirty", "none")], rows[("wp-dirty", "none")]
             out.append(
-                f"Dirty logging with PML costs {pml['aborts']:,} abort(s) "
-                f"({pml['aborts_by_cause'] or 'none'}) against {wp['aborts']:,} with write "
+                f"Dirty logging with PML costs {pml.aborts:,} abort(s) "
+                f"({pml.aborts_by_cause or 'none'}) against {wp.aborts:,} with write "
                 f"protection (logging rounds run between critical sections here)."
             )
         kinds = ("timer", "conflict", "capacity")
-        others = [r for (s, _), r in rows.items() if s in kinds and r["aborts"]]
+        others = [r for (s, _), r in rows.items() if s in kinds and r.aborts]
         if others:
-            ept_caused = [r for r in others if "ept_violation" in str(r["aborts_by_cause"])]
+            ept_caused = [r for r in others if "ept_violation" in str(r.aborts_by_cause)]
             causes = sorted({
-                c.split("=")[0] for r in others for c in str(r["aborts_by_cause"]).split(";") if c
+                c.split("=")[0] for r in others for c in str(r.aborts_by_cause).split(";") if c
             })
             out.append(
                 f"The timer, conflict and capacity scenarios abort for "
