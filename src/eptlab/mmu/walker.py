@@ -400,9 +400,7 @@ class ReferenceWalker:
             rights &= value
             if not ept_is_present(value, vmcs.mbec):
                 raise _Stop(EptViolation(gpa, walk.gva, int(qual | self._rights_bits(rights))))
-            why = ept_misconfiguration(
-                value, level, maxphy, self.features.ept_execute_only, vmcs.mbec
-            )
+            why = self._ept_misconfiguration(value, level)
             if why is not None:
                 raise _Stop(EptMisconfig(gpa, level, why))
             path.append((level, entry, value))
@@ -426,6 +424,13 @@ class ReferenceWalker:
             self._set_ept_flags(walk, gpa, path, dirty=bool(write_like))
         hpa = ept_address(leaf_value, level, maxphy) | (gpa & ((1 << level_shift(level)) - 1))
         return _EptResult(hpa, rights, PageSize.at_level(level))
+
+    def _ept_misconfiguration(self, value: int, level: int) -> str | None:
+        """Why a present EPT entry is a misconfiguration (SDM §29.3.3.1), or None."""
+        assert self.vmcs is not None
+        return ept_misconfiguration(
+            value, level, self.features.maxphyaddr, self.features.ept_execute_only, self.vmcs.mbec
+        )
 
     def _rights_bits(self, rights: int) -> EptQual:
         """Qualification bits 3-6: what the EPT entries walked allow (their AND)."""

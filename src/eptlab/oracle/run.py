@@ -1,0 +1,151 @@
+"""The oracle run: generate cases, run them through the reference walker, the fast engine and
+Bochs, adjudicate every Bochs/walker disagreement against the pinned list."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from dataclasses import dataclass, field
+
+from ..mmu.walker import ReferenceWalker
+from .bochs import CPU_MODELS, DEFAULT_CPU, run_bochs
+from .cases import FEATURES, Case, build_case
+from .compare import (
+    FIELDS,
+    CaseReport,
+    Fields,
+    bochs_fields,
+    differing,
+    engine_fields,
+    walker_fields,
+)
+from .pinned import DEPARTURES, BochsWalker
+
+
+@dataclass
+class OracleReport:
+    cases: int
+    seed: int
+    cpu: str
+    vmx: dict[str, object]
+    outcomes: Counter[str] = field(default_factory=Counter)
+    bochs_vs_walker: Counter[str] = field(default_factory=Counter)  # field -> cases, all
+    unpinned: Counter[str] = field(default_factory=Counter)  # field -> cases, not pinned
+    engine_vs_walker: Counter[str] = field(default_factory=Counter)
+    pinned: Counter[str] = field(default_factory=Counter)  # departure -> cases
+    examples: list[CaseReport] = field(default_factory=list)  # unpinned ones (a few)
+    engine_examples: list[CaseReport] = field(default_factory=list)
+    unpinned_cases: int = 0
+    engine_cases: int = 0  # cases where the engine and the walker differ
+
+    @property
+    def clean(self) -> bool:
+        """No disagreement outside the pinned list, and the engine agrees with the walker."""
+        return self.unpinned_cases == 0 and self.engine_cases == 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "cases": self.cases,
+            "seed": self.seed,
+            "cpu": self.cpu,
+            "features": {
+                "maxphyaddr": FEATURES.maxphyaddr,
+                "ept_execute_only": FEATURES.ept_execute_only,
+                "advanced_ept_exit_info": FEATURES.advanced_ept_exit_info,
+                "mbec": False,
+                "ept_levels": 4,
+                "guest_levels": 4,
+                "protection_keys": CPU_MODELS[self.cpu],
+            },
+            "vmx_capabilities": self.vmx,
+            "outcomes": dict(self.outcomes),
+            "bochs_vs_walker_by_field": dict(self.bochs_vs_walker),
+            "pinned_by_departure": dict(self.pinned),
+            "unpinned_cases": self.unpinned_cases,
+            "engine_vs_walker_cases": self.engine_cases,
+            "unpinned_by_field": dict(self.unpinned),
+            "engine_vs_walker_by_field": dict(self.engine_vs_walker),
+            "unpinned_examples": [_example(r) for r in self.examples],
+            "engine_examples": [_example(r) for r in self.engine_examples],
+        }
+
+
+def _show(value: object) -> object:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return hex(value)
+    if isinstance(value, frozenset | tuple):
+        return sorted(_show(v) for v in value)  # type: ignore[type-var]
+    return value
+
+
+def _example(r: CaseReport) -> dict[str, object]:
+    fields = set(r.bochs_vs_walker) | set(r.engine_vs_walker) | {"outcome"}
+    return {
+        "case": r.case_id,
+        "notes": r.notes,
+        "fields": sorted(fields),
+        **{
+            who: {f: _show(v) for f, v in out.items() if f in fields}
+            for who, out in (("bochs", r.bochs), ("walker", r.walker), ("engine", r.engine))
+        },
+    }
+
+
+def adjudicate(case_factory: Callable[[], Case], bochs: Fields) -> str | None:
+    """The pinned departure that makes the walker give Bochs's outcome, or None."""
+    for departure in DEPARTURES:
+        variant: type[ReferenceWalker] = BochsWalker.with_departures(departure.key)
+        if not differing(bochs, walker_fields(case_factory(), variant)):
+            return departure.key
+    every = BochsWalker.with_departures(*(d.key for d in DEPARTURES))
+    if not differing(bochs, walker_fields(case_factory(), every)):
+        return "several"
+    return None
+
+
+def run_oracle(
+    cases: int,
+    seed: int = 0,
+    *,
+    cpu: str = DEFAULT_CPU,
+    timeout: float = 900.0,
+    keep_examples: int = 10,
+) -> OracleReport:
+    """Generate and run ``cases`` random cases (seed ``seed``) on Bochs's ``cpu`` model."""
+    pke = CPU_MODELS[cpu]
+
+    def make(i: int) -> Case:
+        return build_case(i, seed, pke=pke)
+
+    built = [make(i) for i in range(cases)]
+    vmx, lines = run_bochs(built, cpu=cpu, timeout=timeout)
+    report = OracleReport(cases, seed, cpu, vmx)
+    for i, case in enumerate(built):
+        line = lines.get(i)
+        bochs = bochs_fields(case, line) if line is not None else {"outcome": "missing"}
+        walker = walker_fields(make(i))
+        engine = engine_fields(make(i))
+        report.outcomes[str(walker["outcome"])] += 1
+        r = CaseReport(i, case.notes, walker, engine, bochs)
+        r.bochs_vs_walker = differing(bochs, walker)
+        r.engine_vs_walker = differing(engine, walker)
+        report.bochs_vs_walker.update(r.bochs_vs_walker)
+        report.engine_vs_walker.update(r.engine_vs_walker)
+        if r.engine_vs_walker:
+            report.engine_cases += 1
+            if len(report.engine_examples) < keep_examples:
+                report.engine_examples.append(r)
+        if r.bochs_vs_walker:
+            r.pinned = adjudicate(partial(make, i), bochs)
+            if r.pinned is None:
+                report.unpinned.update(r.bochs_vs_walker)
+                report.unpinned_cases += 1
+                if len(report.examples) < keep_examples:
+                    report.examples.append(r)
+            else:
+                report.pinned[r.pinned] += 1
+    return report
+
+
+__all__ = ["FIELDS", "OracleReport", "run_oracle"]
