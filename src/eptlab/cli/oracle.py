@@ -29,7 +29,7 @@ def bochs(
     seed: Annotated[int, typer.Option(min=0, help="Seed of the random cases.")] = 0,
     cpu: Annotated[
         CpuModel, typer.Option(help="Bochs CPU model (eptlab's CPU features follow it).")
-    ] = CpuModel[DEFAULT_CPU],  # type: ignore[misc]
+    ] = CpuModel[DEFAULT_CPU],
     timeout: Annotated[float, typer.Option(min=1, help="Seconds Bochs may run.")] = 1800.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> int:
@@ -71,5 +71,9 @@ def render(report: OracleReport, console: Console) -> None:
         f"outside the pinned list: {report.unpinned_cases} cases; "
         f"engine vs walker: {report.engine_cases} cases"
     )
-    for example in d["unpinned_examples"]:  # type: ignore[union-attr]
-        console.print(example)
+    for example in report.examples:
+        console.print(f"case {example.case_id}: {example.notes}")
+        for who, out in (("bochs", example.bochs), ("walker", example.walker)):
+            console.print(f"  {who}: " + ", ".join(
+                f"{f}={out.get(f)!r}" for f in example.bochs_vs_walker
+            ))

@@ -15,7 +15,14 @@ Modelling choices where the SDM leaves freedom (the fast engine must make the sa
 * Accessed/dirty flags are set per *completed* translation: an EPT translation of one GPA sets
   the EPT accessed flags of its entries (and the leaf's dirty flag for a write-like access) only
   if it ends without a violation; the guest walk sets guest A flags (and D in the leaf for a
-  write) only once its permission checks pass. This is what KVM's software walker does.
+  write) only once its permission checks pass, so a fault lower in the walk leaves the upper
+  A flags clear. The guest flags are written *before* the final GPA is translated through EPT,
+  so an EPT violation on the data page leaves them set. Bochs 2.7 does the same (checked by
+  ``eptlab oracle bochs``: ``update_access_dirty_PAE`` runs before ``translate_guest_physical``
+  of the final address). KVM's software walker (``arch/x86/kvm/mmu/paging_tmpl.h``,
+  ``walk_addr_generic``) orders it the other way: it translates the final GPA first
+  (``kvm_translate_gpa``) and sets the guest A/D flags only if that succeeds; the SDM leaves
+  the order open.
 * Guest A/D updates without EPT A/D are writes for EPT (SDM §29.3.3.2); a read-modify-write that
   causes an EPT violation reports bits 0 and 1 of the qualification (the SDM leaves bit 0 to the
   implementation).

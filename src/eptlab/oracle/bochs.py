@@ -119,8 +119,8 @@ def disk_image(harness: Harness, cases: Sequence[Case]) -> bytes:
 BOCHSRC = """\
 megs: 512
 cpu: model={cpu}, ips=200000000
-romimage: file=/usr/share/bochs/BIOS-bochs-latest
-vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest
+romimage: file={bios}
+vgaromimage: file={vga_bios}
 display_library: term
 ata0-master: type=disk, path={image}, mode=flat
 boot: disk
@@ -134,8 +134,24 @@ sound: driver=dummy
 """
 
 
+BIOS = Path("/usr/share/bochs/BIOS-bochs-latest")  # package bochsbios
+VGA_BIOS = Path("/usr/share/bochs/VGABIOS-lgpl-latest")  # a link into package vgabios
+
+
+def missing() -> str | None:
+    """What of Bochs is not installed (None: all of it): the emulator, its BIOSes, and the
+    terminal display plugin (package bochs-term; Debian's build has no "nogui" display)."""
+    if shutil.which("bochs") is None:
+        return "bochs"
+    if not BIOS.exists() or not VGA_BIOS.exists():
+        return "bochsbios/vgabios"
+    if not list(Path("/usr/lib").glob("*/bochs/plugins/libbx_term_gui.so*")):
+        return "bochs-term"
+    return None
+
+
 def bochs_available() -> bool:
-    return shutil.which("bochs") is not None and Path("/usr/share/bochs/BIOS-bochs-latest").exists()
+    return missing() is None
 
 
 def run_bochs(
@@ -143,15 +159,19 @@ def run_bochs(
 ) -> tuple[dict[str, object], dict[int, dict[str, object]]]:
     """Run the cases in one Bochs boot; returns the harness's VMX capability line and the
     result line of each case by case id."""
-    if not bochs_available():
-        raise BochsError("bochs (and bochsbios) not installed: apt-get install bochs bochsbios")
+    if (what := missing()) is not None:
+        raise BochsError(
+            f"{what} not installed: apt-get install bochs bochs-term bochsbios vgabios"
+        )
     harness = build_harness()
     with tempfile.TemporaryDirectory(prefix="eptlab-bochs-") as tmp:
         t = Path(tmp)
         (t / "disk.img").write_bytes(disk_image(harness, cases))
         (t / "rc").write_text("c\n")
         (t / "bochsrc").write_text(
-            BOCHSRC.format(cpu=cpu, image=t / "disk.img", log=t / "bochs.log")
+            BOCHSRC.format(
+                cpu=cpu, image=t / "disk.img", log=t / "bochs.log", bios=BIOS, vga_bios=VGA_BIOS
+            )
         )
         env = {**os.environ, "TERM": "xterm"}
         try:
@@ -160,7 +180,8 @@ def run_bochs(
                 cwd=t, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=env,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
-            raise BochsError(f"bochs did not finish {len(cases)} cases in {timeout:.0f} s") from None
+            message = f"bochs did not finish {len(cases)} cases in {timeout:.0f} s"
+            raise BochsError(message) from None
         lines = done.stdout.decode("latin-1").splitlines()
         log_tail = (t / "bochs.log").read_text(errors="replace")[-2000:] if (
             t / "bochs.log").exists() else ""

@@ -135,7 +135,9 @@ def build_case(case_id: int, seed: int, *, pke: bool = True) -> Case:
         ept_frames.append(frame)
         return frame
 
-    ept = EptTables(HostStore(memory), alloc_ept, levels=4, maxphyaddr=MAXPHYADDR, ad_enabled=ept_ad)
+    ept = EptTables(
+        HostStore(memory), alloc_ept, levels=4, maxphyaddr=MAXPHYADDR, ad_enabled=ept_ad
+    )
     table_ept_page = rng.choice(_SIZES)
     data_ept_page = rng.choice(_SIZES)
     guest_page = rng.choices(_SIZES, weights=(5, 3, 2))[0]
@@ -187,7 +189,8 @@ def build_case(case_id: int, seed: int, *, pke: bool = True) -> Case:
 
     # -- mutate the guest entries on the path (SDM Vol. 3A §4.5 formats) -------------------
     nxe = rng.random() < 0.8
-    path = [_hpa_of(tables.entry_address(gva, level)) for level in range(4, guest_page.level - 1, -1)]
+    levels = range(4, guest_page.level - 1, -1)
+    path = [_hpa_of(tables.entry_address(gva, level)) for level in levels]
     for level, hpa in zip(range(4, 0, -1), path, strict=False):
         value = memory.read_u64(hpa)
         leaf = is_leaf(value, level)

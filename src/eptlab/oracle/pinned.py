@@ -92,11 +92,16 @@ class BochsWalker(ReferenceWalker):
     departures: frozenset[str] = frozenset()
 
     @classmethod
-    def with_departures(cls, *keys: str) -> type[BochsWalker]:
+    def with_departures(
+        cls, *keys: str, base: type[ReferenceWalker] = ReferenceWalker
+    ) -> type[BochsWalker]:
+        """A walker class with departures ``keys`` on top of ``base`` (a subclass of the
+        reference walker, e.g. one under test)."""
         unknown = set(keys) - set(BY_KEY)
         if unknown:
             raise ValueError(f"unknown departures {sorted(unknown)}")
-        return type("BochsWalker", (cls,), {"departures": frozenset(keys)})
+        bases = (cls,) if base is ReferenceWalker else (cls, base)
+        return type("BochsWalker", bases, {"departures": frozenset(keys)})
 
     def _translate(self, walk: _Walk) -> tuple[int, int, PageSize, PageSize]:
         vmcs = self.vmcs

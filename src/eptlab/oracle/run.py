@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 
 from ..mmu.walker import ReferenceWalker
 from .bochs import CPU_MODELS, DEFAULT_CPU, run_bochs
-from .cases import FEATURES, Case, build_case
+from .cases import FEATURES, TABLE_LOW, Case, build_case
 from .compare import (
     FIELDS,
     CaseReport,
@@ -36,6 +36,7 @@ class OracleReport:
     pinned: Counter[str] = field(default_factory=Counter)  # departure -> cases
     examples: list[CaseReport] = field(default_factory=list)  # unpinned ones (a few)
     engine_examples: list[CaseReport] = field(default_factory=list)
+    order: Counter[str] = field(default_factory=Counter)  # event-order checks (see _order)
     unpinned_cases: int = 0
     engine_cases: int = 0  # cases where the engine and the walker differ
 
@@ -66,6 +67,7 @@ class OracleReport:
             "engine_vs_walker_cases": self.engine_cases,
             "unpinned_by_field": dict(self.unpinned),
             "engine_vs_walker_by_field": dict(self.engine_vs_walker),
+            "event_order": dict(self.order),
             "unpinned_examples": [_example(r) for r in self.examples],
             "engine_examples": [_example(r) for r in self.engine_examples],
         }
@@ -92,13 +94,47 @@ def _example(r: CaseReport) -> dict[str, object]:
     }
 
 
-def adjudicate(case_factory: Callable[[], Case], bochs: Fields) -> str | None:
+def _guest_flags(out: Fields) -> frozenset[tuple[int, int]]:
+    flags = out.get("flags", frozenset())
+    assert isinstance(flags, frozenset)
+    return frozenset(f for f in flags if f[0] >= TABLE_LOW)  # guest tables live above 64 MiB
+
+
+def _order(tally: Counter[str], walker: Fields, bochs: Fields) -> None:
+    """The two event orders the SDM leaves open, as the walker and Bochs show them:
+
+    * ``final-violation``: the final GPA's EPT check fails (qualification bit 8) after the
+      guest walk passed: are the guest A/D flags written (eptlab: yes)?
+    * ``guest-fault``: a #PF: are any guest A flags set on the levels above (eptlab: no)?
+    """
+    if bochs["outcome"] != walker["outcome"]:
+        return  # (a pinned departure changed the event itself)
+    qual = walker.get("qualification")
+    if walker["outcome"] == "ept_violation" and isinstance(qual, int) and qual & 0x100:
+        key = "final-violation"
+        written = bool(_guest_flags(walker))
+    elif walker["outcome"] == "fault":
+        key = "guest-fault"
+        written = bool(_guest_flags(walker))
+    else:
+        return
+    tally[f"{key}: cases"] += 1
+    tally[f"{key}: walker wrote guest A/D"] += written
+    tally[f"{key}: Bochs wrote guest A/D"] += bool(_guest_flags(bochs))
+    tally[f"{key}: same guest A/D"] += _guest_flags(walker) == _guest_flags(bochs)
+
+
+def adjudicate(
+    case_factory: Callable[[], Case],
+    bochs: Fields,
+    walker_class: type[ReferenceWalker] = ReferenceWalker,
+) -> str | None:
     """The pinned departure that makes the walker give Bochs's outcome, or None."""
     for departure in DEPARTURES:
-        variant: type[ReferenceWalker] = BochsWalker.with_departures(departure.key)
+        variant = BochsWalker.with_departures(departure.key, base=walker_class)
         if not differing(bochs, walker_fields(case_factory(), variant)):
             return departure.key
-    every = BochsWalker.with_departures(*(d.key for d in DEPARTURES))
+    every = BochsWalker.with_departures(*(d.key for d in DEPARTURES), base=walker_class)
     if not differing(bochs, walker_fields(case_factory(), every)):
         return "several"
     return None
@@ -111,8 +147,10 @@ def run_oracle(
     cpu: str = DEFAULT_CPU,
     timeout: float = 900.0,
     keep_examples: int = 10,
+    walker_class: type[ReferenceWalker] = ReferenceWalker,
 ) -> OracleReport:
-    """Generate and run ``cases`` random cases (seed ``seed``) on Bochs's ``cpu`` model."""
+    """Generate and run ``cases`` random cases (seed ``seed``) on Bochs's ``cpu`` model.
+    ``walker_class``: the walker under test (a subclass of the reference walker)."""
     pke = CPU_MODELS[cpu]
 
     def make(i: int) -> Case:
@@ -123,10 +161,11 @@ def run_oracle(
     report = OracleReport(cases, seed, cpu, vmx)
     for i, case in enumerate(built):
         line = lines.get(i)
-        bochs = bochs_fields(case, line) if line is not None else {"outcome": "missing"}
-        walker = walker_fields(make(i))
+        bochs: Fields = {"outcome": "missing"} if line is None else bochs_fields(case, line)
+        walker = walker_fields(make(i), walker_class)
         engine = engine_fields(make(i))
         report.outcomes[str(walker["outcome"])] += 1
+        _order(report.order, walker, bochs)
         r = CaseReport(i, case.notes, walker, engine, bochs)
         r.bochs_vs_walker = differing(bochs, walker)
         r.engine_vs_walker = differing(engine, walker)
@@ -137,7 +176,7 @@ def run_oracle(
             if len(report.engine_examples) < keep_examples:
                 report.engine_examples.append(r)
         if r.bochs_vs_walker:
-            r.pinned = adjudicate(partial(make, i), bochs)
+            r.pinned = adjudicate(partial(make, i), bochs, walker_class)
             if r.pinned is None:
                 report.unpinned.update(r.bochs_vs_walker)
                 report.unpinned_cases += 1
