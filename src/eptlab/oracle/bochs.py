@@ -105,9 +105,10 @@ def build_harness() -> Harness:
     return harness
 
 
-def disk_image(harness: Harness, cases: Sequence[Case]) -> bytes:
-    """Boot sector, harness, then at LBA 128 a header sector and the case records."""
-    records = b"".join(case.record() for case in cases)
+def disk_image(harness: Harness, cases: Sequence[Case | bytes]) -> bytes:
+    """Boot sector, harness, then at LBA 128 a header sector and the case records (cases or
+    their :meth:`Case.record` bytes)."""
+    records = b"".join(c if isinstance(c, bytes) else c.record() for c in cases)
     sectors = -(-len(records) // SECTOR)
     image = bytearray(harness.boot + harness.kernel.ljust(KERNEL_SECTORS * SECTOR, b"\0"))
     image = image.ljust(CASE_HEADER_LBA * SECTOR, b"\0")
@@ -155,10 +156,10 @@ def bochs_available() -> bool:
 
 
 def run_bochs(
-    cases: Sequence[Case], *, cpu: str = DEFAULT_CPU, timeout: float = 600.0
+    cases: Sequence[Case | bytes], *, cpu: str = DEFAULT_CPU, timeout: float = 600.0
 ) -> tuple[dict[str, object], dict[int, dict[str, object]]]:
-    """Run the cases in one Bochs boot; returns the harness's VMX capability line and the
-    result line of each case by case id."""
+    """Run the cases (or their records) in one Bochs boot; returns the harness's VMX
+    capability line and the result line of each case by case id."""
     if (what := missing()) is not None:
         raise BochsError(
             f"{what} not installed: apt-get install bochs bochs-term bochsbios vgabios"

@@ -156,10 +156,12 @@ def run_oracle(
     def make(i: int) -> Case:
         return build_case(i, seed, pke=pke)
 
-    built = [make(i) for i in range(cases)]
-    vmx, lines = run_bochs(built, cpu=cpu, timeout=timeout)
+    records = [make(i).record() for i in range(cases)]  # (a case's memory is not kept)
+    vmx, lines = run_bochs(records, cpu=cpu, timeout=timeout)
+    del records
     report = OracleReport(cases, seed, cpu, vmx)
-    for i, case in enumerate(built):
+    for i in range(cases):
+        case = make(i)
         line = lines.get(i)
         bochs: Fields = {"outcome": "missing"} if line is None else bochs_fields(case, line)
         walker = walker_fields(make(i), walker_class)
