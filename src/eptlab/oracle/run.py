@@ -3,6 +3,7 @@ Bochs, adjudicate every Bochs/walker disagreement against the pinned list."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class OracleReport:
     order: Counter[str] = field(default_factory=Counter)  # event-order checks (see _order)
     unpinned_cases: int = 0
     engine_cases: int = 0  # cases where the engine and the walker differ
+    seconds: dict[str, float] = field(default_factory=dict)  # build, bochs, compare
 
     @property
     def clean(self) -> bool:
@@ -68,6 +70,7 @@ class OracleReport:
             "unpinned_by_field": dict(self.unpinned),
             "engine_vs_walker_by_field": dict(self.engine_vs_walker),
             "event_order": dict(self.order),
+            "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
             "unpinned_examples": [_example(r) for r in self.examples],
             "engine_examples": [_example(r) for r in self.engine_examples],
         }
@@ -156,8 +159,11 @@ def run_oracle(
     def make(i: int) -> Case:
         return build_case(i, seed, pke=pke)
 
+    start = time.perf_counter()
     records = [make(i).record() for i in range(cases)]  # (a case's memory is not kept)
+    built = time.perf_counter()
     vmx, lines = run_bochs(records, cpu=cpu, timeout=timeout)
+    ran = time.perf_counter()
     del records
     report = OracleReport(cases, seed, cpu, vmx)
     for i in range(cases):
@@ -186,6 +192,11 @@ def run_oracle(
                     report.examples.append(r)
             else:
                 report.pinned[r.pinned] += 1
+    report.seconds = {
+        "build": built - start,
+        "bochs": ran - built,
+        "compare": time.perf_counter() - ran,
+    }
     return report
 
 
