@@ -54,6 +54,30 @@ _command("trap-rotation", "Rotating write traps over sampled memory to catch wil
 _command("crosscheck", "The same access patterns through the simulator and KVM, compared.")
 
 
+def run_experiment(name: str, sets: list[str] | None, as_json: bool) -> int:
+    """``eptlab kvm NAME`` as a shortcut of ``eptlab run kvm-NAME`` (files in out/kvm-NAME)."""
+    from ..experiments import runner
+    from .experiments import parse_sets
+
+    try:
+        result = runner.run(f"kvm-{name}", parse_sets(sets or []), show_progress=not as_json)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
+    if as_json:
+        rows = json.loads(result.table.to_json(orient="records"))
+        typer.echo(json.dumps({"command": name, "params": result.params, "rows": rows}))
+    else:
+        typer.echo(result.table.to_string(index=False))
+    return 0
+
+
+@kvm_app.command("tsx")
+def tsx(set_: SetOption = None, as_json: JsonOption = False) -> int:
+    """RTM transactions in a guest (and in-process) under lazy, pre-faulted, dirty-logged and
+    read-only memory: aborts by EAX status bit, the capacity limit (= eptlab run kvm-tsx)."""
+    return run_experiment("tsx", set_, as_json)
+
+
 @kvm_app.command("info")
 def info(as_json: JsonOption = False) -> int:
     """Which KVM this is (module, TDP or shadow paging) and the capabilities eptlab uses."""

@@ -22,9 +22,11 @@ end of the warm-up to the end of the run.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from ...arch.exits import EptQual, EptViolation
 from ...errors import ConfigError, RtmUnavailable
@@ -45,6 +47,7 @@ from ..backend import (
 )
 from ..fds import Kvm, dirty_pages
 from ..memory import GuestMemory
+from ..rtm_host import FORCE_ENV
 from ..txplan import AttemptLog, TxPlan
 
 POLICIES = ("lazy", "prefaulted", "dirty-log", "readonly")
@@ -56,7 +59,10 @@ WARM_DONE = (1 << 64) - 1  # ROUND(-1)
 
 def guest_rtm(kvm: Kvm) -> tuple[bool, bool]:
     """(RTM, HLE) in what KVM offers guests: KVM_GET_SUPPORTED_CPUID leaf 7 subleaf 0, EBX bits
-    11 and 4 (SDM Vol. 2, CPUID). The guests get exactly this CPUID (KVM_SET_CPUID2)."""
+    11 and 4 (SDM Vol. 2, CPUID). The guests get exactly this CPUID (KVM_SET_CPUID2).
+    ``EPTLAB_NO_RTM=1`` pretends both are clear (to test the unavailable path)."""
+    if os.environ.get(FORCE_ENV, "") not in ("", "0"):
+        return False, False
     cpuid = kvm.supported_cpuid()
     for entry in cpuid.entries[: cpuid.nent]:
         if entry.function == 7 and entry.index == 0:
@@ -111,7 +117,7 @@ class _Policy:
         return None
 
 
-def _absolute(runs: np.ndarray, base: int) -> np.ndarray:  # type: ignore[type-arg]
+def _absolute(runs: npt.NDArray[np.uint64], base: int) -> npt.NDArray[np.uint64]:
     out = np.array(runs, np.uint64, copy=True)
     out[..., 0] += np.uint64(base)
     return out
