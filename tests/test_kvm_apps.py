@@ -4,6 +4,7 @@ the ``eptlab kvm`` command's JSON contract."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -143,10 +144,11 @@ def test_applications_release_every_fd_and_mapping() -> None:
 
 @pytest.mark.kvm
 def test_cli_crosscheck_exits_1_when_the_engines_disagree(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     import dataclasses
 
+    monkeypatch.chdir(tmp_path)  # the shortcut writes out/kvm-crosscheck like eptlab run
     from eptlab.kvm import sim
 
     real = sim.dirty_log_pml
@@ -158,7 +160,8 @@ def test_cli_crosscheck_exits_1_when_the_engines_disagree(
         return dataclasses.replace(out, dirty=[first, *out.dirty[1:]])
 
     monkeypatch.setattr(sim, "dirty_log_pml", drops_a_page)
-    args = ["--set", "memory_mib=8", "--set", "pages=8", "--set", "rounds=2", "--set", "clones=1"]
+    args = ["--set", "memory_mib=8", "--set", "pages=8", "--set", "rounds=2", "--set", "clones=1",
+            "--set", "tsx=false"]
     assert main(["kvm", "crosscheck", *args, "--json"]) == 1
     rows = json.loads(capsys.readouterr().out)["rows"]
     failed = [r for r in rows if not r["equal"]]

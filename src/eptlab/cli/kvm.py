@@ -51,7 +51,6 @@ _command("fork", "Copy-on-write snapshot and fork of a VM (memfd, MAP_PRIVATE cl
 _command("dirty-log", "Dirty bitmap and dirty ring against trapping every write.")
 _command("prefetch", "Populating a hinted range ahead of the guest against demand faults.")
 _command("trap-rotation", "Rotating write traps over sampled memory to catch wild writes.")
-_command("crosscheck", "The same access patterns through the simulator and KVM, compared.")
 
 
 def run_experiment(name: str, sets: list[str] | None, as_json: bool) -> int:
@@ -68,7 +67,8 @@ def run_experiment(name: str, sets: list[str] | None, as_json: bool) -> int:
         typer.echo(json.dumps({"command": name, "params": result.params, "rows": rows}))
     else:
         typer.echo(result.table.to_string(index=False))
-    return 0
+    failed = name == "crosscheck" and not bool(result.table.equal.all())
+    return 1 if failed else 0
 
 
 @kvm_app.command("tsx")
@@ -94,3 +94,10 @@ def info(as_json: JsonOption = False) -> int:
         for key, value in out.items():
             typer.echo(f"{key}: {value}")
     return 0
+
+
+@kvm_app.command("crosscheck")
+def crosscheck(set_: SetOption = None, as_json: JsonOption = False) -> int:
+    """The same access patterns and transaction streams through the simulator and KVM,
+    compared; exit status 1 when a row differs (= eptlab run kvm-crosscheck)."""
+    return run_experiment("crosscheck", set_, as_json)

@@ -19,6 +19,7 @@ _EXPERIMENTS = {
     "tsx-aborts": "eptlab.experiments.tsx_aborts:TsxAborts",
     "memory-encryption": "eptlab.experiments.memory_encryption:MemoryEncryption",
     "kvm-tsx": "eptlab.experiments.kvm_tsx:KvmTsx",
+    "kvm-crosscheck": "eptlab.experiments.kvm_crosscheck:KvmCrosscheck",
 }
 
 
