@@ -104,13 +104,17 @@ def test_trap_rotation_detects_nothing_untrapped_and_everything_trapped() -> Non
 
 
 @pytest.mark.kvm
-def test_cli_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_json_contract(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # files go to out/kvm-fork, as eptlab run kvm-fork writes them
     assert main(["kvm", "fork", "--set", "guest_mibs=16", "--set", "pages=4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["command"] == "fork" and out["params"]["pages"] == 4
     row = out["rows"][0]
     assert {"guest_mib", "fork_ms", "isolated", "pages_written",
             "private_mib_after_writes", "kvm_module", "tdp"} <= set(row)
+    assert (tmp_path / "out" / "kvm-fork" / "kvm-fork.parquet").exists()
 
 
 @pytest.mark.kvm

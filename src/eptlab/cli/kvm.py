@@ -1,4 +1,5 @@
-"""``eptlab kvm NAME``: the applications on real hardware (/dev/kvm), and ``eptlab kvm info``."""
+"""``eptlab kvm NAME``: the applications on real hardware (/dev/kvm), shortcuts of ``eptlab run
+kvm-NAME`` (files in out/kvm-NAME), and ``eptlab kvm info``."""
 
 from __future__ import annotations
 
@@ -20,30 +21,11 @@ SetOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print {command, params, rows}.")]
 
 
-def run_app(name: str, sets: list[str] | None, as_json: bool) -> int:
-    """Run one application; a crosscheck that disagrees exits with status 1."""
-    import pandas as pd
-
-    from ..kvm.results import run_app as run
-    from .experiments import parse_sets
-
-    try:
-        params, rows = run(name, parse_sets(sets or []))
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--set") from None
-    if as_json:
-        typer.echo(json.dumps({"command": name, "params": params, "rows": rows}))
-    else:
-        typer.echo(pd.DataFrame(rows).to_string(index=False))
-    failed = name == "crosscheck" and not all(r["equal"] for r in rows)
-    return 1 if failed else 0
-
-
 def _command(name: str, doc: str) -> None:
     def command(set_: SetOption = None, as_json: JsonOption = False) -> int:
-        return run_app(name, set_, as_json)
+        return run_experiment(name, set_, as_json)
 
-    command.__doc__ = doc
+    command.__doc__ = doc + f" (= eptlab run kvm-{name})"
     kvm_app.command(name)(command)
 
 
