@@ -46,6 +46,23 @@ def test_one_case_end_to_end() -> None:
     assert set(differing(bochs, walker)) <= {"pml_log"}  # pinned: Bochs logs byte addresses
 
 
+def test_guest_page_fault_taken_by_the_guest_handler() -> None:
+    """A #PF is delivered through the nested guest's IDT; its handler reports error code and
+    CR2 with VMCALL, and they are the walker's."""
+    pf = next(  # a #PF without protection keys (where a pinned Bochs departure lives)
+        i for i in range(200)
+        if walker_fields(build_case(i, 1)).get("vector") == 14
+        and not build_case(i, 1).guest.cr4 & (1 << 22)
+    )  # fmt: skip
+    case = build_case(pf, 1)
+    _, lines = run_bochs([case], timeout=120)
+    line = lines[pf]
+    assert int(str(line["reason"]), 16) == 18  # VMCALL from the handler, not an exception exit
+    assert int(str(line["pf_cr2"]), 16) == case.gva
+    walker = walker_fields(build_case(pf, 1))
+    assert int(str(line["pf_error"]), 16) == walker["error_code"]
+
+
 def test_seeded_suite_has_no_disagreement_outside_the_pinned_list() -> None:
     report = run_oracle(2000, SEED)
     d = report.as_dict()

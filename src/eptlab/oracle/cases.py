@@ -237,7 +237,7 @@ def build_case(case_id: int, seed: int, *, pke: bool = True) -> Case:
         cr0=CR0_BASE | (int(Cr0.WP) if rng.random() < 0.7 else 0),
         cr4=cr4,
         efer=int(Efer.LME | Efer.LMA) | (int(Efer.NXE) if nxe else 0),
-        pkru=rng.getrandbits(32) if rng.random() < 0.6 else 0,
+        pkru=_pkru(rng) if rng.random() < 0.6 else 0,
     )
     pml = ept_ad and rng.random() < 0.6
     pml_index = rng.choice((0, 1, 2, 3, 511, 512, 0xFFFF, rng.randrange(512)))
@@ -257,6 +257,15 @@ def build_case(case_id: int, seed: int, *, pke: bool = True) -> Case:
         "pml": pml,
     }
     return Case(case_id, memory, guest, vmcs, gva, access, mode, pages, notes)
+
+
+def _pkru(rng: random.Random) -> int:
+    """A random PKRU that leaves at least one key open (AD = WD = 0): the harness gives that key
+    to its own pages, which #PF delivery writes (Bochs applies PKRU to supervisor pages too)."""
+    pkru = rng.getrandbits(32)
+    if all((pkru >> (2 * k)) & 3 for k in range(16)):
+        pkru &= ~(3 << (2 * rng.randrange(16)))
+    return pkru
 
 
 def _guest_reserved_bit(rng: random.Random, value: int, level: int) -> int:

@@ -97,7 +97,11 @@ def bochs_fields(case: Case, line: Mapping[str, object]) -> Fields:
         return {"outcome": f"launch-error-{num('launch_error')}"}
     reason = num("reason") & 0xFFFF
     out: Fields
-    if reason == VMCALL:
+    if reason == VMCALL and "pf_error" in line:
+        # the guest's own #PF handler ran (IDT vector 14) and reported error code and CR2
+        out = {"outcome": "fault", "vector": 14, "error_code": num("pf_error"),
+               "address": num("pf_cr2")}  # fmt: skip
+    elif reason == VMCALL:
         out = {"outcome": "ok"}
     elif reason == EXCEPTION:
         intr = num("intr")

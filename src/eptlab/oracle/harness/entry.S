@@ -33,6 +33,9 @@ vm_launch:
     mov $1, %eax
     jmp 2f
 vm_exit_entry:
+    mov %rax, guest_gprs(%rip)      /* the guest's RAX, RBX, RDX (the #PF handler's report) */
+    mov %rbx, guest_gprs+8(%rip)
+    mov %rdx, guest_gprs+16(%rip)
     xor %eax, %eax
 2:  pop %r15
     pop %r14
@@ -49,11 +52,13 @@ vm_exit_entry:
 stub_sup:
     test %r14, %r14
     jz 1f
-    mov %r13d, %eax             /* CR4.PKE: load the case's PKRU */
+    mov %r13d, %eax             /* CR4.PKE: load the case's PKRU (before any data access) */
     xor %ecx, %ecx
     xor %edx, %edx
     wrpkru
-1:  test %r12, %r12
+1:  movq $0, guest_sys+0xff8    /* fill the TLB (global, writable) for the guest's GDT, IDT,
+                                   TSS and stack page: #PF delivery will not walk */
+    test %r12, %r12
     jnz 2f
     mov %r8, %cr3               /* the case's tables; this page stays in the TLB (global) */
     jmp sup_access
@@ -74,6 +79,15 @@ sup_access:
 4:  mov %al, (%r9)
     vmcall
 
+/* The guest's #PF handler (IDT vector 14; this page is in the TLB since the VM entry): reports
+ * the error code and CR2 with VMCALL, RAX = PF_MARKER. */
+    .globl pf_handler
+pf_handler:
+    mov (%rsp), %rbx
+    mov %cr2, %rdx
+    mov $0x50460e, %eax
+    vmcall
+
 /* User stub page (global user page). Executed once at CPL 3 before the CR3 switch (which
  * fills its global TLB entry), then again after it. */
     .section .stub_user, "ax"
@@ -90,4 +104,11 @@ stub_user:
     vmcall
 4:  mov %al, (%r9)
     vmcall
+/* The guest's GDT (+0), IDT (+0x200), TSS (+0x400) and stack (top of the page), one page. */
+    .section .guest_sys, "aw"
+    .p2align 12
+    .globl guest_sys
+guest_sys:
+    .fill 4096, 1, 0
+
     .section .note.GNU-stack, "", @progbits

@@ -28,7 +28,10 @@ typedef uint8_t u8;
 #define VMCS_PAGE 0x307000ULL
 
 extern int vm_launch(const u64 *regs);
-extern char stub_sup[], stub_sup2[], stub_user[];
+extern char stub_sup[], stub_sup2[], stub_user[], pf_handler[];
+extern u8 guest_sys[];
+u64 guest_gprs[3]; /* RAX, RBX, RDX of the guest at the last VM exit (entry.S) */
+#define PF_MARKER 0x50460eULL
 
 /* -- port I/O and output ---------------------------------------------------------------- */
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
@@ -269,6 +272,21 @@ static void setup_stub_tables(void) {
     pd[0] = STUB_PT | 0x27;
     pt[sup >> 12] = sup | 0x163;   /* P RW A D G, supervisor */
     pt[user >> 12] = user | 0x167; /* P RW US A D G */
+    u64 sys = (u64)guest_sys;
+    if ((sys >> 21) != 0) die("guest_sys above 2 MiB", sys);
+    pt[sys >> 12] = sys | 0x163; /* P RW A D G, supervisor */
+    /* guest GDT: 0x08 64-bit code, 0x10 data (accessed bits preset: delivery writes nothing) */
+    u64 *gdt_g = (u64 *)guest_sys;
+    gdt_g[1] = 0x00af9b000000ffffULL;
+    gdt_g[2] = 0x00cf93000000ffffULL;
+    /* IDT vector 14: 64-bit interrupt gate to pf_handler, selector 0x08, IST 0 */
+    u64 handler = (u64)pf_handler;
+    u64 *gate = (u64 *)(guest_sys + 0x200 + 14 * 16);
+    gate[0] = (handler & 0xffff) | (0x08ULL << 16) | (0x8eULL << 40) |
+              (((handler >> 16) & 0xffff) << 48);
+    gate[1] = handler >> 32;
+    /* TSS: RSP0 (a user-mode #PF switches to it) = the top of the page */
+    *(u64 *)(guest_sys + 0x400 + 4) = sys + 0x1000;
     /* EPT: GPA [0, 1 GiB) -> HPA identity, one 1 GiB page, RWX, WB, A and D */
     ((u64 *)STUB_EPT_PDPT)[0] = 0x7 | (6 << 3) | (1 << 7) | (1 << 8) | (1 << 9);
 }
@@ -295,7 +313,7 @@ static void configure(const struct case_header *c) {
     vmwrite(PROC_CTLS, proc_ctls);
     u32 p2 = proc_ctls2_base | (c->pml_enabled ? 1u << 17 : 0);
     vmwrite(PROC_CTLS2, adjust(0x48b, p2));
-    vmwrite(EXC_BITMAP, 0xffffffff);
+    vmwrite(EXC_BITMAP, ~(1u << 14)); /* #PF goes to the guest's handler, the rest exits */
     vmwrite(PF_MASK, 0);
     vmwrite(PF_MATCH, 0);
     vmwrite(CR3_TARGET_COUNT, 1);
@@ -353,13 +371,13 @@ static void configure(const struct case_header *c) {
     vmwrite(G_TR_SEL, 0x18);
     vmwrite(G_ES_LIMIT + 14, 0x67);
     vmwrite(G_ES_AR + 14, 0x8b);
-    vmwrite(G_ES_BASE + 14, 0);
-    vmwrite(G_GDTR_BASE, 0);
-    vmwrite(G_GDTR_LIMIT, 0xffff);
-    vmwrite(G_IDTR_BASE, 0);
-    vmwrite(G_IDTR_LIMIT, 0xffff);
+    vmwrite(G_ES_BASE + 14, (u64)guest_sys + 0x400);
+    vmwrite(G_GDTR_BASE, (u64)guest_sys);
+    vmwrite(G_GDTR_LIMIT, 0x1f);
+    vmwrite(G_IDTR_BASE, (u64)guest_sys + 0x200);
+    vmwrite(G_IDTR_LIMIT, 0xff);
     vmwrite(G_DR7, 0x400);
-    vmwrite(G_RSP, 0);
+    vmwrite(G_RSP, (u64)guest_sys + 0x1000);
     vmwrite(G_RIP, (u64)stub_sup);
     vmwrite(G_RFLAGS, 2);
     vmwrite(G_PENDING_DBG, 0);
@@ -379,6 +397,14 @@ static const u64 *run_case(const u64 *rec) {
     for (u64 i = 0; i < c->n_writes; i++) *(volatile u64 *)writes[2 * i] = writes[2 * i + 1];
     /* the case's EPT root also maps GPA [0, 512 GiB) for the stub (never a case address) */
     ((volatile u64 *)(c->eptp & ~0xfffULL))[0] = STUB_EPT_PDPT | 0x107;
+    /* the stub's pages get a protection key that PKRU leaves open (Bochs applies PKRU to
+     * supervisor-mode pages too, and #PF delivery writes the stack page) */
+    u64 key = 0;
+    for (u64 k = 0; k < 16; k++)
+        if (!((c->pkru >> (2 * k)) & 3)) key = k;
+    u64 *pt = (u64 *)STUB_PT;
+    for (u64 va = (u64)stub_sup; va <= (u64)guest_sys; va += 0x1000)
+        if (pt[va >> 12] & 1) pt[va >> 12] = (pt[va >> 12] & ~(0xfULL << 59)) | (key << 59);
     configure(c);
     /* SYSCALL/SYSRET: STAR (CS/SS bases), LSTAR = second supervisor stub, FMASK = 0 */
     wrmsr(0xc0000081, (0x18ULL << 48) | (0x08ULL << 32));
@@ -398,6 +424,10 @@ static const u64 *run_case(const u64 *rec) {
         field("intr", vmread(EXIT_INTR_INFO));
         field("error", vmread(EXIT_INTR_ERROR));
         field("rip", vmread(G_RIP));
+        if ((vmread(EXIT_REASON) & 0xffff) == 18 && guest_gprs[0] == PF_MARKER) {
+            field("pf_error", guest_gprs[1]);
+            field("pf_cr2", guest_gprs[2]);
+        }
         if (c->pml_enabled) {
             u64 after = vmread(G_PML_INDEX) & 0xffff;
             field("pml_index", after);
