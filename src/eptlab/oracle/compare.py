@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..arch.exits import EptMisconfig, EptViolation, GuestFault, PmlFull, VmExit
-from ..mmu.config import MmuConfig
+from ..mmu.config import CacheConfig, MmuConfig, TlbConfig
 from ..mmu.engine import Engine
 from ..mmu.walker import ReferenceWalker
 from .cases import FEATURES, Case
@@ -17,6 +17,9 @@ FIELDS = ("outcome", "vector", "error_code", "address", "qualification", "gpa", 
           "flags", "pml_log", "pml_index")  # fmt: skip
 
 VMCALL, EXCEPTION, EPT_VIOLATION, EPT_MISCONFIG, PML_FULL = 18, 0, 48, 49, 62
+UNCACHED = MmuConfig(tlb=TlbConfig.disabled(), cache=CacheConfig.disabled())
+"""No TLBs, no paging-structure caches and no data caches (costs are not compared): one cold
+walk per case, and small arrays for an engine built per case."""
 QUALIFICATION_MASK = 0xFFF  # bits 0-11; bit 12 (NMI unblocking) is not about translation
 
 
@@ -62,7 +65,7 @@ def engine_fields(case: Case) -> Fields:
     """What the fast engine says (caches off: one cold walk); consumes the case's memory."""
     before = case.words()
     index_before = case.vmcs.pml_index
-    engine = Engine(case.memory, MmuConfig.uncached(), FEATURES)
+    engine = Engine(case.memory, UNCACHED, FEATURES)
     engine.add_vcpu(case.guest, case.vmcs)
     result = engine.translate(case.gva, case.access, case.mode)
     out = _outcome(result.exit, result.fault)

@@ -171,7 +171,7 @@ def run_oracle(
         line = lines.get(i)
         bochs: Fields = {"outcome": "missing"} if line is None else bochs_fields(case, line)
         walker = walker_fields(make(i), walker_class)
-        engine = engine_fields(make(i))
+        engine = engine_fields(case)  # (after bochs_fields: the engine consumes the case)
         report.outcomes[str(walker["outcome"])] += 1
         _order(report.order, walker, bochs)
         r = CaseReport(i, case.notes, walker, engine, bochs)
