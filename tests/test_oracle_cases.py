@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 from collections import Counter
 
+import pytest
+
 from eptlab.arch import Access, Mode
 from eptlab.oracle.cases import (
     CASE_MAGIC,
@@ -73,3 +75,27 @@ def test_cases_reach_every_outcome_and_the_engine_agrees() -> None:
 def test_protection_keys_only_when_the_model_has_them() -> None:
     assert not any(build_case(i, 4, pke=False).guest.cr4 & (1 << 22) for i in range(100))
     assert any(build_case(i, 4, pke=True).guest.cr4 & (1 << 22) for i in range(100))
+
+
+def test_missing_bochs_is_a_named_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from eptlab.oracle import bochs
+
+    monkeypatch.setattr(bochs.shutil, "which", lambda name: None)
+    assert bochs.missing() == "bochs" and not bochs.bochs_available()
+    with pytest.raises(bochs.BochsError, match="bochs not installed"):
+        bochs.run_bochs([build_case(0, 1)])
+
+
+def test_disk_image_layout() -> None:
+    from eptlab.oracle.bochs import CASE_HEADER_LBA, SECTOR, Harness, disk_image
+
+    harness = Harness(b"\0" * 510 + b"\x55\xaa", b"\x90" * 1000)
+    cases = [build_case(i, 1) for i in range(3)]
+    image = disk_image(harness, cases)
+    assert image[:512] == harness.boot and image[512:1512] == harness.kernel
+    header = struct.unpack("<3Q", image[CASE_HEADER_LBA * SECTOR : CASE_HEADER_LBA * SECTOR + 24])
+    records = b"".join(c.record() for c in cases)
+    assert header == (CASE_MAGIC, 3, -(-len(records) // SECTOR))
+    start = (CASE_HEADER_LBA + 1) * SECTOR
+    assert image[start : start + len(records)] == records
+    assert len(image) % (16 * 63 * SECTOR) == 0
