@@ -17,10 +17,13 @@ A mutation file is TOML, one ``[[mutant]]`` table each::
     # or: pattern = 'regex' (must match exactly once) instead of original
 
 The tree (tracked and untracked-but-not-ignored files under src/ and tests/, plus pyproject.toml)
-is copied once per mutant into a temporary directory, so the working tree is never touched.
+is copied afresh for each mutant into $TMPDIR/eptlab-mutate-UID, so the working tree is never
+touched (run one instance at a time).
 Mutants under ``src/eptlab/mmu/kernels/`` run with ``NUMBA_DISABLE_JIT=1`` (the kernels then
-run as plain Python: no minute of compilation per mutant); the others run with a private
-``NUMBA_CACHE_DIR`` warmed from nothing only if they call a kernel. Tests run under
+run as plain Python: no minute of compilation per mutant); the others run compiled, from one
+fixed copy directory so that numba's cache (keyed by the kernels' path and sources) is
+compiled once and reused. Select fast tests for kernel mutants: the differential hypothesis
+suites take minutes per mutant as plain Python. Tests run under
 ``nice -n 19`` with ``-x`` (the first failure kills the mutant). A mutant whose original text
 is not found is reported as ``stale`` (the source moved on: update the list). A control run of
 each test selection on the unmutated tree must pass first, else the mutant is ``broken``.
@@ -112,7 +115,6 @@ def _copy_tree(dest: Path, files: list[str]) -> None:
 def _run_tests(tree: Path, tests: tuple[str, ...], kernel: bool, timeout: float) -> tuple[int, str]:
     env = dict(os.environ, PYTHONPATH=str(tree / "src"), PYTHONDONTWRITEBYTECODE="1")
     env.pop("CI", None)
-    env["NUMBA_CACHE_DIR"] = str(tree / ".numba")
     if kernel:
         env["NUMBA_DISABLE_JIT"] = "1"
     cmd = ["nice", "-n", "19", PYTHON, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
@@ -126,7 +128,7 @@ def _run_tests(tree: Path, tests: tuple[str, ...], kernel: bool, timeout: float)
     return proc.returncode, lines[-1] if lines else ""
 
 
-def run_one(m: Mutant, files: list[str], timeout: float, control: dict[tuple, bool]) -> Outcome:
+def run_one(m: Mutant, files: list[str], timeout: float, control: dict[tuple, str]) -> Outcome:
     start = time.monotonic()
     source = ROOT / m.file
     mutated = mutate_text(source.read_text(), m) if source.is_file() else None
@@ -137,18 +139,21 @@ def run_one(m: Mutant, files: list[str], timeout: float, control: dict[tuple, bo
     if not tests:
         return Outcome(m.id, "survived", 0.0, "no selected test file exists in this tree")
     m = Mutant(**{**asdict(m), "tests": tests})
-    with tempfile.TemporaryDirectory(prefix=f"mutant-{m.id}-") as tmp:
-        tree = Path(tmp)
-        _copy_tree(tree, files)
-        key = (m.tests, kernel)
-        if key not in control:
-            code, _ = _run_tests(tree, m.tests, kernel, timeout)
-            control[key] = code == 0
-        if not control[key]:
-            return Outcome(m.id, "broken", time.monotonic() - start,
-                           "the tests fail on the unmutated tree")
-        (tree / m.file).write_text(mutated)
+    # one fixed place for every copy: numba's cache is keyed by the kernels' path (and
+    # sources), so unmutated kernels compile once there and are reused by the next mutants
+    tree = Path(tempfile.gettempdir()) / f"eptlab-mutate-{os.getuid()}"
+    shutil.rmtree(tree / "src", ignore_errors=True)
+    shutil.rmtree(tree / "tests", ignore_errors=True)
+    _copy_tree(tree, files)
+    key = (m.tests, kernel)
+    if key not in control:
         code, last = _run_tests(tree, m.tests, kernel, timeout)
+        control[key] = "" if code == 0 else last or f"exit {code}"
+    if control[key]:
+        return Outcome(m.id, "broken", time.monotonic() - start,
+                       f"the tests fail on the unmutated tree: {control[key]}")
+    (tree / m.file).write_text(mutated)
+    code, last = _run_tests(tree, m.tests, kernel, timeout)
     status = "survived" if code == 0 else "killed"
     return Outcome(m.id, status, time.monotonic() - start, last)
 
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         mutants = [m for m in mutants if m.id in set(args.only)]
     files = _files()
-    control: dict[tuple, bool] = {}
+    control: dict[tuple, str] = {}
     outcomes: list[Outcome] = []
     for m in mutants:
         o = run_one(m, files, args.timeout, control)
