@@ -23,7 +23,9 @@ Mutants under ``src/eptlab/mmu/kernels/`` run with ``NUMBA_DISABLE_JIT=1`` (the 
 run as plain Python: no minute of compilation per mutant); the others run compiled, from one
 fixed copy directory so that numba's cache (keyed by the kernels' path and sources) is
 compiled once and reused. Select fast tests for kernel mutants: the differential hypothesis
-suites take minutes per mutant as plain Python. Tests run under
+suites take minutes per mutant as plain Python. (As plain Python, numpy warns where the
+compiled kernels wrap around silently, e.g. the frame table's multiplicative hash; those
+RuntimeWarnings are ignored for kernel mutants.) Tests run under
 ``nice -n 19`` with ``-x`` (the first failure kills the mutant). A mutant whose original text
 is not found is reported as ``stale`` (the source moved on: update the list). A control run of
 each test selection on the unmutated tree must pass first, else the mutant is ``broken``.
@@ -46,6 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # --root replaces it (e.g. to measure main)
 KERNELS = "src/eptlab/mmu/kernels/"
+WORKDIR = Path(tempfile.gettempdir()) / f"eptlab-mutate-{os.getuid()}"  # --workdir replaces it
 PYTHON = os.environ.get("MUTATE_PYTHON", sys.executable)
 
 
@@ -118,7 +121,7 @@ def _run_tests(tree: Path, tests: tuple[str, ...], kernel: bool, timeout: float)
     if kernel:
         env["NUMBA_DISABLE_JIT"] = "1"
     cmd = ["nice", "-n", "19", PYTHON, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-           "-p", "no:randomly", *tests]
+           "-p", "no:randomly", *(["-W", "ignore::RuntimeWarning"] if kernel else []), *tests]
     try:
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True,
                               timeout=timeout)
@@ -141,7 +144,7 @@ def run_one(m: Mutant, files: list[str], timeout: float, control: dict[tuple, st
     m = Mutant(**{**asdict(m), "tests": tests})
     # one fixed place for every copy: numba's cache is keyed by the kernels' path (and
     # sources), so unmutated kernels compile once there and are reused by the next mutants
-    tree = Path(tempfile.gettempdir()) / f"eptlab-mutate-{os.getuid()}"
+    tree = WORKDIR
     shutil.rmtree(tree / "src", ignore_errors=True)
     shutil.rmtree(tree / "tests", ignore_errors=True)
     _copy_tree(tree, files)
@@ -165,10 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--root", type=Path, help="the tree to mutate (default: this one)")
+    parser.add_argument("--workdir", type=Path, help="where the copy goes (one per running tool)")
     args = parser.parse_args(argv)
-    global ROOT  # noqa: PLW0603
+    global ROOT, WORKDIR  # noqa: PLW0603
     if args.root:
         ROOT = args.root.resolve()
+    if args.workdir:
+        WORKDIR = args.workdir.resolve()
     mutants = load(args.lists)
     if args.only:
         mutants = [m for m in mutants if m.id in set(args.only)]
