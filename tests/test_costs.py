@@ -1,0 +1,136 @@
+"""The cost profile: every value has a source, files are checked, profiles merge and switch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eptlab.cli import main
+from eptlab.costs import CostProfile, CostValue, Source, active_profile, use_profile
+from eptlab.errors import ConfigError
+
+GOOD = """
+[profile]
+name = "host-a"
+
+[values.dram_latency]
+value = 400
+unit = "cycles"
+source = "measured"
+ref = "pointer chase over 1 GiB, 2 MiB pages"
+date = "2026-12-07"
+host = "box"
+spread = 0.03
+samples = 9
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_default_profile_gives_every_value_a_known_source_and_reference() -> None:
+    profile = CostProfile.default()
+    assert len(profile.values) >= 16
+    for key, v in profile.values.items():
+        assert v.source.kind in ("measured", "cited", "assumed"), key
+        assert v.source.ref.strip() and v.unit and v.doc, key
+
+
+def test_a_profile_survives_a_round_trip_through_toml() -> None:
+    default = CostProfile.default()
+    mixed = default.with_values(
+        {"dram_latency": CostValue(321.5, "cycles", Source("measured", "chase", "d", "h", 0.1, 7))}
+    )
+    again = CostProfile.from_toml(mixed.to_toml(), known=default)
+    assert again == mixed
+    assert again["dram_latency"] == 321.5
+    assert again.values["dram_latency"].source.samples == 7
+
+
+def test_a_partial_profile_overrides_its_keys_and_keeps_the_rest(tmp_path: Path) -> None:
+    default = CostProfile.default()
+    loaded = CostProfile.load(write(tmp_path, GOOD))
+    assert loaded.name == "host-a"
+    assert loaded["dram_latency"] == 400 != default["dram_latency"]
+    assert loaded.values["dram_latency"].source.kind == "measured"
+    others = [k for k in default if k != "dram_latency"]
+    assert all(loaded.values[k] == default.values[k] for k in others)
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda t: t.replace('source = "measured"\n', ""), "values.dram_latency"),
+        (lambda t: t.replace('source = "measured"', 'source = "guessed"'), "dram_latency.source"),
+        (
+            lambda t: t.replace('ref = "pointer chase over 1 GiB, 2 MiB pages"\n', ""),
+            "dram_latency",
+        ),
+        (lambda t: t.replace("value = 400", 'value = "fast"'), "dram_latency.value"),
+        (lambda t: t.replace("value = 400", "value = -4"), "dram_latency.value"),
+        (lambda t: t.replace("dram_latency", "dram_latncy"), "values.dram_latncy"),
+        (lambda t: t.replace('unit = "cycles"', 'unit = "ns"'), "dram_latency.unit"),
+        (lambda t: t.replace("spread = 0.03", 'spread = "low"'), "dram_latency.spread"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_the_file_and_the_key(
+    tmp_path: Path, edit: object, named: str
+) -> None:
+    path = write(tmp_path, edit(GOOD))  # type: ignore[operator]
+    with pytest.raises(ConfigError) as caught:
+        CostProfile.load(path)
+    assert str(path) in str(caught.value) and named in str(caught.value)
+
+
+def test_a_value_without_a_source_is_refused_naming_the_value(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace('source = "measured"\n', ""))
+    with pytest.raises(ConfigError, match=r"values\.dram_latency.*source"):
+        CostProfile.load(path)
+
+
+def test_malformed_toml_is_one_line_naming_the_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("value = 400", "value = = 400"))
+    with pytest.raises(ConfigError) as caught:
+        CostProfile.load(path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message and "line" in message
+
+
+def test_use_profile_switches_the_active_profile_and_restores_it() -> None:
+    default = active_profile()
+    other = default.with_values(
+        {"vmexit_cycles": CostValue(3000, "cycles", Source("assumed", "test"))}, name="x"
+    )
+    with use_profile(other):
+        assert active_profile()["vmexit_cycles"] == 3000
+        from eptlab.hv.costs import hv_costs
+
+        assert hv_costs().vmexit == 3000
+    assert active_profile() is default
+
+
+def test_costs_json_lists_every_key_with_a_source(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["costs", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["values"]
+    assert [row["key"] for row in listed] == list(CostProfile.default().values)
+    assert all(row["source"] in ("measured", "cited", "assumed") and row["ref"] for row in listed)
+
+
+def test_costs_with_a_malformed_profile_prints_one_line_and_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, GOOD.replace('unit = "cycles"', 'unit = "ns"'))
+    assert main(["costs", "--profile", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(path) in err and "dram_latency" in err
+
+
+def test_costs_shows_a_loaded_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["costs", "--json", "--profile", str(write(tmp_path, GOOD))]) == 0
+    shown = {r["key"]: r for r in json.loads(capsys.readouterr().out)["values"]}
+    assert shown["dram_latency"]["value"] == 400 and shown["dram_latency"]["source"] == "measured"
