@@ -18,6 +18,7 @@ _EXPERIMENTS = {
     "trap-debugger": "eptlab.experiments.trap_debugger:TrapDebugger",
     "tsx-aborts": "eptlab.experiments.tsx_aborts:TsxAborts",
     "memory-encryption": "eptlab.experiments.memory_encryption:MemoryEncryption",
+    "model-vs-machine": "eptlab.experiments.model_vs_machine:ModelVsMachine",
 }
 
 
