@@ -112,7 +112,7 @@ class PrefetcherConfig:
     """
 
     kind: str = "stride"
-    degree: int = 2
+    degree: int = 1  # prefetches take no time here: one line ahead keeps a stream in the L2
     distance: int = 1
     streams: int = 32
     l1_next_line: bool = False

@@ -221,7 +221,7 @@ class Engine:
             ],
             np.int64,
         )
-        self._pf = np.full((nv, pcfg.streams, L.NPF), -1, np.int64)  # stream table: empty
+        self._pf = np.full((nv, pcfg.streams + 1, L.NPF), -1, np.int64)  # stream table: empty
         self._occupied = np.zeros(nv, np.int64)  # per vCPU: structures that hold entries
         self._res = np.zeros(8, np.int64)  # kernel scratch: the kernels allocate nothing
         self._scratch = np.zeros((NSCRATCH, 5), np.int64)

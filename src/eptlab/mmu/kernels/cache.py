@@ -26,6 +26,7 @@ from .layout import (
     PF_L1_NEXT_LINE,
     PF_LAST,
     PF_PAGE,
+    PF_STAMP,
     PF_STREAMS,
     PF_STRIDE,
     ST_PF_ISSUED,
@@ -81,9 +82,10 @@ def _row_of(cdesc, level, vcpu, line):  # type: ignore[no-untyped-def]
 
 
 @inline_kernel
-def _lookup_fill(cache, cdesc, vcpu, line, heads, top, top_tag):  # type: ignore[no-untyped-def]
+def _lookup_fill(cache, cdesc, vcpu, line, heads, top, top_tag, top_missed):  # type: ignore[no-untyped-def]
     """Search ``line`` from level ``top`` down; the level that holds it makes it its most
     recent line, every level searched before receives it (level ``top`` as ``top_tag``).
+    ``top_missed``: the row of level ``top`` is known not to hold it (not searched again).
     Returns the level that held it (NCACHE: DRAM), + 4 if its tag carried PREFETCHED."""
     found = NCACHE
     flagged = 0
@@ -96,7 +98,7 @@ def _lookup_fill(cache, cdesc, vcpu, line, heads, top, top_tag):  # type: ignore
             continue
         row = _row_of(cdesc, level, vcpu, line)
         ways = cdesc[level, 2]
-        hit = _search(cache, row, ways, line)
+        hit = -1 if (top_missed and level == top) else _search(cache, row, ways, line)
         if hit >= 0:
             if cache[row, hit] & PREFETCHED:
                 flagged = 4
@@ -124,7 +126,7 @@ def access_line(cache, cdesc, vcpu, hpa, heads):  # type: ignore[no-untyped-def]
     before the one that held the line receives it. (Page-walk references come here: they
     neither train nor trigger the prefetcher.)"""
     line = hpa >> 6
-    return _lookup_fill(cache, cdesc, vcpu, line, heads, 0, line) & 3
+    return _lookup_fill(cache, cdesc, vcpu, line, heads, 0, line, False) & 3
 
 
 @inline_kernel
@@ -136,27 +138,37 @@ def _prefetch(cache, cdesc, vcpu, line, heads, top, stats):  # type: ignore[no-u
         return
     if _search(cache, _row_of(cdesc, top, vcpu, line), cdesc[top, 2], line) >= 0:
         return
-    _lookup_fill(cache, cdesc, vcpu, line, heads, top, line | PREFETCHED)
+    _lookup_fill(cache, cdesc, vcpu, line, heads, top, line | PREFETCHED, True)
     stats[vcpu, ST_PF_ISSUED] += 1
 
 
 @inline_kernel
 def _train(pf, pcfg, vcpu, line):  # type: ignore[no-untyped-def]
-    """The stride prefetcher's per-page stream table (move-to-front LRU): record an L1 miss of
-    ``line``; returns the stride (in lines) to prefetch along, or 0."""
+    """The stride prefetcher's per-page stream table (LRU by stamps; empty entries, stamped
+    -1, are taken first): record an L1 miss of ``line``; returns the stride (in lines) to
+    prefetch along, or 0."""
     page = line >> 6
     offset = line & (LINES_PER_PAGE - 1)
     streams = pcfg[PF_STREAMS]
-    slot = streams - 1  # not tracked: the LRU slot (the last) is replaced
-    for k in range(streams):
-        if pf[vcpu, k, PF_PAGE] == page:
-            slot = k
-            break
+    slot = pf[vcpu, streams, 1]  # the entry used last (a speed-up only: -1 when none)
+    victim = 0
+    if slot < 0 or pf[vcpu, slot, PF_PAGE] != page:
+        slot = -1
+        oldest = pf[vcpu, 0, PF_STAMP]
+        for k in range(streams):
+            if pf[vcpu, k, PF_PAGE] == page:
+                slot = k
+                break
+            if pf[vcpu, k, PF_STAMP] < oldest:
+                oldest = pf[vcpu, k, PF_STAMP]
+                victim = k
     last = offset
     stride = 0
-    if pf[vcpu, slot, PF_PAGE] == page:
+    if slot >= 0:
         last = pf[vcpu, slot, PF_LAST]
         stride = pf[vcpu, slot, PF_STRIDE]
+    else:
+        slot = victim
     go = 0
     delta = offset - last
     if delta != 0:  # two successive equal deltas confirm the stride
@@ -164,13 +176,13 @@ def _train(pf, pcfg, vcpu, line):  # type: ignore[no-untyped-def]
             go = stride
         stride = delta
         last = offset
-    for k in range(slot, 0, -1):  # the entry moves to the front
-        pf[vcpu, k, PF_PAGE] = pf[vcpu, k - 1, PF_PAGE]
-        pf[vcpu, k, PF_LAST] = pf[vcpu, k - 1, PF_LAST]
-        pf[vcpu, k, PF_STRIDE] = pf[vcpu, k - 1, PF_STRIDE]
-    pf[vcpu, 0, PF_PAGE] = page
-    pf[vcpu, 0, PF_LAST] = last
-    pf[vcpu, 0, PF_STRIDE] = stride
+    clock = pf[vcpu, streams, 0] + 1  # the row after the streams holds the vCPU's clock
+    pf[vcpu, streams, 0] = clock
+    pf[vcpu, streams, 1] = slot
+    pf[vcpu, slot, PF_PAGE] = page
+    pf[vcpu, slot, PF_LAST] = last
+    pf[vcpu, slot, PF_STRIDE] = stride
+    pf[vcpu, slot, PF_STAMP] = clock
     return go
 
 
@@ -180,7 +192,7 @@ def access_data(cache, cdesc, vcpu, hpa, heads, pf, pcfg, stats):  # type: ignor
     L1 next-line one, then the L2 one, which both see only L1 misses). A demand hit on a
     prefetched line counts as a useful prefetch (once: the hit clears the flag)."""
     line = hpa >> 6
-    got = _lookup_fill(cache, cdesc, vcpu, line, heads, 0, line)
+    got = _lookup_fill(cache, cdesc, vcpu, line, heads, 0, line, False)
     found = got & 3
     if got & 4:
         stats[vcpu, ST_PF_USEFUL] += 1

@@ -75,7 +75,8 @@ PF_KIND_STRIDE = 2
 PF_PAGE = 0  # 4 KiB page number of the stream (-1: empty)
 PF_LAST = 1  # line offset of its last L1 miss
 PF_STRIDE = 2  # last delta, in lines
-NPF = 3
+PF_STAMP = 3  # LRU stamp (-1: empty); row ``streams`` holds the vCPU's clock and last slot
+NPF = 4
 
 # -- statistics: stats[vcpu, ST_*] -----------------------------------------------------------
 ST_ACCESSES = 0
