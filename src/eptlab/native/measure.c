@@ -82,6 +82,21 @@ int ept_add_chain(uint64_t iters, uint64_t chunks, uint64_t *ticks) {
     return 0;
 }
 
+/* chunks x iters CPUID (leaf 0) instructions: ticks of each chunk to ticks[]. In a virtual
+ * machine CPUID causes a VM exit unconditionally (SDM Vol. 3C §26.1.2), so on a KVM guest each
+ * one is an exit to the hypervisor below, its CPUID handler and the VM entry back. */
+int ept_cpuid_run(uint64_t iters, uint64_t chunks, uint64_t *ticks) {
+    for (uint64_t c = 0; c < chunks; c++) {
+        uint64_t t0 = tsc_begin();
+        for (uint64_t i = 0; i < iters; i++) {
+            unsigned a = 0, b, cc = 0, d;
+            __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(cc), "=d"(d));
+        }
+        ticks[c] = tsc_end() - t0;
+    }
+    return 0;
+}
+
 /* An anonymous private mapping of `bytes` aligned to 2 MiB, advised to use transparent huge
  * pages (huge != 0: MADV_HUGEPAGE) or not to (MADV_NOHUGEPAGE), and populated by writing one
  * byte per 4 KiB page. NULL (errno set) when the kernel refuses. */
