@@ -11,6 +11,7 @@ value at the moment they are read; import :func:`hv_costs` in new code instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..costs import CostProfile, active_profile
 
@@ -60,8 +61,7 @@ _LEGACY = {
 }
 
 
-def __getattr__(name: str) -> float:
+def __getattr__(name: str) -> Any:
     if name in _LEGACY:
-        value: float = getattr(hv_costs(), _LEGACY[name])
-        return value
+        return getattr(hv_costs(), _LEGACY[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,13 +4,15 @@ Defaults follow a recent Intel server core (Skylake-SP/Ice Lake class): 64-entry
 for 4 KiB pages, 32-entry 2 MiB and 4-entry 1 GiB L1 DTLBs, 128-entry 8-way L1 ITLB, a
 1536-entry 12-way STLB, paging-structure caches of 2 PML4E / 4 PDPTE / 32 PDE entries, a
 48 KiB L1D, 1.25 MiB L2 and a shared LLC; memory encryption off. Every number is a field you
-can change.
+can change. Latencies and per-event cycles default to the active cost profile
+(:mod:`eptlab.costs`); ``MmuConfig.from_profile(p)`` takes them from ``p`` explicitly.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..costs import CostProfile, active_profile
 from ..errors import ConfigError
 
 
@@ -89,15 +91,37 @@ class CacheLevel:
         return self.size // (64 * self.ways) if self.size else 0
 
 
+_GEOMETRY = {
+    "l1": (48 * 1024, 12),
+    "l2": (1024 * 1024, 16),  # 1.25 MiB on the real part; 2^k sets here
+    "llc": (32 * 1024 * 1024, 16),
+}
+
+
+def _level(name: str, profile: CostProfile) -> CacheLevel:
+    size, ways = _GEOMETRY[name]
+    return CacheLevel(size, ways, profile.cycles(f"{name}_latency"))
+
+
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     """Per-vCPU L1 and L2, a shared LLC, and DRAM. Walk references and data accesses both go
     through it, so walks hit or miss like data does."""
 
-    l1: CacheLevel = CacheLevel(48 * 1024, 12, 5)
-    l2: CacheLevel = CacheLevel(1024 * 1024, 16, 14)  # 1.25 MiB on the real part; 2^k sets here
-    llc: CacheLevel = CacheLevel(32 * 1024 * 1024, 16, 50)
-    dram_latency: int = 200
+    l1: CacheLevel = field(default_factory=lambda: _level("l1", active_profile()))
+    l2: CacheLevel = field(default_factory=lambda: _level("l2", active_profile()))
+    llc: CacheLevel = field(default_factory=lambda: _level("llc", active_profile()))
+    dram_latency: int = field(default_factory=lambda: active_profile().cycles("dram_latency"))
+
+    @classmethod
+    def from_profile(cls, profile: CostProfile) -> CacheConfig:
+        """The default geometry with ``profile``'s latencies."""
+        return cls(
+            _level("l1", profile),
+            _level("l2", profile),
+            _level("llc", profile),
+            profile.cycles("dram_latency"),
+        )
 
     @classmethod
     def disabled(cls) -> CacheConfig:
@@ -134,6 +158,14 @@ class EncryptionConfig:
                 "EncryptionConfig.integrity_latency", "integrity checking needs encryption on"
             )
 
+    @classmethod
+    def from_profile(cls, profile: CostProfile, *, integrity: bool = False) -> EncryptionConfig:
+        """Encryption on, at ``profile``'s decrypt latency (and integrity latency if asked)."""
+        return cls(
+            profile.cycles("decrypt_latency"),
+            profile.cycles("integrity_latency") if integrity else 0,
+        )
+
     @property
     def enabled(self) -> bool:
         return self.decrypt_latency > 0
@@ -144,14 +176,27 @@ class EncryptionConfig:
         return self.decrypt_latency + self.integrity_latency
 
 
+def _cycles(key: str) -> int:
+    return active_profile().cycles(key)
+
+
 @dataclass(frozen=True, slots=True)
 class CostModel:
     """Cycles charged besides the cache hierarchy."""
 
-    l1_tlb_hit: int = 0  # overlapped with the L1 cache access
-    stlb_hit: int = 7
-    psc_lookup: int = 1
-    walk_start: int = 5  # page-miss handler dispatch
+    l1_tlb_hit: int = field(default_factory=lambda: _cycles("l1_tlb_hit_cycles"))  # overlapped
+    stlb_hit: int = field(default_factory=lambda: _cycles("stlb_hit_cycles"))
+    psc_lookup: int = field(default_factory=lambda: _cycles("psc_lookup_cycles"))
+    walk_start: int = field(default_factory=lambda: _cycles("walk_start_cycles"))  # PMH dispatch
+
+    @classmethod
+    def from_profile(cls, profile: CostProfile) -> CostModel:
+        return cls(
+            profile.cycles("l1_tlb_hit_cycles"),
+            profile.cycles("stlb_hit_cycles"),
+            profile.cycles("psc_lookup_cycles"),
+            profile.cycles("walk_start_cycles"),
+        )
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -168,6 +213,15 @@ class MmuConfig:
     def dram_cycles(self) -> int:
         """What a reference served by DRAM costs: the access, then any decryption."""
         return self.cache.dram_latency + self.encryption.dram_penalty
+
+    @classmethod
+    def from_profile(cls, profile: CostProfile, tlb: TlbConfig | None = None) -> MmuConfig:
+        """Default structures priced by ``profile`` (encryption off)."""
+        return cls(
+            tlb=TlbConfig() if tlb is None else tlb,
+            cache=CacheConfig.from_profile(profile),
+            cost=CostModel.from_profile(profile),
+        )
 
     @classmethod
     def uncached(cls) -> MmuConfig:
