@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .. import native
@@ -42,8 +42,8 @@ class Calibration:
     kvm: KvmResults | None
     kvm_skipped: str | None
     profile: CostProfile
+    measured: tuple[str, ...]  # the profile's keys this run measured
     seconds: float
-    notes: list[str] = field(default_factory=list)
 
     @property
     def curve(self) -> Curve | None:
@@ -109,6 +109,6 @@ def calibrate(plan: Plan, base: CostProfile, name: str,
                 if progress is not None:
                     progress(label, total)
     kvm_results = kvm.results if kvm is not None else None
-    profile = build_profile(base, host, plan, clock, mem.results, kvm_results, name)
-    return Calibration(host, plan, clock, mem.results, kvm_results, why_not, profile,
+    profile, measured = build_profile(base, host, plan, clock, mem.results, kvm_results, name)
+    return Calibration(host, plan, clock, mem.results, kvm_results, why_not, profile, measured,
                        time.perf_counter() - start)

@@ -4,7 +4,6 @@ every other value is kept from the base profile."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..costs import CostProfile, CostValue, Source
@@ -66,8 +65,9 @@ class _Builder:
 
 
 def build_profile(base: CostProfile, host: HostInfo, plan: Plan, clock: Clock,
-                  memory: MemoryResults, kvm: KvmResults | None, name: str) -> CostProfile:
-    """``base`` with every value the calibration measured replaced."""
+                  memory: MemoryResults, kvm: KvmResults | None,
+                  name: str) -> tuple[CostProfile, tuple[str, ...]]:
+    """``base`` with every value the calibration measured replaced, and those keys."""
     b = _Builder(host, plan)
     b.add("clock_ghz", Samples(clock.core_samples), "GHz",
           "core clock = TSC rate (against CLOCK_MONOTONIC_RAW) x core cycles per TSC tick "
@@ -111,8 +111,9 @@ def build_profile(base: CostProfile, host: HostInfo, plan: Plan, clock: Clock,
         _kvm_values(b, kvm)
     description = (f"measured by {METHOD} on {host.label}, {host.date}; values it does not "
                    f"measure are {base.name!r}'s")
-    return base.with_values(b.values, name=name).merge(
+    profile = base.with_values(b.values, name=name).merge(
         CostProfile(name, {}, description=description))
+    return profile, tuple(b.values)
 
 
 def _kvm_values(b: _Builder, kvm: KvmResults) -> None:
@@ -142,6 +143,3 @@ def _kvm_values(b: _Builder, kvm: KvmResults) -> None:
               "copy-on-write fork of a KVM guest, per GiB of guest memory (mostly a fixed "
               "cost: compare the sizes in ref)")
 
-
-def summary_rows(profile: CostProfile, keys: Sequence[str]) -> list[dict[str, object]]:
-    return [row for row in profile.as_rows() if row["key"] in keys]

@@ -122,7 +122,7 @@ def _report(console: Console, c: Calibration) -> None:
         values.add_column("IQR/median" if col == "spread" else col,
                           justify="left" if col in ("key", "unit") else "right")
     for row in c.profile.as_rows():
-        if row["source"] == "measured" and row["date"] == h.date and row["host"] == h.label:
+        if row["key"] in c.measured:
             values.add_row(row["key"], f"{row['value']:g}", row["unit"],
                            f"{row['spread']:.1%}", str(row["samples"]))
     console.print(values)
