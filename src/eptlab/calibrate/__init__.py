@@ -44,6 +44,7 @@ class Calibration:
     profile: CostProfile
     measured: tuple[str, ...]  # the profile's keys this run measured
     seconds: float
+    steps: tuple[tuple[str, float], ...] = ()  # each step's label and its seconds
 
     @property
     def curve(self) -> Curve | None:
@@ -75,6 +76,7 @@ class Calibration:
             },
             "kvm_skipped": self.kvm_skipped,
             "skipped": m.skipped,
+            "steps": [[label, round(sec, 3)] for label, sec in self.steps],
         }
 
 
@@ -100,15 +102,24 @@ def calibrate(plan: Plan, base: CostProfile, name: str,
     why_not = kvm_available() if plan.kvm else "not asked (--no-kvm)"
     kvm = KvmCalibration(plan) if why_not is None else None
     total = mem.steps() + (kvm.steps() if kvm is not None else 0)
-    for label in mem.run():
+    steps: list[tuple[str, float]] = []
+    last = time.perf_counter()
+
+    def done(label: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        steps.append((label, now - last))
+        last = now
         if progress is not None:
             progress(label, total)
+
+    for label in mem.run():
+        done(label)
     if kvm is not None:
         with native.pinned():
             for label in kvm.run():
-                if progress is not None:
-                    progress(label, total)
+                done(label)
     kvm_results = kvm.results if kvm is not None else None
     profile, measured = build_profile(base, host, plan, clock, mem.results, kvm_results, name)
     return Calibration(host, plan, clock, mem.results, kvm_results, why_not, profile, measured,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, tuple(steps))

@@ -32,11 +32,18 @@ class KvmResults:
 
     @property
     def fork_ms_per_gib(self) -> Samples | None:
-        """Fork time of the largest guest measured, per GiB of guest memory."""
+        """Extra fork time per GiB of guest memory: the slope between the smallest and the
+        largest guest measured (k-th sorted sample of one against the k-th of the other), or
+        with one size its time per GiB."""
         if not self.fork_ms:
             return None
-        mib = max(self.fork_ms)
-        return Samples(tuple(v * 1024 / mib for v in self.fork_ms[mib].values))
+        small, big = min(self.fork_ms), max(self.fork_ms)
+        if small == big:
+            return Samples(tuple(v * 1024 / big for v in self.fork_ms[big].values))
+        gib = (big - small) / 1024
+        return Samples(tuple((b - a) / gib for a, b in zip(
+            sorted(self.fork_ms[small].values), sorted(self.fork_ms[big].values),
+            strict=False)))
 
 
 class KvmCalibration:

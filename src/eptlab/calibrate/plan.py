@@ -43,7 +43,7 @@ class Plan:
     copy_bytes: int
     repeats: int
     kvm: bool = True
-    kvm_exits: int = 20_000
+    kvm_exits: int = 4_000
     kvm_trap_pages: int = 512
     kvm_harvest_pages: int = 4_096
     kvm_fork_mibs: tuple[int, ...] = (1024, 4096)
@@ -73,8 +73,8 @@ class Plan:
         DRAM and walk figures are not this host's (64 MiB is not beyond every LLC)."""
         return cls(curve=curve_footprints(16 * KIB, 64 * MIB, 0), curve_accesses=8_192,
                    walk_sizes=(64 * MIB,), walk_accesses=16_384, copy_bytes=16 * MIB,
-                   repeats=3, kvm=kvm, kvm_exits=2_000, kvm_trap_pages=64,
-                   kvm_harvest_pages=512, kvm_fork_mibs=(64,), quick_mode=True)
+                   repeats=3, kvm=kvm, kvm_exits=500, kvm_trap_pages=64,
+                   kvm_harvest_pages=512, kvm_fork_mibs=(64, 256), quick_mode=True)
 
     @property
     def buffer_bytes(self) -> int:

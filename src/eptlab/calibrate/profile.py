@@ -139,7 +139,7 @@ def _kvm_values(b: _Builder, kvm: KvmResults) -> None:
         sizes = ", ".join(f"{mib} MiB: {s.median:.2f} ms" for mib, s in sorted(kvm.fork_ms.items()))
         b.add("kvm_fork_ms_per_gib", per_gib, "ms",
               f"fork_once ({flavour}): new VM + memslots over a MAP_PRIVATE view of the "
-              f"parent's memfd + vCPU, per clone, divided by the largest guest's GiB ({sizes})",
-              "copy-on-write fork of a KVM guest, per GiB of guest memory (mostly a fixed "
-              "cost: compare the sizes in ref)")
+              f"parent's memfd + vCPU, per clone; slope between the guest sizes ({sizes})",
+              "copy-on-write fork of a KVM guest: extra time per GiB of guest memory (a fixed "
+              "part comes on top: see the sizes in ref)")
 
