@@ -101,7 +101,7 @@ class KvmCalibration:
         memory = 64 << 20
         for i in range(p.repeats):
             pattern = WritePattern.random(memory, p.kvm_harvest_pages, p.seed + i)
-            outcome = run_mode(kvm, "log", pattern, memory, rounds=3)
+            outcome = run_mode(kvm, "log", pattern, memory, rounds=2)
             values.append(outcome.harvest_seconds * 1e9 / outcome.harvested_pages)
         return Samples(tuple(values))
 

@@ -43,9 +43,9 @@ class Plan:
     copy_bytes: int
     repeats: int
     kvm: bool = True
-    kvm_exits: int = 4_000
+    kvm_exits: int = 2_000
     kvm_trap_pages: int = 512
-    kvm_harvest_pages: int = 4_096
+    kvm_harvest_pages: int = 2_048
     kvm_fork_mibs: tuple[int, ...] = (1024, 4096)
     memory_fraction: float = 0.6
     quick_mode: bool = False
@@ -60,7 +60,7 @@ class Plan:
             raise ConfigError("memory_fraction", f"{self.memory_fraction} is not in (0, 0.9]")
 
     @classmethod
-    def full(cls, llc: int, *, kvm: bool = True, walk_max: int = 8 * GIB) -> Plan:
+    def full(cls, llc: int, *, kvm: bool = True, walk_max: int = 4 * GIB) -> Plan:
         """16 KiB to >= 4 x LLC; the walk penalty over 1 GiB .. ``walk_max`` (powers of 2)."""
         walk = tuple(s for s in (GIB, 2 * GIB, 4 * GIB, 8 * GIB, 16 * GIB) if s <= walk_max)
         return cls(curve=curve_footprints(16 * KIB, at_least_four_llc(llc), 64 * MIB),

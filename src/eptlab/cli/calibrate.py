@@ -37,7 +37,7 @@ def calibrate(
         "--kvm/--no-kvm", help="Measure the KVM backend where /dev/kvm opens.")] = True,
     walk_max_gib: Annotated[int, typer.Option(
         help="Largest footprint of the 4 KiB/2 MiB walk penalty (powers of 2 from 1 GiB).",
-        min=1, max=16)] = 8,
+        min=1, max=16)] = 4,
 ) -> int:
     """Measure cache/DRAM latency, the 4 KiB page-walk penalty, copy bandwidth and (where
     /dev/kvm opens) KVM exit, trap, dirty-log and fork costs; write a cost profile."""

@@ -31,7 +31,8 @@ PATTERNS = ("pointer-chase", "dependent-random", "random", "gups", "sequential")
 """What :func:`run_pattern` runs, named as :mod:`eptlab.workloads` names them:
 
 * ``pointer-chase``: one random cycle over ``footprint // 64`` nodes (one per 64-byte line),
-  one dependent load per access (Sattolo's algorithm: every node once per lap);
+  one dependent load per access (a shuffled order of the nodes, linked in a ring: every node
+  once per lap; building it takes time in proportion to the footprint);
 * ``dependent-random``: serial loads at random offsets, each address a hash of a counter and
   the previous load's value: a pointer chase without a chain to build (any footprint, no set-up
   time); the hash adds a constant number of cycles per access (compare page sizes, not levels);
@@ -293,8 +294,10 @@ def prepare_chase(buf: Buffer, footprint: int, seed: int) -> None:
     """Write a random cycle over the first ``footprint`` bytes of ``buf`` (one node per line)."""
     if footprint > buf.bytes:
         raise ConfigError("footprint_bytes", f"{footprint} exceeds the buffer ({buf.bytes})")
-    if load().ept_chase_build(buf.base, footprint // NODE, NODE, seed) != 0:
-        raise ConfigError("footprint_bytes", f"{footprint}: cannot build a chain")
+    status = load().ept_chase_build(buf.base, footprint // NODE, NODE, seed)
+    if status != 0:
+        why = "no memory for the index array" if status == -2 else "too many nodes"
+        raise ConfigError("footprint_bytes", f"{footprint}: cannot build a chain ({why})")
 
 
 def run_pattern(
