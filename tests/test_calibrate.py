@@ -123,3 +123,15 @@ def test_a_missing_compiler_stops_calibrate_with_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("eptlab: error: /nonexistent/bin/no-such-cc: C compiler not found")
     assert not out.exists()
+
+
+def test_a_difference_below_zero_is_recorded_as_zero_and_says_so() -> None:
+    from eptlab.calibrate.host import HostInfo
+    from eptlab.calibrate.profile import _Builder
+
+    host = HostInfo("h", "cpu", {}, False, "2026-12-07")
+    b = _Builder(host, Plan.quick())
+    b.add("walk_penalty_4k_cycles", Samples((-3.0, -1.0, 2.0)), "cycles", "4k minus 2m", "doc")
+    v = b.values["walk_penalty_4k_cycles"]
+    assert v.value == 0.0 and "-1" in v.source.ref and "recorded as 0" in v.source.ref
+    assert v.source.kind == "measured" and v.source.samples == 3 and v.source.host == "h (cpu)"

@@ -4,7 +4,7 @@ every other value is kept from the base profile."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..costs import CostProfile, CostValue, Source
 from ..native import Clock, NativeResult, Samples
@@ -61,6 +61,10 @@ class _Builder:
                         host=self.host.label, spread=round(samples.relative_spread, 4),
                         samples=samples.count)
         number = samples.median if value is None else value
+        if number < 0:  # a difference (walk penalty, fork slope) lost in the noise
+            source = replace(source, ref=f"{source.ref}; the median difference was "
+                             f"{number:.3g}, below zero within the noise: recorded as 0")
+            number = 0.0
         self.values[key] = CostValue(round(number, 4), unit, source, doc)
 
 
