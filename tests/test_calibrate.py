@@ -10,7 +10,7 @@ import pytest
 
 from eptlab.calibrate.host import cache_sizes
 from eptlab.calibrate.plan import GIB, KIB, MIB, Plan, at_least_four_llc, curve_footprints
-from eptlab.calibrate.plateaus import plateaus, segments
+from eptlab.calibrate.plateaus import plateaus, plateaus_by_size, segments
 from eptlab.cli import main
 from eptlab.costs import CostProfile
 from eptlab.errors import ConfigError
@@ -28,6 +28,16 @@ def test_a_staircase_is_cut_at_its_steps_and_each_level_is_its_median() -> None:
     assert [(p.level, p.first, p.last) for p in found] == [
         ("l1", 0, 2), ("l2", 3, 5), ("llc", 6, 9), ("dram", 10, 11)]
     assert [p.latency for p in found] == [5.1, 16.0, 72.5, 330.0]  # DRAM: the largest footprint
+
+
+def test_with_cache_sizes_each_level_is_the_median_of_the_points_well_inside_it() -> None:
+    found = plateaus_by_size(STAIRS, l1=48 * KIB, l2=2 * MIB, llc=512 * MIB)
+    assert found is not None
+    assert [(p.level, p.indices) for p in found] == [
+        ("l1", (0, 1)), ("l2", (3, 4, 5)), ("llc", (6, 7, 8, 9)), ("dram", (11,))]
+    assert [p.latency for p in found] == [5.05, 16.0, 72.5, 330.0]
+    assert plateaus_by_size(STAIRS, l1=48 * KIB, l2=2 * MIB, llc=4 * GIB) is None  # no DRAM point
+    assert plateaus_by_size(STAIRS[:3], l1=48 * KIB, l2=2 * MIB, llc=1 * MIB) is None
 
 
 def test_segments_is_the_least_squares_cut() -> None:

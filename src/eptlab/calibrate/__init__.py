@@ -48,7 +48,7 @@ class Calibration:
 
     @property
     def curve(self) -> Curve | None:
-        return chosen_curve(self.memory)
+        return chosen_curve(self.memory, self.host.caches)
 
     def raw(self) -> dict[str, Any]:
         """Every sample, for the JSON file beside the profile."""

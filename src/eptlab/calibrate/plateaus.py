@@ -1,6 +1,10 @@
 """Latency plateaus of a pointer-chase curve: one per level of the memory hierarchy.
 
-The curve (footprint -> cycles per load) is cut into ``levels`` contiguous segments that best
+Two ways, both automatic. :func:`plateaus_by_size` (used when sysfs gives the L1d, L2 and LLC
+sizes): a level's latency is the median of the points well inside it, footprints from twice the
+level below's size to half its own (L1: up to half the L1d), and DRAM the largest footprint.
+:func:`plateaus` (the fallback, no sizes needed):
+the curve (footprint -> cycles per load) is cut into ``levels`` contiguous segments that best
 fit a step function in log(latency) (least squares, exact dynamic programme over the cut
 points); each segment is a level. A level's latency is the median of its points, except the
 last level's (DRAM): the point of the largest footprint, because a random chase over F bytes
@@ -87,4 +91,25 @@ def plateaus(curve: Sequence[tuple[int, float]], levels: Sequence[str] = LEVELS)
         idx = (last,) if level == levels[-1] else tuple(range(first, last + 1))
         out.append(Plateau(level, first, last, idx,
                            float(statistics.median(curve[i][1] for i in idx))))
+    return out
+
+
+def plateaus_by_size(curve: Sequence[tuple[int, float]], l1: int, l2: int,
+                     llc: int) -> list[Plateau] | None:
+    """Levels from the cache sizes: L1 footprints <= l1 / 2, L2 in [2 l1, l2 / 2], LLC in
+    [2 l2, llc / 2], DRAM the largest footprint (which must exceed llc). None when a level has
+    no point there."""
+    sizes = [f for f, _ in curve]
+    bounds = {"l1": (0, l1 // 2), "l2": (2 * l1, l2 // 2), "llc": (2 * l2, llc // 2)}
+    out = []
+    for level, (lo, hi) in bounds.items():
+        idx = tuple(i for i, f in enumerate(sizes) if lo <= f <= hi)
+        if not idx:
+            return None
+        out.append(Plateau(level, idx[0], idx[-1], idx,
+                           float(statistics.median(curve[i][1] for i in idx))))
+    if not sizes or sizes[-1] <= llc:
+        return None
+    last = len(sizes) - 1
+    out.append(Plateau("dram", last, last, (last,), curve[last][1]))
     return out

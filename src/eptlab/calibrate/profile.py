@@ -12,7 +12,7 @@ from .host import HostInfo
 from .kvm import KvmResults
 from .memory import MemoryResults
 from .plan import GIB, MIB, Plan
-from .plateaus import LEVELS, Plateau, plateaus
+from .plateaus import LEVELS, Plateau, plateaus, plateaus_by_size
 
 METHOD = "eptlab calibrate"
 
@@ -24,6 +24,7 @@ class Curve:
     page: str
     points: tuple[NativeResult, ...]
     plateaus: tuple[Plateau, ...]
+    method: str  # how the plateaus were found
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -34,15 +35,23 @@ class Curve:
         return Samples(tuple(v for i in plateau.indices for v in self.points[i].cycles.values))
 
 
-def chosen_curve(memory: MemoryResults) -> Curve | None:
-    """The 2 MiB-page curve where the OS gave huge pages (no TLB misses blur the levels),
-    else the 4 KiB one; None with fewer points than levels."""
+def chosen_curve(memory: MemoryResults, caches: dict[str, int]) -> Curve | None:
+    """The 2 MiB-page curve where the OS gave huge pages (fewer TLB misses blur the levels),
+    else the 4 KiB one; its plateaus from the cache sizes (sysfs) where they are known and
+    every level has points, else from a 4-step fit. None with fewer points than levels."""
     page = "2m" if memory.huge_pages.get("2m") else "4k"
     points = tuple(memory.curve.get(page, ()))
     if len(points) < len(LEVELS):
         return None
-    found = plateaus([(r.footprint_bytes, r.cycles_per_access) for r in points])
-    return Curve(page, points, tuple(found))
+    curve = [(r.footprint_bytes, r.cycles_per_access) for r in points]
+    if all(k in caches for k in ("l1d", "l2", "l3")):
+        found = plateaus_by_size(curve, caches["l1d"], caches["l2"], caches["l3"])
+        if found is not None:
+            sizes = ", ".join(f"{k} {_size(caches[k])}" for k in ("l1d", "l2", "l3"))
+            return Curve(page, points, tuple(found), f"footprints well inside each level "
+                         f"(2 x the level below .. half its size; sysfs: {sizes})")
+    return Curve(page, points, tuple(plateaus(curve)), "a 4-step least-squares fit of "
+                 "log(latency) (cache sizes unknown or the curve too short for them)")
 
 
 def _size(n: int) -> str:
@@ -78,7 +87,7 @@ def build_profile(base: CostProfile, host: HostInfo, plan: Plan, clock: Clock,
           "(chains of dependent one-cycle register ADDs); samples are deciles of 300 chunks",
           "core clock during the measurement (turbo included) that converts cycles to time",
           value=clock.core_ghz)
-    curve = chosen_curve(memory)
+    curve = chosen_curve(memory, host.caches)
     if curve is not None:
         docs = {"l1": "load-to-use latency of an L1D hit", "l2": "load-to-use latency of an L2 hit",
                 "llc": "load-to-use latency of an LLC hit",
@@ -89,7 +98,7 @@ def build_profile(base: CostProfile, host: HostInfo, plan: Plan, clock: Clock,
                      else f"median of footprints {_size(lo)}..{_size(hi)}")
             b.add(f"{plateau.level}_latency", curve.samples(plateau), "cycles",
                   f"pointer chase (random cycle, one load per 64-byte line) on {curve.page} "
-                  f"pages; plateau found by a 4-step fit of the latency curve; {where}",
+                  f"pages; level = {curve.method}; {where}",
                   docs[plateau.level], value=plateau.latency)
     if memory.copy is not None:
         b.add("copy_bytes_per_cycle", memory.copy.bytes_per_cycle, "bytes/cycle",
