@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,3 +135,91 @@ def test_costs_shows_a_loaded_profile(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["costs", "--json", "--profile", str(write(tmp_path, GOOD))]) == 0
     shown = {r["key"]: r for r in json.loads(capsys.readouterr().out)["values"]}
     assert shown["dram_latency"]["value"] == 400 and shown["dram_latency"]["source"] == "measured"
+
+
+def doubled(tmp_path: Path, key: str) -> Path:
+    default = CostProfile.default()
+    unit = default.values[key].unit
+    path = tmp_path / f"double-{key}.toml"
+    path.write_text(
+        f'[profile]\nname = "double-{key}"\n\n[values.{key}]\nvalue = {2 * default[key]}\n'
+        f'unit = "{unit}"\nsource = "assumed"\nref = "test: twice the default"\n'
+    )
+    return path
+
+
+NESTED = [
+    "run", "nested-overhead", "--json", "--set", "workloads=random", "--set", "footprint_mib=64",
+    "--set", "accesses=3000", "--set", "trace=", "--set", "guest_pages=4k",
+    "--set", "ept_pages=4k",
+]  # fmt: skip
+
+
+def run_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
+
+
+def test_profile_raises_a_runs_cycles_and_is_recorded_in_its_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = run_json([*NESTED, "--out", str(tmp_path / "a")], capsys)
+    path = doubled(tmp_path, "dram_latency")
+    slow = run_json([*NESTED, "--out", str(tmp_path / "b"), "--profile", str(path)], capsys)
+    assert base["profile"]["name"] == "default"
+    assert slow["profile"]["values"]["dram_latency"] == {
+        "value": 2 * CostProfile.default()["dram_latency"],
+        "source": "assumed",
+    }
+    pairs = list(zip(base["rows"], slow["rows"], strict=True))
+    assert all(b["walks"] == s["walks"] for b, s in pairs)  # same events, other prices
+    assert all(s["cycles_per_access"] > b["cycles_per_access"] for b, s in pairs)
+    written = json.loads((tmp_path / "b" / "nested-overhead.json").read_text())
+    assert written["profile"]["name"] == "double-dram_latency"
+    assert written["profile"]["path"] == str(path)
+
+
+def test_run_with_a_malformed_profile_is_one_line_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, GOOD.replace("[values.dram_latency]", "[values.dram_latency"))
+    assert main([*NESTED, "--profile", str(path)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "line" in err
+
+
+def test_hypervisor_prices_follow_the_active_profile(tmp_path: Path) -> None:
+    from eptlab.apps.disk import disk_model
+    from eptlab.mmu.config import CacheConfig, CostModel, MmuConfig
+
+    default = CostProfile.default()
+    assert MmuConfig() == MmuConfig.from_profile(default)
+    other = CostProfile.load(doubled(tmp_path, "hdd_seek_us"))
+    with use_profile(other):
+        assert disk_model("hdd").seek_us == 2 * default["hdd_seek_us"]
+        assert CacheConfig() == CacheConfig.from_profile(other)
+        assert CostModel() == CostModel.from_profile(default)  # seek time is no MMU price
+    slow = CostProfile.load(doubled(tmp_path, "llc_latency"))
+    assert CacheConfig.from_profile(slow).llc.latency == 2 * CacheConfig().llc.latency
+
+
+def test_a_sweep_carries_its_profile_to_every_point_and_row(tmp_path: Path) -> None:
+    from eptlab.sweep import load_spec, run_point
+
+    path = doubled(tmp_path, "vmexit_cycles")
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text(
+        f'profile = "{path.name}"\n[[run]]\nexperiment = "nested-overhead"\n'
+        '[run.set]\nworkloads = ["random"]\nfootprint_mib = 64\naccesses = 2000\ntrace = ""\n'
+        'guest_pages = ["4k"]\nept_pages = ["4k"]\n'
+    )
+    spec = load_spec(spec_file)
+    assert all(CostProfile.from_toml(p.profile).name == "double-vmexit_cycles" for p in spec.points)
+    plain = tmp_path / "plain.toml"
+    plain.write_text(spec_file.read_text().split("\n", 1)[1])
+    assert load_spec(plain).points[0].point_id != spec.points[0].point_id  # no resume across
+    result = run_point(spec.points[0])
+    assert result.ok and {r["profile"] for r in result.rows} == {"double-vmexit_cycles"}
+    spec_file.write_text(spec_file.read_text().replace(path.name, "missing.toml"))
+    with pytest.raises(ConfigError, match="missing.toml"):
+        load_spec(spec_file)

@@ -97,3 +97,17 @@ def test_copy_bandwidth_is_positive_per_repeat() -> None:
     c = native.run_copy(8 << 20, repeats=2, page="4k", chunk=1 << 20)
     assert c.bytes_per_cycle.count == 2 and c.bytes_per_cycle.median > 0
     assert c.gb_per_s.median == pytest.approx(c.bytes_per_cycle.median * c.clock.core_ghz)
+
+
+def test_the_chase_is_one_cycle_through_every_line() -> None:
+    import ctypes
+
+    nodes = 1024
+    with native.Buffer(nodes * 64, "4k") as buf:
+        native.prepare_chase(buf, nodes * 64, seed=7)
+        seen, here = set(), buf.base
+        for _ in range(nodes):
+            assert buf.base <= here < buf.base + nodes * 64 and (here - buf.base) % 64 == 0
+            seen.add(here)
+            here = ctypes.c_uint64.from_address(here).value
+        assert here == buf.base and len(seen) == nodes  # back at the start after every node

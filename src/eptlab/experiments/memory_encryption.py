@@ -78,7 +78,7 @@ class MemoryEncryptionParams:
     llc_mib: tuple[int, ...] = (2, 8, 32)
     # cycles per DRAM line (AES rounds + key lookup at core clock); default: the cost profile's
     decrypt_latency: int = field(default_factory=lambda: active_profile().cycles("decrypt_latency"))
-    integrity_latency: int = 0  # cycles of a MAC check per DRAM line (0: encryption only)
+    integrity_latency: int = 0  # MAC check per DRAM line (0: off; see profile integrity_latency)
     keyid_bits: int = 6  # TME-MK key-ID bits of the encrypted machine
     key_id: int = 1  # the nested VM's key ID
     host_gib: int = 1024  # host memory (must fit below the key-ID bits)

@@ -24,6 +24,7 @@ from .measure import (
     pinned,
     prepare_chase,
     run_copy,
+    run_cpuid,
     run_pattern,
 )
 
@@ -43,5 +44,6 @@ __all__ = [
     "pinned",
     "prepare_chase",
     "run_copy",
+    "run_cpuid",
     "run_pattern",
 ]

@@ -31,6 +31,7 @@ SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "ept_version": (ctypes.c_int, []),
     "ept_tsc_ghz": (ctypes.c_double, [_U64]),
     "ept_add_chain": (ctypes.c_int, [_U64, _U64, _P_U64]),
+    "ept_cpuid_run": (ctypes.c_int, [_U64, _U64, _P_U64]),
     "ept_map": (_PTR, [_SIZE, ctypes.c_int]),
     "ept_unmap": (ctypes.c_int, [_PTR, _SIZE]),
     "ept_chase_build": (ctypes.c_int, [_PTR, _U64, _U64, _U64]),

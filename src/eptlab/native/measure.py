@@ -7,7 +7,7 @@ is what the vCPU ran at during the measurement (turbo included), so cycles here 
 the simulator's latencies are written in.
 
 Every measurement runs pinned to one CPU (``sched_setaffinity``) and is repeated; results carry
-every sample, their median and their spread (max - min), so noise from other work on the
+every sample, their median and their spread (interquartile range), so noise from other work on the
 machine shows instead of hiding.
 """
 
@@ -31,7 +31,8 @@ PATTERNS = ("pointer-chase", "dependent-random", "random", "gups", "sequential")
 """What :func:`run_pattern` runs, named as :mod:`eptlab.workloads` names them:
 
 * ``pointer-chase``: one random cycle over ``footprint // 64`` nodes (one per 64-byte line),
-  one dependent load per access (Sattolo's algorithm: every node once per lap);
+  one dependent load per access (a shuffled order of the nodes, linked in a ring: every node
+  once per lap; building it takes time in proportion to the footprint);
 * ``dependent-random``: serial loads at random offsets, each address a hash of a counter and
   the previous load's value: a pointer chase without a chain to build (any footprint, no set-up
   time); the hash adds a constant number of cycles per access (compare page sizes, not levels);
@@ -63,7 +64,8 @@ class Clock:
 
 @dataclass(frozen=True)
 class Samples:
-    """Repeated measurements of one quantity: median and spread (max - min)."""
+    """Repeated measurements of one quantity: median and spread (the interquartile range,
+    inclusive quartiles: robust to the odd run that another process on the CPU disturbed)."""
 
     values: tuple[float, ...]
 
@@ -73,7 +75,15 @@ class Samples:
 
     @property
     def spread(self) -> float:
-        return max(self.values) - min(self.values)
+        if len(self.values) < 2:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.values, n=4, method="inclusive")
+        return q3 - q1
+
+    @property
+    def relative_spread(self) -> float:
+        """Interquartile range / median: 0 for identical samples."""
+        return self.spread / self.median if self.median else 0.0
 
     @property
     def count(self) -> int:
@@ -169,6 +179,22 @@ def _ticks(call: Callable[[Any], int], chunks: int) -> list[int]:
     if call(array) != 0:
         raise ConfigError("native", "the measurement refused its arguments")
     return list(array)
+
+
+def run_cpuid(per_chunk: int = 200, chunks: int = 50, repeats: int = 5,
+              cpu: int | None = None) -> Samples:
+    """Core cycles per CPUID instruction (median over chunks), one value per repeat. On a
+    virtual machine each CPUID is a VM exit and entry through the hypervisor below."""
+    if min(per_chunk, chunks, repeats) < 1:
+        raise ConfigError("repeats", "per_chunk, chunks and repeats must be at least 1")
+    lib, clk = load(), clock()
+    values = []
+    with pinned(cpu):
+        _ticks(lambda t: lib.ept_cpuid_run(per_chunk, 5, t), 5)
+        for _ in range(repeats):
+            ticks = _ticks(lambda t: lib.ept_cpuid_run(per_chunk, chunks, t), chunks)
+            values.append(clk.cycles(float(statistics.median(ticks)) / per_chunk))
+    return Samples(tuple(values))
 
 
 # -- memory --------------------------------------------------------------------------------------
@@ -268,8 +294,10 @@ def prepare_chase(buf: Buffer, footprint: int, seed: int) -> None:
     """Write a random cycle over the first ``footprint`` bytes of ``buf`` (one node per line)."""
     if footprint > buf.bytes:
         raise ConfigError("footprint_bytes", f"{footprint} exceeds the buffer ({buf.bytes})")
-    if load().ept_chase_build(buf.base, footprint // NODE, NODE, seed) != 0:
-        raise ConfigError("footprint_bytes", f"{footprint}: cannot build a chain")
+    status = load().ept_chase_build(buf.base, footprint // NODE, NODE, seed)
+    if status != 0:
+        why = "no memory for the index array" if status == -2 else "too many nodes"
+        raise ConfigError("footprint_bytes", f"{footprint}: cannot build a chain ({why})")
 
 
 def run_pattern(
@@ -327,20 +355,31 @@ class CopyResult:
 
 
 def run_copy(nbytes: int = 256 << 20, repeats: int = 5, page: PageKind = "2m",
-             cpu: int | None = None, chunk: int = 4 << 20) -> CopyResult:
-    """memcpy between two populated buffers of ``nbytes``, in ``chunk``-byte pieces walking
-    through them: bytes per core cycle (median over the pieces of one pass), per repeat."""
+             cpu: int | None = None, chunk: int = 4 << 20,
+             buffer: Buffer | None = None) -> CopyResult:
+    """memcpy from one ``nbytes`` region to another, in ``chunk``-byte pieces walking through
+    them: bytes per core cycle (median over the pieces of one pass), one value per repeat.
+    The regions are the two halves of ``buffer`` (at least ``2 * nbytes``) when given, else
+    two new buffers on ``page`` pages."""
     if nbytes < MIN_FOOTPRINT or nbytes % chunk or chunk % 4096:
         raise ConfigError("bytes", f"{nbytes} is not a multiple of the {chunk}-byte chunk "
                           "(itself a multiple of 4 KiB)")
     if repeats < 1:
         raise ConfigError("repeats", f"{repeats} is below 1")
+    if buffer is not None and buffer.bytes < 2 * nbytes:
+        raise ConfigError("buffer", f"{buffer.bytes} bytes cannot hold two {nbytes}-byte halves")
     lib, clk = load(), clock()
     pieces = nbytes // chunk
-    with Buffer(nbytes, page) as src, Buffer(nbytes, page) as dst, pinned(cpu):
-        _ticks(lambda t: lib.ept_copy_run(dst.base, src.base, nbytes, chunk, pieces, t), pieces)
+    with contextlib.ExitStack() as stack:
+        if buffer is None:
+            src = stack.enter_context(Buffer(nbytes, page)).base
+            dst = stack.enter_context(Buffer(nbytes, page)).base
+        else:
+            src, dst = buffer.base, buffer.base + nbytes
+        stack.enter_context(pinned(cpu))
+        _ticks(lambda t: lib.ept_copy_run(dst, src, nbytes, chunk, pieces, t), pieces)
         ticks = [float(statistics.median(_ticks(
-            lambda t: lib.ept_copy_run(dst.base, src.base, nbytes, chunk, pieces, t), pieces)))
+            lambda t: lib.ept_copy_run(dst, src, nbytes, chunk, pieces, t), pieces)))
             for _ in range(repeats)]
     return CopyResult(nbytes, Samples(tuple(chunk / clk.cycles(t) for t in ticks)),
                       Samples(tuple(chunk / clk.ns(t) for t in ticks)), clk)
