@@ -80,7 +80,6 @@ class ModelVsMachineParams:
     sim_warmup: int = 200_000
     sim_accesses: int = 300_000
     memory_margin_mib: int = 2048  # left free besides the native buffer
-    profile: str = ""  # a cost profile (TOML); "": the run's profile (eptlab run --profile)
     seed: int = 0
 
 
@@ -149,12 +148,13 @@ class ModelVsMachine:
     )
     Params: ClassVar[type] = ModelVsMachineParams
     demo: ClassVar[dict[str, str]] = {
-        "footprints_mib": "16,256",
-        "native_accesses": "40000",
+        "footprints_mib": "8,64",
+        "native_accesses": "20000",
         "repeats": "2",
-        "seq_scan_mib": "64",
-        "sim_warmup": "40000",
-        "sim_accesses": "40000",
+        "seq_scan_mib": "16",
+        "sim_warmup": "20000",
+        "sim_accesses": "20000",
+        "memory_margin_mib": "256",
     }
 
     def _check(self, p: ModelVsMachineParams) -> None:
@@ -179,7 +179,7 @@ class ModelVsMachine:
 
         p = params
         self._check(p)
-        profile = load_profile(p.profile or None)
+        profile = load_profile(None)  # the run's: eptlab run model-vs-machine --profile FILE
         config = machine_config(profile)
         footprints = []
         for mib in p.footprints_mib:
