@@ -101,7 +101,18 @@ def test_the_reading_names_the_outer_page_with_the_smallest_errors() -> None:
                 "huge_pages_obtained": True,
             })
     text = " ".join(mvm.ModelVsMachine().interpret(pd.DataFrame(rows), TINY))
-    assert "the closest fit is 2m" in text
+    assert "the closest fit is 2m" in text and "equally" not in text
     assert "4k 80%" in text and "2m 10%" in text
     # page penalty: measured 40; predicted 40 * (1 + error): 2m is off by -4, 1g by +12
     assert "fits best with 2m outer pages" in text
+
+
+def test_outer_pages_with_the_same_error_are_named_together() -> None:
+    rows = [{
+        "pattern": "random", "footprint_bytes": 1 << 30, "page_size": "4k",
+        "outer_ept_page": outer, "measured_cycles_per_access": 100.0,
+        "predicted_cycles_per_access": 100.0 + error, "error_pct": error,
+        "huge_pages_obtained": True,
+    } for outer, error in (("4k", 50.0), ("2m", 20.0), ("1g", 20.0))]
+    text = " ".join(mvm.ModelVsMachine().interpret(pd.DataFrame(rows), TINY))
+    assert "1g and 2m fit equally well" in text and "closest" not in text

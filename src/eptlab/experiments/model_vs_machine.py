@@ -48,6 +48,8 @@ MiB = 1 << 20
 PATTERNS = ("random", "pointer-chase", "gups", "sequential")
 OUTER_EPT_PAGES = ("4k", "2m", "1g")
 SYSFS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
+TIE_POINTS = 1.0  # outer page sizes whose median errors differ by less fit equally well
+TIE_CYCLES = 1.0
 
 # Golden Cove (the core of Sapphire Rapids) data-side TLBs, from the Intel 64 and IA-32
 # Architectures Optimization Reference Manual, Golden Cove microarchitecture section (TLB
@@ -275,10 +277,13 @@ class ModelVsMachine:
         t = table.assign(abs_error=table.error_pct.abs())
         by_outer = t.groupby("outer_ept_page").abs_error.median()
         best = str(by_outer.idxmin())
+        close = [str(o) for o in by_outer.index if by_outer[o] - by_outer[best] < TIE_POINTS]
+        fit = (f"the closest fit is {best}" if len(close) == 1 else
+               f"{' and '.join(close)} fit equally well (within {TIE_POINTS:.0f} point)")
         out = [
             "Median absolute error by outer EPT page size: "
             + ", ".join(f"{o} {by_outer[o]:.0f}%" for o in by_outer.index)
-            + f"; the closest fit is {best}."
+            + f"; {fit}."
         ]
         rows = t[t.outer_ept_page == best]
         per_pattern = rows.groupby("pattern").error_pct.median()
@@ -289,13 +294,15 @@ class ModelVsMachine:
         )
         penalty = _page_penalty(t)
         if not penalty.empty:
-            fit = penalty.groupby("outer_ept_page").penalty_error.median()
-            best_penalty = str(fit.abs().idxmin())
+            error = penalty.groupby("outer_ept_page").penalty_error.median()
+            size = error.abs()
+            near = [str(o) for o in size.index if size[o] - size.min() < TIE_CYCLES]
             out.append(
                 "The 4 KiB-over-2 MiB page penalty (cycles per access, predicted minus "
                 "measured, median over patterns and footprints): "
-                + ", ".join(f"{o} {fit[o]:+.1f}" for o in fit.index)
-                + f"; the penalty fits best with {best_penalty} outer pages."
+                + ", ".join(f"{o} {error[o]:+.1f}" for o in error.index)
+                + f"; the penalty fits best with {' or '.join(near)} outer pages"
+                + (f" (within {TIE_CYCLES:.0f} cycle)." if len(near) > 1 else ".")
             )
         if not bool(table.huge_pages_obtained.all()):
             out.append("Some 2 MiB rows did not get huge pages natively (huge_pages_obtained).")
