@@ -101,10 +101,13 @@ def test_the_reading_names_the_outer_page_with_the_smallest_errors() -> None:
                 "huge_pages_obtained": True,
             })
     text = " ".join(mvm.ModelVsMachine().interpret(pd.DataFrame(rows), TINY))
-    assert "the closest fit is 2m" in text and "equally" not in text
-    assert "4k 80%" in text and "2m 10%" in text
+    assert "all rows: 4k 80%, 2m 10%, 1g 30%; 2m fits best" in text and "equally" not in text
     # page penalty: measured 40; predicted 40 * (1 + error): 2m is off by -4, 1g by +12
     assert "fits best with 2m outer pages" in text
+    serial = pd.DataFrame(rows).assign(pattern="pointer-chase")
+    serial.loc[serial.outer_ept_page == "1g", "error_pct"] = 1.0  # now 1g fits the serial rows
+    text = " ".join(mvm.ModelVsMachine().interpret(pd.concat([pd.DataFrame(rows), serial]), TINY))
+    assert "serial pointer-chase rows: 4k 80%, 2m 10%, 1g 1%; 1g fits best" in text
 
 
 def test_outer_pages_with_the_same_error_are_named_together() -> None:
@@ -115,4 +118,4 @@ def test_outer_pages_with_the_same_error_are_named_together() -> None:
         "huge_pages_obtained": True,
     } for outer, error in (("4k", 50.0), ("2m", 20.0), ("1g", 20.0))]
     text = " ".join(mvm.ModelVsMachine().interpret(pd.DataFrame(rows), TINY))
-    assert "1g and 2m fit equally well" in text and "closest" not in text
+    assert "2m and 1g fit equally well" in text and "fits best" not in text
