@@ -11,6 +11,11 @@ without stamps, and cheap: a miss moves the head back one way and writes the lin
 the LRU line), a hit moves the lines between the head and the hit forward by one way. A search
 compares one contiguous row of tags and can do it in vector registers (the order of the search
 does not matter: a line is in a set at most once).
+
+Data accesses (:func:`access_data`, not page-walk references: :func:`access_line`) also drive
+the prefetchers configured in ``pcfg`` (:class:`eptlab.mmu.config.PrefetcherConfig`), whose
+per-page stream table is ``pf[vcpu, stream, PF_*]``. A prefetched line carries PREFETCHED in its
+tag until a demand access uses it, which counts a useful prefetch.
 """
 
 from __future__ import annotations
