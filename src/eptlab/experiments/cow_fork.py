@@ -29,11 +29,12 @@ from matplotlib.figure import Figure
 from ..apps.cow import ENTRY_CYCLES, CopyOnWrite, copy_cycles
 from ..arch.access import Access
 from ..arch.bits import PAGE_SIZE, PageSize
+from ..errors import ConfigError
 from ..hv import Hypervisor, Run
 from ..mmu.config import MmuConfig
 from ..tables import GuestPageTables
 from ..traces.model import TraceChunk
-from .base import Progress, Row, ratio_text, records_by
+from .base import Progress, Row, check_choices, check_range, ratio_text, records_by
 
 GVA = 0x0000_7000_0000_0000
 TABLE_REGION = 8 << 20  # guest page tables live in the first 8 MiB of guest memory
@@ -41,6 +42,15 @@ TABLE_REGION = 8 << 20  # guest page tables live in the first 8 MiB of guest mem
 
 @dataclass(frozen=True)
 class CowForkParams:
+    def validate(self) -> None:
+        """Choices and ranges (before anything runs)."""
+        check_choices("granularities", self.granularities, ("4k", "2m-copy", "2m-split"))
+        check_range("clones", self.clones, 1)
+        check_range("write_fraction", self.write_fraction, 0.0, 1.0)
+        for mib in self.guest_mibs:
+            if mib < 16 or mib % 2:
+                raise ConfigError("guest_mibs", f"{mib} is not a multiple of 2 MiB >= 16 MiB")
+
     guest_mibs: tuple[int, ...] = (64, 256)
     clones: tuple[int, ...] = (1, 4)
     granularities: tuple[str, ...] = ("4k", "2m-copy", "2m-split")
