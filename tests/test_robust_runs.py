@@ -5,65 +5,23 @@ location is checked before compute, final files are whole, an interruption says 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
-from matplotlib.figure import Figure
 
 from eptlab.cli import main
 from eptlab.errors import ConfigError
 from eptlab.experiments import registry, runner
-from eptlab.experiments.base import Progress, Row
-from eptlab.report import collect, left_out
+from eptlab.report import collect
 
-
-@dataclass(frozen=True)
-class TinyParams:
-    rows: int = 3
-    interrupt_at: int = 0  # 0: never; else raise KeyboardInterrupt before that row
-    break_png: bool = False
-    seed: int = 0
-
-
-class Tiny:
-    """A fast stand-in experiment that counts how often it computed."""
-
-    name: ClassVar[str] = "tiny"
-    question: ClassVar[str] = "Does the runner keep runs apart?"
-    Params: ClassVar[type] = TinyParams
-    demo: ClassVar[dict[str, str]] = {}
-    computed: ClassVar[int] = 0
-
-    def rows(self, params: TinyParams, progress: Progress) -> Iterator[Row]:
-        for i in range(params.rows):
-            if params.interrupt_at and i + 1 == params.interrupt_at:
-                raise KeyboardInterrupt
-            Tiny.computed += 1
-            yield {"i": i, "value": 10 * i + params.seed}
-
-    def figures(self, table: pd.DataFrame, params: TinyParams) -> dict[str, Figure]:
-        figure, ax = plt.subplots()
-        ax.plot(table["i"], table["value"])
-        if params.break_png:
-            def broken(path: Any, **kwargs: Any) -> None:
-                Path(path).write_bytes(b"\x89PNG partial")  # some bytes, then the kill
-                raise KeyboardInterrupt
-
-            figure.savefig = broken  # type: ignore[method-assign]
-        return {"tiny-values": figure}
-
-    def interpret(self, table: pd.DataFrame, params: TinyParams) -> list[str]:
-        return [f"{len(table)} rows."]
+from .robust_tiny import Tiny
 
 
 @pytest.fixture(autouse=True)
 def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_EXPERIMENTS", {"tiny": f"{__name__}:Tiny"})
+    monkeypatch.setattr(registry, "_EXPERIMENTS", {"tiny": "tests.robust_tiny:Tiny"})
     Tiny.computed = 0
 
 
@@ -144,6 +102,8 @@ def test_a_bad_output_location_is_refused_before_any_compute(
 
 
 def test_the_report_leaves_out_partial_results_and_says_so(tmp_path: Path) -> None:
+    from eptlab.report import left_out
+
     runner.run("tiny", {"rows": "3"}, tmp_path / "tiny", show_progress=False)
     assert len(collect(tmp_path)) == 1
     with pytest.raises(KeyboardInterrupt):
