@@ -153,7 +153,7 @@ def check_read(chunks: Callable[[], Iterator[TraceChunk]]) -> None:
         assert c.size.dtype == np.int32
         assert len(c.address) == len(c.kind) == len(c.size)
         if len(c):
-            assert 0 <= int(c.kind.min()) and int(c.kind.max()) <= 2
+            assert int(c.kind.min()) >= 0 and int(c.kind.max()) <= 2
             assert int(c.size.min()) >= 1
 
 

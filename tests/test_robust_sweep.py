@@ -79,9 +79,9 @@ def test_a_bad_sweep_output_is_refused_before_any_point_runs(tmp_path: Path, whe
 
 def test_a_second_sweep_into_a_locked_output_is_refused(tmp_path: Path) -> None:
     store = SweepStore(tmp_path)
-    with store.locked():
-        with pytest.raises(ConfigError, match=f"in use by another sweep \\(pid {os.getpid()}\\)"):
-            run_sweep(spec(tmp_path, [1, 2]), jobs=1)
+    busy = f"in use by another sweep \\(pid {os.getpid()}\\)"
+    with store.locked(), pytest.raises(ConfigError, match=busy):
+        run_sweep(spec(tmp_path, [1, 2]), jobs=1)
     assert Tiny.computed == 0
     assert run_sweep(spec(tmp_path, [1, 2]), jobs=1).ok == 2  # released
 
