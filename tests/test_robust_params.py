@@ -103,3 +103,23 @@ def test_a_kvm_watchdog_timeout_must_be_finite_and_positive() -> None:
         with pytest.raises(ConfigError, match="timeout"):
             Watchdog(None, bad)  # type: ignore[arg-type]
     assert Watchdog(None, 0.5).seconds == 0.5  # type: ignore[arg-type]
+
+
+def test_nested_overhead_refuses_guest_tables_beyond_its_table_region() -> None:
+    params = experiments()["nested-overhead"].Params
+    with pytest.raises(ConfigError, match=r"needs about 2,052 MiB of guest page tables") as info:
+        apply_overrides(params, {"footprint_mib": str(1 << 20), "trace": ""})  # 1 TiB
+    assert info.value.field == "footprint_mib"
+
+
+def test_cow_fork_refuses_a_guest_beyond_the_model_host() -> None:
+    with pytest.raises(ConfigError, match="at most 524,288 MiB") as info:
+        apply_overrides(experiments()["cow-fork"].Params, {"guest_mibs": str(1 << 20)})
+    assert info.value.field == "guest_mibs"
+
+
+def test_table_memory_estimate_counts_every_level() -> None:
+    from eptlab.experiments.base import table_bytes
+
+    assert table_bytes(1 << 30) == (512 + 1 + 1 + 1) * 4096  # PTs, a PD, a PDPT, the PML4
+    assert table_bytes(1 << 30, 2 << 20) == 3 * 4096

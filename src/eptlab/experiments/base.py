@@ -132,6 +132,40 @@ def check_trace_path(name: str, value: str, special: Iterable[str] = ()) -> None
             raise ConfigError(name, str(exc)) from None
 
 
+def table_bytes(footprint: int, leaf: int = 4096, levels: int = 4) -> int:
+    """Bytes of 4 KiB table pages that map ``footprint`` bytes with ``leaf``-sized pages in a
+    ``levels``-level radix tree (one table per 512 entries at each level)."""
+    skipped = {4096: 0, 2 << 20: 1, 1 << 30: 2}[leaf]  # a large leaf sits in a higher level
+    total, span = 0, leaf * 512
+    for _ in range(levels - skipped):
+        total += -(-footprint // span)
+        span *= 512
+    return total * 4096
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give a process (``MemAvailable``), None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_table_memory(name: str, need: int, what: str) -> None:
+    """Refuse up front a configuration whose page tables (``need`` bytes: each table page is a
+    4 KiB row in this process) would take more than half of the memory still available."""
+    have = available_memory()
+    if have is not None and need > have // 2:
+        raise ConfigError(
+            name,
+            f"{what} need about {need / (1 << 30):,.1f} GiB of page tables in this process; "
+            f"{have / (1 << 30):,.1f} GiB is available (at most half is used)",
+        )
+
+
 def _short(text: str) -> str:
     """A value as quoted in a message: at most 40 characters."""
     return repr(text if len(text) <= 40 else text[:40] + "...")

@@ -34,8 +34,19 @@ from ..hv import Hypervisor, Run
 from ..mmu.config import MmuConfig
 from ..tables import GuestPageTables
 from ..traces.model import TraceChunk
-from .base import Progress, Row, check_choices, check_range, ratio_text, records_by
+from .base import (
+    Progress,
+    Row,
+    check_choices,
+    check_range,
+    check_table_memory,
+    ratio_text,
+    records_by,
+    table_bytes,
+)
 
+HOST_MEMORY = 1 << 40
+"""The model host's memory (the Hypervisor's default)."""
 GVA = 0x0000_7000_0000_0000
 TABLE_REGION = 8 << 20  # guest page tables live in the first 8 MiB of guest memory
 
@@ -50,6 +61,16 @@ class CowForkParams:
         for mib in self.guest_mibs:
             if mib < 16 or mib % 2:
                 raise ConfigError("guest_mibs", f"{mib} is not a multiple of 2 MiB >= 16 MiB")
+            if mib << 20 > HOST_MEMORY // 2:  # the parent is backed in full, then copies
+                raise ConfigError(
+                    "guest_mibs", f"{mib:,} MiB: at most {HOST_MEMORY >> 21:,} MiB (half the "
+                    f"model host's {HOST_MEMORY >> 30:,} GiB)"
+                )
+            small = {"4k", "2m-split"} & set(self.granularities)
+            leaf = 4096 if small else 2 << 20
+            check_table_memory(
+                "guest_mibs", table_bytes(mib << 20, leaf) * (1 + max(self.clones)), f"{mib:,} MiB"
+            )
 
     guest_mibs: tuple[int, ...] = (64, 256)
     clones: tuple[int, ...] = (1, 4)
