@@ -13,7 +13,7 @@ import pytest
 from eptlab.errors import TraceFormatError
 from eptlab.traces.lackey import read_lackey
 from eptlab.traces.model import TraceChunk
-from eptlab.traces.native import read_native, write_native
+from eptlab.traces.native import BLOCK, END, read_native, write_native
 
 
 def test_lackey_sizes_are_decimal(tmp_path: Path) -> None:
@@ -44,8 +44,8 @@ def test_native_round_trip(tmp_path: Path) -> None:
 def test_native_end_block_crc_is_checked(tmp_path: Path) -> None:
     path = native_file(tmp_path)
     data = bytearray(path.read_bytes())
-    # the end block is the last 12-byte header + 8-byte payload; its CRC field is bytes 8..12
-    crc_at = len(data) - 8 - 4
+    # the end block is the last header + 8-byte payload; its CRC field is bytes 8..12
+    crc_at = len(data) - END.size - BLOCK.size + 8
     (crc,) = struct.unpack_from("<I", data, crc_at)
     struct.pack_into("<I", data, crc_at, crc ^ 1)
     path.write_bytes(bytes(data))
