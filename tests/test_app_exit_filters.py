@@ -47,3 +47,14 @@ def test_trap_debugger_counts_one_edit_per_changed_entry() -> None:
     debugger.trap(pages[1:5])  # no change
     assert debugger.counters.ept_edits == 6
     assert debugger.counters.invept - invept == 2  # only after revoking
+
+
+def test_allow_list_takes_a_value_as_signed_or_unsigned_64_bits() -> None:
+    """Operands come from int64 arrays: a word with bit 63 set arrives negative."""
+    guest = small_guest()
+    monitor = guest.monitor("trap-code")
+    site = next(iter(guest.sites.values()))
+    for state in site.states:
+        assert monitor.is_allowed(site.gpa, state)
+        assert monitor.is_allowed(site.gpa, state - (1 << 64))  # the same 64 bits, signed
+    assert not monitor.is_allowed(site.gpa, None)

@@ -51,3 +51,10 @@ def test_native_end_block_crc_is_checked(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(TraceFormatError, match="CRC mismatch"):
         list(read_native(path))
+
+
+def test_lackey_high_half_addresses_are_negative_from_bit_63(tmp_path: Path) -> None:
+    path = tmp_path / "h.lackey"
+    path.write_text(" L 8000000000000000,8\n L 7fffffffffffffff,1\n L ffffffffffffff00,8\n")
+    addresses = np.concatenate([c.address for c in read_lackey(path)]).tolist()
+    assert addresses == [-(1 << 63), (1 << 63) - 1, -0x100]
