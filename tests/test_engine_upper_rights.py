@@ -6,12 +6,16 @@ MBEC off (ignored: qualification bit 6 is reported only with MBEC, SDM Vol. 3C ย
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pytest
 
 from eptlab.arch import Access, EptQual, EptViolation, PageSize
-from eptlab.arch.exits import PmlFull
+from eptlab.arch.exits import EptMisconfig, PmlFull
 from eptlab.mmu.config import MmuConfig
 from eptlab.mmu.engine import Engine
+from eptlab.mmu.scenario import NestedSpace
 
 from .engine_scenarios import MappingSpec, ScenarioSpec
 from .test_engine_vs_walker import compare
@@ -90,3 +94,60 @@ def test_pml_near_full(index: int) -> None:
     assert space.vmcs.pml_index != index or full
     if index < 3:
         assert full and isinstance(full[0].exit, PmlFull)
+
+
+@dataclass(frozen=True)
+class Custom:
+    """A machine built by a function (``compare`` builds it twice: walker and engine)."""
+
+    make: Callable[[], NestedSpace]
+
+    def build(self) -> NestedSpace:
+        return self.make()
+
+
+GVA = 0x7F00_0000_0000
+
+
+def with_ept_memtype(memtype: int) -> NestedSpace:
+    space = NestedSpace.create()
+    gpa = space.map(GVA)
+    assert space.ept is not None
+    leaf = space.ept.lookup(gpa)
+    assert leaf is not None
+    space.memory.write_u64(leaf.entry_address, (leaf.value & ~(7 << 3)) | (memtype << 3))
+    return space
+
+
+@pytest.mark.parametrize("memtype", [0, 1, 2, 3, 4, 5, 6, 7])
+def test_ept_leaf_memory_types(memtype: int) -> None:
+    """Types 2, 3 and 7 are reserved: an EPT misconfiguration (SDM Vol. 3C ยง29.3.3.1)."""
+    custom = Custom(lambda: with_ept_memtype(memtype))
+    stream = [(GVA, Access.READ, False), (GVA + 8, Access.WRITE, False)]
+    compare(custom, stream, MmuConfig.uncached(), exact=True)  # type: ignore[arg-type]
+    space = custom.build()
+    engine = Engine(space.memory, MmuConfig(), space.features)
+    engine.add_vcpu(space.guest, space.vmcs)
+    bad = isinstance(engine.translate(GVA, Access.READ).exit, EptMisconfig)
+    assert bad == (memtype in (2, 3, 7))
+
+
+def with_guest_large_page_bit_12() -> NestedSpace:
+    """A 2 MiB guest page whose PDE has bit 12 (PAT) set: legal, not reserved (SDM Vol. 3A
+    Table 4-18)."""
+    space = NestedSpace.create()
+    space.map(GVA, PageSize.SIZE_2M)
+    leaf = space.tables.lookup(GVA)
+    assert leaf is not None and leaf.level == 2
+    space.tables.store.write_u64(leaf.entry_address, leaf.value | (1 << 12))
+    return space
+
+
+def test_guest_pat_bit_of_a_large_page_is_not_reserved() -> None:
+    custom = Custom(with_guest_large_page_bit_12)
+    stream = [(GVA, Access.READ, False), (GVA + 0x1000, Access.WRITE, False)]
+    compare(custom, stream, MmuConfig.uncached(), exact=True)  # type: ignore[arg-type]
+    space = custom.build()
+    engine = Engine(space.memory, MmuConfig(), space.features)
+    engine.add_vcpu(space.guest, space.vmcs)
+    assert engine.translate(GVA, Access.READ).done
