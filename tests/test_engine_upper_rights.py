@@ -151,3 +151,19 @@ def test_guest_pat_bit_of_a_large_page_is_not_reserved() -> None:
     engine = Engine(space.memory, MmuConfig(), space.features)
     engine.add_vcpu(space.guest, space.vmcs)
     assert engine.translate(GVA, Access.READ).done
+
+
+@pytest.mark.parametrize("guest_ad_first", [False, True])
+def test_write_after_read_sets_the_ept_dirty_flag_through_cached_entries(
+    guest_ad_first: bool,
+) -> None:
+    """EPT A/D on: a read caches the page clean (TLB and nested TLB); the write that follows
+    must not use either as cached but walk and set the EPT dirty flag (SDM Vol. 3C §29.3.5)
+    and the guest's, leaving memory as the walker leaves it."""
+    s = spec(mapping(9), mapping(10), ept_ad=True)
+    g = s.gva(s.mappings[0])
+    stream = [(g, Access.READ, False), (g + 8, Access.WRITE, False)]
+    if guest_ad_first:  # the guest's own dirty flag already set: only the EPT's is missing
+        stream = [(g, Access.WRITE, False), (g + 16, Access.READ, False)] + stream
+    compare(s, stream, MmuConfig(), exact=False)
+    compare(s, stream, MmuConfig.uncached(), exact=True)
