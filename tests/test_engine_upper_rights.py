@@ -167,3 +167,25 @@ def test_write_after_read_sets_the_ept_dirty_flag_through_cached_entries(
         stream = [(g, Access.WRITE, False), (g + 16, Access.READ, False)] + stream
     compare(s, stream, MmuConfig(), exact=False)
     compare(s, stream, MmuConfig.uncached(), exact=True)
+
+
+@pytest.mark.parametrize(
+    ("perms", "access"),
+    [("r--", Access.WRITE), ("rw-", Access.FETCH), ("r-x", Access.WRITE), ("---", Access.READ)],
+)
+def test_violation_qualification_bits_3_to_5_are_the_entry_rights(
+    perms: str, access: Access
+) -> None:
+    """Bits 3, 4, 5 of the qualification: readable, writable, executable, from the EPT entries
+    walked (SDM Vol. 3C §28.2.1 Table 28-7), cold and through the EPT paging-structure caches."""
+    s = spec(mapping(11, ept_perms=perms))
+    gva = s.gva(s.mappings[0])
+    space = s.build()
+    engine = Engine(space.memory, MmuConfig(), space.features)
+    engine.add_vcpu(space.guest, space.vmcs)
+    expected = sum(bit << (3 + i) for i, bit in enumerate(c != "-" for c in perms))
+    for _ in range(2):
+        exit_ = engine.translate(gva, access).exit
+        assert isinstance(exit_, EptViolation)
+        assert exit_.qualification & 0x38 == expected
+    compare(s, [(gva, access, False)], MmuConfig.uncached(), exact=True)
