@@ -145,3 +145,22 @@ def test_a_difference_below_zero_is_recorded_as_zero_and_says_so() -> None:
     v = b.values["walk_penalty_4k_cycles"]
     assert v.value == 0.0 and "-1" in v.source.ref and "recorded as 0" in v.source.ref
     assert v.source.kind == "measured" and v.source.samples == 3 and v.source.host == "h (cpu)"
+
+
+@needs_cc
+def test_sizes_beyond_the_memory_cap_are_skipped_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eptlab import native
+    from eptlab.calibrate.memory import MemoryCalibration
+
+    monkeypatch.setattr(native, "mem_available", lambda: 40 * MIB)  # cap: 60 % = 24 MiB
+    run = MemoryCalibration(Plan.quick(kvm=False))
+    labels = list(run.run())
+    assert len(labels) == run.steps()
+    r = run.results
+    assert r.buffer_bytes == {"2m": 16 * MIB, "4k": 16 * MIB}
+    assert max(p.footprint_bytes for p in r.curve["4k"]) == 16 * MIB
+    assert not r.walk and r.copy is None  # the 64 MiB walk and 2 x 16 MiB copy do not fit
+    assert any("64 MiB on 4k pages: more than 60% of MemAvailable (24 MiB allowed)" in s
+               for s in r.skipped)
