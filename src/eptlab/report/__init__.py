@@ -22,8 +22,8 @@ from .model import (
 from .sections import Section, experiment_section, kvm_section, walks_section
 
 WALKS_PROVENANCE = (
-    "Architectural: memory-reference counts of eptlab's reference walker, which follows the "
-    "SDM; no cost profile is involved."
+    "Memory-reference counts of eptlab's reference walker, which follows the SDM; no cost "
+    "profile is involved."
 )
 
 

@@ -114,11 +114,11 @@ def simulated_words(profile: dict[str, Any] | None) -> str:
     """The provenance line of a simulated section."""
     if profile is None:
         return (
-            "Simulated by eptlab's model. These results do not record their cost profile (they "
-            "predate profiles): their cycles used the constants of that time."
+            "Computed by eptlab's simulated machine. These results do not record their cost "
+            "profile (they predate profiles): their cycles used the constants of that time."
         )
     return (
-        f"Simulated by eptlab's model; cycles and times priced by cost profile "
+        f"Computed by eptlab's simulated machine; cycles and times priced by cost profile "
         f"'{profile['name']}' ({source_counts(profile)} values; see Model and limits)."
     )
 
@@ -139,8 +139,8 @@ def measured_words(table: pd.DataFrame) -> str:
     """The provenance line of the KVM section: which KVM, which second-level paging."""
     label = flavour_label(table)
     if not label:
-        return "Measured on this host's KVM (flavour not recorded)."
-    return f"Measured on KVM ({label}); times are this host's, no cost profile involved."
+        return "On this host's KVM (flavour not recorded)."
+    return f"On this host's KVM ({label}): times are measured here, no cost profile involved."
 
 
 def prefetcher_words() -> str:
@@ -222,8 +222,7 @@ def model_section(out: Path, sections: list[Section]) -> Section:
             ("Simplifications of the model", SIMPLIFICATIONS),
             ("Results that hold by construction of the model (not findings)", held),
         ],
-        kind=ARCHITECTURAL,
-        provenance="The model's inputs and limits: every cost value and where it comes from.",
+        provenance="The simulator's inputs and limits: every cost value and where it comes from.",
     )
 
 
