@@ -228,3 +228,16 @@ def test_docs_list_every_value_of_the_shipped_profile() -> None:
     text = (Path(__file__).parents[1] / "docs" / "costs.md").read_text()
     for key, value in CostProfile.default().values.items():
         assert f"| `{key}` | {value.value:g} | {value.unit} | {value.source.kind} |" in text
+
+
+def test_bench_prices_with_the_profile_and_records_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "--accesses", "3000", "--workloads", "seq64", "--walker-sample", "20",
+            "--json"]  # fmt: skip
+    base = run_json(argv, capsys)
+    slow = run_json([*argv, "--profile", str(doubled(tmp_path, "dram_latency"))], capsys)
+    assert base["profile"]["name"] == "default" and slow["profile"]["name"] == "double-dram_latency"
+    (b,), (s,) = base["results"], slow["results"]
+    assert s["walks_per_access"] == b["walks_per_access"]
+    assert s["cycles_per_access"] > b["cycles_per_access"]
