@@ -93,7 +93,8 @@ def test_calibrate_quick_writes_a_profile_that_loads_with_measured_values(
     out = tmp_path / "profiles" / "here.toml"
     assert main(["calibrate", "--quick", "--out", str(out), "--name", "here"]) == 0
     measured = _measured(out)
-    expected = {"clock_ghz", "l1_latency", "l2_latency", "llc_latency", "dram_latency",
+    expected = {"clock_ghz", "stlb_hit_cycles", "l1_latency", "l2_latency", "llc_latency",
+                "dram_latency",
                 "copy_bytes_per_cycle", "walk_penalty_4k_cycles", "cpuid_exit_us",
                 "kvm_exit_us", "kvm_wp_trap_us", "kvm_dirty_harvest_ns_per_page",
                 "kvm_fork_ms_per_gib"}

@@ -71,6 +71,9 @@ class Calibration:
             "walk_penalty_cycles": {str(size): samples(s) for size, s in m.walk_penalty()},
             "copy_bytes_per_cycle": samples(m.copy.bytes_per_cycle) if m.copy else None,
             "cpuid_cycles": samples(m.cpuid),
+            "stlb": None if m.stlb is None else {
+                "lines": m.stlb.lines, "packed_cycles": samples(m.stlb.packed),
+                "one_line_per_page_cycles": samples(m.stlb.spread_out)},
             "kvm": None if k is None else {
                 "flavour": k.flavour, "exit_us": samples(k.exit_us),
                 "wp_trap_us": samples(k.wp_trap_us),
