@@ -241,3 +241,13 @@ def test_bench_prices_with_the_profile_and_records_it(
     (b,), (s,) = base["results"], slow["results"]
     assert s["walks_per_access"] == b["walks_per_access"]
     assert s["cycles_per_access"] > b["cycles_per_access"]
+
+
+def test_costs_table_shows_every_key_and_the_source_counts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["costs"]) == 0
+    out = capsys.readouterr().out
+    counts = CostProfile.default().sources()
+    assert f"{counts['cited']} cited" in out and f"{counts['assumed']} assumed" in out
+    assert all(key in out for key in CostProfile.default().values)

@@ -29,7 +29,7 @@ WALKS_PROVENANCE = (
 
 def collect(out: Path, experiments: list[str] | None = None) -> list[Section]:
     """Sections for the walk tour, every experiment that has results under ``out``, and the
-    KVM applications' results (``out/kvm``)."""
+    KVM experiments' results (``out/kvm-*``) in one section."""
     sections = []
     if (out / "walks.json").exists():
         walks = walks_section(out / "walks.json")
@@ -46,8 +46,8 @@ def collect(out: Path, experiments: list[str] | None = None) -> list[Section]:
                     profile_name=str(profile["name"]) if profile else "",
                 )
             )
-    if list((out / "kvm").glob("*.json")):
-        kvm = kvm_section(out / "kvm")
+    if list(out.glob("kvm-*/kvm-*.json")):
+        kvm = kvm_section(out)
         first = kvm.tables[0][1]
         sections.append(
             replace(
