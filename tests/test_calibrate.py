@@ -77,6 +77,7 @@ def test_the_spread_is_the_interquartile_range() -> None:
     s = Samples((1.0, 2.0, 3.0, 4.0, 100.0))
     assert s.median == 3.0 and s.spread == 2.0 and s.relative_spread == pytest.approx(2 / 3)
     assert Samples((7.0,)).spread == 0.0
+    assert Samples((-3.0, -2.0, -1.0)).relative_spread == pytest.approx(0.5)  # of |median|
 
 
 def _measured(path: Path) -> dict[str, dict[str, object]]:

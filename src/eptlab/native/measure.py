@@ -82,8 +82,8 @@ class Samples:
 
     @property
     def relative_spread(self) -> float:
-        """Interquartile range / median: 0 for identical samples."""
-        return self.spread / self.median if self.median else 0.0
+        """Interquartile range / |median|: 0 for identical samples."""
+        return self.spread / abs(self.median) if self.median else 0.0
 
     @property
     def count(self) -> int:
