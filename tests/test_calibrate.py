@@ -166,3 +166,19 @@ def test_sizes_beyond_the_memory_cap_are_skipped_with_the_reason(
     assert not r.walk and r.copy is None  # the 64 MiB walk and 2 x 16 MiB copy do not fit
     assert any("64 MiB on 4k pages: more than 60% of MemAvailable (24 MiB allowed)" in s
                for s in r.skipped)
+
+
+def test_every_shipped_profile_loads_by_name_with_measured_values(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eptlab.costs.active import shipped_profiles
+
+    shipped = shipped_profiles()
+    assert shipped, "a calibrated profile of this machine kind is shipped"
+    for name in shipped:
+        assert main(["costs", "--profile", name, "--json"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert listed["name"] == name
+        measured = [v for v in listed["values"] if v["source"] == "measured"]
+        assert {"l1_latency", "dram_latency", "clock_ghz"} <= {v["key"] for v in measured}
+        assert all(v["date"] and v["host"] and v["samples"] for v in measured)
