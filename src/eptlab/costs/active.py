@@ -31,6 +31,21 @@ def use_profile(profile: CostProfile | None) -> Iterator[CostProfile]:
         _ACTIVE.reset(token)
 
 
+def shipped_profiles() -> dict[str, Path]:
+    """Profiles shipped with eptlab (``eptlab/costs/profiles/NAME.toml``), by NAME."""
+    from importlib import resources
+
+    root = Path(str(resources.files("eptlab.costs") / "profiles"))
+    return {p.stem: p for p in sorted(root.glob("*.toml"))} if root.is_dir() else {}
+
+
 def load_profile(path: str | Path | None) -> CostProfile:
-    """``--profile FILE``: the file's values over the default; ``None``: the active profile."""
-    return active_profile() if path is None else CostProfile.load(path)
+    """``--profile FILE``: the file's values over the default; ``None``: the active profile.
+    A FILE that does not exist but names a shipped profile (:func:`shipped_profiles`, e.g. one
+    measured by ``eptlab calibrate``) loads that one."""
+    if path is None:
+        return active_profile()
+    shipped = shipped_profiles()
+    if not Path(path).exists() and str(path) in shipped:
+        return CostProfile.load(shipped[str(path)])
+    return CostProfile.load(path)

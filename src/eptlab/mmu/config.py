@@ -91,6 +91,46 @@ class CacheLevel:
         return self.size // (64 * self.ways) if self.size else 0
 
 
+PREFETCHER_KINDS = ("off", "next-line", "stride")
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetcherConfig:
+    """A hardware data prefetcher, modelled on Intel's L2 streamer (Intel 64 and IA-32
+    Architectures Optimization Reference Manual, "Data Prefetching": the streamer watches the
+    requests that miss the L1 data cache, tracks streams within 4 KiB pages, prefetches lines
+    ahead into the L2 and LLC, and never crosses a 4 KiB page boundary).
+
+    ``kind``: ``off``; ``next-line`` (each L1 miss fetches the next ``degree`` lines after
+    ``distance - 1`` skipped ones); ``stride`` (per 4 KiB page, IP-less: two successive equal
+    line deltas confirm a stride, and each further miss of the stream fetches the ``degree``
+    lines ``distance``, ``distance + 1``, ... strides ahead). ``streams`` pages are tracked per
+    vCPU (LRU). ``l1_next_line`` adds the L1 DCU next-line prefetcher (an L1 miss fetches the
+    next line of the same page into L1). Prefetches are off the critical path: no cycles are
+    charged, but they fill lines (and evict others). Only data accesses train or trigger them:
+    page-walk references are never prefetched.
+    """
+
+    kind: str = "stride"
+    degree: int = 1  # prefetches take no time here: one line ahead keeps a stream in the L2
+    distance: int = 1
+    streams: int = 32
+    l1_next_line: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in PREFETCHER_KINDS:
+            raise ConfigError("PrefetcherConfig.kind", f"{self.kind!r} is not one of "
+                              f"{', '.join(PREFETCHER_KINDS)}")
+        for name, low, high in (("degree", 1, 63), ("distance", 1, 63), ("streams", 1, 256)):
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(f"PrefetcherConfig.{name}", f"{value} is not in {low}..{high}")
+
+    @classmethod
+    def off(cls) -> PrefetcherConfig:
+        return cls(kind="off")
+
+
 _GEOMETRY = {
     "l1": (48 * 1024, 12),
     "l2": (1024 * 1024, 16),  # 1.25 MiB on the real part; 2^k sets here
@@ -106,12 +146,13 @@ def _level(name: str, profile: CostProfile) -> CacheLevel:
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     """Per-vCPU L1 and L2, a shared LLC, and DRAM. Walk references and data accesses both go
-    through it, so walks hit or miss like data does."""
+    through it, so walks hit or miss like data does. Data accesses also drive the prefetcher."""
 
     l1: CacheLevel = field(default_factory=lambda: _level("l1", active_profile()))
     l2: CacheLevel = field(default_factory=lambda: _level("l2", active_profile()))
     llc: CacheLevel = field(default_factory=lambda: _level("llc", active_profile()))
     dram_latency: int = field(default_factory=lambda: active_profile().cycles("dram_latency"))
+    prefetcher: PrefetcherConfig = PrefetcherConfig()
 
     @classmethod
     def from_profile(cls, profile: CostProfile) -> CacheConfig:
@@ -125,9 +166,9 @@ class CacheConfig:
 
     @classmethod
     def disabled(cls) -> CacheConfig:
-        """Every reference goes to DRAM."""
+        """Every reference goes to DRAM (no caches, so nothing to prefetch into)."""
         none = CacheLevel(0, 1, 0)
-        return cls(none, none, none)
+        return cls(none, none, none, prefetcher=PrefetcherConfig.off())
 
 
 @dataclass(frozen=True, slots=True)
