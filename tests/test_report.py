@@ -219,7 +219,8 @@ def test_a_run_with_another_profile_is_named_in_its_section(tmp_path: Path) -> N
         runner.run("prefetch-hypercall", SMALL_PREFETCH, tmp_path / "prefetch-hypercall",
                    show_progress=False)
     (section,) = collect(tmp_path)
-    measured = CostProfile.default().sources()["measured"] + 1  # the default's own + this one
+    measured = other.sources()["measured"]
+    assert measured == CostProfile.default().sources()["measured"] + 1
     assert section.profile_name == "host-x" and f"{measured} measured" in section.provenance
     model = build_report(tmp_path).read_text().split('<section id="model">')[1]
     assert "host-x" in model and "d on h" in model and "<td>measured</td>" in model
