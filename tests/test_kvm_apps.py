@@ -125,13 +125,12 @@ def test_cli_bad_parameter_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
 
 @pytest.mark.kvm
 def test_applications_release_every_fd_and_mapping() -> None:
+    import gc
     import os
 
     from eptlab.kvm.apps.dirty_log import run_mode
     from eptlab.kvm.apps.fork import fork_once
     from eptlab.kvm.fds import Kvm
-
-    import gc
 
     def counts() -> tuple[int, int]:
         gc.collect()  # objects of earlier tests release their fds and mappings now, not later
