@@ -22,6 +22,7 @@ from ..hv.vcpu import VCPU
 from ..hv.vm import VM
 from ..memory import FrameAllocator
 from ..memory.allocator import Policy
+from ..memory.layout import LayoutConfig
 from ..tables import GuestPageTables
 from ..traces.model import TraceChunk
 from .layout import (
@@ -92,13 +93,24 @@ class GuestKernel:
         levels: int = 4,
         thp: bool = False,
         frame_policy: Policy = "sequential",
+        layout: LayoutConfig | str | None = None,
     ) -> None:
-        """``frame_policy`` is the guest-physical allocator's (``recycle``: freed pages are
-        reused first, as Linux's per-CPU free lists do)."""
+        """``layout`` (None: the VM's): ``aged``, guest-physical frames come from an aged buddy
+        allocator seeded by ``seed`` (its LIFO free lists reuse freed pages first, so
+        ``frame_policy`` is not used); ``contiguous``, from an allocator of ``frame_policy``
+        (``recycle``: freed pages are reused first, as Linux's per-CPU free lists do). Large
+        pages (image, THP) come from compaction when no 2 MiB block is free."""
         self.vm, self.levels, self.thp = vm, levels, thp
         self.aslr, self.image = aslr or AslrConfig(), image or KernelImage()
         self.rng = np.random.default_rng(seed)
-        self.frames = FrameAllocator(vm.memory, policy=frame_policy)  # guest-physical
+        self.layout = vm.layout if layout is None else LayoutConfig.of(layout)
+        self.frames = FrameAllocator(  # guest-physical
+            vm.memory,
+            policy="aged" if self.layout.aged else frame_policy,
+            seed=seed,
+            aging=self.layout.aging,
+            salt="guest",
+        )
         self.counters: Counter[str] = Counter()
         self.processes: dict[int, Process] = {}
         self.current: dict[int, Process] = {}  # by vCPU engine id
