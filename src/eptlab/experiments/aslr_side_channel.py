@@ -67,6 +67,7 @@ from ..arch.bits import PageSize
 from ..errors import ConfigError, EptlabError
 from ..guest import GuestKernel
 from ..hv import Run
+from ..memory.layout import check_layout, layout_scope
 from ..mmu.config import CacheConfig
 from ..traces.model import TraceChunk
 from ..workloads import make_workload
@@ -94,6 +95,10 @@ class AslrSideChannelParams:
     warmup: int = 50_000
     guest_page: str = "2m"
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 def check(p: AslrSideChannelParams) -> None:
@@ -277,6 +282,10 @@ class AslrSideChannel:
     demo: ClassVar[dict[str, str]] = {"trials": "40"}
 
     def rows(self, params: AslrSideChannelParams, progress: Progress) -> Iterator[Row]:
+        with layout_scope(params.layout):  # every guest built here gets this layout
+            yield from self._layout_rows(params, progress)
+
+    def _layout_rows(self, params: AslrSideChannelParams, progress: Progress) -> Iterator[Row]:
         check(params)
         targets = [Target.named(t, params.secret_bits) for t in params.targets]
         total = len(params.policies) * (1 + len(targets) * params.trials)

@@ -30,6 +30,7 @@ from ..apps.cow import ENTRY_CYCLES, CopyOnWrite, copy_cycles
 from ..arch.access import Access
 from ..arch.bits import PAGE_SIZE, PageSize
 from ..hv import Hypervisor, Run
+from ..memory.layout import check_layout, layout_scope
 from ..mmu.config import MmuConfig
 from ..tables import GuestPageTables
 from ..traces.model import TraceChunk
@@ -46,6 +47,10 @@ class CowForkParams:
     granularities: tuple[str, ...] = ("4k", "2m-copy", "2m-split")
     write_fraction: float = 0.05  # of each clone's pages, each written once
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 class CowFork:
@@ -58,6 +63,10 @@ class CowFork:
     demo: ClassVar[dict[str, str]] = {"guest_mibs": "32,128", "clones": "1,4"}
 
     def rows(self, params: CowForkParams, progress: Progress) -> Iterator[Row]:
+        with layout_scope(params.layout):  # every guest built here gets this layout
+            yield from self._layout_rows(params, progress)
+
+    def _layout_rows(self, params: CowForkParams, progress: Progress) -> Iterator[Row]:
         configs = list(product(params.guest_mibs, params.clones, params.granularities))
         progress(0, len(configs))
         for done, (mib, clones, granularity) in enumerate(configs, 1):

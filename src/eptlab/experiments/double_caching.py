@@ -49,6 +49,7 @@ from ..apps.double_caching import GUEST_CACHES, HOST_CACHES, Outcome, Scenario, 
 from ..arch.bits import PAGE_SIZE
 from ..errors import ConfigError
 from ..hv.costs import CYCLES_PER_US
+from ..memory.layout import check_layout, layout_scope
 from .base import Progress, Row, records_by
 
 MiB = 1 << 20
@@ -66,6 +67,10 @@ class DoubleCachingParams:
     readahead_kib: int = 128  # the guest's read() size and largest request
     ept_page: str = "4k"  # how the hypervisor backs guest memory: 4k or 2m
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 class DoubleCaching:
@@ -99,6 +104,10 @@ class DoubleCaching:
         ]
 
     def rows(self, params: DoubleCachingParams, progress: Progress) -> Iterator[Row]:
+        with layout_scope(params.layout):  # every guest built here gets this layout
+            yield from self._layout_rows(params, progress)
+
+    def _layout_rows(self, params: DoubleCachingParams, progress: Progress) -> Iterator[Row]:
         scenarios = self.scenarios(params)
         progress(0, len(scenarios))
         for done, scenario in enumerate(scenarios, 1):

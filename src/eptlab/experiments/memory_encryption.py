@@ -58,6 +58,7 @@ from ..apps.memory_encryption import (
 )
 from ..arch.bits import PageSize
 from ..errors import ConfigError
+from ..memory.layout import check_layout, layout_scope
 from ..mmu.config import CacheConfig, EncryptionConfig
 from ..mmu.stats import VcpuStats
 from ..traces.model import TraceChunk
@@ -83,6 +84,10 @@ class MemoryEncryptionParams:
     guest_page: str = "4k"
     ept_page: str = "4k"
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,10 @@ class MemoryEncryption:
         return run_stream(space, platform, source.chunks, warmup=p.warmup)
 
     def rows(self, params: MemoryEncryptionParams, progress: Progress) -> Iterator[Row]:
+        with layout_scope(params.layout):  # every guest built here gets this layout
+            yield from self._layout_rows(params, progress)
+
+    def _layout_rows(self, params: MemoryEncryptionParams, progress: Progress) -> Iterator[Row]:
         p = params
         self.check(p)
         sources = list(self.sources(p))

@@ -28,6 +28,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from ..arch.bits import PageSize
+from ..memory.layout import check_layout, layout_scope
 from ..mmu.config import Assoc, MmuConfig, TlbConfig
 from ..mmu.engine import Accesses, Engine
 from ..mmu.scenario import NestedSpace
@@ -48,6 +49,10 @@ class NestedOverheadParams:
     guest_pages: tuple[str, ...] = ("4k", "2m")
     ept_pages: tuple[str, ...] = ("4k", "2m")
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 def without_pwc() -> TlbConfig:
@@ -128,6 +133,10 @@ class NestedOverhead:
         return configs
 
     def rows(self, params: NestedOverheadParams, progress: Progress) -> Iterator[Row]:
+        with layout_scope(params.layout):  # every guest built here gets this layout
+            yield from self._layout_rows(params, progress)
+
+    def _layout_rows(self, params: NestedOverheadParams, progress: Progress) -> Iterator[Row]:
         sources = list(self.sources(params))
         configs = self.configurations(params)
         total, done = len(sources) * len(configs), 0

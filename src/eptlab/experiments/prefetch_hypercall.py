@@ -42,6 +42,7 @@ from matplotlib.figure import Figure
 
 from ..apps.prefetch import PROTOCOLS, Outcome, RemapOp, Scenario, play
 from ..errors import ConfigError
+from ..memory.layout import check_layout, layout_scope
 from .base import Progress, Row, records_by, saved_text
 
 KINDS: tuple[str, ...] = ("migrate", "balloon", "merge")
@@ -61,6 +62,10 @@ class PrefetchHypercallParams:
     remaps: int = 8  # remap operations in each vCPU's program
     protocol: str = "correct"
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 class PrefetchHypercall:
@@ -113,6 +118,10 @@ class PrefetchHypercall:
         )
 
     def rows(self, params: PrefetchHypercallParams, progress: Progress) -> Iterator[Row]:
+        with layout_scope(params.layout):  # every guest built here gets this layout
+            yield from self._layout_rows(params, progress)
+
+    def _layout_rows(self, params: PrefetchHypercallParams, progress: Progress) -> Iterator[Row]:
         hints = [h.lower() in ("on", "true", "1", "yes") for h in params.hints]
         configs = list(product(params.vcpus, hints))
         progress(0, len(configs))

@@ -63,6 +63,7 @@ from ..arch.bits import PAGE_SIZE
 from ..errors import ConfigError
 from ..hv.costs import VMEXIT_CYCLES
 from ..hv.guest_runner import GuestRunner, Passive, RunReport
+from ..memory.layout import check_layout, layout_scope
 from .base import Progress, Row
 
 
@@ -86,6 +87,10 @@ class TrapDebuggerParams:
     writes_per_bug: float = 4.0
     bug_span: int = 40_000
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
     def workload(self) -> HeapWorkload:
         return HeapWorkload(
@@ -261,6 +266,10 @@ class TrapDebugger:
     demo: ClassVar[dict[str, str]] = {"accesses": "100000", "periods": "1000,100000"}
 
     def rows(self, params: TrapDebuggerParams, progress: Progress) -> Iterator[Row]:
+        with layout_scope(params.layout):  # every guest built here gets this layout
+            yield from self._layout_rows(params, progress)
+
+    def _layout_rows(self, params: TrapDebuggerParams, progress: Progress) -> Iterator[Row]:
         for _, row in self.runs(params, progress):
             yield row
 

@@ -94,12 +94,15 @@ class GuestKernel:
         thp: bool = False,
         frame_policy: Policy = "sequential",
         layout: LayoutConfig | str | None = None,
+        cma: int = 0,
     ) -> None:
         """``layout`` (None: the VM's): ``aged``, guest-physical frames come from an aged buddy
         allocator seeded by ``seed`` (its LIFO free lists reuse freed pages first, so
         ``frame_policy`` is not used); ``contiguous``, from an allocator of ``frame_policy``
         (``recycle``: freed pages are reused first, as Linux's per-CPU free lists do). Large
-        pages (image, THP) come from compaction when no 2 MiB block is free."""
+        pages (image, THP) come from compaction when no 2 MiB block is free. ``cma``: bytes of
+        guest-physical memory to set aside as one contiguous run before anything else is
+        allocated (like Linux's CMA area): :attr:`cma_base`, None without."""
         self.vm, self.levels, self.thp = vm, levels, thp
         self.aslr, self.image = aslr or AslrConfig(), image or KernelImage()
         self.rng = np.random.default_rng(seed)
@@ -111,6 +114,7 @@ class GuestKernel:
             aging=self.layout.aging,
             salt="guest",
         )
+        self.cma_base = self.frames.alloc_run(cma) if cma else None
         self.counters: Counter[str] = Counter()
         self.processes: dict[int, Process] = {}
         self.current: dict[int, Process] = {}  # by vCPU engine id

@@ -145,9 +145,9 @@ class FrameAllocator:
     def free(self, address: int) -> PageSize:
         """Release the block that starts at ``address``; returns its size."""
         if self.buddy is not None:
-            size = PageSize(self.buddy.free(address))
-            self.used_bytes -= size
-            return size
+            freed = PageSize(self.buddy.free(address))
+            self.used_bytes -= freed
+            return freed
         size = self._blocks.pop(address, None)
         if size is None:
             raise AddressError(f"no allocated block starts at {address:#x}")
@@ -172,6 +172,19 @@ class FrameAllocator:
         assert self.buddy is not None
         self.used_bytes = self.buddy.used_pages * PAGE_SIZE
         return addresses
+
+    def alloc_run(self, length: int) -> int:
+        """One guest-physical run of at least ``length`` bytes, 2 MiB-aligned (what a
+        contiguous allocation such as CMA gives): ``aged``, the smallest buddy block that holds
+        it (by compaction if need be); otherwise consecutive 2 MiB blocks, which must come out
+        adjacent (:class:`OutOfMemory` if not)."""
+        blocks = max(1, -(-length // _2M))
+        if self.buddy is not None:
+            return self._aged(self.buddy.alloc(_2M << (blocks - 1).bit_length()))
+        got = [self.alloc(PageSize.SIZE_2M) for _ in range(blocks)]
+        if got != [got[0] + i * _2M for i in range(blocks)]:
+            raise OutOfMemory(f"no contiguous run of {blocks} 2 MiB blocks")
+        return got[0]
 
     @property
     def stats(self) -> dict[str, int]:

@@ -47,11 +47,10 @@ Bookkeeping: a dict per order (the free list), dicts of allocated blocks, and an
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-
-import zlib
 
 import numpy as np
 import numpy.typing as npt
@@ -190,7 +189,7 @@ class _Pattern:
     free_orders: I64
     other_pfns: I64
     other_orders: I64
-    pinned_pages: int
+    pinned_pfns: I64
 
 
 def _byte_weights(config: AgingConfig) -> tuple[I64, npt.NDArray[np.float64]]:
@@ -208,11 +207,12 @@ def _age(
     free = _Free()
     free.add_range(first, end)
     pages = end - first
-    pinned = 0
-    if boot:
-        pinned = min(pages // 16, (config.boot_mib << 20) >> PAGE_SHIFT)
-        for _ in range(pinned):  # the kernel's early allocations, low and contiguous
-            free.take(0)
+    pinned: list[int] = []
+    if boot:  # the kernel's early allocations (contiguous where the range allows)
+        for _ in range(min(pages // 16, (config.boot_mib << 20) >> PAGE_SHIFT)):
+            pfn = free.take(0)
+            assert pfn is not None
+            pinned.append(pfn)
     others: dict[int, int] = {}
     orders, probs = _byte_weights(config)
     held = [0]
@@ -250,7 +250,7 @@ def _age(
     free_pfns, free_orders = free.blocks()
     other_pfns = np.fromiter(others, np.int64, len(others))
     other_orders = np.fromiter(others.values(), np.int64, len(others))
-    return _Pattern(free_pfns, free_orders, other_pfns, other_orders, pinned)
+    return _Pattern(free_pfns, free_orders, other_pfns, other_orders, np.array(pinned, np.int64))
 
 
 class BuddyAllocator:
@@ -317,9 +317,8 @@ class BuddyAllocator:
             index == 0,
         )
         self._grow_state(end)
-        lo = start - self._first
         state = self._state
-        state[lo : lo + p.pinned_pages] = PINNED
+        state[p.pinned_pfns + window - self._first] = PINNED
         offsets = p.other_pfns + window - self._first
         self._head[offsets] = p.other_orders
         if len(offsets):
@@ -489,12 +488,18 @@ class BuddyAllocator:
         take = self._free.take
         for _, got in movers:
             new = take(got)
-            while new is None:
-                if not self._age_next():
-                    raise OutOfMemory("no memory left to migrate other processes' pages into")
+            while new is None and self._age_next():
                 new = take(got)
-            head_of[new - self._first] = got
-            self._mark(new, got, OTHER)
+            if new is not None:
+                head_of[new - self._first] = got
+                self._mark(new, got, OTHER)
+            else:  # no free block that large: the block moves as single pages (a THP split)
+                for _ in range(1 << got):
+                    page = take(0)
+                    if page is None:
+                        raise OutOfMemory("no memory left to migrate other processes' pages to")
+                    head_of[page - self._first] = 0
+                    self._mark(page, 0, OTHER)
             self.stats["pages_migrated"] += 1 << got
         self._mark(pfn, order, FREE)
 
@@ -522,7 +527,8 @@ def _ramp(orders: I64) -> I64:
     """For blocks of ``orders``: 0..2^order-1 for each, concatenated."""
     counts = 1 << orders
     starts = np.repeat(np.cumsum(counts) - counts, counts)
-    return np.arange(int(counts.sum()), dtype=np.int64) - starts
+    ramp: I64 = np.arange(int(counts.sum()), dtype=np.int64) - starts
+    return ramp
 
 
 def _order_of(size: int) -> int:

@@ -41,6 +41,16 @@ class LayoutConfig:
     def aged(self) -> bool:
         return self.kind == "aged"
 
+    def guest_memory(self, need: int) -> int:
+        """Memory to give a VM whose guest needs ``need`` bytes: unchanged when contiguous;
+        aged, enough that ``need`` is still free once the guest's other processes hold their
+        ``resident`` share and the boot allocations are made, with a quarter to spare (rounded
+        up to 2 MiB)."""
+        if not self.aged:
+            return need
+        room = need / (1.0 - self.aging.resident) * 1.25 + (self.aging.boot_mib << 20)
+        return -(-int(room) // (2 << 20)) * (2 << 20)
+
 
 def check_layout(value: str, name: str = "layout") -> None:
     """Raise :class:`ConfigError` naming ``name`` unless ``value`` is a layout name (for
@@ -49,13 +59,13 @@ def check_layout(value: str, name: str = "layout") -> None:
         raise ConfigError(name, f"{value!r} is not one of {', '.join(LAYOUTS)}")
 
 
-_DEFAULT: ContextVar[LayoutConfig] = ContextVar("eptlab_layout", default=LayoutConfig())
+_DEFAULT: ContextVar[LayoutConfig | None] = ContextVar("eptlab_layout", default=None)
 
 
 def default_layout() -> LayoutConfig:
     """The layout a builder uses when it is given none (``aged`` unless inside
     :func:`layout_scope`)."""
-    return _DEFAULT.get()
+    return _DEFAULT.get() or LayoutConfig()
 
 
 @contextmanager

@@ -71,7 +71,8 @@ class NestedSpace:
     ) -> NestedSpace:
         """``layout``: ``aged`` (None: the default, see :func:`eptlab.memory.layout.layout_scope`)
         or ``contiguous`` placement of guest-physical and host frames
-        (module docstring; ``host_policy`` applies to ``contiguous`` only). ``table_ept_page``: the EPT page size backing the guest page-table pages (a
+        (module docstring; ``host_policy`` applies to ``contiguous`` only).
+        ``table_ept_page``: the EPT page size backing the guest page-table pages (a
         hypervisor backs all of guest RAM alike, page tables included). ``key_id``: with
         ``features.keyid_bits``, the TME-MK key ID the EPT leaves give the guest's memory
         (host memory must fit below the key-ID bits)."""
