@@ -1134,10 +1134,12 @@ class Outcome:
 def populate(kernel: GuestKernel, process: Process, length: int) -> Buffer:
     """What a guest does before it can name GPAs in a hint: reserve ``length`` bytes of its
     address space and map them now (MAP_POPULATE) to contiguous, 2 MiB-aligned guest-physical
-    memory. Host backing stays lazy."""
+    memory (from the kernel's boot-time contiguous run when it has one: aged layouts). Host
+    backing stays lazy."""
     blocks = -(-length // _2M)
-    if kernel.cma_base is not None:  # the run the guest set aside at boot (aged layouts)
-        gpa = kernel.cma_base
+    taken = kernel.cma_take(blocks * _2M)  # the run the guest set aside at boot (aged layouts)
+    if taken is not None:
+        gpa = taken
     else:
         try:
             gpa = kernel.frames.alloc_run(blocks * _2M)

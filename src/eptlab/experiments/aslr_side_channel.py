@@ -67,7 +67,7 @@ from ..arch.bits import PageSize
 from ..errors import ConfigError, EptlabError
 from ..guest import GuestKernel
 from ..hv import Run
-from ..memory.layout import check_layout, layout_scope
+from ..memory.layout import check_layout, default_layout, layout_scope
 from ..mmu.config import CacheConfig
 from ..traces.model import TraceChunk
 from ..workloads import make_workload
@@ -229,7 +229,7 @@ def measure_cost(p: AslrSideChannelParams, policy: str) -> LayoutCost:
     (``guest_page`` pages, every EPT page backed by the layout), run the workload."""
     layout = EptLayout.named(policy)
     footprint = p.footprint_mib << 20
-    laid = boot(layout, footprint + KERNEL_MEMORY, seed=p.seed)
+    laid = boot(layout, default_layout().guest_memory(footprint + KERNEL_MEMORY), seed=p.seed)
     guest_page = PageSize.parse(p.guest_page)
     kernel = GuestKernel(laid.vm, seed=p.seed, thp=guest_page == PageSize.SIZE_2M)
     process = kernel.spawn("workload")

@@ -115,6 +115,7 @@ class GuestKernel:
             salt="guest",
         )
         self.cma_base = self.frames.alloc_run(cma) if cma else None
+        self._cma_next, self._cma_end = self.cma_base or 0, (self.cma_base or 0) + cma
         self.counters: Counter[str] = Counter()
         self.processes: dict[int, Process] = {}
         self.current: dict[int, Process] = {}  # by vCPU engine id
@@ -164,6 +165,15 @@ class GuestKernel:
             regions.append(Region(address, size, kind, writable, executable, False))
             address += size
         return regions
+
+    def cma_take(self, length: int) -> int | None:
+        """The next ``length`` bytes (rounded up to 2 MiB) of the contiguous run set aside at
+        boot (``cma``), or None when there is none or it is used up."""
+        length = -(-length // _2M) * _2M
+        if self.cma_base is None or self._cma_next + length > self._cma_end:
+            return None
+        self._cma_next += length
+        return self._cma_next - length
 
     def kernel_region(self, kind: str) -> Region:
         for region in self.kernel_regions:

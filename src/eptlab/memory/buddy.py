@@ -47,6 +47,7 @@ Bookkeeping: a dict per order (the free list), dicts of allocated blocks, and an
 
 from __future__ import annotations
 
+import heapq
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -282,6 +283,8 @@ class BuddyAllocator:
         self._state = np.zeros(0, np.int8)  # per frame of [first, aged_end)
         self._head = np.zeros(0, np.int8)  # order of the other process's block starting there
         self._owned: dict[int, int] = {}  # pfn -> order
+        self._candidates: dict[int, list[tuple[int, int]]] = {}  # order -> (cost, offset) heap
+        self._covered: dict[int, int] = {}  # order -> frames offered to the heap so far
         self.stats: dict[str, int] = dict.fromkeys(
             ("sections_aged", "compactions", "pages_migrated", "gigantic_reserved"), 0
         )
@@ -386,19 +389,36 @@ class BuddyAllocator:
         return self.alloc_order(_order_of(size))
 
     def alloc_pages(self, count: int) -> I64:
-        """``count`` 4 KiB frames (addresses), in the order single allocations would give them
-        (a bulk path: no per-frame Python objects beyond the free-list entries)."""
-        out = np.empty(count, np.int64)
-        take, owned = self._free.take, self._owned
-        for i in range(count):
-            pfn = take(0)
-            if pfn is None:
-                pfn = self.alloc_order(0) >> PAGE_SHIFT
-                del owned[pfn]
-                self.used_pages -= 1
-            out[i] = pfn
-        for pfn in out.tolist():
-            owned[pfn] = 0
+        """``count`` 4 KiB frames (addresses), in the order single allocations would give them:
+        the order-0 list first, then each smallest larger block taken whole, its frames in
+        ascending order (what repeated ``expand()`` splitting hands out)."""
+        parts: list[I64] = []
+        lists, free, need = self._free.lists, self._free, count
+        while need:
+            head = lists[0]
+            if head:
+                n = min(need, len(head))
+                parts.append(np.fromiter((head.popitem()[0] for _ in range(n)), np.int64, n))
+                free.pages -= n
+                need -= n
+                continue
+            j = next((j for j in range(1, MAX_ORDER + 1) if lists[j]), None)
+            if j is None:
+                pfn = self.alloc_order(0) >> PAGE_SHIFT  # ages more memory (or runs out)
+                self.free(pfn << PAGE_SHIFT)
+                continue
+            block = lists[j].popitem()[0]
+            take = min(need, 1 << j)
+            parts.append(np.arange(block, block + take, dtype=np.int64))
+            rest, at = (1 << j) - take, block + take  # the tail, as expand() leaves it
+            for i in range(j):
+                if rest >> i & 1:
+                    lists[i][at] = None
+                    at += 1 << i
+            free.pages -= take
+            need -= take
+        out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        self._owned.update(dict.fromkeys(out.tolist(), 0))
         self._state[out - self._first] = OWNED
         self.used_pages += count
         return out << PAGE_SHIFT
@@ -446,24 +466,39 @@ class BuddyAllocator:
     # -- compaction -----------------------------------------------------------------------------
 
     def _compact(self, order: int) -> bool:
-        """Free an aligned 2^order region by migrating other processes' blocks out of it."""
+        """Free an aligned 2^order region by migrating other processes' blocks out of it: the
+        region with the fewest such frames and none of the owner's (a heap of candidates per
+        order, each re-checked when it comes up, since costs change as memory is used)."""
         size = 1 << order
-        lo = -(-self._first // size) * size - self._first
+        heap = self._candidates.setdefault(order, [])
+        lo = -(-self._first // size) * size - self._first  # first aligned region (offset)
+        covered = self._covered.get(order, lo)
         hi = (self._aged_end - self._first) // size * size
-        if hi - lo < size:
-            return False
-        regions = self._state[lo:hi].reshape(-1, size)
-        movable = (regions == OTHER).sum(axis=1)
-        movable[(regions >= PINNED).any(axis=1)] = size + 1
-        best = int(movable.argmin())
-        cost = int(movable[best])
-        if cost > size or self._free.pages - (size - cost) < cost:
-            return False  # nothing movable, or nowhere to move it: age more memory first
-        pfn = self._first + lo + best * size
-        self._claim(pfn, order)
-        self._free.put(pfn, order)
-        self.stats["compactions"] += 1
-        return True
+        if hi > covered:  # regions of newly aged memory join the heap
+            regions = self._state[covered:hi].reshape(-1, size)
+            costs = (regions == OTHER).sum(axis=1)
+            ok = ~(regions >= PINNED).any(axis=1)
+            for k in np.flatnonzero(ok).tolist():
+                heapq.heappush(heap, (int(costs[k]), covered + k * size))
+            self._covered[order] = hi
+        while heap:
+            cost, offset = heapq.heappop(heap)
+            region = self._state[offset : offset + size]
+            if (region >= PINNED).any():
+                continue  # the owner took part of it since
+            now = int((region == OTHER).sum())
+            if now > cost and heap and now > heap[0][0]:
+                heapq.heappush(heap, (now, offset))  # dearer than it was: look again later
+                continue
+            if self._free.pages - (size - now) < now:
+                heapq.heappush(heap, (now, offset))
+                return False  # nowhere to move its pages: age more memory first
+            pfn = self._first + offset
+            self._claim(pfn, order)
+            self._free.put(pfn, order)
+            self.stats["compactions"] += 1
+            return True
+        return False
 
     def _claim(self, pfn: int, order: int) -> None:
         """Take the region ``(pfn, order)`` out of the free memory, migrating the blocks of

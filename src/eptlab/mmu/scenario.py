@@ -46,7 +46,7 @@ class NestedSpace:
     features: CpuFeatures
     _table_frames: FrameAllocator
     layout: LayoutConfig
-    _backed: set[int] = field(default_factory=set)  # aged: data EPT pages backed so far
+    _backed: set[int] = field(default_factory=set)  # aged: large data EPT pages backed so far
 
     @classmethod
     def create(
@@ -145,7 +145,7 @@ class NestedSpace:
         size = PageSize(size)
         hpa = self.host_frames.alloc(size)
         self.ept.map(gpa & ~(size - 1), hpa, size)
-        if self.layout.aged:
+        if self.layout.aged and size != PageSize.SIZE_4K:
             self._backed.add(gpa & ~(size - 1))
         if perms != "rwx":
             self.ept.set_permission_bits(gpa, parse_permissions(perms))
@@ -181,7 +181,7 @@ class NestedSpace:
             pkey=pkey,
         )
         gpa = base + (gva & (guest_page - 1))
-        if self.ept is not None and (gpa & ~(ept_page - 1)) not in self._backed:
+        if self.ept is not None and (gpa & ~(ept_page - 1)) not in self._backed:  # (aged)
             self.map_ept(gpa, ept_page, ept_perms)
         return base
 
@@ -236,9 +236,10 @@ class NestedSpace:
         pages = gpas - gpas % step
         _, first = np.unique(pages, return_index=True)
         pages = pages[np.sort(first)]  # each EPT page once, in first-touch order
-        backed = self._backed
-        pages = pages[np.array([p not in backed for p in pages.tolist()], bool)]
-        backed.update(pages.tolist())
+        if ept_page != PageSize.SIZE_4K:  # a large EPT page may hold pages mapped before
+            backed = self._backed
+            pages = pages[np.array([p not in backed for p in pages.tolist()], bool)]
+            backed.update(pages.tolist())
         if ept_page == PageSize.SIZE_4K:
             hpas = self.host_frames.alloc_pages(len(pages))
         else:

@@ -156,6 +156,8 @@ class RadixTables(ABC):
             raise AddressError(f"{len(addresses)} addresses for {len(targets)} targets")
         if np.any(addresses % size) or np.any(targets % size):
             raise AddressError(f"pages to map are not aligned to {size.label}")
+        if len(addresses) == 0:
+            return 0
         span = int(size) * ENTRIES_PER_TABLE
         order = np.argsort(addresses, kind="stable")
         addresses, targets = addresses[order], targets[order]
