@@ -78,11 +78,11 @@ class AgingConfig:
 
     section_mib: int = 256
     boot_mib: int = 4
-    in_use: float = 0.8
+    in_use: float = 0.97
     rounds: int = 3
     churn: float = 0.5
     resident: float = 0.25
-    orders: tuple[tuple[int, float], ...] = ((0, 0.8), (1, 0.05), (2, 0.05), (3, 0.05), (9, 0.05))
+    orders: tuple[tuple[int, float], ...] = ((0, 0.83), (1, 0.05), (2, 0.05), (3, 0.05), (9, 0.02))
     patterns: int = 2
 
     def __post_init__(self) -> None:
