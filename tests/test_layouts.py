@@ -38,9 +38,10 @@ def check_books(b: BuddyAllocator) -> None:
             assert pfn % (1 << order) == 0
             cover[pfn - first : pfn - first + (1 << order)] += 1
             expect[pfn - first : pfn - first + (1 << order)] = FREE
-    for pfn, order in b._owned.items():
-        cover[pfn - first : pfn - first + (1 << order)] += 1
-        expect[pfn - first : pfn - first + (1 << order)] = OWNED
+    for lo in np.flatnonzero(b._order >= 0).tolist():
+        order = int(b._order[lo])
+        cover[lo : lo + (1 << order)] += 1
+        expect[lo : lo + (1 << order)] = OWNED
     for lo in np.flatnonzero(b._head >= 0).tolist():
         order = int(b._head[lo])
         cover[lo : lo + (1 << order)] += 1

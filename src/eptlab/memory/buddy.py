@@ -282,7 +282,7 @@ class BuddyAllocator:
         self._free = _Free()
         self._state = np.zeros(0, np.int8)  # per frame of [first, aged_end)
         self._head = np.zeros(0, np.int8)  # order of the other process's block starting there
-        self._owned: dict[int, int] = {}  # pfn -> order
+        self._order = np.zeros(0, np.int8)  # order of the owner's block starting there, or -1
         self._candidates: dict[int, list[tuple[int, int]]] = {}  # order -> (cost, offset) heap
         self._covered: dict[int, int] = {}  # order -> frames offered to the heap so far
         self.stats: dict[str, int] = dict.fromkeys(
@@ -299,6 +299,9 @@ class BuddyAllocator:
         head = np.full(end - self._first, -1, np.int8)
         head[: len(self._head)] = self._head
         self._head = head
+        owned = np.full(end - self._first, -1, np.int8)
+        owned[: len(self._order)] = self._order
+        self._order = owned
 
     def _age_next(self) -> bool:
         """Age the next section and add its free memory; False when the range is used up."""
@@ -357,7 +360,7 @@ class BuddyAllocator:
         self._state[lo : lo + (1 << order)] = value
 
     def _own(self, pfn: int, order: int) -> int:
-        self._owned[pfn] = order
+        self._order[pfn - self._first] = order
         self._mark(pfn, order, OWNED)
         self.used_pages += 1 << order
         return pfn << PAGE_SHIFT
@@ -390,36 +393,37 @@ class BuddyAllocator:
 
     def alloc_pages(self, count: int) -> I64:
         """``count`` 4 KiB frames (addresses), in the order single allocations would give them:
-        the order-0 list first, then each smallest larger block taken whole, its frames in
-        ascending order (what repeated ``expand()`` splitting hands out)."""
+        the order-0 list first, then the blocks of the smallest non-empty list, each taken
+        whole and its frames in ascending order (what repeated ``expand()`` splitting hands
+        out), the last one split as ``expand()`` would leave it."""
         parts: list[I64] = []
         lists, free, need = self._free.lists, self._free, count
         while need:
-            head = lists[0]
-            if head:
-                n = min(need, len(head))
-                parts.append(np.fromiter((head.popitem()[0] for _ in range(n)), np.int64, n))
-                free.pages -= n
-                need -= n
-                continue
-            j = next((j for j in range(1, MAX_ORDER + 1) if lists[j]), None)
+            j = next((j for j in range(MAX_ORDER + 1) if lists[j]), None)
             if j is None:
                 pfn = self.alloc_order(0) >> PAGE_SHIFT  # ages more memory (or runs out)
                 self.free(pfn << PAGE_SHIFT)
                 continue
-            block = lists[j].popitem()[0]
-            take = min(need, 1 << j)
-            parts.append(np.arange(block, block + take, dtype=np.int64))
-            rest, at = (1 << j) - take, block + take  # the tail, as expand() leaves it
+            lst, size = lists[j], 1 << j
+            whole = min(len(lst), need >> j)
+            if whole:
+                heads = np.fromiter((lst.popitem()[0] for _ in range(whole)), np.int64, whole)
+                parts.append((heads[:, None] + np.arange(size, dtype=np.int64)).ravel())
+                free.pages -= whole * size
+                need -= whole * size
+                continue
+            block = lst.popitem()[0]  # need < size: split it
+            parts.append(np.arange(block, block + need, dtype=np.int64))
+            rest, at = size - need, block + need  # the tail, as expand() leaves it
             for i in range(j):
                 if rest >> i & 1:
                     lists[i][at] = None
                     at += 1 << i
-            free.pages -= take
-            need -= take
+            free.pages -= need
+            need = 0
         out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        self._owned.update(dict.fromkeys(out.tolist(), 0))
         self._state[out - self._first] = OWNED
+        self._order[out - self._first] = 0
         self.used_pages += count
         return out << PAGE_SHIFT
 
@@ -445,9 +449,11 @@ class BuddyAllocator:
     def free(self, address: int) -> int:
         """Release the block that starts at ``address``; returns its size in bytes."""
         pfn = address >> PAGE_SHIFT
-        order = self._owned.pop(pfn, None)
-        if order is None or address % PAGE_SIZE:
+        lo = pfn - self._first
+        order = int(self._order[lo]) if 0 <= lo < len(self._order) else -1
+        if order < 0 or address % PAGE_SIZE:
             raise AddressError(f"no allocated block starts at {address:#x}")
+        self._order[lo] = -1
         self._mark(pfn, order, FREE)
         self._free.put(pfn, order)
         self.used_pages -= 1 << order
@@ -461,7 +467,11 @@ class BuddyAllocator:
     @property
     def blocks(self) -> dict[int, int]:
         """Blocks handed out: address -> size in bytes."""
-        return {pfn << PAGE_SHIFT: PAGE_SIZE << order for pfn, order in self._owned.items()}
+        starts = np.flatnonzero(self._order >= 0)
+        return {
+            (int(lo) + self._first) << PAGE_SHIFT: PAGE_SIZE << int(self._order[lo])
+            for lo in starts.tolist()
+        }
 
     # -- compaction -----------------------------------------------------------------------------
 
