@@ -76,7 +76,7 @@ class CowFork:
     def measure(self, mib: int, clones: int, granularity: str, p: CowForkParams) -> Row:
         memory = mib << 20
         backing = PageSize.SIZE_4K if granularity == "4k" else PageSize.SIZE_2M
-        hv = Hypervisor(mmu=MmuConfig())
+        hv = Hypervisor(mmu=MmuConfig(), seed=p.seed)  # seed: the aged host's placement
         parent = hv.create_vm("parent", memory, lazy=False, backing=backing)
         parent.ept.map_range(0, memory, backing)
         tables = iter(range(PAGE_SIZE, TABLE_REGION, PAGE_SIZE))

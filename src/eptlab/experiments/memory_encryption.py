@@ -179,6 +179,7 @@ class MemoryEncryption:
             key_id=key,
             guest_page=PageSize.parse(p.guest_page),
             ept_page=PageSize.parse(p.ept_page),
+            seed=p.seed,  # the aged layout's placement
         )
         return run_stream(space, platform, source.chunks, warmup=p.warmup)
 

@@ -143,15 +143,17 @@ class NestedOverhead:
         progress(0, total)
         for source in sources:
             for mode, gp, ep, pwc in configs:
-                yield self.measure(source, mode, gp, ep, pwc)
+                yield self.measure(source, mode, gp, ep, pwc, params.seed)
                 done += 1
                 progress(done, total)
 
     def measure(
-        self, source: Source, mode: str, gp: PageSize, ep: PageSize | None, pwc: bool
+        self, source: Source, mode: str, gp: PageSize, ep: PageSize | None, pwc: bool,
+        seed: int = 0,
     ) -> Row:
         space = NestedSpace.create(
             use_ept=mode == "nested",
+            seed=seed,  # the aged layout's placement
             host_memory=1 << 46,
             guest_memory=1 << 46,
             table_ept_page=ep or PageSize.SIZE_4K,  # guest page tables live in guest RAM too
