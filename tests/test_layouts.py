@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from eptlab.experiments.base import apply_overrides
 from eptlab.hv import Hypervisor
 from eptlab.memory import AgingConfig, BuddyAllocator, FrameAllocator, LayoutConfig
 from eptlab.memory.buddy import FREE, OTHER, OWNED, PINNED, consecutive_fraction
-from eptlab.memory.layout import default_layout, layout_scope
+from eptlab.memory.layout import default_layout, in_layout, layout_scope
 from eptlab.mmu.scenario import NestedSpace
 
 SMALL = AgingConfig(section_mib=16)
@@ -191,3 +192,14 @@ def test_every_guest_experiment_takes_a_layout_and_refuses_a_bad_one(name: str) 
     with pytest.raises(ConfigError) as err:
         apply_overrides(params_type, {"layout": "fragmented"})
     assert err.value.field == "layout"  # type: ignore[attr-defined]
+
+
+def test_a_consumer_that_stops_early_sees_no_leaked_layout() -> None:
+    def kinds() -> Iterator[str]:
+        while True:
+            yield default_layout().kind
+
+    steps = in_layout("contiguous", kinds())
+    assert next(steps) == "contiguous"
+    assert default_layout().kind == "aged"  # between steps, and after it is abandoned
+    assert next(steps) == "contiguous"

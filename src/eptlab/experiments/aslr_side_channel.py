@@ -67,7 +67,7 @@ from ..arch.bits import PageSize
 from ..errors import ConfigError, EptlabError
 from ..guest import GuestKernel
 from ..hv import Run
-from ..memory.layout import check_layout, default_layout, layout_scope
+from ..memory.layout import check_layout, default_layout, in_layout
 from ..mmu.config import CacheConfig
 from ..traces.model import TraceChunk
 from ..workloads import make_workload
@@ -282,8 +282,8 @@ class AslrSideChannel:
     demo: ClassVar[dict[str, str]] = {"trials": "40"}
 
     def rows(self, params: AslrSideChannelParams, progress: Progress) -> Iterator[Row]:
-        with layout_scope(params.layout):  # every guest built here gets this layout
-            yield from self._layout_rows(params, progress)
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
 
     def _layout_rows(self, params: AslrSideChannelParams, progress: Progress) -> Iterator[Row]:
         check(params)

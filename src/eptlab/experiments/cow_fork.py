@@ -30,7 +30,7 @@ from ..apps.cow import ENTRY_CYCLES, CopyOnWrite, copy_cycles
 from ..arch.access import Access
 from ..arch.bits import PAGE_SIZE, PageSize
 from ..hv import Hypervisor, Run
-from ..memory.layout import check_layout, layout_scope
+from ..memory.layout import check_layout, in_layout
 from ..mmu.config import MmuConfig
 from ..tables import GuestPageTables
 from ..traces.model import TraceChunk
@@ -63,8 +63,8 @@ class CowFork:
     demo: ClassVar[dict[str, str]] = {"guest_mibs": "32,128", "clones": "1,4"}
 
     def rows(self, params: CowForkParams, progress: Progress) -> Iterator[Row]:
-        with layout_scope(params.layout):  # every guest built here gets this layout
-            yield from self._layout_rows(params, progress)
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
 
     def _layout_rows(self, params: CowForkParams, progress: Progress) -> Iterator[Row]:
         configs = list(product(params.guest_mibs, params.clones, params.granularities))

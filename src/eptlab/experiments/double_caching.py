@@ -49,7 +49,7 @@ from ..apps.double_caching import GUEST_CACHES, HOST_CACHES, Outcome, Scenario, 
 from ..arch.bits import PAGE_SIZE
 from ..errors import ConfigError
 from ..hv.costs import CYCLES_PER_US
-from ..memory.layout import check_layout, layout_scope
+from ..memory.layout import check_layout, in_layout
 from .base import Progress, Row, records_by
 
 MiB = 1 << 20
@@ -104,8 +104,8 @@ class DoubleCaching:
         ]
 
     def rows(self, params: DoubleCachingParams, progress: Progress) -> Iterator[Row]:
-        with layout_scope(params.layout):  # every guest built here gets this layout
-            yield from self._layout_rows(params, progress)
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
 
     def _layout_rows(self, params: DoubleCachingParams, progress: Progress) -> Iterator[Row]:
         scenarios = self.scenarios(params)

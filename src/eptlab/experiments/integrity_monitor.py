@@ -64,7 +64,7 @@ from ..errors import ConfigError
 from ..guest import KernelImage
 from ..hv.costs import VMEXIT_CYCLES
 from ..hv.guest_runner import RunReport
-from ..memory.layout import check_layout, layout_scope
+from ..memory.layout import check_layout, in_layout
 from .base import Progress, Row, records_by
 
 
@@ -193,8 +193,8 @@ class IntegrityMonitor:
     demo: ClassVar[dict[str, str]] = {"accesses": "300000", "period": "50000"}
 
     def rows(self, params: IntegrityMonitorParams, progress: Progress) -> Iterator[Row]:
-        with layout_scope(params.layout):  # every guest built here gets this layout
-            yield from self._layout_rows(params, progress)
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
 
     def _layout_rows(self, params: IntegrityMonitorParams, progress: Progress) -> Iterator[Row]:
         for _, row in self.runs(params, progress):

@@ -58,7 +58,7 @@ from ..apps.memory_encryption import (
 )
 from ..arch.bits import PageSize
 from ..errors import ConfigError
-from ..memory.layout import check_layout, layout_scope
+from ..memory.layout import check_layout, in_layout
 from ..mmu.config import CacheConfig, EncryptionConfig
 from ..mmu.stats import VcpuStats
 from ..traces.model import TraceChunk
@@ -184,8 +184,8 @@ class MemoryEncryption:
         return run_stream(space, platform, source.chunks, warmup=p.warmup)
 
     def rows(self, params: MemoryEncryptionParams, progress: Progress) -> Iterator[Row]:
-        with layout_scope(params.layout):  # every guest built here gets this layout
-            yield from self._layout_rows(params, progress)
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
 
     def _layout_rows(self, params: MemoryEncryptionParams, progress: Progress) -> Iterator[Row]:
         p = params

@@ -28,7 +28,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from ..arch.bits import PageSize
-from ..memory.layout import check_layout, layout_scope
+from ..memory.layout import check_layout, in_layout
 from ..mmu.config import Assoc, MmuConfig, TlbConfig
 from ..mmu.engine import Accesses, Engine
 from ..mmu.scenario import NestedSpace
@@ -133,8 +133,8 @@ class NestedOverhead:
         return configs
 
     def rows(self, params: NestedOverheadParams, progress: Progress) -> Iterator[Row]:
-        with layout_scope(params.layout):  # every guest built here gets this layout
-            yield from self._layout_rows(params, progress)
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
 
     def _layout_rows(self, params: NestedOverheadParams, progress: Progress) -> Iterator[Row]:
         sources = list(self.sources(params))

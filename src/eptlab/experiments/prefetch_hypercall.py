@@ -42,7 +42,7 @@ from matplotlib.figure import Figure
 
 from ..apps.prefetch import PROTOCOLS, Outcome, RemapOp, Scenario, play
 from ..errors import ConfigError
-from ..memory.layout import check_layout, layout_scope
+from ..memory.layout import check_layout, in_layout
 from .base import Progress, Row, records_by, saved_text
 
 KINDS: tuple[str, ...] = ("migrate", "balloon", "merge")
@@ -118,8 +118,8 @@ class PrefetchHypercall:
         )
 
     def rows(self, params: PrefetchHypercallParams, progress: Progress) -> Iterator[Row]:
-        with layout_scope(params.layout):  # every guest built here gets this layout
-            yield from self._layout_rows(params, progress)
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
 
     def _layout_rows(self, params: PrefetchHypercallParams, progress: Progress) -> Iterator[Row]:
         hints = [h.lower() in ("on", "true", "1", "yes") for h in params.hints]

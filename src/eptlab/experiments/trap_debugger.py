@@ -63,7 +63,7 @@ from ..arch.bits import PAGE_SIZE
 from ..errors import ConfigError
 from ..hv.costs import VMEXIT_CYCLES
 from ..hv.guest_runner import GuestRunner, Passive, RunReport
-from ..memory.layout import check_layout, layout_scope
+from ..memory.layout import check_layout, in_layout
 from .base import Progress, Row
 
 
@@ -266,8 +266,8 @@ class TrapDebugger:
     demo: ClassVar[dict[str, str]] = {"accesses": "100000", "periods": "1000,100000"}
 
     def rows(self, params: TrapDebuggerParams, progress: Progress) -> Iterator[Row]:
-        with layout_scope(params.layout):  # every guest built here gets this layout
-            yield from self._layout_rows(params, progress)
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
 
     def _layout_rows(self, params: TrapDebuggerParams, progress: Progress) -> Iterator[Row]:
         for _, row in self.runs(params, progress):

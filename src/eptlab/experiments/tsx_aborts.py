@@ -42,7 +42,7 @@ from matplotlib.figure import Figure
 
 from ..apps.tsx import LAZY_SCENARIOS, MITIGATIONS, SCENARIOS, Outcome, Scenario, play
 from ..errors import ConfigError
-from ..memory.layout import check_layout, layout_scope
+from ..memory.layout import check_layout, in_layout
 from ..mmu.rtm import EXIT_CAUSES
 from .base import Progress, Row, records_by
 
@@ -118,8 +118,8 @@ class TsxAborts:
         return out
 
     def rows(self, params: TsxAbortsParams, progress: Progress) -> Iterator[Row]:
-        with layout_scope(params.layout):  # every guest built here gets this layout
-            yield from self._layout_rows(params, progress)
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
 
     def _layout_rows(self, params: TsxAbortsParams, progress: Progress) -> Iterator[Row]:
         configs = self.configurations(params)

@@ -221,6 +221,7 @@ def _age(
     def fill(target: int) -> None:
         while held[0] < target:
             batch = rng.choice(orders, size=max(64, (target - held[0]) // 2), p=probs)
+            before = held[0]
             for order in batch.tolist():
                 pfn = free.take(order)
                 if pfn is None:
@@ -229,8 +230,8 @@ def _age(
                 held[0] += 1 << order
                 if held[0] >= target:
                     return
-            if free.pages == 0:
-                return
+            if held[0] == before:
+                return  # no block of any order drawn is left
 
     def release(count: int) -> None:
         keys = list(others)
@@ -522,9 +523,8 @@ class BuddyAllocator:
                     starts = np.append(starts, head)
                     break
         movers = [(int(h) + self._first, int(self._head[h])) for h in starts.tolist()]
-        head_of = self._head
         for head, got in movers:
-            head_of[head - self._first] = -1
+            self._head[head - self._first] = -1
             self._mark(head, got, FREE)
             self._free.put(head, got)
         if not self._free.take_exact(pfn, order):
@@ -535,15 +535,15 @@ class BuddyAllocator:
             new = take(got)
             while new is None and self._age_next():
                 new = take(got)
-            if new is not None:
-                head_of[new - self._first] = got
+            if new is not None:  # (aging may have grown the arrays: no stale references)
+                self._head[new - self._first] = got
                 self._mark(new, got, OTHER)
             else:  # no free block that large: the block moves as single pages (a THP split)
                 for _ in range(1 << got):
                     page = take(0)
                     if page is None:
                         raise OutOfMemory("no memory left to migrate other processes' pages to")
-                    head_of[page - self._first] = 0
+                    self._head[page - self._first] = 0
                     self._mark(page, 0, OTHER)
             self.stats["pages_migrated"] += 1 << got
         self._mark(pfn, order, FREE)

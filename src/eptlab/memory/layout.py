@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from ..errors import ConfigError
 from .buddy import AgingConfig
 
+T = TypeVar("T")
 LayoutKind = Literal["aged", "contiguous"]
 LAYOUTS: tuple[LayoutKind, ...] = ("aged", "contiguous")
 
@@ -84,3 +85,17 @@ def layout_scope(layout: LayoutConfig | str) -> Iterator[LayoutConfig]:
 def resolve(layout: LayoutConfig | str | None) -> LayoutConfig:
     """``layout`` as a configuration, or the default when None."""
     return default_layout() if layout is None else LayoutConfig.of(layout)
+
+
+def in_layout(layout: LayoutConfig | str, items: Iterator[T]) -> Iterator[T]:
+    """Run the generator ``items`` with ``layout`` as the default layout: the scope is entered
+    around each step only, never held while the consumer has a value, so a consumer that
+    stops early (or interleaves other work) sees no leaked default."""
+    config = LayoutConfig.of(layout)
+    while True:
+        with layout_scope(config):
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+        yield item

@@ -167,10 +167,9 @@ class NestedSpace:
         ``ept_page`` that contains ``gva``'s guest-physical address with host memory (the rest
         of a guest page larger than ``ept_page`` stays unbacked); returns the guest page's GPA."""
         guest_page, ept_page = PageSize(guest_page), PageSize(ept_page)
-        # contiguous: the guest page gets a whole EPT page of its own; aged: just its own size,
-        # and an EPT page another guest page already backed is not backed again
-        block = guest_page if self.layout.aged else max(guest_page, ept_page)
-        base = self.guest_frames.alloc(block)
+        # the guest page gets a whole EPT page of its own (aged: wherever the buddy allocator
+        # finds one); guest-physical memory an EPT page already backs is not backed again
+        base = self.guest_frames.alloc(max(guest_page, ept_page))
         self.tables.map(
             gva & ~(guest_page - 1),
             base,
@@ -181,7 +180,7 @@ class NestedSpace:
             pkey=pkey,
         )
         gpa = base + (gva & (guest_page - 1))
-        if self.ept is not None and (gpa & ~(ept_page - 1)) not in self._backed:  # (aged)
+        if self.ept is not None and not (self.layout.aged and self.ept.lookup(gpa) is not None):
             self.map_ept(gpa, ept_page, ept_perms)
         return base
 
