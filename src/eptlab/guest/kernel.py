@@ -95,6 +95,7 @@ class GuestKernel:
         frame_policy: Policy = "sequential",
         layout: LayoutConfig | str | None = None,
         cma: int = 0,
+        layout_seed: int | None = None,
     ) -> None:
         """``layout`` (None: the VM's): ``aged``, guest-physical frames come from an aged buddy
         allocator seeded by ``seed`` (its LIFO free lists reuse freed pages first, so
@@ -102,7 +103,8 @@ class GuestKernel:
         (``recycle``: freed pages are reused first, as Linux's per-CPU free lists do). Large
         pages (image, THP) come from compaction when no 2 MiB block is free. ``cma``: bytes of
         guest-physical memory to set aside as one contiguous run before anything else is
-        allocated (like Linux's CMA area): :attr:`cma_base`, None without."""
+        allocated (like Linux's CMA area): :attr:`cma_base`, None without. ``layout_seed``:
+        the aged allocator's seed, when it must differ from ``seed`` (the ASLR draws')."""
         self.vm, self.levels, self.thp = vm, levels, thp
         self.aslr, self.image = aslr or AslrConfig(), image or KernelImage()
         self.rng = np.random.default_rng(seed)
@@ -110,7 +112,7 @@ class GuestKernel:
         self.frames = FrameAllocator(  # guest-physical
             vm.memory,
             policy="aged" if self.layout.aged else frame_policy,
-            seed=seed,
+            seed=seed if layout_seed is None else layout_seed,
             aging=self.layout.aging,
             salt="guest",
         )
