@@ -24,7 +24,7 @@ SMALL = AgingConfig(section_mib=16)
 GVA = 0x0000_2000_0000_0000
 GUEST_EXPERIMENTS = (
     "aslr-side-channel", "cow-fork", "double-caching", "integrity-monitor", "memory-encryption",
-    "nested-overhead", "prefetch-hypercall", "trap-debugger", "tsx-aborts",
+    "nested-overhead", "prefetch-hypercall", "trap-debugger", "tsx-aborts", "model-vs-machine",
 )
 
 
