@@ -41,8 +41,9 @@ than a section (1 GiB with the default 256 MiB sections) is served from memory a
 sections that nothing has touched since boot (a boot-time reservation, as hugetlbfs gigantic
 pages are on Linux): ``stats["gigantic_reserved"]``. No request falls back to smaller pages.
 
-Bookkeeping: a dict per order (the free list), dicts of allocated blocks, and an int8 state per
-4 KiB frame of the aged sections only (a 1 TiB range that uses 1 GiB keeps a few MiB).
+Bookkeeping: a dict per order (the free list) and three int8 arrays over the 4 KiB frames of the
+aged sections only (state, order of the owner's block starting there, order of another
+process's block starting there): a 1 TiB range that ages 1 GiB keeps under 1 MiB.
 """
 
 from __future__ import annotations
