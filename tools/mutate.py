@@ -16,7 +16,8 @@ A mutation file is TOML, one ``[[mutant]]`` table each::
     tests = ["tests/test_lru_rings.py"]
     # or: pattern = 'regex' (must match exactly once) instead of original
 
-The tree (tracked and untracked-but-not-ignored files under src/ and tests/, plus pyproject.toml)
+The tree (tracked and untracked-but-not-ignored files under src/, tests/, examples/, guests/ and
+benchmarks/, plus pyproject.toml)
 is copied afresh for each mutant into $TMPDIR/eptlab-mutate-UID, so the working tree is never
 touched (run one instance at a time).
 Mutants under ``src/eptlab/mmu/kernels/`` run with ``NUMBA_DISABLE_JIT=1`` (the kernels then
@@ -99,7 +100,8 @@ def mutate_text(text: str, m: Mutant) -> str | None:
 
 def _files() -> list[str]:
     out = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "src", "tests"],
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "src", "tests",
+         "examples", "guests", "benchmarks"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout.split()
     return out + ["pyproject.toml"]
