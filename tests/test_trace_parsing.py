@@ -5,6 +5,7 @@ other block."""
 from __future__ import annotations
 
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,18 @@ def test_lackey_high_half_addresses_are_negative_from_bit_63(tmp_path: Path) -> 
     path.write_text(" L 8000000000000000,8\n L 7fffffffffffffff,1\n L ffffffffffffff00,8\n")
     addresses = np.concatenate([c.address for c in read_lackey(path)]).tolist()
     assert addresses == [-(1 << 63), (1 << 63) - 1, -0x100]
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_native_block_size_limit_is_inclusive(tmp_path: Path, extra: int) -> None:
+    """A block may claim up to MAX_BLOCK_ACCESSES accesses: exactly that many is judged on its
+    payload (here garbage), one more is refused for its count."""
+    from eptlab.traces.native import HEADER, MAGIC, MAX_BLOCK_ACCESSES, VERSION
+
+    payload = b"garbage!"
+    block = BLOCK.pack(MAX_BLOCK_ACCESSES + extra, len(payload), zlib.crc32(payload), 0)
+    path = tmp_path / "big.eptl"
+    path.write_bytes(HEADER.pack(MAGIC, VERSION) + block + payload)
+    with pytest.raises(TraceFormatError) as info:
+        list(read_native(path))
+    assert ("claims" in str(info.value)) == bool(extra)
