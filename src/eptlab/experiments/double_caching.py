@@ -26,7 +26,7 @@ Columns:
 | disk_mib | MiB read from the disk |
 | io_ms | modelled I/O time: disk + notify exits + host copies and cache frames |
 | ept_ms | modelled hypervisor time of the EPT violations (exit, frame, zeroing, entry) |
-| guest_ms | the guest's accesses (zeroing new pages, copy to user): engine cycles at 3 GHz |
+| guest_ms | the guest's accesses (zeroing new pages, copy to user): engine cycles at clock_ghz |
 | duplicated_mib_before | file data in both page caches (byte for byte) when the read starts |
 | duplicated_mib | the same when the read ends |
 | stale_mib_before, stale_mib | host frames behind guest-free pages still holding disk blocks |
