@@ -43,6 +43,7 @@ from matplotlib.figure import Figure
 
 from ..apps.prefetch import PROTOCOLS, Outcome, RemapOp, Scenario, play
 from ..errors import ConfigError
+from ..memory.layout import check_layout, in_layout
 from .base import Progress, Row, check_choices, check_range, records_by, saved_text
 
 KINDS: tuple[str, ...] = ("migrate", "balloon", "merge")
@@ -110,6 +111,10 @@ class PrefetchHypercallParams:
     remaps: int = 8  # remap operations in each vCPU's program
     protocol: str = "correct"
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 class PrefetchHypercall:
@@ -162,6 +167,10 @@ class PrefetchHypercall:
         )
 
     def rows(self, params: PrefetchHypercallParams, progress: Progress) -> Iterator[Row]:
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
+
+    def _layout_rows(self, params: PrefetchHypercallParams, progress: Progress) -> Iterator[Row]:
         hints = [h.lower() in HINTS_ON for h in params.hints]
         configs = list(product(params.vcpus, hints))
         progress(0, len(configs))
