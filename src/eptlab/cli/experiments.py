@@ -43,24 +43,27 @@ def run_experiment(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default out/NAME).")] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print {experiment, params, rows}.")
+        bool, typer.Option("--json", help="Print {experiment, params, rows, summary}.")
     ] = False,
 ) -> int:
-    """Run one experiment: progress bar, then CSV, Parquet, JSON and PNG files in OUT."""
-    from ..experiments import runner
+    """Run one experiment (every seed): progress bar, then CSV, Parquet, JSON and PNG files in
+    OUT; prints the mean and 95% interval of each configuration."""
+    from ..experiments import get, runner
+    from ..experiments.intervals import summarize, text_table
 
     overrides = parse_sets(set_ or [])
     try:
         result = runner.run(name, overrides, out, show_progress=not as_json)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
+    summary = summarize(result.table, get(name).keys)
     if as_json:
         rows = json.loads(result.table.to_json(orient="records"))
-        typer.echo(
-            json.dumps({"experiment": result.experiment, "params": result.params, "rows": rows})
-        )
+        means = json.loads(summary.to_json(orient="records"))
+        typer.echo(json.dumps({"experiment": result.experiment, "params": result.params,
+                               "rows": rows, "summary": means}))
     else:
         console = Console(width=160)
-        console.print(result.table.to_string(index=False))
+        console.print(text_table(summary).to_string(index=False))
         console.print("wrote " + ", ".join(result.files))
     return 0

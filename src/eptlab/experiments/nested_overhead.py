@@ -32,7 +32,18 @@ from ..mmu.config import Assoc, MmuConfig, TlbConfig
 from ..mmu.engine import Accesses, Engine
 from ..mmu.scenario import NestedSpace
 from ..traces.model import TraceChunk
-from .base import Progress, Row, ratio_text, saved_text
+from .base import Progress, Row
+from .intervals import (
+    Interval,
+    at,
+    bars,
+    by_seed,
+    interval,
+    ratio,
+    reduction,
+    summarize,
+    times,
+)
 
 BASE = 0x0000_2000_0000_0000
 TRACE_COMMAND = ("ls", "-l", "/usr/bin")
@@ -47,6 +58,7 @@ class NestedOverheadParams:
     trace_accesses: int = 300_000
     guest_pages: tuple[str, ...] = ("4k", "2m")
     ept_pages: tuple[str, ...] = ("4k", "2m")
+    seeds: int = 5
     seed: int = 0
 
 
@@ -77,7 +89,10 @@ class NestedOverhead:
         "paging-structure caches, the nested TLB and large pages take back?"
     )
     Params: ClassVar[type] = NestedOverheadParams
-    demo: ClassVar[dict[str, str]] = {"accesses": "100000", "trace_accesses": "100000"}
+    demo: ClassVar[dict[str, str]] = {
+        "accesses": "100000", "trace_accesses": "100000", "seeds": "3"
+    }
+    keys: ClassVar[tuple[str, ...]] = ("workload", "mode", "guest_page", "ept_page", "pwc")
 
     def sources(self, p: NestedOverheadParams) -> Iterator[Source]:
         from ..workloads import make_workload
@@ -175,49 +190,51 @@ class NestedOverhead:
         }
 
     def interpret(self, table: pd.DataFrame, params: NestedOverheadParams) -> list[str]:
-        synthetic = table[table.workload != "trace"] if "trace" in set(table.workload) else table
-        worst = synthetic.groupby("workload").tlb_miss_rate.max().idxmax()
-        rows = table[table.workload == worst]
+        summary = summarize(table, self.keys)
+        synthetic = summary[~summary.workload.str.startswith("trace:")]
+        worst = (synthetic if len(synthetic) else summary).groupby(
+            "workload"
+        ).tlb_miss_rate.max().idxmax()
 
-        def pick(mode: str, guest: str, ept: str, pwc: bool) -> pd.Series:
-            sel = rows[(rows["mode"] == mode) & (rows.guest_page == guest) & (rows.pwc == pwc)]
-            if mode == "nested":
-                sel = sel[sel.ept_page == ept]
-            return sel.iloc[0]
+        def pick(mode: str, guest: str, ept: str, pwc: bool) -> pd.DataFrame:
+            return by_seed(table, workload=worst, mode=mode, guest_page=guest,
+                           ept_page=ept if mode == "nested" else "-", pwc=pwc)
 
         native = pick("native", "4k", "-", False)
         cold = pick("nested", "4k", "4k", False)
         warm = pick("nested", "4k", "4k", True)
-        slower = ratio_text(
-            cold.translation_cycles_per_access, native.translation_cycles_per_access
-        )
-        saved = saved_text(cold.translation_cycles_per_access, warm.translation_cycles_per_access)
+        col = "translation_cycles_per_access"
+        slower = ratio(cold[col], native[col])
         out = [
-            f"On the {worst} workload (TLB miss rate {cold.tlb_miss_rate:.0%}), a nested 4 KiB / "
-            f"4 KiB walk makes {cold.refs_per_walk:.0f} memory references against "
-            f"{native.refs_per_walk:.0f} native, and translation costs "
-            f"{cold.translation_cycles_per_access:.1f} cycles per access against "
-            f"{native.translation_cycles_per_access:.1f} ({slower} as much)."
+            f"On the {worst} workload (TLB miss rate "
+            f"{interval(cold.tlb_miss_rate).scaled(100).text('{:.0f}', '%')}), a nested 4 KiB / "
+            f"4 KiB walk makes {interval(cold.refs_per_walk).text('{:.1f}')} memory references "
+            f"against {interval(native.refs_per_walk).text('{:.1f}')} native, and translation "
+            f"costs {interval(cold[col]).text()} cycles per access against "
+            f"{interval(native[col]).text()} ({times(slower)})."
         ]
+        saved = reduction(cold[col], warm[col]).scaled(100)
         out.append(
             f"Paging-structure caches and the nested TLB cut the references per walk to "
-            f"{warm.refs_per_walk:.1f} and translation to {warm.translation_cycles_per_access:.1f} "
-            f"cycles per access ({saved} less)."
+            f"{interval(warm.refs_per_walk).text()} and translation to "
+            f"{interval(warm[col]).text()} cycles per access ({saved.text('{:.0f}', '%')} less)."
         )
         if "2m" in params.guest_pages and "2m" in params.ept_pages:
             big = pick("nested", "2m", "2m", True)
             out.append(
                 f"With 2 MiB pages in both dimensions the TLB miss rate falls to "
-                f"{big.tlb_miss_rate:.2%} and translation to "
-                f"{big.translation_cycles_per_access:.2f} cycles per access."
+                f"{interval(big.tlb_miss_rate).scaled(100).text('{:.2f}', '%')} and translation "
+                f"to {interval(big[col]).text('{:.2f}')} cycles per access."
             )
         return out
 
     def figures(self, table: pd.DataFrame, params: NestedOverheadParams) -> dict[str, Figure]:
+        summary = summarize(table, self.keys)
         return {
-            "nested-overhead-refs": _bars(table, "refs_per_walk", "memory references per walk"),
-            "nested-overhead-cycles": _bars(table, "cycles_per_access", "cycles per access"),
+            "nested-overhead-refs": _bars(summary, "refs_per_walk", "memory references per walk"),
+            "nested-overhead-cycles": _bars(summary, "cycles_per_access", "cycles per access"),
         }
+
 
 
 def _label(row: pd.Series) -> str:
@@ -227,22 +244,24 @@ def _label(row: pd.Series) -> str:
     return f"{row['mode']} {pages} {'pwc' if row['pwc'] else 'no-pwc'}"
 
 
-def _bars(table: pd.DataFrame, column: str, ylabel: str) -> Figure:
-    workloads = list(dict.fromkeys(table["workload"]))
-    labels = list(dict.fromkeys(table.apply(_label, axis=1)))
+def _bars(summary: pd.DataFrame, column: str, ylabel: str) -> Figure:
+    """Bars of the means over seeds, 95% intervals as error bars."""
+    workloads = list(dict.fromkeys(summary["workload"]))
+    label_of = summary.apply(_label, axis=1)
+    labels = list(dict.fromkeys(label_of))
     figure = Figure(figsize=(max(8, 1.6 * len(workloads)), 4.5))
     ax = figure.subplots()
     width = 0.8 / max(1, len(labels))
     for i, label in enumerate(labels):
         values = []
         for w in workloads:
-            rows = table[(table["workload"] == w) & (table.apply(_label, axis=1) == label)]
-            values.append(float(rows[column].iloc[0]) if len(rows) else 0.0)
-        ax.bar(np.arange(len(workloads)) + i * width, values, width, label=label,
-               color=colormaps["tab20"](i % 20))
+            rows = summary[(summary["workload"] == w) & (label_of == label)]
+            values.append(at(rows.iloc[0], column) if len(rows) else Interval(0.0, 0.0, 0.0, 0))
+        bars(ax, np.arange(len(workloads)) + i * width, values, width, label=label,
+             color=colormaps["tab20"](i % 20))
     ax.set_xticks(np.arange(len(workloads)) + 0.4 - width / 2)
     ax.set_xticklabels([w.replace("trace:", "trace\n") for w in workloads], fontsize=8)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel}: native vs nested, caches, page sizes")
+    ax.set_title(f"{ylabel}: native vs nested, caches, page sizes (mean, 95% interval)")
     ax.legend(fontsize=6, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return figure

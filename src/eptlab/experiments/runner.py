@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # 
 
 from .base import Experiment, Result, Row, apply_overrides, params_dict  # noqa: E402
 from .registry import get  # noqa: E402
+from .seeds import save_summary, seeded_rows, summary_of  # noqa: E402
 
 
 def run(
@@ -53,7 +54,7 @@ def run(
         writer: csv.DictWriter[str] | None = None
         jsonl: TextIO | None = None
         csv_file: TextIO | None = None
-        for row in experiment.rows(params, progress):
+        for row in seeded_rows(experiment, params, progress):
             if writer is None:  # files appear with the first row: bad parameters leave none
                 out.mkdir(parents=True, exist_ok=True)
                 csv_file = opened.enter_context(csv_path.open("w", newline=""))
@@ -70,9 +71,12 @@ def run(
     table = pd.DataFrame(rows)
     parquet = out / f"{name}.parquet"
     table.to_parquet(parquet, index=False)
-    summary = {"experiment": name, "params": params_dict(params), "rows": rows}
+    intervals = summary_of(experiment, table)
+    files += [str(parquet), *save_summary(out, name, intervals)]
+    summary = {"experiment": name, "params": params_dict(params), "rows": rows,
+               "summary": json.loads(intervals.to_json(orient="records"))}
     (out / f"{name}.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
-    files += [str(parquet), str(out / f"{name}.json")]
+    files += [str(out / f"{name}.json")]
     for stem, figure in experiment.figures(table, params).items():
         path = out / f"{stem}.png"
         figure.savefig(path, dpi=110, bbox_inches="tight")

@@ -12,6 +12,7 @@ import pandas as pd
 
 from ..errors import ConfigError
 from ..experiments.base import params_from_dict, records_by
+from ..experiments.intervals import seeds_of, summarize, text_table
 from ..experiments.registry import get
 
 
@@ -47,10 +48,20 @@ def experiment_section(name: str, directory: Path) -> Section:
         title=name,
         question=experiment.question,
         interpretation=interpretation,
-        tables=[("results", table)],
+        tables=[(_summary_caption(table), text_table(summarize(table, experiment.keys)))],
         params=summary["params"],
         figures=sorted(directory.glob("*.png")),
         files=sorted(p for p in directory.iterdir() if p.suffix in (".csv", ".parquet", ".json")),
+    )
+
+
+def _summary_caption(table: pd.DataFrame) -> str:
+    seeds = seeds_of(table)
+    if seeds == 1:
+        return "results (one seed: no intervals)"
+    return (
+        f"results: mean [95% interval] over {seeds} seeds per configuration (a value without "
+        f"brackets was the same in every seed; the row files hold every seed's rows)"
     )
 
 
