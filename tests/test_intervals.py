@@ -16,6 +16,7 @@ from eptlab.experiments.intervals import (
     interval,
     interval_text,
     measured_columns,
+    one_seed_note,
     pick,
     ratio,
     reduction,
@@ -44,7 +45,8 @@ def test_five_values_by_hand() -> None:
     # mean 14, s = sqrt(10), sem = sqrt(2): half-width 2.7764 * 1.4142 = 3.9264
     iv = interval([10, 12, 14, 16, 18])
     assert iv.mean == 14
-    assert (iv.lo, iv.hi) == pytest.approx((14 - T_975_4 * math.sqrt(2), 14 + T_975_4 * math.sqrt(2)))
+    half = T_975_4 * math.sqrt(2)
+    assert (iv.lo, iv.hi) == pytest.approx((14 - half, 14 + half))
     assert iv.hi == pytest.approx(17.9264, abs=1e-4)
 
 
@@ -60,7 +62,10 @@ def test_a_non_negative_quantity_keeps_a_non_negative_interval() -> None:
 def test_one_seed_has_no_interval_and_says_so() -> None:
     iv = interval([3.6])
     assert (iv.lo, iv.mean, iv.hi, iv.n) == (3.6, 3.6, 3.6, 1)
-    assert iv.text("{:.1f}", "x") == "3.6x (one seed, no interval)"
+    assert iv.text("{:.1f}", "x") == "3.6x"
+    one = pd.DataFrame({"seed": [0, 0], "x": [1, 2]})
+    assert "no interval" in one_seed_note(one)[0]
+    assert one_seed_note(one.assign(seed=[0, 1])) == []
 
 
 def test_equal_values_are_exact_and_missing_values_are_left_out() -> None:

@@ -159,7 +159,9 @@ def test_readings_quote_intervals(run: Any) -> None:
     assert "seed" not in shown.columns and "n" in shown.columns
 
 
-def test_json_output_has_rows_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_output_has_rows_and_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = ["run", "cow-fork", "--out", str(tmp_path), "--json", "--set", "seeds=3"]
     for key, value in SMALL["cow-fork"].items():
         args += ["--set", f"{key}={value}"]

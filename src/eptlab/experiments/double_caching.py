@@ -174,7 +174,7 @@ class DoubleCaching:
             out.append(
                 f"Reading {params.file_mib} MiB into a cold guest cache took {rate} EPT "
                 f"violations per MiB ({disk}) for {iv(cold[0][1], 'guest_pages_allocated')} new "
-                f"page-cache pages: {verdict} ({sources})."
+                f"page-cache pages, {verdict} ({sources})."
             )
         dropped, reported = runs("warm", "dropped"), runs("warm", "dropped-reported")
         if dropped is not None:

@@ -61,9 +61,8 @@ class Interval:
         return Interval(self.mean * factor, low, high, self.n)
 
     def text(self, fmt: str = "{:,.1f}", unit: str = "") -> str:
-        """``"3.6x [3.4, 3.8]"``; ``"12"`` when every seed agreed; marked when ``n == 1``."""
-        if self.n == 1:
-            return f"{fmt.format(self.mean)}{unit} (one seed, no interval)"
+        """``"3.6x [3.4, 3.8]"``; just ``"12"`` when every seed agreed, or with one seed (a
+        reading says once that one seed has no interval: :func:`one_seed_note`)."""
         if self.exact:
             return f"{fmt.format(self.mean)}{unit}"
         return interval_text(self.lo, self.mean, self.hi, fmt, unit)
@@ -87,6 +86,14 @@ def interval(values: Iterable[Any], level: float = LEVEL, *, clip: bool = True) 
     half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
     low = max(mean - half, 0.0) if clip and x.min() >= 0 else mean - half
     return Interval(mean, low, mean + half, n)
+
+
+def one_seed_note(table: pd.DataFrame) -> list[str]:
+    """The sentence a reading of a one-seed table ends with (none for several seeds)."""
+    if seeds_of(table) != 1:
+        return []
+    return ["One seed was run: the numbers above are single values with no interval (run "
+            "with seeds >= 2 for intervals)."]
 
 
 def interval_text(lo: float, mean: float, hi: float, fmt: str = "{:,.1f}", unit: str = "") -> str:

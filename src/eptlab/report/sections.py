@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..errors import ConfigError
 from ..experiments.base import params_from_dict, records_by
-from ..experiments.intervals import seeds_of, summarize, text_table
+from ..experiments.intervals import one_seed_note, seeds_of, summarize, text_table
 from ..experiments.registry import get
 
 
@@ -39,7 +39,7 @@ def experiment_section(name: str, directory: Path) -> Section:
         where = str(directory / f"{name}.json")
         raise ConfigError(where, f"params do not fit {name}: {exc}") from None
     try:
-        interpretation = list(experiment.interpret(table, params))
+        interpretation = list(experiment.interpret(table, params)) + one_seed_note(table)
     except (KeyError, IndexError, ValueError, ZeroDivisionError) as exc:
         # a table too small to say something (e.g. a parameter left a comparison out)
         interpretation = [f"(No interpretation: the table lacks what it compares: {exc}.)"]
