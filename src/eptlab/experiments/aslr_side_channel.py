@@ -287,7 +287,10 @@ class AslrSideChannel:
         "references and cycles?"
     )
     Params: ClassVar[type] = AslrSideChannelParams
-    demo: ClassVar[dict[str, str]] = {"trials": "40", "seeds": "3"}
+    demo: ClassVar[dict[str, str]] = {
+        "trials": "12", "footprint_mib": "64", "accesses": "30000", "warmup": "10000",
+        "seeds": "3",
+    }
     keys: ClassVar[tuple[str, ...]] = (
         "policy", "ept_page", "target", "channel", "llc_sets", "index_bits", "noise",
         "observations", "trials",

@@ -78,7 +78,7 @@ class DoubleCaching:
     )
     Params: ClassVar[type] = DoubleCachingParams
     demo: ClassVar[dict[str, str]] = {
-        "files": "2", "file_mib": "4", "guest_mib": "128", "seeds": "3"
+        "files": "2", "file_mib": "2", "guest_mib": "96", "disks": "hdd", "seeds": "3"
     }
     keys: ClassVar[tuple[str, ...]] = ("disk", "host_cache", "guest_cache", "file_mib")
 

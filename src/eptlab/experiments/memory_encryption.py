@@ -121,10 +121,10 @@ class MemoryEncryption:
     )
     Params: ClassVar[type] = MemoryEncryptionParams
     demo: ClassVar[dict[str, str]] = {
-        "accesses": "30000",
-        "warmup": "30000",
+        "accesses": "10000",
+        "warmup": "10000",
         "llc_mib": "2,32",
-        "random_footprints_mib": "64,8192",
+        "random_footprints_mib": "64,2048",
         "seeds": "3",
     }
     keys: ClassVar[tuple[str, ...]] = (

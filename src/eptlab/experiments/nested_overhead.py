@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from itertools import product
 from pathlib import Path
 from typing import ClassVar
@@ -62,6 +63,17 @@ class NestedOverheadParams:
     seed: int = 0
 
 
+@cache
+def _recorded(command: tuple[str, ...]) -> Path:
+    """Record ``command`` under lackey once per process: the trace does not depend on the seed,
+    and recording it takes far longer than replaying it (about 25 s of CPU for ``ls``)."""
+    from ..traces import record
+
+    path = Path(tempfile.mkdtemp(prefix="eptlab-")) / "trace.ept"
+    record(list(command), path, stdout=subprocess.DEVNULL)
+    return path
+
+
 def without_pwc() -> TlbConfig:
     """The default TLBs with every paging-structure cache and the nested TLB turned off."""
     off = Assoc(0, 1)
@@ -89,9 +101,7 @@ class NestedOverhead:
         "paging-structure caches, the nested TLB and large pages take back?"
     )
     Params: ClassVar[type] = NestedOverheadParams
-    demo: ClassVar[dict[str, str]] = {
-        "accesses": "100000", "trace_accesses": "100000", "seeds": "3"
-    }
+    demo: ClassVar[dict[str, str]] = {"accesses": "30000", "trace_accesses": "30000", "seeds": "3"}
     keys: ClassVar[tuple[str, ...]] = ("workload", "mode", "guest_page", "ept_page", "pwc")
 
     def sources(self, p: NestedOverheadParams) -> Iterator[Source]:
@@ -108,15 +118,14 @@ class NestedOverhead:
             yield trace
 
     def _trace(self, p: NestedOverheadParams) -> Source | None:
-        from ..traces import open_trace, record
+        from ..traces import open_trace
 
         if p.trace == "":
             return None
         if p.trace == "auto":
             if shutil.which("valgrind") is None:
                 return None
-            path = Path(tempfile.mkdtemp(prefix="eptlab-")) / "ls.ept"
-            record(list(TRACE_COMMAND), path, stdout=subprocess.DEVNULL)
+            path = _recorded(TRACE_COMMAND)
             name = "trace:" + " ".join(TRACE_COMMAND)
         else:
             path, name = Path(p.trace), f"trace:{Path(p.trace).name}"
