@@ -288,7 +288,7 @@ class AslrSideChannel:
     )
     Params: ClassVar[type] = AslrSideChannelParams
     demo: ClassVar[dict[str, str]] = {
-        "trials": "12", "footprint_mib": "64", "accesses": "30000", "warmup": "10000",
+        "trials": "12", "footprint_mib": "32", "accesses": "30000", "warmup": "10000",
         "seeds": "3",
     }
     keys: ClassVar[tuple[str, ...]] = (

@@ -57,7 +57,7 @@ class CowFork:
         "mappings (copy the 2 MiB, or split first) change it?"
     )
     Params: ClassVar[type] = CowForkParams
-    demo: ClassVar[dict[str, str]] = {"guest_mibs": "16,32", "clones": "1,3", "seeds": "3"}
+    demo: ClassVar[dict[str, str]] = {"guest_mibs": "16,32", "clones": "1,2", "seeds": "3"}
     keys: ClassVar[tuple[str, ...]] = ("guest_mib", "clones", "granularity")
 
     def rows(self, params: CowForkParams, progress: Progress) -> Iterator[Row]:

@@ -189,7 +189,9 @@ class IntegrityMonitor:
         "whole kernel, or log with PML), and which of them detect and prevent malicious writes?"
     )
     Params: ClassVar[type] = IntegrityMonitorParams
-    demo: ClassVar[dict[str, str]] = {"accesses": "100000", "period": "25000", "seeds": "3"}
+    demo: ClassVar[dict[str, str]] = {
+        "accesses": "60000", "warmup": "10000", "period": "20000", "code_mib": "8", "seeds": "3"
+    }
     keys: ClassVar[tuple[str, ...]] = ("mode",)
 
     def rows(self, params: IntegrityMonitorParams, progress: Progress) -> Iterator[Row]:

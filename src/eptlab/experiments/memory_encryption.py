@@ -121,8 +121,8 @@ class MemoryEncryption:
     )
     Params: ClassVar[type] = MemoryEncryptionParams
     demo: ClassVar[dict[str, str]] = {
-        "accesses": "10000",
-        "warmup": "10000",
+        "accesses": "6000",
+        "warmup": "6000",
         "llc_mib": "2,32",
         "random_footprints_mib": "64,2048",
         "seeds": "3",

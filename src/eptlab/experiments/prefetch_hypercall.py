@@ -83,7 +83,7 @@ class PrefetchHypercall:
         "vCPUs remapping pages meanwhile, and does the protocol keep accesses off freed frames?"
     )
     Params: ClassVar[type] = PrefetchHypercallParams
-    demo: ClassVar[dict[str, str]] = {"accesses": "4000", "footprint_mib": "4", "seeds": "3"}
+    demo: ClassVar[dict[str, str]] = {"accesses": "3000", "footprint_mib": "4", "seeds": "3"}
     keys: ClassVar[tuple[str, ...]] = ("hint", "vcpus", "protocol")
 
     def scenario(self, p: PrefetchHypercallParams, hint: bool, vcpus: int) -> Scenario:

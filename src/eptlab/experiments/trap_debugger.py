@@ -271,7 +271,7 @@ class TrapDebugger:
     )
     Params: ClassVar[type] = TrapDebuggerParams
     demo: ClassVar[dict[str, str]] = {
-        "accesses": "30000", "periods": "1000,30000", "seeds": "3"
+        "accesses": "20000", "periods": "1000,20000", "seeds": "3"
     }
     keys: ClassVar[tuple[str, ...]] = ("config", "mode", "resume", "trap_fraction", "period")
 

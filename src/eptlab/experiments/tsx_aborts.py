@@ -74,7 +74,7 @@ class TsxAborts:
         "logging, does the abort rate follow the EPT-violation rate, and does pre-faulting help?"
     )
     Params: ClassVar[type] = TsxAbortsParams
-    demo: ClassVar[dict[str, str]] = {"sections": "60", "region_pages": "512", "seeds": "3"}
+    demo: ClassVar[dict[str, str]] = {"sections": "40", "region_pages": "512", "seeds": "3"}
     keys: ClassVar[tuple[str, ...]] = ("scenario", "mitigation", "vcpus")
 
     def configurations(self, p: TsxAbortsParams) -> list[Scenario]:
