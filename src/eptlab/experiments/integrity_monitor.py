@@ -65,7 +65,7 @@ from ..guest import KernelImage
 from ..hv.costs import VMEXIT_CYCLES
 from ..hv.guest_runner import RunReport
 from .base import Progress, Row
-from .intervals import bars, by_seed, column, interval, seeds_of, summarize, verdict, yerr
+from .intervals import OVERLAP, bars, by_seed, column, interval, seeds_of, summarize, verdict, yerr
 
 WARMUP_SEED = 1 << 20  # the warm-up stream's seed is the run's seed plus this
 
@@ -244,7 +244,7 @@ class IntegrityMonitor:
                 f"exits ({iv('trap-code', 'overhead_cycles_pct', '{:.1f}', '%')} cycles) against "
                 f"{iv('trap-all', 'vm_exits')} "
                 f"({iv('trap-all', 'overhead_cycles_pct', '{:.0f}', '%')}) for trapping every "
-                f"write ({fewer}); they detect "
+                f"write{f' ({fewer})' if fewer == OVERLAP else ''}; they detect "
                 f"{iv('trap-code', 'detected')} and {iv('trap-all', 'detected')} of the "
                 f"{iv('trap-code', 'malicious_writes')} malicious writes and prevent "
                 f"{iv('trap-code', 'prevented')} and {iv('trap-all', 'prevented')}."

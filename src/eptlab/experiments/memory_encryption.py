@@ -253,7 +253,7 @@ class MemoryEncryption:
         lead = {
             "higher": "The cost concentrates in two-dimensional walks",
             "lower": "Here two-dimensional walks do not add to the cost",
-            "overlap": f"Two-dimensional walks: {OVERLAP}",
+            "overlap": f"Two-dimensional walks make {OVERLAP} to the cost",
         }[how]
         out.append(
             f"{lead}: on {worst.workload} over {worst.footprint_mib} MiB with a "
@@ -278,7 +278,7 @@ class MemoryEncryption:
                 if lines == "lower" and share == "lower"
                 else "A larger LLC removes walk reads"
                 if lines == "lower"
-                else f"A larger LLC and walk reads: {OVERLAP}"
+                else f"A larger LLC makes {OVERLAP} to walk reads"
                 if lines == "overlap"
                 else "A larger LLC does not remove walk reads here"
             )

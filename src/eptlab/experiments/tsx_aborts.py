@@ -44,7 +44,7 @@ from ..apps.tsx import LAZY_SCENARIOS, MITIGATIONS, SCENARIOS, Outcome, Scenario
 from ..errors import ConfigError
 from ..mmu.rtm import EXIT_CAUSES
 from .base import Progress, Row
-from .intervals import at, by_seed, column, interval, seeds_of, summarize, verdict, yerr
+from .intervals import OVERLAP, at, by_seed, column, interval, seeds_of, summarize, verdict, yerr
 
 
 @dataclass(frozen=True)
@@ -206,8 +206,9 @@ class TsxAborts:
             out.append(
                 f"Dirty logging with PML costs {interval(pml.aborts).text('{:,.0f}')} abort(s) "
                 f"({', '.join(_causes(pml.aborts_by_cause)) or 'none'}) against "
-                f"{interval(wp.aborts).text('{:,.0f}')} with write protection ({fewer}; logging "
-                f"rounds run between critical sections here)."
+                f"{interval(wp.aborts).text('{:,.0f}')} with write protection ("
+                + (f"{fewer}; " if fewer == OVERLAP else "")
+                + "logging rounds run between critical sections here)."
             )
         kinds = ("timer", "conflict", "capacity")
         others = table[table.scenario.isin(kinds) & (table.aborts > 0)]
