@@ -4,6 +4,7 @@ the ``eptlab kvm`` command's JSON contract."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -103,13 +104,17 @@ def test_trap_rotation_detects_nothing_untrapped_and_everything_trapped() -> Non
 
 
 @pytest.mark.kvm
-def test_cli_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_json_contract(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # files go to out/kvm-fork, as eptlab run kvm-fork writes them
     assert main(["kvm", "fork", "--set", "guest_mibs=16", "--set", "pages=4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["command"] == "fork" and out["params"]["pages"] == 4
     row = out["rows"][0]
     assert {"guest_mib", "fork_ms", "isolated", "pages_written",
             "private_mib_after_writes", "kvm_module", "tdp"} <= set(row)
+    assert (tmp_path / "out" / "kvm-fork" / "kvm-fork.parquet").exists()
 
 
 @pytest.mark.kvm
@@ -143,10 +148,11 @@ def test_applications_release_every_fd_and_mapping() -> None:
 
 @pytest.mark.kvm
 def test_cli_crosscheck_exits_1_when_the_engines_disagree(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     import dataclasses
 
+    monkeypatch.chdir(tmp_path)  # the shortcut writes out/kvm-crosscheck like eptlab run
     from eptlab.kvm import sim
 
     real = sim.dirty_log_pml
@@ -158,7 +164,8 @@ def test_cli_crosscheck_exits_1_when_the_engines_disagree(
         return dataclasses.replace(out, dirty=[first, *out.dirty[1:]])
 
     monkeypatch.setattr(sim, "dirty_log_pml", drops_a_page)
-    args = ["--set", "memory_mib=8", "--set", "pages=8", "--set", "rounds=2", "--set", "clones=1"]
+    args = ["--set", "memory_mib=8", "--set", "pages=8", "--set", "rounds=2", "--set", "clones=1",
+            "--set", "tsx=false"]
     assert main(["kvm", "crosscheck", *args, "--json"]) == 1
     rows = json.loads(capsys.readouterr().out)["rows"]
     failed = [r for r in rows if not r["equal"]]

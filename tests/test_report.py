@@ -102,20 +102,15 @@ def test_report_screenshot_in_headless_chromium(out: Path, tmp_path: Path) -> No
 
 @pytest.mark.kvm
 def test_kvm_section_reads_the_kvm_results(tmp_path: Path) -> None:
-    from eptlab.kvm.results import run_app, save
     from eptlab.report.sections import kvm_section
 
-    for name, overrides in (("crosscheck", {"pages": "16", "rounds": "1", "clones": "1"}),
-                            ("dirty-log", {"pages": "32", "rounds": "1"})):
-        params, rows = run_app(name, overrides)
-        save(tmp_path / "kvm", name, params, rows)
-    from eptlab.kvm.results import summary_figure
-
-    png = summary_figure(tmp_path / "kvm")
-    assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
-    section = kvm_section(tmp_path / "kvm")
-    assert section.figures == [png]
-    cross = dict(section.tables)["eptlab kvm crosscheck"]
+    for name, overrides in (("kvm-crosscheck", {"pages": "16", "rounds": "1", "clones": "1",
+                                                "tsx": "false"}),
+                            ("kvm-dirty-log", {"pages": "32", "rounds": "1"})):
+        runner.run(name, overrides, tmp_path / name, show_progress=False)
+    section = kvm_section(tmp_path)
+    assert section.figures == sorted(tmp_path.glob("kvm-*/*.png")) and len(section.figures) == 2
+    cross = dict(section.tables)["eptlab run kvm-crosscheck"]
     assert f"{int(cross.equal.sum())} of {len(cross)} cross-checks agree" in " ".join(
         section.interpretation
     )
@@ -148,16 +143,16 @@ def test_flavour_sentence_reads_tdp_from_a_table(tdp: bool | None, words: str) -
 def test_broken_result_files_are_named_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    kvm = tmp_path / "kvm"
+    kvm = tmp_path / "kvm-fork"
     kvm.mkdir()
-    (kvm / "fork.json").write_text('{"command": "fork", "params": {}, "rows": [')
+    (kvm / "kvm-fork.json").write_text('{"command": "fork", "params": {}, "rows": [')
     assert main(["report", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{kvm / 'fork.json'}: not a readable results file" in err
-    (kvm / "fork.json").write_text('{"command": "fork", "params": {}, "rows": []}')
+    assert err.count("\n") == 1 and f"{kvm / 'kvm-fork.json'}: not a readable results file" in err
+    (kvm / "kvm-fork.json").write_text('{"command": "fork", "params": {}, "rows": []}')
     assert main(["report", "--out", str(tmp_path)]) == 1
     assert "no KVM application result has any row" in capsys.readouterr().err
-    (kvm / "fork.json").unlink()
+    (kvm / "kvm-fork.json").unlink()
     broken = tmp_path / "prefetch-hypercall"
     broken.mkdir()
     (broken / "prefetch-hypercall.json").write_text('{"params": {"no_such": 1}}')

@@ -91,6 +91,15 @@ class KvmUnavailable(EptlabError):
     """/dev/kvm does not open here (not Linux, no KVM module, or no permission)."""
 
 
+class RtmUnavailable(EptlabError):
+    """This processor cannot run Intel TSX transactions (CPUID.7.0:EBX bit 11 clear, or every
+    trivial transaction aborts: TSX disabled), or the probe cannot be built. The CLI exits with
+    status :data:`RTM_UNAVAILABLE_STATUS` (3) for it."""
+
+
+RTM_UNAVAILABLE_STATUS = 3
+
+
 class WatchdogUnavailable(EptlabError):
     """The KVM watchdog cannot stop a vCPU in this thread: the signal that interrupts
     ``KVM_RUN`` has no Python handler, and only the main thread can install one."""

@@ -1,5 +1,6 @@
 """The ``eptlab`` command. ``main(argv) -> int`` is the one place that turns errors into a
-message and an exit status: 2 for bad arguments, 1 for other eptlab errors."""
+message and an exit status: 2 for bad arguments, 3 where this processor has no usable RTM (an
+experiment that needs it reports itself unavailable), 1 for other eptlab errors."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 
 import typer
 
-from ..errors import EptlabError
+from ..errors import RTM_UNAVAILABLE_STATUS, EptlabError, RtmUnavailable
 from .app import app
 
 
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.Exit as exc:
         return int(exc.exit_code)
+    except RtmUnavailable as exc:
+        print(f"eptlab: unavailable: {exc}", file=sys.stderr)
+        return RTM_UNAVAILABLE_STATUS
     except EptlabError as exc:
         print(f"eptlab: error: {exc}", file=sys.stderr)
         return 1

@@ -97,7 +97,7 @@ def demo(
     if experiments:
         failed += run_all(out, console, only)
     if kvm and not only:
-        failed += run_kvm(out / "kvm", console)
+        failed += run_kvm(out, console)
     report = build_report(out)
     console.print(f"[bold]report:[/] {report}")
     if failed:
@@ -131,30 +131,27 @@ def run_all(out: Path, console: Console, only: list[str] | None = None) -> list[
 
 
 def run_kvm(out: Path, console: Console) -> list[str]:
-    """The KVM applications on their defaults, when /dev/kvm opens (a few seconds). Returns
-    the applications that failed (left out of the report)."""
-    from ..kvm.results import names, run_app, save, unavailable
+    """The KVM experiments (``kvm-*``) at their demo scale into ``out/kvm-NAME``, when /dev/kvm
+    opens. Returns the experiments that failed (left out of the report)."""
+    from ..experiments import get, runner
+    from ..experiments.registry import kvm_names
+    from ..kvm.results import unavailable
 
     why = unavailable()
     if why is not None:
-        console.print(f"[yellow]KVM applications skipped:[/] {why}")
+        console.print(f"[yellow]KVM experiments skipped:[/] {why}")
         return []
     failed = []
-    for name in names():
-        console.print(f"kvm {name} ...")
+    for name in kvm_names():
+        console.print(f"{name} ...")
         try:
-            params, rows = run_app(name)
+            runner.run(name, dict(get(name).demo), out / name, show_progress=False)
         except EptlabError as exc:
-            console.print(f"[red]kvm {name} failed:[/] {exc}")
-            (out / f"{name}.json").unlink(missing_ok=True)
-            failed.append(f"kvm {name}")
-            continue
-        save(out, name, params, rows)
-    if len(failed) < len(names()):
-        from ..kvm.results import summary_figure
+            console.print(f"[red]{name} failed:[/] {exc}")
+            (out / name / f"{name}.json").unlink(missing_ok=True)
+            failed.append(name)
+    if len(failed) < len(kvm_names()):
         from ..report.sections import kvm_section
-
-        summary_figure(out)
 
         for sentence in kvm_section(out).interpretation:
             console.print(f"  [dim]-[/] {sentence}")

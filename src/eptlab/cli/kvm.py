@@ -1,4 +1,5 @@
-"""``eptlab kvm NAME``: the applications on real hardware (/dev/kvm), and ``eptlab kvm info``."""
+"""``eptlab kvm NAME``: the applications on real hardware (/dev/kvm), shortcuts of ``eptlab run
+kvm-NAME`` (files in out/kvm-NAME), and ``eptlab kvm info``."""
 
 from __future__ import annotations
 
@@ -20,30 +21,11 @@ SetOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print {command, params, rows}.")]
 
 
-def run_app(name: str, sets: list[str] | None, as_json: bool) -> int:
-    """Run one application; a crosscheck that disagrees exits with status 1."""
-    import pandas as pd
-
-    from ..kvm.results import run_app as run
-    from .experiments import parse_sets
-
-    try:
-        params, rows = run(name, parse_sets(sets or []))
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--set") from None
-    if as_json:
-        typer.echo(json.dumps({"command": name, "params": params, "rows": rows}))
-    else:
-        typer.echo(pd.DataFrame(rows).to_string(index=False))
-    failed = name == "crosscheck" and not all(r["equal"] for r in rows)
-    return 1 if failed else 0
-
-
 def _command(name: str, doc: str) -> None:
     def command(set_: SetOption = None, as_json: JsonOption = False) -> int:
-        return run_app(name, set_, as_json)
+        return run_experiment(name, set_, as_json)
 
-    command.__doc__ = doc
+    command.__doc__ = doc + f" (= eptlab run kvm-{name})"
     kvm_app.command(name)(command)
 
 
@@ -51,7 +33,31 @@ _command("fork", "Copy-on-write snapshot and fork of a VM (memfd, MAP_PRIVATE cl
 _command("dirty-log", "Dirty bitmap and dirty ring against trapping every write.")
 _command("prefetch", "Populating a hinted range ahead of the guest against demand faults.")
 _command("trap-rotation", "Rotating write traps over sampled memory to catch wild writes.")
-_command("crosscheck", "The same access patterns through the simulator and KVM, compared.")
+
+
+def run_experiment(name: str, sets: list[str] | None, as_json: bool) -> int:
+    """``eptlab kvm NAME`` as a shortcut of ``eptlab run kvm-NAME`` (files in out/kvm-NAME)."""
+    from ..experiments import runner
+    from .experiments import parse_sets
+
+    try:
+        result = runner.run(f"kvm-{name}", parse_sets(sets or []), show_progress=not as_json)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
+    if as_json:
+        rows = json.loads(result.table.to_json(orient="records"))
+        typer.echo(json.dumps({"command": name, "params": result.params, "rows": rows}))
+    else:
+        typer.echo(result.table.to_string(index=False))
+    failed = name == "crosscheck" and not bool(result.table.equal.all())
+    return 1 if failed else 0
+
+
+@kvm_app.command("tsx")
+def tsx(set_: SetOption = None, as_json: JsonOption = False) -> int:
+    """RTM transactions in a guest (and in-process) under lazy, pre-faulted, dirty-logged and
+    read-only memory: aborts by EAX status bit, the capacity limit (= eptlab run kvm-tsx)."""
+    return run_experiment("tsx", set_, as_json)
 
 
 @kvm_app.command("info")
@@ -70,3 +76,10 @@ def info(as_json: JsonOption = False) -> int:
         for key, value in out.items():
             typer.echo(f"{key}: {value}")
     return 0
+
+
+@kvm_app.command("crosscheck")
+def crosscheck(set_: SetOption = None, as_json: JsonOption = False) -> int:
+    """The same access patterns and transaction streams through the simulator and KVM,
+    compared; exit status 1 when a row differs (= eptlab run kvm-crosscheck)."""
+    return run_experiment("crosscheck", set_, as_json)

@@ -18,6 +18,12 @@ _EXPERIMENTS = {
     "trap-debugger": "eptlab.experiments.trap_debugger:TrapDebugger",
     "tsx-aborts": "eptlab.experiments.tsx_aborts:TsxAborts",
     "memory-encryption": "eptlab.experiments.memory_encryption:MemoryEncryption",
+    "kvm-fork": "eptlab.experiments.kvm_apps:KvmFork",
+    "kvm-dirty-log": "eptlab.experiments.kvm_apps:KvmDirtyLog",
+    "kvm-prefetch": "eptlab.experiments.kvm_apps:KvmPrefetch",
+    "kvm-trap-rotation": "eptlab.experiments.kvm_apps:KvmTrapRotation",
+    "kvm-tsx": "eptlab.experiments.kvm_tsx:KvmTsx",
+    "kvm-crosscheck": "eptlab.experiments.kvm_crosscheck:KvmCrosscheck",
 }
 
 
@@ -27,8 +33,17 @@ def _load(spec: str) -> Any:
 
 
 def names() -> list[str]:
-    """Experiment names in the order they are listed (and reported)."""
-    return list(_EXPERIMENTS)
+    """The simulated experiments' names in the order they are listed (and reported); the
+    KVM ones (:func:`kvm_names`) need /dev/kvm and are reported in a section of their own."""
+    return [name for name in _EXPERIMENTS if not name.startswith(KVM_PREFIX)]
+
+
+KVM_PREFIX = "kvm-"
+
+
+def kvm_names() -> list[str]:
+    """The experiments measured on real KVM (``kvm-*``), in order."""
+    return [name for name in _EXPERIMENTS if name.startswith(KVM_PREFIX)]
 
 
 def experiments() -> dict[str, Any]:

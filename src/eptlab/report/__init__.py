@@ -12,7 +12,7 @@ from .sections import Section, experiment_section, kvm_section, walks_section
 
 def collect(out: Path, experiments: list[str] | None = None) -> list[Section]:
     """Sections for the walk tour, every experiment that has results under ``out``, and the
-    KVM applications' results (``out/kvm``)."""
+    KVM experiments' results (``out/kvm-*``) in one section."""
     sections = []
     if (out / "walks.json").exists():
         sections.append(walks_section(out / "walks.json"))
@@ -20,8 +20,8 @@ def collect(out: Path, experiments: list[str] | None = None) -> list[Section]:
         directory = out / name
         if (directory / f"{name}.json").exists() and (directory / f"{name}.parquet").exists():
             sections.append(experiment_section(name, directory))
-    if list((out / "kvm").glob("*.json")):
-        sections.append(kvm_section(out / "kvm"))
+    if list(out.glob("kvm-*/kvm-*.json")):
+        sections.append(kvm_section(out))
     return sections
 
 

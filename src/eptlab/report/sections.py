@@ -126,14 +126,16 @@ def _outcome(outcome: Any) -> str:
 
 KVM_QUESTION = (
     "What does real KVM do with the same questions: VM fork by copy-on-write, dirty logging "
-    "against trapping every write, populating a hinted range, rotating write traps, and do the "
-    "simulator and KVM agree where both can answer?"
+    "against trapping every write, populating a hinted range, rotating write traps, TSX aborts "
+    "on real RTM, and do the simulator and KVM agree where both can answer?"
 )
 
 
 def kvm_section(directory: Path) -> Section:
-    """The KVM applications' results (``OUT/kvm/NAME.json`` as ``eptlab demo`` saves them)."""
-    results = {p.stem: read_json(p, "params", "rows") for p in sorted(directory.glob("*.json"))}
+    """The KVM experiments' results (``OUT/kvm-NAME/kvm-NAME.json`` as ``eptlab run`` writes
+    them), keyed by ``NAME``."""
+    paths = sorted(directory.glob("kvm-*/kvm-*.json"))
+    results = {p.stem.removeprefix("kvm-"): read_json(p, "params", "rows") for p in paths}
     tables = {name: pd.DataFrame(r["rows"]) for name, r in results.items() if r["rows"]}
     if not tables:
         raise ConfigError(str(directory), "no KVM application result has any row")
@@ -173,15 +175,20 @@ def kvm_section(directory: Path) -> Section:
                 f"guest's cycles per page from {p.loc['demand', 'cycles_per_page']:,.0f} to "
                 f"{p.loc['prefault', 'cycles_per_page']:,.0f}."
             )
+    if "tsx" in tables:
+        from ..experiments.kvm_tsx import KvmTsx, KvmTsxParams
+
+        reading += KvmTsx().interpret(tables["tsx"], KvmTsxParams())
     return Section(
         key="kvm",
         title="on real hardware (KVM)",
         question=KVM_QUESTION,
         interpretation=reading,
-        tables=[(f"eptlab kvm {name}", table) for name, table in tables.items()],
+        tables=[(f"eptlab run kvm-{name}", table) for name, table in tables.items()],
         params={name: _compact(r["params"]) for name, r in results.items()},
-        figures=sorted(directory.glob("*.png")),
-        files=sorted(p for p in directory.iterdir() if p.suffix in (".csv", ".parquet", ".json")),
+        figures=sorted(directory.glob("kvm-*/*.png")),
+        files=sorted(p for p in directory.glob("kvm-*/kvm-*.*")
+                     if p.suffix in (".csv", ".parquet", ".json")),
     )
 
 
