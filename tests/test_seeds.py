@@ -74,6 +74,34 @@ def test_the_driver_runs_every_seed_with_one_progress_bar() -> None:
     assert seen[-1] == (12, 12) and [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
+@dataclass(frozen=True)
+class OnceParams:
+    steps: int = 2
+    seed: int = 4
+
+
+class Inside(Toy):
+    seeds_inside: ClassVar[bool] = True
+
+    def rows(self, params: ToyParams, progress: Progress) -> Iterator[Row]:  # type: ignore[override]
+        for seed in range(params.seed, params.seed + params.seeds):
+            yield {"step": 0, "seed": seed, "value": seed}
+
+
+def test_experiments_without_seeds_or_looping_seeds_themselves_run_once() -> None:
+    rows = list(seeded_rows(Toy(), OnceParams(), lambda d, t: None))  # type: ignore[arg-type]
+    assert [r["seed"] for r in rows] == [4, 4] and list(rows[0]) == ["seed", "step", "value"]
+    rows = list(seeded_rows(Inside(), ToyParams(seeds=2), lambda d, t: None))  # type: ignore[arg-type]
+    assert [(r["seed"], r["value"]) for r in rows] == [(10, 10), (11, 11)]
+
+
+def test_every_registered_experiment_declares_its_keys() -> None:
+    from eptlab.experiments.registry import experiments
+
+    for name, cls in experiments().items():
+        assert isinstance(cls.keys, tuple) and cls.keys, name
+
+
 def test_seed_counts_are_checked() -> None:
     assert seed_list(ToyParams(seeds=2, seed=7)) == [7, 8]
     with pytest.raises(ConfigError, match="seeds"):

@@ -31,7 +31,19 @@ def seed_list(params: Any) -> list[int]:
 
 def seeded_rows(experiment: Experiment, params: Any, progress: Progress) -> Iterator[Row]:
     """Every row of ``experiment`` for each seed of ``params``, with its ``seed`` first; the
-    progress of all seeds as one bar (each seed's share sized by the first seed's total)."""
+    progress of all seeds as one bar (each seed's share sized by the first seed's total).
+
+    Two kinds of experiment run once instead: one that loops over its seeds itself
+    (``seeds_inside = True``: kvm-tsx, whose rows carry their seed), and one whose parameters
+    have no ``seeds`` (the KVM applications, parameters of :mod:`eptlab.kvm.apps`): its rows get
+    ``seed`` = its ``seed`` parameter (0 without one)."""
+    if getattr(experiment, "seeds_inside", False) or "seeds" not in {
+        f.name for f in fields(params)
+    }:
+        base = getattr(params, "seed", 0)
+        for row in experiment.rows(params, progress):
+            yield {SEED: row.get(SEED, base)} | {k: v for k, v in row.items() if k != SEED}
+        return
     seeds = seed_list(params)
     per_seed = 0
     for i, seed in enumerate(seeds):
