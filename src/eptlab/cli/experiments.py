@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import ConfigError
+from .costs import ProfileOption
 
 
 def list_experiments() -> int:
@@ -43,25 +44,36 @@ def run_experiment(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default out/NAME).")] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print {experiment, params, rows, summary}.")
+        bool, typer.Option("--json", help="Print {experiment, params, profile, rows, summary}.")
     ] = False,
+    profile: ProfileOption = None,
 ) -> int:
     """Run one experiment (every seed): progress bar, then CSV, Parquet, JSON and PNG files in
     OUT; prints the mean and 95% interval of each configuration."""
+    from ..costs import load_profile
     from ..experiments import get, runner
     from ..experiments.intervals import summarize, text_table
 
     overrides = parse_sets(set_ or [])
+    costs = load_profile(profile)
     try:
-        result = runner.run(name, overrides, out, show_progress=not as_json)
+        result = runner.run(name, overrides, out, show_progress=not as_json, profile=costs)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     summary = summarize(result.table, get(name).keys)
     if as_json:
         rows = json.loads(result.table.to_json(orient="records"))
-        means = json.loads(summary.to_json(orient="records"))
-        typer.echo(json.dumps({"experiment": result.experiment, "params": result.params,
-                               "rows": rows, "summary": means}))
+        typer.echo(
+            json.dumps(
+                {
+                    "experiment": result.experiment,
+                    "params": result.params,
+                    "profile": costs.summary(),
+                    "rows": rows,
+                    "summary": json.loads(summary.to_json(orient="records")),
+                }
+            )
+        )
     else:
         console = Console(width=160)
         console.print(text_table(summary).to_string(index=False))

@@ -69,8 +69,8 @@ from ..guest import GuestKernel
 from ..hv import Run
 from ..mmu.config import CacheConfig
 from ..traces.model import TraceChunk
-from ..workloads import make_workload
-from .base import Progress, Row
+from ..workloads import WORKLOADS, make_workload
+from .base import Progress, Row, check_choices
 from .intervals import (
     OVERLAP,
     bars,
@@ -92,6 +92,12 @@ _2M = int(PageSize.SIZE_2M)
 
 @dataclass(frozen=True)
 class AslrSideChannelParams:
+    def validate(self) -> None:
+        """See :func:`check` (before anything runs)."""
+        check_choices("workload", self.workload, WORKLOADS)
+        check_choices("policies", self.policies, LAYOUTS)
+        check(self)
+
     policies: tuple[str, ...] = LAYOUTS
     targets: tuple[str, ...] = ("4k", "2m")
     secret_bits: int = 12

@@ -8,10 +8,10 @@ pages, the whole 2 MiB, or splits the mapping and copies 4 KiB).
 
 Columns: guest_mib, clones, granularity (4k, 2m-copy, 2m-split), pages_written (all clones),
 cow_faults, pages_copied (4 KiB pages of data copied), splits, fork_cycles (cost model: EPT
-entries touched x 20 cycles + INVEPT), fork_ms (wall clock of the fork), cow_cycles (exits +
-copies + INVEPTs of the faults), full_copy_cycles (copying every clone's memory at 8 bytes per
-cycle instead), host_mib_used (host frames referenced after the writes),
-host_mib_full_copy (parent + clones as full copies).
+entries touched x ept_edit_cycles + INVEPT), fork_ms (wall clock of the fork), cow_cycles
+(exits + copies + INVEPTs of the faults), full_copy_cycles (copying every clone's memory at
+copy_bytes_per_cycle instead; prices from the cost profile), host_mib_used (host frames
+referenced after the writes), host_mib_full_copy (parent + clones as full copies).
 """
 
 from __future__ import annotations
@@ -26,22 +26,52 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..apps.cow import ENTRY_CYCLES, CopyOnWrite, copy_cycles
+from ..apps.cow import CopyOnWrite, copy_cycles
 from ..arch.access import Access
 from ..arch.bits import PAGE_SIZE, PageSize
+from ..errors import ConfigError
 from ..hv import Hypervisor, Run
+from ..hv.costs import hv_costs
 from ..mmu.config import MmuConfig
 from ..tables import GuestPageTables
 from ..traces.model import TraceChunk
-from .base import Progress, Row
+from .base import (
+    Progress,
+    Row,
+    check_choices,
+    check_range,
+    check_table_memory,
+    table_bytes,
+)
 from .intervals import bars, by_seed, column, interval, ratio, summarize, times
 
+HOST_MEMORY = 1 << 40
+"""The model host's memory (the Hypervisor's default)."""
 GVA = 0x0000_7000_0000_0000
 TABLE_REGION = 8 << 20  # guest page tables live in the first 8 MiB of guest memory
 
 
 @dataclass(frozen=True)
 class CowForkParams:
+    def validate(self) -> None:
+        """Choices and ranges (before anything runs)."""
+        check_choices("granularities", self.granularities, ("4k", "2m-copy", "2m-split"))
+        check_range("clones", self.clones, 1)
+        check_range("write_fraction", self.write_fraction, 0.0, 1.0)
+        for mib in self.guest_mibs:
+            if mib < 16 or mib % 2:
+                raise ConfigError("guest_mibs", f"{mib} is not a multiple of 2 MiB >= 16 MiB")
+            if mib << 20 > HOST_MEMORY // 2:  # the parent is backed in full, then copies
+                raise ConfigError(
+                    "guest_mibs", f"{mib:,} MiB: at most {HOST_MEMORY >> 21:,} MiB (half the "
+                    f"model host's {HOST_MEMORY >> 30:,} GiB)"
+                )
+            small = {"4k", "2m-split"} & set(self.granularities)
+            leaf = 4096 if small else 2 << 20
+            check_table_memory(
+                "guest_mibs", table_bytes(mib << 20, leaf) * (1 + max(self.clones)), f"{mib:,} MiB"
+            )
+
     guest_mibs: tuple[int, ...] = (64, 256)
     clones: tuple[int, ...] = (1, 4)
     granularities: tuple[str, ...] = ("4k", "2m-copy", "2m-split")
@@ -108,7 +138,7 @@ class CowFork:
             "fork_ms": round(fork_ms, 2),
             "cow_cycles": c.fault_cycles,
             "full_copy_cycles": clones * copy_cycles(memory) + clones * (
-                memory // backing) * ENTRY_CYCLES,
+                memory // backing) * hv_costs().ept_edit,
             "host_mib_used": round(hv.host.live_bytes / (1 << 20), 2),
             "host_mib_full_copy": (clones + 1) * mib,
         }

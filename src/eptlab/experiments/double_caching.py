@@ -45,11 +45,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..apps.disk import DISK_NAMES
 from ..apps.double_caching import GUEST_CACHES, HOST_CACHES, Outcome, Scenario, play
 from ..arch.bits import PAGE_SIZE
 from ..errors import ConfigError
-from ..hv.costs import CYCLES_PER_US
-from .base import Progress, Row
+from ..hv.costs import hv_costs
+from .base import Progress, Row, check_choices
 from .intervals import OVERLAP, Interval, bars, by_seed, interval, pick, summarize
 
 MiB = 1 << 20
@@ -57,6 +58,14 @@ MiB = 1 << 20
 
 @dataclass(frozen=True)
 class DoubleCachingParams:
+    def validate(self) -> None:
+        """Choices and ranges (before anything runs)."""
+        check_choices("host_caches", self.host_caches, HOST_CACHES)
+        check_choices("guest_caches", self.guest_caches, GUEST_CACHES)
+        check_choices("disks", self.disks, DISK_NAMES)
+        check_choices("ept_page", self.ept_page, ("4k", "2m"))
+        DoubleCaching().scenarios(self)
+
     host_caches: tuple[str, ...] = HOST_CACHES
     guest_caches: tuple[str, ...] = GUEST_CACHES
     disks: tuple[str, ...] = ("nvme", "hdd")
@@ -133,7 +142,7 @@ class DoubleCaching:
             "disk_mib": mib(io.disk_blocks),
             "io_ms": round(io.io_us / 1e3, 3),
             "ept_ms": round(o.ept_us / 1e3, 3),
-            "guest_ms": round(o.guest_cycles / CYCLES_PER_US / 1e3, 3),
+            "guest_ms": round(o.guest_cycles / hv_costs().cycles_per_us / 1e3, 3),
             "duplicated_mib_before": mib(o.before.duplicated),
             "duplicated_mib": mib(o.after.duplicated),
             "stale_mib_before": mib(o.before.stale),

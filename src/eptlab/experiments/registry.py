@@ -24,6 +24,7 @@ _EXPERIMENTS = {
     "kvm-trap-rotation": "eptlab.experiments.kvm_apps:KvmTrapRotation",
     "kvm-tsx": "eptlab.experiments.kvm_tsx:KvmTsx",
     "kvm-crosscheck": "eptlab.experiments.kvm_crosscheck:KvmCrosscheck",
+    "model-vs-machine": "eptlab.experiments.model_vs_machine:ModelVsMachine",
 }
 
 

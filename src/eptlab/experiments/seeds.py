@@ -1,12 +1,11 @@
 """Repeating an experiment over seeds: ``params.seeds`` runs with ``seed, seed + 1, ...``, one
 progress bar over all of them, a ``seed`` column on every row, and the summary (mean and 95%
-interval per configuration, :mod:`.intervals`) saved beside the rows."""
+interval per configuration, :mod:`.intervals`) that the runner saves beside the rows."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import fields, replace
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -61,10 +60,3 @@ def summary_of(experiment: Experiment, table: pd.DataFrame) -> pd.DataFrame:
     """Mean and 95% interval per configuration (the experiment's ``keys``) of ``table``."""
     return summarize(table, experiment.keys)
 
-
-def save_summary(out: Path, name: str, summary: pd.DataFrame) -> list[str]:
-    """``NAME-summary.csv`` and ``.parquet`` in ``out``; returns the paths written."""
-    csv_path, parquet = out / f"{name}-summary.csv", out / f"{name}-summary.parquet"
-    summary.to_csv(csv_path, index=False)
-    summary.to_parquet(parquet, index=False)
-    return [str(csv_path), str(parquet)]

@@ -49,6 +49,10 @@ from .intervals import OVERLAP, at, by_seed, column, interval, seeds_of, summari
 
 @dataclass(frozen=True)
 class TsxAbortsParams:
+    def validate(self) -> None:
+        """The configurations build (before anything runs)."""
+        TsxAborts().configurations(self)
+
     scenarios: tuple[str, ...] = SCENARIOS
     mitigations: tuple[str, ...] = MITIGATIONS
     sections: int = 500  # per vCPU

@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
+from ..costs import CostProfile, use_profile
+from ..errors import ConfigError
 from ..experiments.base import apply_overrides
 from ..experiments.registry import get
 from ..experiments.seeds import seeded_rows
@@ -25,9 +27,15 @@ def run_point(point: Point) -> PointResult:
     the point's recorded error."""
     start = time.perf_counter()
     try:
-        experiment = get(point.experiment)()
-        params = apply_overrides(experiment.Params, point.as_dict())
-        rows = [dict(r) for r in seeded_rows(experiment, params, lambda done, total: None)]
+        default = CostProfile.default()
+        profile = CostProfile.from_toml(point.profile, known=default) if point.profile else default
+        with use_profile(profile):
+            experiment = get(point.experiment)()
+            params = apply_overrides(experiment.Params, point.as_dict())
+            rows = [
+                dict(r) | {"profile": profile.name}
+                for r in seeded_rows(experiment, params, lambda done, total: None)
+            ]
         return PointResult(point, rows, None, time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - one point's failure must not stop the sweep
         frames = traceback.extract_tb(exc.__traceback__)
@@ -53,6 +61,33 @@ def run_local(points: Sequence[Point], jobs: int) -> Iterator[PointResult]:
         finally:
             for future in futures:
                 future.cancel()
+
+
+CONNECT_TIMEOUT = 5.0
+"""Seconds to reach a Dask scheduler before giving up."""
+
+
+def connect(address: str, timeout: float | None = None) -> Any:
+    """A ``distributed.Client`` for ``address``; a malformed or unreachable address is a
+    :class:`ConfigError` naming it, after at most ``timeout`` seconds."""
+    from distributed import Client
+    from distributed.comm.addressing import parse_address
+
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
+    try:
+        scheme, location = parse_address(address, strict=True)
+        if not location:
+            raise ValueError("no host:port")
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            "scheduler", f"{address!r} is not a scheduler address (tcp://HOST:PORT): {exc}"
+        ) from None
+    try:
+        return Client(address, timeout=f"{timeout}s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ConfigError(
+            "scheduler", f"{address}: no Dask scheduler answered within {timeout:g} s ({exc})"
+        ) from None
 
 
 def run_dask(points: Sequence[Point], scheduler: Any) -> Iterator[PointResult]:

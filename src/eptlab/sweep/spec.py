@@ -1,6 +1,7 @@
 """A sweep specification: experiments x parameter grids, read from TOML.
 
     out = "out/sweep"           # optional; default out/sweep-<file stem>
+    profile = "host.toml"       # optional cost profile (relative to this file); default: shipped
 
     [[run]]
     experiment = "nested-overhead"
@@ -21,11 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
 from typing import Any
 
+from ..costs import CostProfile
 from ..errors import ConfigError
 from ..experiments.base import apply_overrides
 from ..experiments.registry import get
@@ -37,12 +39,15 @@ class Point:
 
     experiment: str
     overrides: tuple[tuple[str, str], ...]
+    profile: str = ""  # the cost profile's TOML text ("": the shipped default), sent to workers
 
     @property
     def point_id(self) -> str:
-        """Stable across runs and machines: the resume key."""
-        text = json.dumps([self.experiment, list(self.overrides)])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Stable across runs and machines: the resume key (a profile makes another point)."""
+        key: list[object] = [self.experiment, list(self.overrides)]
+        if self.profile:
+            key.append(hashlib.sha256(self.profile.encode()).hexdigest())
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, str]:
         return dict(self.overrides)
@@ -64,17 +69,38 @@ def as_text(value: Any) -> str:
     return str(value)
 
 
-def load_spec(path: Path) -> SweepSpec:
-    """Read and validate a sweep file."""
+MAX_SPEC_BYTES = 1 << 20
+"""Largest sweep file read (``eptlab sweep /dev/zero`` is refused, not read forever)."""
+MAX_POINTS = 10_000
+"""Most points a sweep file may describe (checked before the grid is expanded)."""
+
+
+def load_spec(path: Path, profile: Path | None = None) -> SweepSpec:
+    """Read and validate a sweep file; ``profile`` (a cost profile file) overrides the file's
+    ``profile`` key."""
     try:
-        data = tomllib.loads(Path(path).read_text())
+        with Path(path).open("rb") as fh:
+            raw = fh.read(MAX_SPEC_BYTES + 1)
+        if len(raw) > MAX_SPEC_BYTES:
+            raise ConfigError(str(path), f"over {MAX_SPEC_BYTES >> 20} MiB: not a sweep file")
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(str(path), "no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), f"cannot read it: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from None
-    return parse_spec(data, str(path))
+    named = data.get("profile")
+    if profile is None and named is not None:
+        if not isinstance(named, str) or not named:
+            raise ConfigError(f"{path}: profile", "must be the path of a cost profile file")
+        profile = Path(path).parent / named
+    data.pop("profile", None)
+    spec = parse_spec(data, str(path))
+    if profile is None:
+        return spec
+    text = CostProfile.load(profile).to_toml()
+    return replace(spec, points=[replace(p, profile=text) for p in spec.points])
 
 
 def parse_spec(data: dict[str, Any], source: str = "<spec>") -> SweepSpec:
@@ -89,14 +115,14 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> SweepSpec:
         raise ConfigError(f"{source}: out", "must be a non-empty string (a folder)")
     points: list[Point] = []
     for i, run in enumerate(runs):
-        points += _points(run, f"{source}: run[{i}]")
+        points += _points(run, f"{source}: run[{i}]", MAX_POINTS - len(points))
     ids = [p.point_id for p in points]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{source}: run", "the same point appears twice")
     return SweepSpec(source, Path(out), points)
 
 
-def _points(run: Any, where: str) -> list[Point]:
+def _points(run: Any, where: str, room: int = MAX_POINTS) -> list[Point]:
     if not isinstance(run, dict):
         raise ConfigError(where, "must be a table")
     unknown = set(run) - {"experiment", "set", "grid"}
@@ -115,6 +141,11 @@ def _points(run: Any, where: str) -> list[Point]:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}.grid.{key}", "must be a non-empty list of values")
     keys = sorted(grid)
+    count = 1
+    for key in keys:
+        count *= len(grid[key])
+        if count > room:
+            raise ConfigError(f"{where}.grid", f"more than {MAX_POINTS:,} points in the sweep")
     points = []
     for combo in product(*(grid[k] for k in keys)):
         overrides = dict(fixed) | {k: as_text(v) for k, v in zip(keys, combo, strict=True)}
