@@ -52,7 +52,8 @@ def run_experiment(
     OUT; prints the mean and 95% interval of each configuration."""
     from ..costs import load_profile
     from ..experiments import get, runner
-    from ..experiments.intervals import summarize, text_table
+    from ..experiments.intervals import text_table
+    from ..experiments.seeds import summary_of
 
     overrides = parse_sets(set_ or [])
     costs = load_profile(profile)
@@ -60,7 +61,7 @@ def run_experiment(
         result = runner.run(name, overrides, out, show_progress=not as_json, profile=costs)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
-    summary = summarize(result.table, get(name).keys)
+    summary = summary_of(get(name)(), result.table)
     if as_json:
         rows = json.loads(result.table.to_json(orient="records"))
         typer.echo(

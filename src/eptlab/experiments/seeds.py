@@ -57,6 +57,12 @@ def seeded_rows(experiment: Experiment, params: Any, progress: Progress) -> Iter
 
 
 def summary_of(experiment: Experiment, table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and 95% interval per configuration (the experiment's ``keys``) of ``table``."""
-    return summarize(table, experiment.keys)
+    """Mean and 95% interval per configuration (the experiment's ``keys``) of ``table``; an
+    experiment that declares no keys is keyed by its text and boolean columns."""
+    keys = getattr(experiment, "keys", None)
+    if keys is None:
+        keys = tuple(c for c in table.columns if c != SEED and not (
+            pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])
+        ))
+    return summarize(table, keys)
 

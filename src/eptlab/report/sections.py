@@ -12,8 +12,9 @@ import pandas as pd
 
 from ..errors import ConfigError
 from ..experiments.base import params_from_dict, records_by
-from ..experiments.intervals import one_seed_note, seeds_of, summarize, text_table
+from ..experiments.intervals import one_seed_note, seeds_of, text_table
 from ..experiments.registry import get
+from ..experiments.seeds import summary_of
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def experiment_section(name: str, directory: Path) -> Section:
         title=name,
         question=experiment.question,
         interpretation=interpretation,
-        tables=[(_summary_caption(table), text_table(summarize(table, experiment.keys)))],
+        tables=[(_summary_caption(table), text_table(summary_of(experiment, table)))],
         params=summary["params"],
         figures=sorted(directory.glob("*.png")),
         files=sorted(p for p in directory.iterdir() if p.suffix in (".csv", ".parquet", ".json")),
