@@ -64,6 +64,7 @@ from ..errors import ConfigError
 from ..guest import KernelImage
 from ..hv.costs import hv_costs
 from ..hv.guest_runner import RunReport
+from ..memory.layout import check_layout, in_layout
 from .base import Progress, Row, check_choices
 from .intervals import OVERLAP, bars, by_seed, column, interval, seeds_of, summarize, verdict, yerr
 
@@ -90,6 +91,10 @@ class IntegrityMonitorParams:
     rearm_invept: bool = True  # pml: INVEPT after clearing dirty flags (False: the bug)
     seeds: int = 5
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 @dataclass
@@ -199,6 +204,10 @@ class IntegrityMonitor:
     keys: ClassVar[tuple[str, ...]] = ("mode",)
 
     def rows(self, params: IntegrityMonitorParams, progress: Progress) -> Iterator[Row]:
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
+
+    def _layout_rows(self, params: IntegrityMonitorParams, progress: Progress) -> Iterator[Row]:
         for _, row in self.runs(params, progress):
             yield row
 

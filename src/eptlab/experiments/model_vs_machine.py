@@ -38,10 +38,11 @@ from matplotlib.figure import Figure
 from ..arch.bits import PageSize
 from ..costs import CostProfile, load_profile
 from ..errors import ConfigError
+from ..memory.layout import check_layout, in_layout
 from ..mmu.config import Assoc, CacheConfig, CacheLevel, CostModel, MmuConfig, TlbConfig
 from ..mmu.engine import Accesses, Engine
 from ..mmu.scenario import NestedSpace
-from .base import Progress, Row
+from .base import Progress, Row, check_choices, check_range
 
 BASE = 0x0000_2000_0000_0000
 MiB = 1 << 20
@@ -72,6 +73,16 @@ MACHINE_TLB = TlbConfig(
 
 @dataclass(frozen=True)
 class ModelVsMachineParams:
+    def validate(self) -> None:
+        """Choices and ranges (before anything runs)."""
+        check_choices("patterns", self.patterns, PATTERNS)
+        check_choices("pages", self.pages, ("4k", "2m"))
+        check_choices("outer_ept_pages", self.outer_ept_pages, OUTER_EPT_PAGES)
+        check_range("footprints_mib", self.footprints_mib, 1)
+        check_range("repeats", self.repeats, 1)
+        check_range("native_accesses", self.native_accesses, 1)
+        check_range("sim_accesses", self.sim_accesses, 1)
+
     patterns: tuple[str, ...] = PATTERNS
     footprints_mib: tuple[int, ...] = (1024, 4096, 16384)
     pages: tuple[str, ...] = ("4k", "2m")
@@ -84,6 +95,10 @@ class ModelVsMachineParams:
     sim_accesses: int = 200_000
     memory_margin_mib: int = 2048  # left free besides the native buffer
     seed: int = 0
+    layout: str = "aged"  # the simulated guest's memory layout: aged or contiguous
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 @dataclass(frozen=True)
@@ -179,6 +194,10 @@ class ModelVsMachine:
                 raise ConfigError(name, "must be at least 1")
 
     def rows(self, params: ModelVsMachineParams, progress: Progress) -> Iterator[Row]:
+        # every simulated guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
+
+    def _layout_rows(self, params: ModelVsMachineParams, progress: Progress) -> Iterator[Row]:
         from .. import native
 
         p = params
@@ -209,7 +228,7 @@ class ModelVsMachine:
                         progress(done, total)
             for page in p.pages:
                 for outer in p.outer_ept_pages:
-                    space = self._space(footprint, page, outer)
+                    space = self._space(footprint, page, outer, p.seed)
                     for pattern in p.patterns:
                         yield self._row(p, config, space, pattern, footprint, page, outer,
                                         measured[pattern, page])
@@ -232,10 +251,10 @@ class ModelVsMachine:
         return Measured(result.cycles_per_access, result.cycles.spread, run,
                         page == "4k" or result.huge_pages_obtained)
 
-    def _space(self, footprint: int, page: str, outer: str) -> NestedSpace:
+    def _space(self, footprint: int, page: str, outer: str, seed: int = 0) -> NestedSpace:
         guest, ept = PageSize.parse(page), PageSize.parse(outer)
         space = NestedSpace.create(host_memory=1 << 46, guest_memory=1 << 46,
-                                   table_ept_page=ept)
+                                   table_ept_page=ept, seed=seed)
         region = max(footprint, 2 * MiB, int(max(guest, ept)))  # whole 2 MiB pieces and pages
         space.map_range(BASE, region, guest, ept)
         return space
