@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from eptlab.experiments.registry import names
+from eptlab.experiments.registry import kvm_names, names
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -24,7 +24,7 @@ def _nav_text() -> str:
     return (ROOT / "mkdocs.yml").read_text()
 
 
-@pytest.mark.parametrize("name", names())
+@pytest.mark.parametrize("name", names() + kvm_names())
 def test_every_experiment_has_a_page_in_the_navigation(name: str) -> None:
     page = DOCS / "experiments" / f"{name}.md"
     assert page.is_file(), f"docs/experiments/{name}.md is missing"
@@ -91,8 +91,23 @@ def test_the_site_builds_strict_with_the_tutorials_executed(tmp_path: Path) -> N
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name in names():
+    for name in names() + kvm_names():
         assert (tmp_path / "site" / "experiments" / name / "index.html").is_file()
     for notebook in sorted((DOCS / "tutorials").glob("*.ipynb")):
         page = (tmp_path / "site" / "tutorials" / notebook.stem / "index.html").read_text()
         assert "Traceback" not in page and "jp-OutputArea-output" in page, notebook.name
+
+
+def test_the_readme_is_a_short_front_door_whose_links_resolve() -> None:
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) < 250
+    first_block = text.split("```")[1]
+    assert "make demo" in first_block and "make test" in first_block
+    broken = [
+        target
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+        if not target.startswith(("http://", "https://")) and not (ROOT / target).exists()
+    ]
+    assert not broken, f"README links to missing files: {broken}"
