@@ -141,7 +141,9 @@ class NestedOverhead:
         "paging-structure caches, the nested TLB and large pages take back?"
     )
     Params: ClassVar[type] = NestedOverheadParams
-    demo: ClassVar[dict[str, str]] = {"accesses": "20000", "trace_accesses": "20000", "seeds": "3"}
+    demo: ClassVar[dict[str, str]] = {
+        "accesses": "20000", "trace_accesses": "20000", "footprint_mib": "64", "seeds": "3"
+    }
     keys: ClassVar[tuple[str, ...]] = ("workload", "mode", "guest_page", "ept_page", "pwc")
 
     def sources(self, p: NestedOverheadParams) -> Iterator[Source]:
