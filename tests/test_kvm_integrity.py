@@ -88,6 +88,24 @@ def test_score_matches_reviews_only_after_the_write_and_counts_strays() -> None:
     assert s.delays_us == [pytest.approx(2_000 + 5.0)]  # 2,000 cycles at 1 MHz, plus 5 us
 
 
+def test_monitor_cycles_take_the_median_event_period_and_ignore_preemption() -> None:
+    import numpy as np
+
+    cfg = replace(CFG, iterations=8 * 64, stamp_every=64, patch_every=0, review_every=128,
+                  hooks=0, transient_pairs=0)
+    base = 100.0
+    spans = np.full(8, base * 64)
+    spans[[1, 3, 5, 7]] += 6_400  # the four tick periods: 6,400 cycles each
+    spans[7] += 10_000_000  # one of them also preempted
+    spans[2] += 5_000_000  # a preempted quiet period
+    o = IntegrityOutcome("log-ring", cfg, [], stamps=np.concatenate(([0], np.cumsum(spans)))
+                         .astype(np.uint64))
+    assert o.event_periods() == {"tick": [1, 3, 5, 7]}
+    assert o.monitor_cycles(base) == pytest.approx(4 * 6_400)
+    assert replace(o, policy="trap-all").event_periods() == {"data": list(range(8))}
+    assert replace(o, policy="none").event_periods() == {}
+
+
 # -- on /dev/kvm -----------------------------------------------------------------------------------
 
 
@@ -177,7 +195,8 @@ def test_experiment_rows_have_every_column_and_the_simulator_beside(tmp_path: Pa
     assert list(t.policy) == ["none", "trap-code", "trap-all", "log-bitmap", "log-ring"]
     for column in ("seed", "injected_writes", "detected", "prevented", "mean_delay_us",
                    "max_delay_us", "cycles_per_iteration", "overhead_pct", "vmm_exits",
-                   "kvm_exits", "kvm_module", "tdp", "guest_cpl", "sim_detected",
+                   "median_cycles_per_iteration", "median_overhead_pct", "kvm_exits",
+                   "kvm_module", "tdp", "guest_cpl", "sim_detected",
                    "sim_prevented", "sim_vm_exits", "sim_overhead_pct", "sim_mode"):
         assert column in t.columns, column
     by = t.set_index("policy")
@@ -187,5 +206,10 @@ def test_experiment_rows_have_every_column_and_the_simulator_beside(tmp_path: Pa
     assert by.loc["trap-code", "sim_detected"] == by.loc["trap-code", "sim_malicious_writes"] == 4
     assert by.loc["log-ring", "sim_mode"] == "pml" and by.loc["log-ring", "sim_prevented"] == 0
     assert (t.false_detections == 0).all()
+    from eptlab.experiments.kvm_integrity import KvmIntegrity, KvmIntegrityParams
+
+    reading = " ".join(KvmIntegrity().interpret(t, KvmIntegrityParams()))
+    assert "detected 5 and prevented 5 of 5 injected writes" in reading
+    assert "1 of 1 write-then-restore pairs were dirty but unchanged" in reading
     assert (tmp_path / "kvm-integrity.parquet").exists()
     assert (tmp_path / "kvm-integrity.png").exists()

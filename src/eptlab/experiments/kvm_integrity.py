@@ -36,7 +36,13 @@ Columns (one row per policy and seed):
   to the tick, plus this VMM's time to the page's compare. mean/max_delay_iterations: the same
   in guest iterations (0 for traps).
 * cycles_per_iteration (guest RDTSC over the measured loop / iterations, exits included),
-  overhead_pct (over policy none's, minus 1, in %).
+  overhead_pct (over policy none's, minus 1, in %): both include the host's preemption of the
+  vCPU, which on a loaded machine is larger than the sparse policies' costs. So the guest also
+  stamps its TSC every ``stamp_every`` iterations: median_cycles_per_iteration (the median
+  period), median_overhead_pct (:meth:`~eptlab.kvm.apps.integrity.IntegrityOutcome
+  .monitor_cycles`: per kind of event -- patch or injected write, review tick, trap-all's data
+  writes -- the median cycles above none's median period over the periods holding one, times
+  their number, over none's median cost of the run, in %; the none row is its noise floor).
 * vmm_exits (exits this VMM handled in the measured loop), code_write_exits, data_write_exits,
   patches_allowed, review_ticks, ring_full_exits, reviews, pages_compared, review_us (the
   reviews' own time here); kvm_exits, kvm_pf_taken, kvm_insn_emulated (KVM's vCPU statistics
@@ -81,6 +87,7 @@ class KvmIntegrityParams:
     attack_pages: int = 4
     trap_action: str = "deny"  # "deny" (prevent) or "log" (perform and report)
     ring_entries: int = 4096
+    stamp_every: int = 1024  # iterations per guest TSC stamp (a power of two)
     simulate: bool = True  # run the simulated integrity-monitor beside
     sim_accesses_per_iteration: int = 4
     sim_warmup: int = 10_000
@@ -98,7 +105,7 @@ def kvm_config(p: KvmIntegrityParams, seed: int) -> Any:
         data_writes=p.data_writes, review_every=p.review_every, patch_every=p.patch_every,
         patch_pages=p.patch_pages, hooks=p.hooks, transient_pairs=p.transient_pairs,
         attack_pages=p.attack_pages, trap_action=p.trap_action, ring_entries=p.ring_entries,
-        seed=seed, user=user_mode(p.guest_cpl))
+        stamp_every=p.stamp_every, seed=seed, user=user_mode(p.guest_cpl))
 
 
 def sim_params(p: KvmIntegrityParams, seed: int, modes: tuple[str, ...]) -> Any:
@@ -146,8 +153,9 @@ def _round(value: float | None, digits: int = 1) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def measure(outcome: Any, baseline_cycles: float) -> Row:
-    """The KVM columns of one policy's run."""
+def measure(outcome: Any, baseline_cycles: float, baseline_median: float) -> Row:
+    """The KVM columns of one policy's run (against policy none's cycles per iteration and
+    median stamp period)."""
     from ..kvm.apps.integrity import score
 
     s, c, cfg = score(outcome), outcome.counters, outcome.config
@@ -175,6 +183,10 @@ def measure(outcome: Any, baseline_cycles: float) -> Row:
         "cycles_per_iteration": round(cycles, 1),
         "overhead_pct": round(100.0 * (cycles / baseline_cycles - 1), 1)
         if baseline_cycles else None,
+        "median_cycles_per_iteration": round(float(np.median(outcome.chunks)), 1),
+        "median_overhead_pct": round(100.0 * outcome.monitor_cycles(baseline_median)
+                                     / (baseline_median * cfg.iterations), 2)
+        if baseline_median else None,
         "vmm_exits": outcome.vmm_exits,
         "code_write_exits": c.code_write_exits,
         "data_write_exits": c.data_write_exits,
@@ -243,13 +255,14 @@ class KvmIntegrity:
                     done += 1
                     progress(done, total)
                 cfg = kvm_config(p, seed)
-                baseline = 0.0
+                baseline = median = 0.0
                 for policy in policies:
                     outcome = run_policy(kvm, self.config_for(cfg, policy, p), policy)
                     if policy == "none":
                         baseline = outcome.cycles_per_iteration
+                        median = float(np.median(outcome.chunks))
                     row: Row = {"seed": seed, "policy": policy, "sim_mode": SIM_MODE[policy]}
-                    row.update(measure(outcome, baseline))
+                    row.update(measure(outcome, baseline, median))
                     row.update(_sim_columns(sim.get(SIM_MODE[policy]),
                                             p.sim_accesses_per_iteration))
                     row.update(flavour_columns(p.guest_cpl))
@@ -267,13 +280,18 @@ class KvmIntegrity:
         def of(policy: str, column: str) -> float:
             return float(mean.loc[policy, column])
 
+        def cost(policy: str) -> str:
+            return (f"{of(policy, 'median_overhead_pct'):+,.1f}% guest cycles by the median "
+                    f"of its event periods ({of(policy, 'overhead_pct'):+,.0f}% over the whole "
+                    f"loop, host preemption included)")
+
         if "trap-code" in mean.index:
             text = (
                 f"Trapping code writes (read-only code memslot) detected "
                 f"{of('trap-code', 'detected'):g} and prevented {of('trap-code', 'prevented'):g}"
                 f" of {of('trap-code', 'injected_writes'):g} injected writes with "
-                f"{of('trap-code', 'vmm_exits'):,.0f} exits to this VMM "
-                f"({of('trap-code', 'overhead_pct'):+,.0f}% guest cycles per iteration)")
+                f"{of('trap-code', 'vmm_exits'):,.0f} exits to this VMM, "
+                f"{cost('trap-code')}")
             if params.simulate:
                 text += (
                     f"; the simulator's trap-code: {of('trap-code', 'sim_detected'):g} of "
@@ -286,26 +304,34 @@ class KvmIntegrity:
                 f"Trapping every write took {of('trap-all', 'vmm_exits'):,.0f} exits and "
                 f"{of('trap-all', 'cycles_per_iteration'):,.0f} guest cycles per iteration "
                 f"against {of('none', 'cycles_per_iteration'):,.0f} unmonitored "
-                f"({of('trap-all', 'overhead_pct'):+,.0f}%), for the same detections "
+                f"({cost('trap-all')}), for the same detections "
                 f"({of('trap-all', 'detected'):g}).")
         for policy in ("log-bitmap", "log-ring"):
             if policy not in mean.index:
                 continue
             out.append(
                 f"{policy}: {of(policy, 'detected'):g} of {of(policy, 'injected_writes'):g} "
-                f"injected writes detected (every hook: {of(policy, 'hooks'):g}), none "
-                f"prevented ({of(policy, 'tampered'):g} hooks still in place), after "
-                f"{of(policy, 'mean_delay_us'):,.0f} us on average (max "
-                f"{of(policy, 'max_delay_us'):,.0f} us, {of(policy, 'mean_delay_iterations'):,.0f}"
-                f" iterations; reviews every {params.review_every:,}); "
-                f"{of(policy, 'transients_flagged'):g} of {of(policy, 'transient_pairs'):g} "
-                f"write-then-restore pairs were dirty but unchanged at review (seen, not "
-                f"detected); {of(policy, 'overhead_pct'):+.0f}% cycles per iteration.")
+                f"injected writes detected ({of(policy, 'hooks'):g} hooks, "
+                f"{of(policy, 'transient_pairs'):g} undone before a review), "
+                f"{of(policy, 'prevented'):g} prevented ({of(policy, 'tampered'):g} hooks still "
+                f"in place at the end), after {of(policy, 'mean_delay_us'):,.0f} us on average "
+                f"(max {of(policy, 'max_delay_us'):,.0f} us; "
+                f"{of(policy, 'mean_delay_iterations'):,.0f} iterations with reviews every "
+                f"{of(policy, 'review_every'):,.0f}); {of(policy, 'transients_flagged'):g} of "
+                f"{of(policy, 'transient_pairs'):g} write-then-restore pairs were dirty but "
+                f"unchanged at the review (seen, not detected); {cost(policy)}.")
+            if params.simulate:
+                out[-1] += (
+                    f" The simulator's pml: {of(policy, 'sim_detected'):g} of "
+                    f"{of(policy, 'sim_malicious_writes'):g} hooks after "
+                    f"{of(policy, 'sim_mean_delay_iterations'):,.0f} iteration-equivalents, "
+                    f"{of(policy, 'sim_overhead_pct'):+.1f}% modelled cycles.")
         false = int(table.false_detections.sum())
         flavour = (f"{table.kvm_module.iloc[0]}, "
                    f"{'TDP' if table.tdp.iloc[0] else 'shadow paging'}") if len(table) else ""
-        out.append(f"False detections over all policies: {false} (means over {seeds} seed(s); "
-                   f"measured on KVM: {flavour}).")
+        out.append(f"False detections over all policies: {false}. Noise floor of the median "
+                   f"overhead (policy none): {of('none', 'median_overhead_pct'):+.2f}%. Means "
+                   f"over {seeds} seed(s); measured on KVM: {flavour}.")
         return out
 
     def figures(self, table: pd.DataFrame, params: KvmIntegrityParams) -> dict[str, Figure]:

@@ -75,7 +75,9 @@ WORDS = PAGE // 8
 BOOT_DONE = (1 << 64) - 1  # ROUND(-1)
 SCHEDULE_AT = PARAM_AREA + 256
 MAX_SCHEDULE = (LOG_AREA - SCHEDULE_AT) // 32
-MAX_LOG = (BOOT_SIZE - LOG_AREA) // 64
+MAX_LOG = (BOOT_SIZE - LOG_AREA) // 128  # the log's half of LOG_AREA..2 MiB
+STAMPS_AT = LOG_AREA + 64 * MAX_LOG  # the other half: TSC stamps
+MAX_STAMPS = (BOOT_SIZE - STAMPS_AT) // 8
 U64 = (1 << 64) - 1
 
 
@@ -95,6 +97,7 @@ class IntegrityConfig:
     attack_pages: int = 4  # code pages the hooks aim at
     trap_action: str = "deny"  # trap-code/trap-all: "deny" a detected write, or "log" it
     ring_entries: int = 4096
+    stamp_every: int = 1024  # iterations per TSC stamp (a power of two)
     seed: int = 0
     user: bool = True
 
@@ -120,6 +123,10 @@ class IntegrityConfig:
         if self.trap_action not in TRAP_ACTIONS:
             raise ConfigError("trap_action", f"{self.trap_action!r} is not one of "
                               f"{', '.join(TRAP_ACTIONS)}")
+        if self.stamp_every < 1 or self.stamp_every & (self.stamp_every - 1):
+            raise ConfigError("stamp_every", "must be a power of two")
+        if self.iterations // self.stamp_every + 2 > MAX_STAMPS:
+            raise ConfigError("stamp_every", f"at most {MAX_STAMPS} stamps fit: raise it")
         if self.ring_entries < 1024 or self.ring_entries & (self.ring_entries - 1):
             raise ConfigError("ring_entries", "must be a power of two, at least 1024")
 
@@ -251,6 +258,7 @@ class IntegrityOutcome:
     dirty_unchanged: list[tuple[int, int]] = field(default_factory=list)  # (GPA, tick iter.)
     counters: Counters = field(default_factory=Counters)
     loop_cycles: int = 0
+    stamps: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
     checksum: int = 0
     tsc_khz: int = 0
     kernel: dict[str, int] = field(default_factory=dict)  # vCPU statistics, measured phase
@@ -261,6 +269,52 @@ class IntegrityOutcome:
     @property
     def cycles_per_iteration(self) -> float:
         return self.loop_cycles / self.config.iterations
+
+    @property
+    def chunks(self) -> npt.NDArray[np.float64]:
+        """Guest cycles per iteration of each stamp period (the last one may be shorter)."""
+        cfg = self.config
+        spans = np.diff(self.stamps.astype(np.float64))
+        sizes = np.full(len(spans), float(cfg.stamp_every))
+        if len(sizes):
+            sizes[-1] = cfg.iterations - cfg.stamp_every * (len(sizes) - 1)
+        out: npt.NDArray[np.float64] = spans / sizes
+        return out
+
+    def event_periods(self) -> dict[str, list[int]]:
+        """Stamp periods holding what the policy acts on, by kind: ``write`` (a patch or an
+        injected write: an exit in the trap policies, a dirty-logging fault in KVM for the log
+        policies, nothing for none), ``tick`` (a review; log policies only, taking precedence),
+        ``data`` (trap-all: every period, each holds trapped data writes)."""
+        cfg, n = self.config, len(self.chunks)
+        if self.policy == "trap-all":
+            return {"data": list(range(n))}
+        writes = {j.iteration for j in self.schedule}
+        if cfg.patch_every:
+            writes |= set(range(cfg.patch_every - 1, cfg.iterations, cfg.patch_every))
+        ticks: set[int] = set()
+        if self.policy in ("log-bitmap", "log-ring"):
+            ticks = set(range(cfg.review_every - 1, cfg.iterations, cfg.review_every))
+        tick_periods = {i // cfg.stamp_every for i in ticks}
+        write_periods = {i // cfg.stamp_every for i in writes} - tick_periods
+        out = {"write": sorted(write_periods), "tick": sorted(tick_periods)}
+        return {kind: [k for k in ks if k < n] for kind, ks in out.items() if ks}
+
+    def monitor_cycles(self, base: float) -> float:
+        """The policy's cost in guest cycles, robust to the host preempting the vCPU: for each
+        kind of :meth:`event_periods`, the median over its periods of the cycles above ``base``
+        cycles per iteration (a quiet period's cost: policy none's median), times the number of
+        those periods. A preempted period is an outlier the median ignores (unless most of a
+        kind's periods are preempted)."""
+        cfg, chunks = self.config, self.chunks
+        sizes = np.full(len(chunks), float(cfg.stamp_every))
+        if len(sizes):
+            sizes[-1] = cfg.iterations - cfg.stamp_every * (len(sizes) - 1)
+        total = 0.0
+        for periods in self.event_periods().values():
+            excess = (chunks[periods] - base) * sizes[periods]
+            total += float(np.median(excess)) * len(periods)
+        return total
 
 
 # -- the monitor -------------------------------------------------------------------------------
@@ -423,7 +477,7 @@ class _Monitor:
 def _parameter_block(cfg: IntegrityConfig, schedule: list[Injection]) -> bytes:
     words = [cfg.code_base, cfg.code_pages, cfg.data_base, cfg.data_pages, cfg.iterations,
              cfg.data_writes, cfg.review_every, SCHEDULE_AT, len(schedule), LOG_AREA,
-             cfg.patch_every, cfg.patch_pages, 0, 0, 0, 0]
+             cfg.patch_every, cfg.patch_pages, 0, 0, 0, 0, cfg.stamp_every - 1, STAMPS_AT]
     return np.array(words, "<u8").tobytes()
 
 
@@ -453,6 +507,8 @@ def run_policy(kvm: Kvm, cfg: IntegrityConfig, policy: str, *,
         words = np.frombuffer(guest.memory.read(LOG_AREA, 64 * result.status), "<u8")
         outcome.log = LogEntry.decode(words)
         outcome.loop_cycles = result.reports.get(1, 0)
+        count = -(-cfg.iterations // cfg.stamp_every) + 1
+        outcome.stamps = np.frombuffer(guest.memory.read(STAMPS_AT, 8 * count), "<u8").copy()
         outcome.checksum = result.reports.get(2, 0)
         outcome.final_words = {j.gpa: guest.memory.read_u64(j.gpa) for j in schedule}
         outcome.tsc_khz = guest.vcpu.tsc_khz()

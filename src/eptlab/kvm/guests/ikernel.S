@@ -13,7 +13,9 @@
 #   kind 0 hook, 1 transient (the word is saved first), 2 restore (writes the saved word)):
 #   RDTSC, the 8-byte store, RDTSC, a read back; log entry (64 bytes): iteration, GPA, value
 #   written, TSC before, TSC after, read back, kind, 0;
-#   every REVIEW_EVERY iterations (0: never) ROUND(i + 1) with RCX = RDTSC: the review tick.
+#   every REVIEW_EVERY iterations (0: never) ROUND(i + 1) with RCX = RDTSC: the review tick;
+#   before every STAMP_EVERY-th iteration (a power of two) an RDTSC into the stamp array, and
+#   one more at the end (chunk costs, for robust medians).
 # End: REPORT(1, loop cycles), REPORT(2, checksum of what the functions read),
 # REPORT(3, TSC at the end), DONE(log entries).
     .include "common.inc"
@@ -34,6 +36,8 @@
 .set P_PATCHPAGE, 104     # the next patch site's page index
 .set P_LOGBASE, 112       # the log's first entry (kept by the guest)
 .set P_START, 120         # TSC at the start of the measured loop
+.set P_SMASK, 128         # stamp period - 1 (a power of two minus one)
+.set P_SPTR, 136          # where the next stamp goes
 .set TAIL, 256            # code page bytes past the function (the template fits below)
 .set FUNC_READS, 32
 .set FUNC_STRIDE, 112     # 32 reads x 112 bytes cover 256..3840
@@ -99,6 +103,15 @@ booted:
 loop:
     cmp P_ITERS(%rbp), %rsi
     jae finish
+    mov %rsi, %rax                    # a TSC stamp before every P_SMASK + 1 iterations
+    and P_SMASK(%rbp), %rax
+    jnz work
+    RDTSC64 %rdi
+    mov P_SPTR(%rbp), %rax
+    mov %rdi, (%rax)
+    add $8, %rax
+    mov %rax, P_SPTR(%rbp)
+work:
     # kernel work: the function of this code page
     mov %r9, %rdi
     lea ret(%rip), %r14
@@ -202,6 +215,8 @@ next:
     jmp loop
 finish:
     RDTSC64 %rdi
+    mov P_SPTR(%rbp), %rax            # the last stamp: the end of the loop
+    mov %rdi, (%rax)
     mov %rdi, %rcx
     sub P_START(%rbp), %rcx
     mov $1, %ebx
