@@ -142,7 +142,7 @@ class IntegrityConfig:
     def memory(self) -> int:
         return self.data_base + self.data_pages * PAGE
 
-    def slots(self, policy: str) -> list[SlotSpec]:
+    def slots(self) -> list[SlotSpec]:
         """Slot 0 (image, tables, parameters, log), the code slot, the data slot: as booted
         (every policy arms at the end of the boot)."""
         return [SlotSpec(0, BOOT_SIZE), SlotSpec(self.code_base, self.code_pages * PAGE),
@@ -336,7 +336,7 @@ class _Monitor:
     # -- arming -------------------------------------------------------------------------------
 
     def arm(self) -> None:
-        g, cfg = self.guest, self.cfg
+        g = self.guest
         self.golden[:] = self._code()
         readonly, log = abi.MemFlag.READONLY, abi.MemFlag.LOG_DIRTY_PAGES
         if self.policy in ("trap-code", "trap-all"):
@@ -345,10 +345,9 @@ class _Monitor:
             g.set_slot_flags(DATA_SLOT, readonly)
         if self.policy in ("log-bitmap", "log-ring"):
             g.set_slot_flags(CODE_SLOT, log)
-        if cfg.hooks or cfg.transient_pairs:
-            for j in self.outcome.schedule:
-                if j.kind != RESTORE and int(self.golden.flat[self._word(j.gpa)]) == j.value:
-                    raise ConfigError("seed", f"injected value equals the code at {j.gpa:#x}")
+        for j in self.outcome.schedule:  # every injected write must change its word
+            if j.kind != RESTORE and int(self.golden.flat[self._word(j.gpa)]) == j.value:
+                raise ConfigError("seed", f"injected value equals the code at {j.gpa:#x}")
         stats = g.stats()
         self.before = stats.read() if stats is not None else {}
         self.armed = True
@@ -494,7 +493,7 @@ def run_policy(kvm: Kvm, cfg: IntegrityConfig, policy: str, *,
     ticks = cfg.review_every if policy in ("log-bitmap", "log-ring") else 0
     block = _parameter_block(replace(cfg, review_every=ticks), schedule)  # 0: no ticks
     table = np.array([(j.iteration, j.gpa, j.value, j.kind) for j in schedule], "<u8")
-    with KvmGuest(kvm, GuestMemory(cfg.memory), "ikernel", slots=cfg.slots(policy),
+    with KvmGuest(kvm, GuestMemory(cfg.memory), "ikernel", slots=cfg.slots(),
                   dirty_ring=cfg.ring_entries if policy == "log-ring" else 0,
                   user=cfg.user) as guest:
         guest.memory.write(PARAM_AREA, block)
