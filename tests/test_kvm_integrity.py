@@ -213,3 +213,22 @@ def test_experiment_rows_have_every_column_and_the_simulator_beside(tmp_path: Pa
     assert "1 of 1 write-then-restore pairs were dirty but unchanged" in reading
     assert (tmp_path / "kvm-integrity.parquet").exists()
     assert (tmp_path / "kvm-integrity.png").exists()
+
+
+@pytest.mark.kvm
+def test_cli_shortcut_runs_the_experiment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import json
+
+    from eptlab.cli import main
+
+    monkeypatch.chdir(tmp_path)  # files go to out/kvm-integrity, as eptlab run writes them
+    sets = ["iterations=2000", "review_every=500", "code_pages=16", "data_pages=16",
+            "hooks=3", "transient_pairs=1", "policies=trap-code", "simulate=false"]
+    assert main(["kvm", "integrity", *[a for s in sets for a in ("--set", s)], "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["policy"] for r in out["rows"]] == ["trap-code"]  # none ran as the baseline only
+    assert out["rows"][0]["detected"] == out["rows"][0]["prevented"] == 4
+    assert (tmp_path / "out" / "kvm-integrity" / "kvm-integrity.parquet").exists()
+    assert main(["kvm", "integrity", "--set", "policies=bogus"]) == 2
