@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -99,11 +100,11 @@ def test_monitor_cycles_take_the_median_event_period_and_ignore_preemption() -> 
     spans[7] += 10_000_000  # one of them also preempted
     spans[2] += 5_000_000  # a preempted quiet period
     o = IntegrityOutcome("log-ring", cfg, [], stamps=np.concatenate(([0], np.cumsum(spans)))
-                         .astype(np.uint64))
+                         .astype(np.uint64), ticks=[127, 255, 383, 511])
     assert o.event_periods() == {"tick": [1, 3, 5, 7]}
     assert o.monitor_cycles(base) == pytest.approx(4 * 6_400)
     assert replace(o, policy="trap-all").event_periods() == {"data": list(range(8))}
-    assert replace(o, policy="none").event_periods() == {}
+    assert replace(o, policy="none", ticks=[]).event_periods() == {}
 
 
 # -- on /dev/kvm -----------------------------------------------------------------------------------
@@ -186,6 +187,20 @@ def test_log_review_detects_changed_words_and_flags_restored_ones(kvm: Kvm, poli
 
 
 @pytest.mark.kvm
+def test_timed_reviews_tick_by_the_guest_tsc_and_still_find_every_hook(kvm: Kvm) -> None:
+    # 20,000 iterations take at least 2.4 M cycles (about 1 ms): a tick every 0.1 ms fires
+    # several times whatever the load (the TSC runs on while the vCPU is preempted)
+    cfg = replace(CFG, iterations=20_000, review_ms=0.1)
+    o = run_policy(kvm, cfg, "log-bitmap")
+    s = score(o)
+    assert o.counters.ticks >= 2 and o.counters.reviews == o.counters.ticks + 1
+    assert o.ticks == sorted(o.ticks) and all(t % 64 == 0 for t in o.ticks)
+    assert s.hooks_detected == CFG.hooks and s.false_detections == 0
+    # a pair is seen one way or the other: undone before a review, or caught between
+    assert s.transients_flagged + s.transients_detected == CFG.transient_pairs
+
+
+@pytest.mark.kvm
 def test_experiment_rows_have_every_column_and_the_simulator_beside(tmp_path: Path) -> None:
     sets = {"iterations": "4000", "review_every": "1000", "patch_every": "500",
             "trap_all_iterations": "1000", "code_pages": "16", "data_pages": "32",
@@ -230,5 +245,9 @@ def test_cli_shortcut_runs_the_experiment(
     out = json.loads(capsys.readouterr().out)
     assert [r["policy"] for r in out["rows"]] == ["trap-code"]  # none ran as the baseline only
     assert out["rows"][0]["detected"] == out["rows"][0]["prevented"] == 4
-    assert (tmp_path / "out" / "kvm-integrity" / "kvm-integrity.parquet").exists()
+    parquet = tmp_path / "out" / "kvm-integrity" / "kvm-integrity.parquet"
+    from eptlab.experiments.kvm_integrity import KvmIntegrity, KvmIntegrityParams
+
+    reading = KvmIntegrity().interpret(pd.read_parquet(parquet), KvmIntegrityParams())
+    assert "detected 4 and prevented 4 of 4" in reading[0]  # read without a none row
     assert main(["kvm", "integrity", "--set", "policies=bogus"]) == 2

@@ -23,8 +23,8 @@ write-then-restore, and its cycles are modelled constants where KVM's are measur
 Columns (one row per policy and seed):
 
 * seed, policy, sim_mode (the simulator's counterpart); iterations, code_pages, data_pages,
-  review_every, trap_action (trap-all runs at most ``trap_all_iterations``, with its own
-  schedule of the same counts).
+  review_every, review_ms (> 0: reviews timed by the guest's TSC instead), trap_action
+  (trap-all runs at most ``trap_all_iterations``, with its own schedule of the same counts).
 * injected_writes (hooks + transient writes; restores not counted), hooks, transient_pairs;
   detected (injected writes the monitor reported, matched to the log by GPA and value);
   prevented (never landed: the guest read back the old word); tampered (hooks holding the
@@ -80,6 +80,7 @@ class KvmIntegrityParams:
     trap_all_iterations: int = 20_000  # trap-all runs at most this many (every write exits)
     data_writes: int = 1  # data words stored per iteration (each one exits under trap-all)
     review_every: int = 20_000  # iterations between reviews (log policies)
+    review_ms: float = 0.0  # > 0: reviews every this many ms of guest TSC instead
     patch_every: int = 10_000  # iterations between legitimate patches (0: none)
     patch_pages: int = 4
     hooks: int = 10
@@ -102,7 +103,8 @@ def kvm_config(p: KvmIntegrityParams, seed: int) -> Any:
 
     return IntegrityConfig(
         code_pages=p.code_pages, data_pages=p.data_pages, iterations=p.iterations,
-        data_writes=p.data_writes, review_every=p.review_every, patch_every=p.patch_every,
+        data_writes=p.data_writes, review_every=p.review_every, review_ms=p.review_ms,
+        patch_every=p.patch_every,
         patch_pages=p.patch_pages, hooks=p.hooks, transient_pairs=p.transient_pairs,
         attack_pages=p.attack_pages, trap_action=p.trap_action, ring_entries=p.ring_entries,
         stamp_every=p.stamp_every, seed=seed, user=user_mode(p.guest_cpl))
@@ -110,7 +112,8 @@ def kvm_config(p: KvmIntegrityParams, seed: int) -> Any:
 
 def sim_params(p: KvmIntegrityParams, seed: int, modes: tuple[str, ...]) -> Any:
     """The simulated integrity-monitor's parameters for the same pattern (see the module
-    docstring for what matches)."""
+    docstring for what matches; with ``review_ms`` the period stays ``review_every``: the
+    simulator has no time)."""
     from .integrity_monitor import IntegrityMonitorParams
 
     k = p.sim_accesses_per_iteration
@@ -166,6 +169,7 @@ def measure(outcome: Any, baseline_cycles: float, baseline_median: float) -> Row
         "code_pages": cfg.code_pages,
         "data_pages": cfg.data_pages,
         "review_every": cfg.review_every,
+        "review_ms": cfg.review_ms,
         "trap_action": cfg.trap_action,
         "injected_writes": s.injected,
         "hooks": s.hooks,
@@ -280,6 +284,9 @@ class KvmIntegrity:
         def of(policy: str, column: str) -> float:
             return float(mean.loc[policy, column])
 
+        def sim(policy: str) -> bool:  # the simulator ran beside (simulate=true)
+            return "sim_detected" in mean.columns and not np.isnan(of(policy, "sim_detected"))
+
         def cost(policy: str) -> str:
             return (f"{of(policy, 'median_overhead_pct'):+,.1f}% guest cycles by the median "
                     f"of its event periods ({of(policy, 'overhead_pct'):+,.0f}% over the whole "
@@ -292,7 +299,7 @@ class KvmIntegrity:
                 f" of {of('trap-code', 'injected_writes'):g} injected writes with "
                 f"{of('trap-code', 'vmm_exits'):,.0f} exits to this VMM, "
                 f"{cost('trap-code')}")
-            if params.simulate:
+            if sim("trap-code"):
                 text += (
                     f"; the simulator's trap-code: {of('trap-code', 'sim_detected'):g} of "
                     f"{of('trap-code', 'sim_malicious_writes'):g} hooks detected with "
@@ -302,25 +309,27 @@ class KvmIntegrity:
         if "trap-all" in mean.index:
             out.append(
                 f"Trapping every write took {of('trap-all', 'vmm_exits'):,.0f} exits and "
-                f"{of('trap-all', 'cycles_per_iteration'):,.0f} guest cycles per iteration "
-                f"against {of('none', 'cycles_per_iteration'):,.0f} unmonitored "
-                f"({cost('trap-all')}), for the same detections "
+                f"{of('trap-all', 'median_cycles_per_iteration'):,.0f} guest cycles per "
+                f"iteration in its median stamp period ({cost('trap-all')}), for the same "
+                f"detections "
                 f"({of('trap-all', 'detected'):g}).")
         for policy in ("log-bitmap", "log-ring"):
             if policy not in mean.index:
                 continue
+            ms = of(policy, "review_ms")
+            period = f"{ms:g} ms" if ms else f"{of(policy, 'review_every'):,.0f} iterations"
             out.append(
                 f"{policy}: {of(policy, 'detected'):g} of {of(policy, 'injected_writes'):g} "
                 f"injected writes detected ({of(policy, 'hooks'):g} hooks, "
-                f"{of(policy, 'transient_pairs'):g} undone before a review), "
+                f"{of(policy, 'transient_pairs'):g} written then restored), "
                 f"{of(policy, 'prevented'):g} prevented ({of(policy, 'tampered'):g} hooks still "
                 f"in place at the end), after {of(policy, 'mean_delay_us'):,.0f} us on average "
                 f"(max {of(policy, 'max_delay_us'):,.0f} us; "
                 f"{of(policy, 'mean_delay_iterations'):,.0f} iterations with reviews every "
-                f"{of(policy, 'review_every'):,.0f}); {of(policy, 'transients_flagged'):g} of "
+                f"{period}); {of(policy, 'transients_flagged'):g} of "
                 f"{of(policy, 'transient_pairs'):g} write-then-restore pairs were dirty but "
                 f"unchanged at the review (seen, not detected); {cost(policy)}.")
-            if params.simulate:
+            if sim(policy):
                 out[-1] += (
                     f" The simulator's pml: {of(policy, 'sim_detected'):g} of "
                     f"{of(policy, 'sim_malicious_writes'):g} hooks after "
@@ -329,9 +338,10 @@ class KvmIntegrity:
         false = int(table.false_detections.sum())
         flavour = (f"{table.kvm_module.iloc[0]}, "
                    f"{'TDP' if table.tdp.iloc[0] else 'shadow paging'}") if len(table) else ""
-        out.append(f"False detections over all policies: {false}. Noise floor of the median "
-                   f"overhead (policy none): {of('none', 'median_overhead_pct'):+.2f}%. Means "
-                   f"over {seeds} seed(s); measured on KVM: {flavour}.")
+        floor = (f" Noise floor of the median overhead (policy none): "
+                 f"{of('none', 'median_overhead_pct'):+.2f}%." if "none" in mean.index else "")
+        out.append(f"False detections over all policies: {false}.{floor} Means over {seeds} "
+                   f"seed(s); measured on KVM: {flavour}.")
         return out
 
     def figures(self, table: pd.DataFrame, params: KvmIntegrityParams) -> dict[str, Figure]:
@@ -363,7 +373,9 @@ class KvmIntegrity:
         ax_delay.scatter(x, max_us, marker="_", s=200, color="black", label="max", zorder=3)
         ax_delay.set_yscale("symlog", linthresh=1.0)
         ax_delay.set_ylabel("write to detection (us, measured)")
-        ax_delay.set_title(f"delay (reviews every {params.review_every:,} iterations)")
+        period = (f"{params.review_ms:g} ms" if params.review_ms
+                  else f"{params.review_every:,} iterations")
+        ax_delay.set_title(f"delay (reviews every {period})")
         ax_delay.legend(fontsize=7)
         for ax in (ax_cost, ax_det, ax_delay):
             ax.set_xticks(x)

@@ -22,12 +22,13 @@ gives userspace:
   are performed (emulated) here. The naive baseline. (Slot 0 -- the guest's driver, its page
   tables, the parameter block and the ground-truth log -- stays writable: it is the harness.)
 * ``log-bitmap`` / ``log-ring``: the code slot has ``KVM_MEM_LOG_DIRTY_PAGES``; writes run free.
-  Every ``review_every`` iterations the guest makes a ROUND hypercall (the review tick, its
-  RDTSC in RCX) and the VMM collects the dirty code pages (``KVM_GET_DIRTY_LOG``, or the dirty
-  ring: harvest and ``KVM_RESET_DIRTY_RINGS``) and compares each with its golden copy: changed
-  words that are not an allowed patch are detections; a dirty page with no changed word is
-  *dirty but unchanged* (a write-then-restore between two reviews). A last review runs at the
-  end. Nothing is prevented.
+  Every ``review_every`` iterations (or, with ``review_ms``, once its TSC passed the next
+  deadline ``review_ms`` apart, checked every 64 iterations) the guest makes a ROUND hypercall
+  (the review tick, its RDTSC in RCX) and the VMM collects the dirty code pages
+  (``KVM_GET_DIRTY_LOG``, or the dirty ring: harvest and ``KVM_RESET_DIRTY_RINGS``) and
+  compares each with its golden copy: changed words that are not an allowed patch are
+  detections; a dirty page with no changed word is *dirty but unchanged* (a write-then-restore
+  between two reviews). A last review runs at the end. Nothing is prevented.
 
 KVM reports the GPA of an MMIO exit, never the guest-linear address or the instruction: the
 trapped write is known by its GPA and data only.
@@ -90,6 +91,7 @@ class IntegrityConfig:
     iterations: int = 50_000
     data_writes: int = 2  # data words stored per iteration
     review_every: int = 5_000  # iterations between review ticks (log-* policies)
+    review_ms: float = 0.0  # > 0: review ticks every this many ms of guest TSC instead
     patch_every: int = 1_000  # iterations between legitimate patches (0: none)
     patch_pages: int = 4  # code pages with a patch site
     hooks: int = 10  # injected writes that stay
@@ -123,6 +125,8 @@ class IntegrityConfig:
         if self.trap_action not in TRAP_ACTIONS:
             raise ConfigError("trap_action", f"{self.trap_action!r} is not one of "
                               f"{', '.join(TRAP_ACTIONS)}")
+        if self.review_ms < 0:
+            raise ConfigError("review_ms", "must not be negative")
         if self.stamp_every < 1 or self.stamp_every & (self.stamp_every - 1):
             raise ConfigError("stamp_every", "must be a power of two")
         if self.iterations // self.stamp_every + 2 > MAX_STAMPS:
@@ -196,7 +200,9 @@ def make_schedule(cfg: IntegrityConfig) -> list[Injection]:
         if end - start < 2:
             raise ConfigError("review_every", "too short a window for a write-then-restore")
         a = int(rng.integers(start, end - 1))
-        b = int(rng.integers(a + 1, end))
+        # with timed reviews a pair is a few iterations apart (a tick between them is rare)
+        b = int(rng.integers(a + 1, end)) if not cfg.review_ms else min(
+            end - 1, a + 1 + int(rng.integers(8)))
         gpa = word(own[k])
         out.append(Injection(a, gpa, value(), TRANSIENT))
         out.append(Injection(b, gpa, 0, RESTORE))
@@ -262,6 +268,7 @@ class IntegrityOutcome:
     checksum: int = 0
     tsc_khz: int = 0
     kernel: dict[str, int] = field(default_factory=dict)  # vCPU statistics, measured phase
+    ticks: list[int] = field(default_factory=list)  # iterations that ended with a review tick
     vmm_exits: int = 0  # exits this VMM handled in the measured phase (not REPORT/DONE)
     final_words: dict[int, int] = field(default_factory=dict)  # injected GPAs at the end
     seconds: float = 0.0
@@ -292,10 +299,7 @@ class IntegrityOutcome:
         writes = {j.iteration for j in self.schedule}
         if cfg.patch_every:
             writes |= set(range(cfg.patch_every - 1, cfg.iterations, cfg.patch_every))
-        ticks: set[int] = set()
-        if self.policy in ("log-bitmap", "log-ring"):
-            ticks = set(range(cfg.review_every - 1, cfg.iterations, cfg.review_every))
-        tick_periods = {i // cfg.stamp_every for i in ticks}
+        tick_periods = {i // cfg.stamp_every for i in self.ticks}
         write_periods = {i // cfg.stamp_every for i in writes} - tick_periods
         out = {"write": sorted(write_periods), "tick": sorted(tick_periods)}
         return {kind: [k for k in ks if k < n] for kind, ks in out.items() if ks}
@@ -400,6 +404,7 @@ class _Monitor:
             elif self.armed:
                 self.outcome.vmm_exits += 1
                 self.outcome.counters.ticks += 1
+                self.outcome.ticks.append(record.args[0] - 1)
                 if self.policy in ("log-bitmap", "log-ring"):
                     self.review(record.args[0], record.args[1])
         elif record.number == HC_REPORT and record.args[0] == 3:
@@ -473,10 +478,13 @@ class _Monitor:
 # -- running -----------------------------------------------------------------------------------
 
 
-def _parameter_block(cfg: IntegrityConfig, schedule: list[Injection]) -> bytes:
+def _parameter_block(cfg: IntegrityConfig, schedule: list[Injection], tsc_khz: int) -> bytes:
+    """The guest's parameter block (offsets as ``P_*`` in ``guests/ikernel.S``)."""
+    review_tsc = round(cfg.review_ms * tsc_khz) if cfg.review_every else 0
     words = [cfg.code_base, cfg.code_pages, cfg.data_base, cfg.data_pages, cfg.iterations,
              cfg.data_writes, cfg.review_every, SCHEDULE_AT, len(schedule), LOG_AREA,
-             cfg.patch_every, cfg.patch_pages, 0, 0, 0, 0, cfg.stamp_every - 1, STAMPS_AT]
+             cfg.patch_every, cfg.patch_pages, 0, 0, 0, 0, cfg.stamp_every - 1, STAMPS_AT,
+             review_tsc, 0]
     return np.array(words, "<u8").tobytes()
 
 
@@ -491,12 +499,13 @@ def run_policy(kvm: Kvm, cfg: IntegrityConfig, policy: str, *,
     schedule = make_schedule(cfg)
     outcome = IntegrityOutcome(policy, cfg, schedule)
     ticks = cfg.review_every if policy in ("log-bitmap", "log-ring") else 0
-    block = _parameter_block(replace(cfg, review_every=ticks), schedule)  # 0: no ticks
     table = np.array([(j.iteration, j.gpa, j.value, j.kind) for j in schedule], "<u8")
     with KvmGuest(kvm, GuestMemory(cfg.memory), "ikernel", slots=cfg.slots(),
                   dirty_ring=cfg.ring_entries if policy == "log-ring" else 0,
                   user=cfg.user) as guest:
-        guest.memory.write(PARAM_AREA, block)
+        outcome.tsc_khz = guest.vcpu.tsc_khz()
+        block = _parameter_block(replace(cfg, review_every=ticks), schedule, outcome.tsc_khz)
+        guest.memory.write(PARAM_AREA, block)  # review_every 0: no ticks at all
         guest.memory.write(SCHEDULE_AT, table.tobytes())
         guest.start(r8=PARAM_AREA)
         monitor = _Monitor(guest, policy, outcome)
@@ -510,7 +519,6 @@ def run_policy(kvm: Kvm, cfg: IntegrityConfig, policy: str, *,
         outcome.stamps = np.frombuffer(guest.memory.read(STAMPS_AT, 8 * count), "<u8").copy()
         outcome.checksum = result.reports.get(2, 0)
         outcome.final_words = {j.gpa: guest.memory.read_u64(j.gpa) for j in schedule}
-        outcome.tsc_khz = guest.vcpu.tsc_khz()
         outcome.seconds = result.seconds
     if len(outcome.log) != len(schedule):
         raise GuestError("ikernel", f"logged {len(outcome.log)} of {len(schedule)} writes")

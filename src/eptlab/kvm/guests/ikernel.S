@@ -14,6 +14,8 @@
 #   RDTSC, the 8-byte store, RDTSC, a read back; log entry (64 bytes): iteration, GPA, value
 #   written, TSC before, TSC after, read back, kind, 0;
 #   every REVIEW_EVERY iterations (0: never) ROUND(i + 1) with RCX = RDTSC: the review tick;
+#   or, when REVIEW_TSC is set, the first time every 64 iterations that the TSC passed the next
+#   deadline (deadlines REVIEW_TSC cycles apart: a review every so many ms);
 #   before every STAMP_EVERY-th iteration (a power of two) an RDTSC into the stamp array, and
 #   one more at the end (chunk costs, for robust medians).
 # End: REPORT(1, loop cycles), REPORT(2, checksum of what the functions read),
@@ -38,6 +40,8 @@
 .set P_START, 120         # TSC at the start of the measured loop
 .set P_SMASK, 128         # stamp period - 1 (a power of two minus one)
 .set P_SPTR, 136          # where the next stamp goes
+.set P_RTSC, 144          # review period in TSC cycles (0: every P_REVIEW iterations)
+.set P_DEADLINE, 152      # TSC of the next timed review
 .set TAIL, 256            # code page bytes past the function (the template fits below)
 .set FUNC_READS, 32
 .set FUNC_STRIDE, 112     # 32 reads x 112 bytes cover 256..3840
@@ -90,6 +94,9 @@ booted:
 # -- the measured loop ----------------------------------------------------------------------
     RDTSC64 %rdi
     mov %rdi, P_START(%rbp)
+    mov %rdi, %rax
+    add P_RTSC(%rbp), %rax
+    mov %rax, P_DEADLINE(%rbp)
     xor %rsi, %rsi                    # i
     mov P_CODE(%rbp), %r9             # this iteration's code page
     mov P_DATA(%rbp), %r10            # next data word
@@ -202,12 +209,26 @@ inject:
     add $32, %r15
     jmp inject
 tick:
+    cmpq $0, P_RTSC(%rbp)
+    jne timed
     test %r12, %r12
     jz next
     dec %r12
     jnz next
     mov P_REVIEW(%rbp), %r12
     RDTSC64 %rcx
+    lea 1(%rsi), %rbx
+    HC HC_ROUND
+    jmp next
+timed:                                # a review when the TSC passed the deadline (checked
+    test $63, %rsi                    # every 64 iterations)
+    jnz next
+    RDTSC64 %rcx
+    cmp P_DEADLINE(%rbp), %rcx
+    jb next
+    mov %rcx, %rax
+    add P_RTSC(%rbp), %rax
+    mov %rax, P_DEADLINE(%rbp)
     lea 1(%rsi), %rbx
     HC HC_ROUND
 next:
