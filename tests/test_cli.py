@@ -31,6 +31,8 @@ def test_walk_json_five_levels_and_large_pages(capsys: pytest.CaptureFixture[str
     out = run_json(capsys, "--guest-levels", "5", "--ept-levels", "5")
     assert out["count"] == 35
     out = run_json(capsys, "--guest-page", "1g", "--ept-page", "2m")
+    assert out["count"] == 2 * (3 + 1) + 3  # the 2 MiB EPT pages back the page tables too
+    out = run_json(capsys, "--guest-page", "1g", "--ept-page", "2m", "--table-ept-page", "4k")
     assert out["count"] == 2 * 5 + 3
 
 

@@ -70,7 +70,10 @@ def walk(
     user: bool = False,
     page_user: bool | None = None,
 ) -> Translation:
+    """The guest page tables stay on 4 KiB EPT pages (``e`` backs only the data page) so the
+    grid has the data row's absent slots; tests/test_walk_options.py covers uniform backing."""
     return run_walk(
+        table_ept_page=PageSize.SIZE_4K,
         guest_levels=n,
         ept_levels=m,
         guest_page=g,

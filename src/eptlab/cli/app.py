@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, demo, experiments, explore, kvm, report, sweep, trace, walk
+from . import bench, demo, experiments, explore, kvm, oracle, report, sweep, trace, walk
 
 app = typer.Typer(
     name="eptlab",
@@ -24,3 +24,4 @@ app.command("sweep")(sweep.sweep)
 app.command("report")(report.report)
 app.add_typer(trace.trace_app, name="trace")
 app.add_typer(kvm.kvm_app, name="kvm")
+app.add_typer(oracle.oracle_app, name="oracle")

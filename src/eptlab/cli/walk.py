@@ -68,10 +68,19 @@ def walk_space(
     ept_ad: bool = False,
     gva: int = DEFAULT_GVA,
     page_user: bool = False,
+    table_ept_page: PageSize | None = None,
 ) -> NestedSpace:
     """The one-mapping scenario the walk options describe: ``gva`` mapped by a guest page
-    (a user page when ``page_user``) backed by EPT, the guest tables given ``table_perms``."""
-    space = NestedSpace.create(guest_levels=guest_levels, ept_levels=ept_levels, ept_ad=ept_ad)
+    (a user page when ``page_user``) backed by EPT, the guest tables given ``table_perms``.
+
+    ``ept_page`` backs all of the guest's memory, page tables included (as a hypervisor backs
+    guest RAM alike); ``table_ept_page`` sets the page tables' EPT page size apart."""
+    space = NestedSpace.create(
+        guest_levels=guest_levels,
+        ept_levels=ept_levels,
+        ept_ad=ept_ad,
+        table_ept_page=ept_page if table_ept_page is None else table_ept_page,
+    )
     space.map(gva, guest_page, ept_page, ept_perms=ept_perms, user=page_user)
     if table_perms != "rwx":
         space.protect_tables(table_perms)
@@ -90,6 +99,7 @@ def run_walk(
     user: bool = False,
     gva: int = DEFAULT_GVA,
     page_user: bool | None = None,
+    table_ept_page: PageSize | None = None,
 ) -> Translation:
     """Build the scenario the CLI describes (:func:`walk_space`) and walk ``gva`` once, cold.
     The access is a user-mode one when ``user``; the page is a user page when ``page_user``
@@ -104,6 +114,7 @@ def run_walk(
         ept_ad=ept_ad,
         gva=gva,
         page_user=user if page_user is None else page_user,
+        table_ept_page=table_ept_page,
     )
     return space.walker().translate(gva, access, Mode.USER if user else Mode.SUPERVISOR)
 
@@ -112,7 +123,13 @@ def run_walk(
 GuestLevelsOption = Annotated[Levels, typer.Option(help="Guest paging levels (5 = LA57).")]
 EptLevelsOption = Annotated[Levels, typer.Option(help="EPT page-walk length.")]
 GuestPageOption = Annotated[Size, typer.Option(help="Guest page size of the mapping.")]
-EptPageOption = Annotated[Size, typer.Option(help="EPT page size backing the data page.")]
+EptPageOption = Annotated[
+    Size, typer.Option(help="EPT page size backing all guest memory, page tables included.")
+]
+TableEptPageOption = Annotated[
+    Size | None,
+    typer.Option(help="EPT page size backing the guest page tables (default: --ept-page)."),
+]
 AccessOption = Annotated[AccessKind, typer.Option(help="Kind of access.")]
 EptPermsOption = Annotated[
     str, typer.Option(callback=_perms, help="EPT leaf permissions of the data page, e.g. r-x.")
@@ -131,6 +148,7 @@ def walk_from_options(
     ept_levels: Levels,
     guest_page: Size,
     ept_page: Size,
+    table_ept_page: Size | None = None,
     access: AccessKind,
     ept_perms: str,
     table_perms: str,
@@ -144,6 +162,7 @@ def walk_from_options(
         ept_levels=int(ept_levels.value),
         guest_page=PageSize.parse(guest_page.value),
         ept_page=PageSize.parse(ept_page.value),
+        table_ept_page=None if table_ept_page is None else PageSize.parse(table_ept_page.value),
         access=Access.parse(access.value),
         ept_perms=ept_perms,
         table_perms=table_perms,
@@ -158,6 +177,7 @@ def walk(
     ept_levels: EptLevelsOption = Levels.four,
     guest_page: GuestPageOption = Size.k4,
     ept_page: EptPageOption = Size.k4,
+    table_ept_page: TableEptPageOption = None,
     access: AccessOption = AccessKind.read,
     ept_perms: EptPermsOption = "rwx",
     table_perms: TablePermsOption = "rwx",
@@ -172,6 +192,7 @@ def walk(
         ept_levels=ept_levels,
         guest_page=guest_page,
         ept_page=ept_page,
+        table_ept_page=table_ept_page,
         access=access,
         ept_perms=ept_perms,
         table_perms=table_perms,

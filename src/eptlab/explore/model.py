@@ -20,7 +20,7 @@ from enum import IntFlag
 from typing import TypeVar
 
 from ..arch.bits import LEVEL_NAMES
-from ..arch.ept import MEMTYPE_MASK, MEMTYPE_SHIFT, Ept
+from ..arch.ept import MEMTYPE_MASK, MEMTYPE_SHIFT, Ept, ept_is_leaf, ept_is_present
 from ..arch.exits import (
     EPT_QUAL_MEANING,
     EptMisconfig,
@@ -445,16 +445,22 @@ def outcome_of(translation: Translation) -> Outcome:
 # -- the references, described -----------------------------------------------------------------
 
 
-def entry_flags(ref: Reference) -> str:
-    """Names of the flags set in the entry as read (guest ``Pte`` or ``Ept`` bits)."""
+def entry_flags(ref: Reference, mbec: bool = False) -> str:
+    """Names of the flags set in the entry as read (guest ``Pte`` or ``Ept`` bits). Bit 7 of a
+    PML5E/PML4E (guest or EPT) is reserved, not PS; an EPT entry with only bit 10 set is
+    present under mode-based execute control (``mbec``, SDM Vol. 3C §29.3.2)."""
     value = ref.value
     if ref.dim == Dim.EPT:
-        names = [f.name or "" for f in Ept if value & f]
-        memtype = (value & MEMTYPE_MASK) >> MEMTYPE_SHIFT
-        is_leaf = ref.level == 1 or value & Ept.PS
-        if is_leaf and value & 0x7:
-            names.append(f"MT={memtype}")
-        return " ".join(names) if value & 0x7 else "not present"
+        if not ept_is_present(value, mbec):
+            return "not present"
+        ept_names = []
+        for flag in Ept:
+            if value & flag:
+                top = flag == Ept.PS and ref.level >= 4
+                ept_names.append("bit7(reserved)" if top else flag.name or "")
+        if ept_is_leaf(value, ref.level):
+            ept_names.append(f"MT={(value & MEMTYPE_MASK) >> MEMTYPE_SHIFT}")
+        return " ".join(ept_names)
     if not value & Pte.P:
         return "not present"
     large = ref.level in (2, 3) and value & Pte.PS
@@ -464,6 +470,8 @@ def entry_flags(ref: Reference) -> str:
             continue
         if f == Pte.PS and ref.level == 1:
             names.append("PAT" if value & PTE_PAT else "")  # bit 7 of a PTE is PAT
+        elif f == Pte.PS and ref.level >= 4:
+            names.append("bit7(reserved)")  # SDM Vol. 3A Tables 4-14/4-15: reserved (must be 0)
         elif f == Pte.LARGE_PAT and not large:
             continue  # bit 12 is an address bit unless the entry maps a large page
         else:
@@ -471,7 +479,7 @@ def entry_flags(ref: Reference) -> str:
     return " ".join(n for n in names if n)
 
 
-def reference_rows(translation: Translation) -> list[dict[str, object]]:
+def reference_rows(translation: Translation, mbec: bool = False) -> list[dict[str, object]]:
     """The reference table: one dict per reference, addresses as hex strings (64-bit values
     do not fit a JavaScript number)."""
     rows: list[dict[str, object]] = []
@@ -491,7 +499,7 @@ def reference_rows(translation: Translation) -> list[dict[str, object]]:
                 "gpa_role": "entry at GPA" if r.dim == Dim.GUEST else "translating GPA",
                 "hpa": f"{r.address:#x}",
                 "value": f"{r.value:#018x}",
-                "flags": entry_flags(r),
+                "flags": entry_flags(r, mbec),
             }
         )
     return rows
@@ -524,6 +532,7 @@ def explorer_data(
     command: str,
     initial_step: int = 0,
     initial_choice: Mapping[str, int] | None = None,
+    mbec: bool = False,
 ) -> dict[str, object]:
     """The JSON document the page embeds: grid, references, scenarios and outcome. The page
     opens with the caches holding ``initial_choice`` and ``initial_step`` references done."""
@@ -552,7 +561,7 @@ def explorer_data(
             {"index": c.index, "row": c.row, "col": c.col, "label": c.label} for c in grid.cells
         ],
         "slots": [{"row": s.row, "col": s.col, "kind": s.kind} for s in grid.slots],
-        "references": reference_rows(t),
+        "references": reference_rows(t, mbec),
         "groups": [{"key": g, "title": GROUP_TITLES[g]} for g in GROUPS],
         "options": [
             {

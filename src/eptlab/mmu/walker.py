@@ -15,7 +15,14 @@ Modelling choices where the SDM leaves freedom (the fast engine must make the sa
 * Accessed/dirty flags are set per *completed* translation: an EPT translation of one GPA sets
   the EPT accessed flags of its entries (and the leaf's dirty flag for a write-like access) only
   if it ends without a violation; the guest walk sets guest A flags (and D in the leaf for a
-  write) only once its permission checks pass. This is what KVM's software walker does.
+  write) only once its permission checks pass, so a fault lower in the walk leaves the upper
+  A flags clear. The guest flags are written *before* the final GPA is translated through EPT,
+  so an EPT violation on the data page leaves them set. Bochs 2.7 does the same (checked by
+  ``eptlab oracle bochs``: ``update_access_dirty_PAE`` runs before ``translate_guest_physical``
+  of the final address). KVM's software walker (``arch/x86/kvm/mmu/paging_tmpl.h``,
+  ``walk_addr_generic``) orders it the other way: it translates the final GPA first
+  (``kvm_translate_gpa``) and sets the guest A/D flags only if that succeeds; the SDM leaves
+  the order open.
 * Guest A/D updates without EPT A/D are writes for EPT (SDM §29.3.3.2); a read-modify-write that
   causes an EPT violation reports bits 0 and 1 of the qualification (the SDM leaves bit 0 to the
   implementation).
@@ -400,9 +407,7 @@ class ReferenceWalker:
             rights &= value
             if not ept_is_present(value, vmcs.mbec):
                 raise _Stop(EptViolation(gpa, walk.gva, int(qual | self._rights_bits(rights))))
-            why = ept_misconfiguration(
-                value, level, maxphy, self.features.ept_execute_only, vmcs.mbec
-            )
+            why = self._ept_misconfiguration(value, level)
             if why is not None:
                 raise _Stop(EptMisconfig(gpa, level, why))
             path.append((level, entry, value))
@@ -426,6 +431,13 @@ class ReferenceWalker:
             self._set_ept_flags(walk, gpa, path, dirty=bool(write_like))
         hpa = ept_address(leaf_value, level, maxphy) | (gpa & ((1 << level_shift(level)) - 1))
         return _EptResult(hpa, rights, PageSize.at_level(level))
+
+    def _ept_misconfiguration(self, value: int, level: int) -> str | None:
+        """Why a present EPT entry is a misconfiguration (SDM §29.3.3.1), or None."""
+        assert self.vmcs is not None
+        return ept_misconfiguration(
+            value, level, self.features.maxphyaddr, self.features.ept_execute_only, self.vmcs.mbec
+        )
 
     def _rights_bits(self, rights: int) -> EptQual:
         """Qualification bits 3-6: what the EPT entries walked allow (their AND)."""
