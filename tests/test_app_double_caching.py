@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eptlab.apps.disk import DISK_MODELS, Disk, DiskModel, block_contents, disk_model
+from eptlab.apps.disk import Disk, DiskModel, block_contents, disk_model
 from eptlab.apps.double_caching import (
     GuestFileReader,
     Machine,
@@ -62,7 +62,7 @@ def test_disk_latency_seeks_only_when_a_request_does_not_continue_the_last() -> 
     assert disk.counters.busy_us == pytest.approx(first + follow + jump)
     # bigger transfers take longer; an NVMe request is far cheaper than an HDD seek
     assert hdd.read_us(32, sequential=True) > hdd.read_us(8, sequential=True)
-    assert DISK_MODELS["nvme"].read_us(1, sequential=False) < hdd.seek_us
+    assert disk_model("nvme").read_us(1, sequential=False) < hdd.seek_us
 
 
 def test_disk_bad_input() -> None:

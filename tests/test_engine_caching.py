@@ -8,7 +8,7 @@ import pytest
 
 from eptlab.arch import Access, EptQual, EptViolation, PageSize
 from eptlab.arch.ept import Ept
-from eptlab.mmu.config import MmuConfig
+from eptlab.mmu.config import CacheConfig, MmuConfig, PrefetcherConfig
 from eptlab.mmu.engine import Accesses, Engine, InveptType, InvvpidType
 from eptlab.mmu.scenario import NestedSpace
 
@@ -176,7 +176,8 @@ def test_invvpid_individual_address_needs_address() -> None:
 def test_statistics_of_a_sequential_stream() -> None:
     space = NestedSpace.create()
     space.map(GVA)
-    engine = Engine(space.memory, MmuConfig(), space.features)
+    no_prefetcher = MmuConfig(cache=CacheConfig(prefetcher=PrefetcherConfig.off()))
+    engine = Engine(space.memory, no_prefetcher, space.features)
     engine.add_vcpu(space.guest, space.vmcs)
     result = engine.run(Accesses.build(GVA + np.arange(0, 4096, 64, dtype=np.int64)))
     assert result.done
@@ -191,6 +192,7 @@ def test_statistics_of_a_sequential_stream() -> None:
     assert s.guest_refs[:4] == (1, 1, 1, 1) and s.ept_refs[:4] == (5, 2, 2, 1)
     assert s.ept_psc_hits == 4
     assert s.data_served == (0, 0, 0, 64)  # 64 distinct lines, all cold
+    assert s.prefetches == s.useful_prefetches == 0
     assert s.cycles == s.translation_cycles + s.data_cycles > 0
     flat = s.as_dict()
     assert flat["walks"] == 1 and flat["guest_refs_l4"] == 1 and flat["tlb_miss_rate"] == 1 / 64

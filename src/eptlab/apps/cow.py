@@ -10,8 +10,9 @@ destroying a clone releases its references, which frees only its private frames.
 With 2 MiB EPT mappings, a first write either copies the whole 2 MiB (``granularity="2m-copy"``)
 or splits the mapping into 4 KiB pages and copies one of them (``"2m-split"``).
 
-Cost model (documented constants, cycles): touching an EPT entry costs ``ENTRY_CYCLES``, an
-INVEPT ``INVEPT_CYCLES``, a VM exit round trip ``EXIT_CYCLES``, copying ``COPY_BYTES_PER_CYCLE``
+Cost model (cycles, from the cost profile active when the policy is made, see
+:mod:`eptlab.hv.costs`): touching an EPT entry costs ``ept_edit_cycles``, an INVEPT
+``invept_cycles``, a VM exit round trip ``vmexit_cycles``, copying ``copy_bytes_per_cycle``
 bytes per cycle.
 """
 
@@ -25,16 +26,15 @@ from ..arch.ept import Ept, ept_address
 from ..arch.exits import EptQual, EptViolation, ExitReason
 from ..errors import ConfigError
 from ..hv import VM, Exit, Hypervisor
-from ..hv.costs import COPY_BYTES_PER_CYCLE, EPT_EDIT_CYCLES, INVEPT_CYCLES, VMEXIT_CYCLES
+from ..hv.costs import hv_costs
 from ..mmu.context import GuestState
 
-ENTRY_CYCLES = EPT_EDIT_CYCLES
-EXIT_CYCLES = VMEXIT_CYCLES
 GRANULARITIES = ("4k", "2m-copy", "2m-split")
 
 
 def copy_cycles(size: int) -> int:
-    return size // COPY_BYTES_PER_CYCLE
+    """Cycles to copy ``size`` bytes at the active profile's bandwidth."""
+    return hv_costs().copy_cycles(size)
 
 
 @dataclass
@@ -65,6 +65,7 @@ class CopyOnWrite:
             raise ConfigError("granularity", f"{granularity!r} is not one of {GRANULARITIES}")
         self.hv, self.granularity = hv, granularity
         self.counters = CowCounters()
+        self.costs = hv_costs()
         self._cow: dict[int, dict[int, PageSize]] = {}  # id(vm) -> page base -> size
         hv.on(ExitReason.EPT_VIOLATION, self.handle)
 
@@ -85,7 +86,7 @@ class CopyOnWrite:
             vm.hv.host.memory.write_u64(leaf.entry_address, leaf.value & ~int(Ept.W))
         self._cow.setdefault(id(vm), {})[gpa] = size
         self.counters.entries_touched += 1
-        self.counters.fork_cycles += ENTRY_CYCLES
+        self.counters.fork_cycles += self.costs.ept_edit
 
     def snapshot(self, vm: VM) -> Snapshot:
         """Freeze the VM's current memory: its frames gain a reference held by the snapshot and
@@ -96,7 +97,7 @@ class CopyOnWrite:
             pages[gpa] = (hpa, size, value & 7)
             self._write_protect(vm, gpa, size)
         vm.invept()
-        self.counters.fork_cycles += INVEPT_CYCLES
+        self.counters.fork_cycles += self.costs.invept
         return Snapshot(vm, pages)
 
     def restore(self, snapshot: Snapshot) -> None:
@@ -138,7 +139,7 @@ class CopyOnWrite:
             new_tables = len(clone.ept.tables.tables) - tables_before
             touched = len(leaves) + new_tables
             self.counters.entries_touched += touched
-            self.counters.fork_cycles += touched * ENTRY_CYCLES
+            self.counters.fork_cycles += touched * self.costs.ept_edit
             for parent_vcpu in vm.vcpus:
                 g = parent_vcpu.guest
                 clone.add_vcpu(
@@ -148,7 +149,7 @@ class CopyOnWrite:
                 )
             clones.append(clone)
         vm.invept()
-        self.counters.fork_cycles += INVEPT_CYCLES
+        self.counters.fork_cycles += self.costs.invept
         return clones
 
     def destroy(self, vm: VM) -> int:
@@ -175,7 +176,7 @@ class CopyOnWrite:
         if cow.get(base) != leaf.page_size:
             return False
         self.counters.cow_faults += 1
-        self.counters.fault_cycles += EXIT_CYCLES + INVEPT_CYCLES
+        self.counters.fault_cycles += self.costs.vmexit + self.costs.invept
         if leaf.page_size > PAGE_SIZE and self.granularity == "2m-split":
             vm.ept.split(base)
             del cow[base]
@@ -183,7 +184,7 @@ class CopyOnWrite:
             for offset in range(0, leaf.page_size, small):
                 cow[base + offset] = small
             self.counters.splits += 1
-            self.counters.fault_cycles += 512 * ENTRY_CYCLES
+            self.counters.fault_cycles += 512 * self.costs.ept_edit
             leaf = vm.ept.lookup(record.gpa)
             assert leaf is not None
             base = record.gpa & ~(leaf.page_size - 1)
@@ -202,7 +203,7 @@ class CopyOnWrite:
             self.hv.host.release(hpa, size)
             self.counters.pages_copied += size // PAGE_SIZE
             self.counters.per_vm[vm.name] += size // PAGE_SIZE
-            self.counters.fault_cycles += copy_cycles(size)
+            self.counters.fault_cycles += self.costs.copy_cycles(size)
         del cow[base]
         vm.invept()  # INVEPT single-context on the VM's vCPUs: the read-only entry is gone
         return True

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..arch.bits import ENTRIES_PER_TABLE, PAGE_SIZE
+from ..costs import CostProfile, active_profile
 from ..errors import AddressError, ConfigError
 
 Block = npt.NDArray[np.uint64]
@@ -62,20 +63,29 @@ class DiskModel:
         return self.request_us + (0.0 if sequential else self.seek_us) + transfer
 
 
-DISK_MODELS: dict[str, DiskModel] = {
-    # NVMe flash: ~80 us for a queue-depth-1 read, no seek, ~3 GiB/s
-    "nvme": DiskModel("nvme", request_us=80.0, seek_us=0.0, mib_per_s=3000.0),
-    # SATA SSD: ~120 us per read, ~500 MiB/s
-    "ssd": DiskModel("ssd", request_us=120.0, seek_us=0.0, mib_per_s=500.0),
-    # 7,200 rpm hard disk: ~4 ms average seek + 4.2 ms half rotation, ~180 MiB/s streaming
-    "hdd": DiskModel("hdd", request_us=50.0, seek_us=8_200.0, mib_per_s=180.0),
-}
+DISK_NAMES = ("nvme", "ssd", "hdd")
+"""NVMe flash (no seek), a SATA SSD (no seek), a 7,200 rpm hard disk (seek + half rotation)."""
 
 
-def disk_model(name: str) -> DiskModel:
-    if name not in DISK_MODELS:
-        raise ConfigError("disk", f"{name!r} is not one of {', '.join(DISK_MODELS)}")
-    return DISK_MODELS[name]
+def disk_models(profile: CostProfile | None = None) -> dict[str, DiskModel]:
+    """The disks, priced by ``profile`` (the active cost profile unless given): keys
+    ``{name}_request_us``, ``{name}_mib_per_s`` and ``hdd_seek_us``; flash does not seek."""
+    p = active_profile() if profile is None else profile
+    return {
+        name: DiskModel(
+            name,
+            request_us=p[f"{name}_request_us"],
+            seek_us=p["hdd_seek_us"] if name == "hdd" else 0.0,
+            mib_per_s=p[f"{name}_mib_per_s"],
+        )
+        for name in DISK_NAMES
+    }
+
+
+def disk_model(name: str, profile: CostProfile | None = None) -> DiskModel:
+    if name not in DISK_NAMES:
+        raise ConfigError("disk", f"{name!r} is not one of {', '.join(DISK_NAMES)}")
+    return disk_models(profile)[name]
 
 
 @dataclass

@@ -39,13 +39,7 @@ from ..arch.bits import PAGE_SHIFT, PAGE_SIZE, PageSize
 from ..errors import ConfigError, EptlabError
 from ..guest import DIRECT_MAP_BASE, GuestKernel, Process
 from ..hv import VCPU, VM, GuestAction, Hypercall, Hypervisor, Run
-from ..hv.costs import (
-    COPY_BYTES_PER_CYCLE,
-    CYCLES_PER_US,
-    EPT_EDIT_CYCLES,
-    FRAME_ALLOC_CYCLES,
-    VMEXIT_CYCLES,
-)
+from ..hv.costs import hv_costs
 from ..hv.program import Segment
 from ..mmu.config import MmuConfig
 from ..traces.model import TraceChunk
@@ -273,8 +267,9 @@ class Outcome:
     @property
     def ept_us(self) -> float:
         """Modelled hypervisor time of the EPT violations: exit, frame, zeroing, entry."""
-        per = VMEXIT_CYCLES + FRAME_ALLOC_CYCLES + self.backing // COPY_BYTES_PER_CYCLE
-        return self.ept_violations * (per + EPT_EDIT_CYCLES) / CYCLES_PER_US
+        c = hv_costs()
+        per = c.vmexit + c.frame_alloc + c.copy_cycles(self.backing)
+        return self.ept_violations * (per + c.ept_edit) / c.cycles_per_us
 
 
 class Machine:

@@ -48,11 +48,12 @@ Only the watched pages are split to 4 KiB EPT pages (pml: kernel code); the rest
 stays on 2 MiB EPT pages, whose dirty flags the monitor never clears, so they log once and the
 log fills mostly with code pages.
 
-Costs (cycles, documented constants, added to the engine's own cycle count): a VM exit round
-trip ``VMEXIT_CYCLES``; decoding and emulating (or refusing) a trapped store
-``EMULATE_CYCLES``; an INVEPT ``INVEPT_CYCLES`` (the walks that refill the TLBs afterwards are
-counted by the engine); an EPT entry edit ``EPT_EDIT_CYCLES``; reading one PML log entry
-``PML_ENTRY_CYCLES``; comparing one 4 KiB page with its golden copy ``PAGE_COMPARE_CYCLES``. The
+Costs (cycles, from the active cost profile (:mod:`eptlab.costs`), added to the engine's own
+cycle count): a VM exit round trip ``vmexit_cycles``; decoding and emulating (or refusing) a
+trapped store ``emulate_cycles``; an INVEPT ``invept_cycles`` (the walks that refill the TLBs
+afterwards are counted by the engine); an EPT entry edit ``ept_edit_cycles``; reading one PML
+log entry ``pml_entry_cycles``; comparing one 4 KiB page with its golden copy
+``page_compare_cycles``. The
 monitor also splits the watched 2 MiB EPT mappings into 4 KiB pages; the TLB reach lost that
 way shows up in the engine's cycles.
 """
@@ -68,17 +69,14 @@ import numpy.typing as npt
 from ..arch.bits import PAGE_SIZE, PageSize
 from ..arch.ept import Ept
 from ..arch.exits import EptQual, EptViolation, ExitReason
+from ..costs import active_profile
 from ..errors import ConfigError
 from ..guest import DIRECT_MAP_BASE, GuestKernel, KernelImage
 from ..hv import VCPU, VM, Exit, Hypervisor, guest_runner
-from ..hv.costs import EMULATE_CYCLES, EPT_EDIT_CYCLES, INVEPT_CYCLES
 from ..hv.guest_runner import Resume, RunReport
 from ..workloads import Zipf
 
 MODES = ("none", "trap-code", "trap-all", "pml")
-
-PML_ENTRY_CYCLES = 30  # read and classify one PML log entry
-PAGE_COMPARE_CYCLES = 1_000  # compare a 4 KiB page with its golden copy
 
 NOP5 = 0x00_441F_0F  # nopl 0x0(%rax,%rax,1): 0F 1F 44 00 00
 JMP32 = 0xE9  # jmp rel32: E9 xx xx xx xx
@@ -408,12 +406,13 @@ class MonitorCounters:
 
     def cycles(self) -> int:
         """Cycles of the monitor's own work (VM exits are costed by the caller)."""
+        p = active_profile()
         return (
-            (self.emulated + self.denied) * EMULATE_CYCLES
-            + self.invept * INVEPT_CYCLES
-            + self.ept_edits * EPT_EDIT_CYCLES
-            + self.pml_entries * PML_ENTRY_CYCLES
-            + self.pages_compared * PAGE_COMPARE_CYCLES
+            (self.emulated + self.denied) * p.cycles("emulate_cycles")
+            + self.invept * p.cycles("invept_cycles")
+            + self.ept_edits * p.cycles("ept_edit_cycles")
+            + self.pml_entries * p.cycles("pml_entry_cycles")
+            + self.pages_compared * p.cycles("page_compare_cycles")
         )
 
 

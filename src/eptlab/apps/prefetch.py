@@ -66,9 +66,11 @@ The checker (:class:`StaleUseChecker`)
     it has references: a dangling entry shares a frame that was given to someone else). Each is a
     stale use.
 
-Costs (cycles, the constants of :class:`Costs`, matching the copy-on-write app): a VM exit round
-trip 1,500; an INVEPT 500; a shootdown costs each other vCPU an IPI exit plus its INVEPT; writing
-an entry 20; allocating a frame 200; zeroing or copying 8 bytes per cycle. Per-access cycles
+Costs (cycles, the fields of :class:`Costs`, taken from the active cost profile like the
+copy-on-write app's; the default profile's values in brackets): a VM exit round trip
+(1,500); an INVEPT (500); a shootdown costs each other vCPU an IPI exit plus its INVEPT; writing
+an entry (20); allocating a frame (200); zeroing or copying (8 bytes per cycle); delivering a
+guest page fault (1,000). Per-access cycles
 (:class:`CycleMeter`): the engine's translation and data cycles of the access (measured by running
 accesses one at a time), plus what it caused -- the failed attempt, the exit and the handler's
 work (backing, copy, shootdown) are added to the access that exited; an IPI is added to the next
@@ -104,11 +106,11 @@ from ..arch.access import Access
 from ..arch.bits import PAGE_SHIFT, PAGE_SIZE, PageSize, bits
 from ..arch.ept import Ept, EptEntry, ept_address, ept_is_leaf, ept_is_present
 from ..arch.exits import EptQual, EptViolation, ExitReason, GuestFault, VmExit
+from ..costs import active_profile
 from ..errors import ConfigError, EptlabError, MappingError
 from ..guest import GuestKernel
 from ..guest.layout import DIRECT_MAP_BASE, KernelImage
 from ..hv import VCPU, VM, Exit, GuestAction, Hypercall, Hypervisor, Run
-from ..hv.costs import COPY_BYTES_PER_CYCLE, EPT_EDIT_CYCLES, INVEPT_CYCLES, VMEXIT_CYCLES
 from ..hv.host import HostMemory
 from ..hv.program import Segment
 from ..memory.physical import PhysicalMemory
@@ -139,20 +141,26 @@ _2M = PageSize.SIZE_2M.value
 _4K = PageSize.SIZE_4K
 
 
+def _cycles(key: str) -> int:
+    return active_profile().cycles(key)
+
+
 @dataclass(frozen=True)
 class Costs:
     """Cycles charged for work the engine does not model (see the module docstring)."""
 
-    exit_cycles: int = VMEXIT_CYCLES
-    invept_cycles: int = INVEPT_CYCLES
-    entry_cycles: int = EPT_EDIT_CYCLES
-    alloc_cycles: int = 200
-    bytes_per_cycle: int = COPY_BYTES_PER_CYCLE
-    guest_fault_cycles: int = 1000
+    exit_cycles: int = field(default_factory=lambda: _cycles("vmexit_cycles"))
+    invept_cycles: int = field(default_factory=lambda: _cycles("invept_cycles"))
+    entry_cycles: int = field(default_factory=lambda: _cycles("ept_edit_cycles"))
+    alloc_cycles: int = field(default_factory=lambda: _cycles("frame_alloc_cycles"))
+    bytes_per_cycle: float = field(
+        default_factory=lambda: active_profile()["copy_bytes_per_cycle"]
+    )
+    guest_fault_cycles: int = field(default_factory=lambda: _cycles("guest_fault_cycles"))
 
     def page(self, size: int) -> int:
         """Allocate, zero (or copy) and map one page of ``size`` bytes."""
-        return self.alloc_cycles + size // self.bytes_per_cycle + self.entry_cycles
+        return self.alloc_cycles + int(size // self.bytes_per_cycle) + self.entry_cycles
 
     @property
     def ipi_cycles(self) -> int:

@@ -17,7 +17,7 @@ let through, in one of two ways (``resume``):
 
 ``emulate``
     decode the store and perform it in software (the value from the decode, at the HPA the
-    debugger knows), resume after it; the page stays protected. One exit, ``EMULATE_CYCLES``.
+    debugger knows), resume after it; the page stays protected. One exit, ``emulate_cycles``.
 ``mtf``
     give the page its rights back, resume with the monitor trap flag set: the guest runs that one
     access and exits again (MTF, reason 37); revoke the rights and INVEPT. Two exits, two EPT
@@ -43,9 +43,10 @@ filtered (the reports)
     knows is free, holding 0 or the address of another free chunk of the same size, is the
     allocator's. A wild write storing garbage there is still reported. What is left is a report.
 
-Costs (cycles, on top of the engine's): each exit ``VMEXIT_CYCLES``; each emulated access
-``EMULATE_CYCLES``; each check ``CHECK_CYCLES``; each ring event applied ``RING_ENTRY_CYCLES``;
-EPT edits ``EPT_EDIT_CYCLES``; INVEPT ``INVEPT_CYCLES``. The unfiltered and sync-only views are
+Costs (cycles, on top of the engine's, from the active cost profile): each exit
+``vmexit_cycles``; each emulated access ``emulate_cycles``; each check
+``debugger_check_cycles``; each ring event applied ``ring_entry_cycles``; EPT edits
+``ept_edit_cycles``; INVEPT ``invept_cycles``. The unfiltered and sync-only views are
 counterfactuals kept for the comparison: their bookkeeping is not charged.
 """
 
@@ -58,10 +59,10 @@ import numpy as np
 
 from ..arch.bits import PAGE_SIZE
 from ..arch.exits import EptQual, EptViolation, ExitReason
+from ..costs import active_profile
 from ..errors import ConfigError, EptlabError
 from ..guest import DIRECT_MAP_BASE
 from ..hv import VCPU, VM, Exit
-from ..hv.costs import EMULATE_CYCLES, EPT_EDIT_CYCLES, INVEPT_CYCLES
 from ..hv.guest_runner import Resume
 from ..memory.physical import PhysicalMemory
 from .heap_guest import (
@@ -77,8 +78,6 @@ from .heap_guest import (
 
 MODES = ("write", "all")
 RESUMES = ("emulate", "mtf")
-CHECK_CYCLES = 150  # look a trapped write up in the ownership map and the allow-list
-RING_ENTRY_CYCLES = 40  # read, decode and apply one ownership event from the ring
 _REVOKED = {"write": "r-x", "all": "---"}
 
 
@@ -167,12 +166,13 @@ class DebuggerCounters:
 
     def cycles(self) -> int:
         """Cycles of the debugger's own work (VM exits are costed by the caller)."""
+        p = active_profile()
         return (
-            self.emulated * EMULATE_CYCLES
-            + self.checks * CHECK_CYCLES
-            + self.ring_entries * RING_ENTRY_CYCLES
-            + self.ept_edits * EPT_EDIT_CYCLES
-            + self.invept * INVEPT_CYCLES
+            self.emulated * p.cycles("emulate_cycles")
+            + self.checks * p.cycles("debugger_check_cycles")
+            + self.ring_entries * p.cycles("ring_entry_cycles")
+            + self.ept_edits * p.cycles("ept_edit_cycles")
+            + self.invept * p.cycles("invept_cycles")
         )
 
 

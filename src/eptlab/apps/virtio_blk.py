@@ -17,9 +17,10 @@ The notify is a VMCALL (:data:`VIRTIO_BLK_NOTIFY`); a real virtio-blk notify is 
 doorbell (an MMIO access that exits as an EPT misconfiguration, or an ``OUT``, exit reason 30).
 Either is one exit per notify, which is all the model needs.
 
-Costs (:mod:`eptlab.hv.costs`): a notify is a VM exit round trip; copying a block into the guest
-is 4 KiB at memcpy speed; a host cache fill also takes a frame; disk time comes from the
-:class:`~eptlab.apps.disk.DiskModel`. Requests are served one after the other (queue depth 1).
+Costs (:mod:`eptlab.hv.costs`, from the active cost profile): a notify is a VM exit round
+trip; copying a block into the guest is 4 KiB at memcpy speed; a host cache fill also takes a
+frame; disk time comes from the :class:`~eptlab.apps.disk.DiskModel`. Requests are served one
+after the other (queue depth 1).
 """
 
 from __future__ import annotations
@@ -32,14 +33,13 @@ from typing import Literal
 from ..arch.bits import PAGE_SHIFT, PAGE_SIZE
 from ..errors import ConfigError
 from ..hv import VCPU, VM
-from ..hv.costs import COPY_BYTES_PER_CYCLE, CYCLES_PER_US, FRAME_ALLOC_CYCLES, VMEXIT_CYCLES
+from ..hv.costs import hv_costs
 from .disk import Block, Disk
 from .host_cache import HostPageCache
 
 VIRTIO_BLK_NOTIFY = 0x5642  # "VB"
 HostIo = Literal["buffered", "direct"]
 HOST_IO: tuple[HostIo, ...] = ("buffered", "direct")
-COPY_PAGE_CYCLES = PAGE_SIZE // COPY_BYTES_PER_CYCLE
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class DeviceCounters:
     @property
     def io_us(self) -> float:
         """Modelled time of the I/O path: disk time plus the host CPU work."""
-        return self.disk_us + self.cpu_cycles / CYCLES_PER_US
+        return self.disk_us + self.cpu_cycles / hv_costs().cycles_per_us
 
     def minus(self, before: DeviceCounters) -> DeviceCounters:
         return DeviceCounters(
@@ -94,6 +94,7 @@ class VirtioBlk:
         self.notify = notify
         self.queue: deque[BlockRequest] = deque()
         self.counters = DeviceCounters()
+        self.costs = hv_costs()
         vm.hv.hypercall(notify, "virtio-blk notify")(self._notify)
 
     def key(self, block: int) -> tuple[int, int]:
@@ -111,7 +112,7 @@ class VirtioBlk:
 
     def _notify(self, vcpu: VCPU, args: tuple[int, ...]) -> int:
         self.counters.notifies += 1
-        self.counters.cpu_cycles += VMEXIT_CYCLES
+        self.counters.cpu_cycles += self.costs.vmexit
         served = 0
         while self.queue:
             self.serve(self.queue.popleft())
@@ -149,7 +150,7 @@ class VirtioBlk:
         contents = self._disk_read(run[0][0], len(run))
         for (block, gpa), words in zip(run, contents, strict=True):
             hpa = self.cache.insert(self.key(block), words)
-            self.counters.cpu_cycles += FRAME_ALLOC_CYCLES
+            self.counters.cpu_cycles += self.costs.frame_alloc
             self._copy_to_guest(hpa, gpa)
 
     def _disk_read(self, first: int, count: int) -> list[Block]:
@@ -166,7 +167,7 @@ class VirtioBlk:
 
     def _copy_to_guest(self, hpa: int, gpa: int) -> None:
         self.vm.hv.host.memory.copy_frame(hpa >> PAGE_SHIFT, self._guest_frame(gpa))
-        self.counters.cpu_cycles += COPY_PAGE_CYCLES
+        self.counters.cpu_cycles += self.costs.copy_cycles(PAGE_SIZE)
         self.counters.blocks += 1
 
     def _deliver(self, gpa: int, words: Block) -> None:

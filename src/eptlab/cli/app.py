@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, demo, experiments, explore, kvm, oracle, report, sweep, trace, walk
+from . import (
+    bench,
+    calibrate,
+    costs,
+    demo,
+    experiments,
+    explore,
+    kvm,
+    oracle,
+    report,
+    sweep,
+    trace,
+    walk,
+)
 
 app = typer.Typer(
     name="eptlab",
@@ -22,6 +35,8 @@ app.command("list")(experiments.list_experiments)
 app.command("run")(experiments.run_experiment)
 app.command("sweep")(sweep.sweep)
 app.command("report")(report.report)
+app.command("costs")(costs.costs)
+app.command("calibrate")(calibrate.calibrate)
 app.add_typer(trace.trace_app, name="trace")
 app.add_typer(kvm.kvm_app, name="kvm")
 app.add_typer(oracle.oracle_app, name="oracle")

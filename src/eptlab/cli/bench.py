@@ -18,6 +18,7 @@ from rich.table import Table
 
 from .. import bench as bench_lib
 from ..arch.bits import PageSize
+from .costs import ProfileOption
 
 STARTUP_PROBE = """
 import time
@@ -63,8 +64,27 @@ def bench(
         int, typer.Option(help="Accesses timed on the walker.", min=10)
     ] = 3000,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    profile: ProfileOption = None,
 ) -> int:
     """Measure engine throughput against the reference walker on the same streams."""
+    from ..costs import load_profile, use_profile
+
+    costs = load_profile(profile)
+    with use_profile(costs):
+        return _bench(accesses, workloads, trace, guest_page, ept_page, walker_sample, as_json)
+
+
+def _bench(
+    accesses: int,
+    workloads: str,
+    trace: Path | None,
+    guest_page: str,
+    ept_page: str,
+    walker_sample: int,
+    as_json: bool,
+) -> int:
+    from ..costs import active_profile
+
     names = [w.strip() for w in workloads.split(",") if w.strip()]
     for name in names:
         if name not in bench_lib.WORKLOADS:
@@ -103,6 +123,7 @@ def bench(
             "platform": platform.platform(),
         },
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "profile": active_profile().summary(),
     }
     if as_json:
         typer.echo(json.dumps(report))
@@ -135,4 +156,5 @@ def bench(
     out = Console()
     out.print(table)
     out.print(f"second-process start to first access: {startup:.2f} s")
+    out.print(f"cycles priced by cost profile {active_profile().name!r} (eptlab costs)")
     return 0

@@ -22,6 +22,7 @@ from ..arch.access import Access
 from ..arch.bits import PageSize
 from ..errors import EptlabError
 from ..report import build_report
+from .costs import ProfileOption
 from .walk import run_walk
 
 EVENTS = [
@@ -45,8 +46,16 @@ def demo(
     kvm: Annotated[
         bool, typer.Option(help="Also run the KVM applications when /dev/kvm opens.")
     ] = True,
+    profile: ProfileOption = None,
 ) -> int:
     """The walk tour, every experiment at a small built-in scale, and OUT/report.html."""
+    from ..costs import load_profile, use_profile
+
+    with use_profile(load_profile(profile)):
+        return _demo(out, experiments, only, kvm)
+
+
+def _demo(out: Path, experiments: bool, only: list[str] | None, kvm: bool) -> int:
     console = Console()
     rows = []
     for gl, el, gp, ep in product((4, 5), (4, 5), PageSize, PageSize):

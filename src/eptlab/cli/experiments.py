@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import ConfigError
+from .costs import ProfileOption
 
 
 def list_experiments() -> int:
@@ -43,21 +44,31 @@ def run_experiment(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default out/NAME).")] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print {experiment, params, rows}.")
+        bool, typer.Option("--json", help="Print {experiment, params, profile, rows}.")
     ] = False,
+    profile: ProfileOption = None,
 ) -> int:
     """Run one experiment: progress bar, then CSV, Parquet, JSON and PNG files in OUT."""
+    from ..costs import load_profile
     from ..experiments import runner
 
     overrides = parse_sets(set_ or [])
+    costs = load_profile(profile)
     try:
-        result = runner.run(name, overrides, out, show_progress=not as_json)
+        result = runner.run(name, overrides, out, show_progress=not as_json, profile=costs)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     if as_json:
         rows = json.loads(result.table.to_json(orient="records"))
         typer.echo(
-            json.dumps({"experiment": result.experiment, "params": result.params, "rows": rows})
+            json.dumps(
+                {
+                    "experiment": result.experiment,
+                    "params": result.params,
+                    "profile": costs.summary(),
+                    "rows": rows,
+                }
+            )
         )
     else:
         console = Console(width=160)

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import ConfigError
 from ..sweep.store import PointResult
+from .costs import ProfileOption
 
 
 def sweep(
@@ -24,12 +25,13 @@ def sweep(
     scheduler: Annotated[
         str | None, typer.Option(help="Dask scheduler address (tcp://HOST:PORT) to run on.")
     ] = None,
+    profile: ProfileOption = None,
 ) -> int:
     """Run every point of a parameter grid; rerun the same command to resume."""
     from ..sweep import load_spec, run_sweep
 
     try:
-        spec = load_spec(spec_file)
+        spec = load_spec(spec_file, profile)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     console = Console()

@@ -8,10 +8,10 @@ pages, the whole 2 MiB, or splits the mapping and copies 4 KiB).
 
 Columns: guest_mib, clones, granularity (4k, 2m-copy, 2m-split), pages_written (all clones),
 cow_faults, pages_copied (4 KiB pages of data copied), splits, fork_cycles (cost model: EPT
-entries touched x 20 cycles + INVEPT), fork_ms (wall clock of the fork), cow_cycles (exits +
-copies + INVEPTs of the faults), full_copy_cycles (copying every clone's memory at 8 bytes per
-cycle instead), host_mib_used (host frames referenced after the writes),
-host_mib_full_copy (parent + clones as full copies).
+entries touched x ept_edit_cycles + INVEPT), fork_ms (wall clock of the fork), cow_cycles
+(exits + copies + INVEPTs of the faults), full_copy_cycles (copying every clone's memory at
+copy_bytes_per_cycle instead; prices from the cost profile), host_mib_used (host frames
+referenced after the writes), host_mib_full_copy (parent + clones as full copies).
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..apps.cow import ENTRY_CYCLES, CopyOnWrite, copy_cycles
+from ..apps.cow import CopyOnWrite, copy_cycles
 from ..arch.access import Access
 from ..arch.bits import PAGE_SIZE, PageSize
 from ..hv import Hypervisor, Run
+from ..hv.costs import hv_costs
 from ..mmu.config import MmuConfig
 from ..tables import GuestPageTables
 from ..traces.model import TraceChunk
@@ -105,7 +106,7 @@ class CowFork:
             "fork_ms": round(fork_ms, 2),
             "cow_cycles": c.fault_cycles,
             "full_copy_cycles": clones * copy_cycles(memory) + clones * (
-                memory // backing) * ENTRY_CYCLES,
+                memory // backing) * hv_costs().ept_edit,
             "host_mib_used": round(hv.host.live_bytes / (1 << 20), 2),
             "host_mib_full_copy": (clones + 1) * mib,
         }

@@ -48,7 +48,7 @@ from matplotlib.figure import Figure
 from ..apps.double_caching import GUEST_CACHES, HOST_CACHES, Outcome, Scenario, play
 from ..arch.bits import PAGE_SIZE
 from ..errors import ConfigError
-from ..hv.costs import CYCLES_PER_US
+from ..hv.costs import hv_costs
 from .base import Progress, Row, records_by
 
 MiB = 1 << 20
@@ -128,7 +128,7 @@ class DoubleCaching:
             "disk_mib": mib(io.disk_blocks),
             "io_ms": round(io.io_us / 1e3, 3),
             "ept_ms": round(o.ept_us / 1e3, 3),
-            "guest_ms": round(o.guest_cycles / CYCLES_PER_US / 1e3, 3),
+            "guest_ms": round(o.guest_cycles / hv_costs().cycles_per_us / 1e3, 3),
             "duplicated_mib_before": mib(o.before.duplicated),
             "duplicated_mib": mib(o.after.duplicated),
             "stale_mib_before": mib(o.before.stale),

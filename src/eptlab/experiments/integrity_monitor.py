@@ -27,7 +27,7 @@ Columns:
 | emulated_writes | trapped writes completed in software by the monitor |
 | invept | INVEPTs the monitor ran (the one at attach included, in every mode) |
 | engine_cycles | the engine's cycles (translation + data) |
-| monitor_cycles | exits x VMEXIT_CYCLES + emulation, INVEPT, EPT edits, PML review |
+| monitor_cycles | exits x vmexit_cycles + emulation, INVEPT, EPT edits, PML review |
 | overhead_cycles_pct | (engine + monitor cycles) over mode `none`'s, minus 1, in % |
 | malicious_writes | hooks written to kernel code |
 | detected | hooks the monitor reported |
@@ -62,7 +62,7 @@ from ..apps.integrity import (
 from ..apps.integrity import IntegrityMonitor as Monitor
 from ..errors import ConfigError
 from ..guest import KernelImage
-from ..hv.costs import VMEXIT_CYCLES
+from ..hv.costs import hv_costs
 from ..hv.guest_runner import RunReport
 from .base import Progress, Row, records_by
 
@@ -123,7 +123,7 @@ def run_mode(p: IntegrityMonitorParams, mode: str, progress: Progress | None = N
     before = dataclasses.replace(monitor.counters)
     report = None if progress is None else (lambda done: progress(done, len(stream)))
     result = GuestRunner(guest, monitor).run(stream, period=p.period, progress=report)
-    cycles = result.vm_exits * VMEXIT_CYCLES + monitor.counters.cycles() - before.cycles()
+    cycles = result.vm_exits * hv_costs().vmexit + monitor.counters.cycles() - before.cycles()
     return ModeRun(mode, guest, stream, monitor, result, cycles)
 
 

@@ -40,7 +40,7 @@ Columns:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -57,6 +57,7 @@ from ..apps.memory_encryption import (
     run_stream,
 )
 from ..arch.bits import PageSize
+from ..costs import active_profile
 from ..errors import ConfigError
 from ..mmu.config import CacheConfig, EncryptionConfig
 from ..mmu.stats import VcpuStats
@@ -75,8 +76,9 @@ class MemoryEncryptionParams:
     accesses: int = 100_000  # measured accesses per run
     warmup: int = 100_000  # accesses run first, unmeasured (0: every run starts cold)
     llc_mib: tuple[int, ...] = (2, 8, 32)
-    decrypt_latency: int = 40  # cycles per DRAM line (AES rounds + key lookup at core clock)
-    integrity_latency: int = 0  # cycles of a MAC check per DRAM line (0: encryption only)
+    # cycles per DRAM line (AES rounds + key lookup at core clock); default: the cost profile's
+    decrypt_latency: int = field(default_factory=lambda: active_profile().cycles("decrypt_latency"))
+    integrity_latency: int = 0  # MAC check per DRAM line (0: off; see profile integrity_latency)
     keyid_bits: int = 6  # TME-MK key-ID bits of the encrypted machine
     key_id: int = 1  # the nested VM's key ID
     host_gib: int = 1024  # host memory (must fit below the key-ID bits)

@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # files only, no display
 import pandas as pd  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
+from ..costs import CostProfile, use_profile  # noqa: E402
 from .base import Experiment, Result, Row, apply_overrides, params_dict  # noqa: E402
 from .registry import get  # noqa: E402
 
@@ -26,8 +27,22 @@ def run(
     out: Path | None = None,
     *,
     show_progress: bool = True,
+    profile: CostProfile | None = None,
 ) -> Result:
-    """Run experiment ``name`` with parameter overrides; write its files under ``out``."""
+    """Run experiment ``name`` with parameter overrides and cost ``profile`` (default: the
+    active one); write its files under ``out``."""
+    with use_profile(profile) as used:
+        return _run(name, overrides, out, show_progress=show_progress, profile=used)
+
+
+def _run(
+    name: str,
+    overrides: dict[str, str] | None,
+    out: Path | None,
+    *,
+    show_progress: bool,
+    profile: CostProfile,
+) -> Result:
     experiment: Experiment = get(name)()
     params = apply_overrides(experiment.Params, overrides or {})
     out = Path(out) if out is not None else Path("out") / name
@@ -71,6 +86,7 @@ def run(
     parquet = out / f"{name}.parquet"
     table.to_parquet(parquet, index=False)
     summary = {"experiment": name, "params": params_dict(params), "rows": rows}
+    summary["profile"] = profile.summary()
     (out / f"{name}.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
     files += [str(parquet), str(out / f"{name}.json")]
     for stem, figure in experiment.figures(table, params).items():

@@ -40,7 +40,7 @@ Columns (one row per configuration):
 | ept_violation_exits, mtf_exits, vmcall_exits, timer_exits | vm_exits by reason |
 | ept_edits, invept | EPT entries changed, INVEPTs run (attach included) |
 | engine_cycles | the engine's cycles (translation + data, refill walks after INVEPT included) |
-| debugger_cycles | exits x VMEXIT_CYCLES + emulation, checks, ring events, EPT edits, INVEPT |
+| debugger_cycles | exits x vmexit_cycles + emulation, checks, ring events, EPT edits, INVEPT |
 | overhead_cycles_pct | (engine + debugger cycles) over none's engine cycles, minus 1, in % |
 """
 
@@ -61,7 +61,7 @@ from ..apps.trap_debugger import MODES, RESUMES, Score, score
 from ..apps.trap_debugger import TrapDebugger as Debugger
 from ..arch.bits import PAGE_SIZE
 from ..errors import ConfigError
-from ..hv.costs import VMEXIT_CYCLES
+from ..hv.costs import hv_costs
 from ..hv.guest_runner import GuestRunner, Passive, RunReport
 from .base import Progress, Row
 
@@ -198,7 +198,7 @@ def run_config(
 def measure(run: ConfigRun, baseline_cycles: int) -> Row:
     c, s, r, d = run.config, run.score, run.report, run.debugger
     counters = d.counters if d is not None else None
-    debugger_cycles = r.vm_exits * VMEXIT_CYCLES + (counters.cycles() if counters else 0)
+    debugger_cycles = r.vm_exits * hv_costs().vmexit + (counters.cycles() if counters else 0)
     total = r.engine_cycles + debugger_cycles
     if d is None or d.sampled == 0:
         expected = 0.0

@@ -4,13 +4,15 @@ Defaults follow a recent Intel server core (Skylake-SP/Ice Lake class): 64-entry
 for 4 KiB pages, 32-entry 2 MiB and 4-entry 1 GiB L1 DTLBs, 128-entry 8-way L1 ITLB, a
 1536-entry 12-way STLB, paging-structure caches of 2 PML4E / 4 PDPTE / 32 PDE entries, a
 48 KiB L1D, 1.25 MiB L2 and a shared LLC; memory encryption off. Every number is a field you
-can change.
+can change. Latencies and per-event cycles default to the active cost profile
+(:mod:`eptlab.costs`); ``MmuConfig.from_profile(p)`` takes them from ``p`` explicitly.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..costs import CostProfile, active_profile
 from ..errors import ConfigError
 
 
@@ -89,21 +91,84 @@ class CacheLevel:
         return self.size // (64 * self.ways) if self.size else 0
 
 
+PREFETCHER_KINDS = ("off", "next-line", "stride")
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetcherConfig:
+    """A hardware data prefetcher, modelled on Intel's L2 streamer (Intel 64 and IA-32
+    Architectures Optimization Reference Manual, "Data Prefetching": the streamer watches the
+    requests that miss the L1 data cache, tracks streams within 4 KiB pages, prefetches lines
+    ahead into the L2 and LLC, and never crosses a 4 KiB page boundary).
+
+    ``kind``: ``off``; ``next-line`` (each L1 miss fetches the next ``degree`` lines after
+    ``distance - 1`` skipped ones); ``stride`` (per 4 KiB page, IP-less: two successive equal
+    line deltas confirm a stride, and each further miss of the stream fetches the ``degree``
+    lines ``distance``, ``distance + 1``, ... strides ahead). ``streams`` pages are tracked per
+    vCPU (LRU). ``l1_next_line`` adds the L1 DCU next-line prefetcher (an L1 miss fetches the
+    next line of the same page into L1). Prefetches are off the critical path: no cycles are
+    charged, but they fill lines (and evict others). Only data accesses train or trigger them:
+    page-walk references are never prefetched.
+    """
+
+    kind: str = "stride"
+    degree: int = 1  # prefetches take no time here: one line ahead keeps a stream in the L2
+    distance: int = 1
+    streams: int = 32
+    l1_next_line: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in PREFETCHER_KINDS:
+            raise ConfigError("PrefetcherConfig.kind", f"{self.kind!r} is not one of "
+                              f"{', '.join(PREFETCHER_KINDS)}")
+        for name, low, high in (("degree", 1, 63), ("distance", 1, 63), ("streams", 1, 256)):
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(f"PrefetcherConfig.{name}", f"{value} is not in {low}..{high}")
+
+    @classmethod
+    def off(cls) -> PrefetcherConfig:
+        return cls(kind="off")
+
+
+_GEOMETRY = {
+    "l1": (48 * 1024, 12),
+    "l2": (1024 * 1024, 16),  # 1.25 MiB on the real part; 2^k sets here
+    "llc": (32 * 1024 * 1024, 16),
+}
+
+
+def _level(name: str, profile: CostProfile) -> CacheLevel:
+    size, ways = _GEOMETRY[name]
+    return CacheLevel(size, ways, profile.cycles(f"{name}_latency"))
+
+
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     """Per-vCPU L1 and L2, a shared LLC, and DRAM. Walk references and data accesses both go
-    through it, so walks hit or miss like data does."""
+    through it, so walks hit or miss like data does. Data accesses also drive the prefetcher."""
 
-    l1: CacheLevel = CacheLevel(48 * 1024, 12, 5)
-    l2: CacheLevel = CacheLevel(1024 * 1024, 16, 14)  # 1.25 MiB on the real part; 2^k sets here
-    llc: CacheLevel = CacheLevel(32 * 1024 * 1024, 16, 50)
-    dram_latency: int = 200
+    l1: CacheLevel = field(default_factory=lambda: _level("l1", active_profile()))
+    l2: CacheLevel = field(default_factory=lambda: _level("l2", active_profile()))
+    llc: CacheLevel = field(default_factory=lambda: _level("llc", active_profile()))
+    dram_latency: int = field(default_factory=lambda: active_profile().cycles("dram_latency"))
+    prefetcher: PrefetcherConfig = PrefetcherConfig()
+
+    @classmethod
+    def from_profile(cls, profile: CostProfile) -> CacheConfig:
+        """The default geometry with ``profile``'s latencies."""
+        return cls(
+            _level("l1", profile),
+            _level("l2", profile),
+            _level("llc", profile),
+            profile.cycles("dram_latency"),
+        )
 
     @classmethod
     def disabled(cls) -> CacheConfig:
-        """Every reference goes to DRAM."""
+        """Every reference goes to DRAM (no caches, so nothing to prefetch into)."""
         none = CacheLevel(0, 1, 0)
-        return cls(none, none, none)
+        return cls(none, none, none, prefetcher=PrefetcherConfig.off())
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +199,14 @@ class EncryptionConfig:
                 "EncryptionConfig.integrity_latency", "integrity checking needs encryption on"
             )
 
+    @classmethod
+    def from_profile(cls, profile: CostProfile, *, integrity: bool = False) -> EncryptionConfig:
+        """Encryption on, at ``profile``'s decrypt latency (and integrity latency if asked)."""
+        return cls(
+            profile.cycles("decrypt_latency"),
+            profile.cycles("integrity_latency") if integrity else 0,
+        )
+
     @property
     def enabled(self) -> bool:
         return self.decrypt_latency > 0
@@ -144,14 +217,27 @@ class EncryptionConfig:
         return self.decrypt_latency + self.integrity_latency
 
 
+def _cycles(key: str) -> int:
+    return active_profile().cycles(key)
+
+
 @dataclass(frozen=True, slots=True)
 class CostModel:
     """Cycles charged besides the cache hierarchy."""
 
-    l1_tlb_hit: int = 0  # overlapped with the L1 cache access
-    stlb_hit: int = 7
-    psc_lookup: int = 1
-    walk_start: int = 5  # page-miss handler dispatch
+    l1_tlb_hit: int = field(default_factory=lambda: _cycles("l1_tlb_hit_cycles"))  # overlapped
+    stlb_hit: int = field(default_factory=lambda: _cycles("stlb_hit_cycles"))
+    psc_lookup: int = field(default_factory=lambda: _cycles("psc_lookup_cycles"))
+    walk_start: int = field(default_factory=lambda: _cycles("walk_start_cycles"))  # PMH dispatch
+
+    @classmethod
+    def from_profile(cls, profile: CostProfile) -> CostModel:
+        return cls(
+            profile.cycles("l1_tlb_hit_cycles"),
+            profile.cycles("stlb_hit_cycles"),
+            profile.cycles("psc_lookup_cycles"),
+            profile.cycles("walk_start_cycles"),
+        )
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -168,6 +254,15 @@ class MmuConfig:
     def dram_cycles(self) -> int:
         """What a reference served by DRAM costs: the access, then any decryption."""
         return self.cache.dram_latency + self.encryption.dram_penalty
+
+    @classmethod
+    def from_profile(cls, profile: CostProfile, tlb: TlbConfig | None = None) -> MmuConfig:
+        """Default structures priced by ``profile`` (encryption off)."""
+        return cls(
+            tlb=TlbConfig() if tlb is None else tlb,
+            cache=CacheConfig.from_profile(profile),
+            cost=CostModel.from_profile(profile),
+        )
 
     @classmethod
     def uncached(cls) -> MmuConfig:

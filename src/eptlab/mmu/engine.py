@@ -27,7 +27,7 @@ from ..arch.exits import (
 )
 from ..errors import ConfigError
 from ..memory.physical import PhysicalMemory
-from .config import MmuConfig
+from .config import PREFETCHER_KINDS, MmuConfig
 from .context import CpuFeatures, GuestState, Vmcs
 from .kernels import assoc as planes
 from .kernels import layout as L
@@ -210,6 +210,18 @@ class Engine:
         self._heads = np.zeros(max(1, row), np.int32)  # per row: way of the most recent line
         self._cdesc = cdesc
         self._stats = np.zeros((nv, L.NSTATS), np.int64)
+        pcfg = self.config.cache.prefetcher
+        self._pcfg = np.array(
+            [
+                PREFETCHER_KINDS.index(pcfg.kind),
+                pcfg.degree,
+                pcfg.distance,
+                pcfg.streams,
+                int(pcfg.l1_next_line),
+            ],
+            np.int64,
+        )
+        self._pf = np.full((nv, pcfg.streams + 1, L.NPF), -1, np.int64)  # stream table: empty
         self._occupied = np.zeros(nv, np.int64)  # per vCPU: structures that hold entries
         self._res = np.zeros(8, np.int64)  # kernel scratch: the kernels allocate nothing
         self._scratch = np.zeros((NSCRATCH, 5), np.int64)
@@ -290,6 +302,8 @@ class Engine:
                 out_hpa,
                 self._res,
                 self._scratch,
+                self._pf,
+                self._pcfg,
             )
         )
         self._occupied[:] = regs[:, L.REG_OCCUPIED]
@@ -455,6 +469,8 @@ class Engine:
             self._drop(self._GPA_SIDE, vcpus=vcpus, ctxs={ectx})
 
     def flush_caches(self) -> None:
-        """Empty the data-cache model (e.g. between benchmark phases)."""
+        """Empty the data-cache model and the prefetcher's stream table (e.g. between benchmark
+        phases)."""
         self._cache[:] = -1
         self._heads[:] = 0
+        self._pf[:] = -1

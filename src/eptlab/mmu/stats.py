@@ -38,6 +38,8 @@ class VcpuStats:
     ept_misconfigs: int
     pml_full: int
     pml_logged: int
+    prefetches: int  # lines the data prefetcher brought in (off the critical path)
+    useful_prefetches: int  # demand data accesses that hit a line a prefetch brought
 
     @classmethod
     def from_row(cls, row: npt.NDArray[np.int64]) -> VcpuStats:
@@ -71,6 +73,8 @@ class VcpuStats:
             ept_misconfigs=r[L.ST_EPT_MISCONFIGS],
             pml_full=r[L.ST_PML_FULL],
             pml_logged=r[L.ST_PML_LOGGED],
+            prefetches=r[L.ST_PF_ISSUED],
+            useful_prefetches=r[L.ST_PF_USEFUL],
         )
 
     @property

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
+from ..costs import CostProfile, use_profile
 from ..experiments.base import apply_overrides
 from ..experiments.registry import get
 from .spec import Point
@@ -23,9 +24,15 @@ def run_point(point: Point) -> PointResult:
     """Run one point to the end; an exception becomes the point's recorded error."""
     start = time.perf_counter()
     try:
-        experiment = get(point.experiment)()
-        params = apply_overrides(experiment.Params, point.as_dict())
-        rows = [dict(r) for r in experiment.rows(params, lambda done, total: None)]
+        default = CostProfile.default()
+        profile = CostProfile.from_toml(point.profile, known=default) if point.profile else default
+        with use_profile(profile):
+            experiment = get(point.experiment)()
+            params = apply_overrides(experiment.Params, point.as_dict())
+            rows = [
+                dict(r) | {"profile": profile.name}
+                for r in experiment.rows(params, lambda done, total: None)
+            ]
         return PointResult(point, rows, None, time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - one point's failure must not stop the sweep
         frames = traceback.extract_tb(exc.__traceback__)

@@ -1,6 +1,7 @@
 """A sweep specification: experiments x parameter grids, read from TOML.
 
     out = "out/sweep"           # optional; default out/sweep-<file stem>
+    profile = "host.toml"       # optional cost profile (relative to this file); default: shipped
 
     [[run]]
     experiment = "nested-overhead"
@@ -21,11 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
 from typing import Any
 
+from ..costs import CostProfile
 from ..errors import ConfigError
 from ..experiments.base import apply_overrides
 from ..experiments.registry import get
@@ -37,12 +39,15 @@ class Point:
 
     experiment: str
     overrides: tuple[tuple[str, str], ...]
+    profile: str = ""  # the cost profile's TOML text ("": the shipped default), sent to workers
 
     @property
     def point_id(self) -> str:
-        """Stable across runs and machines: the resume key."""
-        text = json.dumps([self.experiment, list(self.overrides)])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Stable across runs and machines: the resume key (a profile makes another point)."""
+        key: list[object] = [self.experiment, list(self.overrides)]
+        if self.profile:
+            key.append(hashlib.sha256(self.profile.encode()).hexdigest())
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, str]:
         return dict(self.overrides)
@@ -64,8 +69,9 @@ def as_text(value: Any) -> str:
     return str(value)
 
 
-def load_spec(path: Path) -> SweepSpec:
-    """Read and validate a sweep file."""
+def load_spec(path: Path, profile: Path | None = None) -> SweepSpec:
+    """Read and validate a sweep file; ``profile`` (a cost profile file) overrides the file's
+    ``profile`` key."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -74,7 +80,17 @@ def load_spec(path: Path) -> SweepSpec:
         raise ConfigError(str(path), f"cannot read it: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from None
-    return parse_spec(data, str(path))
+    named = data.get("profile")
+    if profile is None and named is not None:
+        if not isinstance(named, str) or not named:
+            raise ConfigError(f"{path}: profile", "must be the path of a cost profile file")
+        profile = Path(path).parent / named
+    data.pop("profile", None)
+    spec = parse_spec(data, str(path))
+    if profile is None:
+        return spec
+    text = CostProfile.load(profile).to_toml()
+    return replace(spec, points=[replace(p, profile=text) for p in spec.points])
 
 
 def parse_spec(data: dict[str, Any], source: str = "<spec>") -> SweepSpec:

@@ -63,6 +63,21 @@ EPT_RIGHTS_SHIFT = 3  # TF_ER..TF_EXU are EPT bits 0,1,2 and 10 moved here
 # -- data caches: cdesc[level] = (first row, sets, ways, per-vCPU) ---------------------------------
 NCACHE = 3
 
+# -- prefetcher: pcfg[PF_*] (configuration) and pf[vcpu, stream, PF_*] (stream table) -------------
+PF_KIND = 0  # 0 off, 1 next-line, 2 stride
+PF_DEGREE = 1
+PF_DISTANCE = 2
+PF_STREAMS = 3
+PF_L1_NEXT_LINE = 4
+NPCFG = 5
+PF_KIND_NEXT_LINE = 1
+PF_KIND_STRIDE = 2
+PF_PAGE = 0  # 4 KiB page number of the stream (-1: empty)
+PF_LAST = 1  # line offset of its last L1 miss
+PF_STRIDE = 2  # last delta, in lines
+PF_STAMP = 3  # LRU stamp (-1: empty); row ``streams`` holds the vCPU's clock and last slot
+NPF = 4
+
 # -- statistics: stats[vcpu, ST_*] -----------------------------------------------------------
 ST_ACCESSES = 0
 ST_READS = 1
@@ -88,7 +103,9 @@ ST_EPT_VIOLATIONS = 38
 ST_EPT_MISCONFIGS = 39
 ST_PML_FULL = 40
 ST_PML_LOGGED = 41
-NSTATS = 42
+ST_PF_ISSUED = 42  # prefetches that filled a line
+ST_PF_USEFUL = 43  # demand data accesses that hit a line a prefetch brought
+NSTATS = 44
 
 # -- exits: exit_info[X_*] ------------------------------------------------------------------------
 X_KIND = 0

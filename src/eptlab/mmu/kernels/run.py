@@ -4,7 +4,7 @@ needs software (a guest fault or a VM exit)."""
 from __future__ import annotations
 
 from . import kernel
-from .cache import access_line
+from .cache import access_data
 from .layout import (
     COST_CACHE,
     EXIT_NONE,
@@ -44,6 +44,8 @@ def run_chunk(
     out_hpa,
     res,
     scratch,
+    pf,
+    pcfg,
 ):  # type: ignore[no-untyped-def]
     """Run accesses ``start..len(gva)-1``. Returns the index of the first access not performed
     (``len(gva)`` when all were); exit_info then describes why. A faulting access is not
@@ -84,7 +86,7 @@ def run_chunk(
                 exit_info[X_INDEX] = i
                 return i
         hpa = res[0]
-        where = access_line(cache, cdesc, v, hpa, heads)
+        where = access_data(cache, cdesc, v, hpa, heads, pf, pcfg, stats)
         data_cycles = cost[COST_CACHE + where]
         stats[v, ST_DATA_CACHE + where] += 1
         stats[v, ST_ACCESSES] += 1
