@@ -23,11 +23,11 @@ def spec_data(out: Path, *, bad_point: bool = False) -> dict:
             "grid": {"workloads": [["random"], ["zipf"]], "ept_pages": [["4k"], ["2m"]]},
         }
     ]
-    if bad_point:  # valid parameters, but the trace file does not exist: fails when run
-        runs.append(
-            {"experiment": "nested-overhead", "set": {"trace": str(out / "missing.lackey"),
-                                                      "workloads": []}}
-        )
+    if bad_point:  # valid parameters, but the trace file is malformed: fails when run
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "malformed.lackey").write_text(" L 1000,8\nnot lackey\n")
+        bad = {**SMALL, "trace": str(out / "malformed.lackey"), "workloads": ["random"]}
+        runs.append({"experiment": "nested-overhead", "set": bad})
     return {"out": str(out), "run": runs}
 
 
@@ -82,7 +82,7 @@ def test_failure_is_recorded_and_the_rest_runs(tmp_path: Path) -> None:
     points = SweepStore(tmp_path).points()
     failed = points[points.status == "error"]
     assert len(failed) == 1
-    assert "missing.lackey" in failed.error.iloc[0]
+    assert "malformed.lackey:2" in failed.error.iloc[0]
     rows = load(tmp_path)
     assert set(rows.point_id) == set(points[points.status == "ok"].point_id)
     assert len(rows) == 4 * 4  # 4 points x (native, nested) x (pwc on, off)

@@ -9,6 +9,7 @@ import lzma
 import shutil
 import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +178,7 @@ accesses = st.lists(
     st.tuples(
         st.integers(-(1 << 63), (1 << 63) - 1) | st.sampled_from([0, -1, signed(HIGH), 1 << 62]),
         st.integers(0, 2),
-        st.integers(-(1 << 31), (1 << 31) - 1) | st.sampled_from([1, 4, 8, 64]),
+        st.integers(1, (1 << 31) - 1) | st.sampled_from([1, 4, 8, 64]),  # sizes are >= 1
     ),
     max_size=300,
 )
@@ -229,7 +230,7 @@ def block_offsets(data: bytes) -> list[tuple[int, int, int]]:
     """(offset, count, length) of every block, end block included, walking the layout."""
     out, offset = [], HEADER.size
     while offset < len(data):
-        count, length, _ = BLOCK.unpack_from(data, offset)
+        count, length, _, _ = BLOCK.unpack_from(data, offset)
         out.append((offset, count, length))
         offset += BLOCK.size + length
     return out
@@ -242,8 +243,8 @@ def three_blocks(tmp_path: Path) -> tuple[Path, bytes, list[tuple[int, int, int]
     data = path.read_bytes()
     blocks = block_offsets(data)
     assert [count for _, count, _ in blocks] == [100, 100, 50, 0]
-    assert data[:8] == MAGIC == b"EPTLTRC\0" and struct.unpack_from("<H", data, 8) == (1,)
-    assert blocks[0][0] == HEADER.size == 10 and BLOCK.size == 12
+    assert data[:8] == MAGIC == b"EPTLTRC\0" and struct.unpack_from("<H", data, 8) == (2,)
+    assert blocks[0][0] == HEADER.size == 10 and BLOCK.size == 16
     return path, data, blocks
 
 
@@ -306,10 +307,15 @@ def test_native_trailing_bytes_and_wrong_total(
     path, data, blocks = three_blocks
     path.write_bytes(data + b"x")
     expect_error(path, len(data), "after the end-of-trace block")
-    # drop the second block: the end block's total no longer matches
+    # drop the second block: its successor's sequence number gives it away
     second, third = blocks[1][0], blocks[2][0]
     path.write_bytes(data[:second] + data[third:])
-    expect_error(path, blocks[3][0] - (third - second), "announces 250 accesses")
+    expect_error(path, second, "block number 2 where block 1 belongs")
+    # an end block (valid CRC, right number) announcing another total
+    end = blocks[3][0]
+    total = struct.pack("<Q", 249)
+    path.write_bytes(data[:end] + BLOCK.pack(0, 8, zlib.crc32(total), 3) + total)
+    expect_error(path, end, "announces 249 accesses, the blocks hold 250")
 
 
 def test_native_writer_rejects_bad_kinds_and_leaves_no_file(tmp_path: Path) -> None:

@@ -18,8 +18,10 @@ def report(
     height: Annotated[int, typer.Option(min=200, help="Screenshot height in pixels.")] = 1800,
 ) -> int:
     """Write OUT/report.html from the walk tour and experiment results found in OUT."""
-    from ..report import build_report, collect
+    from ..report import build_report, collect, left_out
 
+    for note in left_out(out):
+        typer.echo(f"eptlab report: {note}", err=True)
     if not collect(out):
         raise typer.BadParameter(f"no results in {out} (run `eptlab demo` or `eptlab run NAME`)")
     page = build_report(out)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -28,12 +28,24 @@ def sweep(
     profile: ProfileOption = None,
 ) -> int:
     """Run every point of a parameter grid; rerun the same command to resume."""
-    from ..sweep import load_spec, run_sweep
+    from ..sweep import load_spec
+    from ..sweep.executors import connect
 
     try:
         spec = load_spec(spec_file, profile)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
+    client = connect(scheduler) if scheduler is not None else None  # one line if unreachable
+    try:
+        return _run(spec, out, jobs, client)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _run(spec: Any, out: Path | None, jobs: int | None, client: Any) -> int:
+    from ..sweep import run_sweep
+
     console = Console()
     with Progress(
         TextColumn("[bold]sweep"),
@@ -51,7 +63,7 @@ def sweep(
             if not result.ok:
                 console.print(f"point {result.point.point_id} {result.point.as_dict()}: {status}")
 
-        summary = run_sweep(spec, jobs=jobs, scheduler=scheduler, out=out, on_result=on_result)
+        summary = run_sweep(spec, jobs=jobs, scheduler=client, out=out, on_result=on_result)
     console.print(
         f"{summary.points} points: {summary.skipped} already done, {summary.ok} ran ok, "
         f"{summary.failed} failed; dataset {summary.out / 'data'}, "

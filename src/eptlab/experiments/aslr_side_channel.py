@@ -69,8 +69,8 @@ from ..guest import GuestKernel
 from ..hv import Run
 from ..mmu.config import CacheConfig
 from ..traces.model import TraceChunk
-from ..workloads import make_workload
-from .base import Progress, Row, records_by
+from ..workloads import WORKLOADS, make_workload
+from .base import Progress, Row, check_choices, records_by
 
 DEFAULT_SETS = CacheConfig().llc.sets
 MAX_PROBES = 64  # references of one walk: at most 1 + 5 * 6 + 5 = 36
@@ -80,6 +80,12 @@ _2M = int(PageSize.SIZE_2M)
 
 @dataclass(frozen=True)
 class AslrSideChannelParams:
+    def validate(self) -> None:
+        """See :func:`check` (before anything runs)."""
+        check_choices("workload", self.workload, WORKLOADS)
+        check_choices("policies", self.policies, LAYOUTS)
+        check(self)
+
     policies: tuple[str, ...] = LAYOUTS
     targets: tuple[str, ...] = ("4k", "2m")
     secret_bits: int = 12

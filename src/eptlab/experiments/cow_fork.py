@@ -29,19 +29,50 @@ from matplotlib.figure import Figure
 from ..apps.cow import CopyOnWrite, copy_cycles
 from ..arch.access import Access
 from ..arch.bits import PAGE_SIZE, PageSize
+from ..errors import ConfigError
 from ..hv import Hypervisor, Run
 from ..hv.costs import hv_costs
 from ..mmu.config import MmuConfig
 from ..tables import GuestPageTables
 from ..traces.model import TraceChunk
-from .base import Progress, Row, ratio_text, records_by
+from .base import (
+    Progress,
+    Row,
+    check_choices,
+    check_range,
+    check_table_memory,
+    ratio_text,
+    records_by,
+    table_bytes,
+)
 
+HOST_MEMORY = 1 << 40
+"""The model host's memory (the Hypervisor's default)."""
 GVA = 0x0000_7000_0000_0000
 TABLE_REGION = 8 << 20  # guest page tables live in the first 8 MiB of guest memory
 
 
 @dataclass(frozen=True)
 class CowForkParams:
+    def validate(self) -> None:
+        """Choices and ranges (before anything runs)."""
+        check_choices("granularities", self.granularities, ("4k", "2m-copy", "2m-split"))
+        check_range("clones", self.clones, 1)
+        check_range("write_fraction", self.write_fraction, 0.0, 1.0)
+        for mib in self.guest_mibs:
+            if mib < 16 or mib % 2:
+                raise ConfigError("guest_mibs", f"{mib} is not a multiple of 2 MiB >= 16 MiB")
+            if mib << 20 > HOST_MEMORY // 2:  # the parent is backed in full, then copies
+                raise ConfigError(
+                    "guest_mibs", f"{mib:,} MiB: at most {HOST_MEMORY >> 21:,} MiB (half the "
+                    f"model host's {HOST_MEMORY >> 30:,} GiB)"
+                )
+            small = {"4k", "2m-split"} & set(self.granularities)
+            leaf = 4096 if small else 2 << 20
+            check_table_memory(
+                "guest_mibs", table_bytes(mib << 20, leaf) * (1 + max(self.clones)), f"{mib:,} MiB"
+            )
+
     guest_mibs: tuple[int, ...] = (64, 256)
     clones: tuple[int, ...] = (1, 4)
     granularities: tuple[str, ...] = ("4k", "2m-copy", "2m-split")

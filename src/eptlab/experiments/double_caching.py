@@ -45,17 +45,26 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..apps.disk import DISK_NAMES
 from ..apps.double_caching import GUEST_CACHES, HOST_CACHES, Outcome, Scenario, play
 from ..arch.bits import PAGE_SIZE
 from ..errors import ConfigError
 from ..hv.costs import hv_costs
-from .base import Progress, Row, records_by
+from .base import Progress, Row, check_choices, records_by
 
 MiB = 1 << 20
 
 
 @dataclass(frozen=True)
 class DoubleCachingParams:
+    def validate(self) -> None:
+        """Choices and ranges (before anything runs)."""
+        check_choices("host_caches", self.host_caches, HOST_CACHES)
+        check_choices("guest_caches", self.guest_caches, GUEST_CACHES)
+        check_choices("disks", self.disks, DISK_NAMES)
+        check_choices("ept_page", self.ept_page, ("4k", "2m"))
+        DoubleCaching().scenarios(self)
+
     host_caches: tuple[str, ...] = HOST_CACHES
     guest_caches: tuple[str, ...] = GUEST_CACHES
     disks: tuple[str, ...] = ("nvme", "hdd")

@@ -64,11 +64,15 @@ from ..errors import ConfigError
 from ..guest import KernelImage
 from ..hv.costs import hv_costs
 from ..hv.guest_runner import RunReport
-from .base import Progress, Row, records_by
+from .base import Progress, Row, check_choices, records_by
 
 
 @dataclass(frozen=True)
 class IntegrityMonitorParams:
+    def validate(self) -> None:
+        """Choices (before anything runs)."""
+        check_choices("modes", self.modes, MODES)
+
     modes: tuple[str, ...] = MODES
     accesses: int = 1_000_000  # measured accesses per mode (before the code writes are added)
     warmup: int = 50_000  # accesses run before the monitor attaches

@@ -16,11 +16,25 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ..kvm.apps.dirty_log import DirtyLogParams
+from ..kvm.apps.dirty_log import MODES, DirtyLogParams
 from ..kvm.apps.fork import ForkParams
-from ..kvm.apps.prefetch import PrefetchParams
+from ..kvm.apps.prefetch import METHODS, PrefetchParams
 from ..kvm.apps.trap_rotation import TrapRotationParams
-from .base import Progress, Row
+from .base import Progress, Row, check_choices
+
+
+class KvmDirtyLogParams(DirtyLogParams):
+    """The application's parameters, with their choices checked before anything runs."""
+
+    def validate(self) -> None:
+        check_choices("modes", self.modes, MODES)
+
+
+class KvmPrefetchParams(PrefetchParams):
+    """The application's parameters, with their choices checked before anything runs."""
+
+    def validate(self) -> None:
+        check_choices("methods", self.methods, METHODS)
 
 
 class _KvmApp:
@@ -80,7 +94,7 @@ class KvmDirtyLog(_KvmApp):
     app = "dirty-log"
     name = "kvm-dirty-log"
     question = "What does KVM's dirty logging (bitmap, ring) cost against trapping every write?"
-    Params = DirtyLogParams
+    Params = KvmDirtyLogParams
     demo = {"pages": "128"}
 
     def reading(self, t: pd.DataFrame) -> str:
@@ -98,7 +112,7 @@ class KvmPrefetch(_KvmApp):
     app = "prefetch"
     name = "kvm-prefetch"
     question = "Does populating a hinted range ahead of a KVM guest save its first-touch faults?"
-    Params = PrefetchParams
+    Params = KvmPrefetchParams
     demo = {"range_mib": "16", "memory_mib": "32", "repeats": "1"}
 
     def reading(self, t: pd.DataFrame) -> str:

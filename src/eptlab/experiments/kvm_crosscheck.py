@@ -33,7 +33,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..kvm.txplan import KIND_ABORT, KIND_COMMIT, AttemptLog, fresh_pages_plan, write_set_plan
-from .base import Progress, Row
+from .base import Progress, Row, check_choices
 from .kvm_tsx_sim import host_l1d, simulate
 
 POLICIES = ("lazy", "prefaulted", "dirty-log", "readonly")
@@ -41,6 +41,10 @@ POLICIES = ("lazy", "prefaulted", "dirty-log", "readonly")
 
 @dataclass(frozen=True)
 class KvmCrosscheckParams:
+    def validate(self) -> None:
+        """Choices (before anything runs)."""
+        check_choices("tsx_policies", self.tsx_policies, POLICIES)
+
     memory_mib: int = 16
     pages: int = 64
     rounds: int = 2

@@ -44,7 +44,7 @@ from scipy import stats
 from ..errors import ConfigError
 from ..kvm import rtm_host
 from ..kvm.txplan import STATUS_BITS, AttemptLog, TxPlan, fresh_pages_plan, write_set_plan
-from .base import Progress, Row
+from .base import Progress, Row, check_choices
 
 WHERE = ("process", "kvm")
 POLICIES = ("lazy", "prefaulted", "dirty-log", "readonly")
@@ -54,6 +54,11 @@ L1D_LINES = 768  # 48 KiB / 64 B: this CPU's L1 data cache (sysfs: 64 sets x 12 
 
 @dataclass(frozen=True)
 class KvmTsxParams:
+    def validate(self) -> None:
+        """Choices (before anything runs)."""
+        check_choices("where", self.where, WHERE)
+        check_choices("policies", self.policies, POLICIES)
+
     where: tuple[str, ...] = WHERE
     policies: tuple[str, ...] = POLICIES
     fresh_pages: tuple[int, ...] = (0, 1, 2, 4, 8)

@@ -70,6 +70,10 @@ BASE = 0x0000_2000_0000_0000
 
 @dataclass(frozen=True)
 class MemoryEncryptionParams:
+    def validate(self) -> None:
+        """See :meth:`MemoryEncryption.check` (before anything runs)."""
+        MemoryEncryption().check(self)
+
     workloads: tuple[str, ...] = ("sequential", "zipf", "pointer-chase", "random")
     footprint_mib: int = 256  # every workload but random
     random_footprints_mib: tuple[int, ...] = (64, 1024, 8192)  # random over growing footprints

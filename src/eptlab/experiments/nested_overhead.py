@@ -28,11 +28,22 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from ..arch.bits import PageSize
+from ..errors import ConfigError
 from ..mmu.config import Assoc, MmuConfig, TlbConfig
 from ..mmu.engine import Accesses, Engine
 from ..mmu.scenario import NestedSpace
 from ..traces.model import TraceChunk
-from .base import Progress, Row, ratio_text, saved_text
+from .base import (
+    Progress,
+    Row,
+    check_choices,
+    check_range,
+    check_table_memory,
+    check_trace_path,
+    ratio_text,
+    saved_text,
+    table_bytes,
+)
 
 BASE = 0x0000_2000_0000_0000
 TRACE_COMMAND = ("ls", "-l", "/usr/bin")
@@ -40,6 +51,32 @@ TRACE_COMMAND = ("ls", "-l", "/usr/bin")
 
 @dataclass(frozen=True)
 class NestedOverheadParams:
+    def validate(self) -> None:
+        """Choices, whole 2 MiB regions, and a readable trace path (before anything runs)."""
+        from ..workloads import WORKLOADS
+
+        check_choices("workloads", self.workloads, WORKLOADS)
+        check_choices("guest_pages", self.guest_pages, ("4k", "2m"))
+        check_choices("ept_pages", self.ept_pages, ("4k", "2m"))
+        if self.footprint_mib < 2 or self.footprint_mib % 2:
+            raise ConfigError("footprint_mib", f"{self.footprint_mib} is not a multiple of 2 MiB")
+        check_range("accesses", self.accesses, 1)
+        check_range("trace_accesses", self.trace_accesses, 1)
+        check_trace_path("trace", self.trace, ("", "auto"))
+        from ..mmu.scenario import TABLE_REGION
+
+        smallest = 4096 if "4k" in self.guest_pages else 2 << 20
+        guest = table_bytes(self.footprint_mib << 20, smallest)
+        if guest > TABLE_REGION - (8 << 20):  # the guest's page tables live in its first GiB
+            raise ConfigError(
+                "footprint_mib",
+                f"{self.footprint_mib:,} MiB needs about {guest / (1 << 20):,.0f} MiB of guest "
+                f"page tables with {'4k' if smallest == 4096 else '2m'} pages; the guest keeps "
+                f"them in {TABLE_REGION >> 20:,} MiB",
+            )
+        ept = table_bytes(self.footprint_mib << 20, 4096 if "4k" in self.ept_pages else 2 << 20)
+        check_table_memory("footprint_mib", guest + ept, f"{self.footprint_mib:,} MiB")
+
     workloads: tuple[str, ...] = ("sequential", "random", "zipf", "pointer-chase", "gups", "mixed")
     footprint_mib: int = 256
     accesses: int = 200_000

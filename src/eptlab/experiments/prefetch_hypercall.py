@@ -42,13 +42,61 @@ from matplotlib.figure import Figure
 
 from ..apps.prefetch import PROTOCOLS, Outcome, RemapOp, Scenario, play
 from ..errors import ConfigError
-from .base import Progress, Row, records_by, saved_text
+from .base import Progress, Row, check_choices, check_range, records_by, saved_text
 
 KINDS: tuple[str, ...] = ("migrate", "balloon", "merge")
+
+GUEST_SPARE = (8 << 20) - (6 << 20)
+"""Guest memory beside the footprint, after the 6 MiB kernel image: what ``apps.prefetch.play``
+leaves for the guest's page tables (it sizes guest memory as 8 MiB + the footprint)."""
+TABLE_SLACK_PAGES = 4
+"""Pages of that spare memory the guest kernel uses for itself (measured: 1,000 MiB runs,
+1,016 MiB runs out of guest memory)."""
+
+
+def guest_table_bytes(footprint_mib: int) -> int:
+    """Guest page tables that map the footprint (``populate`` maps it with 4 KiB PTEs): one
+    page table per 2 MiB, one directory per 1 GiB, one PDPT per 512 GiB."""
+    footprint = footprint_mib << 20
+    pages = -(-footprint // (2 << 20)) + -(-footprint // (1 << 30)) + -(-footprint // (1 << 39))
+    return pages * 4096
+
+
+def check_tables(footprint_mib: int) -> None:
+    """Refuse, before anything runs, a footprint whose guest page tables cannot fit in the
+    guest (which would otherwise be found only after populating them, minutes for 1 TiB)."""
+    need = guest_table_bytes(footprint_mib)
+    have = GUEST_SPARE - TABLE_SLACK_PAGES * 4096
+    if need > have:
+        most = max(m for m in range(2, 2048, 2) if guest_table_bytes(m) <= have)
+        raise ConfigError(
+            "footprint_mib",
+            f"{footprint_mib:,} MiB needs about {need / (1 << 20):,.1f} MiB of guest page tables; "
+            f"the guest has {have / (1 << 20):.2f} MiB for them (at most about {most:,} MiB)",
+        )
+
+
+HINTS_ON = ("on", "true", "1", "yes")
+HINTS = ("off", "on", "false", "true", "0", "1", "no", "yes")
 
 
 @dataclass(frozen=True)
 class PrefetchHypercallParams:
+    def validate(self) -> None:
+        """Choices, ranges and the page-table memory estimate (before anything runs)."""
+        from ..workloads import WORKLOADS
+
+        check_choices("hints", self.hints, HINTS)
+        check_choices("workload", self.workload, WORKLOADS)
+        check_choices("page", self.page, ("4k", "2m"))
+        check_choices("protocol", self.protocol, PROTOCOLS)
+        check_range("vcpus", self.vcpus, 1, 64)
+        check_range("footprint_mib", self.footprint_mib, 1)
+        check_range("accesses", self.accesses, max(self.vcpus))
+        check_range("write_fraction", self.write_fraction, 0.0, 1.0)
+        check_range("batch", self.batch, 1)
+        check_tables(self.footprint_mib)
+
     vcpus: tuple[int, ...] = (1, 2, 4)
     hints: tuple[str, ...] = ("off", "on")
     footprint_mib: int = 8
@@ -113,7 +161,7 @@ class PrefetchHypercall:
         )
 
     def rows(self, params: PrefetchHypercallParams, progress: Progress) -> Iterator[Row]:
-        hints = [h.lower() in ("on", "true", "1", "yes") for h in params.hints]
+        hints = [h.lower() in HINTS_ON for h in params.hints]
         configs = list(product(params.vcpus, hints))
         progress(0, len(configs))
         for done, (vcpus, hint) in enumerate(configs, 1):

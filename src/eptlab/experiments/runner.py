@@ -1,11 +1,15 @@
 """Running an experiment: progress bar, rows written as they arrive (CSV and JSON lines), then
-Parquet, JSON and PNG figures at the end. An interrupted run keeps every row it finished."""
+Parquet, JSON and PNG figures at the end. Parameters and the output location are checked before
+anything runs; files are written in ``OUT.partial`` and replace ``OUT`` only when complete
+(:mod:`.output`); an interrupted run keeps every row it finished there, labelled partial."""
 
 from __future__ import annotations
 
 import csv
 import json
+import sys
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -18,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # 
 
 from ..costs import CostProfile, use_profile  # noqa: E402
 from .base import Experiment, Result, Row, apply_overrides, params_dict  # noqa: E402
+from .output import RunOutput, atomic_write  # noqa: E402
 from .registry import get  # noqa: E402
 
 
@@ -46,9 +51,47 @@ def _run(
     experiment: Experiment = get(name)()
     params = apply_overrides(experiment.Params, overrides or {})
     out = Path(out) if out is not None else Path("out") / name
+    staged = RunOutput.open(out, name, params_dict(params))  # checks `out` before any compute
     rows: list[Row] = []
-    csv_path, jsonl_path = out / f"{name}.csv", out / f"{name}.jsonl"
-    files = [str(csv_path), str(jsonl_path)]
+    csv_path, jsonl_path = staged.path(f"{name}.csv"), staged.path(f"{name}.jsonl")
+    try:
+        _run_rows(experiment, params, name, rows, staged, csv_path, jsonl_path, show_progress)
+        table = pd.DataFrame(rows)
+        parquet = staged.path(f"{name}.parquet")
+        atomic_write(parquet, lambda tmp: table.to_parquet(tmp, index=False))
+        summary = {"experiment": name, "params": params_dict(params), "rows": rows}
+        summary["profile"] = profile.summary()
+        atomic_write(
+            staged.path(f"{name}.json"),
+            lambda tmp: tmp.write_text(json.dumps(summary, indent=1, default=_jsonable)),
+        )
+        import matplotlib.pyplot as plt
+
+        for stem, figure in experiment.figures(table, params).items():
+            atomic_write(staged.path(f"{stem}.png"), partial(_save_png, figure))
+            plt.close(figure)
+        files = staged.commit()
+    except KeyboardInterrupt:
+        print("eptlab: " + staged.interrupted("interrupted (SIGINT)"), file=sys.stderr)
+        raise
+    except BaseException as exc:
+        staged.interrupted(f"stopped by {type(exc).__name__}")
+        raise
+    return Result(name, params_dict(params), table, files)
+
+
+def _run_rows(
+    experiment: Experiment,
+    params: Any,
+    name: str,
+    rows: list[Row],
+    staged: RunOutput,
+    csv_path: Path,
+    jsonl_path: Path,
+    show_progress: bool,
+) -> None:
+    """Run the experiment, appending each row to ``rows`` and to the CSV and JSON-lines files
+    as it arrives."""
     with (
         ExitStack() as opened,
         Progress(
@@ -69,8 +112,7 @@ def _run(
         jsonl: TextIO | None = None
         csv_file: TextIO | None = None
         for row in experiment.rows(params, progress):
-            if writer is None:  # files appear with the first row: bad parameters leave none
-                out.mkdir(parents=True, exist_ok=True)
+            if writer is None:
                 csv_file = opened.enter_context(csv_path.open("w", newline=""))
                 jsonl = opened.enter_context(jsonl_path.open("w"))
                 writer = csv.DictWriter(csv_file, fieldnames=list(row))
@@ -81,22 +123,11 @@ def _run(
             csv_file.flush()
             jsonl.write(json.dumps(row, default=_jsonable) + "\n")
             jsonl.flush()
-    out.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame(rows)
-    parquet = out / f"{name}.parquet"
-    table.to_parquet(parquet, index=False)
-    summary = {"experiment": name, "params": params_dict(params), "rows": rows}
-    summary["profile"] = profile.summary()
-    (out / f"{name}.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
-    files += [str(parquet), str(out / f"{name}.json")]
-    for stem, figure in experiment.figures(table, params).items():
-        path = out / f"{stem}.png"
-        figure.savefig(path, dpi=110, bbox_inches="tight")
-        files.append(str(path))
-        import matplotlib.pyplot as plt
+            staged.rows = len(rows)
 
-        plt.close(figure)
-    return Result(name, params_dict(params), table, files)
+
+def _save_png(figure: Any, path: Path) -> None:
+    figure.savefig(path, format="png", dpi=110, bbox_inches="tight")
 
 
 def _jsonable(value: Any) -> Any:

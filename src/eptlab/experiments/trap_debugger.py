@@ -68,6 +68,10 @@ from .base import Progress, Row
 
 @dataclass(frozen=True)
 class TrapDebuggerParams:
+    def validate(self) -> None:
+        """See :func:`configs` (before anything runs)."""
+        configs(self)
+
     fractions: tuple[float, ...] = (0.02, 0.05, 0.1, 0.25)
     periods: tuple[int, ...] = (1_000, 10_000, 100_000)  # accesses between rotations
     mode: str = "write"  # write: revoke W; all: revoke R, W and X

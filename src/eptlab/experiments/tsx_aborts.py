@@ -48,6 +48,10 @@ from .base import Progress, Row, records_by
 
 @dataclass(frozen=True)
 class TsxAbortsParams:
+    def validate(self) -> None:
+        """The configurations build (before anything runs)."""
+        TsxAborts().configurations(self)
+
     scenarios: tuple[str, ...] = SCENARIOS
     mitigations: tuple[str, ...] = MITIGATIONS
     sections: int = 500  # per vCPU

@@ -29,6 +29,7 @@ and mappings are released by :meth:`KvmGuest.close` (or ``with``), also on error
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import struct
 import threading
@@ -374,6 +375,8 @@ class Watchdog:
     :class:`~eptlab.errors.WatchdogUnavailable`."""
 
     def __init__(self, vcpu: VcpuFd, seconds: float) -> None:
+        if not (math.isfinite(seconds) and seconds > 0):  # inf would silently disable it
+            raise ConfigError("timeout", f"{seconds} s: the watchdog needs a finite time > 0")
         self.vcpu, self.seconds = vcpu, seconds
         self.fired = False
         self._thread_id = threading.get_ident()

@@ -18,11 +18,43 @@ def collect(out: Path, experiments: list[str] | None = None) -> list[Section]:
         sections.append(walks_section(out / "walks.json"))
     for name in experiments or names():
         directory = out / name
-        if (directory / f"{name}.json").exists() and (directory / f"{name}.parquet").exists():
+        present = (directory / f"{name}.json").exists() and (directory / f"{name}.parquet").exists()
+        if present and result_status(directory) in ("complete", None):  # never a partial one
             sections.append(experiment_section(name, directory))
     if list(out.glob("kvm-*/kvm-*.json")):
         sections.append(kvm_section(out))
     return sections
+
+
+def result_status(directory: Path) -> str | None:
+    """``"complete"`` or ``"partial"`` from a result's ``manifest.json``; None without one
+    (a result written before manifests existed)."""
+    from ..experiments.output import read_manifest
+
+    manifest = read_manifest(directory)
+    return None if manifest is None else str(manifest.get("status"))
+
+
+def left_out(out: Path) -> list[str]:
+    """One line for each result under ``out`` the report does not show or cannot vouch for:
+    partial results (a run that did not finish) and results without a manifest."""
+    from ..experiments.output import PARTIAL_SUFFIX
+
+    notes = []
+    for name in names():
+        directory = out / name
+        status = result_status(directory) if directory.is_dir() else "absent"
+        if status == "partial":
+            notes.append(f"{directory}: partial result (its manifest says so): left out")
+        elif status is None and (directory / f"{name}.json").exists():
+            notes.append(f"{directory}: no manifest.json (an older eptlab wrote it): shown as is")
+        staging = out / (name + PARTIAL_SUFFIX)
+        if staging.is_dir():
+            notes.append(
+                f"{staging}: an unfinished run (partial): left out; the report shows the last "
+                "complete result, if any"
+            )
+    return notes
 
 
 def build_report(out: Path, experiments: list[str] | None = None) -> Path:
@@ -34,4 +66,4 @@ def build_report(out: Path, experiments: list[str] | None = None) -> Path:
     return path
 
 
-__all__ = ["Section", "build_report", "collect"]
+__all__ = ["Section", "build_report", "collect", "left_out", "result_status"]

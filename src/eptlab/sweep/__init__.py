@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .executors import run_dask, run_inline, run_local, run_point
+from .executors import connect, run_dask, run_inline, run_local, run_point
 from .spec import Point, SweepSpec, load_spec, parse_spec
 from .store import PointResult, SweepStore, load
 
@@ -36,21 +36,31 @@ def run_sweep(
     ``scheduler`` (an address or a ``distributed.Client``) runs points on Dask; otherwise
     ``jobs`` local processes (default: one per core; 1 runs in this process).
     """
-    store = SweepStore(out or spec.out)
-    done = store.done()
-    todo = [p for p in spec.points if p.point_id not in done]
-    if scheduler is not None:
-        results = run_dask(todo, scheduler)
-    else:
-        jobs = jobs or os.cpu_count() or 1
-        results = run_inline(todo) if jobs == 1 or len(todo) <= 1 else run_local(todo, jobs)
-    ok = failed = 0
-    for i, result in enumerate(results, 1):
-        store.save(result)
-        ok += result.ok
-        failed += not result.ok
-        if on_result is not None:
-            on_result(result, i, len(todo))
+    client = connect(scheduler) if isinstance(scheduler, str) else scheduler
+    try:
+        store = SweepStore(out or spec.out)
+        with store.locked():  # the output is checked (and locked) before any point runs
+            store.adopt(spec.points)
+            store.repair_log()
+            done = store.done()
+            todo = [p for p in spec.points if p.point_id not in done]
+            if client is not None:
+                results = run_dask(todo, client)
+            else:
+                jobs = jobs or os.cpu_count() or 1
+                results = (
+                    run_inline(todo) if jobs == 1 or len(todo) <= 1 else run_local(todo, jobs)
+                )
+            ok = failed = 0
+            for i, result in enumerate(results, 1):
+                store.save(result)
+                ok += result.ok
+                failed += not result.ok
+                if on_result is not None:
+                    on_result(result, i, len(todo))
+    finally:
+        if client is not None and client is not scheduler:
+            client.close()
     return SweepSummary(store.out, len(spec.points), len(spec.points) - len(todo), ok, failed)
 
 

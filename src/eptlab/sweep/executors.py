@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 from ..costs import CostProfile, use_profile
+from ..errors import ConfigError
 from ..experiments.base import apply_overrides
 from ..experiments.registry import get
 from .spec import Point
@@ -58,6 +59,33 @@ def run_local(points: Sequence[Point], jobs: int) -> Iterator[PointResult]:
         finally:
             for future in futures:
                 future.cancel()
+
+
+CONNECT_TIMEOUT = 5.0
+"""Seconds to reach a Dask scheduler before giving up."""
+
+
+def connect(address: str, timeout: float | None = None) -> Any:
+    """A ``distributed.Client`` for ``address``; a malformed or unreachable address is a
+    :class:`ConfigError` naming it, after at most ``timeout`` seconds."""
+    from distributed import Client
+    from distributed.comm.addressing import parse_address
+
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
+    try:
+        scheme, location = parse_address(address, strict=True)
+        if not location:
+            raise ValueError("no host:port")
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            "scheduler", f"{address!r} is not a scheduler address (tcp://HOST:PORT): {exc}"
+        ) from None
+    try:
+        return Client(address, timeout=f"{timeout}s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ConfigError(
+            "scheduler", f"{address}: no Dask scheduler answered within {timeout:g} s ({exc})"
+        ) from None
 
 
 def run_dask(points: Sequence[Point], scheduler: Any) -> Iterator[PointResult]:

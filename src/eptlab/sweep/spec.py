@@ -69,11 +69,21 @@ def as_text(value: Any) -> str:
     return str(value)
 
 
+MAX_SPEC_BYTES = 1 << 20
+"""Largest sweep file read (``eptlab sweep /dev/zero`` is refused, not read forever)."""
+MAX_POINTS = 10_000
+"""Most points a sweep file may describe (checked before the grid is expanded)."""
+
+
 def load_spec(path: Path, profile: Path | None = None) -> SweepSpec:
     """Read and validate a sweep file; ``profile`` (a cost profile file) overrides the file's
     ``profile`` key."""
     try:
-        data = tomllib.loads(Path(path).read_text())
+        with Path(path).open("rb") as fh:
+            raw = fh.read(MAX_SPEC_BYTES + 1)
+        if len(raw) > MAX_SPEC_BYTES:
+            raise ConfigError(str(path), f"over {MAX_SPEC_BYTES >> 20} MiB: not a sweep file")
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(str(path), "no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -105,14 +115,14 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> SweepSpec:
         raise ConfigError(f"{source}: out", "must be a non-empty string (a folder)")
     points: list[Point] = []
     for i, run in enumerate(runs):
-        points += _points(run, f"{source}: run[{i}]")
+        points += _points(run, f"{source}: run[{i}]", MAX_POINTS - len(points))
     ids = [p.point_id for p in points]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{source}: run", "the same point appears twice")
     return SweepSpec(source, Path(out), points)
 
 
-def _points(run: Any, where: str) -> list[Point]:
+def _points(run: Any, where: str, room: int = MAX_POINTS) -> list[Point]:
     if not isinstance(run, dict):
         raise ConfigError(where, "must be a table")
     unknown = set(run) - {"experiment", "set", "grid"}
@@ -131,6 +141,11 @@ def _points(run: Any, where: str) -> list[Point]:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}.grid.{key}", "must be a non-empty list of values")
     keys = sorted(grid)
+    count = 1
+    for key in keys:
+        count *= len(grid[key])
+        if count > room:
+            raise ConfigError(f"{where}.grid", f"more than {MAX_POINTS:,} points in the sweep")
     points = []
     for combo in product(*(grid[k] for k in keys)):
         overrides = dict(fixed) | {k: as_text(v) for k, v in zip(keys, combo, strict=True)}

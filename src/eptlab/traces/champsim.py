@@ -31,11 +31,13 @@ import lzma
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from ..errors import TraceFormatError
 from .model import TraceChunk, rechunk
+from .source import Source, open_source
 
 RECORD = np.dtype(
     [
@@ -58,11 +60,13 @@ MAX_RECORDS_PER_READ = 1 << 18
 _KINDS = np.array([2, 0, 0, 0, 0, 1, 1], np.int8)
 
 
-def compression(path: str | Path) -> str | None:
-    """``"xz"``, ``"gzip"`` or None for a file, by magic bytes first and suffix second."""
+def compression(path: str | Path, head: bytes | None = None) -> str | None:
+    """``"xz"``, ``"gzip"`` or None for a file (or its first bytes ``head``), by magic bytes
+    first and suffix second."""
     path = Path(path)
-    with path.open("rb") as fh:
-        head = fh.read(len(XZ_MAGIC))
+    if head is None:
+        with path.open("rb") as fh:
+            head = fh.read(len(XZ_MAGIC))
     if head.startswith(XZ_MAGIC):
         return "xz"
     if head.startswith(GZIP_MAGIC):
@@ -71,12 +75,12 @@ def compression(path: str | Path) -> str | None:
     return {".xz": "xz", ".gz": "gzip"}.get(suffix)
 
 
-def _open(path: Path, codec: str | None) -> io.BufferedIOBase:
+def _open(stream: BinaryIO, codec: str | None) -> io.BufferedIOBase:
     if codec == "xz":
-        return lzma.open(path, "rb")
+        return lzma.LZMAFile(stream, "rb")
     if codec == "gzip":
-        return gzip.open(path, "rb")
-    return path.open("rb")
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    return stream  # type: ignore[return-value]
 
 
 def decode_records(records: np.ndarray) -> TraceChunk:
@@ -95,15 +99,24 @@ def decode_records(records: np.ndarray) -> TraceChunk:
 
 def read_champsim(path: str | Path, chunk: int = 1 << 20) -> Iterator[TraceChunk]:
     """Stream a ChampSim trace in chunks of ``chunk`` accesses (the last may be shorter)."""
-    path = Path(path)
-    return rechunk(_records(path, compression(path)), chunk)
+    with open_source(path) as source:
+        yield from champsim_chunks(source, chunk)
 
 
-def _records(path: Path, codec: str | None) -> Iterator[TraceChunk]:
+def champsim_chunks(source: Source, chunk: int = 1 << 20) -> Iterator[TraceChunk]:
+    """The accesses of an opened ChampSim trace. An empty compressed file is refused (a
+    compressed stream of nothing is not zero bytes long), for xz and gzip alike."""
+    codec = compression(source.path, source.head)
+    if codec is not None and not source.head:
+        raise TraceFormatError(source.path, 0, f"empty file: not a {codec} stream", unit="byte")
+    return rechunk(_records(source.path, _open(source.stream, codec), codec), chunk)
+
+
+def _records(path: Path, fh: io.BufferedIOBase, codec: str | None) -> Iterator[TraceChunk]:
     block = MAX_RECORDS_PER_READ * RECORD_SIZE
     offset = 0
     where = "" if codec is None else f" of the {codec}-decompressed stream"
-    with _open(path, codec) as fh:
+    with fh:
         while True:
             data = _read(fh, block, path, offset, codec)
             if not data:

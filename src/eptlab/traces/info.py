@@ -11,10 +11,11 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import ConfigError, TraceFormatError
-from .champsim import GZIP_MAGIC, XZ_MAGIC, read_champsim
-from .lackey import read_lackey
+from .champsim import GZIP_MAGIC, XZ_MAGIC, champsim_chunks
+from .lackey import lackey_chunks
 from .model import TraceChunk
-from .native import MAGIC, read_native
+from .native import MAGIC, native_chunks
+from .source import Source, open_source
 
 FORMATS = ("lackey", "champsim", "native")
 PAGE_SHIFT = 12
@@ -39,10 +40,16 @@ def detect_format(path: str | Path) -> str:
     """``"native"``, ``"champsim"`` or ``"lackey"``: by magic bytes first (native magic; xz or
     gzip compression means ChampSim), then by suffix (``.lackey .txt .log`` lackey,
     ``.champsim .trace .xz .gz`` ChampSim, ``.ept`` native), then by a look at the first line
-    (lackey text). Raises :class:`TraceFormatError` when none of these tells."""
-    path = Path(path)
-    with path.open("rb") as fh:
-        head = fh.read(4096)
+    (lackey text). Raises :class:`TraceFormatError` when none of these tells. Reading a pipe
+    consumes it: use :func:`open_trace`, which detects and reads from one opening."""
+    with open_source(path) as source:
+        return detect(source)
+
+
+def detect(source: Source) -> str:
+    """The format of an opened trace, from its first bytes and its name (see
+    :func:`detect_format`)."""
+    path, head = source.path, source.head
     if head.startswith(MAGIC):
         return "native"
     if head.startswith(XZ_MAGIC) or head.startswith(GZIP_MAGIC):
@@ -66,15 +73,26 @@ def open_trace(
     path: str | Path, chunk: int = 1 << 20, *, fmt: str | None = None
 ) -> Iterator[TraceChunk]:
     """Stream the accesses of a trace in chunks, with the reader its format calls for
-    (``fmt`` overrides :func:`detect_format`)."""
-    fmt = detect_format(path) if fmt is None else fmt
-    if fmt == "lackey":
-        return read_lackey(path, chunk)
-    if fmt == "champsim":
-        return read_champsim(path, chunk)
-    if fmt == "native":
-        return read_native(path, chunk)
-    raise ConfigError("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
+    (``fmt`` overrides :func:`detect_format`). The path is opened once, so a pipe or
+    ``/dev/stdin`` is read from its first byte."""
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
+    return _stream(path, chunk, fmt, None)
+
+
+def _stream(
+    path: str | Path, chunk: int, fmt: str | None, found: list[str] | None
+) -> Iterator[TraceChunk]:
+    with open_source(path) as source:
+        fmt = detect(source) if fmt is None else fmt
+        if found is not None:
+            found.append(fmt)
+        if fmt == "lackey":
+            yield from lackey_chunks(source, chunk)
+        elif fmt == "champsim":
+            yield from champsim_chunks(source, chunk)
+        else:
+            yield from native_chunks(source, chunk)
 
 
 @dataclass(frozen=True)
@@ -113,14 +131,16 @@ def _sorted_unique(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
 def summarize(path: str | Path, *, fmt: str | None = None, chunk: int = 1 << 20) -> TraceInfo:
     """Count a trace's accesses by kind, its distinct 4 KiB pages and its address range, in
     one streaming pass."""
-    fmt = detect_format(path) if fmt is None else fmt
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
+    found: list[str] = []
     counts = np.zeros(3, np.int64)
     pages: npt.NDArray[np.uint64] = np.zeros(0, np.uint64)
     pending: list[npt.NDArray[np.uint64]] = []
     pending_len = 0
     low: int | None = None
     high: int | None = None
-    for c in open_trace(path, chunk, fmt=fmt):
+    for c in _stream(path, chunk, fmt, found):
         if len(c) == 0:
             continue
         counts += np.bincount(c.kind.astype(np.intp), minlength=3)[:3]
@@ -141,7 +161,7 @@ def summarize(path: str | Path, *, fmt: str | None = None, chunk: int = 1 << 20)
     unique = int(pages.shape[0])
     return TraceInfo(
         path=str(path),
-        format=fmt,
+        format=found[0],
         accesses=int(counts.sum()),
         reads=int(counts[0]),
         writes=int(counts[1]),

@@ -1,0 +1,55 @@
+"""A fast stand-in experiment for the runner and sweep robustness tests (issue 13)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+
+from eptlab.experiments.base import Progress, Row
+
+
+@dataclass(frozen=True)
+class TinyParams:
+    rows: int = 3
+    interrupt_at: int = 0  # 0: never; else raise KeyboardInterrupt before that row
+    break_png: bool = False
+    seed: int = 0
+
+
+class Tiny:
+    """A fast stand-in experiment that counts how often it computed."""
+
+    name: ClassVar[str] = "tiny"
+    question: ClassVar[str] = "Does the runner keep runs apart?"
+    Params: ClassVar[type] = TinyParams
+    demo: ClassVar[dict[str, str]] = {}
+    computed: ClassVar[int] = 0
+
+    def rows(self, params: TinyParams, progress: Progress) -> Iterator[Row]:
+        for i in range(params.rows):
+            if params.interrupt_at and i + 1 == params.interrupt_at:
+                raise KeyboardInterrupt
+            Tiny.computed += 1
+            yield {"i": i, "value": 10 * i + params.seed}
+
+    def figures(self, table: pd.DataFrame, params: TinyParams) -> dict[str, Figure]:
+        figure, ax = plt.subplots()
+        ax.plot(table["i"], table["value"])
+        if params.break_png:
+            def broken(path: Any, **kwargs: Any) -> None:
+                Path(path).write_bytes(b"\x89PNG partial")  # some bytes, then the kill
+                raise KeyboardInterrupt
+
+            figure.savefig = broken  # type: ignore[method-assign]
+        return {"tiny-values": figure}
+
+    def interpret(self, table: pd.DataFrame, params: TinyParams) -> list[str]:
+        return [f"{len(table)} rows."]
+
+
