@@ -63,16 +63,27 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..errors import ConfigError
-from .base import Progress, Row
+from ..kvm.apps.integrity import POLICIES, TRAP_ACTIONS
+from .base import Progress, Row, check_choices, check_range
 
-POLICIES = ("none", "trap-code", "trap-all", "log-bitmap", "log-ring")
 SIM_MODE = {"none": "none", "trap-code": "trap-code", "trap-all": "trap-all",
             "log-bitmap": "pml", "log-ring": "pml"}
 
 
 @dataclass(frozen=True)
 class KvmIntegrityParams:
+    def validate(self) -> None:
+        """Choices and the guest's configuration (before anything runs)."""
+        check_choices("policies", self.policies, POLICIES)
+        check_choices("trap_action", self.trap_action, TRAP_ACTIONS)
+        check_range("sim_accesses_per_iteration", self.sim_accesses_per_iteration, 1)
+        check_range("seeds", self.seeds, 1)
+        check_choices("guest_cpl", str(self.guest_cpl), ("0", "3"))
+        config = kvm_config(self, self.seed)
+        config.check()
+        if "trap-all" in self.policies:
+            KvmIntegrity.config_for(config, "trap-all", self).check()
+
     policies: tuple[str, ...] = POLICIES
     code_pages: int = 64
     data_pages: int = 256
@@ -220,13 +231,8 @@ class KvmIntegrity:
     keys: ClassVar[tuple[str, ...]] = ("policy",)
 
     def policies(self, p: KvmIntegrityParams) -> list[str]:
-        unknown = [q for q in p.policies if q not in POLICIES]
-        if unknown or not p.policies:
-            raise ConfigError("policies", f"{unknown or '()'}: choose from {', '.join(POLICIES)}")
-        if p.sim_accesses_per_iteration < 1:
-            raise ConfigError("sim_accesses_per_iteration", "must be at least 1")
-        if p.seeds < 1:
-            raise ConfigError("seeds", "run at least one seed")
+        """In run order: none first (the baseline), then the requested ones."""
+        p.validate()  # also when called without apply_overrides (tests, notebooks)
         return ["none"] + [q for q in POLICIES if q in p.policies and q != "none"]
 
     @staticmethod
@@ -240,9 +246,6 @@ class KvmIntegrity:
     def rows(self, params: KvmIntegrityParams, progress: Progress) -> Iterator[Row]:
         p = params
         policies = self.policies(p)
-        kvm_config(p, p.seed).check()
-        if "trap-all" in policies:
-            self.config_for(kvm_config(p, p.seed), "trap-all", p).check()
         from ..kvm.apps.common import flavour_columns
         from ..kvm.apps.integrity import run_policy
         from ..kvm.fds import Kvm
