@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from ..mmu.config import Assoc, CacheConfig, CacheLevel, CostModel, MmuConfig, TlbConfig
 from ..mmu.engine import Accesses, Engine
 from ..mmu.scenario import NestedSpace
-from .base import Progress, Row
+from .base import Progress, Row, check_choices, check_range
 
 BASE = 0x0000_2000_0000_0000
 MiB = 1 << 20
@@ -72,6 +72,16 @@ MACHINE_TLB = TlbConfig(
 
 @dataclass(frozen=True)
 class ModelVsMachineParams:
+    def validate(self) -> None:
+        """Choices and ranges (before anything runs)."""
+        check_choices("patterns", self.patterns, PATTERNS)
+        check_choices("pages", self.pages, ("4k", "2m"))
+        check_choices("outer_ept_pages", self.outer_ept_pages, OUTER_EPT_PAGES)
+        check_range("footprints_mib", self.footprints_mib, 1)
+        check_range("repeats", self.repeats, 1)
+        check_range("native_accesses", self.native_accesses, 1)
+        check_range("sim_accesses", self.sim_accesses, 1)
+
     patterns: tuple[str, ...] = PATTERNS
     footprints_mib: tuple[int, ...] = (1024, 4096, 16384)
     pages: tuple[str, ...] = ("4k", "2m")
