@@ -277,8 +277,9 @@ def test_pml_index_counts_down_to_zero_then_log_full() -> None:
 
 def test_log_full_needs_a_flag_update_to_exit() -> None:
     """With the log full, an access that sets no EPT flag proceeds; one that must set an
-    accessed flag exits too (SDM §29.3.6: 'needs to set an accessed or dirty flag')."""
-    space, _ = pml_space()
+    accessed flag exits too (SDM §29.3.6: 'needs to set an accessed or dirty flag'). The two
+    pages share their EPT path only when placed contiguously: pinned."""
+    space, _ = pml_space(layout="contiguous")
     assert space.vmcs is not None
     written, fresh = GVA, GVA + 0x1000
     gpa_fresh = space.map(fresh) + (fresh & 0xFFF)

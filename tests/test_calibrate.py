@@ -77,6 +77,7 @@ def test_the_spread_is_the_interquartile_range() -> None:
     s = Samples((1.0, 2.0, 3.0, 4.0, 100.0))
     assert s.median == 3.0 and s.spread == 2.0 and s.relative_spread == pytest.approx(2 / 3)
     assert Samples((7.0,)).spread == 0.0
+    assert Samples((-3.0, -2.0, -1.0)).relative_spread == pytest.approx(0.5)  # of |median|
 
 
 def _measured(path: Path) -> dict[str, dict[str, object]]:
@@ -93,7 +94,8 @@ def test_calibrate_quick_writes_a_profile_that_loads_with_measured_values(
     out = tmp_path / "profiles" / "here.toml"
     assert main(["calibrate", "--quick", "--out", str(out), "--name", "here"]) == 0
     measured = _measured(out)
-    expected = {"clock_ghz", "l1_latency", "l2_latency", "llc_latency", "dram_latency",
+    expected = {"clock_ghz", "stlb_hit_cycles", "l1_latency", "l2_latency", "llc_latency",
+                "dram_latency",
                 "copy_bytes_per_cycle", "walk_penalty_4k_cycles", "cpuid_exit_us",
                 "kvm_exit_us", "kvm_wp_trap_us", "kvm_dirty_harvest_ns_per_page",
                 "kvm_fork_ms_per_gib"}
@@ -145,3 +147,38 @@ def test_a_difference_below_zero_is_recorded_as_zero_and_says_so() -> None:
     v = b.values["walk_penalty_4k_cycles"]
     assert v.value == 0.0 and "-1" in v.source.ref and "recorded as 0" in v.source.ref
     assert v.source.kind == "measured" and v.source.samples == 3 and v.source.host == "h (cpu)"
+
+
+@needs_cc
+def test_sizes_beyond_the_memory_cap_are_skipped_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eptlab import native
+    from eptlab.calibrate.memory import MemoryCalibration
+
+    monkeypatch.setattr(native, "mem_available", lambda: 40 * MIB)  # cap: 60 % = 24 MiB
+    run = MemoryCalibration(Plan.quick(kvm=False))
+    labels = list(run.run())
+    assert len(labels) == run.steps()
+    r = run.results
+    assert r.buffer_bytes == {"2m": 16 * MIB, "4k": 16 * MIB}
+    assert max(p.footprint_bytes for p in r.curve["4k"]) == 16 * MIB
+    assert not r.walk and r.copy is None  # the 64 MiB walk and 2 x 16 MiB copy do not fit
+    assert any("64 MiB on 4k pages: more than 60% of MemAvailable (24 MiB allowed)" in s
+               for s in r.skipped)
+
+
+def test_every_shipped_profile_loads_by_name_with_measured_values(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eptlab.costs.active import shipped_profiles
+
+    shipped = shipped_profiles()
+    assert shipped, "a calibrated profile of this machine kind is shipped"
+    for name in shipped:
+        assert main(["costs", "--profile", name, "--json"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert listed["name"] == name
+        measured = [v for v in listed["values"] if v["source"] == "measured"]
+        assert {"l1_latency", "dram_latency", "clock_ghz"} <= {v["key"] for v in measured}
+        assert all(v["date"] and v["host"] and v["samples"] for v in measured)

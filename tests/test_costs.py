@@ -167,10 +167,9 @@ def test_profile_raises_a_runs_cycles_and_is_recorded_in_its_results(
     path = doubled(tmp_path, "dram_latency")
     slow = run_json([*NESTED, "--out", str(tmp_path / "b"), "--profile", str(path)], capsys)
     assert base["profile"]["name"] == "default"
-    assert slow["profile"]["values"]["dram_latency"] == {
-        "value": 2 * CostProfile.default()["dram_latency"],
-        "source": "assumed",
-    }
+    recorded = slow["profile"]["values"]["dram_latency"]
+    assert recorded["value"] == 2 * CostProfile.default()["dram_latency"]
+    assert recorded["source"] == "assumed" and recorded["ref"] == "test: twice the default"
     pairs = list(zip(base["rows"], slow["rows"], strict=True))
     assert all(b["walks"] == s["walks"] for b, s in pairs)  # same events, other prices
     assert all(s["cycles_per_access"] > b["cycles_per_access"] for b, s in pairs)
@@ -223,3 +222,32 @@ def test_a_sweep_carries_its_profile_to_every_point_and_row(tmp_path: Path) -> N
     spec_file.write_text(spec_file.read_text().replace(path.name, "missing.toml"))
     with pytest.raises(ConfigError, match="missing.toml"):
         load_spec(spec_file)
+
+
+def test_docs_list_every_value_of_the_shipped_profile() -> None:
+    text = (Path(__file__).parents[1] / "docs" / "costs.md").read_text()
+    for key, value in CostProfile.default().values.items():
+        assert f"| `{key}` | {value.value:g} | {value.unit} | {value.source.kind} |" in text
+
+
+def test_bench_prices_with_the_profile_and_records_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "--accesses", "3000", "--workloads", "seq64", "--walker-sample", "20",
+            "--json"]  # fmt: skip
+    base = run_json(argv, capsys)
+    slow = run_json([*argv, "--profile", str(doubled(tmp_path, "dram_latency"))], capsys)
+    assert base["profile"]["name"] == "default" and slow["profile"]["name"] == "double-dram_latency"
+    (b,), (s,) = base["results"], slow["results"]
+    assert s["walks_per_access"] == b["walks_per_access"]
+    assert s["cycles_per_access"] > b["cycles_per_access"]
+
+
+def test_costs_table_shows_every_key_and_the_source_counts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["costs"]) == 0
+    out = capsys.readouterr().out
+    counts = CostProfile.default().sources()
+    assert f"{counts['cited']} cited" in out and f"{counts['assumed']} assumed" in out
+    assert all(key in out for key in CostProfile.default().values)

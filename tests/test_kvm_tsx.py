@@ -137,6 +137,10 @@ def test_crosscheck_has_tsx_rows_and_the_capacity_limits_agree(
     rows = json.loads(capsys.readouterr().out)["rows"]
     tsx = {r["check"].split(" (")[0].split(",")[0]: r for r in rows if r["check"].startswith("tsx")}
     assert tsx["tsx readonly"]["equal"]  # every attempt aborts in both: a trapped store
-    assert tsx["tsx capacity limit in lines"]["kvm"] == "(768, 769)"
-    assert tsx["tsx capacity limit in lines"]["equal"]
+    limit = tsx["tsx capacity limit in lines"]
+    assert limit["sim"] == "(768, 769)"  # the model: 64 sets x 12 ways of L1d, a hard bound
+    # The machine nearly always gives (768, 769) too, but a 769-line write set has been seen
+    # to commit once under heavy load: the row reports what happened and says whether the two
+    # agree; it is not a hardware constant to pin.
+    assert limit["equal"] == (limit["sim"] == limit["kvm"])
     assert status == (0 if all(r["equal"] for r in rows) else 1)

@@ -111,3 +111,10 @@ def test_the_chase_is_one_cycle_through_every_line() -> None:
             seen.add(here)
             here = ctypes.c_uint64.from_address(here).value
         assert here == buf.base and len(seen) == nodes  # back at the start after every node
+
+
+def test_one_line_per_page_costs_more_than_the_same_lines_packed() -> None:
+    """512 lines on 512 pages miss the L1 DTLB on every load; on 8 pages they do not."""
+    r = native.run_stlb(512, accesses=8_192, repeats=3)
+    assert r.spread_out.median > r.packed.median
+    assert r.stlb_hit.count == 3

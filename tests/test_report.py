@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 from pathlib import Path
 
@@ -116,9 +117,12 @@ def test_kvm_section_reads_the_kvm_results(tmp_path: Path) -> None:
     module = cross.kvm_module.iloc[0]
     assert section.interpretation[1].startswith(f"Measured on {module}")
     assert "exactly the pages" in section.interpretation[2]
-    assert [s.key for s in collect(tmp_path)] == ["kvm"]
+    assert "KVM itself took, per write: log" in section.interpretation[2]
+    (collected,) = collect(tmp_path)
+    assert collected.key == "kvm" and collected.kind == "measured"
+    assert collected.flavour.startswith(f"{module}, ")
     page = build_report(tmp_path).read_text()
-    assert '<section id="kvm">' in page
+    assert '<section id="kvm">' in page and "measured on KVM (" in page.split("</h1>")[0]
 
 
 @pytest.mark.parametrize(
@@ -174,3 +178,49 @@ def test_demo_leaves_a_failing_experiment_out_and_still_writes_the_report(
     page = (tmp_path / "report.html").read_text()
     assert '<section id="walks">' in page and "prefetch-hypercall" not in page
     assert main(["demo", "--out", str(tmp_path), "--only", "no-such-thing"]) != 0
+
+
+def test_every_section_says_where_its_numbers_come_from(out: Path) -> None:
+    from eptlab.costs import CostProfile
+
+    page = build_report(out).read_text()
+    sections = {s.key: s for s in collect(out)}
+    assert sections["walks"].kind == "architectural"
+    simulated = sections["prefetch-hypercall"]
+    assert simulated.kind == "simulated" and simulated.profile_name == "default"
+    assert "cost profile 'default'" in simulated.provenance
+    counts = CostProfile.default().sources()
+    assert f"{counts['cited']} cited" in simulated.provenance
+    assert "simulated (cost profile &#x27;default&#x27;)" in page.split("</h1>")[0]
+    assert "measured</small>" not in page  # the old title claimed every number was measured
+
+
+def test_model_and_limits_lists_every_profile_value_with_its_source(out: Path) -> None:
+    from eptlab.costs import CostProfile
+
+    page = build_report(out).read_text()
+    model = html.unescape(page.split('<section id="model">')[1])
+    assert "Model and limits" in model
+    for key, value in CostProfile.default().values.items():
+        assert f"<td>{key}</td>" in model
+        assert value.source.ref[:60] in model
+    assert "no memory-level parallelism" in model
+    assert "by construction" in model
+
+
+def test_a_run_with_another_profile_is_named_in_its_section(tmp_path: Path) -> None:
+    from eptlab.costs import CostProfile, CostValue, Source, use_profile
+
+    other = CostProfile.default().with_values(
+        {"vmexit_cycles": CostValue(3000, "cycles", Source("measured", "test", "d", "h"))},
+        name="host-x",
+    )
+    with use_profile(other):
+        runner.run("prefetch-hypercall", SMALL_PREFETCH, tmp_path / "prefetch-hypercall",
+                   show_progress=False)
+    (section,) = collect(tmp_path)
+    measured = other.sources()["measured"]
+    assert measured == CostProfile.default().sources()["measured"] + 1
+    assert section.profile_name == "host-x" and f"{measured} measured" in section.provenance
+    model = build_report(tmp_path).read_text().split('<section id="model">')[1]
+    assert "host-x" in model and "d on h" in model and "<td>measured</td>" in model

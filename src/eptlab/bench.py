@@ -25,6 +25,7 @@ import numpy.typing as npt
 from .arch.access import Access
 from .arch.bits import PageSize
 from .errors import ConfigError
+from .memory.layout import check_layout
 from .mmu.config import MmuConfig
 from .mmu.engine import Accesses, Engine, InveptType
 from .mmu.scenario import NestedSpace
@@ -86,8 +87,10 @@ def synthetic_stream(workload: str, accesses: int, chunk: int, seed: int = 0) ->
         done += n
 
 
-def _space(length: int, guest_page: PageSize, ept_page: PageSize) -> NestedSpace:
-    space = NestedSpace.create(host_memory=1 << 46, guest_memory=1 << 46)
+def _space(
+    length: int, guest_page: PageSize, ept_page: PageSize, layout: str = "contiguous"
+) -> NestedSpace:
+    space = NestedSpace.create(host_memory=1 << 46, guest_memory=1 << 46, layout=layout)
     space.map_range(BASE, length, guest_page, ept_page)
     return space
 
@@ -114,14 +117,17 @@ def run(
     ept_page: PageSize = PageSize.SIZE_4K,
     trace: Path | None = None,
     seed: int = 0,
+    layout: str = "contiguous",
 ) -> BenchResult:
     """Time the engine on ``accesses`` accesses of ``workload`` (after a JIT warm-up) and the
-    reference walker on a sample of the same stream."""
+    reference walker on a sample of the same stream. ``layout``: ``contiguous`` (the default,
+    so figures compare across versions) or ``aged`` (:mod:`eptlab.memory.layout`)."""
+    check_layout(layout)
     if workload == "trace":
         if trace is None:
             raise ConfigError("trace", "the trace workload needs --trace FILE")
-        return _run_trace(trace, accesses, chunk, walker_sample, config)
-    space = _space(footprint(workload), guest_page, ept_page)
+        return _run_trace(trace, accesses, chunk, walker_sample, config, layout)
+    space = _space(footprint(workload), guest_page, ept_page, layout)
     engine = Engine(space.memory, config or MmuConfig(), space.features)
     engine.add_vcpu(space.guest, space.vmcs)
     warm_gva, warm_kind = next(synthetic_stream(workload, 1000, 1000, seed + 1))
@@ -179,10 +185,15 @@ def _result(
 
 
 def _run_trace(
-    path: Path, accesses: int, chunk: int, sample: int, config: MmuConfig | None
+    path: Path,
+    accesses: int,
+    chunk: int,
+    sample: int,
+    config: MmuConfig | None,
+    layout: str = "contiguous",
 ) -> BenchResult:
     """Map every page the trace touches (4 KiB guest pages), then run it."""
-    space = NestedSpace.create(host_memory=1 << 46, guest_memory=1 << 46)
+    space = NestedSpace.create(host_memory=1 << 46, guest_memory=1 << 46, layout=layout)
     engine = Engine(space.memory, config or MmuConfig(), space.features)
     engine.add_vcpu(space.guest, space.vmcs)
     mapped: set[int] = set()

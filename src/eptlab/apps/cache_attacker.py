@@ -206,7 +206,9 @@ class Victim:
         # the walker reads host memory directly: the engine (which performs the victim's
         # first write) needs no data-cache model here
         laid = boot(layout, target.memory, seed=seed, mmu=MmuConfig(cache=CacheConfig.disabled()))
-        kernel = GuestKernel(laid.vm, seed=seed)
+        # one aged guest layout for every trial (the secret's frame is placed explicitly below;
+        # aging anew for each trial's seed would dominate the run)
+        kernel = GuestKernel(laid.vm, seed=seed, layout_seed=0)
         base = target.gpa(slot) - target.offset
         kernel.frames.alloc_at(base, target.granule)
         process = kernel.spawn("victim")

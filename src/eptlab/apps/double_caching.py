@@ -277,7 +277,7 @@ class Machine:
     reader's user buffer already touched)."""
 
     def __init__(self, s: Scenario) -> None:
-        self.hv = Hypervisor(mmu=MmuConfig())
+        self.hv = Hypervisor(mmu=MmuConfig(), seed=s.seed)  # seed: the aged host's placement
         self.vm = self.hv.create_vm("guest", s.guest_mib * MiB, backing=EPT_PAGES[s.ept_page])
         self.kernel = GuestKernel(self.vm, seed=s.seed, frame_policy="recycle")
         process = self.kernel.spawn("reader")

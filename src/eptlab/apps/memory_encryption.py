@@ -71,8 +71,10 @@ def build_space(
     key_id: int = 0,
     guest_page: PageSize = PageSize.SIZE_4K,
     ept_page: PageSize = PageSize.SIZE_4K,
+    seed: int = 0,
 ) -> NestedSpace:
-    """A guest address space mapping ``[gva, gva + length)`` (``gva`` 1 GiB aligned, ``length``
+    """``seed`` places memory under the aged layout. A guest address space mapping
+    ``[gva, gva + length)`` (``gva`` 1 GiB aligned, ``length``
     whole 2 MiB regions) natively or under an EPT whose leaves carry ``key_id``; guest page
     tables are backed by the same EPT page size as data (a hypervisor backs all guest RAM
     alike)."""
@@ -89,6 +91,7 @@ def build_space(
         features=platform.features(),
         table_ept_page=ept_page if nested else PageSize.SIZE_4K,
         key_id=key_id if nested else 0,
+        seed=seed,
     )
     whole = length - length % gib  # whole GiBs in 1 GiB pieces, the rest in 2 MiB ones
     if whole:

@@ -107,7 +107,7 @@ from ..arch.bits import PAGE_SHIFT, PAGE_SIZE, PageSize, bits
 from ..arch.ept import Ept, EptEntry, ept_address, ept_is_leaf, ept_is_present
 from ..arch.exits import EptQual, EptViolation, ExitReason, GuestFault, VmExit
 from ..costs import active_profile
-from ..errors import ConfigError, EptlabError, MappingError
+from ..errors import ConfigError, EptlabError, MappingError, OutOfMemory
 from ..guest import GuestKernel
 from ..guest.layout import DIRECT_MAP_BASE, KernelImage
 from ..hv import VCPU, VM, Exit, GuestAction, Hypercall, Hypervisor, Run
@@ -1142,14 +1142,20 @@ class Outcome:
 def populate(kernel: GuestKernel, process: Process, length: int) -> Buffer:
     """What a guest does before it can name GPAs in a hint: reserve ``length`` bytes of its
     address space and map them now (MAP_POPULATE) to contiguous, 2 MiB-aligned guest-physical
-    memory. Host backing stays lazy."""
+    memory (from the kernel's boot-time contiguous run when it has one: aged layouts). Host
+    backing stays lazy."""
     blocks = -(-length // _2M)
-    gpas = [kernel.frames.alloc(PageSize.SIZE_2M) for _ in range(blocks)]
-    if gpas != [gpas[0] + i * _2M for i in range(blocks)]:
-        raise ConfigError("populate", "guest-physical memory is too fragmented")
+    taken = kernel.cma_take(blocks * _2M)  # the run the guest set aside at boot (aged layouts)
+    if taken is not None:
+        gpa = taken
+    else:
+        try:
+            gpa = kernel.frames.alloc_run(blocks * _2M)
+        except OutOfMemory:
+            raise ConfigError("populate", "guest-physical memory is too fragmented") from None
     gva = kernel.mmap(process, blocks * _2M)
-    process.tables.map_range(gva, gpas[0], blocks * _2M, user=True, xd=True)
-    return Buffer(gva, gpas[0], length)
+    process.tables.map_range(gva, gpa, blocks * _2M, user=True, xd=True)
+    return Buffer(gva, gpa, length)
 
 
 def play(s: Scenario) -> Outcome:
@@ -1160,7 +1166,9 @@ def play(s: Scenario) -> Outcome:
     hv = Hypervisor(mmu=mmu, seed=s.seed)
     engine = ObservedEngine.install(hv, per_access_cycles=s.per_access_cycles)
     image = KernelImage(code=_2M, rodata=_2M, data=_2M)
-    memory = (8 << 20) + -(-s.pages * PAGE_SIZE // _2M) * _2M
+    blocks = -(-s.pages * PAGE_SIZE // _2M)
+    run = _2M << (blocks - 1).bit_length() if hv.layout.aged else blocks * _2M
+    memory = hv.layout.guest_memory((8 << 20) + run)
     vm = hv.create_vm("guest", memory)
     meter = CycleMeter(s.costs)
     app = PrefetchApp(
@@ -1169,7 +1177,7 @@ def play(s: Scenario) -> Outcome:
     app.meter = meter
     checker = StaleUseChecker(hv, holders=[app.pool])
     engine.observers += [checker, meter]
-    kernel = GuestKernel(vm, seed=s.seed, image=image)
+    kernel = GuestKernel(vm, seed=s.seed, image=image, cma=run if hv.layout.aged else 0)
     process = kernel.spawn("app")
     vcpus = [vm.add_vcpu(cr3=process.cr3) for _ in range(s.vcpus)]
     for vcpu in vcpus:

@@ -559,13 +559,16 @@ def play(s: Scenario) -> Outcome:
     """Build the scenario's VM, guest and hypervisor policy; run the sections."""
     hv = Hypervisor(seed=s.seed)
     region_bytes = s.region_pages * PAGE_SIZE
-    memory = (32 << 20) + -(-region_bytes // (2 << 20)) * (2 << 20)
+    blocks = -(-region_bytes // (2 << 20))
+    run = (2 << 20) << blocks.bit_length()  # aged: the lock's and the region's 2 MiB blocks
+    cma = run if hv.layout.aged else 0
+    memory = hv.layout.guest_memory((32 << 20) + (cma or blocks * (2 << 20)))
     vm = hv.create_vm("guest", memory, pml=s.kind == "pml-dirty")
     install_timer_tick(hv)
     if s.mitigation == "prefetch":
         PrefetchApp(hv, vm)
     image = KernelImage(code=2 << 20, rodata=2 << 20, data=2 << 20)
-    kernel = GuestKernel(vm, seed=s.seed, image=image)
+    kernel = GuestKernel(vm, seed=s.seed, image=image, cma=cma)
     process = kernel.spawn("app")
     vcpus = [vm.add_vcpu(cr3=process.cr3) for _ in range(s.vcpus)]
     for vcpu in vcpus:

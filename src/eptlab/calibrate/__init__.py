@@ -13,6 +13,7 @@ Values it does not measure are kept from the base profile (:mod:`.profile`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class Calibration:
     measured: tuple[str, ...]  # the profile's keys this run measured
     seconds: float
     steps: tuple[tuple[str, float], ...] = ()  # each step's label and its seconds
+    load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at the start and the end
 
     @property
     def curve(self) -> Curve | None:
@@ -59,6 +61,7 @@ class Calibration:
         return {
             "host": self.host.as_dict(),
             "seconds": round(self.seconds, 1),
+            "load_average": list(self.load),
             "quick": self.plan.quick_mode,
             "clock": {"tsc_ghz": self.clock.tsc_ghz, "core_ghz": self.clock.core_ghz},
             "huge_pages": m.huge_pages,
@@ -68,6 +71,9 @@ class Calibration:
             "walk_penalty_cycles": {str(size): samples(s) for size, s in m.walk_penalty()},
             "copy_bytes_per_cycle": samples(m.copy.bytes_per_cycle) if m.copy else None,
             "cpuid_cycles": samples(m.cpuid),
+            "stlb": None if m.stlb is None else {
+                "lines": m.stlb.lines, "packed_cycles": samples(m.stlb.packed),
+                "one_line_per_page_cycles": samples(m.stlb.spread_out)},
             "kvm": None if k is None else {
                 "flavour": k.flavour, "exit_us": samples(k.exit_us),
                 "wp_trap_us": samples(k.wp_trap_us),
@@ -95,6 +101,7 @@ def calibrate(plan: Plan, base: CostProfile, name: str,
               progress: Progress | None = None) -> Calibration:
     """Run ``plan`` and build the profile (``base``'s values where nothing was measured)."""
     start = time.perf_counter()
+    load_before = os.getloadavg()[0]
     native.load()  # a missing compiler fails here, before anything is measured
     host = host_info()
     clock = native.clock()
@@ -122,4 +129,4 @@ def calibrate(plan: Plan, base: CostProfile, name: str,
     kvm_results = kvm.results if kvm is not None else None
     profile, measured = build_profile(base, host, plan, clock, mem.results, kvm_results, name)
     return Calibration(host, plan, clock, mem.results, kvm_results, why_not, profile, measured,
-                       time.perf_counter() - start, tuple(steps))
+                       time.perf_counter() - start, tuple(steps), (load_before, os.getloadavg()[0]))

@@ -23,6 +23,7 @@ class MemoryResults:
     walk: list[NativeResult] = field(default_factory=list)
     copy: CopyResult | None = None
     cpuid: Samples | None = None
+    stlb: native.StlbResult | None = None
     huge_pages: dict[str, bool] = field(default_factory=dict)  # did the 2m buffer get them
     buffer_bytes: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
@@ -52,7 +53,7 @@ class MemoryCalibration:
 
     def steps(self) -> int:
         p = self.plan
-        return 1 + 2 * (1 + len(p.curve) + len(WALK_PATTERNS) * len(p.walk_sizes)) + 1
+        return 2 + 2 * (1 + len(p.curve) + len(WALK_PATTERNS) * len(p.walk_sizes)) + 1
 
     def _buffer_size(self, page: PageKind) -> int:
         """The largest needed size within the memory cap; what does not fit is noted."""
@@ -71,6 +72,9 @@ class MemoryCalibration:
         p = self.plan
         self.results.cpuid = native.run_cpuid(repeats=p.repeats)
         yield "CPUID round trip"
+        self.results.stlb = native.run_stlb(accesses=p.curve_accesses, repeats=p.repeats,
+                                            seed=p.seed)
+        yield f"STLB hit: {self.results.stlb.stlb_hit.median:.1f} cycles"
         for page in ("2m", "4k"):
             size = self._buffer_size(page)
             if size == 0:

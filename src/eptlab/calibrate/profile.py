@@ -114,6 +114,13 @@ def build_profile(base: CostProfile, host: HostInfo, plan: Plan, clock: Clock,
               f"2 MiB pages (by footprint: {curve_text})",
               "extra cycles per random access with 4 KiB instead of 2 MiB pages (TLB misses "
               "and page walks; on a VM the walks are two-dimensional)")
+    if memory.stlb is not None:
+        st = memory.stlb
+        b.add("stlb_hit_cycles", st.stlb_hit, "cycles",
+              f"pointer chase over {st.lines} lines on {st.lines} 4 KiB pages (one line per "
+              f"page: L1 DTLB misses, STLB hits) minus the same lines on {st.lines // 64} "
+              f"pages ({st.packed.median:.1f} and {st.spread_out.median:.1f} cycles; both L1 "
+              "hits)", "L1 DTLB miss that hits the STLB")
     if memory.cpuid is not None:
         b.add("cpuid_exit_us", Samples(tuple(c / clock.core_ghz / 1e3
                                              for c in memory.cpuid.values)), "us",

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from .. import bench as bench_lib
 from ..arch.bits import PageSize
+from ..memory.layout import LAYOUTS
 from .costs import ProfileOption
 
 STARTUP_PROBE = """
@@ -27,7 +28,7 @@ from eptlab.arch import Access
 from eptlab.mmu.config import MmuConfig
 from eptlab.mmu.engine import Accesses, Engine
 from eptlab.mmu.scenario import NestedSpace
-space = NestedSpace.create()
+space = NestedSpace.create(layout="contiguous")
 space.map(0x7F0000000000)
 engine = Engine(space.memory, MmuConfig(), space.features)
 engine.add_vcpu(space.guest, space.vmcs)
@@ -63,6 +64,11 @@ def bench(
     walker_sample: Annotated[
         int, typer.Option(help="Accesses timed on the walker.", min=10)
     ] = 3000,
+    layout: Annotated[
+        str,
+        typer.Option(help="Memory layout: contiguous (default, comparable across versions) or "
+                     "aged (docs/layouts.md)."),
+    ] = "contiguous",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     profile: ProfileOption = None,
 ) -> int:
@@ -71,7 +77,9 @@ def bench(
 
     costs = load_profile(profile)
     with use_profile(costs):
-        return _bench(accesses, workloads, trace, guest_page, ept_page, walker_sample, as_json)
+        return _bench(
+            accesses, workloads, trace, guest_page, ept_page, walker_sample, as_json, layout
+        )
 
 
 def _bench(
@@ -82,6 +90,7 @@ def _bench(
     ept_page: str,
     walker_sample: int,
     as_json: bool,
+    layout: str = "contiguous",
 ) -> int:
     from ..costs import active_profile
 
@@ -95,6 +104,10 @@ def _bench(
         gp, ep = PageSize.parse(guest_page), PageSize.parse(ept_page)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if layout not in LAYOUTS:
+        raise typer.BadParameter(
+            f"{layout!r} is not one of {', '.join(LAYOUTS)}", param_hint="--layout"
+        )
     console = Console(stderr=True)
     results = []
     with console.status("benchmarking") as status:
@@ -102,13 +115,16 @@ def _bench(
             status.update(f"{name}: {accesses:,} accesses")
             results.append(
                 bench_lib.run(
-                    name, accesses, walker_sample=walker_sample, guest_page=gp, ept_page=ep
+                    name, accesses, walker_sample=walker_sample, guest_page=gp, ept_page=ep,
+                    layout=layout,
                 )
             )
         if trace is not None:
             status.update(f"trace {trace}")
             results.append(
-                bench_lib.run("trace", accesses, trace=trace, walker_sample=walker_sample)
+                bench_lib.run(
+                    "trace", accesses, trace=trace, walker_sample=walker_sample, layout=layout
+                )
             )
         status.update("startup time of a second process")
         startup = startup_seconds()
@@ -117,6 +133,7 @@ def _bench(
         "startup_seconds": startup,
         "guest_page": gp.label,
         "ept_page": ep.label,
+        "layout": layout,
         "machine": {
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
@@ -129,7 +146,8 @@ def _bench(
         typer.echo(json.dumps(report))
         return 0
     table = Table(
-        title=f"Engine vs reference walker ({gp.label} guest pages, {ep.label} EPT pages)"
+        title=f"Engine vs reference walker ({gp.label} guest pages, {ep.label} EPT pages, "
+        f"{layout} layout)"
     )
     for col in (
         "workload",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -79,7 +80,9 @@ def _report(console: Console, c: Calibration) -> None:
     h, m = c.host, c.memory
     caches = ", ".join(f"{k} {_size(v)}" for k, v in h.caches.items())
     console.print(f"host {h.label}; caches (sysfs) {caches}; TSC {c.clock.tsc_ghz:.3f} GHz, "
-                  f"core {c.clock.core_ghz:.3f} GHz; {c.seconds:.0f} s")
+                  f"core {c.clock.core_ghz:.3f} GHz; {c.seconds:.0f} s; load average "
+                  f"{c.load[0]:.1f} at the start, {c.load[1]:.1f} at the end "
+                  f"({os.cpu_count()} CPUs)")
     curve = c.curve
     level_of: dict[int, str] = {}
     if curve is not None:

@@ -122,14 +122,13 @@ class CostProfile:
         ]
 
     def summary(self) -> dict[str, Any]:
-        """What a result records about the profile it ran with."""
-        return {
-            "name": self.name,
-            "path": self.path,
-            "values": {
-                k: {"value": v.value, "source": v.source.kind} for k, v in self.values.items()
-            },
-        }
+        """What a result records about the profile it ran with: name, file, and every value
+        with its unit and source (reference, and for measured values date, host, spread)."""
+        values = {}
+        for row in self.as_rows():
+            key = row.pop("key")
+            values[key] = {k: v for k, v in row.items() if v is not None and k != "doc"}
+        return {"name": self.name, "path": self.path, "values": values}
 
     def sources(self) -> dict[str, int]:
         """How many values come from each kind of source."""

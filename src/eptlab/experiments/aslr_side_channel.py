@@ -67,6 +67,7 @@ from ..arch.bits import PageSize
 from ..errors import ConfigError, EptlabError
 from ..guest import GuestKernel
 from ..hv import Run
+from ..memory.layout import check_layout, default_layout, in_layout
 from ..mmu.config import CacheConfig
 from ..traces.model import TraceChunk
 from ..workloads import WORKLOADS, make_workload
@@ -100,6 +101,10 @@ class AslrSideChannelParams:
     warmup: int = 50_000
     guest_page: str = "2m"
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 def check(p: AslrSideChannelParams) -> None:
@@ -230,7 +235,7 @@ def measure_cost(p: AslrSideChannelParams, policy: str) -> LayoutCost:
     (``guest_page`` pages, every EPT page backed by the layout), run the workload."""
     layout = EptLayout.named(policy)
     footprint = p.footprint_mib << 20
-    laid = boot(layout, footprint + KERNEL_MEMORY, seed=p.seed)
+    laid = boot(layout, default_layout().guest_memory(footprint + KERNEL_MEMORY), seed=p.seed)
     guest_page = PageSize.parse(p.guest_page)
     kernel = GuestKernel(laid.vm, seed=p.seed, thp=guest_page == PageSize.SIZE_2M)
     process = kernel.spawn("workload")
@@ -283,6 +288,10 @@ class AslrSideChannel:
     demo: ClassVar[dict[str, str]] = {"trials": "40"}
 
     def rows(self, params: AslrSideChannelParams, progress: Progress) -> Iterator[Row]:
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
+
+    def _layout_rows(self, params: AslrSideChannelParams, progress: Progress) -> Iterator[Row]:
         check(params)
         targets = [Target.named(t, params.secret_bits) for t in params.targets]
         total = len(params.policies) * (1 + len(targets) * params.trials)

@@ -32,6 +32,7 @@ from ..arch.bits import PAGE_SIZE, PageSize
 from ..errors import ConfigError
 from ..hv import Hypervisor, Run
 from ..hv.costs import hv_costs
+from ..memory.layout import check_layout, in_layout
 from ..mmu.config import MmuConfig
 from ..tables import GuestPageTables
 from ..traces.model import TraceChunk
@@ -78,6 +79,10 @@ class CowForkParams:
     granularities: tuple[str, ...] = ("4k", "2m-copy", "2m-split")
     write_fraction: float = 0.05  # of each clone's pages, each written once
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 class CowFork:
@@ -90,6 +95,10 @@ class CowFork:
     demo: ClassVar[dict[str, str]] = {"guest_mibs": "32,128", "clones": "1,4"}
 
     def rows(self, params: CowForkParams, progress: Progress) -> Iterator[Row]:
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
+
+    def _layout_rows(self, params: CowForkParams, progress: Progress) -> Iterator[Row]:
         configs = list(product(params.guest_mibs, params.clones, params.granularities))
         progress(0, len(configs))
         for done, (mib, clones, granularity) in enumerate(configs, 1):
@@ -99,7 +108,7 @@ class CowFork:
     def measure(self, mib: int, clones: int, granularity: str, p: CowForkParams) -> Row:
         memory = mib << 20
         backing = PageSize.SIZE_4K if granularity == "4k" else PageSize.SIZE_2M
-        hv = Hypervisor(mmu=MmuConfig())
+        hv = Hypervisor(mmu=MmuConfig(), seed=p.seed)  # seed: the aged host's placement
         parent = hv.create_vm("parent", memory, lazy=False, backing=backing)
         parent.ept.map_range(0, memory, backing)
         tables = iter(range(PAGE_SIZE, TABLE_REGION, PAGE_SIZE))

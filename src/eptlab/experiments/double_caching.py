@@ -26,7 +26,7 @@ Columns:
 | disk_mib | MiB read from the disk |
 | io_ms | modelled I/O time: disk + notify exits + host copies and cache frames |
 | ept_ms | modelled hypervisor time of the EPT violations (exit, frame, zeroing, entry) |
-| guest_ms | the guest's accesses (zeroing new pages, copy to user): engine cycles at 3 GHz |
+| guest_ms | the guest's accesses (zeroing new pages, copy to user): engine cycles at clock_ghz |
 | duplicated_mib_before | file data in both page caches (byte for byte) when the read starts |
 | duplicated_mib | the same when the read ends |
 | stale_mib_before, stale_mib | host frames behind guest-free pages still holding disk blocks |
@@ -50,6 +50,7 @@ from ..apps.double_caching import GUEST_CACHES, HOST_CACHES, Outcome, Scenario, 
 from ..arch.bits import PAGE_SIZE
 from ..errors import ConfigError
 from ..hv.costs import hv_costs
+from ..memory.layout import check_layout, in_layout
 from .base import Progress, Row, check_choices, records_by
 
 MiB = 1 << 20
@@ -75,6 +76,10 @@ class DoubleCachingParams:
     readahead_kib: int = 128  # the guest's read() size and largest request
     ept_page: str = "4k"  # how the hypervisor backs guest memory: 4k or 2m
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 class DoubleCaching:
@@ -108,6 +113,10 @@ class DoubleCaching:
         ]
 
     def rows(self, params: DoubleCachingParams, progress: Progress) -> Iterator[Row]:
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
+
+    def _layout_rows(self, params: DoubleCachingParams, progress: Progress) -> Iterator[Row]:
         scenarios = self.scenarios(params)
         progress(0, len(scenarios))
         for done, scenario in enumerate(scenarios, 1):

@@ -64,6 +64,7 @@ from ..errors import ConfigError
 from ..guest import KernelImage
 from ..hv.costs import hv_costs
 from ..hv.guest_runner import RunReport
+from ..memory.layout import check_layout, in_layout
 from .base import Progress, Row, check_choices, records_by
 
 
@@ -86,6 +87,10 @@ class IntegrityMonitorParams:
     slab_mib: int = 8
     rearm_invept: bool = True  # pml: INVEPT after clearing dirty flags (False: the bug)
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 @dataclass
@@ -192,6 +197,10 @@ class IntegrityMonitor:
     demo: ClassVar[dict[str, str]] = {"accesses": "300000", "period": "50000"}
 
     def rows(self, params: IntegrityMonitorParams, progress: Progress) -> Iterator[Row]:
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
+
+    def _layout_rows(self, params: IntegrityMonitorParams, progress: Progress) -> Iterator[Row]:
         for _, row in self.runs(params, progress):
             yield row
 

@@ -59,6 +59,7 @@ from ..apps.memory_encryption import (
 from ..arch.bits import PageSize
 from ..costs import active_profile
 from ..errors import ConfigError
+from ..memory.layout import check_layout, in_layout
 from ..mmu.config import CacheConfig, EncryptionConfig
 from ..mmu.stats import VcpuStats
 from ..traces.model import TraceChunk
@@ -89,6 +90,10 @@ class MemoryEncryptionParams:
     guest_page: str = "4k"
     ept_page: str = "4k"
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 @dataclass(frozen=True)
@@ -180,10 +185,15 @@ class MemoryEncryption:
             key_id=key,
             guest_page=PageSize.parse(p.guest_page),
             ept_page=PageSize.parse(p.ept_page),
+            seed=p.seed,  # the aged layout's placement
         )
         return run_stream(space, platform, source.chunks, warmup=p.warmup)
 
     def rows(self, params: MemoryEncryptionParams, progress: Progress) -> Iterator[Row]:
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
+
+    def _layout_rows(self, params: MemoryEncryptionParams, progress: Progress) -> Iterator[Row]:
         p = params
         self.check(p)
         sources = list(self.sources(p))

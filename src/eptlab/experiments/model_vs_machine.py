@@ -38,6 +38,7 @@ from matplotlib.figure import Figure
 from ..arch.bits import PageSize
 from ..costs import CostProfile, load_profile
 from ..errors import ConfigError
+from ..memory.layout import check_layout, in_layout
 from ..mmu.config import Assoc, CacheConfig, CacheLevel, CostModel, MmuConfig, TlbConfig
 from ..mmu.engine import Accesses, Engine
 from ..mmu.scenario import NestedSpace
@@ -94,6 +95,10 @@ class ModelVsMachineParams:
     sim_accesses: int = 200_000
     memory_margin_mib: int = 2048  # left free besides the native buffer
     seed: int = 0
+    layout: str = "aged"  # the simulated guest's memory layout: aged or contiguous
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,10 @@ class ModelVsMachine:
                 raise ConfigError(name, "must be at least 1")
 
     def rows(self, params: ModelVsMachineParams, progress: Progress) -> Iterator[Row]:
+        # every simulated guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
+
+    def _layout_rows(self, params: ModelVsMachineParams, progress: Progress) -> Iterator[Row]:
         from .. import native
 
         p = params
@@ -218,7 +227,7 @@ class ModelVsMachine:
                         progress(done, total)
             for page in p.pages:
                 for outer in p.outer_ept_pages:
-                    space = self._space(footprint, page, outer)
+                    space = self._space(footprint, page, outer, p.seed)
                     for pattern in p.patterns:
                         yield self._row(p, config, space, pattern, footprint, page, outer,
                                         measured[pattern, page])
@@ -241,10 +250,10 @@ class ModelVsMachine:
         return Measured(result.cycles_per_access, result.cycles.spread, run,
                         page == "4k" or result.huge_pages_obtained)
 
-    def _space(self, footprint: int, page: str, outer: str) -> NestedSpace:
+    def _space(self, footprint: int, page: str, outer: str, seed: int = 0) -> NestedSpace:
         guest, ept = PageSize.parse(page), PageSize.parse(outer)
         space = NestedSpace.create(host_memory=1 << 46, guest_memory=1 << 46,
-                                   table_ept_page=ept)
+                                   table_ept_page=ept, seed=seed)
         region = max(footprint, 2 * MiB, int(max(guest, ept)))  # whole 2 MiB pieces and pages
         space.map_range(BASE, region, guest, ept)
         return space

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from ..arch.bits import PageSize
 from ..errors import ConfigError
+from ..memory.layout import check_layout, in_layout
 from ..mmu.config import Assoc, MmuConfig, TlbConfig
 from ..mmu.engine import Accesses, Engine
 from ..mmu.scenario import NestedSpace
@@ -85,6 +86,10 @@ class NestedOverheadParams:
     guest_pages: tuple[str, ...] = ("4k", "2m")
     ept_pages: tuple[str, ...] = ("4k", "2m")
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 def without_pwc() -> TlbConfig:
@@ -165,21 +170,27 @@ class NestedOverhead:
         return configs
 
     def rows(self, params: NestedOverheadParams, progress: Progress) -> Iterator[Row]:
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
+
+    def _layout_rows(self, params: NestedOverheadParams, progress: Progress) -> Iterator[Row]:
         sources = list(self.sources(params))
         configs = self.configurations(params)
         total, done = len(sources) * len(configs), 0
         progress(0, total)
         for source in sources:
             for mode, gp, ep, pwc in configs:
-                yield self.measure(source, mode, gp, ep, pwc)
+                yield self.measure(source, mode, gp, ep, pwc, params.seed)
                 done += 1
                 progress(done, total)
 
     def measure(
-        self, source: Source, mode: str, gp: PageSize, ep: PageSize | None, pwc: bool
+        self, source: Source, mode: str, gp: PageSize, ep: PageSize | None, pwc: bool,
+        seed: int = 0,
     ) -> Row:
         space = NestedSpace.create(
             use_ept=mode == "nested",
+            seed=seed,  # the aged layout's placement
             host_memory=1 << 46,
             guest_memory=1 << 46,
             table_ept_page=ep or PageSize.SIZE_4K,  # guest page tables live in guest RAM too

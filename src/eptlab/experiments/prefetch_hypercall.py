@@ -14,9 +14,10 @@ correct protocol or a deliberately broken one (``no_lock``, ``no_invept``).
 
 Per-access cycles are the engine's translation and data cycles of each access (accesses run one
 at a time), plus what it caused: a walk that ended in an EPT violation (the engine charges it
-nothing; it is costed from its references), the exit round trip (1,500 cycles) and the handler's
-work (allocating and zeroing a page: 200 + 4096/8 + 20 cycles; copies likewise), and a shootdown
-IPI on the next access of each vCPU it interrupted (2,000). The prefetch's own cost (the VMCALL
+nothing; it is costed from its references), the exit round trip and the handler's work
+(allocating and zeroing a page, copies likewise), and a shootdown IPI (an exit plus an INVEPT)
+on the next access of each vCPU it interrupted, all priced by the cost profile (default profile:
+1,500; 200 + 4096/8 + 20; 2,000 cycles). The prefetch's own cost (the VMCALL
 exit, backing, entry writes, warming reads) is ``prefetch_cycles``, not part of any access.
 
 Columns: hint (on/off), vcpus, protocol, accesses, ept_violations (all vCPUs, engine count),
@@ -42,6 +43,7 @@ from matplotlib.figure import Figure
 
 from ..apps.prefetch import PROTOCOLS, Outcome, RemapOp, Scenario, play
 from ..errors import ConfigError
+from ..memory.layout import check_layout, in_layout
 from .base import Progress, Row, check_choices, check_range, records_by, saved_text
 
 KINDS: tuple[str, ...] = ("migrate", "balloon", "merge")
@@ -109,6 +111,10 @@ class PrefetchHypercallParams:
     remaps: int = 8  # remap operations in each vCPU's program
     protocol: str = "correct"
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 class PrefetchHypercall:
@@ -161,6 +167,10 @@ class PrefetchHypercall:
         )
 
     def rows(self, params: PrefetchHypercallParams, progress: Progress) -> Iterator[Row]:
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
+
+    def _layout_rows(self, params: PrefetchHypercallParams, progress: Progress) -> Iterator[Row]:
         hints = [h.lower() in HINTS_ON for h in params.hints]
         configs = list(product(params.vcpus, hints))
         progress(0, len(configs))

@@ -42,6 +42,7 @@ from matplotlib.figure import Figure
 
 from ..apps.tsx import LAZY_SCENARIOS, MITIGATIONS, SCENARIOS, Outcome, Scenario, play
 from ..errors import ConfigError
+from ..memory.layout import check_layout, in_layout
 from ..mmu.rtm import EXIT_CAUSES
 from .base import Progress, Row, records_by
 
@@ -67,6 +68,10 @@ class TsxAbortsParams:
     hot_lines: int = 64
     capacity_lines: int = 16
     seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
 
 class TsxAborts:
@@ -117,6 +122,10 @@ class TsxAborts:
         return out
 
     def rows(self, params: TsxAbortsParams, progress: Progress) -> Iterator[Row]:
+        # every guest built while the rows are computed gets this layout
+        yield from in_layout(params.layout, self._layout_rows(params, progress))
+
+    def _layout_rows(self, params: TsxAbortsParams, progress: Progress) -> Iterator[Row]:
         configs = self.configurations(params)
         progress(0, len(configs))
         for done, scenario in enumerate(configs, 1):

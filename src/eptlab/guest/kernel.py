@@ -22,6 +22,7 @@ from ..hv.vcpu import VCPU
 from ..hv.vm import VM
 from ..memory import FrameAllocator
 from ..memory.allocator import Policy
+from ..memory.layout import LayoutConfig
 from ..tables import GuestPageTables
 from ..traces.model import TraceChunk
 from .layout import (
@@ -92,13 +93,31 @@ class GuestKernel:
         levels: int = 4,
         thp: bool = False,
         frame_policy: Policy = "sequential",
+        layout: LayoutConfig | str | None = None,
+        cma: int = 0,
+        layout_seed: int | None = None,
     ) -> None:
-        """``frame_policy`` is the guest-physical allocator's (``recycle``: freed pages are
-        reused first, as Linux's per-CPU free lists do)."""
+        """``layout`` (None: the VM's): ``aged``, guest-physical frames come from an aged buddy
+        allocator seeded by ``seed`` (its LIFO free lists reuse freed pages first, so
+        ``frame_policy`` is not used); ``contiguous``, from an allocator of ``frame_policy``
+        (``recycle``: freed pages are reused first, as Linux's per-CPU free lists do). Large
+        pages (image, THP) come from compaction when no 2 MiB block is free. ``cma``: bytes of
+        guest-physical memory to set aside as one contiguous run before anything else is
+        allocated (like Linux's CMA area): :attr:`cma_base`, None without. ``layout_seed``:
+        the aged allocator's seed, when it must differ from ``seed`` (the ASLR draws')."""
         self.vm, self.levels, self.thp = vm, levels, thp
         self.aslr, self.image = aslr or AslrConfig(), image or KernelImage()
         self.rng = np.random.default_rng(seed)
-        self.frames = FrameAllocator(vm.memory, policy=frame_policy)  # guest-physical
+        self.layout = vm.layout if layout is None else LayoutConfig.of(layout)
+        self.frames = FrameAllocator(  # guest-physical
+            vm.memory,
+            policy="aged" if self.layout.aged else frame_policy,
+            seed=seed if layout_seed is None else layout_seed,
+            aging=self.layout.aging,
+            salt="guest",
+        )
+        self.cma_base = self.frames.alloc_run(cma) if cma else None
+        self._cma_next, self._cma_end = self.cma_base or 0, (self.cma_base or 0) + cma
         self.counters: Counter[str] = Counter()
         self.processes: dict[int, Process] = {}
         self.current: dict[int, Process] = {}  # by vCPU engine id
@@ -148,6 +167,15 @@ class GuestKernel:
             regions.append(Region(address, size, kind, writable, executable, False))
             address += size
         return regions
+
+    def cma_take(self, length: int) -> int | None:
+        """The next ``length`` bytes (rounded up to 2 MiB) of the contiguous run set aside at
+        boot (``cma``), or None when there is none or it is used up."""
+        length = -(-length // _2M) * _2M
+        if self.cma_base is None or self._cma_next + length > self._cma_end:
+            return None
+        self._cma_next += length
+        return self._cma_next - length
 
     def kernel_region(self, kind: str) -> Region:
         for region in self.kernel_regions:

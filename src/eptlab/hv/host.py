@@ -14,15 +14,16 @@ from ..arch.bits import PAGE_SHIFT, PAGE_SIZE, PageSize
 from ..errors import AddressError
 from ..memory import FrameAllocator, PhysicalMemory
 from ..memory.allocator import Policy
+from ..memory.buddy import AgingConfig
 
 
 class HostMemory:
     """The host's physical memory, its allocator and per-frame reference counts."""
 
     def __init__(self, size: int = 1 << 40, *, policy: Policy = "sequential",
-                 seed: int = 0) -> None:
+                 seed: int = 0, aging: AgingConfig | None = None) -> None:
         self.memory = PhysicalMemory(size)
-        self.frames = FrameAllocator(size, policy=policy, seed=seed)
+        self.frames = FrameAllocator(size, policy=policy, seed=seed, aging=aging, salt="host")
         self._refs: Counter[int] = Counter()  # frame number -> mappings
         self._block_of: dict[int, int] = {}  # frame number -> start of its allocator block
         self._live_in_block: Counter[int] = Counter()  # block start -> referenced frames

@@ -19,6 +19,7 @@ from ..arch.bits import PageSize
 from ..arch.exits import ExitReason
 from ..errors import EptlabError
 from ..memory.allocator import Policy
+from ..memory.layout import LayoutConfig, resolve
 from ..mmu.config import MmuConfig
 from ..mmu.context import CpuFeatures
 from ..mmu.engine import Engine
@@ -45,11 +46,17 @@ class Hypervisor:
         host_memory: int = 1 << 40,
         mmu: MmuConfig | None = None,
         features: CpuFeatures | None = None,
-        host_policy: Policy = "sequential",
+        host_policy: Policy | None = None,
         seed: int = 0,
+        layout: LayoutConfig | str | None = None,
     ) -> None:
+        """``layout`` (None: the default, ``aged``; :mod:`eptlab.memory.layout`): an ``aged``
+        host backs guest memory from an aged buddy allocator, a ``contiguous`` one in address
+        order. An explicit ``host_policy`` overrides the layout's choice of host allocator."""
         self.features = features or CpuFeatures()
-        self.host = HostMemory(host_memory, policy=host_policy, seed=seed)
+        self.layout = resolve(layout)
+        policy: Policy = host_policy or ("aged" if self.layout.aged else "sequential")
+        self.host = HostMemory(host_memory, policy=policy, seed=seed, aging=self.layout.aging)
         self.engine = Engine(self.host.memory, mmu or MmuConfig(), self.features)
         self.vms: list[VM] = []
         self.exits: Counter[str] = Counter()
@@ -76,7 +83,9 @@ class Hypervisor:
         lazy: bool = True,
         backing: PageSize = PageSize.SIZE_4K,
         pml: bool = False,
+        layout: LayoutConfig | str | None = None,
     ) -> VM:
+        """``layout``: the VM's (None: the hypervisor's); its guest OS follows it."""
         vm = VM(
             self,
             name,
@@ -86,6 +95,7 @@ class Hypervisor:
             mbec=mbec,
             lazy=lazy,
             backing=backing,
+            layout=self.layout if layout is None else LayoutConfig.of(layout),
         )
         self.vms.append(vm)
         self.on(ExitReason.EPT_VIOLATION, vm.handle_lazy_backing, first=True)

@@ -12,6 +12,7 @@ import numpy.typing as npt
 from ..arch.bits import PAGE_SHIFT, PAGE_SIZE, PageSize
 from ..arch.exits import EptQual, EptViolation
 from ..errors import AddressError, ConfigError
+from ..memory.layout import LayoutConfig
 from ..mmu.context import PML_ENTRIES, GuestState, Vmcs
 from ..mmu.engine import InveptType
 from .ept_manager import EptManager
@@ -39,7 +40,11 @@ class VM:
         mbec: bool = False,
         lazy: bool = True,
         backing: PageSize = PageSize.SIZE_4K,
+        layout: LayoutConfig | str | None = None,
     ) -> None:
+        """``layout``: the memory layout of this VM (None: the hypervisor's); a guest OS built
+        on it takes its guest-physical allocator from it. Host placement is the host
+        allocator's (the hypervisor's layout) unless :attr:`placement` says otherwise."""
         if memory <= 0 or memory % PageSize.SIZE_2M:
             raise ConfigError("memory", f"{memory} is not a positive multiple of 2 MiB")
         self.hv, self.name, self.memory = hv, name, memory
@@ -51,6 +56,7 @@ class VM:
             mbec=mbec,
         )
         self.mbec, self.lazy, self.backing = mbec, lazy, PageSize(backing)
+        self.layout = hv.layout if layout is None else LayoutConfig.of(layout)
         self.placement: Placement | None = None
         """Where a fresh backing block goes: ``placement(gpa, size)`` returns a host address
         (or None: the host allocator decides). An EPT layout policy sets it."""

@@ -3,11 +3,18 @@
 Composes host memory, a host frame allocator, EPT tables, a guest-physical allocator and guest
 page tables. Guest page-table pages live in guest-physical memory (below ``TABLE_REGION``) and
 are mapped by EPT with 4 KiB pages; data pages are placed above it.
+
+``layout`` (:class:`eptlab.memory.LayoutConfig`): ``aged`` (the default) takes guest-physical
+frames (tables and data, each from its own region) and host frames from aged buddy allocators,
+so consecutive guest pages are scattered in both dimensions; 2 MiB blocks come from compaction
+(never a smaller page). ``contiguous`` hands both out in address order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from ..arch.bits import PAGE_SIZE, PageSize
 from ..arch.ept import parse_permissions
@@ -15,6 +22,7 @@ from ..arch.paging import Cr4, Efer
 from ..errors import AddressError, ConfigError
 from ..memory import FrameAllocator, PhysicalMemory
 from ..memory.allocator import Policy
+from ..memory.layout import LayoutConfig, resolve
 from ..tables import EptTables, GuestPageTables, GuestPhysicalStore, HostStore
 from ..tables.store import WordStore
 from .context import CpuFeatures, GuestState, Vmcs
@@ -37,6 +45,8 @@ class NestedSpace:
     vmcs: Vmcs | None
     features: CpuFeatures
     _table_frames: FrameAllocator
+    layout: LayoutConfig
+    _backed: set[int] = field(default_factory=set)  # aged: large data EPT pages backed so far
 
     @classmethod
     def create(
@@ -57,8 +67,12 @@ class NestedSpace:
         efer: int | None = None,
         table_ept_page: PageSize = PageSize.SIZE_4K,
         key_id: int = 0,
+        layout: LayoutConfig | str | None = None,
     ) -> NestedSpace:
-        """``table_ept_page``: the EPT page size backing the guest page-table pages (a
+        """``layout``: ``aged`` (None: the default, see :func:`eptlab.memory.layout.layout_scope`)
+        or ``contiguous`` placement of guest-physical and host frames
+        (module docstring; ``host_policy`` applies to ``contiguous`` only).
+        ``table_ept_page``: the EPT page size backing the guest page-table pages (a
         hypervisor backs all of guest RAM alike, page tables included). ``key_id``: with
         ``features.keyid_bits``, the TME-MK key ID the EPT leaves give the guest's memory
         (host memory must fit below the key-ID bits)."""
@@ -69,9 +83,21 @@ class NestedSpace:
                 "key_id", "native paging: key IDs in the guest's own page tables are not modelled"
             )
         memory = PhysicalMemory(host_memory, keyids=keyids)
-        host_frames = FrameAllocator(host_memory, policy=host_policy, seed=seed)
-        table_frames = FrameAllocator(TABLE_REGION, base=0)
-        guest_frames = FrameAllocator(guest_memory - TABLE_REGION, base=TABLE_REGION)
+        lay = resolve(layout)
+        aged: Policy = "aged"
+        aging = lay.aging
+        host_frames = FrameAllocator(
+            host_memory, policy=aged if lay.aged else host_policy, seed=seed, aging=aging,
+            salt="host",
+        )
+        guest_policy: Policy = aged if lay.aged else "sequential"
+        table_frames = FrameAllocator(
+            TABLE_REGION, base=0, policy=guest_policy, seed=seed, aging=aging, salt="guest-tables"
+        )
+        guest_frames = FrameAllocator(
+            guest_memory - TABLE_REGION, base=TABLE_REGION, policy=guest_policy, seed=seed,
+            aging=aging, salt="guest",
+        )
         ept = (
             EptTables(
                 HostStore(memory),
@@ -108,7 +134,8 @@ class NestedSpace:
         guest = GuestState(**kwargs)
         vmcs = Vmcs(eptp=ept.eptp, mbec=mbec) if ept else None
         return cls(
-            memory, host_frames, guest_frames, ept, tables, guest, vmcs, features, table_frames
+            memory, host_frames, guest_frames, ept, tables, guest, vmcs, features, table_frames,
+            lay,
         )
 
     def map_ept(self, gpa: int, size: PageSize = PageSize.SIZE_4K, perms: str = "rwx") -> int:
@@ -118,6 +145,8 @@ class NestedSpace:
         size = PageSize(size)
         hpa = self.host_frames.alloc(size)
         self.ept.map(gpa & ~(size - 1), hpa, size)
+        if self.layout.aged and size != PageSize.SIZE_4K:
+            self._backed.add(gpa & ~(size - 1))
         if perms != "rwx":
             self.ept.set_permission_bits(gpa, parse_permissions(perms))
         return hpa
@@ -138,8 +167,9 @@ class NestedSpace:
         ``ept_page`` that contains ``gva``'s guest-physical address with host memory (the rest
         of a guest page larger than ``ept_page`` stays unbacked); returns the guest page's GPA."""
         guest_page, ept_page = PageSize(guest_page), PageSize(ept_page)
-        block = max(guest_page, ept_page)
-        base = self.guest_frames.alloc(block)
+        # the guest page gets a whole EPT page of its own (aged: wherever the buddy allocator
+        # finds one); guest-physical memory an EPT page already backs is not backed again
+        base = self.guest_frames.alloc(max(guest_page, ept_page))
         self.tables.map(
             gva & ~(guest_page - 1),
             base,
@@ -149,8 +179,9 @@ class NestedSpace:
             xd=xd,
             pkey=pkey,
         )
-        if self.ept is not None:
-            self.map_ept(base + (gva & (guest_page - 1)), ept_page, ept_perms)
+        gpa = base + (gva & (guest_page - 1))
+        if self.ept is not None and not (self.layout.aged and self.ept.lookup(gpa) is not None):
+            self.map_ept(gpa, ept_page, ept_perms)
         return base
 
     def map_range(
@@ -164,8 +195,14 @@ class NestedSpace:
         user: bool = False,
     ) -> None:
         """Map and fully back ``length`` bytes of guest-linear memory at ``gva`` (vectorized;
-        fine for tens of GiB of 4 KiB pages). Done in 1 GiB pieces (2 MiB ones for less)."""
+        fine for tens of GiB of 4 KiB pages). Contiguous: in 1 GiB pieces (2 MiB ones for less).
+        Aged: each guest page gets its own guest-physical block, and each EPT page of
+        guest-physical memory those pages touch its own host block (shared with whatever else
+        lies in it)."""
         guest_page, ept_page = PageSize(guest_page), PageSize(ept_page)
+        if self.layout.aged:
+            self._map_range_aged(gva, length, guest_page, ept_page, writable, user)
+            return
         piece = PageSize.SIZE_1G if length >= PageSize.SIZE_1G else PageSize.SIZE_2M
         if max(guest_page, ept_page) > piece or gva % piece or length % piece:
             raise AddressError(f"map_range wants {piece.label}-aligned ranges of whole pieces")
@@ -176,6 +213,37 @@ class NestedSpace:
             )
             if self.ept is not None:
                 self.ept.map_range(gpa, self.host_frames.alloc(piece), piece, ept_page)
+
+    def _map_range_aged(
+        self, gva: int, length: int, guest_page: PageSize, ept_page: PageSize, writable: bool,
+        user: bool,
+    ) -> None:
+        if gva % guest_page or length % guest_page or length <= 0:
+            raise AddressError(f"{gva:#x}+{length:#x} is not aligned to {guest_page.label}")
+        count = length // guest_page
+        if guest_page == PageSize.SIZE_4K:
+            gpas = self.guest_frames.alloc_pages(count)
+        else:
+            gpas = np.array([self.guest_frames.alloc(guest_page) for _ in range(count)], np.int64)
+        gvas = gva + np.arange(count, dtype=np.int64) * int(guest_page)
+        self.tables.map_pages(gvas, gpas, guest_page, writable=writable, user=user)
+        if self.ept is None:
+            return
+        step = int(ept_page)
+        if guest_page > ept_page:
+            gpas = (gpas[:, None] + np.arange(guest_page // step, dtype=np.int64) * step).ravel()
+        pages = gpas - gpas % step
+        _, first = np.unique(pages, return_index=True)
+        pages = pages[np.sort(first)]  # each EPT page once, in first-touch order
+        if ept_page != PageSize.SIZE_4K:  # a large EPT page may hold pages mapped before
+            backed = self._backed
+            pages = pages[np.array([p not in backed for p in pages.tolist()], bool)]
+            backed.update(pages.tolist())
+        if ept_page == PageSize.SIZE_4K:
+            hpas = self.host_frames.alloc_pages(len(pages))
+        else:
+            hpas = np.array([self.host_frames.alloc(ept_page) for _ in pages.tolist()], np.int64)
+        self.ept.map_pages(pages, hpas, ept_page)
 
     def protect_tables(self, perms: str) -> None:
         """Give every EPT leaf that maps a guest page-table page the permissions ``perms``."""

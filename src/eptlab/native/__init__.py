@@ -19,6 +19,7 @@ from .measure import (
     NativeResult,
     PageKind,
     Samples,
+    StlbResult,
     clock,
     mem_available,
     pinned,
@@ -26,6 +27,7 @@ from .measure import (
     run_copy,
     run_cpuid,
     run_pattern,
+    run_stlb,
 )
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "NativeResult",
     "PageKind",
     "Samples",
+    "StlbResult",
     "clock",
     "library_path",
     "load",
@@ -46,4 +49,5 @@ __all__ = [
     "run_copy",
     "run_cpuid",
     "run_pattern",
+    "run_stlb",
 ]

@@ -122,14 +122,20 @@ void *ept_map(size_t bytes, int huge) {
 
 int ept_unmap(void *p, size_t bytes) { return munmap(p, bytes); }
 
-/* A uniformly random cyclic order of `nodes` nodes of `node_size` bytes, stored as absolute
- * pointers in each node's first word: a Fisher-Yates shuffle of a compact array of node indices
- * (4 bytes each, on huge pages where the OS gives them: far fewer cache and TLB misses than
- * shuffling the nodes themselves), then one pass linking order[i] -> order[i + 1] (the last back
- * to the first), whose stores are independent and overlap. -1 for bad arguments, -2 when the
- * index array cannot be mapped. */
-int ept_chase_build(void *base, uint64_t nodes, uint64_t node_size, uint64_t seed) {
-    if (nodes < 2 || nodes > UINT32_MAX || node_size < 8 || node_size % 8) return -1;
+/* A uniformly random cyclic order of `nodes` nodes, node k at byte offset k * stride + ((k *
+ * 64) mod stride when stride > 64, else 0): with stride 64 one node per line; with stride 4096
+ * one node per page, staggered across the lines of a page so the nodes spread over every L1
+ * set. Each node's first word holds the absolute address of the next. A Fisher-Yates shuffle of
+ * a compact array of node indices (4 bytes each, on huge pages where the OS gives them: far
+ * fewer cache and TLB misses than shuffling the nodes themselves), then one pass linking
+ * order[i] -> order[i + 1] (the last back to the first), whose stores are independent and
+ * overlap. -1 for bad arguments, -2 when the index array cannot be mapped. */
+static inline uint64_t node_offset(uint64_t k, uint64_t stride) {
+    return k * stride + (stride > 64 ? (k * 64) % stride : 0);
+}
+
+int ept_chase_build(void *base, uint64_t nodes, uint64_t stride, uint64_t seed) {
+    if (nodes < 2 || nodes > UINT32_MAX || stride < 64 || stride % 64) return -1;
     size_t bytes = (size_t)nodes * sizeof(uint32_t);
     uint32_t *order = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (order == MAP_FAILED) return -2;
@@ -145,7 +151,8 @@ int ept_chase_build(void *base, uint64_t nodes, uint64_t node_size, uint64_t see
     char *b = (char *)base;
     for (uint64_t i = 0; i < nodes; i++) {
         uint64_t next = order[i + 1 < nodes ? i + 1 : 0];
-        *(uint64_t *)(b + (uint64_t)order[i] * node_size) = (uint64_t)(uintptr_t)(b + next * node_size);
+        *(uint64_t *)(b + node_offset(order[i], stride)) =
+            (uint64_t)(uintptr_t)(b + node_offset(next, stride));
     }
     munmap(order, bytes);
     return 0;

@@ -82,8 +82,8 @@ class Samples:
 
     @property
     def relative_spread(self) -> float:
-        """Interquartile range / median: 0 for identical samples."""
-        return self.spread / self.median if self.median else 0.0
+        """Interquartile range / |median|: 0 for identical samples."""
+        return self.spread / abs(self.median) if self.median else 0.0
 
     @property
     def count(self) -> int:
@@ -290,11 +290,14 @@ def _run_once(pattern: str, buf: Buffer, footprint: int, chunk: int, chunks: int
     return float(statistics.median(ticks)) / chunk
 
 
-def prepare_chase(buf: Buffer, footprint: int, seed: int) -> None:
-    """Write a random cycle over the first ``footprint`` bytes of ``buf`` (one node per line)."""
+def prepare_chase(buf: Buffer, footprint: int, seed: int, *, stride: int = NODE) -> None:
+    """Write a random cycle over the first ``footprint`` bytes of ``buf``: one node per
+    ``stride`` bytes (64: every line; 4096: one line per page, staggered over the lines)."""
     if footprint > buf.bytes:
         raise ConfigError("footprint_bytes", f"{footprint} exceeds the buffer ({buf.bytes})")
-    status = load().ept_chase_build(buf.base, footprint // NODE, NODE, seed)
+    if stride < NODE or stride % NODE or footprint // stride < 2:
+        raise ConfigError("stride", f"{stride} is not a multiple of {NODE} giving 2+ nodes")
+    status = load().ept_chase_build(buf.base, footprint // stride, stride, seed)
     if status != 0:
         why = "no memory for the index array" if status == -2 else "too many nodes"
         raise ConfigError("footprint_bytes", f"{footprint}: cannot build a chain ({why})")
@@ -344,6 +347,39 @@ def run_pattern(
         huge_pages_obtained=huge >= footprint_bytes - (footprint_bytes % (2 << 20)) > 0,
         huge_bytes=huge, cpu=on, clock=clk, stride=stride,
     )
+
+
+@dataclass(frozen=True)
+class StlbResult:
+    """Chase over ``lines`` lines packed in few pages against one line per 4 KiB page (as
+    many pages as lines: more than the L1 DTLB holds, fewer than the STLB): core cycles per
+    load of each, and their difference, the cost of an STLB hit."""
+
+    lines: int
+    packed: Samples
+    spread_out: Samples
+
+    @property
+    def stlb_hit(self) -> Samples:
+        return Samples(tuple(b - a for a, b in zip(sorted(self.packed.values),
+                                                   sorted(self.spread_out.values), strict=False)))
+
+
+def run_stlb(lines: int = 512, accesses: int = 65_536, repeats: int = 5, seed: int = 1,
+             cpu: int | None = None) -> StlbResult:
+    """The same number of lines, with the same spread over the L1 sets, chased on
+    ``lines // 64`` pages and on ``lines`` pages (4 KiB each, MADV_NOHUGEPAGE): the second
+    misses the L1 DTLB (64-96 entries on recent Intel cores) and hits the STLB (2,048) on
+    every load; the cache hit mix is the same for both (512 lines: L1 hits, 8 per L1 set)."""
+    if not 128 <= lines <= 2048 or lines % 64:
+        raise ConfigError("lines", f"{lines} is not a multiple of 64 in 128..2048")
+    with Buffer(lines * 4096, "4k") as buf:
+        packed = run_pattern("pointer-chase", lines * NODE, "4k", accesses, seed,
+                             repeats=repeats, buffer=buf, cpu=cpu)
+        prepare_chase(buf, lines * 4096, seed, stride=4096)
+        spread = run_pattern("pointer-chase", lines * 4096, "4k", accesses, seed,
+                             repeats=repeats, buffer=buf, prepared=True, cpu=cpu)
+    return StlbResult(lines, packed.cycles, spread.cycles)
 
 
 @dataclass(frozen=True)

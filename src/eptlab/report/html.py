@@ -40,10 +40,19 @@ table.data tr:nth-child(even) td { background: #f6f7f8; }
 figure { margin: 14px 0; } figure img { max-width: 100%; border: 1px solid #e1e4e8; }
 .files, footer { color: #5b6b7a; font-size: 13px; }
 .glance li { margin: 6px 0; } .glance a { font-weight: 600; color: #2f6f9f; }
+.provenance { font-size: 13px; color: #3b4b5a; background: #f1f1ec; padding: 4px 10px;
+              border-left: 4px solid #9a8f5a; }
+.notes li { margin: 4px 0; }
 """
 
 
-def render(sections: Sequence[Section], *, root: Path, title: str = "eptlab report") -> str:
+def render(
+    sections: Sequence[Section],
+    *,
+    root: Path,
+    title: str = "eptlab report",
+    subtitle: str = "second-level address translation",
+) -> str:
     """The page for ``sections``; file links are relative to ``root`` (the report's folder)."""
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     toc = "".join(
@@ -60,10 +69,14 @@ def render(sections: Sequence[Section], *, root: Path, title: str = "eptlab repo
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(title)}</title><style>{STYLE}</style></head>
-<body><header><h1>{_e(title)} <small>second-level address translation, measured</small></h1>
-<p>Every number on this page was computed in this run: by eptlab's simulated machine, and in
-the last section by real KVM on this host. The sentences under each question are generated
-from the table below them.</p></header>
+<body><header><h1>{_e(title)} <small>{_e(subtitle)}</small></h1>
+<p>Each section says where its numbers come from. <b>Simulated</b> numbers are computed by
+eptlab's model: event counts (walks, references, exits) follow the architecture, and cycles and
+times are those counts priced by a cost profile whose every value, with its source, is listed in
+"Model and limits" at the end, together with what the model leaves out and which results hold
+by construction. <b>Measured</b> numbers come from real KVM on this host, which names its
+flavour. The sentences under each question are generated from the table below them.</p>
+</header>
 <section id="glance"><h2>At a glance</h2><ul class="glance">{glance}</ul></section>
 <nav><h3>Contents</h3><ol>{toc}</ol></nav>
 {body}
@@ -82,11 +95,20 @@ def _section(s: Section, root: Path) -> str:
         f'<figure><img alt="{_e(f.stem)}" src="{_data_uri(f)}"></figure>' for f in s.figures
     )
     links = ", ".join(f'<a href="{_e(_relative(f, root))}">{_e(f.name)}</a>' for f in s.files)
+    files = f'<p class="files">Files: {links}</p>' if links else ""
+    kind = f"<b>{_e(s.kind.capitalize())}.</b> " if s.kind else ""
+    provenance = f'<p class="provenance">{kind}{_e(s.provenance)}</p>' if s.provenance else ""
+    notes = "".join(
+        f'<h3>{_e(caption)}</h3><ul class="notes">{"".join(f"<li>{_e(t)}</li>" for t in items)}'
+        "</ul>"
+        for caption, items in s.notes
+        if items
+    )
     return f"""<section id="{_e(s.key)}"><h2>{_e(s.title)}</h2>
-<p class="question">{_e(s.question)}</p>
+{provenance}<p class="question">{_e(s.question)}</p>
 <div class="reading"><ul>{reading}</ul></div>
-{params_html}{figures}{tables}
-<p class="files">Files: {links}</p></section>"""
+{params_html}{figures}{tables}{notes}
+{files}</section>"""
 
 
 def _table(table: pd.DataFrame) -> str:

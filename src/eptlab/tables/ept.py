@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+import numpy.typing as npt
+
 from ..arch.bits import PAGE_SHIFT, PageSize, bits
 from ..arch.ept import (
     Ept,
@@ -136,6 +139,27 @@ class EptTables(RadixTables):
         if self.keyids is not None:
             self._keyed(hpa + length - 1)  # the whole range must fit below the key ID
         return self._install_range(gpa, self._keyed(hpa), length, size, flags)
+
+    def map_pages(
+        self,
+        gpas: npt.NDArray[np.int64],
+        hpas: npt.NDArray[np.int64],
+        size: PageSize = PageSize.SIZE_4K,
+        *,
+        memory_type: MemoryType = MemoryType.WB,
+    ) -> int:
+        """Map each ``gpas[i]`` to ``hpas[i]`` with ``size`` pages, full permissions
+        (vectorized; scattered placements); returns the number of pages."""
+        size = PageSize(size)
+        flags = EptEntry(
+            level=size.level, address=0, memory_type=memory_type, page_size=size != PageSize.SIZE_4K
+        ).encode(self.maxphyaddr)
+        hpas = np.asarray(hpas, np.int64)
+        if self.keyids is not None:
+            hpas = np.array([self._keyed(int(h)) for h in hpas.tolist()], np.uint64).astype(
+                np.int64
+            )
+        return self._install_pages(gpas, hpas, size, flags)
 
     def host_address(self, gpa: int) -> int | None:
         """The HPA that ``gpa`` maps to, ignoring permissions (a software lookup); with key

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+import numpy.typing as npt
+
 from ..arch.bits import PAGE_SHIFT, PageSize, bits
 from ..arch.paging import GuestEntry, Pte, frame_mask, is_leaf
 from .radix import RadixTables
@@ -105,6 +108,29 @@ class GuestPageTables(RadixTables):
             page_size=size != PageSize.SIZE_4K,
         ).encode(self.maxphyaddr)
         return self._install_range(gva, gpa, length, size, flags)
+
+    def map_pages(
+        self,
+        gvas: npt.NDArray[np.int64],
+        gpas: npt.NDArray[np.int64],
+        size: PageSize = PageSize.SIZE_4K,
+        *,
+        writable: bool = True,
+        user: bool = False,
+        xd: bool = False,
+    ) -> int:
+        """Map each ``gvas[i]`` to ``gpas[i]`` with ``size`` pages (vectorized; scattered
+        placements); returns pages."""
+        size = PageSize(size)
+        flags = GuestEntry(
+            level=size.level,
+            address=0,
+            writable=writable,
+            user=user,
+            xd=xd,
+            page_size=size != PageSize.SIZE_4K,
+        ).encode(self.maxphyaddr)
+        return self._install_pages(gvas, gpas, size, flags)
 
     def guest_physical(self, gva: int) -> int | None:
         """The GPA ``gva`` maps to, ignoring permissions (a software lookup)."""

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from ..arch.bits import (
     ENTRIES_PER_TABLE,
@@ -141,6 +142,40 @@ class RadixTables(ABC):
             )
             done += hi - lo
         return length // size
+
+    def _install_pages(
+        self, addresses: npt.NDArray[np.int64], targets: npt.NDArray[np.int64], size: PageSize,
+        flags: int,
+    ) -> int:
+        """Map each ``addresses[i]`` to ``targets[i]`` with ``size`` pages whose entries are
+        ``target | flags``, one leaf table at a time (vectorized; for scattered placements);
+        returns pages mapped."""
+        addresses = np.asarray(addresses, np.int64)
+        targets = np.asarray(targets, np.int64)
+        if len(addresses) != len(targets):
+            raise AddressError(f"{len(addresses)} addresses for {len(targets)} targets")
+        if np.any(addresses % size) or np.any(targets % size):
+            raise AddressError(f"pages to map are not aligned to {size.label}")
+        if len(addresses) == 0:
+            return 0
+        span = int(size) * ENTRIES_PER_TABLE
+        order = np.argsort(addresses, kind="stable")
+        addresses, targets = addresses[order], targets[order]
+        tables = addresses // span
+        cuts = np.flatnonzero(np.diff(tables)) + 1
+        for lo, hi in zip(
+            np.concatenate([[0], cuts]).tolist(),
+            np.concatenate([cuts, [len(addresses)]]).tolist(),
+            strict=True,
+        ):
+            first = int(tables[lo]) * span
+            slot = self.entry_address(first, size.level, create=True)
+            words = self.store.words(slot, ENTRIES_PER_TABLE)
+            index = (addresses[lo:hi] - first) // int(size)
+            if np.any(words[index]):
+                raise MappingError(f"{self.kind}: a page near {first:#x} is already mapped")
+            words[index] = targets[lo:hi].astype(np.uint64) | np.uint64(flags)
+        return len(addresses)
 
     def lookup(self, address: int) -> Leaf | None:
         """Software walk without side effects: the leaf that maps ``address``, or None."""

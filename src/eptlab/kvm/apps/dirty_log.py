@@ -12,6 +12,11 @@ each). After every round the VMM collects the dirty set, by one of:
   VMM records the page and performs the store itself.
 
 The dirty set of every round must equal the set of pages written (``exact``).
+
+Exits are counted twice: ``exits`` are those that reach this VMM (trapped writes, ring-full
+exits); ``kvm_exits_per_write`` and ``kvm_pf_per_write`` come from KVM's own vCPU statistics
+(``KVM_GET_STATS_FD``: ``exits``, ``pf_taken``) and include what KVM handles without telling the
+VMM, e.g. under shadow paging the write-protect fault of each round's first store to a page.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class DirtyLogOutcome:
     harvested_pages: int = 0
     kernel_exits: int = 0
     insn_emulated: int = 0
+    kernel_pf: int = 0  # page faults KVM itself took (its ``pf_taken`` statistic)
 
     @property
     def writes(self) -> int:
@@ -140,6 +146,7 @@ def run_mode(kvm: Kvm, mode: str, pattern: WritePattern, memory: int, rounds: in
         result = guest.run(collector)
         outcome.run_seconds = result.seconds
         outcome.kernel_exits, outcome.insn_emulated = result.kernel_exits, result.insn_emulated
+        outcome.kernel_pf = result.kernel.get("pf_taken", 0)
         for i, address in enumerate(pattern.addresses[:8]):  # the stores reached memory
             if guest.memory.read_u64(int(address)) != PATTERN + rounds - 1:
                 raise ConfigError("mode", f"{mode}: write {i} did not reach memory")
@@ -171,5 +178,7 @@ class DirtyLog:
                     if o.harvest_seconds > 0 else None,
                     "kernel_exits": o.kernel_exits,
                     "insn_emulated": o.insn_emulated,
+                    "kvm_exits_per_write": round(o.kernel_exits / max(o.writes, 1), 4),
+                    "kvm_pf_per_write": round(o.kernel_pf / max(o.writes, 1), 4),
                     **flavour_columns(p.guest_cpl),
                 }
