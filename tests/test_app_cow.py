@@ -105,7 +105,7 @@ def test_cow_fork_experiment_shape(tmp_path: object) -> None:
 
     result = runner.run(
         "cow-fork",
-        {"guest_mibs": "32", "clones": "2", "write_fraction": "0.02"},
+        {"guest_mibs": "32", "clones": "2", "write_fraction": "0.02", "seeds": "1"},
         Path(str(tmp_path)),
         show_progress=False,
     )

@@ -274,6 +274,7 @@ def test_cli_run_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
         "period": "20000",
         "modes": "trap-code,pml",
         "malicious_writes": "6",
+        "seeds": "1",
     }
     args = ["run", "integrity-monitor", "--out", str(tmp_path), "--json"]
     for key, value in sets.items():

@@ -23,7 +23,7 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
         "aslr-side-channel",
         {"trials": "6", "secret_bits": "10", "observations": "0,1,4,16", "noise": "0.5",
          "footprint_mib": "32", "accesses": "20000", "warmup": "5000",
-         "llc_sets": f"{SETS},{WIDE}"},
+         "llc_sets": f"{SETS},{WIDE}", "seeds": "1"},
         out,
         show_progress=False,
     )

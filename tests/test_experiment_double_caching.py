@@ -26,6 +26,7 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
             "guest_mib": "96",
             "host_cache_mib": "8",
             "disks": "nvme,hdd",
+            "seeds": "1",
         },
         out,
         show_progress=False,

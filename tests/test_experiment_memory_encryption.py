@@ -31,6 +31,7 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
             "warmup": "0",  # cold runs: the nested >= native claim is exact then
             "llc_mib": "2,32",
             "decrypt_latency": str(DECRYPT),
+            "seeds": "1",
         },
         out,
         show_progress=False,
@@ -132,7 +133,7 @@ def test_random_misses_more_as_its_footprint_grows(table: pd.DataFrame) -> None:
 def test_cli_json_and_bad_parameters(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     args = ["run", "memory-encryption", "--set", "workloads=sequential", "--set",
             "footprint_mib=4", "--set", "accesses=500", "--set", "warmup=700", "--set",
-            "llc_mib=2"]  # fmt: skip
+            "llc_mib=2", "--set", "seeds=1"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "ok"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["experiment"] == "memory-encryption" and len(out["rows"]) == 4

@@ -17,7 +17,8 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
     out = tmp_path_factory.mktemp("nested")
     result = runner.run(
         "nested-overhead",
-        {"workloads": "random,sequential", "footprint_mib": "64", "accesses": "20000", "trace": ""},
+        {"workloads": "random,sequential", "footprint_mib": "64", "accesses": "20000", "trace": "",
+         "seeds": "1"},
         out,
         show_progress=False,
     )
@@ -108,6 +109,8 @@ def test_cli_run_json_and_list(capsys: pytest.CaptureFixture[str], tmp_path: Pat
                 "guest_pages=4k",
                 "--set",
                 "ept_pages=4k",
+                "--set",
+                "seeds=1",
                 "--out",
                 str(tmp_path),
                 "--json",

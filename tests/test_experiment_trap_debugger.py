@@ -192,6 +192,7 @@ def test_cli_run_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
         "fractions": "0.2",
         "periods": "1000",
         "compare": "write/mtf",
+        "seeds": "1",
     }
     args = ["run", "trap-debugger", "--out", str(tmp_path), "--json"]
     for key, value in sets.items():

@@ -26,6 +26,7 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
             "round_every": "15",
             "timer_period": "600",
             "long_body": "128",
+            "seeds": "1",
         },
         out,
         show_progress=False,

@@ -204,9 +204,14 @@ def test_timed_reviews_tick_by_the_guest_tsc_and_still_find_every_hook(kvm: Kvm)
 def test_experiment_rows_have_every_column_and_the_simulator_beside(tmp_path: Path) -> None:
     sets = {"iterations": "4000", "review_every": "1000", "patch_every": "500",
             "trap_all_iterations": "1000", "code_pages": "16", "data_pages": "32",
-            "hooks": "4", "transient_pairs": "1", "sim_warmup": "2000"}
+            "hooks": "4", "transient_pairs": "1", "sim_warmup": "2000", "seeds": "2"}
     result = runner.run("kvm-integrity", sets, tmp_path, show_progress=False)
-    t = result.table
+    everything = result.table
+    assert list(everything.seed) == [0] * 5 + [1] * 5  # the shared driver ran both seeds
+    summary = pd.read_csv(tmp_path / "kvm-integrity-summary.csv")
+    assert list(summary.policy) == ["none", "trap-code", "trap-all", "log-bitmap", "log-ring"]
+    assert (summary.n == 2).all() and "detected_lo" in summary.columns
+    t = everything[everything.seed == 0]
     assert list(t.policy) == ["none", "trap-code", "trap-all", "log-bitmap", "log-ring"]
     for column in ("seed", "injected_writes", "detected", "prevented", "mean_delay_us",
                    "max_delay_us", "cycles_per_iteration", "overhead_pct", "vmm_exits",
@@ -240,7 +245,7 @@ def test_cli_shortcut_runs_the_experiment(
 
     monkeypatch.chdir(tmp_path)  # files go to out/kvm-integrity, as eptlab run writes them
     sets = ["iterations=2000", "review_every=500", "code_pages=16", "data_pages=16",
-            "hooks=3", "transient_pairs=1", "policies=trap-code", "simulate=false"]
+            "hooks=3", "transient_pairs=1", "policies=trap-code", "simulate=false", "seeds=1"]
     assert main(["kvm", "integrity", *[a for s in sets for a in ("--set", s)], "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["policy"] for r in out["rows"]] == ["trap-code"]  # none ran as the baseline only

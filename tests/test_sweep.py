@@ -12,7 +12,7 @@ from eptlab.cli import main
 from eptlab.errors import ConfigError
 from eptlab.sweep import SweepStore, load, load_spec, parse_spec, run_sweep
 
-SMALL = {"accesses": 1500, "trace": "", "footprint_mib": 16, "guest_pages": ["4k"]}
+SMALL = {"accesses": 1500, "trace": "", "footprint_mib": 16, "guest_pages": ["4k"], "seeds": 1}
 
 
 def spec_data(out: Path, *, bad_point: bool = False) -> dict:

@@ -14,6 +14,7 @@ class Access(IntEnum):
 
     @classmethod
     def parse(cls, text: str) -> Access:
+        """The access named ``read``, ``write`` or ``fetch`` (any case); ValueError otherwise."""
         try:
             return cls[text.upper()]
         except KeyError:

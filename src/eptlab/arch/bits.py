@@ -41,6 +41,7 @@ class PageSize(IntEnum):
 
     @property
     def label(self) -> str:
+        """Short name: ``4k``, ``2m`` or ``1g``."""
         return {PageSize.SIZE_4K: "4k", PageSize.SIZE_2M: "2m", PageSize.SIZE_1G: "1g"}[self]
 
     @classmethod

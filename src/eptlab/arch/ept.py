@@ -152,9 +152,12 @@ class EptEntry:
 
     @property
     def leaf(self) -> bool:
+        """Whether the entry maps a page (level 1, or PS set at level 2 or 3)."""
         return self.level == 1 or self.page_size
 
     def encode(self, maxphyaddr: int = 52) -> int:
+        """The 64-bit entry value; raises EncodingError if the address does not fit in MAXPHYADDR
+        bits."""
         if self.address >> maxphyaddr:
             raise EncodingError(
                 "EptEntry", "address", f"{self.address:#x} exceeds MAXPHYADDR={maxphyaddr}"
@@ -235,11 +238,15 @@ class Eptp:
             raise EncodingError("Eptp", "root", f"{self.root:#x} is not a 4 KiB-aligned address")
 
     def encode(self) -> int:
+        """The 64-bit EPTP value (SDM Vol. 3C §25.6.11: memory type, walk length - 1, A/D enable,
+        root)."""
         value = self.root | int(self.memory_type) | (self.levels - 1) << EPTP_WALK_LENGTH_SHIFT
         return value | (EPTP_AD_ENABLE if self.ad_enabled else 0)
 
     @classmethod
     def decode(cls, value: int, maxphyaddr: int = 52) -> Eptp:
+        """Parse an EPTP value; reserved bits or an unsupported memory type or walk length raise
+        EncodingError."""
         reserved = bits(11, 8) | bits(63, maxphyaddr)
         if value & reserved:
             raise EncodingError("Eptp", "reserved", f"reserved bits set in {value:#x}")
@@ -263,4 +270,5 @@ def parse_permissions(text: str) -> int:
 
 
 def format_permissions(value: int) -> str:
+    """Bits 2:0 of an EPT entry as ``rwx`` with ``-`` for a clear bit."""
     return "".join(c if value >> i & 1 else "-" for i, c in enumerate("rwx"))

@@ -86,6 +86,7 @@ class EptViolation:
     qualification: int
 
     def as_dict(self) -> dict[str, object]:
+        """JSON-friendly view: reason, qualification (with the names of its bits), GPA, GLA."""
         return {
             "reason": int(self.reason),
             "reason_name": self.reason.name,
@@ -111,6 +112,8 @@ class EptMisconfig:
     qualification: int = 0
 
     def as_dict(self) -> dict[str, object]:
+        """JSON-friendly view: reason, GPA, the misconfigured entry's level and value and the rule
+        it breaks."""
         return {
             "reason": int(self.reason),
             "reason_name": self.reason.name,
@@ -131,6 +134,7 @@ class PmlFull:
     qualification: int = 0
 
     def as_dict(self) -> dict[str, object]:
+        """JSON-friendly view: reason and the GPA whose logging found the log full."""
         return {
             "reason": int(self.reason),
             "reason_name": self.reason.name,
@@ -158,6 +162,7 @@ class GuestFault:
     address: int
 
     def as_dict(self) -> dict[str, object]:
+        """JSON-friendly view: vector, error code (with the names of its bits) and CR2."""
         from .paging import PageFaultError
 
         return {

@@ -56,6 +56,7 @@ class KeyIdLayout:
         return 1 << self.shift
 
     def check_key(self, key_id: int) -> None:
+        """Raise ConfigError unless ``key_id`` fits in the key-ID bits."""
         if not 0 <= key_id < self.keys:
             raise ConfigError(
                 "key_id",

@@ -204,6 +204,7 @@ class GuestEntry:
 
     @property
     def leaf(self) -> bool:
+        """Whether the entry maps a page (level 1, or PS set at level 2 or 3)."""
         return self.level == 1 or self.page_size
 
     def encode(self, maxphyaddr: int = 52) -> int:

@@ -44,13 +44,16 @@ def run_experiment(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default out/NAME).")] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print {experiment, params, profile, rows}.")
+        bool, typer.Option("--json", help="Print {experiment, params, profile, rows, summary}.")
     ] = False,
     profile: ProfileOption = None,
 ) -> int:
-    """Run one experiment: progress bar, then CSV, Parquet, JSON and PNG files in OUT."""
+    """Run one experiment (every seed): progress bar, then CSV, Parquet, JSON and PNG files in
+    OUT; prints the mean and 95% interval of each configuration."""
     from ..costs import load_profile
-    from ..experiments import runner
+    from ..experiments import get, runner
+    from ..experiments.intervals import text_table
+    from ..experiments.seeds import summary_of
 
     overrides = parse_sets(set_ or [])
     costs = load_profile(profile)
@@ -58,6 +61,7 @@ def run_experiment(
         result = runner.run(name, overrides, out, show_progress=not as_json, profile=costs)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
+    summary = summary_of(get(name)(), result.table)
     if as_json:
         rows = json.loads(result.table.to_json(orient="records"))
         typer.echo(
@@ -67,11 +71,12 @@ def run_experiment(
                     "params": result.params,
                     "profile": costs.summary(),
                     "rows": rows,
+                    "summary": json.loads(summary.to_json(orient="records")),
                 }
             )
         )
     else:
         console = Console(width=160)
-        console.print(result.table.to_string(index=False))
+        console.print(text_table(summary).to_string(index=False))
         console.print("wrote " + ", ".join(result.files))
     return 0

@@ -71,7 +71,19 @@ from ..memory.layout import check_layout, default_layout, in_layout
 from ..mmu.config import CacheConfig
 from ..traces.model import TraceChunk
 from ..workloads import WORKLOADS, make_workload
-from .base import Progress, Row, check_choices, records_by
+from .base import Progress, Row, check_choices
+from .intervals import (
+    OVERLAP,
+    bars,
+    by_seed,
+    change,
+    column,
+    interval,
+    ratio,
+    summarize,
+    times,
+    yerr,
+)
 
 DEFAULT_SETS = CacheConfig().llc.sets
 MAX_PROBES = 64  # references of one walk: at most 1 + 5 * 6 + 5 = 36
@@ -100,6 +112,7 @@ class AslrSideChannelParams:
     accesses: int = 200_000
     warmup: int = 50_000
     guest_page: str = "2m"
+    seeds: int = 5
     seed: int = 0
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
 
@@ -285,7 +298,14 @@ class AslrSideChannel:
         "references and cycles?"
     )
     Params: ClassVar[type] = AslrSideChannelParams
-    demo: ClassVar[dict[str, str]] = {"trials": "40"}
+    demo: ClassVar[dict[str, str]] = {
+        "trials": "12", "footprint_mib": "32", "accesses": "30000", "warmup": "10000",
+        "seeds": "3",
+    }
+    keys: ClassVar[tuple[str, ...]] = (
+        "policy", "ept_page", "target", "channel", "llc_sets", "index_bits", "noise",
+        "observations", "trials",
+    )
 
     def rows(self, params: AslrSideChannelParams, progress: Progress) -> Iterator[Row]:
         # every guest built while the rows are computed gets this layout
@@ -346,42 +366,62 @@ class AslrSideChannel:
         target = "4k" if "4k" in set(last.target) else last.target.iloc[0]
         view = last[(last.llc_sets == sets) & (last.target == target)]
         k = int(last.observations.iloc[0])
+        policies = list(dict.fromkeys(view.policy))
         out = []
-        data = records_by(view[view.channel == "data"], "policy")
+        data = {p: r for p in policies if len(r := by_seed(view, channel="data", policy=p))}
         if data:
             left = ", ".join(
-                f"{r.entropy_bits_after:.1f} under {name} (success {r.success_rate:.0%})"
+                f"{interval(r.entropy_bits_after).text()} under {name} (success "
+                f"{interval(r.success_rate).scaled(100).text('{:.0f}', '%')})"
                 for name, r in data.items()
             )
             out.append(
                 f"After {k} noisy observations of the cache set of the target's data line (set "
-                f"index from host bits {next(iter(data.values())).index_bits}), the attacker is "
-                f"left with, of {params.secret_bits} secret bits ({target} target): {left}."
+                f"index from host bits {view.index_bits.iloc[0]}), the attacker is left with, of "
+                f"{params.secret_bits} secret bits ({target} target): {left}."
             )
-        walk = records_by(view[view.channel == "walk+data"], "policy")
-        if "random-4k" in walk and "random-4k" in data:
-            r4k = walk["random-4k"]
-            out.append(
-                f"Adding the page-walk references brings random-4k from "
-                f"{data['random-4k'].entropy_bits_after:.1f} to {r4k.entropy_bits_after:.1f} "
-                f"bits: the EPT leaf is read at a cache line chosen by guest-physical bits, "
-                f"wherever the hypervisor placed the data frame."
+            entropies = [interval(r.entropy_bits_after) for r in data.values()]
+            if len(entropies) > 1 and all(a.overlaps(b) for a in entropies for b in entropies):
+                out[-1] = out[-1][:-1] + f": {OVERLAP} between the layouts."
+        walk = by_seed(view, channel="walk+data", policy="random-4k")
+        if len(walk) and "random-4k" in data:
+            bits = change(
+                "random-4k's entropy left",
+                interval(data["random-4k"].entropy_bits_after),
+                interval(walk.entropy_bits_after),
             )
-        cost = records_by(last.drop_duplicates("policy"), "policy")
-        if "random-4k" in cost and "linear" in cost:
-            lin, r4k = cost["linear"], cost["random-4k"]
             out.append(
-                f"The price: random-4k forbids 2 MiB EPT pages, so the TLB miss rate goes from "
-                f"{lin.tlb_miss_rate:.1%} to {r4k.tlb_miss_rate:.1%} and cycles per access "
-                f"from {lin.cycles_per_access:.1f} to {r4k.cycles_per_access:.1f} "
-                f"(+{r4k.cycles_per_access / lin.cycles_per_access - 1:.0%})."
+                f"Adding the page-walk references: {bits} bits; the EPT leaf is read at a cache "
+                f"line chosen by guest-physical bits, wherever the hypervisor placed the data "
+                f"frame."
+            )
+        one = view[view.channel == view.channel.iloc[0]]
+        lin, r4k = by_seed(one, policy="linear"), by_seed(one, policy="random-4k")
+        if len(lin) and len(r4k):
+            more = ratio(r4k.cycles_per_access, lin.cycles_per_access)
+            misses = change(
+                "the TLB miss rate",
+                interval(lin.tlb_miss_rate).scaled(100),
+                interval(r4k.tlb_miss_rate).scaled(100),
+                "{:.1f}",
+                "%",
+            )
+            cycles = change(
+                "cycles per access",
+                interval(lin.cycles_per_access),
+                interval(r4k.cycles_per_access),
+            )
+            out.append(
+                f"The price: random-4k forbids 2 MiB EPT pages; linear to random-4k: {misses}, "
+                f"{cycles} ({times(more, 'as many')})."
             )
         return out
 
     def figures(self, table: pd.DataFrame, params: AslrSideChannelParams) -> dict[str, Figure]:
+        summary = summarize(table, self.keys)
         return {
-            "aslr-side-channel-entropy": _entropy_figure(table),
-            "aslr-side-channel-cost": _cost_figure(table),
+            "aslr-side-channel-entropy": _entropy_figure(summary),
+            "aslr-side-channel-cost": _cost_figure(summary),
         }
 
 
@@ -407,9 +447,12 @@ def _entropy_figure(table: pd.DataFrame) -> Figure:
                 if not len(own):
                     continue
                 x, y = own["observations"].to_numpy(), own["entropy_bits_after"].to_numpy()
-                # overlapping curves stay visible: wide solid, dashed, dotted on top
-                ax.plot(x, y, marker="os^D"[i % 4], markersize=3, color=f"C{i}", label=policy,
-                        linestyle=("-", "--", ":", "-.")[i % 4], linewidth=3.0 - 0.8 * (i % 3))
+                # overlapping curves stay visible: wide solid, dashed, dotted on top; error
+                # bars: the 95% interval over seeds
+                ax.errorbar(x, y, yerr=yerr(column(own, "entropy_bits_after")),
+                            marker="os^D"[i % 4], markersize=3, color=f"C{i}", label=policy,
+                            linestyle=("-", "--", ":", "-.")[i % 4],
+                            linewidth=3.0 - 0.8 * (i % 3), capsize=2, elinewidth=0.8)
                 last = own.iloc[-1]
                 ax.annotate(f"{last['success_rate']:.2f}", (x[-1], y[-1]), fontsize=7,
                             color=f"C{i}", xytext=(3, 2 - 9 * i), textcoords="offset points")
@@ -427,7 +470,7 @@ def _entropy_figure(table: pd.DataFrame) -> Figure:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     noise = float(table["noise"].iloc[0])
     figure.suptitle(f"guest-physical ASLR left to an AnC-style attacker (noise {noise}); "
-                    "numbers: success rate at the last point", fontsize=9)
+                    "numbers: success rate at the last point (means, 95% intervals)", fontsize=9)
     figure.tight_layout(rect=(0, 0, 1, 0.90))
     figure.legend(handles, labels, loc="upper center", ncol=len(policies), fontsize=8,
                   bbox_to_anchor=(0.5, 0.955))
@@ -440,18 +483,18 @@ def _cost_figure(table: pd.DataFrame) -> Figure:
     x = np.arange(len(policies))
     figure = Figure(figsize=(11, 3.6))
     axes = figure.subplots(1, 3)
-    for ax, (column, title) in zip(axes, (
+    for ax, (name, title) in zip(axes, (
         ("tlb_miss_rate", "TLB miss rate"),
         ("walk_refs_per_access", "walk references per access"),
         ("cycles_per_access", "cycles per access"),
     ), strict=True):
-        values = per_policy[column].astype(float).to_numpy()
-        ax.bar(x, values, color=[f"C{i}" for i in range(len(policies))])
+        values = per_policy[name].astype(float).to_numpy()
+        bars(ax, x, column(per_policy, name), color=[f"C{i}" for i in range(len(policies))])
         for i, v in enumerate(values):
             ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(x, [f"{p}\n(EPT {e})" for p, e in zip(policies, per_policy["ept_page"],
                                                             strict=True)], fontsize=8)
         ax.set_title(title, fontsize=9)
-    figure.suptitle("what each EPT layout costs on the workload", fontsize=10)
+    figure.suptitle("what each EPT layout costs on the workload (mean, 95% interval)", fontsize=10)
     figure.tight_layout()
     return figure

@@ -29,17 +29,25 @@ class Experiment(Protocol):
     Params: ClassVar[type]
     demo: ClassVar[dict[str, str]]
     """Overrides (as ``--set`` takes them) for the small built-in scale of ``eptlab demo``."""
+    keys: ClassVar[tuple[str, ...]]
+    """The columns that identify a configuration: rows with the same keys and different seeds
+    are repeats, summarized by mean and interval (:mod:`.intervals`); the other numeric columns
+    are measured."""
 
     def rows(self, params: Any, progress: Progress) -> Iterator[Row]:
-        """Yield result rows; each is a flat dict of the documented columns."""
+        """Yield result rows of one seed (``params.seed``); each is a flat dict of the documented
+        columns. :func:`.seeds.seeded_rows` repeats it for every seed."""
         ...
 
     def figures(self, table: pd.DataFrame, params: Any) -> dict[str, Figure]:
-        """Figures by file stem, drawn from the finished table."""
+        """Figures by file stem, drawn from the finished table (every seed's rows): means with
+        their 95% intervals as error bars."""
         ...
 
     def interpret(self, table: pd.DataFrame, params: Any) -> list[str]:
-        """Two or three sentences that read the finished table: computed from its numbers."""
+        """Two or three sentences that read the finished table (every seed's rows): computed from
+        its numbers, quoting intervals, ranking two values only where their intervals do not
+        overlap."""
         ...
 
 

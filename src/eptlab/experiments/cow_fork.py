@@ -42,10 +42,9 @@ from .base import (
     check_choices,
     check_range,
     check_table_memory,
-    ratio_text,
-    records_by,
     table_bytes,
 )
+from .intervals import bars, by_seed, column, interval, ratio, summarize, times
 
 HOST_MEMORY = 1 << 40
 """The model host's memory (the Hypervisor's default)."""
@@ -78,6 +77,7 @@ class CowForkParams:
     clones: tuple[int, ...] = (1, 4)
     granularities: tuple[str, ...] = ("4k", "2m-copy", "2m-split")
     write_fraction: float = 0.05  # of each clone's pages, each written once
+    seeds: int = 5
     seed: int = 0
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
 
@@ -92,7 +92,8 @@ class CowFork:
         "mappings (copy the 2 MiB, or split first) change it?"
     )
     Params: ClassVar[type] = CowForkParams
-    demo: ClassVar[dict[str, str]] = {"guest_mibs": "32,128", "clones": "1,4"}
+    demo: ClassVar[dict[str, str]] = {"guest_mibs": "16,32", "clones": "1,2", "seeds": "3"}
+    keys: ClassVar[tuple[str, ...]] = ("guest_mib", "clones", "granularity")
 
     def rows(self, params: CowForkParams, progress: Progress) -> Iterator[Row]:
         # every guest built while the rows are computed gets this layout
@@ -153,45 +154,54 @@ class CowFork:
 
     def interpret(self, table: pd.DataFrame, params: CowForkParams) -> list[str]:
         big = table[table.guest_mib == table.guest_mib.max()]
-        big = records_by(big[big.clones == big.clones.max()], "granularity")
+        big = big[big.clones == big.clones.max()]
+        mib, clones = int(big.guest_mib.iloc[0]), int(big.clones.iloc[0])
+        runs = {g: by_seed(big, granularity=g) for g in dict.fromkeys(big.granularity)}
         out = []
-        if "4k" in big:
-            r = big["4k"]
+        if "4k" in runs:
+            r = runs["4k"]
+            cow = r.fork_cycles + r.cow_cycles
             out.append(
-                f"Forking {r.clones} clones of a {r.guest_mib} MiB guest with 4 KiB copy-on-write "
-                f"costs {r.fork_cycles + r.cow_cycles:,.0f} cycles in all against "
-                f"{r.full_copy_cycles:,.0f} for copying memory "
-                f"({ratio_text(r.full_copy_cycles, r.fork_cycles + r.cow_cycles)} cheaper), and "
-                f"the host holds {r.host_mib_used:.0f} MiB instead of "
-                f"{r.host_mib_full_copy:.0f} MiB."
+                f"Forking {clones} clones of a {mib} MiB guest with 4 KiB copy-on-write "
+                f"costs {interval(cow).text('{:,.0f}')} cycles in all against "
+                f"{interval(r.full_copy_cycles).text('{:,.0f}')} for copying memory "
+                f"({times(ratio(r.full_copy_cycles, cow), 'cheaper')}), and the host holds "
+                f"{interval(r.host_mib_used).text('{:.0f}')} MiB instead of "
+                f"{interval(r.host_mib_full_copy).text('{:.0f}')} MiB."
             )
-        if "2m-copy" in big:
-            r = big["2m-copy"]
+        if "2m-copy" in runs:
+            r = runs["2m-copy"]
             out.append(
-                f"Keeping 2 MiB EPT pages and copying them whole copies {r.pages_copied:,} pages "
-                f"for {r.pages_written:,} written ({r.pages_copied / max(r.pages_written, 1):.0f} "
-                f"4 KiB pages per written page) and uses {r.host_mib_used:.0f} MiB."
+                f"Keeping 2 MiB EPT pages and copying them whole copies "
+                f"{interval(r.pages_copied).text('{:,.0f}')} pages for "
+                f"{interval(r.pages_written).text('{:,.0f}')} written "
+                f"({ratio(r.pages_copied, r.pages_written).text('{:.0f}')} 4 KiB pages per "
+                f"written page) and uses {interval(r.host_mib_used).text('{:.0f}')} MiB."
             )
-        if "2m-split" in big:
-            r = big["2m-split"]
+        if "2m-split" in runs:
+            r = runs["2m-split"]
             out.append(
-                f"Splitting the 2 MiB page first ({r.splits:,} splits) brings the copies back to "
-                f"{r.pages_copied:,} pages and {r.host_mib_used:.0f} MiB at a fork of "
-                f"{r.fork_cycles:,.0f} cycles."
+                f"Splitting the 2 MiB page first ({interval(r.splits).text('{:,.0f}')} splits) "
+                f"brings the copies back to {interval(r.pages_copied).text('{:,.0f}')} pages and "
+                f"{interval(r.host_mib_used).text('{:.0f}')} MiB at a fork of "
+                f"{interval(r.fork_cycles).text('{:,.0f}')} cycles."
             )
         return out
 
     def figures(self, table: pd.DataFrame, params: CowForkParams) -> dict[str, Figure]:
+        summary = summarize(
+            table.assign(total_cycles=table.fork_cycles + table.cow_cycles), self.keys
+        )
         figure = Figure(figsize=(11, 4.2))
         left, right = figure.subplots(1, 2)
-        labels = [f"{r.guest_mib} MiB x{r.clones} {r.granularity}" for r in table.itertuples()]
-        x = np.arange(len(table))
-        left.bar(x - 0.2, table["host_mib_used"], 0.4, label="copy-on-write")
-        left.bar(x + 0.2, table["host_mib_full_copy"], 0.4, label="full copy")
+        labels = [f"{r.guest_mib} MiB x{r.clones} {r.granularity}" for r in summary.itertuples()]
+        x = np.arange(len(summary))
+        bars(left, x - 0.2, column(summary, "host_mib_used"), 0.4, label="copy-on-write")
+        bars(left, x + 0.2, column(summary, "host_mib_full_copy"), 0.4, label="full copy")
         left.set_ylabel("host MiB")
-        left.set_title("host memory after the clones' writes")
-        right.bar(x - 0.2, table["fork_cycles"] + table["cow_cycles"], 0.4, label="fork + faults")
-        right.bar(x + 0.2, table["full_copy_cycles"], 0.4, label="full copy")
+        left.set_title("host memory after the clones' writes (mean, 95% interval)")
+        bars(right, x - 0.2, column(summary, "total_cycles"), 0.4, label="fork + faults")
+        bars(right, x + 0.2, column(summary, "full_copy_cycles"), 0.4, label="full copy")
         right.set_yscale("log")
         right.set_ylabel("cycles (cost model)")
         right.set_title("time spent")

@@ -51,7 +51,8 @@ from ..arch.bits import PAGE_SIZE
 from ..errors import ConfigError
 from ..hv.costs import hv_costs
 from ..memory.layout import check_layout, in_layout
-from .base import Progress, Row, check_choices, records_by
+from .base import Progress, Row, check_choices
+from .intervals import OVERLAP, Interval, bars, by_seed, interval, pick, summarize
 
 MiB = 1 << 20
 
@@ -75,6 +76,7 @@ class DoubleCachingParams:
     guest_mib: int = 256
     readahead_kib: int = 128  # the guest's read() size and largest request
     ept_page: str = "4k"  # how the hypervisor backs guest memory: 4k or 2m
+    seeds: int = 5
     seed: int = 0
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
 
@@ -89,7 +91,10 @@ class DoubleCaching:
         "from its cache or from disk, and how much file data does host RAM hold twice?"
     )
     Params: ClassVar[type] = DoubleCachingParams
-    demo: ClassVar[dict[str, str]] = {"files": "2", "file_mib": "4", "guest_mib": "128"}
+    demo: ClassVar[dict[str, str]] = {
+        "files": "2", "file_mib": "2", "guest_mib": "96", "disks": "hdd", "seeds": "3"
+    }
+    keys: ClassVar[tuple[str, ...]] = ("disk", "host_cache", "guest_cache", "file_mib")
 
     def scenarios(self, p: DoubleCachingParams) -> list[Scenario]:
         """Every configuration (checked before anything runs)."""
@@ -157,56 +162,76 @@ class DoubleCaching:
 
     def interpret(self, table: pd.DataFrame, params: DoubleCachingParams) -> list[str]:
         disk = str(table["disk"].iloc[0])
-        rows = records_by(table[table["disk"] == disk], "host_cache", "guest_cache")
+        part = table[table["disk"] == disk]
+
+        def runs(host: str, guest: str) -> pd.DataFrame | None:
+            rows = by_seed(part, host_cache=host, guest_cache=guest)
+            return rows if len(rows) else None
+
+        def iv(rows: pd.DataFrame, column: str, fmt: str = "{:,.0f}") -> str:
+            return interval(rows[column]).text(fmt)
+
         out = []
-        cold = [(h, rows[h, "cold"]) for h in HOST_CACHES if (h, "cold") in rows]
+        cold = [(h, r) for h in HOST_CACHES if (r := runs(h, "cold")) is not None]
         if cold:
-            rates = sorted({r.ept_violations_per_mib for _, r in cold})
-            rate = " to ".join(f"{v:,.4g}" for v in rates)
-            sources = "; ".join(
-                f"host {h}: {r.disk_reads:,} disk reads, {r.io_ms:,.2f} ms of I/O" for h, r in cold
+            rates = [interval(r.ept_violations_per_mib) for _, r in cold]
+            texts = [rt.text("{:,.4g}") for rt in rates]
+            rate = texts[0] if len(set(texts)) == 1 else ", ".join(
+                f"{text} (host {h})" for (h, _), text in zip(cold, texts, strict=True)
             )
-            same = "the same" if len(rates) == 1 else "not the same"
+            sources = "; ".join(
+                f"host {h}: {iv(r, 'disk_reads')} disk reads, {iv(r, 'io_ms', '{:,.2f}')} ms of I/O"
+                for h, r in cold
+            )
+            same = all(a.overlaps(b) for a in rates for b in rates)
+            verdict = (
+                "the same whatever served the data" if len(set(texts)) == 1
+                else f"{OVERLAP} whatever served the data" if same
+                else "not the same whatever served the data"
+            )
             out.append(
                 f"Reading {params.file_mib} MiB into a cold guest cache took {rate} EPT "
-                f"violations per MiB ({disk}) for {cold[0][1].guest_pages_allocated:,} new "
-                f"page-cache pages, {same} whatever served the data ({sources})."
+                f"violations per MiB ({disk}) for {iv(cold[0][1], 'guest_pages_allocated')} new "
+                f"page-cache pages, {verdict} ({sources})."
             )
-        dropped, reported = rows.get(("warm", "dropped")), rows.get(("warm", "dropped-reported"))
+        dropped, reported = runs("warm", "dropped"), runs("warm", "dropped-reported")
         if dropped is not None:
             text = (
                 f"After the guest dropped its cache, rereading allocated "
-                f"{dropped.guest_pages_allocated:,} pages again and took "
-                f"{dropped.ept_violations:,} EPT violations (the host still backed the "
-                f"{dropped.stale_mib_before:,.1f} MiB of pages the guest had freed) and "
-                f"{dropped.disk_reads:,} disk reads with a warm host cache"
+                f"{iv(dropped, 'guest_pages_allocated')} pages again and took "
+                f"{iv(dropped, 'ept_violations')} EPT violations (the host still backed the "
+                f"{iv(dropped, 'stale_mib_before', '{:,.1f}')} MiB of pages the guest had freed) "
+                f"and {iv(dropped, 'disk_reads')} disk reads with a warm host cache"
             )
             if reported is not None:
-                given_back = reported.guest_pages_allocated - round(
+                given_back = reported.guest_pages_allocated - (
                     reported.stale_mib_before * MiB / PAGE_SIZE
-                )
+                ).round()
                 text += (
-                    f"; with free page reporting it took {reported.ept_violations:,} for the "
-                    f"{given_back:,} pages the host had taken back"
+                    f"; with free page reporting it took {iv(reported, 'ept_violations')} for "
+                    f"the {interval(given_back).text('{:,.0f}')} pages the host had taken back"
                 )
             out.append(text + ".")
-        warm, direct = rows.get(("warm", "cold")), rows.get(("direct", "cold"))
+        warm, direct = runs("warm", "cold"), runs("direct", "cold")
         if warm is not None and direct is not None:
             text = (
-                f"With host caching {warm.duplicated_mib:,.1f} of the {params.file_mib} MiB read "
-                f"ended up in host RAM twice (host memory {warm.host_mib:,.1f} MiB against "
-                f"{direct.host_mib:,.1f} MiB with O_DIRECT, which holds "
-                f"{direct.duplicated_mib:,.1f} MiB twice)"
+                f"With host caching {iv(warm, 'duplicated_mib', '{:,.1f}')} of the "
+                f"{params.file_mib} MiB read ended up in host RAM twice (host memory "
+                f"{iv(warm, 'host_mib', '{:,.1f}')} MiB against "
+                f"{iv(direct, 'host_mib', '{:,.1f}')} MiB with O_DIRECT, which holds "
+                f"{iv(direct, 'duplicated_mib', '{:,.1f}')} MiB twice)"
             )
             if dropped is not None:
                 text += (
-                    f"; dropping the guest cache left {dropped.stale_mib_before:,.1f} MiB of file "
-                    "data in host frames behind free guest pages"
+                    f"; dropping the guest cache left "
+                    f"{iv(dropped, 'stale_mib_before', '{:,.1f}')} MiB of file data in host "
+                    "frames behind free guest pages"
                 )
             out.append(text + ".")
         return out
 
     def figures(self, table: pd.DataFrame, params: DoubleCachingParams) -> dict[str, Figure]:
+        table = summarize(table, self.keys)  # means and 95% intervals over the seeds
         figure = Figure(figsize=(15, 5.4))
         axes = figure.subplots(1, 3)
         guests = [g for g in GUEST_CACHES if g in set(table["guest_cache"])]
@@ -222,9 +247,9 @@ class DoubleCaching:
 
         ax = axes[0]
         for i, host in enumerate(hosts):
-            values = [_value(first, host, g, "ept_violations_per_mib") for g in guests]
-            ax.bar(x + offset(i, len(hosts), width), values, width, color=colors[host],
-                   label=f"host {host}")
+            values = [_interval(first, host, g, "ept_violations_per_mib") for g in guests]
+            bars(ax, x + offset(i, len(hosts), width), values, width, color=colors[host],
+                 label=f"host {host}")
         allocated = [
             _value(first, hosts[0], g, "guest_pages_allocated") / params.file_mib for g in guests
         ]
@@ -236,7 +261,7 @@ class DoubleCaching:
             for d in disks
         )
         where = f"same on {', '.join(disks)}" if same and len(disks) > 1 else disks[0]
-        ax.set_title(f"EPT violations per MiB read ({where})", fontsize=10)
+        ax.set_title(f"EPT violations per MiB read ({where}; mean, 95% interval)", fontsize=10)
 
         ax = axes[1]
         width_io = 0.8 / max(1, len(hosts) * len(disks))
@@ -244,10 +269,10 @@ class DoubleCaching:
         for d, disk in enumerate(disks):
             part = table[table["disk"] == disk]
             for host in hosts:
-                values = [_value(part, host, g, "io_ms") for g in guests]
-                ax.bar(x + offset(k, len(hosts) * len(disks), width_io), values, width_io,
-                       color=colors[host], hatch=("", "//", "..", "xx")[d % 4],
-                       edgecolor="white", label=f"host {host}, {disk}")
+                values = [_interval(part, host, g, "io_ms") for g in guests]
+                bars(ax, x + offset(k, len(hosts) * len(disks), width_io), values, width_io,
+                     color=colors[host], hatch=("", "//", "..", "xx")[d % 4],
+                     edgecolor="white", label=f"host {host}, {disk}")
                 k += 1
         ax.set_yscale("symlog", linthresh=0.1)
         ax.set_ylabel("ms (model)")
@@ -256,10 +281,10 @@ class DoubleCaching:
         ax = axes[2]
         for i, host in enumerate(hosts):
             o = offset(i, len(hosts), width)
-            after = [_value(first, host, g, "duplicated_mib") for g in guests]
+            after = [_interval(first, host, g, "duplicated_mib") for g in guests]
             before = [_value(first, host, g, "duplicated_mib_before") for g in guests]
             stale = [_value(first, host, g, "stale_mib_before") for g in guests]
-            ax.bar(x + o, after, width, color=colors[host], label=f"host {host}: after the read")
+            bars(ax, x + o, after, width, color=colors[host], label=f"host {host}: after the read")
             ax.scatter(x + o, before, marker="v", color=colors[host], edgecolor="black",
                        zorder=3, label=f"host {host}: before")
             ax.scatter(x + o, stale, marker="x", color="black", zorder=3,
@@ -273,6 +298,10 @@ class DoubleCaching:
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
         figure.tight_layout()
         return {"double-caching": figure}
+
+
+def _interval(summary: pd.DataFrame, host: str, guest: str, column: str) -> Interval:
+    return pick(summary, column, host_cache=host, guest_cache=guest)
 
 
 def _value(table: pd.DataFrame, host: str, guest: str, column: str) -> float:

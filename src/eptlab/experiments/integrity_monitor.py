@@ -65,7 +65,10 @@ from ..guest import KernelImage
 from ..hv.costs import hv_costs
 from ..hv.guest_runner import RunReport
 from ..memory.layout import check_layout, in_layout
-from .base import Progress, Row, check_choices, records_by
+from .base import Progress, Row, check_choices
+from .intervals import OVERLAP, bars, by_seed, column, interval, seeds_of, summarize, verdict, yerr
+
+WARMUP_SEED = 1 << 20  # the warm-up stream's seed is the run's seed plus this
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class IntegrityMonitorParams:
     code_mib: int = 16
     slab_mib: int = 8
     rearm_invept: bool = True  # pml: INVEPT after clearing dirty flags (False: the bug)
+    seeds: int = 5
     seed: int = 0
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
 
@@ -115,8 +119,8 @@ def run_mode(p: IntegrityMonitorParams, mode: str, progress: Progress | None = N
         sites_per_key=p.sites_per_key,
     )
     if p.warmup > 0:  # caches, TLBs and the guest's direct map warm, kernel data dirty
-        warm = KernelActivity(
-            accesses=p.warmup, patch_events=0, malicious_writes=0, seed=p.seed + 1
+        warm = KernelActivity(  # its own stream, no other seed's (seeds run as s, s+1, ...)
+            accesses=p.warmup, patch_events=0, malicious_writes=0, seed=p.seed + WARMUP_SEED
         ).stream(guest)
         passive = Monitor(guest.vm, "none", code_pages=guest.code_pages)
         GuestRunner(guest, passive).run(warm, period=len(warm))
@@ -194,7 +198,10 @@ class IntegrityMonitor:
         "whole kernel, or log with PML), and which of them detect and prevent malicious writes?"
     )
     Params: ClassVar[type] = IntegrityMonitorParams
-    demo: ClassVar[dict[str, str]] = {"accesses": "300000", "period": "50000"}
+    demo: ClassVar[dict[str, str]] = {
+        "accesses": "60000", "warmup": "10000", "period": "20000", "code_mib": "8", "seeds": "3"
+    }
+    keys: ClassVar[tuple[str, ...]] = ("mode",)
 
     def rows(self, params: IntegrityMonitorParams, progress: Progress) -> Iterator[Row]:
         # every guest built while the rows are computed gets this layout
@@ -234,58 +241,74 @@ class IntegrityMonitor:
                 yield run, row
 
     def interpret(self, table: pd.DataFrame, params: IntegrityMonitorParams) -> list[str]:
-        by = records_by(table, "mode")
+        runs = {m: by_seed(table, mode=m) for m in dict.fromkeys(table["mode"])}
+
+        def iv(mode: str, column: str, fmt: str = "{:,.0f}", unit: str = "") -> str:
+            return interval(runs[mode][column]).text(fmt, unit)
+
         out = []
-        if {"trap-code", "trap-all"} <= set(by):
-            code, every = by["trap-code"], by["trap-all"]
-            out.append(
-                f"Trapping writes to the kernel code only takes {code.vm_exits:,} VM exits "
-                f"({code.overhead_cycles_pct:.1f}% cycles) against {every.vm_exits:,} "
-                f"({every.overhead_cycles_pct:.0f}%) for trapping every write; they detect "
-                f"{code.detected} and {every.detected} of the {code.malicious_writes} malicious "
-                f"writes and prevent {code.prevented} and {every.prevented}."
+        if {"trap-code", "trap-all"} <= set(runs):
+            fewer = verdict(
+                interval(runs["trap-code"].vm_exits), interval(runs["trap-all"].vm_exits),
+                "more", "fewer",
             )
-        if "pml" in by:
-            pml = by["pml"]
+            out.append(
+                f"Trapping writes to the kernel code only takes {iv('trap-code', 'vm_exits')} VM "
+                f"exits ({iv('trap-code', 'overhead_cycles_pct', '{:.1f}', '%')} cycles) against "
+                f"{iv('trap-all', 'vm_exits')} "
+                f"({iv('trap-all', 'overhead_cycles_pct', '{:.0f}', '%')}) for trapping every "
+                f"write{f' ({fewer})' if fewer == OVERLAP else ''}; they detect "
+                f"{iv('trap-code', 'detected')} and {iv('trap-all', 'detected')} of the "
+                f"{iv('trap-code', 'malicious_writes')} malicious writes and prevent "
+                f"{iv('trap-code', 'prevented')} and {iv('trap-all', 'prevented')}."
+            )
+        if "pml" in runs:
             out.append(
                 f"Page-modification logging reviewed every {params.period:,} accesses needs "
-                f"{pml.vm_exits:,} exits ({pml.overhead_cycles_pct:.1f}% cycles) and detects "
-                f"{pml.detected}/{pml.malicious_writes} after "
-                f"{pml.mean_detection_delay_accesses:,.0f} accesses on average, but prevents "
-                f"{pml.prevented}: the code is already changed when the log is read."
+                f"{iv('pml', 'vm_exits')} exits ({iv('pml', 'overhead_cycles_pct', '{:.1f}', '%')}"
+                f" cycles) and detects {iv('pml', 'detected')}/{iv('pml', 'malicious_writes')} "
+                f"after {iv('pml', 'mean_detection_delay_accesses')} accesses on average, but "
+                f"prevents {iv('pml', 'prevented')}: the code is already changed when the log is "
+                f"read."
             )
         fp = int(table.false_positives.sum())
         out.append(
-            f"Legitimate code patches: {int(table.patches_applied.max())}; false alarms over all "
-            f"modes: {fp}."
+            f"Legitimate code patches: {int(table.patches_applied.max())} per run; false alarms "
+            f"over all modes and {seeds_of(table)} seed(s): {fp}."
         )
         return out
 
     def figures(self, table: pd.DataFrame, params: IntegrityMonitorParams) -> dict[str, Figure]:
-        modes = list(table["mode"])
+        summary = summarize(table, self.keys)
+        modes = list(summary["mode"])
         x = np.arange(len(modes))
         figure = Figure(figsize=(12, 4))
         ax_exits, ax_cost, ax_delay = figure.subplots(1, 3)
-        exits = table["vm_exits"].astype(float).to_numpy()
-        ax_exits.bar(x, np.where(exits > 0, exits, np.nan), color="tab:red")
+        exits = summary["vm_exits"].astype(float).to_numpy()
+        shown = column(summary, "vm_exits")
+        ax_exits.bar(x, np.where(exits > 0, exits, np.nan), color="tab:red",
+                     yerr=yerr(shown), capsize=2)
         ax_exits.set_yscale("log")
         ax_exits.set_ylim(bottom=0.5, top=max(10.0, float(exits.max()) * 4))
         ax_exits.set_ylabel("VM exits (log scale)")
-        ax_exits.set_title("exits per mode")
+        ax_exits.set_title("exits per mode (mean, 95% interval)")
         for i, v in enumerate(exits):
-            ax_exits.annotate(f"{int(v):,}", (i, max(v, 0.6)), ha="center", va="bottom", fontsize=8)
-        overhead = table["overhead_cycles_pct"].astype(float).to_numpy()
-        ax_cost.bar(x, overhead, color="tab:blue")
+            ax_exits.annotate(f"{v:,.0f}", (i, max(v, 0.6)), ha="center", va="bottom", fontsize=8)
+        overhead = summary["overhead_cycles_pct"].astype(float).to_numpy()
+        bars(ax_cost, x, column(summary, "overhead_cycles_pct"), color="tab:blue")
         for i, v in enumerate(overhead):
             ax_cost.annotate(f"{v:.1f}%", (i, max(v, 0.0)), ha="center", va="bottom", fontsize=8)
         ax_cost.set_ylabel("cycles over mode none (%)")
         ax_cost.set_title("overhead (engine + exits + monitor work)")
-        mean = pd.to_numeric(table["mean_detection_delay_accesses"], errors="coerce")
-        worst = pd.to_numeric(table["max_detection_delay_accesses"], errors="coerce")
-        ax_delay.bar(x, mean.fillna(0), color="tab:green", label="mean")
-        ax_delay.scatter(x, worst, color="black", marker="_", s=200, label="max", zorder=3)
-        for i, row in enumerate(table.itertuples()):
-            label = f"{row.detected}/{row.malicious_writes} det.\n{row.prevented} prev."
+        bars(ax_delay, x, column(summary, "mean_detection_delay_accesses"), color="tab:green",
+             label="mean")
+        worst = pd.to_numeric(summary["max_detection_delay_accesses"], errors="coerce")
+        ax_delay.scatter(x, worst, color="black", marker="_", s=200, label="max (mean)",
+                         zorder=3)
+        for i, row in enumerate(summary.itertuples()):
+            label = (
+                f"{row.detected:.3g}/{row.malicious_writes:.3g} det.\n{row.prevented:.3g} prev."
+            )
             ax_delay.annotate(label, (i, 0), ha="center", va="bottom", fontsize=7)
         ax_delay.set_ylabel("accesses from hook to detection")
         ax_delay.set_title(f"detection delay (pml period {params.period:,})")
@@ -294,6 +317,6 @@ class IntegrityMonitor:
             ax.set_xlim(-0.6, len(modes) - 0.4)
             ax.set_xticks(x)
             ax.set_xticklabels(modes, fontsize=8)
-        figure.suptitle("integrity monitoring from the EPT")
+        figure.suptitle(f"integrity monitoring from the EPT ({seeds_of(table)} seed(s))")
         figure.tight_layout()
         return {"integrity-monitor": figure}

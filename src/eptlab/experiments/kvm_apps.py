@@ -43,6 +43,7 @@ class _KvmApp:
     question: ClassVar[str]
     Params: ClassVar[type]
     demo: ClassVar[dict[str, str]] = {}
+    keys: ClassVar[tuple[str, ...]]
 
     def rows(self, params: Any, progress: Progress) -> Iterator[Row]:
         from ..kvm.apps import get
@@ -75,6 +76,7 @@ class KvmFork(_KvmApp):
     name = "kvm-fork"
     question = "What does a copy-on-write fork of a real KVM guest cost (memfd MAP_PRIVATE)?"
     Params = ForkParams
+    keys = ("guest_mib", "clones")
     demo = {"guest_mibs": "64,256"}
 
     def reading(self, t: pd.DataFrame) -> str:
@@ -95,6 +97,7 @@ class KvmDirtyLog(_KvmApp):
     name = "kvm-dirty-log"
     question = "What does KVM's dirty logging (bitmap, ring) cost against trapping every write?"
     Params = KvmDirtyLogParams
+    keys = ("mode", "rounds")
     demo = {"pages": "128"}
 
     def reading(self, t: pd.DataFrame) -> str:
@@ -123,6 +126,7 @@ class KvmPrefetch(_KvmApp):
     name = "kvm-prefetch"
     question = "Does populating a hinted range ahead of a KVM guest save its first-touch faults?"
     Params = KvmPrefetchParams
+    keys = ("method",)
     demo = {"range_mib": "16", "memory_mib": "32", "repeats": "1"}
 
     def reading(self, t: pd.DataFrame) -> str:
@@ -140,6 +144,7 @@ class KvmTrapRotation(_KvmApp):
     name = "kvm-trap-rotation"
     question = "What share of wild writes does rotating write traps over KVM memory catch?"
     Params = TrapRotationParams
+    keys = ("trap_fraction",)
     demo = {"iterations": "5000", "trap_fractions": "0,0.25,1"}
 
     def reading(self, t: pd.DataFrame) -> str:

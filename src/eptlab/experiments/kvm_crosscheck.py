@@ -119,6 +119,7 @@ class KvmCrosscheck:
     )
     Params: ClassVar[type] = KvmCrosscheckParams
     demo: ClassVar[dict[str, str]] = {"tsx_transactions": "10"}
+    keys: ClassVar[tuple[str, ...]] = ("check",)
 
     def rows(self, params: KvmCrosscheckParams, progress: Progress) -> Iterator[Row]:
         from ..kvm.apps.crosscheck import Crosscheck, CrosscheckParams

@@ -113,6 +113,8 @@ class KvmTsx:
     Params: ClassVar[type] = KvmTsxParams
     demo: ClassVar[dict[str, str]] = {"seeds": "2", "transactions": "30",
                                       "write_sets": "512,768,769,1024"}
+    keys: ClassVar[tuple[str, ...]] = ("where", "scan", "policy", "fresh_pages", "lines")
+    seeds_inside: ClassVar[bool] = True  # rows() loops over the seeds and yields ``seed``
 
     def configurations(self, p: KvmTsxParams) -> list[tuple[str, str, str, int, int]]:
         """(where, scan, policy, fresh pages, lines) in run order."""

@@ -64,7 +64,21 @@ from ..mmu.config import CacheConfig, EncryptionConfig
 from ..mmu.stats import VcpuStats
 from ..traces.model import TraceChunk
 from ..workloads import WORKLOADS, make_workload
-from .base import Progress, Row, ratio_text
+from .base import Progress, Row
+from .intervals import (
+    OVERLAP,
+    Interval,
+    at,
+    by_seed,
+    interval,
+    pick,
+    ratio,
+    relation,
+    seeds_of,
+    summarize,
+    times,
+    yerr,
+)
 
 BASE = 0x0000_2000_0000_0000
 
@@ -89,6 +103,7 @@ class MemoryEncryptionParams:
     host_gib: int = 1024  # host memory (must fit below the key-ID bits)
     guest_page: str = "4k"
     ept_page: str = "4k"
+    seeds: int = 5
     seed: int = 0
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
 
@@ -117,11 +132,15 @@ class MemoryEncryption:
     )
     Params: ClassVar[type] = MemoryEncryptionParams
     demo: ClassVar[dict[str, str]] = {
-        "accesses": "30000",
-        "warmup": "30000",
+        "accesses": "6000",
+        "warmup": "6000",
         "llc_mib": "2,32",
-        "random_footprints_mib": "64,8192",
+        "random_footprints_mib": "64,2048",
+        "seeds": "3",
     }
+    keys: ClassVar[tuple[str, ...]] = (
+        "workload", "footprint_mib", "llc_mib", "mode", "encryption", "key_id"
+    )
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -224,40 +243,43 @@ class MemoryEncryption:
     # -- figures ------------------------------------------------------------------------------
 
     def interpret(self, table: pd.DataFrame, params: MemoryEncryptionParams) -> list[str]:
-        on = table[table.encryption == "on"]
+        summary = summarize(table, self.keys)
+        on = summary[summary.encryption == "on"]
         dram = CacheConfig().dram_latency
         bound = (params.decrypt_latency + params.integrity_latency) / dram
+        low, high = on.loc[on.slowdown_pct.idxmin()], on.loc[on.slowdown_pct.idxmax()]
         out = [
             f"Decrypting each line read from DRAM ({params.decrypt_latency} cycles on top of "
-            f"{dram}) slows accesses by {on.slowdown_pct.min():.1f}% to "
-            f"{on.slowdown_pct.max():.1f}% over the {len(on)} encrypted runs; cache hits pay "
-            f"nothing, so no run can lose more than the ratio of the two latencies ({bound:.0%})."
+            f"{dram}) slows accesses by {at(low, 'slowdown_pct').text('{:.1f}', '%')} "
+            f"({_tick(low.workload, low.footprint_mib, ' ')}, {low['mode']}, LLC "
+            f"{low.llc_mib} MiB) to {at(high, 'slowdown_pct').text('{:.1f}', '%')} "
+            f"({_tick(high.workload, high.footprint_mib, ' ')}, {high['mode']}, LLC "
+            f"{high.llc_mib} MiB) over the {len(on)} encrypted configurations "
+            f"({seeds_of(table)} seed(s)); cache hits pay nothing, so no run can lose more than "
+            f"the ratio of the two latencies ({bound:.0%})."
         ]
         nested = on[on["mode"] == "nested"]
         worst = nested.loc[nested.extra_translation_cycles_per_access.idxmax()]
-        keys = ["workload", "footprint_mib", "llc_mib"]
-        native = on[(on["mode"] == "native")].set_index(keys).loc[tuple(worst[k] for k in keys)]
-        amplified = ratio_text(
-            worst.extra_translation_cycles_per_access, native.extra_translation_cycles_per_access
-        )
-        more = (
-            worst.extra_translation_cycles_per_access > native.extra_translation_cycles_per_access
-        )
+        where = {k: worst[k] for k in ("workload", "footprint_mib", "llc_mib")}
+        hot = by_seed(table, mode="nested", encryption="on", **where)
+        cold = by_seed(table, mode="native", encryption="on", **where)
+        extra = "extra_translation_cycles_per_access"
+        amplified = ratio(hot[extra], cold[extra])  # paired by seed: the same stream
+        how = relation(amplified, Interval(1.0, 1.0, 1.0, amplified.n))
+        lead = {
+            "higher": "The cost concentrates in two-dimensional walks",
+            "lower": "Here two-dimensional walks do not add to the cost",
+            "overlap": f"Two-dimensional walks make {OVERLAP} to the cost",
+        }[how]
         out.append(
-            (
-                "The cost concentrates in two-dimensional walks"
-                if more
-                else "Here two-dimensional walks do not add to the cost"
-            )
-            + f": on {worst.workload} over "
-            f"{worst.footprint_mib} MiB with a {worst.llc_mib} MiB LLC, nested paging reads "
-            f"{worst.walk_dram_per_access:.2f} page-walk lines per access from DRAM against "
-            f"{native.walk_dram_per_access:.2f} native and pays "
-            f"{worst.extra_translation_cycles_per_access:.1f} extra translation cycles per "
-            f"access against {native.extra_translation_cycles_per_access:.1f} "
-            f"({amplified}); page-walk reads are "
-            f"{worst.walk_share_pct:.0f}% of its encryption cost "
-            f"({native.walk_share_pct:.0f}% native)."
+            f"{lead}: on {worst.workload} over {worst.footprint_mib} MiB with a "
+            f"{worst.llc_mib} MiB LLC, nested paging reads "
+            f"{interval(hot.walk_dram_per_access).text('{:.2f}')} page-walk lines per access "
+            f"from DRAM against {interval(cold.walk_dram_per_access).text('{:.2f}')} native and "
+            f"pays {interval(hot[extra]).text()} extra translation cycles per access against "
+            f"{interval(cold[extra]).text()} ({times(amplified)}); "
+            f"page-walk reads are {interval(hot.walk_share_pct).text('{:.0f}', '%')} of its "
+            f"encryption cost ({interval(cold.walk_share_pct).text('{:.0f}', '%')} native)."
         )
         same = nested[
             (nested.workload == worst.workload) & (nested.footprint_mib == worst.footprint_mib)
@@ -265,24 +287,33 @@ class MemoryEncryption:
         if same.llc_mib.nunique() > 1:
             small = same.loc[same.llc_mib.idxmin()]
             large = same.loc[same.llc_mib.idxmax()]
-            fewer = large.walk_dram_per_access < small.walk_dram_per_access
+            lines = relation(at(large, "walk_dram_per_access"), at(small, "walk_dram_per_access"))
+            share = relation(at(large, "walk_share_pct"), at(small, "walk_share_pct"))
             lead = (
                 "A larger LLC takes the walk part away first"
-                if fewer and large.walk_share_pct < small.walk_share_pct
+                if lines == "lower" and share == "lower"
                 else "A larger LLC removes walk reads"
-                if fewer
+                if lines == "lower"
+                else f"A larger LLC makes {OVERLAP} to walk reads"
+                if lines == "overlap"
                 else "A larger LLC does not remove walk reads here"
             )
             out.append(
                 f"{lead}: from {small.llc_mib} to "
                 f"{large.llc_mib} MiB the nested walk lines from DRAM per access go from "
-                f"{small.walk_dram_per_access:.2f} to {large.walk_dram_per_access:.2f} and the "
-                f"page-walk share of the cost from {small.walk_share_pct:.0f}% to "
-                f"{large.walk_share_pct:.0f}%."
+                f"{at(small, 'walk_dram_per_access').text('{:.2f}')} to "
+                f"{at(large, 'walk_dram_per_access').text('{:.2f}')} and the page-walk share of "
+                f"the cost from {at(small, 'walk_share_pct').text('{:.0f}', '%')} to "
+                f"{at(large, 'walk_share_pct').text('{:.0f}', '%')}."
             )
         return out
 
     def figures(self, table: pd.DataFrame, params: MemoryEncryptionParams) -> dict[str, Figure]:
+        table = summarize(  # means and 95% intervals over the seeds
+            table.assign(extra_cycles_per_access=table.extra_translation_cycles_per_access
+                         + table.extra_data_cycles_per_access),
+            self.keys,
+        )
         return {
             "memory-encryption-slowdown": _slowdown(table),
             "memory-encryption-cycles": _stacked(table),
@@ -362,25 +393,27 @@ def _tick(workload: str, mib: int, sep: str = "\n") -> str:
 def _value(
     table: pd.DataFrame, key: tuple[str, int], llc: int, mode: str, enc: str, column: str
 ) -> float:
-    rows = table[
-        (table["workload"] == key[0])
-        & (table["footprint_mib"] == key[1])
-        & (table["llc_mib"] == llc)
-        & (table["mode"] == mode)
-        & (table["encryption"] == enc)
-    ]
-    return float(rows[column].iloc[0]) if len(rows) else 0.0
+    """The mean of ``column`` in the summary row of one configuration (0 when absent)."""
+    return float(np.nan_to_num(_interval(table, key, llc, mode, enc, column).mean))
+
+
+def _interval(
+    table: pd.DataFrame, key: tuple[str, int], llc: int, mode: str, enc: str, column: str
+) -> Interval:
+    return pick(table, column, workload=key[0], footprint_mib=key[1], llc_mib=llc, mode=mode,
+                encryption=enc)
 
 
 def _slowdown(table: pd.DataFrame) -> Figure:
     """Slowdown by workload, native vs nested, one panel per LLC size; the hatched part of each
     bar is the share that page-walk reads cause."""
 
-    def parts(keys: list[Key], llc: int, mode: str) -> tuple[Array, Array]:
+    def parts(keys: list[Key], llc: int, mode: str) -> tuple[Array, Array, list[Interval]]:
         slow = np.array([_value(table, k, llc, mode, "on", "slowdown_pct") for k in keys])
         share = np.array([_value(table, k, llc, mode, "on", "walk_share_pct") for k in keys])
         walk = slow * np.nan_to_num(share) / 100.0
-        return slow - walk, walk
+        total = [_interval(table, k, llc, mode, "on", "slowdown_pct") for k in keys]
+        return slow - walk, walk, total
 
     return _walk_on_data(
         table,
@@ -392,12 +425,13 @@ def _slowdown(table: pd.DataFrame) -> Figure:
 
 def _walk_on_data(
     table: pd.DataFrame,
-    parts: Callable[[list[Key], int, str], tuple[Array, Array]],
+    parts: Callable[[list[Key], int, str], tuple[Array, Array, list[Interval]]],
     ylabel: str,
     title: str,
 ) -> Figure:
     """One panel per LLC size, per workload a bar for each mode: the data-line part, and the
-    page-walk part hatched on top of it. ``parts(keys, llc, mode)`` gives the two arrays."""
+    page-walk part hatched on top of it, the 95% interval of the sum as an error bar.
+    ``parts(keys, llc, mode)`` gives the two arrays (means) and the sum's intervals."""
     keys = _labels(table)
     llcs = sorted(set(table["llc_mib"]))
     figure = Figure(figsize=(max(8, 0.75 * len(keys) * len(llcs) + 2), 4.8))
@@ -406,7 +440,7 @@ def _walk_on_data(
     width = 0.38
     for ax, llc in zip(axes, llcs, strict=True):
         for i, mode in enumerate(MODES):
-            data, walk = parts(keys, llc, mode)
+            data, walk, total = parts(keys, llc, mode)
             pos = x + (i - 0.5) * width
             ax.bar(pos, data, width, color=COLORS[mode], label=f"{mode}: data lines")
             ax.bar(
@@ -419,12 +453,14 @@ def _walk_on_data(
                 edgecolor="white",
                 label=f"{mode}: page-walk lines",
             )
+            ax.errorbar(pos, data + walk, yerr=yerr(total), fmt="none", ecolor="black",
+                        elinewidth=0.8, capsize=2)
         ax.set_xticks(x)
         ax.set_xticklabels([_tick(*k, " ") for k in keys], fontsize=7, rotation=40, ha="right")
         ax.set_title(f"LLC {llc} MiB")
     axes[0].set_ylabel(ylabel)
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    figure.suptitle(title)
+    figure.suptitle(f"{title} (error bars: 95% interval of the total)")
     figure.tight_layout()
     return figure
 
@@ -465,6 +501,9 @@ def _stacked(table: pd.DataFrame) -> Figure:
                 alpha=alpha,
                 label=f"translation, {mode}, encryption {enc}",
             )
+            total = [_interval(table, k, llc, mode, enc, "cycles_per_access") for k in keys]
+            ax.errorbar(pos, np.add(data, trans), yerr=yerr(total), fmt="none", ecolor="black",
+                        elinewidth=0.8, capsize=2)
         ax.set_xticks(x)
         ax.set_xticklabels([_tick(*k) for k in keys], fontsize=7)
         ax.set_ylabel("cycles per access")
@@ -481,12 +520,13 @@ def _extra(table: pd.DataFrame) -> Figure:
     """Extra cycles per access from encryption, page-walk lines stacked on data lines, native
     vs nested, one panel per LLC size: where the cost lands and what 2D walks add."""
 
-    def parts(keys: list[Key], llc: int, mode: str) -> tuple[Array, Array]:
+    def parts(keys: list[Key], llc: int, mode: str) -> tuple[Array, Array, list[Interval]]:
         data = [_value(table, k, llc, mode, "on", "extra_data_cycles_per_access") for k in keys]
         walk = [
             _value(table, k, llc, mode, "on", "extra_translation_cycles_per_access") for k in keys
         ]
-        return np.array(data), np.array(walk)
+        total = [_interval(table, k, llc, mode, "on", "extra_cycles_per_access") for k in keys]
+        return np.array(data), np.array(walk), total
 
     return _walk_on_data(
         table,

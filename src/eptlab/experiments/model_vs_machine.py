@@ -165,6 +165,7 @@ class ModelVsMachine:
         "size behind this VM does it fit best?"
     )
     Params: ClassVar[type] = ModelVsMachineParams
+    keys: ClassVar[tuple[str, ...]] = ("pattern", "footprint_bytes", "page_size", "outer_ept_page")
     demo: ClassVar[dict[str, str]] = {
         "footprints_mib": "8,64",
         "native_accesses": "20000",

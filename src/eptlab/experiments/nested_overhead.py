@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from itertools import product
 from pathlib import Path
 from typing import ClassVar
@@ -41,9 +42,18 @@ from .base import (
     check_range,
     check_table_memory,
     check_trace_path,
-    ratio_text,
-    saved_text,
     table_bytes,
+)
+from .intervals import (
+    Interval,
+    at,
+    bars,
+    by_seed,
+    interval,
+    ratio,
+    reduction,
+    summarize,
+    times,
 )
 
 BASE = 0x0000_2000_0000_0000
@@ -85,11 +95,23 @@ class NestedOverheadParams:
     trace_accesses: int = 300_000
     guest_pages: tuple[str, ...] = ("4k", "2m")
     ept_pages: tuple[str, ...] = ("4k", "2m")
+    seeds: int = 5
     seed: int = 0
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
 
     def __post_init__(self) -> None:
         check_layout(self.layout)
+
+
+@cache
+def _recorded(command: tuple[str, ...]) -> Path:
+    """Record ``command`` under lackey once per process: the trace does not depend on the seed,
+    and recording it takes far longer than replaying it (about 25 s of CPU for ``ls``)."""
+    from ..traces import record
+
+    path = Path(tempfile.mkdtemp(prefix="eptlab-")) / "trace.ept"
+    record(list(command), path, stdout=subprocess.DEVNULL)
+    return path
 
 
 def without_pwc() -> TlbConfig:
@@ -119,7 +141,8 @@ class NestedOverhead:
         "paging-structure caches, the nested TLB and large pages take back?"
     )
     Params: ClassVar[type] = NestedOverheadParams
-    demo: ClassVar[dict[str, str]] = {"accesses": "100000", "trace_accesses": "100000"}
+    demo: ClassVar[dict[str, str]] = {"accesses": "20000", "trace_accesses": "20000", "seeds": "3"}
+    keys: ClassVar[tuple[str, ...]] = ("workload", "mode", "guest_page", "ept_page", "pwc")
 
     def sources(self, p: NestedOverheadParams) -> Iterator[Source]:
         from ..workloads import make_workload
@@ -135,15 +158,14 @@ class NestedOverhead:
             yield trace
 
     def _trace(self, p: NestedOverheadParams) -> Source | None:
-        from ..traces import open_trace, record
+        from ..traces import open_trace
 
         if p.trace == "":
             return None
         if p.trace == "auto":
             if shutil.which("valgrind") is None:
                 return None
-            path = Path(tempfile.mkdtemp(prefix="eptlab-")) / "ls.ept"
-            record(list(TRACE_COMMAND), path, stdout=subprocess.DEVNULL)
+            path = _recorded(TRACE_COMMAND)
             name = "trace:" + " ".join(TRACE_COMMAND)
         else:
             path, name = Path(p.trace), f"trace:{Path(p.trace).name}"
@@ -223,49 +245,51 @@ class NestedOverhead:
         }
 
     def interpret(self, table: pd.DataFrame, params: NestedOverheadParams) -> list[str]:
-        synthetic = table[table.workload != "trace"] if "trace" in set(table.workload) else table
-        worst = synthetic.groupby("workload").tlb_miss_rate.max().idxmax()
-        rows = table[table.workload == worst]
+        summary = summarize(table, self.keys)
+        synthetic = summary[~summary.workload.str.startswith("trace:")]
+        worst = (synthetic if len(synthetic) else summary).groupby(
+            "workload"
+        ).tlb_miss_rate.max().idxmax()
 
-        def pick(mode: str, guest: str, ept: str, pwc: bool) -> pd.Series:
-            sel = rows[(rows["mode"] == mode) & (rows.guest_page == guest) & (rows.pwc == pwc)]
-            if mode == "nested":
-                sel = sel[sel.ept_page == ept]
-            return sel.iloc[0]
+        def pick(mode: str, guest: str, ept: str, pwc: bool) -> pd.DataFrame:
+            return by_seed(table, workload=worst, mode=mode, guest_page=guest,
+                           ept_page=ept if mode == "nested" else "-", pwc=pwc)
 
         native = pick("native", "4k", "-", False)
         cold = pick("nested", "4k", "4k", False)
         warm = pick("nested", "4k", "4k", True)
-        slower = ratio_text(
-            cold.translation_cycles_per_access, native.translation_cycles_per_access
-        )
-        saved = saved_text(cold.translation_cycles_per_access, warm.translation_cycles_per_access)
+        col = "translation_cycles_per_access"
+        slower = ratio(cold[col], native[col])
         out = [
-            f"On the {worst} workload (TLB miss rate {cold.tlb_miss_rate:.0%}), a nested 4 KiB / "
-            f"4 KiB walk makes {cold.refs_per_walk:.0f} memory references against "
-            f"{native.refs_per_walk:.0f} native, and translation costs "
-            f"{cold.translation_cycles_per_access:.1f} cycles per access against "
-            f"{native.translation_cycles_per_access:.1f} ({slower} as much)."
+            f"On the {worst} workload (TLB miss rate "
+            f"{interval(cold.tlb_miss_rate).scaled(100).text('{:.0f}', '%')}), a nested 4 KiB / "
+            f"4 KiB walk makes {interval(cold.refs_per_walk).text('{:.1f}')} memory references "
+            f"against {interval(native.refs_per_walk).text('{:.1f}')} native, and translation "
+            f"costs {interval(cold[col]).text()} cycles per access against "
+            f"{interval(native[col]).text()} ({times(slower)})."
         ]
+        saved = reduction(cold[col], warm[col]).scaled(100)
         out.append(
             f"Paging-structure caches and the nested TLB cut the references per walk to "
-            f"{warm.refs_per_walk:.1f} and translation to {warm.translation_cycles_per_access:.1f} "
-            f"cycles per access ({saved} less)."
+            f"{interval(warm.refs_per_walk).text()} and translation to "
+            f"{interval(warm[col]).text()} cycles per access ({saved.text('{:.0f}', '%')} less)."
         )
         if "2m" in params.guest_pages and "2m" in params.ept_pages:
             big = pick("nested", "2m", "2m", True)
             out.append(
                 f"With 2 MiB pages in both dimensions the TLB miss rate falls to "
-                f"{big.tlb_miss_rate:.2%} and translation to "
-                f"{big.translation_cycles_per_access:.2f} cycles per access."
+                f"{interval(big.tlb_miss_rate).scaled(100).text('{:.2f}', '%')} and translation "
+                f"to {interval(big[col]).text('{:.2f}')} cycles per access."
             )
         return out
 
     def figures(self, table: pd.DataFrame, params: NestedOverheadParams) -> dict[str, Figure]:
+        summary = summarize(table, self.keys)
         return {
-            "nested-overhead-refs": _bars(table, "refs_per_walk", "memory references per walk"),
-            "nested-overhead-cycles": _bars(table, "cycles_per_access", "cycles per access"),
+            "nested-overhead-refs": _bars(summary, "refs_per_walk", "memory references per walk"),
+            "nested-overhead-cycles": _bars(summary, "cycles_per_access", "cycles per access"),
         }
+
 
 
 def _label(row: pd.Series) -> str:
@@ -275,22 +299,24 @@ def _label(row: pd.Series) -> str:
     return f"{row['mode']} {pages} {'pwc' if row['pwc'] else 'no-pwc'}"
 
 
-def _bars(table: pd.DataFrame, column: str, ylabel: str) -> Figure:
-    workloads = list(dict.fromkeys(table["workload"]))
-    labels = list(dict.fromkeys(table.apply(_label, axis=1)))
+def _bars(summary: pd.DataFrame, column: str, ylabel: str) -> Figure:
+    """Bars of the means over seeds, 95% intervals as error bars."""
+    workloads = list(dict.fromkeys(summary["workload"]))
+    label_of = summary.apply(_label, axis=1)
+    labels = list(dict.fromkeys(label_of))
     figure = Figure(figsize=(max(8, 1.6 * len(workloads)), 4.5))
     ax = figure.subplots()
     width = 0.8 / max(1, len(labels))
     for i, label in enumerate(labels):
         values = []
         for w in workloads:
-            rows = table[(table["workload"] == w) & (table.apply(_label, axis=1) == label)]
-            values.append(float(rows[column].iloc[0]) if len(rows) else 0.0)
-        ax.bar(np.arange(len(workloads)) + i * width, values, width, label=label,
-               color=colormaps["tab20"](i % 20))
+            rows = summary[(summary["workload"] == w) & (label_of == label)]
+            values.append(at(rows.iloc[0], column) if len(rows) else Interval(0.0, 0.0, 0.0, 0))
+        bars(ax, np.arange(len(workloads)) + i * width, values, width, label=label,
+             color=colormaps["tab20"](i % 20))
     ax.set_xticks(np.arange(len(workloads)) + 0.4 - width / 2)
     ax.set_xticklabels([w.replace("trace:", "trace\n") for w in workloads], fontsize=8)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel}: native vs nested, caches, page sizes")
+    ax.set_title(f"{ylabel}: native vs nested, caches, page sizes (mean, 95% interval)")
     ax.legend(fontsize=6, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return figure

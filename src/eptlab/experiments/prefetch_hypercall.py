@@ -44,7 +44,19 @@ from matplotlib.figure import Figure
 from ..apps.prefetch import PROTOCOLS, Outcome, RemapOp, Scenario, play
 from ..errors import ConfigError
 from ..memory.layout import check_layout, in_layout
-from .base import Progress, Row, check_choices, check_range, records_by, saved_text
+from .base import Progress, Row, check_choices, check_range
+from .intervals import (
+    bars,
+    by_seed,
+    change,
+    interval,
+    pick,
+    reduction,
+    relation,
+    seeds_of,
+    summarize,
+    yerr,
+)
 
 KINDS: tuple[str, ...] = ("migrate", "balloon", "merge")
 
@@ -110,6 +122,7 @@ class PrefetchHypercallParams:
     batch: int = 16
     remaps: int = 8  # remap operations in each vCPU's program
     protocol: str = "correct"
+    seeds: int = 5
     seed: int = 0
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
 
@@ -124,7 +137,8 @@ class PrefetchHypercall:
         "vCPUs remapping pages meanwhile, and does the protocol keep accesses off freed frames?"
     )
     Params: ClassVar[type] = PrefetchHypercallParams
-    demo: ClassVar[dict[str, str]] = {"accesses": "20000"}
+    demo: ClassVar[dict[str, str]] = {"accesses": "3000", "footprint_mib": "4", "seeds": "3"}
+    keys: ClassVar[tuple[str, ...]] = ("hint", "vcpus", "protocol")
 
     def scenario(self, p: PrefetchHypercallParams, hint: bool, vcpus: int) -> Scenario:
         if p.protocol not in PROTOCOLS:
@@ -209,46 +223,54 @@ class PrefetchHypercall:
 
     def interpret(self, table: pd.DataFrame, params: PrefetchHypercallParams) -> list[str]:
         out = []
-        for vcpus, group in table.groupby("vcpus"):
-            by = records_by(group, "hint")
-            if {"off", "on"} <= set(by):
-                off, on = by["off"], by["on"]
-                out.append(
-                    f"{vcpus} vCPU(s): the hint cuts EPT violations from {off.ept_violations:,} "
-                    f"to {on.ept_violations:,}, p99 access latency from "
-                    f"{off.p99_access_cycles:,.0f} to {on.p99_access_cycles:,.0f} cycles and "
-                    f"total cycles by {saved_text(off.total_cycles, on.total_cycles)}."
-                )
-                if len(out) == 2:
-                    break
+        for vcpus in dict.fromkeys(table.vcpus):
+            off = by_seed(table, vcpus=vcpus, hint="off")
+            on = by_seed(table, vcpus=vcpus, hint="on")
+            if not len(off) or not len(on):
+                continue
+            total = _moved("total cycles", off, on, "total_cycles")
+            if relation(interval(on.total_cycles), interval(off.total_cycles)) != "overlap":
+                saved = reduction(off.total_cycles, on.total_cycles).scaled(100)
+                total += f" ({saved.text('{:.0f}', '%')} less)"
+            out.append(
+                f"{vcpus} vCPU(s), without and with the hint: "
+                f"{_moved('EPT violations', off, on, 'ept_violations')}, "
+                f"{_moved('p99 access latency', off, on, 'p99_access_cycles', ' cycles')}, "
+                f"{total}."
+            )
+            if len(out) == 2:
+                break
         stale = int(table.stale_uses.sum())
         out.append(
-            f"Stale uses of a remapped frame over all {len(table)} runs with the "
-            f"{params.protocol!r} protocol: {stale}; remaps done: {int(table.remaps.sum())}."
+            f"Stale uses of a remapped frame over all {len(table)} runs "
+            f"({seeds_of(table)} seed(s)) with the {params.protocol!r} protocol: {stale}; remaps "
+            f"done: {int(table.remaps.sum())}."
         )
         return out
 
     def figures(self, table: pd.DataFrame, params: PrefetchHypercallParams) -> dict[str, Figure]:
+        summary = summarize(table, self.keys)
         figure = Figure(figsize=(13, 4))
         axes = figure.subplots(1, 3)
-        vcpus = sorted(set(table["vcpus"]))
+        vcpus = sorted(set(summary["vcpus"]))
         x = np.arange(len(vcpus))
         panels = (
             ("ept_violations", "EPT violations"),
             ("translation_cycles", "translation cycles"),
         )
-        for ax, (column, title) in zip(axes[:2], panels, strict=True):
+        for ax, (name, title) in zip(axes[:2], panels, strict=True):
             for i, hint in enumerate(("off", "on")):
-                values = [_value(table, hint, v, column) for v in vcpus]
-                ax.bar(x + (i - 0.5) * 0.4, values, 0.4, label=f"hint {hint}")
-            ax.set_title(title)
+                values = [pick(summary, name, hint=hint, vcpus=v) for v in vcpus]
+                bars(ax, x + (i - 0.5) * 0.4, values, 0.4, label=f"hint {hint}")
+            ax.set_title(f"{title} (mean, 95% interval)")
             ax.set_xticks(x, [f"{v} vCPU" for v in vcpus])
             ax.legend(fontsize=8)
         ax = axes[2]
         for hint, color in (("off", "C0"), ("on", "C1")):
             for q, style, marker in (("p50", ":", "o"), ("p99", "-", "s")):
-                values = [_value(table, hint, v, f"{q}_access_cycles") for v in vcpus]
-                ax.plot(vcpus, values, style, color=color, marker=marker, label=f"{q}, hint {hint}")
+                values = [pick(summary, f"{q}_access_cycles", hint=hint, vcpus=v) for v in vcpus]
+                ax.errorbar(vcpus, [v.mean for v in values], yerr=yerr(values), fmt=style,
+                            color=color, marker=marker, capsize=2, label=f"{q}, hint {hint}")
         ax.set_yscale("log")
         ax.set_xticks(vcpus)
         ax.set_xlabel("vCPUs")
@@ -256,11 +278,12 @@ class PrefetchHypercall:
         ax.legend(fontsize=8)
         stale = int(table["stale_uses"].sum()) if "stale_uses" in table else 0
         figure.suptitle(
-            f"prefetch hypercall ({params.protocol} protocol, stale uses: {stale})", fontsize=10
+            f"prefetch hypercall ({params.protocol} protocol, {seeds_of(table)} seed(s), stale "
+            f"uses: {stale})",
+            fontsize=10,
         )
         return {"prefetch-hypercall": figure}
 
 
-def _value(table: pd.DataFrame, hint: str, vcpus: int, column: str) -> float:
-    rows = table[(table["hint"] == hint) & (table["vcpus"] == vcpus)]
-    return float(rows[column].iloc[0]) if len(rows) else 0.0
+def _moved(name: str, off: pd.DataFrame, on: pd.DataFrame, col: str, unit: str = "") -> str:
+    return change(name, interval(off[col]), interval(on[col]), "{:,.0f}", unit)

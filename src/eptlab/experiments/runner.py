@@ -24,6 +24,7 @@ from ..costs import CostProfile, use_profile  # noqa: E402
 from .base import Experiment, Result, Row, apply_overrides, params_dict  # noqa: E402
 from .output import RunOutput, atomic_write  # noqa: E402
 from .registry import get  # noqa: E402
+from .seeds import seeded_rows, summary_of  # noqa: E402
 
 
 def run(
@@ -59,7 +60,13 @@ def _run(
         table = pd.DataFrame(rows)
         parquet = staged.path(f"{name}.parquet")
         atomic_write(parquet, lambda tmp: table.to_parquet(tmp, index=False))
-        summary = {"experiment": name, "params": params_dict(params), "rows": rows}
+        intervals = summary_of(experiment, table)  # mean and 95% interval per configuration
+        atomic_write(staged.path(f"{name}-summary.csv"),
+                     lambda tmp: intervals.to_csv(tmp, index=False))
+        atomic_write(staged.path(f"{name}-summary.parquet"),
+                     lambda tmp: intervals.to_parquet(tmp, index=False))
+        summary = {"experiment": name, "params": params_dict(params), "rows": rows,
+                   "summary": json.loads(intervals.to_json(orient="records"))}
         summary["profile"] = profile.summary()
         atomic_write(
             staged.path(f"{name}.json"),
@@ -111,7 +118,7 @@ def _run_rows(
         writer: csv.DictWriter[str] | None = None
         jsonl: TextIO | None = None
         csv_file: TextIO | None = None
-        for row in experiment.rows(params, progress):
+        for row in seeded_rows(experiment, params, progress):
             if writer is None:
                 csv_file = opened.enter_context(csv_path.open("w", newline=""))
                 jsonl = opened.enter_context(jsonl_path.open("w"))

@@ -65,6 +65,17 @@ from ..hv.costs import hv_costs
 from ..hv.guest_runner import GuestRunner, Passive, RunReport
 from ..memory.layout import check_layout, in_layout
 from .base import Progress, Row
+from .intervals import (
+    OVERLAP,
+    Interval,
+    by_seed,
+    column,
+    interval,
+    relation,
+    seeds_of,
+    summarize,
+    yerr,
+)
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,7 @@ class TrapDebuggerParams:
     bugs: int = 100
     writes_per_bug: float = 4.0
     bug_span: int = 40_000
+    seeds: int = 5
     seed: int = 0
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
 
@@ -267,7 +279,10 @@ class TrapDebugger:
         "alarms before and after filtering, against trapping everything and trapping nothing?"
     )
     Params: ClassVar[type] = TrapDebuggerParams
-    demo: ClassVar[dict[str, str]] = {"accesses": "100000", "periods": "1000,100000"}
+    demo: ClassVar[dict[str, str]] = {
+        "accesses": "20000", "periods": "1000,20000", "seeds": "3"
+    }
+    keys: ClassVar[tuple[str, ...]] = ("config", "mode", "resume", "trap_fraction", "period")
 
     def rows(self, params: TrapDebuggerParams, progress: Progress) -> Iterator[Row]:
         # every guest built while the rows are computed gets this layout
@@ -300,37 +315,42 @@ class TrapDebugger:
             yield run, measure(run, baseline)
 
     def interpret(self, table: pd.DataFrame, params: TrapDebuggerParams) -> list[str]:
-        everything = table[table["config"] == "trap-all"].iloc[0]
-        none = table[table["config"] == "none"].iloc[0]
+        everything = by_seed(table, config="trap-all")
+        none = by_seed(table, config="none")
         sampled = table[table["config"] == "sampled"]
         top = sampled[sampled["trap_fraction"] == sampled["trap_fraction"].max()]
-        fast = top[top["period"] == top["period"].min()].iloc[0]
-        slow = top[top["period"] == top["period"].max()].iloc[0]
-        bugs = int(everything["bugs_injected"])
+        fraction = float(top["trap_fraction"].iloc[0])
+        fast_period, slow_period = int(top["period"].min()), int(top["period"].max())
+        fast = by_seed(top, period=fast_period)
+        slow = by_seed(top, period=slow_period)
+
+        def iv(rows: pd.DataFrame, column: str, fmt: str = "{:,.0f}", unit: str = "") -> str:
+            return interval(rows[column]).text(fmt, unit)
+
+        def theory(rows: pd.DataFrame) -> str:
+            return interval(rows.expected_detection_rate * rows.bugs_injected).text("{:.0f}")
+
+        bugs = iv(everything, "bugs_injected")
         out = [
-            f"Trapping every heap page catches {everything['bugs_detected']}/{bugs} bugs at "
-            f"their first write, for {everything['overhead_cycles_pct']:,.0f}% more cycles "
-            f"({everything['vm_exits']:,} exits); no trapping takes {none['vm_exits']} exits "
-            f"and catches {none['bugs_detected']}.",
-            f"Trapping {fast['trap_fraction']:g} of the pages, rotated every "
-            f"{int(fast['period']):,} accesses, catches {fast['bugs_detected']}/{bugs} "
-            f"(sampling theory: {fast['expected_detection_rate'] * bugs:.0f}) for "
-            f"{fast['overhead_cycles_pct']:,.0f}% more cycles."
+            f"Trapping every heap page catches {iv(everything, 'bugs_detected')}/{bugs} bugs at "
+            f"their first write, for {iv(everything, 'overhead_cycles_pct', unit='%')} more "
+            f"cycles ({iv(everything, 'vm_exits')} exits); no trapping takes "
+            f"{iv(none, 'vm_exits')} exits and catches {iv(none, 'bugs_detected')}.",
+            f"Trapping {fraction:g} of the pages, rotated every {fast_period:,} accesses, "
+            f"catches {iv(fast, 'bugs_detected')}/{bugs} (sampling theory: {theory(fast)}) for "
+            f"{iv(fast, 'overhead_cycles_pct', unit='%')} more cycles."
             + (
                 ""
-                if slow["period"] == fast["period"]
-                else f" Rotated every {int(slow['period']):,} accesses it catches "
-                f"{slow['bugs_detected']} (theory: {slow['expected_detection_rate'] * bugs:.0f})"
-                + (
-                    ": a bug's later writes get fewer fresh draws."
-                    if slow["expected_detection_rate"] < fast["expected_detection_rate"]
-                    else "."
-                )
+                if slow_period == fast_period
+                else f" Rotated every {slow_period:,} accesses it catches "
+                f"{iv(slow, 'bugs_detected')} (theory: {theory(slow)})"
+                + _slower(interval(slow.expected_detection_rate),
+                          interval(fast.expected_detection_rate))
             ),
         ]
         trapping = table[table["config"] != "none"]
         out.append(
-            f"False alarms over the {len(trapping)} trapping runs: "
+            f"False alarms over the {len(trapping)} trapping runs ({seeds_of(table)} seed(s)): "
             f"{int(trapping['false_positives_unfiltered'].sum()):,} unfiltered, "
             f"{int(trapping['false_positives_sync_only'].sum()):,} with the ownership ring "
             f"synced, {int(trapping['false_positives'].sum())} with the allocator allow-list "
@@ -340,6 +360,8 @@ class TrapDebugger:
         return out
 
     def figures(self, table: pd.DataFrame, params: TrapDebuggerParams) -> dict[str, Figure]:
+        seeds = seeds_of(table)
+        table = summarize(table, self.keys)  # means and 95% intervals over the seeds
         figure = Figure(figsize=(15, 4.5))
         ax_trade, ax_fp, ax_time = figure.subplots(1, 3)
         sampled = table[table["config"] == "sampled"]
@@ -348,7 +370,9 @@ class TrapDebugger:
         for t in periods:
             rows = sampled[sampled["period"] == t].sort_values("trap_fraction")
             x = rows["overhead_cycles_pct"].astype(float)
-            ax_trade.plot(x, rows["detection_rate"], "o-", color=colors[t], label=f"period {t:,}")
+            ax_trade.errorbar(x, rows["detection_rate"], yerr=yerr(column(rows, "detection_rate")),
+                              xerr=yerr(column(rows, "overhead_cycles_pct")), fmt="o-",
+                              color=colors[t], capsize=2, elinewidth=0.8, label=f"period {t:,}")
             ax_trade.plot(x, rows["expected_detection_rate"], "x:", color=colors[t])
             for row in rows.itertuples():
                 ax_trade.annotate(
@@ -359,7 +383,9 @@ class TrapDebugger:
                     fontsize=7,
                 )
             times = rows["mean_time_to_detect"].astype(float)
-            ax_time.plot(rows["trap_fraction"], times, "o-", color=colors[t], label=f"period {t:,}")
+            ax_time.errorbar(rows["trap_fraction"], times,
+                             yerr=yerr(column(rows, "mean_time_to_detect")), fmt="o-",
+                             color=colors[t], capsize=2, elinewidth=0.8, label=f"period {t:,}")
         ax_trade.plot([], [], "x:", color="gray", label="sampling theory")
         extra = table[table["config"].isin(["trap-all", "compare"])]
         for k, row in enumerate(extra.itertuples()):
@@ -384,7 +410,7 @@ class TrapDebugger:
         ax_trade.set_xlabel("overhead over no debugger (cycles, log)")
         ax_trade.set_ylabel("bugs detected / injected")
         ax_trade.set_ylim(-0.03, 1.05)
-        ax_trade.set_title("detection vs overhead (labels: trap fraction)")
+        ax_trade.set_title("detection vs overhead (labels: trap fraction; 95% intervals)")
         ax_trade.legend(fontsize=7)
         shown = table[table["config"] != "none"]
         labels = [_label(r) for r in shown.to_dict("records")]
@@ -394,12 +420,14 @@ class TrapDebugger:
             ("false_positives_sync_only", "ring synced", "tab:orange"),
             ("false_positives", "synced + allow-list", "tab:green"),
         )
-        for i, (column, name, color) in enumerate(views):
-            values = shown[column].astype(float).to_numpy()
+        for i, (name_, name, color) in enumerate(views):
+            values = shown[name_].astype(float).to_numpy()
             ax_fp.bar(
                 x + (i - 1) * 0.27,
                 np.where(values > 0, values, np.nan),
                 0.27,
+                yerr=yerr(column(shown, name_)),
+                capsize=2,
                 color=color,
                 label=name,
             )
@@ -422,10 +450,20 @@ class TrapDebugger:
         ax_time.legend(fontsize=7)
         figure.suptitle(
             f"rotating-trap debugger: {params.bugs} bugs, {params.heap_pages} heap pages, "
-            f"{params.accesses:,} accesses"
+            f"{params.accesses:,} accesses, {seeds} seed(s)"
         )
         figure.tight_layout()
         return {"trap-debugger": figure}
+
+
+def _slower(slow: Interval, fast: Interval) -> str:
+    """The end of the reading's rotation sentence: the theory's verdict, by the overlap rule."""
+    how = relation(slow, fast)
+    if how == "lower":
+        return ": a bug's later writes get fewer fresh draws."
+    if how == "overlap" and not (slow.exact and fast.exact):
+        return f"; in theory, {OVERLAP} between the two periods."
+    return "."
 
 
 def _label(row: Row) -> str:

@@ -44,7 +44,8 @@ from ..apps.tsx import LAZY_SCENARIOS, MITIGATIONS, SCENARIOS, Outcome, Scenario
 from ..errors import ConfigError
 from ..memory.layout import check_layout, in_layout
 from ..mmu.rtm import EXIT_CAUSES
-from .base import Progress, Row, records_by
+from .base import Progress, Row
+from .intervals import OVERLAP, at, by_seed, column, interval, seeds_of, summarize, verdict, yerr
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class TsxAbortsParams:
     conflict_vcpus: int = 2
     hot_lines: int = 64
     capacity_lines: int = 16
+    seeds: int = 5
     seed: int = 0
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
 
@@ -81,7 +83,8 @@ class TsxAborts:
         "logging, does the abort rate follow the EPT-violation rate, and does pre-faulting help?"
     )
     Params: ClassVar[type] = TsxAbortsParams
-    demo: ClassVar[dict[str, str]] = {"sections": "250"}
+    demo: ClassVar[dict[str, str]] = {"sections": "40", "region_pages": "512", "seeds": "3"}
+    keys: ClassVar[tuple[str, ...]] = ("scenario", "mitigation", "vcpus")
 
     def configurations(self, p: TsxAbortsParams) -> list[Scenario]:
         for name in p.scenarios:
@@ -161,72 +164,87 @@ class TsxAborts:
         }
 
     def interpret(self, table: pd.DataFrame, params: TsxAbortsParams) -> list[str]:
-        rows = records_by(table, "scenario", "mitigation")
+        def runs(scenario: str, mitigation: str) -> pd.DataFrame | None:
+            rows = by_seed(table, scenario=scenario, mitigation=mitigation)
+            return rows if len(rows) else None
+
+        def total(frames: list[pd.DataFrame], column: str) -> pd.Series:
+            """Per seed: the sum of ``column`` over ``frames``."""
+            return pd.concat([f[column] for f in frames], axis=1).sum(axis=1)
+
         out = []
-        ept = [rows[(s, "none")] for s in ("lazy", "cow", "wp-dirty") if (s, "none") in rows]
+        exits = ("lazy", "cow", "wp-dirty")
+        ept = [(s, r) for s in exits if (r := runs(s, "none")) is not None]
         if ept:
-            aborts = sum(r.exit_aborts for r in ept)
-            inside = sum(r.ept_violations_in_tx for r in ept)
-            verdict = (
-                "equal the EPT violations taken inside transactions ({inside:,}), as the model's "
-                "rule (any exit inside a transaction aborts it) requires"
-                if aborts == inside
-                else "do not equal the EPT violations taken inside transactions ({inside:,}): "
+            frames = [r for _, r in ept]
+            aborts, inside = total(frames, "exit_aborts"), total(frames, "ept_violations_in_tx")
+            accounting = (
+                "equal the EPT violations taken inside transactions ({inside}) in every seed, as "
+                "the model's rule (any exit inside a transaction aborts it) requires: this holds "
+                "by construction"
+                if (aborts == inside).all()
+                else "do not equal the EPT violations taken inside transactions ({inside}): "
                 "the accounting is broken"
-            ).format(inside=inside)
+            ).format(inside=interval(inside).text("{:,.0f}"))
             rates = ", ".join(
-                f"{r.scenario} {r.abort_rate:.0%} with {r.ept_violation_rate:.2f} EPT "
-                f"violations per section"
-                for r in ept
+                f"{s} {interval(r.abort_rate).scaled(100).text('{:.0f}', '%')} with "
+                f"{interval(r.ept_violation_rate).text('{:.2f}')} EPT violations per section"
+                for s, r in ept
             )
             out.append(
                 f"Under lazy backing, copy-on-write and write-protect dirty logging the aborts "
-                f"caused by exits ({aborts:,}) {verdict}; abort rates: {rates}."
+                f"caused by exits ({interval(aborts).text('{:,.0f}')}) {accounting}; abort rates: "
+                f"{rates}."
             )
-        fixed = [
-            rows[(s, "pretouch")] for s in ("lazy", "cow", "wp-dirty") if (s, "pretouch") in rows
-        ]
+        fixed = [r for s in exits if (r := runs(s, "pretouch")) is not None]
         if fixed:
-            left = sum(r.ept_violations_in_tx for r in fixed)
-            total = sum(r.ept_violations for r in fixed)
+            left = interval(total(fixed, "ept_violations_in_tx")).text("{:,.0f}")
+            all_ = interval(total(fixed, "ept_violations")).text("{:,.0f}")
             sentence = (
-                f"Pre-touching the region before the transaction keeps the {total:,} EPT "
-                f"violations but takes them outside: {left:,} remain inside transactions"
+                f"Pre-touching the region before the transaction keeps the {all_} EPT "
+                f"violations but takes them outside: {left} remain inside transactions"
             )
-            if ("lazy", "prefetch") in rows:
-                pre = rows[("lazy", "prefetch")]
+            pre = runs("lazy", "prefetch")
+            if pre is not None:
                 sentence += (
-                    f"; the prefetch hypercall removes them ({pre.ept_violations:,} violations, "
-                    f"abort rate {pre.abort_rate:.0%} under lazy backing)"
+                    f"; the prefetch hypercall removes them "
+                    f"({interval(pre.ept_violations).text('{:,.0f}')} violations, abort rate "
+                    f"{interval(pre.abort_rate).scaled(100).text('{:.0f}', '%')} under lazy "
+                    f"backing)"
                 )
             out.append(sentence + ".")
-        if ("pml-dirty", "none") in rows and ("wp-dirty", "none") in rows:
-            pml, wp = rows[("pml-dirty", "none")], rows[("wp-dirty", "none")]
+        pml, wp = runs("pml-dirty", "none"), runs("wp-dirty", "none")
+        if pml is not None and wp is not None:
+            fewer = verdict(interval(pml.aborts), interval(wp.aborts), "more", "fewer")
             out.append(
-                f"Dirty logging with PML costs {pml.aborts:,} abort(s) "
-                f"({pml.aborts_by_cause or 'none'}) against {wp.aborts:,} with write "
-                f"protection (logging rounds run between critical sections here)."
+                f"Dirty logging with PML costs {interval(pml.aborts).text('{:,.0f}')} abort(s) "
+                f"({', '.join(_causes(pml.aborts_by_cause)) or 'none'}) against "
+                f"{interval(wp.aborts).text('{:,.0f}')} with write protection ("
+                + (f"{fewer}; " if fewer == OVERLAP else "")
+                + "logging rounds run between critical sections here)."
             )
         kinds = ("timer", "conflict", "capacity")
-        others = [r for (s, _), r in rows.items() if s in kinds and r.aborts]
-        if others:
-            ept_caused = [r for r in others if "ept_violation" in str(r.aborts_by_cause)]
-            causes = sorted({
-                c.split("=")[0] for r in others for c in str(r.aborts_by_cause).split(";") if c
-            })
+        others = table[table.scenario.isin(kinds) & (table.aborts > 0)]
+        if len(others):
+            ept_caused = others[others.aborts_by_cause.astype(str).str.contains("ept_violation")]
+            configs = ept_caused.drop_duplicates(["scenario", "mitigation"])
             out.append(
                 f"The timer, conflict and capacity scenarios abort for "
-                f"{', '.join(causes) or 'no recorded cause'}"
+                f"{', '.join(_causes(others.aborts_by_cause)) or 'no recorded cause'}"
                 + (
                     "; none of those aborts is an EPT violation, so pre-faulting cannot "
                     "remove them."
-                    if not ept_caused
-                    else f"; {len(ept_caused)} of those runs also abort on EPT violations."
+                    if not len(ept_caused)
+                    else f"; {len(configs)} of those configurations also abort on EPT "
+                    f"violations."
                 )
             )
         return out
 
     def figures(self, table: pd.DataFrame, params: TsxAbortsParams) -> dict[str, Figure]:
+        seeds = seeds_of(table)
+        rates = _cause_rates(table, self.keys)
+        table = summarize(table, self.keys)  # means and 95% intervals over the seeds
         figure = Figure(figsize=(14, 5.5))
         left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.2]})
         scenarios = list(dict.fromkeys(table["scenario"]))
@@ -240,8 +258,18 @@ class TsxAborts:
         for scenario in scenarios:
             rows = table[table["scenario"] == scenario]
             base = rows[rows["mitigation"] == "none"]
-            for r in rows.itertuples():
+            for (_, row), r in zip(rows.iterrows(), rows.itertuples(), strict=True):
                 hollow = r.mitigation != "none"
+                left.errorbar(
+                    getattr(r, x_col),
+                    getattr(r, y_col),
+                    xerr=yerr([at(row, x_col)]),
+                    yerr=yerr([at(row, y_col)]),
+                    fmt="none",
+                    ecolor=colors[scenario],
+                    elinewidth=0.8,
+                    capsize=2,
+                )
                 left.scatter(
                     getattr(r, x_col),
                     getattr(r, y_col),
@@ -274,27 +302,47 @@ class TsxAborts:
         left.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
         labels = [f"{r.scenario}/{r.mitigation}" for r in table.itertuples()]
-        attempts = np.maximum(1, table["attempts"].to_numpy())
-        causes: dict[str, np.ndarray] = {}
-        for k, text in enumerate(table["aborts_by_cause"]):
-            for pair in filter(None, str(text).split(";")):
-                cause, count = pair.split("=")
-                causes.setdefault(cause, np.zeros(len(table)))[k] = int(count)
         bottom = np.zeros(len(table))
         x = np.arange(len(table))
-        for i, (cause, counts) in enumerate(sorted(causes.items())):
-            right.bar(x, counts / attempts, 0.7, bottom=bottom, label=cause,
-                      color=f"C{(i + 3) % 10}")
-            bottom += counts / attempts
+        for i, cause in enumerate(c for c in rates.columns if c not in self.keys):
+            share = rates[cause].to_numpy(float)
+            right.bar(x, share, 0.7, bottom=bottom, label=cause, color=f"C{(i + 3) % 10}")
+            bottom += share
+        right.errorbar(x, table["abort_rate"].to_numpy(float),
+                       yerr=yerr(column(table, "abort_rate")), fmt="none", ecolor="black",
+                       elinewidth=0.8, capsize=2, label="95% interval")
         right.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
         right.set_ylim(0, 1.05)
         right.set_ylabel("abort rate (aborts / attempts), by cause")
-        right.set_title("why transactions abort")
+        right.set_title("why transactions abort (means over seeds)")
         right.legend(fontsize=7, loc="upper left")
         figure.suptitle(
             f"TSX aborts ({params.sections} sections per vCPU, {params.max_retries} retries, "
-            f"{params.region_pages}-page region)",
+            f"{params.region_pages}-page region, {seeds} seed(s))",
             fontsize=10,
         )
         figure.tight_layout()
         return {"tsx-aborts": figure}
+
+
+def _causes(texts: pd.Series) -> list[str]:
+    """The abort causes named in ``aborts_by_cause`` texts (``cause=count;...``), sorted."""
+    return sorted({
+        pair.split("=")[0] for text in texts for pair in str(text).split(";") if "=" in pair
+    })
+
+
+def _cause_rates(table: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
+    """Per configuration (``keys``): each cause's aborts per attempt, the mean over seeds."""
+    shares: list[dict[str, float]] = []
+    for text, attempts in zip(table["aborts_by_cause"], table["attempts"], strict=True):
+        share: dict[str, float] = {}
+        for pair in filter(None, str(text).split(";")):
+            cause, count = pair.split("=")
+            share[cause] = int(count) / max(1, int(attempts))
+        shares.append(share)
+    causes = sorted({c for share in shares for c in share})
+    frame = pd.DataFrame([[s.get(c, 0.0) for c in causes] for s in shares], columns=causes,
+                         index=table.index)
+    keyed = pd.concat([table[list(keys)], frame], axis=1)
+    return keyed.groupby(list(keys), sort=False).mean().reset_index()

@@ -56,6 +56,7 @@ class Region:
 
 @dataclass
 class Process:
+    """A guest process: its page tables (sharing the kernel half) and its regions."""
     pid: int
     name: str
     tables: GuestPageTables
@@ -65,9 +66,11 @@ class Process:
 
     @property
     def cr3(self) -> int:
+        """The guest-physical address of the process's top-level table."""
         return self.tables.root
 
     def region_of(self, address: int) -> Region | None:
+        """The region holding ``address``, or None."""
         for region in self.regions:
             if address in region:
                 return region
@@ -76,6 +79,7 @@ class Process:
 
 @dataclass(frozen=True)
 class File:
+    """A file of the guest's page cache: its name and size."""
     name: str
     size: int
 
@@ -178,6 +182,7 @@ class GuestKernel:
         return self._cma_next - length
 
     def kernel_region(self, kind: str) -> Region:
+        """The kernel image region of ``kind`` (``code``, ``rodata``, ``data``)."""
         for region in self.kernel_regions:
             if region.kind == kind:
                 return region
@@ -281,6 +286,7 @@ class GuestKernel:
     # -- files and the page cache -------------------------------------------------------------
 
     def create_file(self, name: str, size: int) -> File:
+        """Create a file of ``size`` bytes (its pages enter the page cache when read)."""
         self.files[name] = File(name, size)
         return self.files[name]
 

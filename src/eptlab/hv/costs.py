@@ -30,6 +30,7 @@ class HvCosts:
 
     @classmethod
     def from_profile(cls, profile: CostProfile) -> HvCosts:
+        """The hypervisor costs of ``profile``."""
         return cls(
             vmexit=profile.cycles("vmexit_cycles"),
             invept=profile.cycles("invept_cycles"),

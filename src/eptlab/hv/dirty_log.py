@@ -59,6 +59,8 @@ class WriteProtectLog:
         self._protect(list(range(gpa & _PAGE_MASK, gpa + length, PAGE_SIZE)))
 
     def handle(self, exit_: Exit) -> bool:
+        """EPT-violation handler: a write to a write-protected page of this VM is logged, the page
+        made writable again and the guest resumed."""
         record = exit_.record
         if exit_.vcpu.vm is not self.vm or not isinstance(record, EptViolation):
             return False

@@ -53,12 +53,15 @@ class EptManager:
 
     @property
     def eptp(self) -> int:
+        """The EPTP value of these tables."""
         return self.tables.eptp.encode()
 
     def lookup(self, gpa: int) -> Leaf | None:
+        """The leaf mapping ``gpa``, or None."""
         return self.tables.lookup(gpa)
 
     def host_address(self, gpa: int) -> int | None:
+        """The HPA ``gpa`` maps to, or None when it is not mapped."""
         return self.tables.host_address(gpa)
 
     # -- mapping --------------------------------------------------------------------------------
@@ -164,6 +167,7 @@ class EptManager:
         return True
 
     def set_memory_type(self, gpa: int, memory_type: MemoryType) -> None:
+        """Set the memory type (bits 5:3) of the leaf mapping ``gpa``."""
         leaf = self._leaf(gpa)
         value = (leaf.value & ~MEMTYPE_MASK) | (int(memory_type) << MEMTYPE_SHIFT)
         self.host.memory.write_u64(leaf.entry_address, value)

@@ -28,6 +28,7 @@ class Vmcall:
     qualification: int = 0
 
     def as_dict(self) -> dict[str, object]:
+        """JSON-friendly view: reason, hypercall number and arguments."""
         return {
             "reason": int(self.reason),
             "reason_name": self.reason.name,
@@ -44,6 +45,7 @@ class Hlt:
     qualification: int = 0
 
     def as_dict(self) -> dict[str, object]:
+        """JSON-friendly view: the reason."""
         return {"reason": int(self.reason), "reason_name": self.reason.name}
 
 
@@ -56,6 +58,7 @@ class TripleFault:
     qualification: int = 0
 
     def as_dict(self) -> dict[str, object]:
+        """JSON-friendly view: the reason."""
         return {"reason": int(self.reason), "reason_name": self.reason.name}
 
 
@@ -68,6 +71,7 @@ class MonitorTrap:
     qualification: int = 0
 
     def as_dict(self) -> dict[str, object]:
+        """JSON-friendly view: the reason."""
         return {"reason": int(self.reason), "reason_name": self.reason.name}
 
 
@@ -81,6 +85,7 @@ class PreemptionTimer:
     qualification: int = 0
 
     def as_dict(self) -> dict[str, object]:
+        """JSON-friendly view: the reason."""
         return {"reason": int(self.reason), "reason_name": self.reason.name}
 
 
@@ -96,6 +101,7 @@ class Exit:
 
     @property
     def reason(self) -> ExitReason:
+        """The basic exit reason of the record."""
         return self.record.reason
 
     def __str__(self) -> str:

@@ -69,6 +69,8 @@ class Policy(Protocol):
 
 @dataclass
 class RunReport:
+    """What one run of a guest program did: accesses, exits by reason, engine cycles and the stores
+    performed."""
     accesses: int
     exits: Counter[str]  # by reason name, this run only
     engine_cycles: int
@@ -76,6 +78,7 @@ class RunReport:
 
     @property
     def vm_exits(self) -> int:
+        """VM exits of this run, every reason together."""
         return sum(self.exits.values())
 
 

@@ -34,12 +34,15 @@ HypercallFn = Callable[[VCPU, tuple[int, ...]], int]
 
 
 class UnhandledExit(EptlabError):
+    """No handler took a VM exit; carries the exit record."""
     def __init__(self, exit_: Exit) -> None:
         super().__init__(f"no handler took this VM exit: {exit_}")
         self.exit = exit_
 
 
 class Hypervisor:
+    """Owns host memory and the translation engine, creates VMs and dispatches every VM exit to the
+    handlers registered for its reason."""
     def __init__(
         self,
         *,
@@ -67,6 +70,7 @@ class Hypervisor:
         self.on(ExitReason.VMCALL, self._dispatch_hypercall)
 
     def next_vpid(self) -> int:
+        """A fresh VPID (1, 2, ...)."""
         self._vpid += 1
         return self._vpid
 
@@ -115,6 +119,8 @@ class Hypervisor:
             self._handlers[reason].append(handler)
 
     def handle(self, exit_: Exit) -> None:
+        """Give ``exit_`` to the handlers of its reason, newest first, until one takes it;
+        UnhandledExit if none does."""
         self.exits[exit_.reason.name] += 1
         for handler in reversed(self._handlers[exit_.reason]):
             if handler(exit_):

@@ -56,6 +56,8 @@ class _Lane:
 
 
 class Scheduler:
+    """Runs several vCPUs interleaved, deterministically for a seed: each runs a quantum of accesses
+    (or up to a preemption point) before the next; returns each VM exit to the caller."""
     def __init__(
         self,
         vcpus: Sequence[VCPU],

@@ -27,6 +27,7 @@ class GuestOS(Protocol):
 
 
 class VCPU:
+    """A virtual CPU: its guest registers, its VMCS fields, the program it runs and its guest OS."""
     def __init__(self, vm: VM, index: int, vpid: int, guest: GuestState, vmcs: Vmcs) -> None:
         self.vm, self.index, self.vpid = vm, index, vpid
         self.guest, self.vmcs = guest, vmcs
@@ -84,6 +85,7 @@ class VCPU:
 
     @property
     def stats(self) -> VcpuStats:
+        """A snapshot of this vCPU's engine statistics."""
         return self.vm.hv.engine.stats(self.engine_id)
 
     def __repr__(self) -> str:

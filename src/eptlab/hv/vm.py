@@ -29,6 +29,8 @@ NOT_PRESENT = EptQual.READABLE | EptQual.WRITABLE | EptQual.EXECUTABLE
 
 
 class VM:
+    """A virtual machine: guest-physical memory behind its own EPT, its vCPUs, PML and invalidation.
+    """
     def __init__(
         self,
         hv: Hypervisor,
@@ -68,6 +70,7 @@ class VM:
     # -- vCPUs ------------------------------------------------------------------------------------
 
     def add_vcpu(self, cr3: int = 0, guest: GuestState | None = None) -> VCPU:
+        """Add a vCPU with its own VPID whose VMCS points at this VM's EPT."""
         guest = guest or GuestState(cr3=cr3)
         vmcs = Vmcs(eptp=self.ept.tables.eptp, vpid=self.hv.next_vpid(), mbec=self.mbec)
         vcpu = VCPU(self, len(self.vcpus), vmcs.vpid, guest, vmcs)
@@ -104,15 +107,19 @@ class VM:
         return hpa
 
     def read_u64(self, gpa: int) -> int:
+        """Read 8 bytes at ``gpa`` (backing the page first when lazy)."""
         return self.hv.host.memory.read_u64(self.host_address(gpa))
 
     def write_u64(self, gpa: int, value: int) -> None:
+        """Write 8 bytes at ``gpa`` (backing the page first when lazy)."""
         self.hv.host.memory.write_u64(self.host_address(gpa), value)
 
     def zero_page(self, gpa: int) -> None:
+        """Zero the 4 KiB page holding ``gpa``."""
         self.hv.host.memory.discard(self.host_address(gpa & ~(PAGE_SIZE - 1)) >> PAGE_SHIFT)
 
     def words(self, gpa: int, count: int) -> npt.NDArray[np.uint64]:
+        """``count`` 8-byte words from ``gpa`` as a view of host memory (within one page)."""
         hpa = self.host_address(gpa)
         first = (hpa & (PAGE_SIZE - 1)) >> 3
         return self.hv.host.memory.frame(hpa >> PAGE_SHIFT)[first : first + count]
@@ -152,6 +159,7 @@ class VM:
     # -- page-modification logging (SDM Vol. 3C §29.3.6) -----------------------------------------
 
     def enable_pml(self) -> None:
+        """Turn on page-modification logging on every vCPU (needs EPT A/D)."""
         if not self.ept.tables.ad_enabled:
             raise ConfigError(
                 "pml", "PML needs EPT accessed/dirty flags (create the VM with ept_ad=True)"
@@ -181,6 +189,7 @@ class VM:
         return logged
 
     def handle_pml_full(self, exit_: Exit) -> bool:
+        """PML-full handler: drain the vCPU's log into ``dirty_log`` and re-arm it."""
         if exit_.vcpu.vm is not self:
             return False
         self.drain_pml(exit_.vcpu)

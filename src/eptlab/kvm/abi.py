@@ -59,6 +59,7 @@ class UserspaceMemoryRegion(ctypes.Structure):
 
 
 class MemFlag(IntFlag):
+    """Flags of a memory slot (``struct kvm_userspace_memory_region``)."""
     LOG_DIRTY_PAGES = 1 << 0
     READONLY = 1 << 1
 
@@ -169,6 +170,7 @@ class DirtyGfn(ctypes.Structure):
 
 
 class DirtyGfnFlag(IntFlag):
+    """Flags of a dirty-ring entry (``struct kvm_dirty_gfn``)."""
     DIRTY = 1 << 0
     RESET = 1 << 1
 
@@ -186,27 +188,33 @@ class PreFaultMemory(ctypes.Structure):
 
 
 class RunIo(ctypes.Structure):
+    """``kvm_run.io``: a port I/O exit."""
     _fields_ = [("direction", u8), ("size", u8), ("port", u16), ("count", u32),
                 ("data_offset", u64)]
 
 
 class RunMmio(ctypes.Structure):
+    """``kvm_run.mmio``: an MMIO exit."""
     _fields_ = [("phys_addr", u64), ("data", u8 * 8), ("len", u32), ("is_write", u8)]
 
 
 class RunFailEntry(ctypes.Structure):
+    """``kvm_run.fail_entry``: a failed VM entry."""
     _fields_ = [("hardware_entry_failure_reason", u64), ("cpu", u32)]
 
 
 class RunInternal(ctypes.Structure):
+    """``kvm_run.internal``: a KVM internal error."""
     _fields_ = [("suberror", u32), ("ndata", u32), ("data", u64 * 16)]
 
 
 class RunSystemEvent(ctypes.Structure):
+    """``kvm_run.system_event``: shutdown, reset, crash."""
     _fields_ = [("type", u32), ("ndata", u32), ("data", u64 * 16)]
 
 
 class RunExit(ctypes.Union):
+    """The union of ``kvm_run``'s exit payloads."""
     _fields_ = [
         ("io", RunIo),
         ("mmio", RunMmio),

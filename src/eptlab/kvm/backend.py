@@ -121,6 +121,7 @@ class KvmExit:
 
 
 class Resume(Enum):
+    """What a KVM exit handler asks for: continue the guest or stop."""
     CONTINUE = "continue"
     STOP = "stop"
 
@@ -131,6 +132,7 @@ Handler = Callable[[KvmExit], Resume | None]
 
 @dataclass
 class RunResult:
+    """What one KVM run did: exits by reason, hypercalls, KVM's own statistics."""
     exits: Counter[str] = field(default_factory=Counter)  # by record_name(): reason or KVM_FAILURE
     hypercalls: Counter[str] = field(default_factory=Counter)
     reports: dict[int, int] = field(default_factory=dict)  # REPORT(key, value)
@@ -151,6 +153,7 @@ class RunResult:
 
     @property
     def total_exits(self) -> int:
+        """Exits that reached the VMM, every reason together."""
         return sum(self.exits.values())
 
 
@@ -167,10 +170,12 @@ class Flavour:
 
     @property
     def label(self) -> str:
+        """Human-readable flavour, e.g. ``kvm_pvm, shadow paging``."""
         paging = {True: "TDP (EPT/NPT)", False: "shadow paging", None: "paging unknown"}
         return f"{self.module}, {paging[self.tdp]}"
 
     def as_dict(self) -> dict[str, object]:
+        """The columns every KVM row carries: module and TDP."""
         return {"kvm_module": self.module, "tdp": self.tdp}
 
 
@@ -198,6 +203,7 @@ def flavour() -> Flavour:
 
 @dataclass(frozen=True)
 class Image:
+    """A guest image built from source: bytes, entry point, CR3 and GDT."""
     name: str
     data: bytes
     entry: int
@@ -207,6 +213,7 @@ class Image:
 
     @classmethod
     def load(cls, name: str) -> Image:
+        """Build (or take from the cache) guest ``name`` and parse its header."""
         data = build.image(name)
         magic, entry, cr3, gdt, limit = struct.unpack_from("<8sQQQQ", data, 0)
         if magic != IMAGE_MAGIC:
@@ -237,6 +244,7 @@ TSS_AVAILABLE, TSS_BUSY = 0x9, 0xB  # 64-bit TSS descriptor types (SDM Vol. 3A T
 
 @dataclass(frozen=True)
 class TssDescriptor:
+    """Base and limit of the guest's 64-bit TSS."""
     base: int
     limit: int
     type: int
@@ -248,6 +256,7 @@ _IMAGES: dict[str, Image] = {}
 
 
 def image(name: str) -> Image:
+    """Guest image ``name``, built once per process."""
     if name not in _IMAGES:
         _IMAGES[name] = Image.load(name)
     return _IMAGES[name]
@@ -258,6 +267,7 @@ def image(name: str) -> Image:
 
 @dataclass(frozen=True)
 class SlotSpec:
+    """A memory slot: guest-physical range and flags."""
     gpa: int
     size: int
     flags: int = 0
@@ -495,6 +505,7 @@ class KvmGuest:
         self.slots[index] = new
 
     def slot_of(self, gpa: int) -> int | None:
+        """Index of the memory slot holding ``gpa``, or None."""
         for index, slot in enumerate(self.slots):
             if slot.gpa <= gpa < slot.gpa + slot.size:
                 return index
@@ -606,6 +617,7 @@ class KvmGuest:
     # -- teardown -------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Release the guest's file descriptors and mappings."""
         self._stack.close()
 
     def __enter__(self) -> KvmGuest:
@@ -640,6 +652,7 @@ def _supported_cpuid(kvm: Kvm) -> abi.Cpuid2:
 
 
 def open_kvm() -> Kvm:
+    """Open ``/dev/kvm`` (or ``$EPTLAB_KVM_DEVICE``)."""
     return Kvm.open()
 
 

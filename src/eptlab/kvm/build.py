@@ -24,11 +24,13 @@ LOAD_ADDRESS = 0x1000  # the image's first byte, guest-physical (and guest-virtu
 
 @dataclass(frozen=True)
 class GuestSource:
+    """A guest's assembly source."""
     name: str
     path: Path
 
 
 def sources_dir() -> Path:
+    """Where the guests' sources are shipped (package data)."""
     return Path(str(resources.files("eptlab.kvm") / "guests"))
 
 
@@ -38,6 +40,7 @@ def available() -> list[str]:
 
 
 def cache_dir() -> Path:
+    """Where built guests are kept (``$EPTLAB_CACHE`` or ``~/.cache/eptlab``)."""
     base = os.environ.get("EPTLAB_CACHE") or os.path.join(Path.home(), ".cache", "eptlab")
     return Path(base) / "guests"
 
@@ -92,4 +95,5 @@ def build(name: str) -> Path:
 
 
 def image(name: str) -> bytes:
+    """The flat binary of guest ``name``, built on first use."""
     return build(name).read_bytes()

@@ -154,6 +154,7 @@ class Kvm(_Fd):
         return kvm
 
     def api_version(self) -> int:
+        """KVM_GET_API_VERSION."""
         return self._ioctl("KVM_GET_API_VERSION")
 
     def check_extension(self, cap: int) -> int:
@@ -161,14 +162,17 @@ class Kvm(_Fd):
         return self._ioctl("KVM_CHECK_EXTENSION", int(cap))
 
     def vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE: bytes to map of a vCPU fd (``kvm_run`` and rings)."""
         return self._ioctl("KVM_GET_VCPU_MMAP_SIZE")
 
     def supported_cpuid(self) -> abi.Cpuid2:
+        """KVM_GET_SUPPORTED_CPUID: the CPUID leaves KVM can offer a guest."""
         cpuid = abi.Cpuid2(nent=abi.CPUID_MAX_ENTRIES)
         self._ioctl("KVM_GET_SUPPORTED_CPUID", cpuid)
         return cpuid
 
     def create_vm(self) -> VmFd:
+        """KVM_CREATE_VM: a new VM fd."""
         vm = VmFd(self._ioctl("KVM_CREATE_VM", 0), 0)  # owned (closed on error) from here
         try:
             vm.vcpu_mmap_size = self.vcpu_mmap_size()
@@ -188,6 +192,7 @@ class VmFd(_Fd):
         self.vcpu_mmap_size = vcpu_mmap_size
 
     def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM: 0 when ``cap`` is missing."""
         return self._ioctl("KVM_CHECK_EXTENSION", int(cap))
 
     def set_user_memory_region(
@@ -198,9 +203,11 @@ class VmFd(_Fd):
         self._ioctl("KVM_SET_USER_MEMORY_REGION", region)
 
     def set_tss_addr(self, address: int) -> None:
+        """KVM_SET_TSS_ADDR (VMX needs three pages for real-mode emulation)."""
         self._ioctl("KVM_SET_TSS_ADDR", address)
 
     def enable_cap(self, cap: int, *args: int) -> None:
+        """KVM_ENABLE_CAP with up to four arguments."""
         enable = abi.EnableCap(cap=int(cap))
         for i, value in enumerate(args):
             enable.args[i] = value
@@ -218,9 +225,11 @@ class VmFd(_Fd):
         return self._ioctl("KVM_RESET_DIRTY_RINGS")
 
     def stats(self) -> StatsFd:
+        """KVM_GET_STATS_FD: the VM's binary statistics."""
         return StatsFd(self._ioctl("KVM_GET_STATS_FD"))
 
     def create_vcpu(self, index: int = 0) -> VcpuFd:
+        """KVM_CREATE_VCPU: a new vCPU fd with its ``kvm_run`` mapped."""
         return VcpuFd(self._ioctl("KVM_CREATE_VCPU", index), self.vcpu_mmap_size)
 
 
@@ -272,6 +281,7 @@ class VcpuFd(_Fd):
         self._run_number = abi.IOCTLS["KVM_RUN"]
 
     def close(self) -> None:
+        """Unmap ``kvm_run`` and close the fd."""
         self.__dict__.pop("_run", None)  # our view of kvm_run must go before the unmap
         self._finalizer()
 
@@ -279,10 +289,12 @@ class VcpuFd(_Fd):
 
     @property
     def immediate_exit(self) -> bool:
+        """``kvm_run.immediate_exit``: KVM_RUN returns at once (EINTR) when set."""
         return bool(self._run.immediate_exit)
 
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
+        """``kvm_run.immediate_exit``: KVM_RUN returns at once (EINTR) when set."""
         self._run.immediate_exit = int(value)
 
     def run(self) -> VcpuExit:
@@ -341,25 +353,31 @@ class VcpuFd(_Fd):
     # -- registers ------------------------------------------------------------------------------
 
     def get_regs(self) -> abi.Regs:
+        """KVM_GET_REGS."""
         regs = abi.Regs()
         self._ioctl("KVM_GET_REGS", regs)
         return regs
 
     def set_regs(self, regs: abi.Regs) -> None:
+        """KVM_SET_REGS."""
         self._ioctl("KVM_SET_REGS", regs)
 
     def get_sregs(self) -> abi.Sregs:
+        """KVM_GET_SREGS."""
         sregs = abi.Sregs()
         self._ioctl("KVM_GET_SREGS", sregs)
         return sregs
 
     def set_sregs(self, sregs: abi.Sregs) -> None:
+        """KVM_SET_SREGS."""
         self._ioctl("KVM_SET_SREGS", sregs)
 
     def set_cpuid2(self, cpuid: abi.Cpuid2) -> None:
+        """KVM_SET_CPUID2."""
         self._ioctl("KVM_SET_CPUID2", cpuid)
 
     def stats(self) -> StatsFd:
+        """KVM_GET_STATS_FD: the vCPU's binary statistics."""
         return StatsFd(self._ioctl("KVM_GET_STATS_FD"))
 
     def tsc_khz(self) -> int:

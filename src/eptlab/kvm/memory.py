@@ -54,10 +54,12 @@ class GuestMemory:
         return GuestMemory(self.size, memfd=self.fd, private=True)
 
     def close(self) -> None:
+        """Unmap and close the memfd."""
         self._finalizer()
 
     @property
     def closed(self) -> bool:
+        """Whether the memory has been released."""
         return not self._finalizer.alive
 
     def __enter__(self) -> GuestMemory:
@@ -69,16 +71,20 @@ class GuestMemory:
     # -- access from the host -------------------------------------------------------------------
 
     def write(self, gpa: int, data: bytes) -> None:
+        """Write ``data`` at ``gpa``."""
         self.mmap[gpa : gpa + len(data)] = data
 
     def read(self, gpa: int, size: int) -> bytes:
+        """``size`` bytes at ``gpa``."""
         return self.mmap[gpa : gpa + size]
 
     def read_u64(self, gpa: int) -> int:
+        """The little-endian 8-byte word at ``gpa``."""
         value: int = struct.unpack_from("<Q", self.mmap, gpa)[0]
         return value
 
     def write_u64(self, gpa: int, value: int) -> None:
+        """Write the little-endian 8-byte word ``value`` at ``gpa``."""
         struct.pack_into("<Q", self.mmap, gpa, value & (1 << 64) - 1)
 
     def file_read_u64(self, gpa: int) -> int:
@@ -112,4 +118,5 @@ class GuestMemory:
         return fields
 
     def private_dirty_bytes(self) -> int:
+        """Bytes of this mapping the host copied (``Private_Dirty`` in smaps)."""
         return self.smaps().get("Private_Dirty", 0)

@@ -39,6 +39,7 @@ TRIVIAL = 64  # empty transactions tried by the support check
 
 @dataclass(frozen=True)
 class Support:
+    """Whether this CPU offers RTM/HLE and, if RTM cannot be used, why."""
     rtm: bool  # CPUID.7.0:EBX bit 11
     hle: bool  # CPUID.7.0:EBX bit 4
     trivial_commits: int  # of TRIVIAL empty transactions (0 when rtm is False: never tried)
@@ -46,6 +47,7 @@ class Support:
 
     @property
     def usable(self) -> bool:
+        """Whether RTM can be used here."""
         return not self.reason
 
 
@@ -111,6 +113,7 @@ def support() -> Support:
 
 
 def require() -> Support:
+    """The RTM support of this CPU; RtmUnavailable with the reason where it cannot be used."""
     s = support()
     if not s.usable:
         raise RtmUnavailable(s.reason)

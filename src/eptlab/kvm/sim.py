@@ -50,6 +50,7 @@ def _machine(memory: int, *, pml: bool = False) -> tuple[Hypervisor, VM, VCPU]:
 
 @dataclass(frozen=True)
 class SimFork:
+    """The simulator's fork: pages copied per clone and modelled cycles."""
     pages_copied: list[int]  # per clone
     fork_cycles: int  # modelled
     fault_cycles: int  # modelled
@@ -74,6 +75,7 @@ def fork(memory: int, parent_writes: Sequence[int], clone_writes: Sequence[Seque
 
 @dataclass(frozen=True)
 class SimDirtyLog:
+    """The simulator's dirty log: pages reported per round and exits."""
     dirty: list[set[int]]  # per round: data-region pages (GPA) reported dirty
     exits: int  # exits caused by the writes (PML full, or write-protection violations)
     writes: int

@@ -59,10 +59,12 @@ class TxPlan:
 
     @property
     def transactions(self) -> int:
+        """Number of transactions in the plan."""
         return int(self.runs.shape[0])
 
     @property
     def per_tx(self) -> int:
+        """Stores per transaction."""
         return int(self.runs.shape[1])
 
     def addresses(self, t: int) -> npt.NDArray[np.int64]:
@@ -70,6 +72,7 @@ class TxPlan:
         return _expand(self.runs[t])
 
     def warm_addresses(self) -> npt.NDArray[np.int64]:
+        """Addresses touched before the transactions (the warm-up)."""
         return _expand(self.warm)
 
 

@@ -34,12 +34,14 @@ class MmioWrite:
 
 @dataclass(frozen=True, slots=True)
 class MmioRead:
+    """KVM_EXIT_MMIO, a read."""
     gpa: int
     size: int
 
 
 @dataclass(frozen=True, slots=True)
 class HltExit:
+    """KVM_EXIT_HLT."""
     pass
 
 
@@ -50,23 +52,27 @@ class ShutdownExit:
 
 @dataclass(frozen=True, slots=True)
 class FailEntry:
+    """KVM_EXIT_FAIL_ENTRY: the hardware refused the VM entry."""
     hardware_reason: int
     cpu: int
 
 
 @dataclass(frozen=True, slots=True)
 class InternalError:
+    """KVM_EXIT_INTERNAL_ERROR (e.g. an instruction KVM cannot emulate)."""
     suberror: int
     data: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class SystemEvent:
+    """KVM_EXIT_SYSTEM_EVENT."""
     type: int
 
 
 @dataclass(frozen=True, slots=True)
 class DirtyRingFull:
+    """KVM_EXIT_DIRTY_RING_FULL: harvest the ring and reset it."""
     pass
 
 
@@ -77,6 +83,7 @@ class Interrupted:
 
 @dataclass(frozen=True, slots=True)
 class UnknownExit:
+    """An exit reason this layer does not decode."""
     reason: int
 
 

@@ -32,6 +32,7 @@ class Assoc:
 
     @property
     def entries(self) -> int:
+        """Total entries: sets x ways."""
         return self.sets * self.ways
 
 
@@ -68,6 +69,7 @@ class TlbConfig:
         return cls(**{name: Assoc(0, 1) for name in cls.__dataclass_fields__})
 
     def structures(self) -> list[tuple[str, Assoc]]:
+        """``(name, shape)`` of every structure, in field order."""
         return [(name, getattr(self, name)) for name in self.__dataclass_fields__]
 
 
@@ -88,6 +90,7 @@ class CacheLevel:
 
     @property
     def sets(self) -> int:
+        """Number of sets (0 when the level is disabled)."""
         return self.size // (64 * self.ways) if self.size else 0
 
 
@@ -128,6 +131,7 @@ class PrefetcherConfig:
 
     @classmethod
     def off(cls) -> PrefetcherConfig:
+        """No hardware prefetcher."""
         return cls(kind="off")
 
 
@@ -209,6 +213,7 @@ class EncryptionConfig:
 
     @property
     def enabled(self) -> bool:
+        """Whether memory encryption is on (a decrypt latency is charged)."""
         return self.decrypt_latency > 0
 
     @property
@@ -232,6 +237,7 @@ class CostModel:
 
     @classmethod
     def from_profile(cls, profile: CostProfile) -> CostModel:
+        """The cycle costs of ``profile``."""
         return cls(
             profile.cycles("l1_tlb_hit_cycles"),
             profile.cycles("stlb_hit_cycles"),
@@ -240,11 +246,14 @@ class CostModel:
         )
 
     def as_dict(self) -> dict[str, int]:
+        """The cycle costs by name."""
         return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
 class MmuConfig:
+    """Everything the translation hardware caches and what it costs: TLBs and paging-structure
+    caches, the data caches, the cycle costs, memory encryption."""
     tlb: TlbConfig = field(default_factory=TlbConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     cost: CostModel = field(default_factory=CostModel)

@@ -96,15 +96,19 @@ class RunResult:
 
     @property
     def done(self) -> bool:
+        """Whether the chunk ran to its end (no exit and no guest fault stopped it)."""
         return self.exit is None and self.fault is None
 
 
 class InveptType(IntEnum):
+    """INVEPT types (SDM Vol. 3C §30.3, INVEPT): one EPTP's mappings, or every EPTP's."""
     SINGLE_CONTEXT = 1
     ALL_CONTEXT = 2
 
 
 class InvvpidType(IntEnum):
+    """INVVPID types (SDM Vol. 3C §30.3, INVVPID): one address, one VPID, all VPIDs, one VPID but
+    globals."""
     INDIVIDUAL_ADDRESS = 0
     SINGLE_CONTEXT = 1
     ALL_CONTEXT = 2
@@ -167,6 +171,7 @@ class Engine:
         return len(self._vcpus) - 1
 
     def vcpu_state(self, vcpu: int) -> tuple[GuestState, Vmcs | None]:
+        """The guest registers and VMCS of engine vCPU ``vcpu`` (the objects the engine reads)."""
         v = self._vcpus[vcpu]
         return v.guest, v.vmcs
 
@@ -356,9 +361,11 @@ class Engine:
     # -- statistics -----------------------------------------------------------------------------
 
     def stats(self, vcpu: int = 0) -> VcpuStats:
+        """A snapshot of vCPU ``vcpu``'s statistics."""
         return VcpuStats.from_row(self._stats[vcpu])
 
     def reset_stats(self) -> None:
+        """Zero every vCPU's statistics (caches and TLBs keep their contents)."""
         self._stats[:] = 0
 
     # -- invalidation (SDM Vol. 3A §4.10.4, Vol. 3C §29.4.3) ------------------------------------

@@ -36,6 +36,7 @@ class Peeker:
         self._pages: dict[tuple[int, int], int] = {}  # (EPTP root, GPA page) -> HPA page, -1
 
     def forget(self) -> None:
+        """Drop the cached view of host pages (call after the tables change)."""
         self._pages.clear()
 
     def gpa_to_hpa(self, vmcs: Vmcs | None, gpa: int) -> int | None:

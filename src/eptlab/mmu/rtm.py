@@ -230,10 +230,13 @@ class TxStream:
 
     @classmethod
     def marker(cls, op: Op, value: int = 0) -> TxStream:
+        """A one-element stream holding the marker ``op`` (XBEGIN, XEND, XABORT, ...) with
+        ``value``."""
         return cls.of([(op, 0, value)])
 
     @classmethod
     def concat(cls, parts: Iterable[TxStream]) -> TxStream:
+        """The streams one after the other."""
         parts = list(parts)
         if not parts:
             return cls.of([])
@@ -258,6 +261,7 @@ class TxStream:
 
     @cached_property
     def is_memory(self) -> npt.NDArray[np.bool_]:
+        """Mask of the elements that are memory accesses (not markers)."""
         return self.op <= Op.ADD
 
 
@@ -289,9 +293,12 @@ class TxState:
 
     @property
     def active(self) -> bool:
+        """Whether a transaction is open."""
         return self.depth > 0
 
     def start(self, begin: int) -> None:
+        """Open a transaction that began at stream position ``begin`` (read and write sets empty).
+        """
         self.reset()
         self.depth, self.begin = 1, begin
 

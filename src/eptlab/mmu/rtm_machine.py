@@ -112,6 +112,7 @@ class Abort:
 
 @dataclass(frozen=True)
 class ExitEvent:
+    """A lane took a VM exit (and the abort it caused, when it was inside a transaction)."""
     lane: int
     exit: VmExit
     abort: Abort | None
@@ -119,6 +120,7 @@ class ExitEvent:
 
 @dataclass(frozen=True)
 class FaultEvent:
+    """A lane's access raised a guest fault outside a transaction."""
     lane: int
     fault: GuestFault
     at: int
@@ -126,15 +128,18 @@ class FaultEvent:
 
 @dataclass(frozen=True)
 class AbortEvent:
+    """A transaction aborted (the abort carries its lane, cause and EAX status)."""
     abort: Abort
 
     @property
     def lane(self) -> int:
+        """The lane whose transaction aborted."""
         return self.abort.lane
 
 
 @dataclass(frozen=True)
 class CommitEvent:
+    """A transaction committed."""
     lane: int
     begin: int
     end: int
@@ -144,6 +149,7 @@ class CommitEvent:
 
 @dataclass(frozen=True)
 class DoneEvent:
+    """A lane ran its stream to the end."""
     lane: int
     stream: TxStream
     sequence: int
@@ -152,6 +158,7 @@ class DoneEvent:
 
 @dataclass(frozen=True)
 class DeadlineEvent:
+    """A lane reached its preemption deadline (the VMX-preemption timer)."""
     lane: int
 
 
@@ -159,6 +166,7 @@ Event = ExitEvent | FaultEvent | AbortEvent | CommitEvent | DoneEvent | Deadline
 
 
 def exit_cause(exit_: VmExit) -> AbortCause:
+    """The abort cause a VM exit inside a transaction is reported as."""
     if isinstance(exit_, EptViolation):
         return AbortCause.EPT_VIOLATION
     if isinstance(exit_, EptMisconfig):
@@ -198,6 +206,7 @@ class RtmMachine:
     # -- lanes --------------------------------------------------------------------------------
 
     def add_lane(self, vcpu: int, *, user: bool = False) -> Lane:
+        """Add a lane (a hardware thread) running on engine vCPU ``vcpu``."""
         if vcpu >= 64:
             raise ConfigError("vcpu", "the RTM machine handles engine vCPU ids 0..63")
         lane = Lane(len(self.lanes), vcpu, user, TxState(self.config))

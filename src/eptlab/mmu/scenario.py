@@ -253,8 +253,10 @@ class NestedSpace:
             self.ept.set_permission_bits(table, bits_)
 
     def walker(self) -> ReferenceWalker:
+        """A reference walker over this space's memory, guest state, VMCS and CPU features."""
         return ReferenceWalker(self.memory, self.guest, self.vmcs, self.features)
 
     @property
     def host_bytes_backed(self) -> int:
+        """Bytes of host memory actually backed (touched frames)."""
         return self.memory.backed_frames * PAGE_SIZE

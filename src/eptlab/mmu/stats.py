@@ -14,6 +14,8 @@ CACHE_LEVELS = ("l1", "l2", "llc", "dram")
 
 @dataclass(frozen=True, slots=True)
 class VcpuStats:
+    """Per-vCPU counters of the fast engine: accesses, TLB and cache hits, walk references by level,
+    cycles, exits and faults."""
     accesses: int
     reads: int
     writes: int
@@ -43,6 +45,7 @@ class VcpuStats:
 
     @classmethod
     def from_row(cls, row: npt.NDArray[np.int64]) -> VcpuStats:
+        """Build from one row of the engine's statistics array."""
         r = [int(x) for x in row]
 
         def span(start: int, n: int) -> tuple[int, ...]:
@@ -79,10 +82,12 @@ class VcpuStats:
 
     @property
     def walk_references(self) -> int:
+        """Memory references made by walks: guest entries plus EPT entries."""
         return sum(self.guest_refs) + sum(self.ept_refs)
 
     @property
     def tlb_miss_rate(self) -> float:
+        """Walks per access."""
         return self.walks / self.accesses if self.accesses else 0.0
 
     def as_dict(self) -> dict[str, int | float]:

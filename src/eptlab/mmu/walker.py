@@ -103,6 +103,7 @@ class Reference:
     for_level: int
 
     def as_dict(self) -> dict[str, object]:
+        """JSON-friendly view of the reference."""
         return {
             "dim": self.dim.value,
             "level": self.level,
@@ -148,9 +149,12 @@ class Translation:
 
     @property
     def ok(self) -> bool:
+        """Whether the translation completed (an HPA, no exit and no fault)."""
         return self.hpa is not None
 
     def as_dict(self) -> dict[str, object]:
+        """JSON-friendly view: references, GPA, HPA, exit or guest fault, flag writes, PML entries.
+        """
         return {
             "gva": self.gva,
             "access": self.access.name.lower(),
@@ -229,6 +233,9 @@ class ReferenceWalker:
     # -- the guest dimension (SDM Vol. 3A §4.5) -------------------------------------------------
 
     def translate(self, gva: int, access: Access, mode: Mode = Mode.SUPERVISOR) -> Translation:
+        """Translate ``gva`` for ``access`` in ``mode`` with the full two-dimensional walk, setting
+        A/D flags and logging to PML as the processor would; returns every reference and the
+        outcome."""
         walk = _Walk(gva, Access(access), Mode(mode))
         try:
             gpa, hpa, guest_page, ept_page = self._translate(walk)

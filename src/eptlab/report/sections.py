@@ -12,7 +12,9 @@ import pandas as pd
 
 from ..errors import ConfigError
 from ..experiments.base import params_from_dict, records_by
+from ..experiments.intervals import one_seed_note, seeds_of, text_table
 from ..experiments.registry import get
+from ..experiments.seeds import summary_of
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def experiment_section(name: str, directory: Path) -> Section:
         where = str(directory / f"{name}.json")
         raise ConfigError(where, f"params do not fit {name}: {exc}") from None
     try:
-        interpretation = list(experiment.interpret(table, params))
+        interpretation = list(experiment.interpret(table, params)) + one_seed_note(table)
     except (KeyError, IndexError, ValueError, ZeroDivisionError) as exc:
         # a table too small to say something (e.g. a parameter left a comparison out)
         interpretation = [f"(No interpretation: the table lacks what it compares: {exc}.)"]
@@ -53,10 +55,20 @@ def experiment_section(name: str, directory: Path) -> Section:
         title=name,
         question=experiment.question,
         interpretation=interpretation,
-        tables=[("results", table)],
+        tables=[(_summary_caption(table), text_table(summary_of(experiment, table)))],
         params=summary["params"],
         figures=sorted(directory.glob("*.png")),
         files=sorted(p for p in directory.iterdir() if p.suffix in (".csv", ".parquet", ".json")),
+    )
+
+
+def _summary_caption(table: pd.DataFrame) -> str:
+    seeds = seeds_of(table)
+    if seeds == 1:
+        return "results (one seed: no intervals)"
+    return (
+        f"results: mean [95% interval] over {seeds} seeds per configuration (a value without "
+        f"brackets was the same in every seed; the row files hold every seed's rows)"
     )
 
 

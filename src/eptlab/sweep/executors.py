@@ -17,12 +17,14 @@ from ..costs import CostProfile, use_profile
 from ..errors import ConfigError
 from ..experiments.base import apply_overrides
 from ..experiments.registry import get
+from ..experiments.seeds import seeded_rows
 from .spec import Point
 from .store import PointResult
 
 
 def run_point(point: Point) -> PointResult:
-    """Run one point to the end; an exception becomes the point's recorded error."""
+    """Run one point to the end, every seed of it (rows carry ``seed``); an exception becomes
+    the point's recorded error."""
     start = time.perf_counter()
     try:
         default = CostProfile.default()
@@ -32,7 +34,7 @@ def run_point(point: Point) -> PointResult:
             params = apply_overrides(experiment.Params, point.as_dict())
             rows = [
                 dict(r) | {"profile": profile.name}
-                for r in experiment.rows(params, lambda done, total: None)
+                for r in seeded_rows(experiment, params, lambda done, total: None)
             ]
         return PointResult(point, rows, None, time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - one point's failure must not stop the sweep

@@ -1,8 +1,9 @@
 """Where a sweep's results go: one Parquet dataset written point by point, and a log of points.
 
-``OUT/data/experiment=NAME/part-<point id>.parquet`` holds the rows of one finished point (the
-experiment's columns plus ``point_id`` and one ``param_<key>`` column per override), written to a
-temporary name and renamed, so a file either is complete or is not there. ``OUT/points.jsonl``
+``OUT/data/experiment=NAME/part-<point id>.parquet`` holds the rows of one finished point, every
+seed's (the experiment's columns with ``seed`` first, plus ``point_id`` and one ``param_<key>``
+column per override), written to a temporary name and renamed, so a file either is complete or
+is not there. ``OUT/points.jsonl``
 gets one line per finished point (``ok`` or ``error`` with the error), appended and flushed as
 points finish. A point counts as done when its ``ok`` line and its part file both exist: that is
 what a resumed sweep skips.

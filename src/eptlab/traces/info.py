@@ -113,6 +113,7 @@ class TraceInfo:
     max_address: int | None
 
     def as_dict(self) -> dict[str, object]:
+        """JSON-friendly view."""
         return asdict(self)
 
 

@@ -32,9 +32,11 @@ class Replayed(io.RawIOBase):
         self._head, self._rest = memoryview(head), rest
 
     def readable(self) -> bool:
+        """Always True: a readable stream."""
         return True
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        """Fill ``buffer`` from the replayed head first, then from the rest of the stream."""
         out = memoryview(buffer).cast("B")
         if self._head.nbytes:
             n = min(out.nbytes, self._head.nbytes)
@@ -48,6 +50,7 @@ class Replayed(io.RawIOBase):
         return len(data)
 
     def close(self) -> None:
+        """Close the underlying stream."""
         self._rest.close()
         super().close()
 

@@ -37,6 +37,8 @@ class WritePattern:
 
     @classmethod
     def random(cls, memory: int, pages: int, seed: int, *, exclude: int = 0) -> WritePattern:
+        """``pages`` distinct data pages of a ``memory``-byte guest chosen from ``seed``, one
+        address in each."""
         data_pages = (memory - DATA_BASE) // PAGE
         if not 0 < pages <= data_pages:
             raise ConfigError("pages", f"{pages} is not in 1..{data_pages} (the data region)")
@@ -49,9 +51,11 @@ class WritePattern:
 
     @property
     def pages(self) -> set[int]:
+        """The pages written (4 KiB-aligned GPAs)."""
         return {int(a) & ~(PAGE - 1) for a in self.addresses}
 
     def split(self, parts: int) -> list[WritePattern]:
+        """The pattern cut into ``parts`` consecutive pieces."""
         return [WritePattern(a) for a in np.array_split(self.addresses, parts)]
 
     def __len__(self) -> int:

@@ -25,6 +25,7 @@ from .fork import fork_once
 
 @dataclass(frozen=True)
 class CrosscheckParams:
+    """Parameters of the simulator-vs-KVM cross-check."""
     memory_mib: int = 16
     pages: int = 64
     rounds: int = 2
@@ -46,15 +47,18 @@ def _row(check: str, sim_value: object, kvm_value: object, *, equal: bool | None
 
 
 class Crosscheck:
+    """The same questions through the simulator and through KVM, one row per check."""
     name = "crosscheck"
 
     def rows(self, p: CrosscheckParams) -> Iterator[Row]:
+        """Every check's row (fork, dirty logging, TSX where available)."""
         memory = p.memory_mib << 20
         with Kvm.open() as kvm:
             yield from self.fork(kvm, memory, p)
             yield from self.dirty_log(kvm, memory, p)
 
     def fork(self, kvm: Kvm, memory: int, p: CrosscheckParams) -> Iterator[Row]:
+        """Rows comparing the pages each clone copies on KVM and in the simulator."""
         o = fork_once(kvm, memory, p.clones, p.pages, p.seed)
         union = [int(a) for pattern in o.patterns for a in pattern.addresses]
         s = sim.fork(memory, union, [[int(a) for a in q.addresses] for q in o.patterns])
@@ -67,6 +71,7 @@ class Crosscheck:
                        sim_cycles=s.fork_cycles // p.clones + s.fault_cycles // p.clones)
 
     def dirty_log(self, kvm: Kvm, memory: int, p: CrosscheckParams) -> Iterator[Row]:
+        """Rows comparing the pages KVM's dirty log and the simulator report dirty."""
         pattern = WritePattern.random(memory, p.pages, p.seed)
         rounds = [[int(a) for a in pattern.addresses]] * p.rounds
         pml = sim.dirty_log_pml(memory, rounds)

@@ -41,6 +41,7 @@ PATTERN = 0x5A5A_0000_0000_0000
 
 @dataclass(frozen=True)
 class DirtyLogParams:
+    """Parameters of the KVM dirty-logging application."""
     memory_mib: int = 64
     pages: int = 512  # distinct pages written per round
     rounds: int = 3
@@ -52,6 +53,7 @@ class DirtyLogParams:
 
 @dataclass
 class DirtyLogOutcome:
+    """What one dirty-logging mode reported, round by round, and what it cost."""
     mode: str
     written: set[int]
     dirty: list[set[int]] = field(default_factory=list)  # per round
@@ -66,10 +68,12 @@ class DirtyLogOutcome:
 
     @property
     def writes(self) -> int:
+        """Writes the guest made: pages per round x rounds."""
         return len(self.written) * len(self.dirty)
 
     @property
     def exact(self) -> bool:
+        """Whether every round reported exactly the pages written."""
         return bool(self.dirty) and all(d == self.written for d in self.dirty)
 
 
@@ -154,9 +158,11 @@ def run_mode(kvm: Kvm, mode: str, pattern: WritePattern, memory: int, rounds: in
 
 
 class DirtyLog:
+    """Dirty logging on KVM: bitmap, ring and write-protect traps."""
     name = "dirty-log"
 
     def rows(self, p: DirtyLogParams) -> Iterator[Row]:
+        """One row per mode."""
         memory = p.memory_mib << 20
         pattern = WritePattern.random(memory, p.pages, p.seed)
         with Kvm.open() as kvm:

@@ -29,6 +29,7 @@ CLONE = 0xC10E_0000_0000_0000
 
 @dataclass(frozen=True)
 class ForkParams:
+    """Parameters of the KVM fork application."""
     guest_mibs: tuple[int, ...] = (256, 1024, 4096)
     clones: int = 2
     pages: int = 64  # pages each clone writes (distinct across clones)
@@ -38,6 +39,7 @@ class ForkParams:
 
 @dataclass
 class ForkOutcome:
+    """One fork: time per clone, pages copied, isolation checks."""
     guest_mib: int
     fork_seconds: list[float]  # per clone
     isolated: bool
@@ -48,6 +50,7 @@ class ForkOutcome:
 
 def fork_once(kvm: Kvm, memory: int, clones: int, pages: int, seed: int, *,
               user: bool = True) -> ForkOutcome:
+    """Fork a ``memory``-byte parent into ``clones`` clones that each write ``pages`` pages."""
     if clones < 1:
         raise ConfigError("clones", "must be at least 1")
     if (clones + 1) * pages > MAX_LIST:
@@ -104,9 +107,11 @@ def _isolated(snapshot: GuestMemory, children: list[KvmGuest],
 
 
 class Fork:
+    """VM fork through MAP_PRIVATE guest memory on KVM."""
     name = "fork"
 
     def rows(self, p: ForkParams) -> Iterator[Row]:
+        """One row per guest size."""
         with Kvm.open() as kvm:
             for mib in p.guest_mibs:
                 o = fork_once(kvm, mib << 20, p.clones, p.pages, p.seed,

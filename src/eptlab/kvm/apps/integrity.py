@@ -104,6 +104,7 @@ class IntegrityConfig:
     user: bool = True
 
     def check(self) -> None:
+        """Raise :class:`~eptlab.errors.ConfigError` naming the first impossible field."""
         for name in ("code_pages", "data_pages", "iterations", "review_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, "must be at least 1")
@@ -136,14 +137,17 @@ class IntegrityConfig:
 
     @property
     def code_base(self) -> int:
+        """GPA of the first code page (the code slot)."""
         return DATA_BASE
 
     @property
     def data_base(self) -> int:
+        """GPA of the first data page (the data slot, after the code)."""
         return DATA_BASE + self.code_pages * PAGE
 
     @property
     def memory(self) -> int:
+        """Bytes of guest memory: slot 0, code and data."""
         return self.data_base + self.data_pages * PAGE
 
     def slots(self) -> list[SlotSpec]:
@@ -153,12 +157,15 @@ class IntegrityConfig:
                 SlotSpec(self.data_base, self.data_pages * PAGE)]
 
     def is_site(self, gpa: int) -> bool:
+        """Whether ``gpa`` is a patch site (the first word of one of the first code pages)."""
         page, offset = divmod(gpa - self.code_base, PAGE)
         return offset == 0 and 0 <= page < self.patch_pages
 
 
 @dataclass(frozen=True)
 class Injection:
+    """One scheduled write: at ``iteration``, ``value`` into the word at ``gpa``."""
+
     iteration: int
     gpa: int
     value: int  # restore: ignored (the guest writes back the word it saved)
@@ -227,12 +234,15 @@ class LogEntry:
 
     @classmethod
     def decode(cls, words: npt.NDArray[np.uint64]) -> list[LogEntry]:
+        """Entries from the guest's log (8 words each)."""
         rows = words.reshape(-1, 8)
         return [cls(*(int(v) for v in r[:7])) for r in rows]
 
 
 @dataclass(frozen=True)
 class Detection:
+    """A write the monitor reported: by a trap, or by a review (with the tick's time)."""
+
     gpa: int  # the 8-byte word
     value: int
     how: str  # "trap" or "review"
@@ -243,6 +253,8 @@ class Detection:
 
 @dataclass
 class Counters:
+    """What the monitor did, by kind (measured phase)."""
+
     code_write_exits: int = 0  # trapped writes to the code slot
     data_write_exits: int = 0  # trapped writes to the data slot (trap-all), performed here
     patches_allowed: int = 0
@@ -256,6 +268,8 @@ class Counters:
 
 @dataclass
 class IntegrityOutcome:
+    """One policy's run: the schedule, the guest's log, the monitor's detections, the costs."""
+
     policy: str
     config: IntegrityConfig
     schedule: list[Injection]
@@ -275,6 +289,7 @@ class IntegrityOutcome:
 
     @property
     def cycles_per_iteration(self) -> float:
+        """Guest RDTSC cycles over the measured loop per iteration (exits included)."""
         return self.loop_cycles / self.config.iterations
 
     @property
@@ -530,6 +545,8 @@ def run_policy(kvm: Kvm, cfg: IntegrityConfig, policy: str, *,
 
 @dataclass(frozen=True)
 class Score:
+    """An outcome scored against the guest's log (:func:`score`)."""
+
     injected: int  # hooks + transient writes
     hooks: int
     transients: int
@@ -548,10 +565,12 @@ class Score:
 
     @property
     def mean_delay_us(self) -> float | None:
+        """Mean write-to-detection delay (None: nothing detected)."""
         return float(np.mean(self.delays_us)) if self.delays_us else None
 
     @property
     def max_delay_us(self) -> float | None:
+        """Longest write-to-detection delay (None: nothing detected)."""
         return float(max(self.delays_us)) if self.delays_us else None
 
 

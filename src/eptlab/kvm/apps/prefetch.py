@@ -37,6 +37,7 @@ REPORT_CYCLES = 1
 
 @dataclass(frozen=True)
 class PrefetchParams:
+    """Parameters of the KVM prefetch application."""
     memory_mib: int = 128
     range_mib: int = 64  # the hinted range, from the start of the data region
     methods: tuple[str, ...] = METHODS
@@ -46,6 +47,7 @@ class PrefetchParams:
 
 @dataclass
 class PrefetchOutcome:
+    """One prefetch method: the mechanism used and the guest's cycles per page."""
     method: str
     mechanism: str  # KVM_PRE_FAULT_MEMORY, MADV_POPULATE_WRITE or none
     pages: int
@@ -64,6 +66,7 @@ def _minor_faults() -> int:
 
 def run_method(kvm: Kvm, method: str, memory: int, length: int, *,
                user: bool = True) -> PrefetchOutcome:
+    """Run the guest over ``length`` bytes after prefetching with ``method``."""
     if method not in METHODS:
         raise ConfigError("methods", f"{method!r} is not one of {METHODS}")
     if length <= 0 or length % PAGE or DATA_BASE + length > memory:
@@ -97,9 +100,11 @@ def run_method(kvm: Kvm, method: str, memory: int, length: int, *,
 
 
 class Prefetch:
+    """Backing a range before the guest touches it, on KVM."""
     name = "prefetch"
 
     def rows(self, p: PrefetchParams) -> Iterator[Row]:
+        """One row per method and repeat."""
         if p.repeats < 1:
             raise ConfigError("repeats", "must be at least 1")
         with Kvm.open() as kvm:

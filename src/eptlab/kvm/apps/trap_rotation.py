@@ -42,6 +42,7 @@ from .common import Row, flavour_columns, user_mode
 
 @dataclass(frozen=True)
 class TrapRotationParams:
+    """Parameters of the KVM trap-rotation application."""
     memory_mib: int = 66
     chunk_mib: int = 2
     trap_fractions: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0)
@@ -55,6 +56,7 @@ class TrapRotationParams:
 
 @dataclass
 class RotationOutcome:
+    """One trap fraction: bugs injected and detected, exits, time."""
     trap_fraction: float
     bugs_injected: int
     bugs_detected: int
@@ -101,6 +103,7 @@ class _Rotator:
 
 
 def run_fraction(kvm: Kvm, p: TrapRotationParams, fraction: float) -> RotationOutcome:
+    """Run the wild-write guest with ``fraction`` of its memory trapped at a time."""
     if not 0.0 <= fraction <= 1.0:
         raise ConfigError("trap_fractions", f"{fraction} is not in [0, 1]")
     for name in ("iterations", "working_set_pages", "wild_period", "rotate_period"):
@@ -133,9 +136,11 @@ def run_fraction(kvm: Kvm, p: TrapRotationParams, fraction: float) -> RotationOu
 
 
 class TrapRotation:
+    """Rotating write traps over guest memory on KVM."""
     name = "trap-rotation"
 
     def rows(self, p: TrapRotationParams) -> Iterator[Row]:
+        """One row per trap fraction."""
         with Kvm.open() as kvm:
             for fraction in p.trap_fractions:
                 o = run_fraction(kvm, p, fraction)

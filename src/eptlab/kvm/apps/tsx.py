@@ -72,6 +72,7 @@ def guest_rtm(kvm: Kvm) -> tuple[bool, bool]:
 
 @dataclass
 class TsxOutcome:
+    """One policy's run of the TSX guest: the attempt log and KVM's statistics."""
     policy: str
     log: AttemptLog
     mmio_writes: int = 0  # writes trapped in a read-only slot (performed here)
