@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from eptlab.arch import Access, PageSize
 from eptlab.arch.paging import Cr0, Cr4, Efer
+from eptlab.errors import MappingError
 from eptlab.memory import PhysicalMemory
 from eptlab.mmu.scenario import NestedSpace
 
@@ -29,6 +30,9 @@ class MappingSpec:
     xd: bool
     pkey: int
     reserved_bit: int  # 0: none; else a bit set raw in the guest leaf
+    upper_level: int = 0  # 0: none; else a guest level above the leaf whose entry loses...
+    upper_clear: int = 0  # ...these of its P (1), R/W (2), U/S (4) bits
+    ept_xu: bool = False  # set bit 10 in every EPT entry mapping the data page (ignored w/o MBEC)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,11 @@ class ScenarioSpec:
     ac: bool
     pkru: int
     mappings: tuple[MappingSpec, ...]
+    pml_index: int = -1  # -1: PML off; else on (needs ept_ad) with this index
+
+    @property
+    def pml(self) -> bool:
+        return self.pml_index >= 0 and self.ept_ad
 
     def gva(self, m: MappingSpec) -> int:
         width = 57 if self.guest_levels == 5 else 48
@@ -89,9 +98,43 @@ class ScenarioSpec:
                 hpa = space.ept.host_address(leaf.entry_address)
                 assert hpa is not None
                 space.memory.write_u64(hpa, leaf.value | (1 << m.reserved_bit))
+        for m in self.mappings:
+            self._set_ept_xu(space, m)
+        for m in self.mappings:
+            self._clear_upper(space, m)
         if self.table_perms != "rwx":
             space.protect_tables(self.table_perms)
+        if self.pml:
+            assert space.vmcs is not None
+            space.vmcs.pml_enabled = True
+            space.vmcs.pml_address = space.host_frames.alloc()
+            space.vmcs.pml_index = self.pml_index
         return space
+
+    def _clear_upper(self, space: NestedSpace, m: MappingSpec) -> None:
+        """Clear P, R/W or U/S in an entry above the leaf (entries may be shared)."""
+        if m.upper_clear and m.guest_page.level < m.upper_level <= self.guest_levels:
+            try:
+                slot = space.tables.entry_address(self.gva(m), m.upper_level)
+            except MappingError:  # a P cleared for another mapping hides this one's tables
+                return
+            value = space.tables.store.read_u64(slot)
+            space.tables.store.write_u64(slot, value & ~m.upper_clear)
+
+    def _set_ept_xu(self, space: NestedSpace, m: MappingSpec) -> None:
+        """Bit 10 (execute for user-mode linear addresses with MBEC, ignored without) in every
+        EPT entry on the path of the data page."""
+        if m.ept_xu and space.ept is not None:
+            leaf = space.tables.lookup(self.gva(m))
+            if leaf is None:
+                return
+            gpa = leaf.target
+            found = space.ept.lookup(gpa)
+            if found is None:
+                return
+            for level in range(found.level, space.ept.levels + 1):
+                slot = space.ept.entry_address(gpa, level)
+                space.memory.write_u64(slot, space.memory.read_u64(slot) | (1 << 10))
 
 
 @st.composite
@@ -111,6 +154,9 @@ def mapping_specs(draw: st.DrawFn) -> MappingSpec:
         xd=draw(st.booleans()),
         pkey=draw(st.integers(0, 15)),
         reserved_bit=draw(st.sampled_from([0] * 14 + [50, 47])),
+        upper_level=draw(st.integers(2, 5)),
+        upper_clear=draw(st.sampled_from([0, 0, 0, 2, 4, 6, 1])),
+        ept_xu=draw(st.booleans()),
     )
 
 
@@ -131,6 +177,7 @@ def scenario_specs(draw: st.DrawFn) -> ScenarioSpec:
         ac=draw(st.booleans()),
         pkru=draw(st.integers(0, (1 << 32) - 1)),
         mappings=tuple(maps),
+        pml_index=draw(st.sampled_from([-1, -1, 511, 0, 1, 2])),
     )
 
 
