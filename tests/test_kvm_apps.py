@@ -207,3 +207,31 @@ def test_crosscheck_fork_row_fails_when_the_simulator_copies_a_page_more(
         rows = list(Crosscheck().fork(kvm, 8 << 20, p))
     assert [r["equal"] for r in rows] == [False, True]  # the sim side is computed, not assumed
     assert rows[0]["sim"] == rows[0]["kvm"] + 1
+
+
+@pytest.mark.parametrize("name", ["kvm-fork", "kvm-dirty-log", "kvm-prefetch",
+                                  "kvm-trap-rotation", "kvm-tsx", "kvm-integrity",
+                                  "kvm-crosscheck"])
+def test_every_kvm_experiment_takes_seeds_from_the_shared_driver(name: str) -> None:
+    from dataclasses import fields
+
+    from eptlab.experiments.registry import get
+
+    experiment = get(name)
+    assert {"seeds", "seed"} <= {f.name for f in fields(experiment.Params)}
+    assert not getattr(experiment, "seeds_inside", False)  # rows() runs one seed
+    assert experiment.keys
+
+
+@pytest.mark.kvm
+def test_kvm_dirty_log_runs_each_seed_and_summarizes_them(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from eptlab.experiments import runner
+
+    result = runner.run("kvm-dirty-log", {"pages": "16", "memory_mib": "8", "rounds": "1",
+                                          "seeds": "2", "modes": "log,trap"}, tmp_path,
+                        show_progress=False)
+    assert list(result.table.seed) == [0, 0, 1, 1]
+    summary = pd.read_csv(tmp_path / "kvm-dirty-log-summary.csv")
+    assert list(summary["mode"]) == ["log", "trap"] and (summary.n == 2).all()

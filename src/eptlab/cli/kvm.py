@@ -33,6 +33,8 @@ _command("fork", "Copy-on-write snapshot and fork of a VM (memfd, MAP_PRIVATE cl
 _command("dirty-log", "Dirty bitmap and dirty ring against trapping every write.")
 _command("prefetch", "Populating a hinted range ahead of the guest against demand faults.")
 _command("trap-rotation", "Rotating write traps over sampled memory to catch wild writes.")
+_command("integrity", "A guest kernel's code watched three ways (trap code, trap all, dirty-log "
+         "review) against injected writes, beside the simulator.")
 
 
 def run_experiment(name: str, sets: list[str] | None, as_json: bool) -> int:

@@ -10,6 +10,7 @@ Columns are the application's (see each module of :mod:`eptlab.kvm.apps`).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pandas as pd
@@ -23,18 +24,42 @@ from ..kvm.apps.trap_rotation import TrapRotationParams
 from .base import Progress, Row, check_choices
 
 
+@dataclass(frozen=True)
+class KvmForkParams(ForkParams):
+    """The application's parameters and the seeds the shared driver repeats it with."""
+
+    seeds: int = 3
+
+
+@dataclass(frozen=True)
 class KvmDirtyLogParams(DirtyLogParams):
-    """The application's parameters, with their choices checked before anything runs."""
+    """The application's parameters, with their choices checked before anything runs, and the
+    seeds the shared driver repeats it with."""
+
+    seeds: int = 3
 
     def validate(self) -> None:
         check_choices("modes", self.modes, MODES)
 
 
+@dataclass(frozen=True)
 class KvmPrefetchParams(PrefetchParams):
-    """The application's parameters, with their choices checked before anything runs."""
+    """The application's parameters, with their choices checked before anything runs, and the
+    seeds the shared driver repeats it with (the application draws nothing at random: each
+    seed is a repeat)."""
+
+    seeds: int = 3
+    seed: int = 0
 
     def validate(self) -> None:
         check_choices("methods", self.methods, METHODS)
+
+
+@dataclass(frozen=True)
+class KvmTrapRotationParams(TrapRotationParams):
+    """The application's parameters and the seeds the shared driver repeats it with."""
+
+    seeds: int = 3
 
 
 class _KvmApp:
@@ -75,9 +100,9 @@ class KvmFork(_KvmApp):
     app = "fork"
     name = "kvm-fork"
     question = "What does a copy-on-write fork of a real KVM guest cost (memfd MAP_PRIVATE)?"
-    Params = ForkParams
+    Params = KvmForkParams
     keys = ("guest_mib", "clones")
-    demo = {"guest_mibs": "64,256"}
+    demo = {"guest_mibs": "64,256", "seeds": "2"}
 
     def reading(self, t: pd.DataFrame) -> str:
         big = t.iloc[int(t.guest_mib.idxmax())]
@@ -98,7 +123,7 @@ class KvmDirtyLog(_KvmApp):
     question = "What does KVM's dirty logging (bitmap, ring) cost against trapping every write?"
     Params = KvmDirtyLogParams
     keys = ("mode", "rounds")
-    demo = {"pages": "128"}
+    demo = {"pages": "128", "seeds": "2"}
 
     def reading(self, t: pd.DataFrame) -> str:
         # exits_per_write: exits that reach the VMM; kvm_exits_per_write: every exit the vCPU
@@ -127,7 +152,7 @@ class KvmPrefetch(_KvmApp):
     question = "Does populating a hinted range ahead of a KVM guest save its first-touch faults?"
     Params = KvmPrefetchParams
     keys = ("method",)
-    demo = {"range_mib": "16", "memory_mib": "32", "repeats": "1"}
+    demo = {"range_mib": "16", "memory_mib": "32", "repeats": "1", "seeds": "2"}
 
     def reading(self, t: pd.DataFrame) -> str:
         parts = [f"{r.method} {r.cycles_per_page:g} guest cycles/page" for r in t.itertuples()]
@@ -143,9 +168,9 @@ class KvmTrapRotation(_KvmApp):
     app = "trap-rotation"
     name = "kvm-trap-rotation"
     question = "What share of wild writes does rotating write traps over KVM memory catch?"
-    Params = TrapRotationParams
+    Params = KvmTrapRotationParams
     keys = ("trap_fraction",)
-    demo = {"iterations": "5000", "trap_fractions": "0,0.25,1"}
+    demo = {"iterations": "5000", "trap_fractions": "0,0.25,1", "seeds": "2"}
 
     def reading(self, t: pd.DataFrame) -> str:
         parts = [f"{r.trap_fraction:g} trapped: {r.detection_rate:.0%} caught"

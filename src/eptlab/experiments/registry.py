@@ -23,6 +23,7 @@ _EXPERIMENTS = {
     "kvm-prefetch": "eptlab.experiments.kvm_apps:KvmPrefetch",
     "kvm-trap-rotation": "eptlab.experiments.kvm_apps:KvmTrapRotation",
     "kvm-tsx": "eptlab.experiments.kvm_tsx:KvmTsx",
+    "kvm-integrity": "eptlab.experiments.kvm_integrity:KvmIntegrity",
     "kvm-crosscheck": "eptlab.experiments.kvm_crosscheck:KvmCrosscheck",
     "model-vs-machine": "eptlab.experiments.model_vs_machine:ModelVsMachine",
 }

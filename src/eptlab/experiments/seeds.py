@@ -33,9 +33,8 @@ def seeded_rows(experiment: Experiment, params: Any, progress: Progress) -> Iter
     progress of all seeds as one bar (each seed's share sized by the first seed's total).
 
     Two kinds of experiment run once instead: one that loops over its seeds itself
-    (``seeds_inside = True``: kvm-tsx, whose rows carry their seed), and one whose parameters
-    have no ``seeds`` (the KVM applications, parameters of :mod:`eptlab.kvm.apps`): its rows get
-    ``seed`` = its ``seed`` parameter (0 without one)."""
+    (``seeds_inside = True``: its rows carry their seed), and one whose parameters have no
+    ``seeds``: its rows get ``seed`` = its ``seed`` parameter (0 without one)."""
     if getattr(experiment, "seeds_inside", False) or "seeds" not in {
         f.name for f in fields(params)
     }:

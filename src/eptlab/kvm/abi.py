@@ -306,6 +306,7 @@ IOCTLS: dict[str, int] = {
     "KVM_SET_SREGS": _iow(0x84, ctypes.sizeof(Sregs)),
     "KVM_SET_CPUID2": _iow(0x90, 8),
     "KVM_PRE_FAULT_MEMORY": _iowr(0xD5, ctypes.sizeof(PreFaultMemory)),
+    "KVM_GET_TSC_KHZ": _io(0xA3),
     # on a VM or a vCPU
     "KVM_GET_STATS_FD": _io(0xCE),
 }

@@ -380,6 +380,10 @@ class VcpuFd(_Fd):
         """KVM_GET_STATS_FD: the vCPU's binary statistics."""
         return StatsFd(self._ioctl("KVM_GET_STATS_FD"))
 
+    def tsc_khz(self) -> int:
+        """The guest's TSC frequency in kHz (``KVM_GET_TSC_KHZ``): converts its RDTSC deltas."""
+        return self._ioctl("KVM_GET_TSC_KHZ")
+
     def pre_fault_memory(self, gpa: int, size: int) -> None:
         """Map ``[gpa, gpa + size)`` in the VM's second-level tables ahead of the guest.
 

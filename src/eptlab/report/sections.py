@@ -186,6 +186,12 @@ def kvm_section(directory: Path) -> Section:
         from ..experiments.kvm_tsx import KvmTsx, KvmTsxParams
 
         reading += KvmTsx().interpret(tables["tsx"], KvmTsxParams())
+    if "integrity" in tables:
+        from ..experiments.base import params_from_dict
+        from ..experiments.kvm_integrity import KvmIntegrity, KvmIntegrityParams
+
+        params = params_from_dict(KvmIntegrityParams, results["integrity"]["params"])
+        reading += KvmIntegrity().interpret(tables["integrity"], params)
     return Section(
         key="kvm",
         title="on real hardware (KVM)",
