@@ -126,6 +126,20 @@ def test_kvm_section_reads_the_kvm_results(tmp_path: Path) -> None:
     assert '<section id="kvm">' in page and "measured on KVM (" in page.split("</h1>")[0]
 
 
+@pytest.mark.kvm
+def test_kvm_section_reads_results_of_several_seeds(tmp_path: Path) -> None:
+    """The KVM experiments run several seeds (one row per method and seed): the section's
+    readings take means, not one row (a Series in an f-string broke make demo)."""
+    from eptlab.experiments.registry import get
+    from eptlab.report.sections import kvm_section
+
+    for name in ("kvm-prefetch", "kvm-fork"):
+        runner.run(name, dict(get(name).demo), tmp_path / name, show_progress=False)
+    reading = " ".join(kvm_section(tmp_path).interpretation)
+    assert "cuts the guest's cycles per page" in reading and "means over 2 run(s)" in reading
+    assert "Forking a 256 MiB guest" in reading
+
+
 @pytest.mark.parametrize(
     ("tdp", "words"),
     [
