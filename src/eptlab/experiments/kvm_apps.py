@@ -9,6 +9,7 @@ Columns are the application's (see each module of :mod:`eptlab.kvm.apps`).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -62,7 +63,9 @@ class KvmTrapRotationParams(TrapRotationParams):
     seeds: int = 3
 
 
-class _KvmApp:
+class _KvmApp(ABC):
+    """A KVM application as an experiment; each subclass says how to read and draw its rows."""
+
     app: ClassVar[str]
     name: ClassVar[str]
     question: ClassVar[str]
@@ -83,8 +86,9 @@ class _KvmApp:
                    f"{'TDP' if table.tdp.iloc[0] else 'shadow paging'}") if len(table) else ""
         return [self.reading(table) + f" (measured on KVM: {flavour})."]
 
+    @abstractmethod
     def reading(self, table: pd.DataFrame) -> str:
-        raise NotImplementedError
+        """One sentence read from the rows (without the KVM flavour, which ``interpret`` adds)."""
 
     def figures(self, table: pd.DataFrame, params: Any) -> dict[str, Figure]:
         figure = Figure(figsize=(5, 3.6))
@@ -92,8 +96,9 @@ class _KvmApp:
         figure.tight_layout()
         return {self.name: figure}
 
+    @abstractmethod
     def draw(self, ax: Axes, t: pd.DataFrame) -> None:
-        raise NotImplementedError
+        """Draw the rows on ``ax``."""
 
 
 class KvmFork(_KvmApp):
