@@ -99,7 +99,12 @@ class GuestPageTables(RadixTables):
     ) -> int:
         """Map ``length`` bytes linearly with ``size`` pages (vectorized); returns pages."""
         size = PageSize(size)
-        flags = GuestEntry(
+        flags = self._leaf_flags(size, writable, user, xd)
+        return self._install_range(gva, gpa, length, size, flags)
+
+    def _leaf_flags(self, size: PageSize, writable: bool, user: bool, xd: bool) -> int:
+        """The flag bits of a leaf entry mapping a ``size`` page (address 0)."""
+        return GuestEntry(
             level=size.level,
             address=0,
             writable=writable,
@@ -107,7 +112,6 @@ class GuestPageTables(RadixTables):
             xd=xd,
             page_size=size != PageSize.SIZE_4K,
         ).encode(self.maxphyaddr)
-        return self._install_range(gva, gpa, length, size, flags)
 
     def map_pages(
         self,
@@ -122,14 +126,7 @@ class GuestPageTables(RadixTables):
         """Map each ``gvas[i]`` to ``gpas[i]`` with ``size`` pages (vectorized; scattered
         placements); returns pages."""
         size = PageSize(size)
-        flags = GuestEntry(
-            level=size.level,
-            address=0,
-            writable=writable,
-            user=user,
-            xd=xd,
-            page_size=size != PageSize.SIZE_4K,
-        ).encode(self.maxphyaddr)
+        flags = self._leaf_flags(size, writable, user, xd)
         return self._install_pages(gvas, gpas, size, flags)
 
     def guest_physical(self, gva: int) -> int | None:
