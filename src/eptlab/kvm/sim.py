@@ -20,7 +20,7 @@ from ..arch.access import Access
 from ..arch.bits import PAGE_SIZE
 from ..arch.ept import Ept
 from ..arch.exits import EptQual, EptViolation, ExitReason
-from ..hv import VCPU, VM, Exit, Hypervisor, Run
+from ..hv import VCPU, VM, Exit, ExitAction, Hypervisor, Run
 from ..hv.costs import INVEPT_CYCLES, VMEXIT_CYCLES
 from ..tables import GuestPageTables
 from ..traces.model import TraceChunk
@@ -101,7 +101,7 @@ def dirty_log_pml(memory: int, rounds: Sequence[Sequence[int]]) -> SimDirtyLog:
         vm.invept()
         cycles += INVEPT_CYCLES
         dirty.append(pages)
-    exits = hv.exits[ExitReason.PML_FULL.name]
+    exits = hv.exits[ExitReason.PML_FULL]
     writes = sum(len(r) for r in rounds)
     return SimDirtyLog(dirty, exits, writes, cycles + exits * VMEXIT_CYCLES)
 
@@ -115,16 +115,16 @@ def dirty_log_trap(memory: int, rounds: Sequence[Sequence[int]]) -> SimDirtyLog:
     trapped: list[int] = []
     opened: list[int] = []
 
-    def on_violation(exit_: Exit) -> bool:
+    def on_violation(exit_: Exit) -> ExitAction | None:
         record = exit_.record
         if not (isinstance(record, EptViolation) and record.qualification & EptQual.WRITE):
-            return False
+            return None
         page = record.gpa & PAGE_MASK
         trapped.append(page)
         vm.ept.protect(page, PAGE_SIZE, "rwx")
         vm.invept()
         opened.append(page)
-        return True
+        return ExitAction.RETRY
 
     hv.on(ExitReason.EPT_VIOLATION, on_violation)
     dirty: list[set[int]] = []
@@ -138,6 +138,6 @@ def dirty_log_trap(memory: int, rounds: Sequence[Sequence[int]]) -> SimDirtyLog:
                 vm.invept()
             opened.clear()
         dirty.append(set(trapped[start:]))
-    exits = hv.exits[ExitReason.EPT_VIOLATION.name]
+    exits = hv.exits[ExitReason.EPT_VIOLATION]
     writes = sum(len(r) for r in rounds)
     return SimDirtyLog(dirty, exits, writes, exits * (VMEXIT_CYCLES + 2 * INVEPT_CYCLES))
