@@ -673,11 +673,6 @@ def _supported_cpuid(kvm: Kvm) -> abi.Cpuid2:
     return _CPUID[0]
 
 
-def open_kvm() -> Kvm:
-    """Open ``/dev/kvm`` (or ``$EPTLAB_KVM_DEVICE``)."""
-    return Kvm.open()
-
-
 def run_guest(
     guest: str,
     *,
