@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from eptlab.apps.heap_guest import (
     BUG_VALUE,
-    DIRECT_MAP_BASE,
     EVENT_ALLOC,
     EVENT_FREE,
     EVENT_SLAB,
@@ -27,6 +26,7 @@ from eptlab.apps.trap_debugger import Ownership, TrapDebugger
 from eptlab.arch.exits import ExitReason
 from eptlab.errors import ConfigError
 from eptlab.experiments.trap_debugger import Config, ConfigRun, TrapDebuggerParams, run_config
+from eptlab.guest import DIRECT_MAP_BASE
 from eptlab.hv.guest_runner import GuestRunner
 
 PAGES = 128

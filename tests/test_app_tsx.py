@@ -3,6 +3,8 @@ pre-touching, the fallback path, IPIs, and dirty logging."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -264,7 +266,7 @@ def test_every_scenario_on_three_vcpus_equals_a_serial_execution(kind: str) -> N
     from eptlab.mmu.peek import peek_hpa
     from eptlab.mmu.rtm import Op
 
-    extra = {"round_every": 7} if "dirty" in kind else {}
+    extra: dict[str, Any] = {"round_every": 7} if "dirty" in kind else {}
     if kind == "conflict":
         extra = {"hot_lines": 8}
     scenario = Scenario(

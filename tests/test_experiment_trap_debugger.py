@@ -177,7 +177,7 @@ def test_bad_parameters() -> None:
         {"batch": 0},
     ):
         with pytest.raises(ConfigError):
-            configs(TrapDebuggerParams(**bad))  # type: ignore[arg-type]
+            configs(TrapDebuggerParams(**bad))
     params = apply_overrides(TrapDebuggerParams, {"fractions": "0.1,0.2", "periods": "100"})
     assert params.fractions == (0.1, 0.2) and params.periods == (100,)
 

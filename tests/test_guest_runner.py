@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from eptlab.apps.heap_guest import HeapGuest
-from eptlab.arch import ExitReason
+from eptlab.arch import Access, ExitReason
 from eptlab.arch.exits import EptQual, EptViolation
 from eptlab.errors import ConfigError, EptlabError, MappingError
 from eptlab.guest import DIRECT_MAP_BASE
@@ -176,9 +176,13 @@ def test_a_leaf_with_every_right_revoked_is_not_present_and_comes_back() -> None
     assert not ept.set_leaf_permissions(page, "---")  # no change the second time
     assert ept.lookup(page) is None  # bits 2:0 = 0: not present
     guest.vm.invept()
-    result = guest.hv.engine.translate(DIRECT_MAP_BASE + page, 0, vcpu=guest.vcpu.engine_id)
+    result = guest.hv.engine.translate(
+        DIRECT_MAP_BASE + page, Access.READ, vcpu=guest.vcpu.engine_id
+    )
     assert isinstance(result.exit, EptViolation)
     assert not result.exit.qualification & (EptQual.READABLE | EptQual.WRITABLE)
     assert ept.set_entry_permissions(ept.leaf_slot(page), "rwx")
     assert ept.host_address(page) == target
-    assert guest.hv.engine.translate(DIRECT_MAP_BASE + page, 0, vcpu=guest.vcpu.engine_id).done
+    assert guest.hv.engine.translate(
+        DIRECT_MAP_BASE + page, Access.READ, vcpu=guest.vcpu.engine_id
+    ).done

@@ -10,7 +10,7 @@ from eptlab.arch import Access, EptViolation, ExitReason, PageSize
 from eptlab.arch.ept import Ept, MemoryType
 from eptlab.errors import ConfigError, EptlabError, MappingError
 from eptlab.hv import GuestAction, Hypercall, Hypervisor, Run, UnhandledExit
-from eptlab.hv.exits import Exit, ExitAction, exit_names
+from eptlab.hv.exits import Exit, ExitAction, Vmcall, exit_names
 from eptlab.tables import GuestPageTables
 from eptlab.traces.model import TraceChunk
 
@@ -90,7 +90,7 @@ def test_hypercalls_dispatch_by_number() -> None:
     action = None
     while (exit_ := vcpu.run(action)) is not None:
         exits.append(exit_.reason)
-        if exit_.reason == ExitReason.VMCALL and exit_.record.number == 99:  # type: ignore[union-attr]
+        if isinstance(exit_.record, Vmcall) and exit_.record.number == 99:
             with pytest.raises(UnhandledExit):
                 hv.handle(exit_)
             action = ExitAction.SKIP  # nobody took it: go past it

@@ -13,6 +13,7 @@ import eptlab
 from eptlab.apps.cow import CopyOnWrite
 from eptlab.costs import CostValue, Source, active_profile, use_profile
 from eptlab.kvm import sim
+from eptlab.kvm.backend import DATA_BASE
 
 SRC = Path(eptlab.__file__).parent
 ABOVE_KVM = ("eptlab.apps", "eptlab.experiments")
@@ -67,10 +68,10 @@ def test_the_scan_sees_relative_absolute_and_function_level_imports() -> None:
     ]
 
 
-PARENT = [sim.DATA_BASE + i * 4096 for i in range(12)]
+PARENT = [DATA_BASE + i * 4096 for i in range(12)]
 CLONES = [
-    [sim.DATA_BASE + 8, sim.DATA_BASE + 4096 * 3, sim.DATA_BASE + 4096 * 3 + 64],  # 2 pages
-    [sim.DATA_BASE + 4096 * i for i in (1, 3, 5, 7, 11)],  # 5 pages, one shared with clone 1
+    [DATA_BASE + 8, DATA_BASE + 4096 * 3, DATA_BASE + 4096 * 3 + 64],  # 2 pages
+    [DATA_BASE + 4096 * i for i in (1, 3, 5, 7, 11)],  # 5 pages, one shared with clone 1
     [],
 ]
 
