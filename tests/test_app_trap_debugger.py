@@ -287,7 +287,7 @@ def test_legitimate_writes_complete_with_the_right_contents(program: HeapProgram
     assert len(memories[0]) > 100  # headers, links and bug writes: the test has teeth
 
 
-def test_bad_parameters() -> None:
+def test_bad_arguments_of_the_debugger_and_its_guest() -> None:
     guest = HeapGuest(heap_pages=8)
     with pytest.raises(ConfigError):
         TrapDebugger(guest.vm, guest.pages, guest.ring, fraction=1.5)

@@ -123,9 +123,3 @@ def test_cli_run_json_and_list(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert out["params"]["footprint_mib"] == 8
     assert main(["run", "nested-overhead", "--set", "nope=1"]) == 2
     assert main(["run", "no-such-experiment"]) == 2
-
-
-def test_bad_parameters_leave_no_files(tmp_path: Path) -> None:
-    out = tmp_path / "never"
-    assert main(["run", "integrity-monitor", "--set", "modes=bogus", "--out", str(out)]) == 2
-    assert not out.exists()
