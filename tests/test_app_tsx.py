@@ -21,6 +21,7 @@ from eptlab.apps.tsx import (
     play,
 )
 from eptlab.arch.bits import PAGE_SIZE
+from eptlab.arch.exits import ExitReason
 from eptlab.errors import ConfigError
 from eptlab.guest import GuestKernel, KernelImage
 from eptlab.hv import Hypervisor
@@ -178,7 +179,7 @@ def test_the_fallback_takes_the_guest_faults_a_transaction_cannot() -> None:
 def test_a_shootdown_interrupts_the_other_vcpus_transactions() -> None:
     o = play(Scenario("cow", vcpus=2, sections=40, region_pages=64, seed=2))
     assert o.stats.aborts_by_cause["ipi"] > 0
-    assert o.stats.exits["EXTERNAL_INTERRUPT"] > 0
+    assert o.stats.exits[ExitReason.EXTERNAL_INTERRUPT] > 0
     assert o.stats.sections == 80
 
 

@@ -187,7 +187,7 @@ class TsxStats:
     aborts: int = 0
     aborts_by_cause: Counter[str] = field(default_factory=Counter)
     retries_before_commit: int = 0  # summed over committed sections
-    exits: Counter[str] = field(default_factory=Counter)  # every VM exit, by reason
+    exits: Counter[ExitReason] = field(default_factory=Counter)  # every VM exit, by reason
     ept_violations: int = 0
     ept_violations_in_tx: int = 0
     guest_faults: int = 0  # delivered (non-transactional) guest faults
@@ -404,13 +404,13 @@ class TsxRunner:
             vm = job.vcpu.vm
             if j == initiator or vm.counters["invept"] == before.get(id(vm), 0):
                 continue
-            self.stats.exits["EXTERNAL_INTERRUPT"] += 1
+            self.stats.exits[ExitReason.EXTERNAL_INTERRUPT] += 1
             abort = self.machine.interrupt(j, AbortCause.IPI)
             if abort is not None:
                 self._aborted(abort)
 
     def _exit(self, i: int, record: VmExit, *, in_tx: bool) -> None:
-        self.stats.exits[record.reason.name] += 1
+        self.stats.exits[record.reason] += 1
         if isinstance(record, EptViolation):
             self.stats.ept_violations += 1
             self.stats.ept_violations_in_tx += int(in_tx)
@@ -426,7 +426,7 @@ class TsxRunner:
         self.machine.set_deadline(i, self.machine.lanes[i].executed + interval)
 
     def _timer(self, i: int) -> None:
-        self.stats.exits[ExitReason.PREEMPTION_TIMER.name] += 1
+        self.stats.exits[ExitReason.PREEMPTION_TIMER] += 1
         self.hv.handle(Exit(self.jobs[i].vcpu, PreemptionTimer()), expect=ExitAction.RETRY)
         self._arm_timer(i)
         abort = self.machine.interrupt(i, AbortCause.TIMER)
