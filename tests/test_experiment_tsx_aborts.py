@@ -116,3 +116,27 @@ def test_reading_quotes_the_table_and_follows_it(table: pd.DataFrame) -> None:
     broken = table.copy()
     broken.loc[ept.index[0], "exit_aborts"] += 1
     assert "do not equal" in TsxAborts().interpret(broken, TsxAbortsParams())[0]
+
+
+def test_wasted_cycles_are_the_aborted_attempts_priced_from_the_rows_counts(
+    table: pd.DataFrame,
+) -> None:
+    from eptlab.costs import active_profile
+
+    abort = active_profile().cycles("rtm_abort_cycles")
+    assert (table.wasted_cycles == table.wasted_access_cycles + table.aborts * abort).all()
+    assert ((table.wasted_access_cycles > 0) == (table.wasted_accesses > 0)).all()
+    assert (table.wasted_cycles <= table.cycles).all()
+    assert row(table, "capacity", "none").wasted_share > 0  # every attempt thrown away
+    assert row(table, "backed", "none").wasted_cycles == 0  # nothing aborts
+
+
+def test_elision_gain_is_the_ratio_of_the_throughputs_and_locking_does_not_depend_on_it(
+    table: pd.DataFrame,
+) -> None:
+    gain = table.sections_per_us / table.lock_sections_per_us
+    assert (abs(gain - table.elision_gain) < 1e-3).all()
+    lazy = table[table.scenario == "lazy"]
+    assert lazy.lock_sections_per_us.nunique() == 1  # one plain-locking baseline per scenario
+    # two vCPUs whose sections rarely collide: elision runs them in parallel, the lock cannot
+    assert row(table, "backed", "none").elision_gain > 1.5
