@@ -26,6 +26,7 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
             "timer_period": "600",
             "long_body": "128",
             "seeds": "1",
+            "vcpus": "1",  # one vCPU but for conflict: each cause on its own
         },
         out,
         show_progress=False,
@@ -48,7 +49,7 @@ def causes(r: pd.Series) -> dict[str, int]:
 
 
 def test_every_section_completes_once(table: pd.DataFrame) -> None:
-    assert len(table) == 17  # 8 scenarios x (none, pretouch) + lazy/prefetch
+    assert len(table) == 19  # 9 scenarios x (none, pretouch) + lazy/prefetch
     for r in table.itertuples():
         assert r.transactions == 40 * r.vcpus == r.commits + r.fallbacks
         assert r.aborts == r.attempts - r.commits
@@ -138,5 +139,7 @@ def test_elision_gain_is_the_ratio_of_the_throughputs_and_locking_does_not_depen
     assert (abs(gain - table.elision_gain) < 1e-3).all()
     lazy = table[table.scenario == "lazy"]
     assert lazy.lock_sections_per_us.nunique() == 1  # one plain-locking baseline per scenario
-    # two vCPUs whose sections rarely collide: elision runs them in parallel, the lock cannot
-    assert row(table, "backed", "none").elision_gain > 1.5
+    # two vCPUs: elision runs the sections that do not collide in parallel, the lock cannot
+    assert row(table, "conflict", "none").elision_gain > 1
+    # one vCPU, nothing aborts: a commit (rtm_commit_cycles) costs more than the lock
+    assert row(table, "backed", "none").elision_gain < 1

@@ -87,12 +87,13 @@ class DrkResult:
     logged_dirty: int  # pages the dirty log reports after the probes (dirty-* states)
 
     def score(self) -> dict[str, float]:
-        """Accuracy, precision and recall of the guesses against the truth."""
+        """Accuracy, precision and recall of the guesses against the truth (precision is NaN
+        when the observer called no page slow)."""
         t, g = self.truth, self.guess
         tp = int(np.sum(t & g))
         return {
             "accuracy": float(np.mean(t == g)),
-            "precision": tp / int(np.sum(g)) if np.any(g) else 0.0,
+            "precision": tp / int(np.sum(g)) if np.any(g) else float("nan"),  # no guess
             "recall": tp / int(np.sum(t)) if np.any(t) else 0.0,
         }
 

@@ -92,7 +92,7 @@ class TsxDrk:
             "positives": int(r.truth.sum()),
             "guessed": int(r.guess.sum()),
             "accuracy": round(score["accuracy"], 4),
-            "precision": round(score["precision"], 4),
+            "precision": round(score["precision"], 4),  # NaN: no page guessed slow
             "recall": round(score["recall"], 4),
             "fast_cycles": median(r.first[~r.truth]),
             "slow_cycles": median(r.first[r.truth]),
