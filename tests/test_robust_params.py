@@ -118,8 +118,7 @@ MEANING = [
     ("integrity-monitor", "modes", "bogus", "modes"),
     pytest.param("aslr-side-channel", "targets", "1g", "targets", marks=pytest.mark.xfail(
         strict=True, reason="the error names 'target', not the parameter 'targets'")),
-    pytest.param("memory-encryption", "llc_mib", "3", "llc_mib", marks=pytest.mark.xfail(
-        strict=True, reason="the error names 'CacheLevel', not the parameter 'llc_mib'")),
+    ("memory-encryption", "llc_mib", "3", "llc_mib"),
 ]
 
 
