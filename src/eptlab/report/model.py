@@ -80,7 +80,7 @@ BY_CONSTRUCTION: dict[str, list[str]] = {
         "accesses (an upper bound).",
     ],
     "tsx-aborts": [
-        "Every VM exit inside a transaction aborts it: exit_aborts equals ept_violations_in_tx "
+        "Every VM exit inside a transaction aborts it: ept_aborts equals ept_violations_in_tx "
         "by the model's rule, an accounting invariant and not a finding.",
         "Accessed/dirty flags, PML entries and cache fills of aborted transactions are not "
         "rolled back (a model choice). Cycles are engine cycles plus counts times profile "
