@@ -521,10 +521,10 @@ class ReferenceWalker:
         why = ept_misconfiguration(
             value, level, self.features.maxphyaddr, self.features.ept_execute_only, self.vmcs.mbec
         )
-        if why is None and self.vmcs.paging_write and ept_is_leaf(value, level):
-            if value & Ept.PWA and not value & Ept.R:
-                # SDM Vol. 3C §29.3.3.1: paging-write access without read access
-                why = "paging-write access (bit 58) without read access"
+        pw_leaf = self.vmcs.paging_write and ept_is_leaf(value, level)
+        if why is None and pw_leaf and value & Ept.PWA and not value & Ept.R:
+            # SDM Vol. 3C §29.3.3.1: paging-write access without read access
+            why = "paging-write access (bit 58) without read access"
         return why
 
     def _rights_bits(self, rights: int) -> EptQual:
