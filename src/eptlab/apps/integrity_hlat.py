@@ -76,7 +76,8 @@ def install_hlat(guest: KernelGuest) -> HlatSetup:
 
     def alloc_table() -> int:
         gpa = kernel.frames.alloc()
-        vm.back(gpa)
+        if vm.ept.lookup(gpa) is None:
+            vm.back(gpa)
         vm.zero_page(gpa)
         pages.append(gpa)
         return gpa
