@@ -299,7 +299,8 @@ class IntegrityMonitor:
     )
     Params: ClassVar[type] = IntegrityMonitorParams
     demo: ClassVar[dict[str, str]] = {
-        "accesses": "60000", "warmup": "10000", "period": "20000", "code_mib": "8", "seeds": "3"
+        "accesses": "60000", "warmup": "10000", "period": "20000", "code_mib": "8", "seeds": "3",
+        "reference_accesses": "2000",
     }
     keys: ClassVar[tuple[str, ...]] = ("mode",)
 
