@@ -13,8 +13,8 @@ from eptlab.apps.integrity import (
     IntegrityMonitor,
     KernelActivity,
     KernelGuest,
-    Stream,
     StoreInsert,
+    Stream,
 )
 from eptlab.apps.integrity_attacks import Attack
 from eptlab.arch.ept import Ept

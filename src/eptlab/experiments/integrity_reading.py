@@ -47,11 +47,18 @@ def interpret(table: pd.DataFrame, period: int) -> list[str]:
             else "the exits and the monitor's work, not the split EPT pages, dominate at least "
             "one of them"
         )
+        diff = interval(
+            runs["trap-code"].overhead_cycles_pct - runs["pml"].overhead_cycles_pct, clip=False
+        )
+        gap = (
+            same
+            if same == OVERLAP
+            else f"trap-code {same} by {diff.text('{:.2f}')} percentage points"
+        )
         out.append(
             f"Trapping only the code pages costs "
             f"{iv('trap-code', 'overhead_cycles_pct', '{:.1f}', '%')} cycles over no monitor, "
-            f"PML {iv('pml', 'overhead_cycles_pct', '{:.1f}', '%')} ("
-            f"{'about the same: ' + same if same == OVERLAP else 'trap-code ' + same}). Of "
+            f"PML {iv('pml', 'overhead_cycles_pct', '{:.1f}', '%')} ({gap}). Of "
             f"that, the engine's extra cycles (translations through the code's 2 MiB EPT "
             f"pages split into {iv('trap-code', 'ept_splits')} x 512 4 KiB pages, and the "
             f"refills after INVEPTs) are "
