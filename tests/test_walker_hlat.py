@@ -20,7 +20,7 @@ from eptlab.arch import Access, Mode, PageSize
 from eptlab.arch.exits import EptMisconfig, EptViolation, GuestFault
 from eptlab.errors import ConfigError
 from eptlab.memory.layout import layout_scope
-from eptlab.mmu import Dim
+from eptlab.mmu import Dim, Translation
 from eptlab.mmu.context import Vmcs
 from eptlab.mmu.engine import Engine
 from eptlab.mmu.scenario import NestedSpace
@@ -65,7 +65,7 @@ class Setup:
         self.vmcs: Vmcs = s.vmcs
         self.vmcs.hlat, self.vmcs.hlatp, self.vmcs.hlat_prefix_size = True, self.hlat.root, prefix
 
-    def walker_translate(self, gva: int, access: Access = R):  # type: ignore[no-untyped-def]
+    def walker_translate(self, gva: int, access: Access = R) -> Translation:
         return self.space.walker().translate(gva, access, SUP)
 
     def ept_leaf(self, gpa: int) -> tuple[int, int]:
