@@ -4,7 +4,7 @@ A guest kernel's code changes legitimately at run time (static keys, alternative
 5-byte NOP at a *patch site* becomes a ``JMP rel32`` and back), and illegitimately when an
 attacker hooks a function. The guest cannot be trusted to police itself (a kernel-mode attacker
 writes through any writable alias of the page: here the direct map), but the hypervisor sees
-every guest-physical page. :class:`IntegrityMonitor` is that policy, in four modes:
+every guest-physical page. :class:`IntegrityMonitor` is that policy, in six modes:
 
 ``none``
     No monitor (the baseline).
@@ -27,6 +27,17 @@ every guest-physical page. :class:`IntegrityMonitor` is that policy, in four mod
     Without the INVEPT the processor keeps using its cached translation, which still says
     "dirty", so the next write to the page sets no flag and logs nothing (set
     ``rearm_invept=False`` to see it). PML detects after the fact and cannot prevent.
+``trap-pt``
+    ``trap-code``, plus the guest paging entries on the code's translation path
+    write-protected: a store that would remap the code is denied and reported, the guest's
+    other stores to those pages are emulated (:mod:`eptlab.apps.integrity_pt`).
+``hlat``
+    ``trap-code``, plus Intel HLAT for the code's linear range, paging-write and guest-paging
+    verification (:mod:`eptlab.apps.integrity_hlat`); runs on the reference walker.
+
+The attacks beyond direct hooks (page-table remapping, a writable alias, write-then-restore)
+are in :mod:`eptlab.apps.integrity_attacks`; the guest and its stream in
+:mod:`eptlab.apps.integrity_guest`.
 
 Emulation (our choice): the handler completes an allowed write in software, as KVM's
 instruction emulator does for write-tracked pages: it decodes the store (here the stream
