@@ -87,6 +87,10 @@ class IntegrityMonitorParams:
         for name in ("remap_attacks", "alias_attacks", "restore_attacks", "pt_updates"):
             check_range(name, getattr(self, name), 0, 64)
         check_range("restore_gap", self.restore_gap, 1, 1 << 20)
+        if self.remap_attacks > self.code_mib // 2:
+            raise ConfigError(
+                "remap_attacks", f"at most one per 2 MiB code block ({self.code_mib // 2})"
+            )
         check_range("reference_accesses", self.reference_accesses, 1000, 10_000_000)
 
     modes: tuple[str, ...] = MODES
