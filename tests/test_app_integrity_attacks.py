@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from eptlab.apps.integrity import (
-    GuestRunner,
     IntegrityMonitor,
     KernelActivity,
     KernelGuest,
     StoreInsert,
     Stream,
+    StreamRunner,
 )
 from eptlab.apps.integrity_attacks import Attack
 from eptlab.arch.ept import Ept
@@ -38,7 +38,7 @@ def guest() -> KernelGuest:
 
 def warm(g: KernelGuest) -> None:
     stream = KernelActivity(accesses=2000, patch_events=0, malicious_writes=0, seed=77).stream(g)
-    GuestRunner(g, IntegrityMonitor(g.vm, "none", code_pages=g.code_pages)).run(
+    StreamRunner(g, IntegrityMonitor(g.vm, "none", code_pages=g.code_pages)).run(
         stream, period=len(stream)
     )
 
@@ -52,7 +52,7 @@ def attacked(mode: str, **attacks: int) -> tuple[KernelGuest, Stream, IntegrityM
     )
     stream = activity.stream(g)
     monitor = g.monitor(mode)
-    report = GuestRunner(g, monitor).run(stream, period=500)
+    report = StreamRunner(g, monitor).run(stream, period=500)
     return g, stream, monitor, report
 
 
@@ -142,7 +142,7 @@ def test_write_then_restore_pml_logs_the_page_and_the_diff_sees_no_change() -> N
         ],
     )
     m = g.monitor("pml")
-    GuestRunner(g, m).run(stream, period=1000)  # one review, at the end
+    StreamRunner(g, m).run(stream, period=1000)  # one review, at the end
     page = target & ~0xFFF
     assert page in g.vm.dirty_log  # PML logged the code page
     assert m.detections == []  # the diff against the golden copy found nothing
@@ -150,7 +150,7 @@ def test_write_then_restore_pml_logs_the_page_and_the_diff_sees_no_change() -> N
     g2 = guest()
     warm(g2)
     m2 = g2.monitor("trap-code")
-    GuestRunner(g2, m2).run(stream, period=1000)
+    StreamRunner(g2, m2).run(stream, period=1000)
     assert [d.gpa for d in m2.detections] == [target, target]  # both stores denied, reported
 
 

@@ -42,15 +42,15 @@ are in :mod:`eptlab.apps.integrity_attacks`; the guest and its stream in
 Emulation (our choice): the handler completes an allowed write in software, as KVM's
 instruction emulator does for write-tracked pages: it decodes the store (here the stream
 carries the stored value: :attr:`IntegrityMonitor.operand`), writes the word to host memory
-through the VM's EPT, and the vCPU resumes *after* the access (:attr:`Resume.SKIP`). A denied
+through the VM's EPT, and the vCPU resumes *after* the access (``ExitAction.SKIP``). A denied
 write is skipped the same way without writing anything. Ordinary data writes carry no
 modelled value: emulating them only skips the access. The page stays write-protected
 throughout, so there is no window in which another write could slip through.
 
-Because the hv scheduler always retries the access that exited, the guest runs on the shared
-single-vCPU loop of :mod:`eptlab.hv.guest_runner` (:class:`GuestRunner` feeds it a
+Because the hv scheduler carries no stored values, the guest runs on the shared
+single-vCPU loop of :mod:`eptlab.hv.guest_runner` (:class:`StreamRunner` feeds it a
 :class:`Stream`): ``engine.run`` until an exit, ``hv.handle(exit)`` (the handlers registered with
-:meth:`Hypervisor.on`), then resume at the same access or after it, as the handler decided;
+:meth:`Hypervisor.on`), then resume at the same access or after it, as the handler returned;
 stores that carry a value are written at the host-physical address the hardware used. The
 period-end review in pml mode is a VMX-preemption-timer exit (basic exit reason 52) that the loop
 delivers every ``period`` accesses while :attr:`IntegrityMonitor.timer_armed`.
@@ -83,7 +83,8 @@ from ..arch.exits import EptQual, EptViolation, ExitReason
 from ..costs import active_profile
 from ..errors import ConfigError
 from ..hv import VCPU, VM, Exit, guest_runner
-from ..hv.guest_runner import Resume, RunReport
+from ..hv.exits import ExitAction
+from ..hv.guest_runner import RunReport
 from .integrity_guest import (
     INSN5_MASK,
     JMP32,
@@ -114,7 +115,7 @@ __all__ = [
     "NOP5",
     "CodeWrite",
     "Detection",
-    "GuestRunner",
+    "StreamRunner",
     "IntegrityMonitor",
     "KernelActivity",
     "KernelGuest",
@@ -201,7 +202,6 @@ class IntegrityMonitor:
         # what the run loop tells the handlers about the access that exited, and is told back
         self.clock = 0  # stream position of the current access
         self.operand: int | None = None  # the value a trapped store writes (its decode)
-        self.resume = Resume.RETRY
         self.protected: frozenset[int] = frozenset()
         self.attached = False
         self.pt_guard = PageTableGuard(page_tables or {}) if mode == "trap-pt" else None
@@ -273,10 +273,10 @@ class IntegrityMonitor:
 
     # -- trap modes ----------------------------------------------------------------------------
 
-    def _on_ept_violation(self, exit_: Exit) -> bool:
+    def _on_ept_violation(self, exit_: Exit) -> ExitAction | None:
         record = exit_.record
         if exit_.vcpu.vm is not self.vm or not isinstance(record, EptViolation):
-            return False
+            return None
         page = record.gpa & ~(PAGE_SIZE - 1)
         q = record.qualification
         guard = self.pt_guard
@@ -284,15 +284,14 @@ class IntegrityMonitor:
             return self._on_page_table(record, guard)
         if q & EptQual.GUEST_PAGING_VERIFICATION and not q & EptQual.WRITE:
             if page not in self.protected:
-                return False
+                return None
             # hlat: code read or fetched through a translation that is not the hypervisor's
             self.counters.gpv_violations += 1
             self.decisions[self.clock] = "denied"
             self.detections.append(Detection(record.gpa & ~7, 0, self.clock, "gpv"))
-            self.resume = Resume.SKIP
-            return True
+            return ExitAction.SKIP
         if not q & EptQual.WRITE or not q & EptQual.GLA_TRANSLATION or page not in self.protected:
-            return False  # not a data write to a page we protect: someone else's exit
+            return None  # not a data write to a page we protect: someone else's exit
         self.counters.trapped_writes += 1
         self.counters.gpv_violations += bool(q & EptQual.GUEST_PAGING_VERIFICATION)
         value = self.operand
@@ -308,21 +307,21 @@ class IntegrityMonitor:
             self.counters.denied += 1
             self.decisions[self.clock] = "denied"
             self.detections.append(Detection(record.gpa & ~7, value or 0, self.clock, "trap"))
-        self.resume = Resume.SKIP
-        return True
+        return ExitAction.SKIP
 
-    def _on_page_table(self, record: EptViolation, guard: PageTableGuard) -> bool:
+    def _on_page_table(
+        self, record: EptViolation, guard: PageTableGuard
+    ) -> ExitAction | None:
         """trap-pt: a guest store to a protected page-table page is emulated unless it changes
         an entry on the code's path (denied, reported); a processor A/D update there (bit 8 of
         the qualification clear) is emulated and the walk retried."""
         q = record.qualification
         if not q & EptQual.WRITE:
-            return False
+            return None
         if not q & EptQual.GLA_TRANSLATION:
             guard.paging_write(self.vm, record.gpa)
             self.counters.pt_paging_writes += 1
-            self.resume = Resume.RETRY
-            return True
+            return ExitAction.RETRY
         self.counters.pt_stores_trapped += 1
         value = self.operand
         if value is not None and guard.allows(record.gpa, value):
@@ -335,28 +334,27 @@ class IntegrityMonitor:
             self.counters.denied += 1
             self.decisions[self.clock] = "denied"
             self.detections.append(Detection(record.gpa & ~7, value, self.clock, "pt-trap"))
-        self.resume = Resume.SKIP
-        return True
+        return ExitAction.SKIP
 
     # -- pml mode ------------------------------------------------------------------------------
 
-    def _on_pml_full(self, exit_: Exit) -> bool:
+    def _on_pml_full(self, exit_: Exit) -> ExitAction | None:
         if exit_.vcpu.vm is not self.vm:
-            return False
+            return None
         self.counters.pml_full_exits += 1
         self.review(exit_.vcpu)
-        return True  # the write that found the log full is retried with an empty log
+        return ExitAction.RETRY  # the write that found the log full is retried with an empty log
 
     @property
     def timer_armed(self) -> bool:
         """pml mode reviews the log at every VMX-preemption-timer exit (end of a period)."""
         return self.attached and self.mode == "pml"
 
-    def _on_timer(self, exit_: Exit) -> bool:
+    def _on_timer(self, exit_: Exit) -> ExitAction | None:
         if exit_.vcpu.vm is not self.vm:
-            return False
+            return None
         self.period_end(exit_.vcpu)
-        return True
+        return ExitAction.RETRY
 
     def period_end(self, vcpu: VCPU) -> None:
         """The end of a period: in pml mode a timer exit and a review of the log."""
@@ -398,9 +396,9 @@ class IntegrityMonitor:
 # -- running the guest --------------------------------------------------------------------------
 
 
-class GuestRunner:
-    """The shared run loop (:class:`eptlab.hv.guest_runner.GuestRunner`) on a guest's vCPU, fed a
-    :class:`Stream` (its code writes carry their values)."""
+class StreamRunner:
+    """Runs a :class:`Stream` (its code writes carry their values) on a kernel guest's vCPU
+    through the shared loop, :class:`eptlab.hv.guest_runner.GuestRunner`."""
 
     def __init__(self, guest: KernelGuest, monitor: IntegrityMonitor) -> None:
         self.guest, self.monitor = guest, monitor

@@ -44,8 +44,8 @@ from ..arch.bits import PAGE_SIZE, PageSize
 from ..arch.ept import Ept
 from ..arch.paging import Pte
 from ..errors import ConfigError, EptlabError
-from ..hv.exits import Exit, PreemptionTimer, Record
-from ..hv.guest_runner import MAX_EXITS_PER_ACCESS, Policy, Resume, RunReport
+from ..hv.exits import Exit, ExitAction, PreemptionTimer, Record
+from ..hv.guest_runner import MAX_EXITS_PER_ACCESS, Policy, RunReport
 from ..hv.vcpu import VCPU
 from ..mmu.walker import Dim, ReferenceWalker, Translation
 from ..tables import GuestPageTables
@@ -210,15 +210,18 @@ class ReferenceLoop:
                     return
                 continue
             assert t.exit is not None
-            resume = self._deliver(t.exit, pos, values.get(pos))
-            if resume is Resume.SKIP:
+            action = self._deliver(t.exit, pos, values.get(pos))
+            if action is ExitAction.STOP:
+                raise EptlabError("the reference loop does not stop early")
+            if action is ExitAction.SKIP:
                 return
-            if resume is Resume.STEP:
+            if action is ExitAction.STEP:
                 raise EptlabError("the reference loop does not single-step")
         raise EptlabError(f"access {pos} did not complete after {MAX_EXITS_PER_ACCESS} exits")
 
-    def _deliver(self, record: Record, position: int, operand: int | None = None) -> Resume:
+    def _deliver(
+        self, record: Record, position: int, operand: int | None = None
+    ) -> ExitAction:
         p = self.policy
-        p.clock, p.operand, p.resume = position, operand, Resume.RETRY
-        self.hv.handle(Exit(self.vcpu, record))
-        return p.resume
+        p.clock, p.operand = position, operand
+        return self.hv.handle(Exit(self.vcpu, record))
