@@ -13,8 +13,12 @@ ownership reports) with injected bugs is run once per configuration on a freshly
     every heap page trapped for the whole run (no rotation).
 ``compare``
     ``compare_fraction`` at the first period with each ``mode/resume`` of ``compare``.
+``filter``
+    (with ``trap_all``) the trap-all run's judged writes under each filter variant
+    (:data:`FILTERS`), one row per variant and bug value class: the filter's false negatives
+    and false positives, with every write trapped so that sampling plays no part.
 
-Columns (one row per configuration):
+Columns (one row per configuration; ``filter`` rows have their own, below):
 
 | column | meaning |
 |---|---|
@@ -33,7 +37,13 @@ Columns (one row per configuration):
 | false_positives | reports on writes that are no bug (after the filter) |
 | false_positives_sync_only | alarms with the ring synced but no allocator allow-list |
 | false_positives_unfiltered | alarms of the unfiltered view |
-| metadata_writes_allowed | allocator link stores into free memory let through by the allow-list |
+| bugs_dismissed | bugs with a write judged by the filter and none reported (its false negatives) |
+| metadata_writes_allowed | link stores into free memory let through by the allow-list |
+| silent_writes_allowed | stores leaving memory unchanged let through (``ignore_silent``) |
+| bug_reports, context_matches | reports at bug writes; of which ip and vCPU are the bug's |
+| report_sites, false_positive_sites | distinct guest RIPs among the reports, the false ones |
+| read_bugs_injected, read_bugs_detected | read-after-free bugs; reported (mode raf) |
+| read_false_positives, link_reads_allowed | raf: reads reported that are no bug; link loads |
 | trapped_writes, trapped_reads | EPT violations on trapped pages, by access |
 | emulated, stepped | trapped accesses completed by emulation / single-stepped with MTF |
 | vm_exits | all exits of the measured run |
@@ -42,6 +52,11 @@ Columns (one row per configuration):
 | engine_cycles | the engine's cycles (translation + data, refill walks after INVEPT included) |
 | debugger_cycles | exits x vmexit_cycles + emulation, checks, ring events, EPT edits, INVEPT |
 | overhead_cycles_pct | (engine + debugger cycles) over none's engine cycles, minus 1, in % |
+
+``filter`` rows: filter (the rules), value_class, bugs_injected (of the class), bugs_judged (a
+write reached the filter), bugs_dismissed (none reported: false negatives), fn_rate
+(dismissed / judged), bug_writes_judged, bug_writes_dismissed, false_positives (benign writes
+whose value the synced map puts in the class, reported).
 """
 
 from __future__ import annotations
@@ -55,10 +70,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from ..apps.heap_guest import HeapGuest, HeapProgram, HeapWorkload, TrapStream
+from ..apps.heap_guest import HeapGuest
 from ..apps.heap_guest import expected_detection as sampling_theory
-from ..apps.trap_debugger import MODES, RESUMES, Score, score
+from ..apps.heap_program import DEFAULT_VALUES, HeapProgram, HeapWorkload, TrapStream, parse_mix
+from ..apps.trap_debugger import MODES, RESUMES
 from ..apps.trap_debugger import TrapDebugger as Debugger
+from ..apps.trap_score import Score, filter_outcomes, score
 from ..arch.bits import PAGE_SIZE
 from ..errors import ConfigError
 from ..hv.costs import hv_costs
@@ -89,10 +106,13 @@ class TrapDebuggerParams:
     mode: str = "write"  # write: revoke W; all: revoke R, W and X
     resume: str = "emulate"  # emulate, or mtf (single-step with the permission restored)
     trap_all: bool = True
-    compare: tuple[str, ...] = ("all/emulate", "write/mtf")  # mode/resume at compare_fraction
+    compare: tuple[str, ...] = ("all/emulate", "write/mtf", "raf/emulate")  # mode/resume
     compare_fraction: float = 0.1
     batch: int = 32  # ownership events per flush hypercall
     invept: bool = True  # INVEPT after revoking (False: the bug)
+    allow_null: bool = True  # the allow-list takes 0 in a free chunk's link word
+    ignore_silent: bool = True  # the filter lets through stores that change nothing
+    filters: bool = True  # the filter rows (from the trap-all run)
     heap_pages: int = 512
     accesses: int = 200_000
     warmup: int = 20_000
@@ -101,6 +121,10 @@ class TrapDebuggerParams:
     bugs: int = 100
     writes_per_bug: float = 4.0
     bug_span: int = 40_000
+    bug_values: tuple[str, ...] = DEFAULT_VALUES  # the bugs' value mix, CLASS:WEIGHT
+    bug_field0: float = 0.25  # share of use-after-free bugs writing an object's word 0
+    read_bugs: int = 50  # read-after-free bugs (seen by mode raf only)
+    vcpus: int = 2
     seeds: int = 5
     seed: int = 0
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
@@ -117,8 +141,25 @@ class TrapDebuggerParams:
             bugs=self.bugs,
             writes_per_bug=self.writes_per_bug,
             bug_span=self.bug_span,
+            bug_values=self.bug_values,
+            bug_field0=self.bug_field0,
+            read_bugs=self.read_bugs,
+            vcpus=self.vcpus,
             seed=self.seed,
         )
+
+
+FILTERS = (
+    ("links+null+silent", True, True),
+    ("links+null", True, False),
+    ("links+silent", False, True),
+    ("links", False, False),
+)
+"""The filter variants of the ``filter`` rows: label, allow_null, ignore_silent."""
+
+
+def filter_label(allow_null: bool, ignore_silent: bool) -> str:
+    return next(label for label, n, s in FILTERS if (n, s) == (allow_null, ignore_silent))
 
 
 @dataclass(frozen=True)
@@ -143,6 +184,11 @@ def configs(p: TrapDebuggerParams) -> list[Config]:
         raise ConfigError("periods", "sampled configurations need at least one period")
     if not 1 <= p.batch <= 511:
         raise ConfigError("batch", "must be in 1..511 (the ring's slots)")
+    if not 1 <= p.vcpus <= 8:
+        raise ConfigError("vcpus", f"{p.vcpus} is not in 1..8")
+    if not 0.0 <= p.bug_field0 <= 1.0:
+        raise ConfigError("bug_field0", "must be in [0, 1]")
+    parse_mix(p.bug_values)
     out = [Config("none")]
     out += [
         Config("sampled", f, t, p.mode, p.resume) for t in sorted(p.periods) for f in p.fractions
@@ -180,7 +226,7 @@ def run_config(
 ) -> ConfigRun:
     """Boot a guest, lay the boot phase in memory, warm it up, attach the debugger (unless
     ``none``), run the measured stream."""
-    guest = HeapGuest(heap_pages=p.heap_pages, seed=p.seed)
+    guest = HeapGuest(heap_pages=p.heap_pages, seed=p.seed, vcpus=p.vcpus)
     guest.apply_boot(program)
     GuestRunner(guest.vcpu, Passive()).run(
         program.warmup_gva, program.warmup_kind, period=max(1, len(program.warmup_gva))
@@ -199,14 +245,18 @@ def run_config(
             mode=config.mode,
             resume=config.resume,
             invept=p.invept,
+            allow_null=p.allow_null,
+            ignore_silent=p.ignore_silent,
             seed=p.seed,
         )
         debugger.attach(program.boot_events)
         policy = debugger
     n = len(stream)
-    report = GuestRunner(guest.vcpu, policy).run(
+    report = GuestRunner(guest.vcpu, policy, vcpus=guest.vcpus).run(
         stream.gva,
         stream.kind,
+        cpu=stream.cpu,
+        ip=stream.ip,
         values=stream.values,
         calls=stream.calls,
         period=config.period or max(1, n),
@@ -238,6 +288,8 @@ def measure(run: ConfigRun, baseline_cycles: int) -> Row:
         "resume": c.resume if d is not None else "-",
         "trap_fraction": c.fraction,
         "period": c.period,
+        "filter": filter_label(d.allow_null, d.ignore_silent) if d is not None else "-",
+        "value_class": "all",
         "pages_trapped": d.sampled if d is not None else 0,
         "accesses": r.accesses,
         "guest_writes": int(np.count_nonzero(run.stream.kind == 1)),
@@ -251,7 +303,17 @@ def measure(run: ConfigRun, baseline_cycles: int) -> Row:
         "false_positives": s.false_positives,
         "false_positives_sync_only": s.false_positives_sync_only,
         "false_positives_unfiltered": s.false_positives_unfiltered,
+        "bugs_dismissed": s.bugs_dismissed,
         "metadata_writes_allowed": counters.metadata_writes if counters else 0,
+        "silent_writes_allowed": counters.silent_writes if counters else 0,
+        "bug_reports": s.bug_reports,
+        "context_matches": s.context_matches,
+        "report_sites": s.report_sites,
+        "false_positive_sites": s.false_positive_sites,
+        "read_bugs_injected": s.read_bugs_injected,
+        "read_bugs_detected": s.read_bugs_detected,
+        "read_false_positives": s.read_false_positives,
+        "link_reads_allowed": counters.link_reads if counters else 0,
         "trapped_writes": counters.trapped_writes if counters else 0,
         "trapped_reads": counters.trapped_reads if counters else 0,
         "emulated": counters.emulated if counters else 0,
@@ -271,6 +333,34 @@ def measure(run: ConfigRun, baseline_cycles: int) -> Row:
     }
 
 
+def filter_rows(run: ConfigRun) -> Iterator[Row]:
+    """The ``filter`` rows of a trap-all run: every variant of :data:`FILTERS` applied to the
+    writes this run's filter judged, per bug value class."""
+    d = run.debugger
+    assert d is not None
+    for label, allow_null, ignore_silent in FILTERS:
+        outcomes = filter_outcomes(
+            run.stream, d, allow_null=allow_null, ignore_silent=ignore_silent
+        )
+        for o in outcomes:
+            yield {
+                "config": "filter",
+                "mode": run.config.mode,
+                "resume": run.config.resume,
+                "trap_fraction": run.config.fraction,
+                "period": None,
+                "filter": label,
+                "value_class": o.value_class,
+                "bugs_injected": o.bugs,
+                "bugs_judged": o.bugs_judged,
+                "bugs_dismissed": o.bugs_dismissed,
+                "fn_rate": round(o.bugs_dismissed / o.bugs_judged, 4) if o.bugs_judged else None,
+                "bug_writes_judged": o.bug_writes_judged,
+                "bug_writes_dismissed": o.bug_writes_dismissed,
+                "false_positives": o.false_positives,
+            }
+
+
 class TrapDebugger:
     name: ClassVar[str] = "trap-debugger"
     question: ClassVar[str] = (
@@ -282,15 +372,19 @@ class TrapDebugger:
     demo: ClassVar[dict[str, str]] = {
         "accesses": "20000", "periods": "1000,20000", "seeds": "3"
     }
-    keys: ClassVar[tuple[str, ...]] = ("config", "mode", "resume", "trap_fraction", "period")
+    keys: ClassVar[tuple[str, ...]] = (
+        "config", "mode", "resume", "trap_fraction", "period", "filter", "value_class"
+    )
 
     def rows(self, params: TrapDebuggerParams, progress: Progress) -> Iterator[Row]:
         # every guest built while the rows are computed gets this layout
         yield from in_layout(params.layout, self._layout_rows(params, progress))
 
     def _layout_rows(self, params: TrapDebuggerParams, progress: Progress) -> Iterator[Row]:
-        for _, row in self.runs(params, progress):
+        for run, row in self.runs(params, progress):
             yield row
+            if run.config.name == "trap-all" and params.filters:
+                yield from filter_rows(run)
 
     def runs(
         self, params: TrapDebuggerParams, progress: Progress
@@ -298,7 +392,9 @@ class TrapDebugger:
         """Each configuration's run and row (``none`` first: the overhead baseline)."""
         todo = configs(params)
         workload = params.workload()
-        program = workload.program(HeapGuest(heap_pages=params.heap_pages, seed=params.seed))
+        program = workload.program(
+            HeapGuest(heap_pages=params.heap_pages, seed=params.seed, vcpus=params.vcpus)
+        )
         step = 1000  # progress units per configuration
         total = len(todo) * step
         progress(0, total)

@@ -1,0 +1,553 @@
+"""The program the heap guest runs (:mod:`eptlab.apps.heap_guest`), and the bugs injected
+into it.
+
+**The program** alternates bursts of reads and writes to random live objects (about
+``accesses_per_op`` accesses, ``write_share`` of them writes of data, each from one of the
+program's code sites; every store's value is modelled, so memory holds what the guest wrote) with one alloc or free, steering the live count towards ``live_objects``. Each burst
+and its operation run on one of ``vcpus`` vCPUs, drawn at random (the kernel thread migrates).
+Before it, a boot phase (:attr:`HeapProgram.boot_stores`, :attr:`HeapProgram.boot_events`) fills
+the heap the same way without running accesses.
+
+**Bugs** (ground truth kept aside, for scoring only): each of ``bugs`` defects is one store
+instruction (a code site of the program: the instruction that writes live objects legitimately
+also writes through the stale pointer) that writes ``k`` times (geometric, mean
+``writes_per_bug``), spread over ``bug_span`` accesses and over the vCPUs, to memory that nobody
+owns at each of those moments: a *use-after-free* (a dangling pointer into a chunk freed and not
+yet reused; one field of it for the whole bug, word 0 with probability ``bug_field0``), an
+*overflow* (past the end of a live large object into its guard page) or a *wild* pointer (into a
+page never owned). Writes are placed only where the target is unowned for the whole time; a
+chunk's reuse ends its bug.
+
+**Bug values** (:data:`VALUE_CLASSES`, one class per bug drawn from the ``bug_values`` mix):
+``null`` (0), ``live`` (a pointer to another object live at that moment), ``freed`` (a pointer
+to a chunk free at that moment), ``small`` (an integer 1..1023: a count, a flag, a length),
+``same`` (the value the word already holds: a silent store) and ``garbage`` (``0xBAD...``).
+A ``live`` or ``freed`` write with no such object at that moment stores garbage instead.
+
+**Read-after-free bugs** (``read_bugs``): loads through a dangling pointer, placed like the
+use-after-free writes; only the debugger's read-after-free mode looks at them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from ..arch.bits import PAGE_SIZE
+from ..errors import ConfigError
+from ..hv import Vmcall
+from .heap_guest import (
+    _DM,
+    ALLOC_SITES,
+    BUG_VALUE,
+    FLUSH_HYPERCALL,
+    PROGRAM_SITES,
+    RING_SLOTS,
+    HeapAllocator,
+    HeapGuest,
+    Interval,
+    pointer,
+    program_site,
+)
+
+BUG_KINDS = ("use-after-free", "overflow", "wild")
+VALUE_CLASSES = ("null", "live", "freed", "small", "same", "garbage")
+DEFAULT_VALUES = ("null:0.2", "live:0.2", "freed:0.2", "small:0.2", "same:0.1", "garbage:0.1")
+
+
+def parse_mix(spec: Iterable[str], name: str = "bug_values") -> dict[str, float]:
+    """``("null:0.2", "same:1")`` -> the classes' probabilities (weights normalised)."""
+    weights: dict[str, float] = {}
+    for item in spec:
+        cls, _, text = item.partition(":")
+        if cls not in VALUE_CLASSES:
+            raise ConfigError(name, f"{item!r}: the class is not one of {', '.join(VALUE_CLASSES)}")
+        try:
+            weight = float(text) if text else 1.0
+        except ValueError:
+            raise ConfigError(name, f"{item!r}: the weight is not a number") from None
+        if not (np.isfinite(weight) and weight >= 0) or cls in weights:
+            raise ConfigError(name, f"{item!r}: a class once, with a finite weight >= 0")
+        weights[cls] = weight
+    total = sum(weights.values())
+    if total <= 0:
+        raise ConfigError(name, "the weights must not all be 0")
+    return {cls: w / total for cls, w in weights.items()}
+
+
+class Segment(NamedTuple):
+    """One step of the program: ``touch`` (a burst, ``a`` indexes :attr:`HeapProgram.touches`),
+    ``store`` (``a`` GPA, ``b`` value), ``read`` (``a`` GPA), ``event`` (``a`` the
+    ownership report), ``fire`` (a bug write: ``a`` GPA, ``b`` value, ``c`` bug) or ``peek`` (a
+    bug read: ``a`` GPA, ``c`` read bug); ``site`` the code site (text offset), ``cpu`` the vCPU.
+    Bugs are placed at boundaries between segments."""
+
+    op: str
+    a: int
+    b: int = 0
+    c: int = 0
+    site: int = 0
+    cpu: int = 0
+
+
+class _Boot:
+    """The boot phase: stores go straight to memory, events to the registration list."""
+
+    def __init__(self) -> None:
+        self.stores: list[tuple[int, int]] = []
+        self.events: list[int] = []
+
+    def store(self, gpa: int, value: int, site: int) -> None:
+        self.stores.append((gpa, value))
+
+    def read(self, gpa: int, site: int) -> None:
+        pass
+
+    def event(self, word: int) -> None:
+        self.events.append(word)
+
+    def mark(self) -> int:
+        return 0
+
+
+Touch = tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int8], npt.NDArray[np.int64], npt.NDArray[np.int64]
+]
+"""A burst: GVAs, kinds, code sites (text offsets) and the values its writes store."""
+
+
+class _Builder:
+    """The measured program, segment by segment (``cpu``: the vCPU running it now)."""
+
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+        self.touches: list[Touch] = []
+        self.accesses = 0
+        self.cpu = 0
+
+    def touch(self, burst: Touch) -> None:
+        self.segments.append(Segment("touch", len(self.touches), cpu=self.cpu))
+        self.touches.append(burst)
+        self.accesses += len(burst[0])
+
+    def store(self, gpa: int, value: int, site: int) -> None:
+        self.segments.append(Segment("store", gpa, value, 0, site, self.cpu))
+        self.accesses += 1
+
+    def read(self, gpa: int, site: int) -> None:
+        self.segments.append(Segment("read", gpa, 0, 0, site, self.cpu))
+        self.accesses += 1
+
+    def event(self, word: int) -> None:
+        self.segments.append(Segment("event", word, 0, 0, ALLOC_SITES["ring"], self.cpu))
+
+    def mark(self) -> int:
+        return len(self.segments)
+
+
+@dataclass(frozen=True)
+class Bug:
+    """An injected defect: its store (or load) instruction ``site``, its value class, and its
+    accesses ``(boundary, gpa, value, cpu)``, the first one its injection."""
+
+    index: int
+    kind: str
+    site: int
+    value_class: str
+    writes: tuple[tuple[int, int, int, int], ...]
+    read: bool = False  # a read-after-free bug: loads, value 0
+
+
+@dataclass(frozen=True)
+class HeapWorkload:
+    """The heap program and the bugs injected into it (see the module docstring)."""
+
+    accesses: int = 200_000  # program accesses (ownership reports and bug writes come on top)
+    warmup: int = 20_000  # reads and writes of the booted heap, run before measuring
+    live_objects: int = 1_500
+    accesses_per_op: int = 40
+    write_share: float = 0.3
+    large_share: float = 0.04
+    max_large_pages: int = 4
+    init_writes: int = 2
+    bugs: int = 100
+    writes_per_bug: float = 4.0
+    bug_span: int = 40_000
+    bug_values: tuple[str, ...] = DEFAULT_VALUES  # the value mix, CLASS:WEIGHT
+    bug_field0: float = 0.25  # share of use-after-free bugs writing word 0 (list heads, next)
+    read_bugs: int = 0  # read-after-free bugs
+    vcpus: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("accesses", "live_objects", "accesses_per_op", "max_large_pages", "bug_span")
+        for name in (*positive, "vcpus"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, "must be at least 1")
+        for name in ("warmup", "init_writes", "bugs", "read_bugs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, "must not be negative")
+        if self.init_writes > 7:
+            raise ConfigError("init_writes", "at most 7 (the smallest object has 8 words)")
+        for name in ("write_share", "large_share", "bug_field0"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(name, "must be in [0, 1]")
+        if self.writes_per_bug < 1.0:
+            raise ConfigError("writes_per_bug", "must be at least 1")
+        parse_mix(self.bug_values)
+
+    def program(self, guest: HeapGuest) -> HeapProgram:
+        """Generate the program for ``guest``'s heap layout (deterministic in ``seed``)."""
+        if len(guest.vcpus) != self.vcpus:
+            raise ConfigError(
+                "vcpus", f"the guest has {len(guest.vcpus)}, the workload {self.vcpus}"
+            )
+        return build_program(self, guest.pages, guest.ring, guest.text)
+
+
+@dataclass
+class TrapStream:
+    """A laid-out program: what the vCPUs run, plus the ground truth kept aside for scoring."""
+
+    gva: npt.NDArray[np.int64]
+    kind: npt.NDArray[np.int8]
+    values: dict[int, int]  # stores that carry a value: position -> value
+    calls: dict[int, Vmcall]  # ring flushes: executed before the access at that position
+    firings: dict[int, tuple[int, int]]  # ground truth: bug write position -> (bug, GPA)
+    bug_positions: list[list[int]]  # per bug, its writes' positions (first = injection)
+    ip: npt.NDArray[np.int64] = field(  # per access its instruction (signed, like gva)
+        default_factory=lambda: np.zeros(0, np.int64)
+    )
+    cpu: npt.NDArray[np.int8] = field(default_factory=lambda: np.zeros(0, np.int8))
+    bug_class: list[str] = field(default_factory=list)  # per bug, its value class
+    bug_ip: list[int] = field(default_factory=list)  # per bug, its instruction's address
+    read_firings: dict[int, tuple[int, int]] = field(default_factory=dict)  # bug reads
+    read_positions: list[list[int]] = field(default_factory=list)  # per read bug
+
+    def __len__(self) -> int:
+        return int(self.gva.shape[0])
+
+
+@dataclass
+class HeapProgram:
+    """A generated program: its boot phase, warm-up, segments, bursts and the bugs in it."""
+
+    workload: HeapWorkload
+    pages: list[int]
+    ring: int
+    boot_stores: list[tuple[int, int]]
+    boot_events: list[int]  # the guest's registration: its heap as ownership events
+    warmup_gva: npt.NDArray[np.int64]
+    warmup_kind: npt.NDArray[np.int8]
+    segments: list[Segment]
+    touches: list[Touch]
+    bugs: list[Bug]
+    live: dict[int, int] = field(default_factory=dict)  # live objects at the end -> header tag
+    events: int = 0  # ownership events in the measured program
+    text: int = 0  # the kernel text's base (code sites are offsets from it)
+
+    def layout(self, *, notify: bool, batch: int = 32) -> TrapStream:
+        """The access stream. With ``notify`` the allocator reports to the ring (two stores per
+        event) and flushes it with a VMCALL every ``batch`` events; without it (no debugger)
+        the reports are left out."""
+        if not 1 <= batch <= RING_SLOTS:
+            raise ConfigError("batch", f"must be in 1..{RING_SLOTS} (the ring's slots)")
+        gvas: list[npt.NDArray[np.int64]] = []
+        kinds: list[npt.NDArray[np.int8]] = []
+        sites: list[npt.NDArray[np.int64]] = []
+        cpus: list[npt.NDArray[np.int8]] = []
+        one_gva: list[int] = []
+        one_kind: list[int] = []
+        one_site: list[int] = []
+        one_cpu: list[int] = []
+        values: dict[int, int] = {}
+        calls: dict[int, Vmcall] = {}
+        firings: dict[int, tuple[int, int]] = {}
+        peeks: dict[int, tuple[int, int]] = {}
+        writers = [b for b in self.bugs if not b.read]
+        readers = [b for b in self.bugs if b.read]
+        positions: list[list[int]] = [[] for _ in writers]
+        read_positions: list[list[int]] = [[] for _ in readers]
+        pos = 0
+        count = flushed = 0
+        ring = _DM + self.ring
+
+        def flush() -> None:
+            if one_gva:
+                gvas.append(np.array(one_gva, np.int64))
+                kinds.append(np.array(one_kind, np.int8))
+                sites.append(np.array(one_site, np.int64))
+                cpus.append(np.array(one_cpu, np.int8))
+                for column in (one_gva, one_kind, one_site, one_cpu):
+                    column.clear()
+
+        for seg in self.segments:
+            op, a, b, c = seg.op, seg.a, seg.b, seg.c
+            if op == "touch":
+                flush()
+                gva, kind, site, stored = self.touches[a]
+                for i in np.flatnonzero(kind == 1).tolist():
+                    values[pos + i] = int(stored[i])
+                gvas.append(gva)
+                kinds.append(kind)
+                sites.append(site)
+                cpus.append(np.full(len(gva), seg.cpu, np.int8))
+                pos += len(gva)
+                continue
+            if op == "event":
+                if not notify:
+                    continue
+                count += 1
+                one_gva.extend((ring + 8 * (1 + (count - 1) % RING_SLOTS), ring))
+                one_kind.extend((1, 1))
+                one_site.extend((ALLOC_SITES["ring"], ALLOC_SITES["head"]))
+                one_cpu.extend((seg.cpu, seg.cpu))
+                values[pos], values[pos + 1] = a, count
+                pos += 2
+                if count - flushed >= batch:
+                    calls[pos] = Vmcall(FLUSH_HYPERCALL, (count,))
+                    flushed = count
+                continue
+            one_gva.append(_DM + a)
+            one_kind.append(0 if op in ("read", "peek") else 1)
+            one_site.append(seg.site)
+            one_cpu.append(seg.cpu)
+            if op in ("store", "fire"):
+                values[pos] = b
+            if op == "fire":
+                firings[pos] = (c, a)
+                positions[c].append(pos)
+            elif op == "peek":
+                peeks[pos] = (c, a)
+                read_positions[c].append(pos)
+            pos += 1
+        flush()
+        gva_all = np.concatenate(gvas) if gvas else np.zeros(0, np.int64)
+        kind_all = np.concatenate(kinds) if kinds else np.zeros(0, np.int8)
+        text = self.text - (1 << 64) if self.text >= 1 << 63 else self.text  # signed, as GVAs
+        ip_all = np.concatenate(sites) + np.int64(text) if sites else np.zeros(0, np.int64)
+        cpu_all = np.concatenate(cpus) if cpus else np.zeros(0, np.int8)
+        return TrapStream(
+            gva_all,
+            kind_all,
+            values,
+            calls,
+            firings,
+            positions,
+            ip_all,
+            cpu_all,
+            [b.value_class for b in writers],
+            [self.text + b.site for b in writers],
+            peeks,
+            read_positions,
+        )
+
+
+def _touches(
+    rng: np.random.Generator,
+    count: int,
+    starts: npt.NDArray[np.int64],
+    sizes: npt.NDArray[np.int64],
+    write_share: float,
+) -> Touch:
+    """``count`` reads and writes (of data: :func:`data_value`) of random words of random objects
+    among ``starts``, each from a random code site of the program."""
+    pick = rng.integers(0, starts.shape[0], count)
+    words = (rng.random(count) * (sizes[pick] // 8)).astype(np.int64)
+    gva = np.int64(_DM) + starts[pick] + 8 * words
+    kind = (rng.random(count) < write_share).astype(np.int8)
+    site = program_site(0) + 0x40 * rng.integers(0, PROGRAM_SITES, count)
+    stored = np.where(kind == 1, rng.integers(1 << 20, 1 << 62, count), 0)
+    return gva, kind, site.astype(np.int64), stored.astype(np.int64)
+
+
+def build_program(
+    workload: HeapWorkload, pages: list[int], ring: int, text: int = 0
+) -> HeapProgram:
+    """The program for a heap of ``pages`` with its ring at ``ring`` (deterministic in the
+    workload's seed); ``text`` is the kernel text's base."""
+    w = workload
+    rng = np.random.default_rng([w.seed, 7])
+    allocator = HeapAllocator(pages, rng, w)
+    boot = _Boot()
+    for _ in range(3 * w.live_objects):  # fill the heap, then churn it
+        allocator.step(boot)
+    if allocator.live == 0:
+        raise ConfigError("heap_pages", "the heap holds no object")
+    allocator.uaf.clear()  # spans that opened and closed during boot are no bug targets
+    allocator.overflow.clear()
+    allocator.lived.clear()
+    n = allocator.live
+    warm = _touches(rng, w.warmup, allocator.live_start[:n], allocator.live_size[:n], 0.3)
+    # (the warm-up's stores carry no value: memory stays as the boot phase left it)
+    builder = _Builder()
+    cpus = np.random.default_rng([w.seed, 13])  # its own stream: vcpus changes nothing else
+    while builder.accesses < w.accesses:
+        builder.cpu = int(cpus.integers(w.vcpus))
+        n = allocator.live
+        if n:
+            count = int(rng.geometric(1.0 / w.accesses_per_op))
+            builder.touch(
+                _touches(
+                    rng, count, allocator.live_start[:n], allocator.live_size[:n], w.write_share
+                )
+            )
+        allocator.step(builder)
+    events = sum(1 for s in builder.segments if s.op == "event")
+    allocator.close(len(builder.segments))
+    bugs = _inject(w, np.random.default_rng([w.seed, 17]), allocator, builder)
+    segments = _merge(builder.segments, builder.touches, bugs, boot.stores)
+    return HeapProgram(
+        w,
+        list(pages),
+        ring,
+        boot.stores,
+        boot.events,
+        warm[0],
+        warm[1],
+        segments,
+        builder.touches,
+        bugs,
+        dict(allocator.tags),
+        events,
+        text,
+    )
+
+
+class _Spans:
+    """Intervals searchable by boundary: which targets are in their span at a moment."""
+
+    def __init__(self, spans: list[Interval]) -> None:
+        self.target = np.array([i.target for i in spans], np.int64)
+        self.lo = np.array([i.lo for i in spans], np.int64)
+        self.hi = np.array([i.hi for i in spans], np.int64)
+
+    def pick(self, rng: np.random.Generator, boundary: int, other_than: int) -> int | None:
+        hits = self.target[(self.lo <= boundary) & (boundary <= self.hi)]
+        hits = hits[hits != other_than]
+        return int(hits[int(rng.integers(len(hits)))]) if len(hits) else None
+
+
+def _inject(
+    w: HeapWorkload, rng: np.random.Generator, allocator: HeapAllocator, builder: _Builder
+) -> list[Bug]:
+    """Place the bugs where their targets are unowned (see the module docstring)."""
+    end = len(builder.segments)
+    sizes = [
+        len(builder.touches[s.a][0]) if s.op == "touch" else (0 if s.op == "event" else 1)
+        for s in builder.segments
+    ]
+    at = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # accesses before boundary
+    wild = [Interval(0, end, page, PAGE_SIZE) for page in allocator.never_owned()]
+    candidates = {"use-after-free": allocator.uaf, "overflow": allocator.overflow, "wild": wild}
+    weights = np.array([0.5 * bool(allocator.uaf), 0.25 * bool(allocator.overflow), 0.25])
+    if not wild:
+        weights[2] = 0.0
+    if w.bugs and weights.sum() == 0:
+        raise ConfigError("bugs", "no unowned memory to aim at (heap too small)")
+    if w.read_bugs and not allocator.uaf:
+        raise ConfigError("read_bugs", "no freed chunk to read (heap too small)")
+    span = {
+        kind: np.array([at[i.hi] - at[i.lo] + 1 for i in found], np.float64)
+        for kind, found in candidates.items()
+    }
+    mix = parse_mix(w.bug_values)
+    classes, p_class = list(mix), np.array(list(mix.values()))
+    live, freed = _Spans(allocator.lived), _Spans(allocator.uaf)
+    bugs = []
+    for index in range(w.bugs + w.read_bugs):
+        read = index >= w.bugs
+        pick = int(rng.choice(3, p=weights / weights.sum())) if w.bugs else 0
+        kind = "use-after-free" if read else BUG_KINDS[pick]
+        found = candidates[kind]
+        if kind == "wild":
+            interval = found[int(rng.integers(len(found)))]
+        else:  # a random moment at which a random such chunk is unowned
+            interval = found[int(rng.choice(len(found), p=span[kind] / span[kind].sum()))]
+        value_class = "null" if read else classes[int(rng.choice(len(classes), p=p_class))]
+        site = program_site(int(rng.integers(PROGRAM_SITES)))
+        lo, hi = int(at[interval.lo]), int(at[interval.hi])
+        first = int(rng.integers(lo, hi + 1))
+        more = int(rng.geometric(1 / w.writes_per_bug)) - 1
+        later = rng.integers(first, min(hi, first + w.bug_span) + 1, more)
+        times = [first, *sorted(int(t) for t in later)]
+        if kind == "use-after-free":  # one field of the object, for the whole bug
+            word = 0 if rng.random() < w.bug_field0 else int(rng.integers(interval.size // 8))
+        else:
+            word = int(rng.integers(PAGE_SIZE // 8 if kind == "wild" else 64))
+        writes = []
+        for t in times:
+            boundary = int(np.searchsorted(at, t, side="left"))
+            boundary = min(max(boundary, interval.lo), interval.hi)
+            gpa = interval.target + 8 * word
+            if kind == "overflow":  # a run of stores past the end
+                gpa = interval.target + 8 * int(rng.integers(64))
+            cpu = int(rng.integers(w.vcpus))
+            value = 0 if read else _value(rng, value_class, boundary, interval.target, live, freed)
+            writes.append((boundary, gpa, value, cpu))
+        offset = w.bugs if read else 0
+        bugs.append(Bug(index - offset, kind, site, value_class, tuple(writes), read))
+    return bugs
+
+
+def _value(
+    rng: np.random.Generator,
+    value_class: str,
+    boundary: int,
+    target: int,
+    live: _Spans,
+    freed: _Spans,
+) -> int:
+    """A bug value of ``value_class`` at ``boundary`` (``same`` is filled in by :func:`_merge`,
+    when the word's content is known)."""
+    if value_class in ("null", "same"):
+        return 0
+    if value_class == "small":
+        return int(rng.integers(1, 1024))
+    if value_class in ("live", "freed"):
+        to = (live if value_class == "live" else freed).pick(rng, boundary, target)
+        if to is not None:
+            return pointer(to)
+    return BUG_VALUE | int(rng.integers(1 << 52))
+
+
+def _merge(
+    segments: list[Segment],
+    touches: list[Touch],
+    bugs: Iterable[Bug],
+    boot: list[tuple[int, int]],
+) -> list[Segment]:
+    """The program with each bug access inserted before the segment at its boundary; a
+    ``same`` bug stores what the word holds then (the boot stores, then every store in program
+    order)."""
+    at: dict[int, list[tuple[Segment, str]]] = {}
+    for bug in bugs:
+        op = "peek" if bug.read else "fire"
+        for boundary, gpa, value, cpu in bug.writes:
+            fired = Segment(op, gpa, value, bug.index, bug.site, cpu)
+            at.setdefault(boundary, []).append((fired, bug.value_class))
+    memory = dict(boot)
+    out: list[Segment] = []
+
+    def emit(seg: Segment, value_class: str = "") -> None:
+        if seg.op == "fire" and value_class == "same":
+            seg = seg._replace(b=memory.get(seg.a, 0))
+        if seg.op in ("store", "fire"):
+            memory[seg.a] = seg.b
+        elif seg.op == "touch":
+            gva, kind, _, stored = touches[seg.a]
+            writes = kind == 1
+            memory.update(zip((gva[writes] - _DM).tolist(), stored[writes].tolist(), strict=True))
+        out.append(seg)
+
+    for b, segment in enumerate(segments):
+        for fired, value_class in at.get(b, []):
+            emit(fired, value_class)
+        emit(segment)
+    for fired, value_class in at.get(len(segments), []):
+        emit(fired, value_class)
+    return out
