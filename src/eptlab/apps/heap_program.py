@@ -3,10 +3,11 @@ into it.
 
 **The program** alternates bursts of reads and writes to random live objects (about
 ``accesses_per_op`` accesses, ``write_share`` of them writes of data, each from one of the
-program's code sites; every store's value is modelled, so memory holds what the guest wrote) with one alloc or free, steering the live count towards ``live_objects``. Each burst
-and its operation run on one of ``vcpus`` vCPUs, drawn at random (the kernel thread migrates).
-Before it, a boot phase (:attr:`HeapProgram.boot_stores`, :attr:`HeapProgram.boot_events`) fills
-the heap the same way without running accesses.
+program's code sites; every store's value is modelled, so memory holds what the guest wrote)
+with one alloc or free, steering the live count towards ``live_objects``. Each burst and its
+operation run on one of ``vcpus`` vCPUs, drawn at random (the kernel thread migrates). Before
+it, a boot phase (:attr:`HeapProgram.boot_stores`, :attr:`HeapProgram.boot_events`) fills the
+heap the same way without running accesses.
 
 **Bugs** (ground truth kept aside, for scoring only): each of ``bugs`` defects is one store
 instruction (a code site of the program: the instruction that writes live objects legitimately
@@ -160,6 +161,7 @@ class Bug:
     value_class: str
     writes: tuple[tuple[int, int, int, int], ...]
     read: bool = False  # a read-after-free bug: loads, value 0
+    target: int = 0  # the chunk, guard page or never-owned page it aims at
 
 
 @dataclass(frozen=True)
@@ -355,11 +357,13 @@ def _touches(
     write_share: float,
 ) -> Touch:
     """``count`` reads and writes (of data: :func:`data_value`) of random words of random objects
-    among ``starts``, each from a random code site of the program."""
+    among ``starts``, each from a random code site of the program; writes leave word 0, the
+    owner's header, alone."""
     pick = rng.integers(0, starts.shape[0], count)
     words = (rng.random(count) * (sizes[pick] // 8)).astype(np.int64)
-    gva = np.int64(_DM) + starts[pick] + 8 * words
     kind = (rng.random(count) < write_share).astype(np.int8)
+    words[(kind == 1) & (words == 0)] = 1
+    gva = np.int64(_DM) + starts[pick] + 8 * words
     site = program_site(0) + 0x40 * rng.integers(0, PROGRAM_SITES, count)
     stored = np.where(kind == 1, rng.integers(1 << 20, 1 << 62, count), 0)
     return gva, kind, site.astype(np.int64), stored.astype(np.int64)
@@ -490,7 +494,9 @@ def _inject(
             value = 0 if read else _value(rng, value_class, boundary, interval.target, live, freed)
             writes.append((boundary, gpa, value, cpu))
         offset = w.bugs if read else 0
-        bugs.append(Bug(index - offset, kind, site, value_class, tuple(writes), read))
+        bugs.append(
+            Bug(index - offset, kind, site, value_class, tuple(writes), read, interval.target)
+        )
     return bugs
 
 

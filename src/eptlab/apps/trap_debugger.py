@@ -59,7 +59,8 @@ from the stream's instruction pointers) and the vCPU that made it.
 Costs (cycles, on top of the engine's, from the active cost profile): each exit
 ``vmexit_cycles``; each emulated access ``emulate_cycles``; each check
 ``debugger_check_cycles``; each ring event applied ``ring_entry_cycles``; EPT edits
-``ept_edit_cycles``; INVEPT ``invept_cycles``. The unfiltered and sync-only views are
+``ept_edit_cycles``; INVEPT ``invept_cycles``, and with several vCPUs one shootdown IPI per
+other vCPU (``vmexit_cycles`` + ``invept_cycles`` each). The unfiltered and sync-only views are
 counterfactuals kept for the comparison: their bookkeeping is not charged.
 """
 
@@ -210,6 +211,7 @@ class DebuggerCounters:
     rotations: int = 0
     ept_edits: int = 0
     invept: int = 0
+    ipis: int = 0  # shootdown IPIs: each other vCPU runs INVEPT too
     splits: int = 0
 
     def cycles(self) -> int:
@@ -221,6 +223,7 @@ class DebuggerCounters:
             + self.ring_entries * p.cycles("ring_entry_cycles")
             + self.ept_edits * p.cycles("ept_edit_cycles")
             + self.invept * p.cycles("invept_cycles")
+            + self.ipis * (p.cycles("vmexit_cycles") + p.cycles("invept_cycles"))
         )
 
 
@@ -339,7 +342,9 @@ class TrapDebugger:
             self._invept()
 
     def _invept(self) -> None:
-        self.vm.invept()
+        """INVEPT here; with several vCPUs a shootdown (each other vCPU takes an IPI, exits
+        and runs INVEPT: priced as an exit plus an INVEPT each)."""
+        self.counters.ipis += self.vm.shootdown(self.vm.vcpus[0])
         self.counters.invept += 1
 
     # -- exits --------------------------------------------------------------------------------

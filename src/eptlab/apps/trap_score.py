@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .heap_program import VALUE_CLASSES, TrapStream
-from .trap_debugger import Alarm, TrapDebugger
+from ..arch.bits import PAGE_SIZE
+from ..guest import DIRECT_MAP_BASE
+from .heap_guest import U64
+from .heap_program import VALUE_CLASSES, HeapProgram, TrapStream
+from .trap_debugger import Alarm, Ownership, TrapDebugger
 
 
 @dataclass
@@ -150,4 +153,43 @@ def filter_outcomes(
                 benign[cls],
             )
         )
+    return out
+
+
+def reportable(
+    stream: TrapStream,
+    program: HeapProgram,
+    *,
+    allow_null: bool,
+    ignore_silent: bool,
+) -> set[int]:
+    """The positions of the bug writes a filter with these rules reports when they trap,
+    worked out from the stream alone: the ownership map of the events written before each one
+    (what a sync reads from the ring) and the word's content then (the boot stores, then every
+    store before it). The sampling theory counts only these writes."""
+    own = Ownership()
+    for word in program.boot_events:
+        own.apply(word)
+    memory = dict(program.boot_stores)
+    ring = (program.ring + DIRECT_MAP_BASE) & U64
+    out: set[int] = set()
+    for pos in sorted(stream.values):
+        gva = int(stream.gva[pos]) & U64
+        value = stream.values[pos]
+        if gva & ~(PAGE_SIZE - 1) == ring:
+            if gva != ring:  # an event slot (word 0 is the head)
+                own.apply(value)
+            continue
+        gpa = (gva - DIRECT_MAP_BASE) & U64
+        if pos in stream.firings:
+            judged = Alarm(
+                pos, gpa, value, before=memory.get(gpa, 0),
+                link=value != 0 and own.free_link(gpa, value),
+                null_link=value == 0 and own.free_link(gpa, value),
+            )
+            if not own.owns(gpa) and not judged.dismissed(
+                allow_null=allow_null, ignore_silent=ignore_silent
+            ):
+                out.add(pos)
+        memory[gpa] = value
     return out

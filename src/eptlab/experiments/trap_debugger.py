@@ -31,7 +31,7 @@ Columns (one row per configuration; ``filter`` rows have their own, below):
 | bugs_injected, bug_writes | defects and their writes (the first write of a bug injects it) |
 | bugs_detected | defects with at least one write reported |
 | detection_rate | bugs_detected / bugs_injected (undetected bugs count against it) |
-| expected_detection_rate | the sampling-theory rate for these bug writes (KFENCE's argument) |
+| expected_detection_rate | the sampling-theory rate for the bug writes the filter would report |
 | bugs_detected_unfiltered | defects the unfiltered view (map as of the last flush) catches |
 | mean_time_to_detect | accesses from a bug's first write to its first report (detected bugs) |
 | false_positives | reports on writes that are no bug (after the filter) |
@@ -49,8 +49,9 @@ Columns (one row per configuration; ``filter`` rows have their own, below):
 | vm_exits | all exits of the measured run |
 | ept_violation_exits, mtf_exits, vmcall_exits, timer_exits | vm_exits by reason |
 | ept_edits, invept | EPT entries changed, INVEPTs run (attach included) |
+| ipis | shootdown IPIs (each other vCPU runs the INVEPT too) |
 | engine_cycles | the engine's cycles (translation + data, refill walks after INVEPT included) |
-| debugger_cycles | exits x vmexit_cycles + emulation, checks, ring events, EPT edits, INVEPT |
+| debugger_cycles | exits x vmexit_cycles + emulation, checks, ring events, EPT edits, INVEPT, IPI |
 | overhead_cycles_pct | (engine + debugger cycles) over none's engine cycles, minus 1, in % |
 
 ``filter`` rows: filter (the rules), value_class, bugs_injected (of the class), bugs_judged (a
@@ -68,14 +69,13 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from ..apps.heap_guest import HeapGuest
 from ..apps.heap_guest import expected_detection as sampling_theory
 from ..apps.heap_program import DEFAULT_VALUES, HeapProgram, HeapWorkload, TrapStream, parse_mix
 from ..apps.trap_debugger import MODES, RESUMES
 from ..apps.trap_debugger import TrapDebugger as Debugger
-from ..apps.trap_score import Score, filter_outcomes, score
+from ..apps.trap_score import Score, filter_outcomes, reportable, score
 from ..arch.bits import PAGE_SIZE
 from ..errors import ConfigError
 from ..hv.costs import hv_costs
@@ -86,13 +86,11 @@ from .intervals import (
     OVERLAP,
     Interval,
     by_seed,
-    column,
     interval,
     relation,
     seeds_of,
-    summarize,
-    yerr,
 )
+from .trap_debugger_report import context_lines, figure, filter_lines, raf_lines
 
 
 @dataclass(frozen=True)
@@ -216,6 +214,7 @@ class ConfigRun:
     debugger: Debugger | None
     report: RunReport
     score: Score
+    reportable: set[int]  # bug writes the filter reports when trapped (trap_score.reportable)
 
 
 def run_config(
@@ -263,7 +262,8 @@ def run_config(
         final_timer=False,
         progress=None if progress is None else (lambda done: progress(done, n)),
     )
-    return ConfigRun(config, guest, stream, debugger, report, score(stream, debugger))
+    can = reportable(stream, program, allow_null=p.allow_null, ignore_silent=p.ignore_silent)
+    return ConfigRun(config, guest, stream, debugger, report, score(stream, debugger), can)
 
 
 def measure(run: ConfigRun, baseline_cycles: int) -> Row:
@@ -271,12 +271,13 @@ def measure(run: ConfigRun, baseline_cycles: int) -> Row:
     counters = d.counters if d is not None else None
     debugger_cycles = r.vm_exits * hv_costs().vmexit + (counters.cycles() if counters else 0)
     total = r.engine_cycles + debugger_cycles
+    # the theory counts the bug writes the filter would report if they trapped
+    positions = [[q for q in b if q in run.reportable] for b in run.stream.bug_positions]
     if d is None or d.sampled == 0:
         expected = 0.0
     elif c.period is None or d.sampled >= len(d.pages):
-        expected = 1.0
+        expected = sum(1 for b in positions if b) / max(1, len(positions))
     else:
-        positions = run.stream.bug_positions
         hit = [[run.stream.firings[q][1] & ~(PAGE_SIZE - 1) for q in b] for b in positions]
         expected = sampling_theory(
             positions, hit, pages=len(d.pages), sampled=d.sampled, period=c.period
@@ -325,6 +326,7 @@ def measure(run: ConfigRun, baseline_cycles: int) -> Row:
         "timer_exits": r.exits["PREEMPTION_TIMER"],
         "ept_edits": counters.ept_edits if counters else 0,
         "invept": counters.invept if counters else 0,
+        "ipis": counters.ipis if counters else 0,
         "engine_cycles": r.engine_cycles,
         "debugger_cycles": debugger_cycles,
         "overhead_cycles_pct": round(
@@ -428,8 +430,9 @@ class TrapDebugger:
 
         bugs = iv(everything, "bugs_injected")
         out = [
-            f"Trapping every heap page catches {iv(everything, 'bugs_detected')}/{bugs} bugs at "
-            f"their first write, for {iv(everything, 'overhead_cycles_pct', unit='%')} more "
+            f"Trapping every heap page catches {iv(everything, 'bugs_detected')}/{bugs} bugs "
+            f"(every bug write traps; the filter dismisses the rest, below), for "
+            f"{iv(everything, 'overhead_cycles_pct', unit='%')} more "
             f"cycles ({iv(everything, 'vm_exits')} exits); no trapping takes "
             f"{iv(none, 'vm_exits')} exits and catches {iv(none, 'bugs_detected')}.",
             f"Trapping {fraction:g} of the pages, rotated every {fast_period:,} accesses, "
@@ -444,112 +447,20 @@ class TrapDebugger:
                           interval(fast.expected_detection_rate))
             ),
         ]
-        trapping = table[table["config"] != "none"]
+        trapping = table[~table["config"].isin(["none", "filter"])]
         out.append(
             f"False alarms over the {len(trapping)} trapping runs ({seeds_of(table)} seed(s)): "
             f"{int(trapping['false_positives_unfiltered'].sum()):,} unfiltered, "
             f"{int(trapping['false_positives_sync_only'].sum()):,} with the ownership ring "
-            f"synced, {int(trapping['false_positives'].sum())} with the allocator allow-list "
-            f"too; bugs caught: {int(trapping['bugs_detected'].sum())} filtered against "
+            f"synced, {int(trapping['false_positives'].sum())} with the filter "
+            f"({trapping['filter'].iloc[0]}) too; bugs caught: "
+            f"{int(trapping['bugs_detected'].sum())} filtered against "
             f"{int(trapping['bugs_detected_unfiltered'].sum())} unfiltered."
         )
-        return out
+        return out + filter_lines(table) + context_lines(table) + raf_lines(table)
 
     def figures(self, table: pd.DataFrame, params: TrapDebuggerParams) -> dict[str, Figure]:
-        seeds = seeds_of(table)
-        table = summarize(table, self.keys)  # means and 95% intervals over the seeds
-        figure = Figure(figsize=(15, 4.5))
-        ax_trade, ax_fp, ax_time = figure.subplots(1, 3)
-        sampled = table[table["config"] == "sampled"]
-        periods = sorted({int(t) for t in sampled["period"].dropna()})
-        colors = {t: f"C{i}" for i, t in enumerate(periods)}
-        for t in periods:
-            rows = sampled[sampled["period"] == t].sort_values("trap_fraction")
-            x = rows["overhead_cycles_pct"].astype(float)
-            ax_trade.errorbar(x, rows["detection_rate"], yerr=yerr(column(rows, "detection_rate")),
-                              xerr=yerr(column(rows, "overhead_cycles_pct")), fmt="o-",
-                              color=colors[t], capsize=2, elinewidth=0.8, label=f"period {t:,}")
-            ax_trade.plot(x, rows["expected_detection_rate"], "x:", color=colors[t])
-            for row in rows.itertuples():
-                ax_trade.annotate(
-                    f"{row.trap_fraction:g}",
-                    (float(row.overhead_cycles_pct), float(row.detection_rate)),
-                    textcoords="offset points",
-                    xytext=(4, -10),
-                    fontsize=7,
-                )
-            times = rows["mean_time_to_detect"].astype(float)
-            ax_time.errorbar(rows["trap_fraction"], times,
-                             yerr=yerr(column(rows, "mean_time_to_detect")), fmt="o-",
-                             color=colors[t], capsize=2, elinewidth=0.8, label=f"period {t:,}")
-        ax_trade.plot([], [], "x:", color="gray", label="sampling theory")
-        extra = table[table["config"].isin(["trap-all", "compare"])]
-        for k, row in enumerate(extra.itertuples()):
-            everything = row.config == "trap-all"
-            label = "trap all" if everything else f"{row.mode}/{row.resume}"
-            ax_trade.scatter(
-                float(row.overhead_cycles_pct),
-                float(row.detection_rate),
-                marker="*" if everything else "D",
-                color="black" if everything else ("tab:purple", "tab:brown", "tab:pink")[k % 3],
-                s=90,
-                label=f"{label} ({row.trap_fraction:g})",
-                zorder=3,
-            )
-        ax_trade.set_xscale("log")
-        spent = table.loc[table["config"] != "none", "overhead_cycles_pct"].astype(float)
-        if len(spent) and spent.min() > 0:
-            steps = [m * 10**e for e in range(-2, 8) for m in (1, 2, 5)]
-            ax_trade.set_xticks([v for v in steps if spent.min() / 2 <= v <= spent.max() * 2])
-        ax_trade.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
-        ax_trade.xaxis.set_minor_formatter(NullFormatter())
-        ax_trade.set_xlabel("overhead over no debugger (cycles, log)")
-        ax_trade.set_ylabel("bugs detected / injected")
-        ax_trade.set_ylim(-0.03, 1.05)
-        ax_trade.set_title("detection vs overhead (labels: trap fraction; 95% intervals)")
-        ax_trade.legend(fontsize=7)
-        shown = table[table["config"] != "none"]
-        labels = [_label(r) for r in shown.to_dict("records")]
-        x = np.arange(len(shown))
-        views = (
-            ("false_positives_unfiltered", "unfiltered", "tab:red"),
-            ("false_positives_sync_only", "ring synced", "tab:orange"),
-            ("false_positives", "synced + allow-list", "tab:green"),
-        )
-        for i, (name_, name, color) in enumerate(views):
-            values = shown[name_].astype(float).to_numpy()
-            ax_fp.bar(
-                x + (i - 1) * 0.27,
-                np.where(values > 0, values, np.nan),
-                0.27,
-                yerr=yerr(column(shown, name_)),
-                capsize=2,
-                color=color,
-                label=name,
-            )
-            for j, v in enumerate(values):
-                if v == 0:
-                    ax_fp.annotate("0", (j + (i - 1) * 0.27, 1), ha="center", fontsize=6)
-        ax_fp.set_yscale("log")
-        ax_fp.set_ylim(bottom=0.8)
-        ax_fp.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
-        ax_fp.set_ylabel("false alarms (log)")
-        ax_fp.set_title("false positives: unfiltered vs filtered")
-        ax_fp.legend(fontsize=7)
-        ax_time.set_xscale("log")
-        ax_time.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax_time.xaxis.set_minor_formatter(NullFormatter())
-        ax_time.set_xticks(sorted({float(f) for f in sampled["trap_fraction"]}))
-        ax_time.set_xlabel("trap fraction (log)")
-        ax_time.set_ylabel("accesses from injection to report (mean)")
-        ax_time.set_title("time to detect (detected bugs)")
-        ax_time.legend(fontsize=7)
-        figure.suptitle(
-            f"rotating-trap debugger: {params.bugs} bugs, {params.heap_pages} heap pages, "
-            f"{params.accesses:,} accesses, {seeds} seed(s)"
-        )
-        figure.tight_layout()
-        return {"trap-debugger": figure}
+        return {"trap-debugger": figure(table, params, self.keys)}
 
 
 def _slower(slow: Interval, fast: Interval) -> str:
@@ -560,14 +471,3 @@ def _slower(slow: Interval, fast: Interval) -> str:
     if how == "overlap" and not (slow.exact and fast.exact):
         return f"; in theory, {OVERLAP} between the two periods."
     return "."
-
-
-def _label(row: Row) -> str:
-    if row["config"] == "trap-all":
-        return f"trap all {row['mode']}/{row['resume']}"
-    text = f"{row['trap_fraction']:g}"
-    if row["period"] is not None and not pd.isna(row["period"]):
-        text += f"/{int(row['period']):,}"
-    if row["config"] == "compare":
-        text += f" {row['mode']}/{row['resume']}"
-    return text
