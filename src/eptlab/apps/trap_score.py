@@ -28,7 +28,10 @@ class Score:
     false_positives: int = 0
     false_positives_sync_only: int = 0
     false_positives_unfiltered: int = 0
-    bugs_dismissed: int = 0  # bugs with a write judged by the filter, none reported
+    bugs_judged: int = 0  # bugs with a write that trapped and reached the filter
+    bugs_dismissed: int = 0  # of which none was reported: the filter's false negatives
+    bug_writes_judged: int = 0
+    bug_writes_dismissed: int = 0
     bug_reports: int = 0  # reports at bug writes
     context_matches: int = 0  # of which the alarm's ip and vCPU are the bug's
     report_sites: int = 0  # distinct instruction pointers among the reports
@@ -74,7 +77,8 @@ def score(stream: TrapStream, debugger: TrapDebugger | None) -> Score:
         return [a for a in alarms if _bug_of(firings, a) is None]
 
     found = detected(debugger.reports, stream.firings)
-    judged = {_bug_of(stream.firings, a) for a in debugger.sync_only} - {None}
+    judged_writes = [a for a in debugger.sync_only if _bug_of(stream.firings, a) is not None]
+    judged = {_bug_of(stream.firings, a) for a in judged_writes}
     delays = [found[b] - stream.bug_positions[b][0] for b in sorted(found)]
     at_bugs = [a for a in debugger.reports if _bug_of(stream.firings, a) is not None]
     matches = sum(
@@ -93,7 +97,10 @@ def score(stream: TrapStream, debugger: TrapDebugger | None) -> Score:
         len(wrong),
         len(false(debugger.sync_only, stream.firings)),
         len(false(debugger.unfiltered, stream.firings)),
+        bugs_judged=len(judged),
         bugs_dismissed=len(judged - set(found)),
+        bug_writes_judged=len(judged_writes),
+        bug_writes_dismissed=len(judged_writes) - len(at_bugs),
         bug_reports=len(at_bugs),
         context_matches=matches,
         report_sites=len({a.ip for a in debugger.reports}),

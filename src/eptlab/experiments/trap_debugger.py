@@ -37,7 +37,9 @@ Columns (one row per configuration; ``filter`` rows have their own, below):
 | false_positives | reports on writes that are no bug (after the filter) |
 | false_positives_sync_only | alarms with the ring synced but no allocator allow-list |
 | false_positives_unfiltered | alarms of the unfiltered view |
-| bugs_dismissed | bugs with a write judged by the filter and none reported (its false negatives) |
+| bugs_judged | bugs with a write that trapped and reached the filter (after the sync) |
+| bugs_dismissed, fn_rate | of which none was reported: the filter's false negatives; / judged |
+| bug_writes_judged, bug_writes_dismissed | the same, counted in writes |
 | metadata_writes_allowed | link stores into free memory let through by the allow-list |
 | silent_writes_allowed | stores leaving memory unchanged let through (``ignore_silent``) |
 | bug_reports, context_matches | reports at bug writes; of which ip and vCPU are the bug's |
@@ -304,7 +306,11 @@ def measure(run: ConfigRun, baseline_cycles: int) -> Row:
         "false_positives": s.false_positives,
         "false_positives_sync_only": s.false_positives_sync_only,
         "false_positives_unfiltered": s.false_positives_unfiltered,
+        "bugs_judged": s.bugs_judged,
         "bugs_dismissed": s.bugs_dismissed,
+        "fn_rate": round(s.bugs_dismissed / s.bugs_judged, 4) if s.bugs_judged else None,
+        "bug_writes_judged": s.bug_writes_judged,
+        "bug_writes_dismissed": s.bug_writes_dismissed,
         "metadata_writes_allowed": counters.metadata_writes if counters else 0,
         "silent_writes_allowed": counters.silent_writes if counters else 0,
         "bug_reports": s.bug_reports,
