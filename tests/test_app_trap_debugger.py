@@ -122,7 +122,7 @@ def test_trap_all_reports_every_reportable_bug_write(
     r = run(program, "trap-all", 1.0, None, mode, resume)
     s, d = r.score, r.debugger
     assert d is not None and s.bugs_injected == W.bugs and s.bug_writes >= W.bugs
-    can = reportable(r.stream, program, allow_null=True, ignore_silent=True)
+    can = reportable(r.stream, program, allow_null=d.allow_null, ignore_silent=d.ignore_silent)
     assert reported(r) == {p: gpa for p, (_, gpa) in r.stream.firings.items() if p in can}
     firsts = [next((q for q in b if q in can), None) for b in r.stream.bug_positions]
     assert s.bugs_detected == sum(f is not None for f in firsts) > 0
@@ -175,7 +175,7 @@ def test_sampled_reports_exactly_the_bug_writes_on_trapped_pages(
     r = run(prog, "sampled", fraction, period, mode, resume, params)
     d = r.debugger
     assert d is not None
-    can = reportable(r.stream, prog, allow_null=True, ignore_silent=True)
+    can = reportable(r.stream, prog, allow_null=d.allow_null, ignore_silent=d.ignore_silent)
     expected = {
         p: gpa
         for p, (_, gpa) in r.stream.firings.items()

@@ -241,7 +241,7 @@ class TrapDebugger:
         resume: str = "emulate",
         invept: bool = True,
         allow_null: bool = True,
-        ignore_silent: bool = True,
+        ignore_silent: bool = False,
         seed: int = 0,
     ) -> None:
         if not 0.0 <= fraction <= 1.0:

@@ -122,6 +122,7 @@ class FilterOutcome:
     bug_writes_judged: int
     bug_writes_dismissed: int
     false_positives: int  # benign writes of this value class reported
+    false_positive_sites: int  # distinct instruction pointers among them
 
 
 def filter_outcomes(
@@ -134,12 +135,15 @@ def filter_outcomes(
     judged: dict[int, int] = {}
     dismissed_writes: dict[int, int] = {}
     reported: set[int] = set()
-    benign: dict[str, int] = dict.fromkeys(VALUE_CLASSES, 0)
+    benign: dict[str, set[int]] = {cls: set() for cls in VALUE_CLASSES}  # positions
+    sites: dict[str, set[int]] = {cls: set() for cls in VALUE_CLASSES}
     for a in debugger.sync_only:
         gone = a.dismissed(allow_null=allow_null, ignore_silent=ignore_silent)
         bug = _bug_of(stream.firings, a)
         if bug is None:
-            benign[a.value_class] += 0 if gone else 1
+            if not gone:
+                benign[a.value_class].add(a.position)
+                sites[a.value_class].add(a.ip)
             continue
         judged[bug] = judged.get(bug, 0) + 1
         dismissed_writes[bug] = dismissed_writes.get(bug, 0) + gone
@@ -157,7 +161,8 @@ def filter_outcomes(
                 sum(1 for b in seen if b not in reported),
                 sum(judged[b] for b in seen),
                 sum(dismissed_writes[b] for b in seen),
-                benign[cls],
+                len(benign[cls]),
+                len(sites[cls]),
             )
         )
     return out

@@ -59,7 +59,8 @@ Columns (one row per configuration; ``filter`` rows have their own, below):
 ``filter`` rows: filter (the rules), value_class, bugs_injected (of the class), bugs_judged (a
 write reached the filter), bugs_dismissed (none reported: false negatives), fn_rate
 (dismissed / judged), bug_writes_judged, bug_writes_dismissed, false_positives (benign writes
-whose value the synced map puts in the class, reported).
+whose value the synced map puts in the class, reported), false_positive_sites (their distinct
+guest RIPs).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class TrapDebuggerParams:
     batch: int = 32  # ownership events per flush hypercall
     invept: bool = True  # INVEPT after revoking (False: the bug)
     allow_null: bool = True  # the allow-list takes 0 in a free chunk's link word
-    ignore_silent: bool = True  # the filter lets through stores that change nothing
+    ignore_silent: bool = False  # the filter lets through stores that change nothing
     filters: bool = True  # the filter rows (from the trap-all run)
     heap_pages: int = 512
     accesses: int = 200_000
@@ -366,6 +367,7 @@ def filter_rows(run: ConfigRun) -> Iterator[Row]:
                 "bug_writes_judged": o.bug_writes_judged,
                 "bug_writes_dismissed": o.bug_writes_dismissed,
                 "false_positives": o.false_positives,
+                "false_positive_sites": o.false_positive_sites,
             }
 
 

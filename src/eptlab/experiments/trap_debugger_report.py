@@ -52,20 +52,35 @@ def filter_lines(table: pd.DataFrame) -> list[str]:
         if other == label:
             continue
         them = rows[rows["filter"] == other]
-        fp = them[them["false_positives"] > 0].groupby("value_class")["false_positives"].sum()
-        where = f" ({', '.join(sorted(fp.index))})" if len(fp) else ""
+        fp = them[them["false_positives"] > 0]
+        where = ", ".join(
+            f"{cls} from {_iv(group['false_positive_sites'])} site(s)"
+            for cls, group in fp.groupby("value_class", sort=False)
+        )
         variants.append(
             f"{other} dismisses {_iv(_per_seed(them, 'bugs_dismissed'))} and reports "
-            f"{_iv(_per_seed(them, 'false_positives'))}{where}"
+            f"{_iv(_per_seed(them, 'false_positives'))}" + (f" ({where})" if where else "")
         )
     if variants:
         out.append(
-            "The other filters on the same judged writes: " + "; ".join(variants) + ". A NULL "
-            "rule trades lost NULL bugs for the allocator's end-of-list links; a silent-store "
-            "rule loses every same-value bug (by its definition) and the NULL stores into words "
-            "that already hold 0."
+            "The other rule sets on the same judged writes: " + "; ".join(variants) + ". "
+            + _silent_sentence(rows)
         )
     return out
+
+
+def _silent_sentence(rows: pd.DataFrame) -> str:
+    """What the silent-store rule adds to links+null, from the rows."""
+    with_, without = (rows[rows["filter"] == f] for f in ("links+null+silent", "links+null"))
+    if with_.empty or without.empty:
+        return ""
+    lost = _per_seed(with_, "bugs_dismissed") - _per_seed(without, "bugs_dismissed")
+    gained = _per_seed(without, "false_positives") - _per_seed(with_, "false_positives")
+    return (
+        f"Adding the silent-store rule to links+null dismisses {_iv(lost)} more bugs (every "
+        f"same-value one, by its definition, and NULL stores into words that hold 0) and "
+        f"removes {_iv(gained)} false positives."
+    )
 
 
 def context_lines(table: pd.DataFrame) -> list[str]:
