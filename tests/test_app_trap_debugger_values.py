@@ -122,19 +122,23 @@ def test_alarm_context_is_the_bugs_ip_and_vcpu() -> None:
 def test_run_loop_delivers_an_exit_on_the_accessing_vcpu_with_its_rip() -> None:
     program = workload(vcpus=2).program(HeapGuest(heap_pages=PAGES, seed=5, vcpus=2))
     guest, debugger, own = booted(program)
-    page, _, free = live_and_free(own)
+    page, live, free = live_and_free(own)
     debugger.trap({page})
-    gva = np.array([DM + free + 8, DM + free + 16], np.int64)
-    ips = np.array([0x1111, 0x2222], np.int64)
-    GuestRunner(guest.vcpu, debugger, vcpus=guest.vcpus).run(
-        gva, np.ones(2, np.int8), values={0: 5, 1: 6}, cpu=np.array([1, 0]), ip=ips
+    gva = np.array([DM + free + 8, DM + free + 16, DM + live, DM + live + 8], np.int64)
+    ips = np.array([0x1111, 0x2222, 0x3333, 0x4444], np.int64)
+    kinds = np.array([1, 1, 0, 0], np.int8)  # two trapped stores, two reads (not trapped)
+    before = [v.stats.cycles for v in guest.vcpus]
+    report = GuestRunner(guest.vcpu, debugger, vcpus=guest.vcpus).run(
+        gva, kinds, values={0: 5, 1: 6}, cpu=np.array([1, 0, 1, 0]), ip=ips
     )
     assert [(a.gpa, a.ip, a.vcpu) for a in debugger.reports] == [
         (free + 8, 0x1111, 1), (free + 16, 0x2222, 0)
     ]
+    spent = [v.stats.cycles - b for v, b in zip(guest.vcpus, before, strict=True)]
+    assert min(spent) > 0 and report.engine_cycles == sum(spent)  # both vCPUs' cycles
     with pytest.raises(ConfigError):
         GuestRunner(guest.vcpu, debugger, vcpus=guest.vcpus).run(
-            gva, np.ones(2, np.int8), cpu=np.array([0, 2])
+            gva, kinds, cpu=np.array([0, 2, 0, 0])
         )
 
 

@@ -75,8 +75,8 @@ class Policy(Protocol):
 
 @dataclass
 class RunReport:
-    """What one run of a guest program did: accesses, exits by reason, engine cycles and the stores
-    performed."""
+    """What one run of a guest program did: accesses, exits by reason, engine cycles (of every
+    vCPU it ran) and the stores performed."""
     accesses: int
     exits: Counter[str]  # by reason name, this run only
     engine_cycles: int
@@ -138,7 +138,7 @@ class GuestRunner:
         accesses = Accesses(gva, kind, user, owner)
         self._stores = np.array(sorted(values), np.int64)
         exits_before = Counter(self.hv.exits)
-        cycles_before = self.vcpu.stats.cycles
+        cycles_before = self._cycles()
         performed: dict[int, int] = {}
         stops = sorted(calls)
         s = 0
@@ -162,7 +162,11 @@ class GuestRunner:
             self._deliver(calls[n], n)
         exits = Counter(self.hv.exits)
         exits.subtract(exits_before)
-        return RunReport(n, +exits, self.vcpu.stats.cycles - cycles_before, performed)
+        return RunReport(n, +exits, self._cycles() - cycles_before, performed)
+
+    def _cycles(self) -> int:
+        """The engine cycles of every vCPU the loop runs."""
+        return sum(v.stats.cycles for v in self.vcpus)
 
     def _deliver(
         self, record: Record, position: int, operand: int | None = None, on: int | None = None
