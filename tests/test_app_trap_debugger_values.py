@@ -8,12 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eptlab.apps.heap_guest import DIRECT_MAP_BASE, HeapGuest, program_site
+from eptlab.apps.heap_guest import HeapGuest, program_site
 from eptlab.apps.heap_program import HeapProgram, HeapWorkload, parse_mix
 from eptlab.apps.trap_debugger import Ownership, TrapDebugger
 from eptlab.apps.trap_score import filter_outcomes
 from eptlab.errors import ConfigError
 from eptlab.experiments.trap_debugger import Config, ConfigRun, TrapDebuggerParams, run_config
+from eptlab.guest import DIRECT_MAP_BASE
 from eptlab.hv.guest_runner import GuestRunner
 
 PAGES = 64

@@ -209,94 +209,91 @@ class HeapProgram:
         the reports are left out."""
         if not 1 <= batch <= RING_SLOTS:
             raise ConfigError("batch", f"must be in 1..{RING_SLOTS} (the ring's slots)")
-        gvas: list[npt.NDArray[np.int64]] = []
-        kinds: list[npt.NDArray[np.int8]] = []
-        sites: list[npt.NDArray[np.int64]] = []
-        cpus: list[npt.NDArray[np.int8]] = []
-        one_gva: list[int] = []
-        one_kind: list[int] = []
-        one_site: list[int] = []
-        one_cpu: list[int] = []
-        values: dict[int, int] = {}
-        calls: dict[int, Vmcall] = {}
-        firings: dict[int, tuple[int, int]] = {}
-        peeks: dict[int, tuple[int, int]] = {}
         writers = [b for b in self.bugs if not b.read]
         readers = [b for b in self.bugs if b.read]
-        positions: list[list[int]] = [[] for _ in writers]
-        read_positions: list[list[int]] = [[] for _ in readers]
-        pos = 0
+        out = _Columns(len(writers), len(readers))
         count = flushed = 0
         ring = _DM + self.ring
-
-        def flush() -> None:
-            if one_gva:
-                gvas.append(np.array(one_gva, np.int64))
-                kinds.append(np.array(one_kind, np.int8))
-                sites.append(np.array(one_site, np.int64))
-                cpus.append(np.array(one_cpu, np.int8))
-                for column in (one_gva, one_kind, one_site, one_cpu):
-                    column.clear()
-
         for seg in self.segments:
-            op, a, b, c = seg.op, seg.a, seg.b, seg.c
-            if op == "touch":
-                flush()
-                gva, kind, site, stored = self.touches[a]
-                for i in np.flatnonzero(kind == 1).tolist():
-                    values[pos + i] = int(stored[i])
-                gvas.append(gva)
-                kinds.append(kind)
-                sites.append(site)
-                cpus.append(np.full(len(gva), seg.cpu, np.int8))
-                pos += len(gva)
-                continue
-            if op == "event":
-                if not notify:
-                    continue
+            if seg.op == "touch":
+                out.burst(self.touches[seg.a], seg.cpu)
+            elif seg.op != "event":
+                out.single(seg)
+            elif notify:
                 count += 1
-                one_gva.extend((ring + 8 * (1 + (count - 1) % RING_SLOTS), ring))
-                one_kind.extend((1, 1))
-                one_site.extend((ALLOC_SITES["ring"], ALLOC_SITES["head"]))
-                one_cpu.extend((seg.cpu, seg.cpu))
-                values[pos], values[pos + 1] = a, count
-                pos += 2
+                slot = ring + 8 * (1 + (count - 1) % RING_SLOTS)
+                out.store(slot, seg.a, ALLOC_SITES["ring"], seg.cpu)
+                out.store(ring, count, ALLOC_SITES["head"], seg.cpu)
                 if count - flushed >= batch:
-                    calls[pos] = Vmcall(FLUSH_HYPERCALL, (count,))
+                    out.calls[out.pos] = Vmcall(FLUSH_HYPERCALL, (count,))
                     flushed = count
-                continue
-            one_gva.append(_DM + a)
-            one_kind.append(0 if op in ("read", "peek") else 1)
-            one_site.append(seg.site)
-            one_cpu.append(seg.cpu)
-            if op in ("store", "fire"):
-                values[pos] = b
-            if op == "fire":
-                firings[pos] = (c, a)
-                positions[c].append(pos)
-            elif op == "peek":
-                peeks[pos] = (c, a)
-                read_positions[c].append(pos)
-            pos += 1
-        flush()
-        gva_all = np.concatenate(gvas) if gvas else np.zeros(0, np.int64)
-        kind_all = np.concatenate(kinds) if kinds else np.zeros(0, np.int8)
         text = self.text - (1 << 64) if self.text >= 1 << 63 else self.text  # signed, as GVAs
-        ip_all = np.concatenate(sites) + np.int64(text) if sites else np.zeros(0, np.int64)
-        cpu_all = np.concatenate(cpus) if cpus else np.zeros(0, np.int8)
+        return out.stream(
+            text, [b.value_class for b in writers], [self.text + b.site for b in writers]
+        )
+
+
+class _Columns:
+    """The stream's columns as :meth:`HeapProgram.layout` builds them, segment by segment."""
+
+    def __init__(self, writers: int, readers: int) -> None:
+        self.parts: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int8],
+                               npt.NDArray[np.int64], npt.NDArray[np.int8]]] = []
+        self.one: list[tuple[int, int, int, int]] = []  # single accesses not yet in a part
+        self.values: dict[int, int] = {}
+        self.calls: dict[int, Vmcall] = {}
+        self.firings: dict[int, tuple[int, int]] = {}
+        self.peeks: dict[int, tuple[int, int]] = {}
+        self.positions: list[list[int]] = [[] for _ in range(writers)]
+        self.read_positions: list[list[int]] = [[] for _ in range(readers)]
+        self.pos = 0
+
+    def _flush(self) -> None:
+        if self.one:
+            gva, kind, site, cpu = zip(*self.one, strict=True)
+            self.parts.append((np.array(gva, np.int64), np.array(kind, np.int8),
+                               np.array(site, np.int64), np.array(cpu, np.int8)))
+            self.one.clear()
+
+    def burst(self, touch: Touch, cpu: int) -> None:
+        self._flush()
+        gva, kind, site, stored = touch
+        for i in np.flatnonzero(kind == 1).tolist():
+            self.values[self.pos + i] = int(stored[i])
+        self.parts.append((gva, kind, site, np.full(len(gva), cpu, np.int8)))
+        self.pos += len(gva)
+
+    def store(self, gva: int, value: int, site: int, cpu: int) -> None:
+        self.one.append((gva, 1, site, cpu))
+        self.values[self.pos] = value
+        self.pos += 1
+
+    def single(self, seg: Segment) -> None:
+        """A store, read, bug write (``fire``) or bug read (``peek``)."""
+        if seg.op in ("store", "fire"):
+            if seg.op == "fire":
+                self.firings[self.pos] = (seg.c, seg.a)
+                self.positions[seg.c].append(self.pos)
+            self.store(_DM + seg.a, seg.b, seg.site, seg.cpu)
+            return
+        if seg.op == "peek":
+            self.peeks[self.pos] = (seg.c, seg.a)
+            self.read_positions[seg.c].append(self.pos)
+        self.one.append((_DM + seg.a, 0, seg.site, seg.cpu))
+        self.pos += 1
+
+    def stream(self, text: int, bug_class: list[str], bug_ip: list[int]) -> TrapStream:
+        self._flush()
+        columns = list(zip(*self.parts, strict=True)) if self.parts else None
+        if columns is None:
+            empty = np.zeros(0, np.int64)
+            gva, kind, ip, cpu = empty, empty.astype(np.int8), empty, empty.astype(np.int8)
+        else:
+            gva, kind = np.concatenate(columns[0]), np.concatenate(columns[1])
+            ip, cpu = np.concatenate(columns[2]) + np.int64(text), np.concatenate(columns[3])
         return TrapStream(
-            gva_all,
-            kind_all,
-            values,
-            calls,
-            firings,
-            positions,
-            ip_all,
-            cpu_all,
-            [b.value_class for b in writers],
-            [self.text + b.site for b in writers],
-            peeks,
-            read_positions,
+            gva, kind, self.values, self.calls, self.firings, self.positions, ip, cpu,
+            bug_class, bug_ip, self.peeks, self.read_positions,
         )
 
 
