@@ -29,6 +29,11 @@ Two exits the hypervisor arms for itself come from the loop, delivered through
 unless ``final_timer`` is False. Guest hypercalls sit in the stream too (``calls``: position ->
 :class:`Vmcall`, executed before the access at that position).
 
+A chunk writes its stores' values when it returns, so an access that depends on an earlier
+store's value in the same chunk (a walk through a page-table entry the stream just wrote) would
+not see it: ``barriers`` are positions where a chunk ends, so every store before them is in
+memory when the access at the barrier runs.
+
 Several vCPUs of one VM may share the stream (``vcpus``, and ``cpu``: per access, the index of
 the vCPU that runs it); an exit is delivered on the vCPU whose access exited. The stream may
 also say which instruction made each access (``ip``: the guest RIP per access); the loop writes
@@ -39,7 +44,7 @@ the guest RIP in the VMCS guest-state area on every VM exit (SDM Vol. 3C §25.4.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -107,6 +112,7 @@ class GuestRunner:
         period: int = 50_000,
         final_timer: bool = True,
         progress: Callable[[int], None] | None = None,
+        barriers: Iterable[int] = (),
         cpu: npt.NDArray[np.integer] | None = None,
         ip: npt.NDArray[np.int64] | None = None,
     ) -> RunReport:
@@ -135,7 +141,7 @@ class GuestRunner:
         exits_before = Counter(self.hv.exits)
         cycles_before = self._cycles()
         performed: dict[int, int] = {}
-        stops = sorted(calls)
+        stops = sorted(set(calls) | {b for b in barriers if 0 < b < n})
         s = 0
         pos = 0
         stopped = False
@@ -144,7 +150,7 @@ class GuestRunner:
                 s += 1
             if s < len(stops) and stops[s] == pos:
                 s += 1
-                if self._deliver(calls[pos], pos) is ExitAction.STOP:
+                if pos in calls and self._deliver(calls[pos], pos) is ExitAction.STOP:
                     break
             next_call = stops[s] if s < len(stops) else n
             end = min(n, (pos // period + 1) * period, max(next_call, pos + 1))
