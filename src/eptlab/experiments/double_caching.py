@@ -550,17 +550,17 @@ def _paths_figure(summary: pd.DataFrame, params: DoubleCachingParams) -> Figure:
     init0 = params.init_on_alloc[0]
 
     def label(r: Any) -> str:
-        parts = [str(r.path), f"host {r.host_cache}"]
+        parts = ["blk" if r.path == "virtio-blk" else "dax", f"host {r.host_cache}"]
         if r.path == "virtio-blk" and r.init_on_alloc != init0:
-            parts.append(f"init_on_alloc={r.init_on_alloc}")
+            parts.append(f"init {r.init_on_alloc}")
         if r.host_readahead_kib:
-            parts.append(f"readahead {r.host_readahead_kib} KiB")
-        return "\n".join(parts)
+            parts.append(f"ra {r.host_readahead_kib}K")
+        return " ".join(parts)
 
     labels = [label(r) for r in rows.itertuples()]
     colors = ["C0" if p == "virtio-blk" else "C3" for p in rows["path"]]
     x = np.arange(len(rows))
-    figure = Figure(figsize=(16, 5.8))
+    figure = Figure(figsize=(16, 6.5))
     axes = figure.subplots(1, 4)
     panels = [
         ("ept_violations", "EPT violations (DAX: on the window)", False),
@@ -579,10 +579,11 @@ def _paths_figure(summary: pd.DataFrame, params: DoubleCachingParams) -> Figure:
                        label="of which file data held twice")
             ax.legend(fontsize=7)
         ax.set_title(title, fontsize=10)
-        ax.set_xticks(x, labels, fontsize=6, rotation=90)
+        ax.set_xticks(x, labels, fontsize=7, rotation=90)
     figure.suptitle(
-        f"virtio-blk (blue) against a DAX window (red): a cold guest reads {params.file_mib} MiB "
-        "(mean, 95% interval)", fontsize=11,
+        f"virtio-blk (blk, blue) against a DAX window (red): a cold guest reads "
+        f"{params.file_mib} MiB (mean, 95% interval; init: init_on_alloc, ra: host readahead)",
+        fontsize=11,
     )
     figure.tight_layout()
     return figure
