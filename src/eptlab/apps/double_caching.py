@@ -42,6 +42,7 @@ pages are the host cache's own frames.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -83,7 +84,7 @@ def _kernel_chunk(addresses: list[int], kind: Access) -> TraceChunk:
     return TraceChunk(a, np.full(len(a), int(kind), np.int8), np.full(len(a), 8, np.int32))
 
 
-class FileReader:
+class FileReader(ABC):
     """The guest side common to both paths: files laid out on the disk in extents, a user
     buffer of one ``window`` (the size of each ``read()`` call), the read loop."""
 
@@ -139,8 +140,9 @@ class FileReader:
                 self.pages_read += -(-(offset + length) // PAGE_SIZE) - offset // PAGE_SIZE
                 yield from self._read_window(name, offset, length)
 
+    @abstractmethod
     def _read_window(self, name: str, offset: int, length: int) -> Iterator[Segment]:
-        raise NotImplementedError
+        """The vCPU program of one ``read()`` call: ``length`` bytes of ``name`` at ``offset``."""
 
 
 class GuestFileReader(FileReader):
