@@ -28,7 +28,7 @@ from __future__ import annotations
 from ..arch.bits import PAGE_SHIFT, PAGE_SIZE, PageSize
 from ..arch.exits import EptViolation, ExitReason
 from ..errors import ConfigError
-from ..hv import VM, Exit
+from ..hv import VM, Exit, ExitAction
 from ..hv.costs import hv_costs
 from ..hv.vm import NOT_PRESENT
 from .disk import Disk
@@ -72,15 +72,15 @@ class DaxWindow:
         """Whether the window maps the cached block ``key`` (``drop_caches`` keeps it)."""
         return key[0] == self.disk.image and key[1] in self.mapped
 
-    def handle(self, exit_: Exit) -> bool:
+    def handle(self, exit_: Exit) -> ExitAction | None:
         """EPT-violation handler for the window: fault the block into the host cache (a hit, or
         a disk read) and map the cache's frame."""
         record = exit_.record
         if not isinstance(record, EptViolation) or exit_.vcpu.vm is not self.vm:
-            return False
+            return None
         gpa = record.gpa
         if not self.base <= gpa < self.base + self.size or record.qualification & NOT_PRESENT:
-            return False  # not the window, or a permission fault (a write: not modelled)
+            return None  # not the window, or a permission fault (a write: not modelled)
         block = (gpa - self.base) >> PAGE_SHIFT
         c, key = self.counters, self.key(block)
         c.requests += 1
@@ -108,7 +108,7 @@ class DaxWindow:
         self.touched.append(block)
         c.blocks += 1
         self.vm.counters["dax_faults"] += 1
-        return True
+        return ExitAction.RETRY  # the access runs again, now mapped
 
     def _evicted(self, key: Key, hpa: int) -> None:
         """Host reclaim of a mapped block: unmap it from the EPT and invalidate."""

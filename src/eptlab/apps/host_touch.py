@@ -21,7 +21,7 @@ from __future__ import annotations
 from ..arch.bits import PAGE_SIZE
 from ..arch.exits import EptViolation, ExitReason
 from ..errors import AddressError
-from ..hv import VM, Exit
+from ..hv import VM, Exit, ExitAction
 
 
 class HostTouch:
@@ -52,22 +52,22 @@ class HostTouch:
             self.vm.counters["host_touch_backings"] += 1
         return self.pending[base] + (gpa - base), backed
 
-    def handle(self, exit_: Exit) -> bool:
+    def handle(self, exit_: Exit) -> ExitAction | None:
         """EPT-violation handler: the guest's first access to a block the host backed maps the
         host's frame (the EPT leaf takes over the pending reference)."""
         record = exit_.record
         if not isinstance(record, EptViolation) or exit_.vcpu.vm is not self.vm:
-            return False
+            return None
         size = self.vm.backing
         base = record.gpa & ~(size - 1)
         hpa = self.pending.pop(base, None)
         if hpa is None:
-            return False
+            return None
         self.vm.ept.map(base, size, hpa=hpa)  # one more reference: the EPT leaf's
         self.vm.hv.host.release(hpa, size)  # the pending one goes
         self.mapped.append(base)
         self.vm.counters["host_touch_mappings"] += 1
-        return True
+        return ExitAction.RETRY  # the access runs again, now mapped
 
     @property
     def pending_pages(self) -> int:
