@@ -30,7 +30,7 @@ SMALL: dict[str, dict[str, str]] = {
                            "remaps": "2"},
     # the files' places on the disk (the seed) show in the hard disk's seeks
     "double-caching": {"files": "2", "file_mib": "2", "guest_mib": "96", "host_cache_mib": "8",
-                       "disks": "hdd"},
+                       "disks": "hdd", "guest_caches": "cold"},
     "aslr-side-channel": {"trials": "3", "secret_bits": "8", "observations": "0,4",
                           "footprint_mib": "8", "accesses": "4000", "warmup": "1000",
                           "llc_sets": "2048"},

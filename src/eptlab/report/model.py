@@ -63,6 +63,14 @@ BY_CONSTRUCTION: dict[str, list[str]] = {
         "guest_pages_allocated) follows from lazy backing by construction.",
         "io_ms, ept_ms and guest_ms are counts times profile prices and the profile's disk "
         "latencies and bandwidths; no device or host CPU was timed.",
+        "On the DAX path window_violations equals the distinct window pages read because the "
+        "window is mapped one 4 KiB page per first access; a hit's cost is profile prices, a "
+        "miss adds the disk model's time.",
+        "init_on_alloc=0 leaves the EPT violation count unchanged because the model (like KVM) "
+        "makes the EPT entry only at the guest's first access; the cycles it saves are the "
+        "profile's frame and zeroing prices moved from the exit to the device's host fault.",
+        "Host readahead's cut in disk reads on a sequential read is fixed-window arithmetic "
+        "(one request per missing run plus the window), not a measured readahead policy.",
     ],
     "aslr-side-channel": [
         "The attacker is idealized: it gets one LLC set index per reference (AnC after "
