@@ -62,7 +62,9 @@ from ..apps.cache_attacker import (
     Victim,
     observe,
 )
+from ..apps.cache_sim import CacheSim
 from ..apps.ept_layout import LAYOUTS, EptLayout, back_range, boot, ept_leaf_sizes
+from ..apps.llc_slices import SLICE_HASHES
 from ..arch.bits import PageSize
 from ..errors import ConfigError, EptlabError
 from ..guest import GuestKernel
@@ -71,6 +73,7 @@ from ..memory.layout import check_layout, default_layout, in_layout
 from ..mmu.config import CacheConfig
 from ..traces.model import TraceChunk
 from ..workloads import WORKLOADS, make_workload
+from .aslr_measured import MeasuredTally, measured_trial
 from .base import Progress, Row, check_choices
 from .intervals import (
     OVERLAP,
@@ -86,6 +89,7 @@ from .intervals import (
 )
 
 DEFAULT_SETS = CacheConfig().llc.sets
+ATTACKERS = ("exact", "prime+probe")
 MAX_PROBES = 64  # references of one walk: at most 1 + 5 * 6 + 5 = 36
 KERNEL_MEMORY = 64 << 20  # guest memory besides the workload's footprint
 _2M = int(PageSize.SIZE_2M)
@@ -115,6 +119,11 @@ class AslrSideChannelParams:
     seeds: int = 5
     seed: int = 0
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
+    attackers: tuple[str, ...] = ATTACKERS
+    slice_hashes: tuple[str, ...] = ("off", "maurice-8")  # the prime+probe attacker's LLC
+    pp_trials: int = 4  # trials of the prime+probe attacker (the first of ``trials``' secrets)
+    victim_lines: int = 4  # other lines the victim reads in each round (with their walks)
+    rerandomize_ms: tuple[float, ...] = (0.5, 2.0)  # periods of the re-randomization rows
 
     def __post_init__(self) -> None:
         check_layout(self.layout)
@@ -149,25 +158,47 @@ def check(p: AslrSideChannelParams) -> None:
     if p.guest_page not in ("4k", "2m"):
         raise ConfigError("guest_page", f"{p.guest_page!r} is not 4k or 2m")
     make_workload(p.workload, footprint=p.footprint_mib << 20, seed=p.seed)
+    if not p.attackers or any(a not in ATTACKERS for a in p.attackers):
+        raise ConfigError("attackers", f"{p.attackers}: choose from {', '.join(ATTACKERS)}")
+    if not p.slice_hashes:
+        raise ConfigError("slice_hashes", f"choose from {', '.join(SLICE_HASHES)}")
+    for name in p.slice_hashes:
+        CacheSim(slices=name)  # a known hash, invertible on the LLC's geometry
+    if p.pp_trials < 1:
+        raise ConfigError("pp_trials", f"{p.pp_trials} is not positive")
+    if p.pp_trials > p.trials:
+        raise ConfigError("pp_trials", f"{p.pp_trials} is more than trials ({p.trials})")
+    if not 0 <= p.victim_lines <= 1024:
+        raise ConfigError("victim_lines", f"{p.victim_lines} is not in 0..1024")
+    if any(not 0 < ms <= 1000 for ms in p.rerandomize_ms):
+        raise ConfigError("rerandomize_ms", f"{p.rerandomize_ms}: periods must be in (0, 1000]")
 
 
 # -- the attack -----------------------------------------------------------------------------
 
 
+TallyKey = tuple[int, str, float, int]  # llc_sets, channel, noise, observations
+
+
 @dataclass
 class AttackTally:
-    """Sums over trials of entropy left and success, by (llc_sets, channel, observations)."""
+    """Sums over trials of entropy left, success and expected rank, by (llc_sets, channel,
+    noise, observations)."""
 
     trials: int = 0
-    entropy: dict[tuple[int, str, int], float] = field(default_factory=dict)
-    success: dict[tuple[int, str, int], float] = field(default_factory=dict)
+    entropy: dict[TallyKey, float] = field(default_factory=dict)
+    success: dict[TallyKey, float] = field(default_factory=dict)
+    rank: dict[TallyKey, float] = field(default_factory=dict)
 
-    def add(self, key: tuple[int, str, int], entropy: float, success: float) -> None:
+    def add(self, key: TallyKey, entropy: float, success: float, rank: float = 1.0) -> None:
         self.entropy[key] = self.entropy.get(key, 0.0) + entropy
         self.success[key] = self.success.get(key, 0.0) + success
+        self.rank[key] = self.rank.get(key, 0.0) + rank
 
-    def mean(self, key: tuple[int, str, int]) -> tuple[float, float]:
-        return self.entropy[key] / self.trials, self.success[key] / self.trials
+    def mean(self, key: TallyKey) -> tuple[float, float, float]:
+        """Mean entropy, mean success, log2 of the mean rank (guessing entropy in bits)."""
+        n = self.trials
+        return self.entropy[key] / n, self.success[key] / n, float(np.log2(self.rank[key] / n))
 
 
 def trial_seeds(
@@ -185,6 +216,11 @@ def trial_seeds(
     return slot, shared, layout_seed
 
 
+def noises(p: AslrSideChannelParams) -> tuple[float, ...]:
+    """The exact attacker's noise levels: ``noise``, and 0 (the upper bound) besides."""
+    return (p.noise,) if p.noise == 0 else (p.noise, 0.0)
+
+
 def attack(
     p: AslrSideChannelParams, target: Target, policy: str, progress: Progress | None = None
 ) -> AttackTally:
@@ -198,17 +234,21 @@ def attack(
         victim = Victim.boot(layout, target, slot, seed=layout_seed)
         access = victim.access()
         draws = NoiseDraws.draw(shared, count, MAX_PROBES, p.noise)
-        for sets in p.llc_sets:
-            index = SetIndex(sets)
-            observations = observe(access, index, draws)
-            for channel in p.channels:
-                attacker = Attacker(
-                    target, layout, victim.laid.offset, index, access.probes,
-                    channel=channel, noise=p.noise,
-                )
-                for belief in attacker.beliefs(observations, checkpoints):
-                    key = (sets, channel, belief.observations)
-                    tally.add(key, belief.entropy_bits, belief.success(slot))
+        for noise in noises(p):
+            # the noiseless attacker (the bound) sees the same measurements, none flipped
+            flips = draws if noise else NoiseDraws(np.zeros_like(draws.flips), draws.values)
+            for sets in p.llc_sets:
+                index = SetIndex(sets)
+                observations = observe(access, index, flips)
+                for channel in p.channels:
+                    attacker = Attacker(
+                        target, layout, victim.laid.offset, index, access.probes,
+                        channel=channel, noise=noise,
+                    )
+                    for belief in attacker.beliefs(observations, checkpoints):
+                        key = (sets, channel, noise, belief.observations)
+                        tally.add(key, belief.entropy_bits, belief.success(slot),
+                                  belief.rank(slot))
         tally.trials += 1
         if progress is not None:
             progress(trial + 1, p.trials)
@@ -289,6 +329,40 @@ def measure_cost(p: AslrSideChannelParams, policy: str) -> LayoutCost:
 # -- the experiment -------------------------------------------------------------------------
 
 
+def measured_runs(
+    p: AslrSideChannelParams, targets: list[Target]
+) -> list[tuple[Target, str, str, float]]:
+    """(target, policy, slice hash, re-randomization period) of each prime+probe run: every
+    target, policy and hash without re-randomization; the periods for the first target and
+    hash."""
+    runs = [(t, policy, h, 0.0) for t in targets for policy in p.policies
+            for h in p.slice_hashes]
+    runs += [(targets[0], policy, p.slice_hashes[0], ms) for ms in p.rerandomize_ms
+             for policy in p.policies]
+    return runs
+
+
+def _row(
+    p: AslrSideChannelParams, target: Target, policy: str, cost: LayoutCost, k: int, trials: int
+) -> Row:
+    """The columns every row has (the exact attacker's defaults for the others)."""
+    return {
+        "attacker": "exact",
+        "policy": policy,
+        "ept_page": cost.ept_page,
+        "target": target.label,
+        "slice_hash": "off",
+        "rerandomize_ms": 0.0,
+        "observations": k,
+        "trials": trials,
+        "entropy_bits_before": float(target.bits),
+        "tlb_miss_rate": round(cost.tlb_miss_rate, 5),
+        "walk_refs_per_access": round(cost.walk_refs_per_access, 3),
+        "cycles_per_access": round(cost.cycles_per_access, 2),
+    }
+
+
+
 class AslrSideChannel:
     name: ClassVar[str] = "aslr-side-channel"
     question: ClassVar[str] = (
@@ -303,8 +377,8 @@ class AslrSideChannel:
         "seeds": "3",
     }
     keys: ClassVar[tuple[str, ...]] = (
-        "policy", "ept_page", "target", "channel", "llc_sets", "index_bits", "noise",
-        "observations", "trials",
+        "attacker", "policy", "ept_page", "target", "channel", "llc_sets", "index_bits",
+        "noise", "slice_hash", "rerandomize_ms", "observations", "trials",
     )
 
     def rows(self, params: AslrSideChannelParams, progress: Progress) -> Iterator[Row]:
@@ -314,7 +388,10 @@ class AslrSideChannel:
     def _layout_rows(self, params: AslrSideChannelParams, progress: Progress) -> Iterator[Row]:
         check(params)
         targets = [Target.named(t, params.secret_bits) for t in params.targets]
-        total = len(params.policies) * (1 + len(targets) * params.trials)
+        exact = "exact" in params.attackers
+        runs = measured_runs(params, targets) if "prime+probe" in params.attackers else []
+        total = len(params.policies) * (1 + len(targets) * params.trials * exact) + len(
+            runs) * params.pp_trials
         done = 0
         progress(done, total)
         costs: dict[str, LayoutCost] = {}
@@ -322,7 +399,7 @@ class AslrSideChannel:
             costs[policy] = measure_cost(params, policy)
             done += 1
             progress(done, total)
-        for target in targets:
+        for target in targets if exact else []:
             for policy in params.policies:
                 base = done
 
@@ -332,33 +409,41 @@ class AslrSideChannel:
                 tally = attack(params, target, policy, report)
                 done += params.trials
                 yield from self._rows(params, target, policy, tally, costs[policy])
+        checkpoints = tuple(params.observations)
+        for target, policy, slice_hash, period in runs:
+            measured = MeasuredTally()
+            for trial in range(params.pp_trials):
+                slot, _, layout_seed = trial_seeds(params, target, policy, trial)
+                measured_trial(target, policy, slice_hash, slot, layout_seed,
+                               checkpoints=checkpoints, victim_lines=params.victim_lines,
+                               period_ms=period, tally=measured)
+                done += 1
+                progress(done, total)
+            for k in params.observations:
+                row = _row(params, target, policy, costs[policy], k, measured.trials)
+                row.update(attacker="prime+probe", channel="l1+llc", llc_sets=DEFAULT_SETS,
+                           index_bits=SetIndex(DEFAULT_SETS).label, noise=float("nan"),
+                           slice_hash=slice_hash, rerandomize_ms=period,
+                           entropy_bits_after=float("nan"), **measured.row(k))
+                yield row
 
     @staticmethod
     def _rows(
         p: AslrSideChannelParams, target: Target, policy: str, tally: AttackTally,
         cost: LayoutCost,
     ) -> Iterator[Row]:
-        for channel in p.channels:
-            for sets in p.llc_sets:
-                for k in p.observations:
-                    entropy, success = tally.mean((sets, channel, k))
-                    yield {
-                        "policy": policy,
-                        "ept_page": cost.ept_page,
-                        "target": target.label,
-                        "channel": channel,
-                        "llc_sets": sets,
-                        "index_bits": SetIndex(sets).label,
-                        "noise": p.noise,
-                        "observations": k,
-                        "trials": tally.trials,
-                        "entropy_bits_before": float(target.bits),
-                        "entropy_bits_after": round(entropy, 4),
-                        "success_rate": round(success, 6),
-                        "tlb_miss_rate": round(cost.tlb_miss_rate, 5),
-                        "walk_refs_per_access": round(cost.walk_refs_per_access, 3),
-                        "cycles_per_access": round(cost.cycles_per_access, 2),
-                    }
+        for noise in noises(p):
+            for channel in p.channels:
+                for sets in p.llc_sets:
+                    for k in p.observations:
+                        entropy, success, guessing = tally.mean((sets, channel, noise, k))
+                        row = _row(p, target, policy, cost, k, tally.trials)
+                        row.update(channel=channel, llc_sets=sets, noise=noise,
+                                   index_bits=SetIndex(sets).label,
+                                   entropy_bits_after=round(entropy, 4),
+                                   success_rate=round(success, 6),
+                                   guessing_bits=round(guessing, 4))
+                        yield row
 
     def interpret(self, table: pd.DataFrame, params: AslrSideChannelParams) -> list[str]:
         last = table[table.observations == table.observations.max()]
