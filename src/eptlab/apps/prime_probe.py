@@ -54,14 +54,17 @@ class Knowledge:
     llc_sets: int
     llc_ways: int
     latencies: tuple[int, int, int, int]  # L1, L2, LLC, DRAM hit, in cycles
-    buffer_gva: int
-    chunks: int
+    chunk_gvas: tuple[int, ...]
+
+    @property
+    def chunks(self) -> int:
+        return len(self.chunk_gvas)
 
     def line(self, chunk: int, offset: int) -> int:
         """The GVA at byte ``offset`` of buffer chunk ``chunk``."""
         if not 0 <= chunk < self.chunks or not 0 <= offset < CHUNK:
             raise ConfigError("buffer", f"chunk {chunk} offset {offset:#x} is outside the buffer")
-        return self.buffer_gva + chunk * CHUNK + offset
+        return self.chunk_gvas[chunk] + offset
 
 
 class Machine:
@@ -73,7 +76,6 @@ class Machine:
         self,
         victim: Victim,
         sim: CacheSim,
-        buffer_gpa: int,
         chunks: int,
         *,
         victim_lines: int,
@@ -84,7 +86,6 @@ class Machine:
         if victim_lines < 0:
             raise ConfigError("victim_lines", f"{victim_lines} is negative")
         self.victim, self.sim, self.rerandomizer = victim, sim, rerandomizer
-        self.buffer_gpa, self.chunks = buffer_gpa, chunks
         self.victim_lines = victim_lines
         self.rng = np.random.default_rng([seed, 0x71C7])
         self.clock = 0
@@ -96,6 +97,9 @@ class Machine:
         self._labels: dict[int, tuple[int, int]] = {}  # GVA line -> (label, EPT entry label)
         vcpu = vm.vcpus[0]
         kernel = victim.kernel
+        # the attacker's buffer: 2 MiB blocks from the guest kernel (a huge-page mapping)
+        self.chunk_gpas = tuple(kernel.frames.alloc(PageSize.SIZE_2M) for _ in range(chunks))
+        self._chunk_set = {gpa // CHUNK for gpa in self.chunk_gpas}
         self._pages = [kernel.frames.alloc(PageSize.SIZE_4K) for _ in range(working_set)]
         for gpa in self._pages:  # the victim's working set, backed and in the direct map
             vcpu.write_u64(DIRECT_MAP_BASE + gpa, 1)
@@ -109,7 +113,7 @@ class Machine:
         got = self._labels.get(gva)
         if got is None:
             gpa = gva - DIRECT_MAP_BASE
-            if not self.buffer_gpa <= gpa < self.buffer_gpa + self.chunks * CHUNK:
+            if gpa // CHUNK not in self._chunk_set:
                 raise ConfigError("gva", f"{gva:#x} is not in the attacker's buffer")
             vm = self.victim.laid.vm
             hpa = vm.host_address(gpa)  # backs the page on first touch (lazy backing)
@@ -117,6 +121,11 @@ class Machine:
             got = (self.sim.label(hpa), ept)
             self._labels[gva] = got
         return got
+
+    @property
+    def chunk_gvas(self) -> tuple[int, ...]:
+        """Where the attacker's buffer chunks are in the direct map."""
+        return tuple(DIRECT_MAP_BASE + gpa for gpa in self.chunk_gpas)
 
     def time(self, gvas: Sequence[int]) -> list[int]:
         """Perform the attacker's reads of ``gvas`` in order; each one's latency."""

@@ -24,9 +24,13 @@ from ..apps.prime_probe import CHUNK, Knowledge, Machine, Oracle
 from ..apps.rerandomize import MigrationCounts, Rerandomizer
 from ..costs import active_profile
 from ..errors import ConfigError
-from ..guest import DIRECT_MAP_BASE
 
 WORKING_SET = 16  # 4 KiB pages the victim's other reads fall in
+MEASURED_COLUMNS = (
+    "guessing_bits", "success_rate", "evsets", "l1_sets", "build_accesses",
+    "probe_cycles_per_round", "migrations", "pages_migrated", "bytes_copied", "migration_exits",
+    "invepts", "tlb_misses", "rerandomize_cycles", "rerandomize_overhead_pct",
+)
 
 
 def buffer_chunks(slice_hash: CacheSim | str, ways: int) -> int:
@@ -109,18 +113,18 @@ def measured_trial(
     sim = CacheSim(slices=slice_hash)
     config = sim.config
     chunks = buffer_chunks(sim, config.llc.ways)
-    victim = Victim.boot(layout, target, slot, seed=layout_seed, extra_memory=chunks * CHUNK)
-    buffer_gpa = target.memory
+    victim = Victim.boot(layout, target, slot, seed=layout_seed,
+                         extra_memory=(chunks + WORKING_SET) * CHUNK)
     rerandomizer = None
     if period_ms > 0:
         rerandomizer = Rerandomizer(victim.laid, target.window, target.size,
                                     ms_to_cycles(period_ms), seed=layout_seed)
-    machine = Machine(victim, sim, buffer_gpa, chunks, victim_lines=victim_lines,
+    machine = Machine(victim, sim, chunks, victim_lines=victim_lines,
                       working_set=WORKING_SET, seed=layout_seed, rerandomizer=rerandomizer)
     probes = victim.access().probes  # the walk's shape: which references, no addresses
     know = Knowledge(
         target, layout, victim.laid.offset, probes, slice_hash, config.l1.ways,
-        config.llc.sets, config.llc.ways, sim.latency, DIRECT_MAP_BASE + buffer_gpa, chunks,
+        config.llc.sets, config.llc.ways, sim.latency, machine.chunk_gvas,
     )
     attacker = PrimeProbeAttacker(know, Oracle(machine))
     attacker.build()

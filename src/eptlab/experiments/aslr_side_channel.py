@@ -73,7 +73,8 @@ from ..memory.layout import check_layout, default_layout, in_layout
 from ..mmu.config import CacheConfig
 from ..traces.model import TraceChunk
 from ..workloads import WORKLOADS, make_workload
-from .aslr_measured import MeasuredTally, measured_trial
+from .aslr_measured import MEASURED_COLUMNS, MeasuredTally, measured_trial
+from .aslr_readings import measured_figure, measured_readings
 from .base import Progress, Row, check_choices
 from .intervals import (
     OVERLAP,
@@ -121,9 +122,9 @@ class AslrSideChannelParams:
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
     attackers: tuple[str, ...] = ATTACKERS
     slice_hashes: tuple[str, ...] = ("off", "maurice-8")  # the prime+probe attacker's LLC
-    pp_trials: int = 4  # trials of the prime+probe attacker (the first of ``trials``' secrets)
+    pp_trials: int = 3  # trials of the prime+probe attacker (the first of ``trials``' secrets)
     victim_lines: int = 4  # other lines the victim reads in each round (with their walks)
-    rerandomize_ms: tuple[float, ...] = (0.5, 2.0)  # periods of the re-randomization rows
+    rerandomize_ms: tuple[float, ...] = (0.5,)  # periods of the re-randomization rows
 
     def __post_init__(self) -> None:
         check_layout(self.layout)
@@ -329,37 +330,53 @@ def measure_cost(p: AslrSideChannelParams, policy: str) -> LayoutCost:
 # -- the experiment -------------------------------------------------------------------------
 
 
+def exact_view(table: pd.DataFrame, p: AslrSideChannelParams) -> pd.DataFrame:
+    """The exact attacker's rows at ``noise`` (what the exact readings and figure show)."""
+    if "attacker" not in table:
+        return table
+    return table[(table.attacker == "exact") & (table.noise == p.noise)]
+
+
 def measured_runs(
     p: AslrSideChannelParams, targets: list[Target]
 ) -> list[tuple[Target, str, str, float]]:
     """(target, policy, slice hash, re-randomization period) of each prime+probe run: every
-    target, policy and hash without re-randomization; the periods for the first target and
-    hash."""
+    target, policy and hash without re-randomization; the periods for the first target."""
     runs = [(t, policy, h, 0.0) for t in targets for policy in p.policies
             for h in p.slice_hashes]
-    runs += [(targets[0], policy, p.slice_hashes[0], ms) for ms in p.rerandomize_ms
-             for policy in p.policies]
+    runs += [(targets[0], policy, h, ms) for ms in p.rerandomize_ms
+             for policy in p.policies for h in p.slice_hashes]
     return runs
 
 
 def _row(
     p: AslrSideChannelParams, target: Target, policy: str, cost: LayoutCost, k: int, trials: int
 ) -> Row:
-    """The columns every row has (the exact attacker's defaults for the others)."""
-    return {
+    """Every column, in order (the exact attacker's defaults; NaN where not measured)."""
+    nan = float("nan")
+    row: Row = {
         "attacker": "exact",
         "policy": policy,
         "ept_page": cost.ept_page,
         "target": target.label,
+        "channel": "",
+        "llc_sets": 0,
+        "index_bits": "",
+        "noise": nan,
         "slice_hash": "off",
         "rerandomize_ms": 0.0,
         "observations": k,
         "trials": trials,
         "entropy_bits_before": float(target.bits),
-        "tlb_miss_rate": round(cost.tlb_miss_rate, 5),
-        "walk_refs_per_access": round(cost.walk_refs_per_access, 3),
-        "cycles_per_access": round(cost.cycles_per_access, 2),
+        "entropy_bits_after": nan,
     }
+    row.update(dict.fromkeys(MEASURED_COLUMNS, nan))
+    row.update(
+        tlb_miss_rate=round(cost.tlb_miss_rate, 5),
+        walk_refs_per_access=round(cost.walk_refs_per_access, 3),
+        cycles_per_access=round(cost.cycles_per_access, 2),
+    )
+    return row
 
 
 
@@ -446,6 +463,13 @@ class AslrSideChannel:
                         yield row
 
     def interpret(self, table: pd.DataFrame, params: AslrSideChannelParams) -> list[str]:
+        measured = measured_readings(table)
+        table = exact_view(table, params)
+        if not len(table):
+            return measured
+        return self._exact_readings(table, params) + measured
+
+    def _exact_readings(self, table: pd.DataFrame, params: AslrSideChannelParams) -> list[str]:
         last = table[table.observations == table.observations.max()]
         sets = last.llc_sets.min()
         target = "4k" if "4k" in set(last.target) else last.target.iloc[0]
@@ -504,10 +528,14 @@ class AslrSideChannel:
 
     def figures(self, table: pd.DataFrame, params: AslrSideChannelParams) -> dict[str, Figure]:
         summary = summarize(table, self.keys)
-        return {
-            "aslr-side-channel-entropy": _entropy_figure(summary),
-            "aslr-side-channel-cost": _cost_figure(summary),
-        }
+        out = {}
+        exact = exact_view(summary, params)
+        if len(exact):
+            out["aslr-side-channel-entropy"] = _entropy_figure(exact)
+        if (summary.attacker == "prime+probe").any():
+            out["aslr-side-channel-measured"] = measured_figure(summary)
+        out["aslr-side-channel-cost"] = _cost_figure(summary)
+        return out
 
 
 def _entropy_figure(table: pd.DataFrame) -> Figure:
