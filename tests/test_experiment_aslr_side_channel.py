@@ -23,7 +23,7 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
         "aslr-side-channel",
         {"trials": "6", "secret_bits": "10", "observations": "0,1,4,16", "noise": "0.5",
          "footprint_mib": "32", "accesses": "20000", "warmup": "5000",
-         "llc_sets": f"{SETS},{WIDE}", "seeds": "1"},
+         "llc_sets": f"{SETS},{WIDE}", "seeds": "1", "attackers": "exact"},
         out,
         show_progress=False,
     )
@@ -31,7 +31,10 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
         assert (out / f"aslr-side-channel{suffix}").exists()
     for stem in ("aslr-side-channel-entropy", "aslr-side-channel-cost"):
         assert (out / f"{stem}.png").stat().st_size > 1000
-    return result.table
+    full = result.table
+    assert set(full.attacker) == {"exact"}
+    assert set(full.noise) == {0.5, 0.0}  # the noiseless bound rides along
+    return full[full.noise == 0.5]
 
 
 def pick(t: pd.DataFrame, policy: str, target: str, channel: str, sets: int) -> pd.DataFrame:
@@ -116,7 +119,8 @@ def test_cost_layouts_have_the_ept_leaves_they_promise() -> None:
 @pytest.mark.parametrize("override", [
     "policies=linear,random-1g", "targets=1g", "llc_sets=1000", "channels=tlb", "noise=1.5",
     "trials=0", "secret_bits=0", "secret_bits=17", "footprint_mib=3", "guest_page=1g",
-    "observations=-1", "workload=nope",
+    "observations=-1", "workload=nope", "attackers=spy", "slice_hashes=maurice-3",
+    "pp_trials=0", "victim_lines=-1", "rerandomize_ms=0",
 ])
 def test_bad_parameters_are_refused_and_write_nothing(override: str, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
