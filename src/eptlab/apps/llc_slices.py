@@ -53,6 +53,7 @@ class SliceHash:
 
     @property
     def slices(self) -> int:
+        """How many slices."""
         return 1 << self.bits
 
     @property

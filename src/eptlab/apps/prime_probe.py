@@ -58,6 +58,7 @@ class Knowledge:
 
     @property
     def chunks(self) -> int:
+        """How many 2 MiB chunks the buffer has."""
         return len(self.chunk_gvas)
 
     def line(self, chunk: int, offset: int) -> int:

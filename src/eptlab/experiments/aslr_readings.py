@@ -1,4 +1,4 @@
-"""aslr-side-channel: the readings and the figure of the prime+probe and re-randomization rows
+"""aslr-side-channel: its figures, and the readings of the prime+probe and re-randomization rows
 (computed from the rows; see :mod:`eptlab.experiments.aslr_measured`)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .intervals import OVERLAP, by_seed, change, column, interval, yerr
+from .intervals import OVERLAP, bars, by_seed, change, column, interval, yerr
 
 PP = "prime+probe"
 
@@ -124,4 +124,79 @@ def measured_figure(table: pd.DataFrame) -> Figure:
                     "(mean, 95% interval over seeds)", fontsize=9)
     figure.tight_layout(rect=(0, 0.12, 1, 0.93))
     figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+    return figure
+
+
+def entropy_figure(table: pd.DataFrame) -> Figure:
+    targets = list(dict.fromkeys(table["target"]))
+    panels = list(dict.fromkeys(zip(table["channel"], table["llc_sets"], table["index_bits"],
+                                    strict=True)))
+    policies = list(dict.fromkeys(table["policy"]))
+    figure = Figure(figsize=(3.4 * len(panels), 3.0 * len(targets) + 0.6))
+    axes = np.atleast_2d(figure.subplots(len(targets), len(panels), squeeze=False))
+    for r, target in enumerate(targets):
+        for c, (channel, sets, bits) in enumerate(panels):
+            ax = axes[r, c]
+            rows = table[(table["target"] == target) & (table["channel"] == channel)
+                         & (table["llc_sets"] == sets)]
+            if not len(rows):
+                ax.set_visible(False)
+                continue
+            before = float(rows["entropy_bits_before"].iloc[0])
+            ax.axhline(before, color="grey", linestyle=":", linewidth=1)
+            for i, policy in enumerate(policies):
+                own = rows[rows["policy"] == policy].sort_values("observations")
+                if not len(own):
+                    continue
+                x, y = own["observations"].to_numpy(), own["entropy_bits_after"].to_numpy()
+                # overlapping curves stay visible: wide solid, dashed, dotted on top; error
+                # bars: the 95% interval over seeds
+                ax.errorbar(x, y, yerr=yerr(column(own, "entropy_bits_after")),
+                            marker="os^D"[i % 4], markersize=3, color=f"C{i}", label=policy,
+                            linestyle=("-", "--", ":", "-.")[i % 4],
+                            linewidth=3.0 - 0.8 * (i % 3), capsize=2, elinewidth=0.8)
+                last = own.iloc[-1]
+                ax.annotate(f"{last['success_rate']:.2f}", (x[-1], y[-1]), fontsize=7,
+                            color=f"C{i}", xytext=(3, 2 - 9 * i), textcoords="offset points")
+            ticks = sorted(set(rows["observations"]))
+            ax.set_xscale("symlog", linthresh=1)
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
+            ax.set_ylim(-0.3, before + 0.8)
+            ax.set_title(f"{target} target, {channel}, LLC HPA {bits}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if c == 0:
+                ax.set_ylabel("entropy left (bits)", fontsize=8)
+            if r == len(targets) - 1:
+                ax.set_xlabel("measurements", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    noise = float(table["noise"].iloc[0])
+    figure.suptitle(f"guest-physical ASLR left to an AnC-style attacker (noise {noise}); "
+                    "numbers: success rate at the last point (means, 95% intervals)", fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 0.90))
+    figure.legend(handles, labels, loc="upper center", ncol=len(policies), fontsize=8,
+                  bbox_to_anchor=(0.5, 0.955))
+    return figure
+
+
+def cost_figure(table: pd.DataFrame) -> Figure:
+    per_policy = table.drop_duplicates("policy")
+    policies = list(per_policy["policy"])
+    x = np.arange(len(policies))
+    figure = Figure(figsize=(11, 3.6))
+    axes = figure.subplots(1, 3)
+    for ax, (name, title) in zip(axes, (
+        ("tlb_miss_rate", "TLB miss rate"),
+        ("walk_refs_per_access", "walk references per access"),
+        ("cycles_per_access", "cycles per access"),
+    ), strict=True):
+        values = per_policy[name].astype(float).to_numpy()
+        bars(ax, x, column(per_policy, name), color=[f"C{i}" for i in range(len(policies))])
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x, [f"{p}\n(EPT {e})" for p, e in zip(policies, per_policy["ept_page"],
+                                                            strict=True)], fontsize=8)
+        ax.set_title(title, fontsize=9)
+    figure.suptitle("what each EPT layout costs on the workload (mean, 95% interval)", fontsize=10)
+    figure.tight_layout()
     return figure

@@ -19,6 +19,13 @@ Channel ``data`` uses only the data access's set index (the part the EPT layout 
 ``walk+data`` adds every page-walk reference, whose in-page line offset comes from table
 indices (address bits of what is translated: the classic AnC leak, which no layout hides).
 
+Attacker ``exact`` (above) runs at ``noise`` and at noise 0, the upper bound. Attacker
+``prime+probe`` (:mod:`eptlab.experiments.aslr_measured`) is handed no set index: it builds its
+eviction sets from its own timings through the engine's cache model (optionally with an LLC
+slice hash), primes, lets the victim (and its walks, and ``victim_lines`` other reads) run,
+probes, and ranks the slots; ``rerandomize_ms`` adds rows where the hypervisor moves the
+secret's window every period of modelled time.
+
 Costs: the same layouts back a guest whose process runs ``workload`` over ``footprint_mib``
 (pre-faulted, ``guest_page`` guest pages) through the fast engine with the default MMU model;
 ``random-4k`` cannot use 2 MiB EPT pages, so the TLBs hold 4 KiB translations.
@@ -27,17 +34,25 @@ Columns:
 
 | column | meaning |
 |---|---|
+| attacker | `exact` (handed set indices) or `prime+probe` (measures through the cache model) |
 | policy | EPT layout: `linear`, `random-2m`, `random-4k` |
 | ept_page | EPT page size the layout backs guest memory with |
 | target | granule of the secret's slots (`4k`, `2m`) |
-| channel | `data` or `walk+data` |
+| channel | `data` or `walk+data` (exact); `l1+llc` (prime+probe) |
 | llc_sets, index_bits | sets of the probed cache and the HPA bits of its set index |
-| noise | probability that one observed set index is wrong |
+| noise | probability that one observed set index is wrong (exact; 0 is the bound) |
+| slice_hash | LLC slice hash of the prime+probe model (`off`, `maurice-N`) |
+| rerandomize_ms | period of the window's migration (0: none) |
 | observations | measurements the attacker made (k) |
 | trials | random secrets and layouts averaged over |
 | entropy_bits_before | log2 of the number of slots |
 | entropy_bits_after | Shannon entropy of the attacker's posterior after k measurements (mean) |
 | success_rate | probability that the attacker's best guess is the secret (mean) |
+| guessing_bits | log2 of the secret's mean expected rank in the attacker's order of guesses |
+| evsets, l1_sets | eviction sets the prime+probe attacker built (LLC column, L1) |
+| build_accesses, probe_cycles_per_round | its accesses to build them; modelled cycles per round |
+| migrations, pages_migrated, bytes_copied, migration_exits, invepts, tlb_misses | what the re-randomization did per trial |
+| rerandomize_cycles, rerandomize_overhead_pct | their price (cost profile) and share of the modelled time |
 | tlb_miss_rate | the layout's cost: walks per access on the workload |
 | walk_refs_per_access | paging-structure references (guest + EPT) per access |
 | cycles_per_access | cost-model cycles per access (translation + data) |
@@ -63,37 +78,29 @@ from ..apps.cache_attacker import (
     observe,
 )
 from ..apps.cache_sim import CacheSim
-from ..apps.ept_layout import LAYOUTS, EptLayout, back_range, boot, ept_leaf_sizes
+from ..apps.ept_layout import LAYOUTS, EptLayout
 from ..apps.llc_slices import SLICE_HASHES
-from ..arch.bits import PageSize
-from ..errors import ConfigError, EptlabError
-from ..guest import GuestKernel
-from ..hv import Run
-from ..memory.layout import check_layout, default_layout, in_layout
+from ..errors import ConfigError
+from ..memory.layout import check_layout, in_layout
 from ..mmu.config import CacheConfig
-from ..traces.model import TraceChunk
 from ..workloads import WORKLOADS, make_workload
+from .aslr_cost import LayoutCost, measure_cost
 from .aslr_measured import MEASURED_COLUMNS, MeasuredTally, measured_trial
-from .aslr_readings import measured_figure, measured_readings
+from .aslr_readings import cost_figure, entropy_figure, measured_figure, measured_readings
 from .base import Progress, Row, check_choices
 from .intervals import (
     OVERLAP,
-    bars,
     by_seed,
     change,
-    column,
     interval,
     ratio,
     summarize,
     times,
-    yerr,
 )
 
 DEFAULT_SETS = CacheConfig().llc.sets
 ATTACKERS = ("exact", "prime+probe")
 MAX_PROBES = 64  # references of one walk: at most 1 + 5 * 6 + 5 = 36
-KERNEL_MEMORY = 64 << 20  # guest memory besides the workload's footprint
-_2M = int(PageSize.SIZE_2M)
 
 
 @dataclass(frozen=True)
@@ -254,77 +261,6 @@ def attack(
         if progress is not None:
             progress(trial + 1, p.trials)
     return tally
-
-
-# -- the cost -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayoutCost:
-    """What the workload measured under one layout (after warm-up)."""
-
-    policy: str
-    ept_page: str
-    accesses: int
-    walks: int
-    walk_references: int
-    cycles: int
-    ept_leaf_sizes: tuple[str, ...]
-
-    @property
-    def tlb_miss_rate(self) -> float:
-        return self.walks / max(1, self.accesses)
-
-    @property
-    def walk_refs_per_access(self) -> float:
-        return self.walk_references / max(1, self.accesses)
-
-    @property
-    def cycles_per_access(self) -> float:
-        return self.cycles / max(1, self.accesses)
-
-
-def measure_cost(p: AslrSideChannelParams, policy: str) -> LayoutCost:
-    """Boot a VM laid out by ``policy``, pre-fault a ``footprint_mib`` region of a process
-    (``guest_page`` pages, every EPT page backed by the layout), run the workload."""
-    layout = EptLayout.named(policy)
-    footprint = p.footprint_mib << 20
-    laid = boot(layout, default_layout().guest_memory(footprint + KERNEL_MEMORY), seed=p.seed)
-    guest_page = PageSize.parse(p.guest_page)
-    kernel = GuestKernel(laid.vm, seed=p.seed, thp=guest_page == PageSize.SIZE_2M)
-    process = kernel.spawn("workload")
-    gva = kernel.mmap(process, footprint)
-    for offset in range(0, footprint, _2M):  # MAP_POPULATE: the guest maps it all up front
-        gpa = kernel.frames.alloc(PageSize.SIZE_2M)
-        process.tables.map_range(gva + offset, gpa, _2M, guest_page, user=True)
-        back_range(laid.vm, gpa, _2M)
-    vcpu = laid.vm.add_vcpu(cr3=process.cr3)
-    kernel.switch_to(vcpu, process)
-    workload = make_workload(p.workload, footprint=footprint, seed=p.seed)
-    chunks = list(workload.stream(gva, p.warmup + p.accesses))
-    stream = TraceChunk(
-        np.concatenate([c.address for c in chunks]),
-        np.concatenate([c.kind for c in chunks]),
-        np.concatenate([c.size for c in chunks]),
-    )
-    hv = laid.hv
-    for start, stop in ((0, p.warmup), (p.warmup, p.warmup + p.accesses)):
-        if start == p.warmup:
-            hv.engine.reset_stats()
-        part = TraceChunk(stream.address[start:stop], stream.kind[start:stop],
-                          stream.size[start:stop])
-        vcpu.load([Run(part, user=True)])
-        while (exit_ := vcpu.run()) is not None:
-            hv.handle(exit_)
-    s = vcpu.stats
-    if s.guest_faults or s.ept_violations:
-        raise EptlabError(f"{policy}: the pre-faulted workload took {s.guest_faults} guest "
-                          f"faults and {s.ept_violations} EPT violations")
-    sizes = sorted(ept_leaf_sizes(laid.vm))
-    return LayoutCost(
-        policy, layout.page.label, s.accesses, s.walks, s.walk_references, s.cycles,
-        tuple(size.label for size in sizes),
-    )
 
 
 # -- the experiment -------------------------------------------------------------------------
@@ -531,83 +467,9 @@ class AslrSideChannel:
         out = {}
         exact = exact_view(summary, params)
         if len(exact):
-            out["aslr-side-channel-entropy"] = _entropy_figure(exact)
+            out["aslr-side-channel-entropy"] = entropy_figure(exact)
         if (summary.attacker == "prime+probe").any():
             out["aslr-side-channel-measured"] = measured_figure(summary)
-        out["aslr-side-channel-cost"] = _cost_figure(summary)
+        out["aslr-side-channel-cost"] = cost_figure(summary)
         return out
 
-
-def _entropy_figure(table: pd.DataFrame) -> Figure:
-    targets = list(dict.fromkeys(table["target"]))
-    panels = list(dict.fromkeys(zip(table["channel"], table["llc_sets"], table["index_bits"],
-                                    strict=True)))
-    policies = list(dict.fromkeys(table["policy"]))
-    figure = Figure(figsize=(3.4 * len(panels), 3.0 * len(targets) + 0.6))
-    axes = np.atleast_2d(figure.subplots(len(targets), len(panels), squeeze=False))
-    for r, target in enumerate(targets):
-        for c, (channel, sets, bits) in enumerate(panels):
-            ax = axes[r, c]
-            rows = table[(table["target"] == target) & (table["channel"] == channel)
-                         & (table["llc_sets"] == sets)]
-            if not len(rows):
-                ax.set_visible(False)
-                continue
-            before = float(rows["entropy_bits_before"].iloc[0])
-            ax.axhline(before, color="grey", linestyle=":", linewidth=1)
-            for i, policy in enumerate(policies):
-                own = rows[rows["policy"] == policy].sort_values("observations")
-                if not len(own):
-                    continue
-                x, y = own["observations"].to_numpy(), own["entropy_bits_after"].to_numpy()
-                # overlapping curves stay visible: wide solid, dashed, dotted on top; error
-                # bars: the 95% interval over seeds
-                ax.errorbar(x, y, yerr=yerr(column(own, "entropy_bits_after")),
-                            marker="os^D"[i % 4], markersize=3, color=f"C{i}", label=policy,
-                            linestyle=("-", "--", ":", "-.")[i % 4],
-                            linewidth=3.0 - 0.8 * (i % 3), capsize=2, elinewidth=0.8)
-                last = own.iloc[-1]
-                ax.annotate(f"{last['success_rate']:.2f}", (x[-1], y[-1]), fontsize=7,
-                            color=f"C{i}", xytext=(3, 2 - 9 * i), textcoords="offset points")
-            ticks = sorted(set(rows["observations"]))
-            ax.set_xscale("symlog", linthresh=1)
-            ax.set_xticks(ticks, [str(t) for t in ticks])
-            ax.minorticks_off()
-            ax.set_ylim(-0.3, before + 0.8)
-            ax.set_title(f"{target} target, {channel}, LLC HPA {bits}", fontsize=8)
-            ax.tick_params(labelsize=7)
-            if c == 0:
-                ax.set_ylabel("entropy left (bits)", fontsize=8)
-            if r == len(targets) - 1:
-                ax.set_xlabel("measurements", fontsize=8)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    noise = float(table["noise"].iloc[0])
-    figure.suptitle(f"guest-physical ASLR left to an AnC-style attacker (noise {noise}); "
-                    "numbers: success rate at the last point (means, 95% intervals)", fontsize=9)
-    figure.tight_layout(rect=(0, 0, 1, 0.90))
-    figure.legend(handles, labels, loc="upper center", ncol=len(policies), fontsize=8,
-                  bbox_to_anchor=(0.5, 0.955))
-    return figure
-
-
-def _cost_figure(table: pd.DataFrame) -> Figure:
-    per_policy = table.drop_duplicates("policy")
-    policies = list(per_policy["policy"])
-    x = np.arange(len(policies))
-    figure = Figure(figsize=(11, 3.6))
-    axes = figure.subplots(1, 3)
-    for ax, (name, title) in zip(axes, (
-        ("tlb_miss_rate", "TLB miss rate"),
-        ("walk_refs_per_access", "walk references per access"),
-        ("cycles_per_access", "cycles per access"),
-    ), strict=True):
-        values = per_policy[name].astype(float).to_numpy()
-        bars(ax, x, column(per_policy, name), color=[f"C{i}" for i in range(len(policies))])
-        for i, v in enumerate(values):
-            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(x, [f"{p}\n(EPT {e})" for p, e in zip(policies, per_policy["ept_page"],
-                                                            strict=True)], fontsize=8)
-        ax.set_title(title, fontsize=9)
-    figure.suptitle("what each EPT layout costs on the workload (mean, 95% interval)", fontsize=10)
-    figure.tight_layout()
-    return figure
