@@ -327,7 +327,7 @@ class AslrSideChannel:
     Params: ClassVar[type] = AslrSideChannelParams
     demo: ClassVar[dict[str, str]] = {
         "trials": "12", "footprint_mib": "32", "accesses": "30000", "warmup": "10000",
-        "seeds": "3",
+        "seeds": "3", "pp_trials": "1",
     }
     keys: ClassVar[tuple[str, ...]] = (
         "attacker", "policy", "ept_page", "target", "channel", "llc_sets", "index_bits",
