@@ -32,6 +32,8 @@ chance that a touched set reads inactive. Candidates are ranked by score.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import numpy.typing as npt
 
@@ -46,6 +48,16 @@ F64 = npt.NDArray[np.float64]
 U64 = npt.NDArray[np.uint64]
 PAGES_PER_CHUNK = CHUNK // PAGE_SIZE
 LINE_OFFSETS = PAGE_SIZE >> 6
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What the attacker predicts for every candidate (see :meth:`PrimeProbeAttacker.
+    predictions`)."""
+
+    l1: npt.NDArray[np.int64]  # [n, features]: L1 set, -1 unobserved
+    llc_rows: B  # [u, evsets]: distinct masks of the sets that could hold the data line
+    llc_of: npt.NDArray[np.int64]  # [n]: each candidate's row
 
 
 class PrimeProbeAttacker:
@@ -193,9 +205,10 @@ class PrimeProbeAttacker:
             ivalue |= slices.of_array(value) << inner
         return imask, ivalue
 
-    def predictions(self) -> tuple[npt.NDArray[np.int64], B]:
+    def predictions(self) -> Predictions:
         """Per candidate: the L1 set of each slot-dependent walk reference (``[n, f]``, -1 where
-        unobserved), and which LLC eviction sets could hold its data line (``[n, evsets]``)."""
+        unobserved), and which LLC eviction sets could hold its data line, as rows of distinct
+        set masks (``[u, evsets]``) and each candidate's row."""
         know = self.know
         exact = Attacker(know.target, know.layout, know.offset, SetIndex(1 << 15), know.probes,
                          channel="walk+data", noise=0.5)
@@ -219,12 +232,17 @@ class PrimeProbeAttacker:
             offsets[~np.isin(offsets, list(self.l1_sets))] = -1
             l1_columns.append(offsets)
         l1 = np.stack(l1_columns, axis=1) if l1_columns else np.zeros((n, 0), np.int64)
-        return l1, llc
+        packed = np.packbits(llc, axis=1)
+        _, first, inverse = np.unique(packed.view(f"V{packed.shape[1]}").ravel() if
+                                      packed.shape[1] else np.zeros(n, np.int8),
+                                      return_index=True, return_inverse=True)
+        return Predictions(l1, llc[first], inverse.ravel())
 
     def scores(self, l1_active: B, llc_active: B, k: int,
-               predicted: tuple[npt.NDArray[np.int64], B] | None = None) -> F64:
+               predicted: Predictions | None = None) -> F64:
         """Naive-Bayes score of every candidate after the first ``k`` rounds."""
-        l1_pred, llc_pred = predicted if predicted is not None else self.predictions()
+        pred = predicted if predicted is not None else self.predictions()
+        l1_pred = pred.l1
         n = l1_pred.shape[0]
         score = np.zeros(n, np.float64)
         if k == 0:
@@ -237,11 +255,10 @@ class PrimeProbeAttacker:
             got = counts[l1_pred]
             seen = l1_pred >= 0
             score += ((got * on + (k - got) * off) * seen).sum(axis=1)
-        sets = llc_pred.shape[1]
+        sets = pred.llc_rows.shape[1]
         if sets:
             q1 = float(np.clip(llc_active[:k].mean(), 1e-3, 1 - 1e-3))
-            keys, inverse = np.unique(llc_pred, axis=0, return_inverse=True)
-            for u, row in enumerate(keys):
+            for u, row in enumerate(pred.llc_rows):
                 m = int(row.sum())
                 if m in (0, sets):
                     continue  # no set, or every set, could hold it: no information
@@ -249,7 +266,7 @@ class PrimeProbeAttacker:
                 hits = int(llc_active[:k, row].any(axis=1).sum())
                 value = hits * np.log((1 - self.miss) / q) + (k - hits) * np.log(
                     self.miss / (1 - q))
-                score[inverse.ravel() == u] += value
+                score[pred.llc_of == u] += value
         return score
 
 

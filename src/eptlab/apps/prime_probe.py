@@ -96,6 +96,7 @@ class Machine:
         vm = victim.laid.vm
         self._four_k = victim.laid.layout.page == PageSize.SIZE_4K
         self._labels: dict[int, tuple[int, int]] = {}  # GVA line -> (label, EPT entry label)
+        self._leaves: dict[int, int] = {}  # EPT page number -> HPA - GPA
         vcpu = vm.vcpus[0]
         kernel = victim.kernel
         # the attacker's buffer: 2 MiB blocks from the guest kernel (a huge-page mapping)
@@ -110,16 +111,29 @@ class Machine:
 
     # -- the attacker's side (through the Oracle) ---------------------------------------------
 
+    def _hpa(self, gpa: int) -> int:
+        """The HPA of ``gpa`` (backing its page on first touch, as the guest's touch would),
+        looked up once per EPT page."""
+        key = gpa >> 12 if self._four_k else gpa >> 21
+        delta = self._leaves.get(key)
+        if delta is None:
+            vm = self.victim.laid.vm
+            vm.host_address(gpa)  # lazy backing
+            leaf = vm.ept.lookup(gpa)
+            assert leaf is not None
+            delta = leaf.target - gpa
+            self._leaves[key] = delta
+        return gpa + delta
+
     def _label(self, gva: int) -> tuple[int, int]:
         got = self._labels.get(gva)
         if got is None:
             gpa = gva - DIRECT_MAP_BASE
             if gpa // CHUNK not in self._chunk_set:
                 raise ConfigError("gva", f"{gva:#x} is not in the attacker's buffer")
-            vm = self.victim.laid.vm
-            hpa = vm.host_address(gpa)  # backs the page on first touch (lazy backing)
-            ept = self.sim.label(vm.ept.leaf_slot(gpa)) if self._four_k else -1
-            got = (self.sim.label(hpa), ept)
+            data = self.sim.label(self._hpa(gpa))  # backs the page first
+            ept = self.sim.label(self.victim.laid.vm.ept.leaf_slot(gpa)) if self._four_k else -1
+            got = (data, ept)
             self._labels[gva] = got
         return got
 
