@@ -124,14 +124,14 @@ class AslrSideChannelParams:
     accesses: int = 200_000
     warmup: int = 50_000
     guest_page: str = "2m"
-    seeds: int = 5
-    seed: int = 0
-    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
     attackers: tuple[str, ...] = ATTACKERS
     slice_hashes: tuple[str, ...] = ("off", "maurice-8")  # the prime+probe attacker's LLC
     pp_trials: int = 3  # trials of the prime+probe attacker (the first of ``trials``' secrets)
     victim_lines: int = 4  # other lines the victim reads in each round (with their walks)
     rerandomize_ms: tuple[float, ...] = (0.5,)  # periods of the re-randomization rows
+    seeds: int = 5
+    seed: int = 0
+    layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
 
     def __post_init__(self) -> None:
         check_layout(self.layout)
