@@ -12,7 +12,7 @@ from ..apps.ept_layout import EptLayout, back_range, boot, ept_leaf_sizes
 from ..arch.bits import PageSize
 from ..errors import EptlabError
 from ..guest import GuestKernel
-from ..hv import Run
+from ..hv import ExitAction, Run
 from ..memory.layout import default_layout
 from ..traces.model import TraceChunk
 from ..workloads import make_workload
@@ -79,8 +79,9 @@ def measure_cost(p: AslrSideChannelParams, policy: str) -> LayoutCost:
         part = TraceChunk(stream.address[start:stop], stream.kind[start:stop],
                           stream.size[start:stop])
         vcpu.load([Run(part, user=True)])
-        while (exit_ := vcpu.run()) is not None:
-            hv.handle(exit_)
+        action: ExitAction | None = None
+        while (exit_ := vcpu.run(action)) is not None:
+            action = hv.handle(exit_)
     s = vcpu.stats
     if s.guest_faults or s.ept_violations:
         raise EptlabError(f"{policy}: the pre-faulted workload took {s.guest_faults} guest "

@@ -51,8 +51,9 @@ Columns:
 | guessing_bits | log2 of the secret's mean expected rank in the attacker's order of guesses |
 | evsets, l1_sets | eviction sets the prime+probe attacker built (LLC column, L1) |
 | build_accesses, probe_cycles_per_round | its accesses to build them; modelled cycles per round |
-| migrations, pages_migrated, bytes_copied, migration_exits, invepts, tlb_misses | what the re-randomization did per trial |
-| rerandomize_cycles, rerandomize_overhead_pct | their price (cost profile) and share of the modelled time |
+| migrations, pages_migrated, bytes_copied | re-randomization per trial: moves, pages, bytes |
+| migration_exits, invepts, tlb_misses | its exits, INVEPTs and the victim's TLB misses after |
+| rerandomize_cycles, rerandomize_overhead_pct | their price; share of the modelled time |
 | tlb_miss_rate | the layout's cost: walks per access on the workload |
 | walk_refs_per_access | paging-structure references (guest + EPT) per access |
 | cycles_per_access | cost-model cycles per access (translation + data) |
@@ -144,6 +145,8 @@ def check(p: AslrSideChannelParams) -> None:
     if not p.policies:
         raise ConfigError("policies", f"choose from {', '.join(LAYOUTS)}")
     for target in p.targets:
+        if target not in ("4k", "2m"):
+            raise ConfigError("targets", f"{target!r} is not 4k or 2m")
         Target.named(target, p.secret_bits)
     if not p.targets:
         raise ConfigError("targets", "choose 4k and/or 2m")
@@ -166,6 +169,11 @@ def check(p: AslrSideChannelParams) -> None:
     if p.guest_page not in ("4k", "2m"):
         raise ConfigError("guest_page", f"{p.guest_page!r} is not 4k or 2m")
     make_workload(p.workload, footprint=p.footprint_mib << 20, seed=p.seed)
+    check_measured(p)
+
+
+def check_measured(p: AslrSideChannelParams) -> None:
+    """The prime+probe and re-randomization parameters (see :func:`check`)."""
     if not p.attackers or any(a not in ATTACKERS for a in p.attackers):
         raise ConfigError("attackers", f"{p.attackers}: choose from {', '.join(ATTACKERS)}")
     if not p.slice_hashes:
