@@ -28,12 +28,17 @@ Two exits the hypervisor arms for itself come from the loop, delivered through
 (reason 52, SDM Vol. 3C §26.5.1) after every ``period`` accesses, and at the end of the stream
 unless ``final_timer`` is False. Guest hypercalls sit in the stream too (``calls``: position ->
 :class:`Vmcall`, executed before the access at that position).
+
+A chunk writes its stores' values when it returns, so an access that depends on an earlier
+store's value in the same chunk (a walk through a page-table entry the stream just wrote) would
+not see it: ``barriers`` are positions where a chunk ends, so every store before them is in
+memory when the access at the barrier runs.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -95,6 +100,7 @@ class GuestRunner:
         period: int = 50_000,
         final_timer: bool = True,
         progress: Callable[[int], None] | None = None,
+        barriers: Iterable[int] = (),
     ) -> RunReport:
         """Run the whole stream (signed GVAs, kinds 0 read / 1 write / 2 fetch)."""
         if period < 1:
@@ -111,7 +117,7 @@ class GuestRunner:
         exits_before = Counter(self.hv.exits)
         cycles_before = self.vcpu.stats.cycles
         performed: dict[int, int] = {}
-        stops = sorted(calls)
+        stops = sorted(set(calls) | {b for b in barriers if 0 < b < n})
         s = 0
         pos = 0
         stopped = False
@@ -120,7 +126,7 @@ class GuestRunner:
                 s += 1
             if s < len(stops) and stops[s] == pos:
                 s += 1
-                if self._deliver(calls[pos], pos) is ExitAction.STOP:
+                if pos in calls and self._deliver(calls[pos], pos) is ExitAction.STOP:
                     break
             next_call = stops[s] if s < len(stops) else n
             end = min(n, (pos // period + 1) * period, max(next_call, pos + 1))

@@ -80,6 +80,13 @@ BY_CONSTRUCTION: dict[str, list[str]] = {
         "The trap modes detect and prevent every hook at its write because every write to a "
         "write-protected page exits (by construction of trapping); monitor_cycles is exits "
         "times vmexit_cycles plus counted work times profile prices.",
+        "A page-table remapping attack is invisible to write traps on the code's guest-physical "
+        "pages and to PML because none of its stores touches a code page; HLAT neutralizes it "
+        "because the HLAT tables the code is translated through are not the ones it edits; a "
+        "write through an alias is trapped because EPT permissions belong to the "
+        "guest-physical page. All three follow from the architecture as modelled.",
+        "The hlat rows run on the reference walker (no TLB, no caches, no cycles): their exits "
+        "and outcomes are exact, their walk references are those of cold walks.",
     ],
     "trap-debugger": [
         "Detection follows the sampling theory (expected_detection_rate) because the sample is "
