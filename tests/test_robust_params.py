@@ -120,8 +120,11 @@ MEANING = [
     ("double-caching", "file_mib", "999", "guest_mib"),  # the guest cannot hold the file
     ("double-caching", "ept_page", "1g", "ept_page"),
     ("integrity-monitor", "modes", "bogus", "modes"),
-    pytest.param("aslr-side-channel", "targets", "1g", "targets", marks=pytest.mark.xfail(
-        strict=True, reason="the error names 'target', not the parameter 'targets'")),
+    ("aslr-side-channel", "targets", "1g", "targets"),
+    ("aslr-side-channel", "attackers", "spy", "attackers"),
+    ("aslr-side-channel", "slice_hashes", "maurice-3", "slice_hashes"),
+    ("aslr-side-channel", "pp_trials", "101", "pp_trials"),  # more than trials
+    ("aslr-side-channel", "rerandomize_ms", "5000", "rerandomize_ms"),
     ("memory-encryption", "llc_mib", "3", "llc_mib"),
 ]
 

@@ -73,8 +73,16 @@ BY_CONSTRUCTION: dict[str, list[str]] = {
         "(one request per missing run plus the window), not a measured readahead policy.",
     ],
     "aslr-side-channel": [
-        "The attacker is idealized: it gets one LLC set index per reference (AnC after "
+        "The exact attacker is idealized: it gets one LLC set index per reference (AnC after "
         "sliding); the entropy floors with noise 0 are arithmetic over the leaked address bits.",
+        "The prime+probe attacker measures through the engine's LRU cache model, where an "
+        "evicted line always reads slow and nothing else runs: its noise is the victim's own "
+        "reads and walks, not a random draw. No replacement-policy noise, prefetcher, other "
+        "core or interrupt is modelled.",
+        "Re-randomizing in 2 MiB blocks cannot change HPA bits 6-20, the unsliced LLC index: "
+        "with the slice hash off, migration leaves the data line's set where it was by "
+        "construction; walk references leak line offsets (guest-physical bits) under every "
+        "layout and every migration.",
     ],
     "integrity-monitor": [
         "The trap modes detect and prevent every hook at its write because every write to a "
