@@ -185,7 +185,7 @@ def test_lazy_fork_of_2m_pages_copies_or_splits_on_write() -> None:
         vm = hv.create_vm("parent", 16 * MiB, lazy=False, backing=PageSize.SIZE_2M)
         vm.ept.map_range(0, 16 * MiB, PageSize.SIZE_2M)
         tables = iter(range(0x1000, 0x200000, 0x1000))
-        pt = GuestPageTables(vm, lambda: next(tables))
+        pt = GuestPageTables(vm, lambda tables=tables: next(tables))  # type: ignore[misc]
         pt.map_range(GVA, DATA, PAGES * 4096)
         vm.add_vcpu(cr3=pt.root).write_u64(GVA + 4096, 3)
         cow = CopyOnWrite(hv, granularity)

@@ -142,6 +142,7 @@ class CopyOnWrite:
         self._paused: dict[int, list[VM]] = {}  # id(parent) -> its live clones
         self._armed: dict[int, set[int]] = {}  # id(vm) -> pages write-protected by a reset
         self._dirty: dict[int, set[int]] = {}  # id(vm) -> 4 KiB pages written (write faults)
+        self._forks: Counter[int] = Counter()  # id(parent) -> clones made (unique names)
         hv.on(ExitReason.EPT_VIOLATION, self.handle)
 
     # -- sharing ------------------------------------------------------------------------------
@@ -214,9 +215,10 @@ class CopyOnWrite:
         for gpa, _, size, _ in leaves:
             cycles += self._write_protect(vm, gpa, size)
         clones = []
-        for i in range(n):
+        for _ in range(n):
+            self._forks[id(vm)] += 1
             clone = self.hv.create_vm(
-                f"{vm.name}.{i + 1}",
+                f"{vm.name}.{self._forks[id(vm)]}",
                 vm.memory,
                 ept_levels=vm.ept.tables.levels,
                 lazy=vm.lazy,
