@@ -147,22 +147,27 @@ class CopyOnWrite:
 
     # -- sharing ------------------------------------------------------------------------------
 
-    def _leaves(self, vm: VM) -> list[tuple[int, int, PageSize, int]]:
-        """(gpa, hpa, size, value) of every leaf of the VM's EPT."""
+    def _leaves(self, vm: VM) -> list[tuple[int, int, PageSize, int, int]]:
+        """(gpa, hpa, size, value, entry address) of every leaf of the VM's EPT."""
         out = []
         for gpa, leaf in vm.ept.leaves(0, vm.memory):
             hpa = ept_address(leaf.value, leaf.level, vm.ept.maxphyaddr)
-            out.append((gpa, hpa, leaf.page_size, leaf.value))
+            out.append((gpa, hpa, leaf.page_size, leaf.value, leaf.entry_address))
         return out
 
-    def _write_protect(self, vm: VM, gpa: int, size: PageSize) -> int:
-        """Take write permission from the leaf; returns the cycles (0 when it had none)."""
-        leaf = vm.ept.lookup(gpa)
-        assert leaf is not None
+    def _write_protect(self, vm: VM, gpa: int, size: PageSize,
+                       leaf: tuple[int, int] | None = None) -> int:
+        """Take write permission from the leaf (``leaf``: its value and entry address when the
+        caller has them); returns the cycles (0 when it had none)."""
+        if leaf is None:
+            found = vm.ept.lookup(gpa)
+            assert found is not None
+            leaf = found.value, found.entry_address
+        value, slot = leaf
         self._cow.setdefault(id(vm), {})[gpa] = size
-        if not leaf.value & Ept.W:
+        if not value & Ept.W:
             return 0
-        vm.hv.host.memory.write_u64(leaf.entry_address, leaf.value & ~int(Ept.W))
+        vm.hv.host.memory.write_u64(slot, value & ~int(Ept.W))
         self.counters.entries_touched += 1
         return self.costs.ept_edit
 
@@ -176,10 +181,10 @@ class CopyOnWrite:
     def _snapshot(self, vm: VM) -> tuple[Snapshot, int]:
         pages = {}
         cycles = 0
-        for gpa, hpa, size, value in self._leaves(vm):
+        for gpa, hpa, size, value, slot in self._leaves(vm):
             self.hv.host.share(hpa, size)
             pages[gpa] = (hpa, size, value & 7)
-            cycles += self._write_protect(vm, gpa, size)
+            cycles += self._write_protect(vm, gpa, size, (value, slot))
         if cycles:
             vm.invept()
             cycles += self.costs.invept
@@ -188,7 +193,7 @@ class CopyOnWrite:
     def restore(self, snapshot: Snapshot) -> None:
         """Put the VM's memory back to the snapshot (which stays valid for later restores)."""
         vm = snapshot.vm
-        for gpa, _, _, _ in self._leaves(vm):
+        for gpa, _, _, _, _ in self._leaves(vm):
             vm.ept.unmap(gpa)
         self._cow[id(vm)] = {}
         for gpa, (hpa, size, _) in snapshot.pages.items():
@@ -212,8 +217,8 @@ class CopyOnWrite:
         The parent is paused until :meth:`resume` (or until its clones are destroyed)."""
         leaves = [] if lazy else self._leaves(vm)
         cycles = 0
-        for gpa, _, size, _ in leaves:
-            cycles += self._write_protect(vm, gpa, size)
+        for gpa, _, size, value, slot in leaves:
+            cycles += self._write_protect(vm, gpa, size, (value, slot))
         clones = []
         for _ in range(n):
             self._forks[id(vm)] += 1
@@ -226,9 +231,11 @@ class CopyOnWrite:
                 pml=pml,
             )
             tables_before = len(clone.ept.tables.tables)
-            for gpa, hpa, size, value in leaves:
-                clone.ept.map(gpa, size, hpa=hpa, perms="r-x" if value & Ept.X else "r--")
-                self._cow.setdefault(id(clone), {})[gpa] = size
+            shared = self._cow.setdefault(id(clone), {})
+            for gpa, hpa, size, value, _ in leaves:  # EptManager.map(hpa=..., perms=r-x/r--)
+                self.hv.host.share(hpa, size)
+                clone.ept.tables.map(gpa, hpa, size, write=False, execute=bool(value & Ept.X))
+                shared[gpa] = size
             tables = len(clone.ept.tables.tables)  # the root and what the leaves needed
             new_tables = tables - tables_before
             touched = len(leaves) + new_tables

@@ -134,13 +134,13 @@ class CowForkParams:
         check_table_memory(name, table_bytes(mib << 20, leaf) * (1 + clones), f"{mib:,} MiB")
 
     studies: tuple[str, ...] = STUDIES
-    guest_mibs: tuple[int, ...] = (64, 256)  # fork study
+    guest_mibs: tuple[int, ...] = (64, 128)  # fork study
     clones: tuple[int, ...] = (1, 4)
     granularities: tuple[str, ...] = ("4k", "2m-copy", "2m-split")
     write_fraction: float = 0.05  # of each clone's pages, each written once (fork study)
     parent_fraction: float = 0.05  # of the parent's pages, written after it resumes
-    lazy_guest_mib: int = 256  # lazy study
-    working_sets: tuple[int, ...] = (16, 256, 4096, 32768)  # pages the clone touches
+    lazy_guest_mib: int = 64  # lazy study
+    working_sets: tuple[int, ...] = (16, 256, 2048, 8192)  # pages the clone touches
     write_share: float = 0.25  # of the working set, written (the rest read)
     reset_guest_mib: int = 64  # reset study
     dirty_sets: tuple[int, ...] = (1, 10, 100, 1000, 10000)  # pages written per run
