@@ -105,7 +105,7 @@ def test_cow_fork_experiment_shape(tmp_path: object) -> None:
 
     result = runner.run(
         "cow-fork",
-        {"guest_mibs": "32", "clones": "2", "write_fraction": "0.02", "seeds": "1",
+        {"guest_mibs": "16", "clones": "2", "write_fraction": "0.02", "seeds": "1",
          "parent_fraction": "0.01", "lazy_guest_mib": "16", "working_sets": "8,600",
          "reset_guest_mib": "16", "dirty_sets": "3,700", "resets": "2"},
         Path(str(tmp_path)),
