@@ -585,6 +585,13 @@ def _read_reset(t: pd.DataFrame) -> list[str]:
             f"{times(ratio(r.full_copy_cycles, r.loop_cycles), 'as much')}."
         )
     if set(TRACKINGS) <= set(t.tracking):
+        cheaper = []
+        for d in sets:
+            iv = ratio(by_seed(t, dirty_pages=d, tracking="wp").loop_cycles,
+                       by_seed(t, dirty_pages=d, tracking="pml").loop_cycles)
+            word = "pml" if iv.lo > 1 else "wp" if iv.hi < 1 else OVERLAP
+            cheaper.append(f"{d:,}: {word} ({iv.text('{:.2f}', 'x')} wp/pml)")
+        out.append("The cheaper loop by dirty pages per run: " + "; ".join(cheaper) + ".")
         p, w = by_seed(t, dirty_pages=big, tracking="pml"), by_seed(
             t, dirty_pages=big, tracking="wp")
         iv = ratio(w.loop_cycles, p.loop_cycles)
