@@ -45,7 +45,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..arch.bits import PAGE_SHIFT, PAGE_SIZE, PageSize
-from ..arch.ept import Ept, ept_address, format_permissions
+from ..arch.ept import Ept, ept_address
 from ..arch.exits import EptQual, EptViolation, ExitReason
 from ..costs import active_profile
 from ..errors import ConfigError
@@ -55,6 +55,11 @@ from ..mmu.context import GuestState
 
 GRANULARITIES = ("4k", "2m-copy", "2m-split")
 _SIZES = (PageSize.SIZE_4K, PageSize.SIZE_2M, PageSize.SIZE_1G)
+
+
+def _perms(bits: int) -> str:
+    """EPT permission bits 2:0 as ``"rwx"`` with ``-`` for a clear bit."""
+    return "".join(c if bits >> i & 1 else "-" for i, c in enumerate("rwx"))
 
 
 def copy_cycles(size: int) -> int:
@@ -365,7 +370,11 @@ class CopyOnWrite:
 
     def handle(self, exit_: Exit) -> bool:
         """EPT-violation handler: lazy fills, writes to write-protected reset pages, and
-        copy-on-write breaks. False for exits that are not this policy's."""
+        copy-on-write breaks (the guest retries the access). False for exits that are not
+        this policy's."""
+        return self._handle(exit_)
+
+    def _handle(self, exit_: Exit) -> bool:
         record = exit_.record
         if not isinstance(record, EptViolation):
             return False
@@ -454,7 +463,7 @@ class CopyOnWrite:
         cycles = self.costs.vmexit + self.costs.ept_edit
         split_later = write and size > PAGE_SIZE and self.granularity == "2m-split"
         if write and not split_later:  # copy (SDM §29.4.3.3: not present before, no INVEPT)
-            new = vm.ept.map(base, size, perms=format_permissions(perms | int(Ept.W)))
+            new = vm.ept.map(base, size, perms=_perms(perms | int(Ept.W)))
             memory = self.hv.host.memory
             for offset in range(0, size, PAGE_SIZE):
                 memory.copy_frame((hpa + offset) >> PAGE_SHIFT, (new + offset) >> PAGE_SHIFT)
@@ -462,7 +471,7 @@ class CopyOnWrite:
             self._dirty.setdefault(id(vm), set()).add(gpa & ~(PAGE_SIZE - 1))
             cycles += self.costs.frame_alloc + self.costs.copy_cycles(size)
         else:  # share read-only; the parent's entry loses write permission too
-            vm.ept.map(base, size, hpa=hpa, perms=format_permissions(perms & ~int(Ept.W)))
+            vm.ept.map(base, size, hpa=hpa, perms=_perms(perms & ~int(Ept.W)))
             self._cow.setdefault(id(vm), {})[base] = size
             self.counters.pages_shared += size // PAGE_SIZE
             if from_parent:
