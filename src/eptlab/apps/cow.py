@@ -49,7 +49,7 @@ from ..arch.ept import Ept, ept_address
 from ..arch.exits import EptQual, EptViolation, ExitReason
 from ..costs import active_profile
 from ..errors import ConfigError
-from ..hv import VM, Exit, Hypervisor
+from ..hv import VM, Exit, ExitAction, Hypervisor
 from ..hv.costs import hv_costs
 from ..mmu.context import GuestState
 
@@ -368,11 +368,11 @@ class CopyOnWrite:
         self.counters.cycles_by_vm[vm.name] += cycles
         self.counters.exits_by_vm[vm.name] += 1
 
-    def handle(self, exit_: Exit) -> bool:
+    def handle(self, exit_: Exit) -> ExitAction | None:
         """EPT-violation handler: lazy fills, writes to write-protected reset pages, and
-        copy-on-write breaks (the guest retries the access). False for exits that are not
-        this policy's."""
-        return self._handle(exit_)
+        copy-on-write breaks, after which the guest retries the access; None for exits that
+        are not this policy's."""
+        return ExitAction.RETRY if self._handle(exit_) else None
 
     def _handle(self, exit_: Exit) -> bool:
         record = exit_.record
