@@ -4,7 +4,7 @@ A guest kernel's code changes legitimately at run time (static keys, alternative
 5-byte NOP at a *patch site* becomes a ``JMP rel32`` and back), and illegitimately when an
 attacker hooks a function. The guest cannot be trusted to police itself (a kernel-mode attacker
 writes through any writable alias of the page: here the direct map), but the hypervisor sees
-every guest-physical page. :class:`IntegrityMonitor` is that policy, in four modes:
+every guest-physical page. :class:`IntegrityMonitor` is that policy, in six modes:
 
 ``none``
     No monitor (the baseline).
@@ -27,6 +27,17 @@ every guest-physical page. :class:`IntegrityMonitor` is that policy, in four mod
     Without the INVEPT the processor keeps using its cached translation, which still says
     "dirty", so the next write to the page sets no flag and logs nothing (set
     ``rearm_invept=False`` to see it). PML detects after the fact and cannot prevent.
+``trap-pt``
+    ``trap-code``, plus the guest paging entries on the code's translation path
+    write-protected: a store that would remap the code is denied and reported, the guest's
+    other stores to those pages are emulated (:mod:`eptlab.apps.integrity_pt`).
+``hlat``
+    ``trap-code``, plus Intel HLAT for the code's linear range, paging-write and guest-paging
+    verification (:mod:`eptlab.apps.integrity_hlat`); runs on the reference walker.
+
+The attacks beyond direct hooks (page-table remapping, a writable alias, write-then-restore)
+are in :mod:`eptlab.apps.integrity_attacks`; the guest and its stream in
+:mod:`eptlab.apps.integrity_guest`.
 
 Emulation (our choice): the handler completes an allowed write in software, as KVM's
 instruction emulator does for write-tracked pages: it decodes the store (here the stream
@@ -61,321 +72,60 @@ way shows up in the engine's cycles.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from ..arch.bits import PAGE_SIZE, PageSize
+from ..arch.bits import PAGE_SIZE
 from ..arch.ept import Ept
 from ..arch.exits import EptQual, EptViolation, ExitReason
 from ..costs import active_profile
 from ..errors import ConfigError
-from ..guest import DIRECT_MAP_BASE, GuestKernel, KernelImage
-from ..hv import VCPU, VM, Exit, Hypervisor, guest_runner
+from ..hv import VCPU, VM, Exit, guest_runner
 from ..hv.exits import ExitAction
 from ..hv.guest_runner import RunReport
-from ..workloads import Zipf
+from .integrity_guest import (
+    INSN5_MASK,
+    JMP32,
+    NOP5,
+    U64,
+    CodeWrite,
+    KernelActivity,
+    KernelGuest,
+    PatchSite,
+    StoreInsert,
+    Stream,
+    jmp,
+    with_insn,
+)
+from .integrity_hlat import ReferenceLoop
+from .integrity_pt import PageTableGuard
 
-MODES = ("none", "trap-code", "trap-all", "pml")
+MODES = ("none", "trap-code", "trap-all", "pml", "trap-pt", "hlat")
+"""``trap-pt``: trap-code plus the guest page tables on the code's translation path
+write-protected (:mod:`eptlab.apps.integrity_pt`); ``hlat``: trap-code plus HLAT, paging-write
+and guest-paging verification (:mod:`eptlab.apps.integrity_hlat`, reference walker only)."""
+TRAP_MODES = ("trap-code", "trap-all", "trap-pt", "hlat")
 
-NOP5 = 0x00_441F_0F  # nopl 0x0(%rax,%rax,1): 0F 1F 44 00 00
-JMP32 = 0xE9  # jmp rel32: E9 xx xx xx xx
-INSN5_MASK = (1 << 40) - 1
-U64 = (1 << 64) - 1
-_2M = int(PageSize.SIZE_2M)
-
-
-def _signed(address: int) -> int:
-    address &= U64
-    return address - (1 << 64) if address >> 63 else address
-
-
-def _hash_words(gpas: npt.NDArray[np.uint64], seed: int) -> npt.NDArray[np.uint64]:
-    """The initial contents of kernel code: a splitmix64 hash of each word's GPA."""
-    z = gpas ^ np.uint64((seed * 0x9E3779B97F4A7C15) & U64)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def with_insn(word: int, insn: int) -> int:
-    """``word`` with its low 5 bytes replaced by the instruction ``insn``."""
-    return (word & ~INSN5_MASK & U64) | (insn & INSN5_MASK)
-
-
-def jmp(rel32: int) -> int:
-    return JMP32 | ((rel32 & 0xFFFF_FFFF) << 8)
-
-
-# -- the guest ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PatchSite:
-    """A static-key jump site: an 8-byte aligned word of kernel code whose low 5 bytes are
-    either a NOP (key off) or a ``JMP rel32`` (key on)."""
-
-    gpa: int
-    key: int
-    states: tuple[int, int]  # (off, on) values of the whole word
-
-
-class KernelGuest:
-    """A booted guest: a hypervisor, a VM backed with 2 MiB EPT pages and EPT A/D flags on, a
-    guest kernel with its KASLR'd image, one vCPU running a kernel thread, kernel code filled
-    with deterministic contents, static-key patch sites, and a slab area (kernel heap) reached
-    through the direct map."""
-
-    def __init__(
-        self,
-        *,
-        seed: int = 0,
-        image: KernelImage | None = None,
-        slab: int = 8 << 20,
-        memory: int = 256 << 20,
-        patch_keys: int = 16,
-        sites_per_key: int = 4,
-    ) -> None:
-        if slab <= 0 or slab % _2M:
-            raise ConfigError("slab", "must be a positive multiple of 2 MiB")
-        self.seed = seed
-        self.hv = Hypervisor(seed=seed)
-        self.vm = self.hv.create_vm("guest", memory, ept_ad=True, backing=PageSize.SIZE_2M)
-        self.kernel = GuestKernel(self.vm, seed=seed, image=image)
-        proc = self.kernel.spawn("kworker")
-        self.vcpu = self.vm.add_vcpu(cr3=proc.cr3)
-        self.kernel.switch_to(self.vcpu, proc)
-        self.sections = {
-            kind: self.kernel.kernel_region(kind) for kind in ("code", "rodata", "data")
-        }
-        # guest-physical 2 MiB blocks of each section, in virtual order
-        self.section_blocks = {
-            kind: [self._gpa(r.start + off) for off in range(0, r.length, _2M)]
-            for kind, r in self.sections.items()
-        }
-        self.slab_blocks = [self.kernel.frames.alloc(PageSize.SIZE_2M) for _ in range(slab // _2M)]
-        for block in [b for bs in self.section_blocks.values() for b in bs] + self.slab_blocks:
-            self.vm.back(block)  # the kernel is resident: no lazy-backing exits while measured
-        self.code_pages = [b + o for b in self.section_blocks["code"] for o in range(0, _2M, 4096)]
-        self.kernel_pages = [
-            b + o for bs in self.section_blocks.values() for b in bs for o in range(0, _2M, 4096)
-        ]
-        self._fill_code()
-        rng = np.random.default_rng([seed, 1])
-        words = self.random_code_words(rng, patch_keys * sites_per_key, exclude=set())
-        self.sites: dict[int, PatchSite] = {}
-        for i, gpa in enumerate(words):
-            original = self.read_word(gpa)
-            off = with_insn(original, NOP5)
-            on = with_insn(original, jmp(int(rng.integers(1 << 20, 1 << 24))))
-            self.sites[gpa] = PatchSite(gpa, i // sites_per_key, (off, on))
-            self.write_word(gpa, off)  # keys start disabled
-        self.keys = patch_keys
-
-    def _gpa(self, gva: int) -> int:
-        gpa = self.kernel.kernel_tables.guest_physical(gva)
-        assert gpa is not None
-        return gpa
-
-    def original_page(self, page: int) -> npt.NDArray[np.uint64]:
-        """The contents of code page ``page`` as loaded (before the patch sites were set)."""
-        lanes = np.arange(0, PAGE_SIZE, 8, dtype=np.uint64)
-        return _hash_words(np.uint64(page) + lanes, self.seed)
-
-    def _fill_code(self) -> None:
-        for page in self.code_pages:
-            self.vm.words(page, 512)[:] = self.original_page(page)
-
-    def monitor(self, mode: str, *, rearm_invept: bool = True) -> IntegrityMonitor:
-        """An :class:`IntegrityMonitor` for this guest, attached."""
-        monitor = IntegrityMonitor(
-            self.vm,
-            mode,
-            code_pages=self.code_pages,
-            kernel_pages=self.kernel_pages,
-            sites=self.sites,
-            rearm_invept=rearm_invept,
-        )
-        monitor.attach()
-        return monitor
-
-    def random_code_words(
-        self,
-        rng: np.random.Generator,
-        count: int,
-        exclude: set[int],
-        pages: list[int] | None = None,
-    ) -> list[int]:
-        pages = pages if pages is not None else self.code_pages
-        if count > len(pages) * (PAGE_SIZE // 8) - len(exclude):
-            raise ConfigError("count", f"{count} words do not fit in {len(pages)} pages")
-        chosen: dict[int, None] = {}  # distinct, in drawing order
-        while len(chosen) < count:
-            gpa = pages[int(rng.integers(len(pages)))] + 8 * int(rng.integers(512))
-            if gpa not in exclude:
-                chosen[gpa] = None
-        return list(chosen)
-
-    def read_word(self, gpa: int) -> int:
-        return self.vm.read_u64(gpa & ~7)
-
-    def write_word(self, gpa: int, value: int) -> None:
-        self.vm.write_u64(gpa & ~7, value)
-
-    def code_snapshot(self) -> dict[int, npt.NDArray[np.uint64]]:
-        """A copy of every code page, by GPA."""
-        return {p: self.vm.words(p, 512).copy() for p in self.code_pages}
-
-    def alias(self, gpa: int) -> int:
-        """The direct-map address of ``gpa`` (a writable kernel alias of any guest page)."""
-        return DIRECT_MAP_BASE + gpa
-
-
-# -- the access stream --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CodeWrite:
-    """An 8-byte store to kernel code: a static-key patch or an attack."""
-
-    index: int  # position in the stream
-    gpa: int
-    value: int
-    legitimate: bool
-    label: str  # "static-key" or "hook"
-
-
-@dataclass
-class Stream:
-    """Accesses (signed GVAs, kinds 0 read / 1 write / 2 fetch) and the code writes among them,
-    with their values."""
-
-    gva: npt.NDArray[np.int64]
-    kind: npt.NDArray[np.int8]
-    writes: list[CodeWrite] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.writes = sorted(self.writes, key=lambda w: w.index)
-        self._by_index = {w.index: w for w in self.writes}
-
-    def __len__(self) -> int:
-        return int(self.gva.shape[0])
-
-    def store_at(self, index: int) -> CodeWrite | None:
-        return self._by_index.get(index)
-
-    @property
-    def guest_writes(self) -> int:
-        return int(np.count_nonzero(self.kind == 1))
-
-    @property
-    def malicious(self) -> list[CodeWrite]:
-        return [w for w in self.writes if not w.legitimate]
-
-    @property
-    def patches(self) -> list[CodeWrite]:
-        return [w for w in self.writes if w.legitimate]
-
-    @classmethod
-    def build(
-        cls,
-        gva: npt.NDArray[np.int64],
-        kind: npt.NDArray[np.int8],
-        inserts: Iterable[tuple[int, int, int, bool, str]],
-    ) -> Stream:
-        """Insert code writes ``(before position, gpa, value, legitimate, label)`` into a base
-        stream; they become write accesses through the direct map."""
-        items = sorted(enumerate(inserts), key=lambda t: (t[1][0], t[0]))
-        positions = np.array([it[0] for _, it in items], np.int64)
-        addresses = np.array([_signed(DIRECT_MAP_BASE + it[1]) for _, it in items], np.int64)
-        out_gva = np.insert(gva, positions, addresses) if len(items) else gva.copy()
-        out_kind = np.insert(kind, positions, np.ones(len(items), np.int8)) if items else kind
-        writes = [
-            CodeWrite(int(pos) + k, gpa, value, legit, label)
-            for k, (_, (pos, gpa, value, legit, label)) in enumerate(items)
-        ]
-        return cls(out_gva.astype(np.int64), out_kind.astype(np.int8), writes)
-
-
-@dataclass(frozen=True)
-class KernelActivity:
-    """Ordinary kernel activity with static-key flips and injected hooks.
-
-    Each access is, with the given probabilities, an instruction fetch from kernel code (Zipf
-    over code pages: hot functions), a read of rodata, a read or write of kernel data, or a read
-    or write of slab objects through the direct map (Zipf over pages, a third of data and slab
-    accesses are writes). On top of that: ``patch_events`` static-key flips at random times, each
-    writing every site of one key (the NOP <-> JMP toggle), and ``malicious_writes`` hooks (a
-    ``JMP`` to attacker code written over a distinct non-site word) at random times, aimed at
-    the code pages of ``attack_pages`` target functions (so some pages are hit more than once).
-    """
-
-    accesses: int = 400_000
-    patch_events: int = 24
-    malicious_writes: int = 12
-    attack_pages: int = 4
-    fetch: float = 0.45
-    rodata: float = 0.10
-    data: float = 0.22
-    slab: float = 0.23
-    write_share: float = 1 / 3
-    seed: int = 0
-
-    def stream(self, guest: KernelGuest) -> Stream:
-        n = self.accesses
-        rng = np.random.default_rng([self.seed, 2])
-        probs = np.array([self.fetch, self.rodata, self.data, self.slab], np.float64)
-        if n < 1 or probs.min() < 0 or probs.sum() <= 0:
-            raise ConfigError("KernelActivity", "needs accesses >= 1 and a non-negative mix")
-        category = rng.choice(4, size=n, p=probs / probs.sum())
-        gva = np.empty(n, np.int64)
-        kind = np.zeros(n, np.int8)
-        sections = guest.sections
-        for c, (name, size, alpha) in enumerate(
-            (("code", 16, 1.0), ("rodata", 8, 0.9), ("data", 8, 1.1), ("slab", 8, 1.0))
-        ):
-            sel = np.flatnonzero(category == c)
-            if not sel.size:
-                continue
-            if name == "slab":
-                footprint, base = len(guest.slab_blocks) * _2M, 0
-            else:
-                footprint, base = sections[name].length, sections[name].start
-            z = Zipf(footprint=footprint, seed=self.seed * 8 + c, alpha=alpha, access_size=size)
-            offsets = z.chunk_at(0, 0, sel.size).address
-            if name == "slab":
-                blocks = np.array(guest.slab_blocks, np.int64)
-                gpas = blocks[offsets >> 21] + (offsets & (_2M - 1))
-                gva[sel] = gpas + np.int64(_signed(DIRECT_MAP_BASE))
-            else:
-                gva[sel] = offsets + np.int64(_signed(base))
-            if name == "code":
-                kind[sel] = 2
-            elif name in ("data", "slab"):
-                kind[sel] = (rng.random(sel.size) < self.write_share).astype(np.int8)
-        inserts: list[tuple[int, int, int, bool, str]] = []
-        state = [0] * guest.keys
-        by_key: dict[int, list[PatchSite]] = {}
-        for site in guest.sites.values():
-            by_key.setdefault(site.key, []).append(site)
-        for pos in np.sort(rng.integers(0, n, self.patch_events)).tolist():
-            key = int(rng.integers(guest.keys))
-            state[key] ^= 1
-            for site in by_key.get(key, []):
-                inserts.append((pos, site.gpa, site.states[state[key]], True, "static-key"))
-        targets = [
-            guest.code_pages[int(i)]
-            for i in rng.choice(len(guest.code_pages), self.attack_pages, replace=False)
-        ]
-        words = guest.random_code_words(
-            rng, self.malicious_writes, exclude=set(guest.sites), pages=targets
-        )
-        lo, hi = max(1, n // 50), max(2, n - n // 50)
-        for pos, gpa in zip(np.sort(rng.integers(lo, hi, len(words))).tolist(), words, strict=True):
-            hook = with_insn(guest.read_word(gpa), jmp(-int(rng.integers(1 << 20, 1 << 30))))
-            inserts.append((pos, gpa, hook, False, "hook"))
-        return Stream.build(gva, kind, inserts)
+__all__ = [
+    "INSN5_MASK",
+    "JMP32",
+    "MODES",
+    "NOP5",
+    "CodeWrite",
+    "Detection",
+    "StreamRunner",
+    "IntegrityMonitor",
+    "KernelActivity",
+    "KernelGuest",
+    "MonitorCounters",
+    "PatchSite",
+    "Stream",
+    "StoreInsert",
+    "jmp",
+    "with_insn",
+]
 
 
 # -- the monitor --------------------------------------------------------------------------------
@@ -386,7 +136,7 @@ class Detection:
     gpa: int  # the word found tampered with
     value: int
     at: int  # stream position when the monitor found it
-    how: str  # "trap" or "pml-review"
+    how: str  # "trap", "pml-review", "pt-trap" (trap-pt) or "gpv" (hlat)
 
 
 @dataclass
@@ -404,12 +154,17 @@ class MonitorCounters:
     invept: int = 0
     ept_edits: int = 0
     splits: int = 0
+    pt_stores_trapped: int = 0  # trap-pt: guest stores to protected page-table pages
+    pt_stores_denied: int = 0  # of which changed an entry on the code's path
+    pt_paging_writes: int = 0  # trap-pt: the processor's A/D updates there (emulated)
+    gpv_violations: int = 0  # hlat: exits that failed guest-paging verification
+    logged_unchanged: int = 0  # pml: logged code pages whose contents had not changed
 
     def cycles(self) -> int:
         """Cycles of the monitor's own work (VM exits are costed by the caller)."""
         p = active_profile()
         return (
-            (self.emulated + self.denied) * p.cycles("emulate_cycles")
+            (self.emulated + self.denied + self.pt_paging_writes) * p.cycles("emulate_cycles")
             + self.invept * p.cycles("invept_cycles")
             + self.ept_edits * p.cycles("ept_edit_cycles")
             + self.pml_entries * p.cycles("pml_entry_cycles")
@@ -429,7 +184,10 @@ class IntegrityMonitor:
         kernel_pages: Iterable[int] = (),
         sites: dict[int, PatchSite] | None = None,
         rearm_invept: bool = True,
+        page_tables: dict[int, int] | None = None,
     ) -> None:
+        """``page_tables`` (trap-pt): the guest paging entries on the code's translation path,
+        by GPA, with the values they must keep."""
         if mode not in MODES:
             raise ConfigError("mode", f"{mode!r} is not one of {', '.join(MODES)}")
         self.vm, self.hv, self.mode = vm, vm.hv, mode
@@ -446,6 +204,8 @@ class IntegrityMonitor:
         self.operand: int | None = None  # the value a trapped store writes (its decode)
         self.protected: frozenset[int] = frozenset()
         self.attached = False
+        self.pt_guard = PageTableGuard(page_tables or {}) if mode == "trap-pt" else None
+        self.unchanged: list[tuple[int, int]] = []  # pml: (page, position) logged, unchanged
 
     # -- setting up ---------------------------------------------------------------------------
 
@@ -460,6 +220,8 @@ class IntegrityMonitor:
             "trap-code": self.code_pages,
             "trap-all": self.kernel_pages,
             "pml": self.code_pages,
+            "trap-pt": self.code_pages,
+            "hlat": self.code_pages,
         }[self.mode]
         ept = self.vm.ept
         for page in sorted(watched):
@@ -473,10 +235,13 @@ class IntegrityMonitor:
                 self.counters.splits += 1
                 leaf = ept.lookup(page)
                 assert leaf is not None
-        if self.mode in ("trap-code", "trap-all"):
+        if self.mode in TRAP_MODES:
             for page in sorted(watched):
                 self.counters.ept_edits += ept.protect(page, PAGE_SIZE, "r-x")
             self.protected = watched
+            if self.pt_guard is not None:
+                self.counters.splits += self.pt_guard.protect(self.vm)
+                self.counters.ept_edits += len(self.pt_guard.pages)
             self.hv.on(ExitReason.EPT_VIOLATION, self._on_ept_violation)
         elif self.mode == "pml":
             if not self.vm.pml_enabled:
@@ -514,9 +279,21 @@ class IntegrityMonitor:
             return None
         page = record.gpa & ~(PAGE_SIZE - 1)
         q = record.qualification
+        guard = self.pt_guard
+        if guard is not None and page in guard.pages:
+            return self._on_page_table(record, guard)
+        if q & EptQual.GUEST_PAGING_VERIFICATION and not q & EptQual.WRITE:
+            if page not in self.protected:
+                return None
+            # hlat: code read or fetched through a translation that is not the hypervisor's
+            self.counters.gpv_violations += 1
+            self.decisions[self.clock] = "denied"
+            self.detections.append(Detection(record.gpa & ~7, 0, self.clock, "gpv"))
+            return ExitAction.SKIP
         if not q & EptQual.WRITE or not q & EptQual.GLA_TRANSLATION or page not in self.protected:
             return None  # not a data write to a page we protect: someone else's exit
         self.counters.trapped_writes += 1
+        self.counters.gpv_violations += bool(q & EptQual.GUEST_PAGING_VERIFICATION)
         value = self.operand
         if page not in self.code_pages or self.is_allowed(record.gpa, value):
             # a patch site receiving a legal state, or (trap-all) an ordinary data write
@@ -530,6 +307,33 @@ class IntegrityMonitor:
             self.counters.denied += 1
             self.decisions[self.clock] = "denied"
             self.detections.append(Detection(record.gpa & ~7, value or 0, self.clock, "trap"))
+        return ExitAction.SKIP
+
+    def _on_page_table(
+        self, record: EptViolation, guard: PageTableGuard
+    ) -> ExitAction | None:
+        """trap-pt: a guest store to a protected page-table page is emulated unless it changes
+        an entry on the code's path (denied, reported); a processor A/D update there (bit 8 of
+        the qualification clear) is emulated and the walk retried."""
+        q = record.qualification
+        if not q & EptQual.WRITE:
+            return None
+        if not q & EptQual.GLA_TRANSLATION:
+            guard.paging_write(self.vm, record.gpa)
+            self.counters.pt_paging_writes += 1
+            return ExitAction.RETRY
+        self.counters.pt_stores_trapped += 1
+        value = self.operand
+        if value is not None and guard.allows(record.gpa, value):
+            self.vm.write_u64(record.gpa & ~7, value)
+            self.counters.emulated += 1
+        elif value is None:
+            self.counters.emulated += 1  # a store without a modelled value: skipped
+        else:
+            self.counters.pt_stores_denied += 1
+            self.counters.denied += 1
+            self.decisions[self.clock] = "denied"
+            self.detections.append(Detection(record.gpa & ~7, value, self.clock, "pt-trap"))
         return ExitAction.SKIP
 
     # -- pml mode ------------------------------------------------------------------------------
@@ -572,7 +376,11 @@ class IntegrityMonitor:
             self.counters.pages_compared += 1
             current = self.vm.words(page, 512).copy()
             golden = self.golden[page]
-            for word in np.flatnonzero(current != golden).tolist():
+            changed = np.flatnonzero(current != golden).tolist()
+            if not changed:  # logged, yet equal to the golden copy (written back, or restored)
+                self.counters.logged_unchanged += 1
+                self.unchanged.append((page, self.clock))
+            for word in changed:
                 gpa, value = page + 8 * word, int(current[word])
                 if not self.is_allowed(gpa, value):
                     found.append(Detection(gpa, value, self.clock, "pml-review"))
@@ -594,7 +402,9 @@ class StreamRunner:
 
     def __init__(self, guest: KernelGuest, monitor: IntegrityMonitor) -> None:
         self.guest, self.monitor = guest, monitor
-        self.loop = guest_runner.GuestRunner(guest.vcpu, monitor)
+        # VT-rp (hlat) runs on the reference walker: the fast engine does not model it
+        loop = ReferenceLoop if guest.vcpu.vmcs.vt_rp else guest_runner.GuestRunner
+        self.loop = loop(guest.vcpu, monitor)
 
     def run(
         self,
@@ -606,6 +416,15 @@ class StreamRunner:
         """Run the whole stream; in pml mode the log is reviewed every ``period`` accesses and
         at the end."""
         values = {w.index: w.value for w in stream.writes}
+        if isinstance(self.loop, ReferenceLoop):  # stores land at once on the reference walker
+            return self.loop.run(
+                stream.gva, stream.kind, values=values, period=period, progress=progress
+            )
         return self.loop.run(
-            stream.gva, stream.kind, values=values, period=period, progress=progress
+            stream.gva,
+            stream.kind,
+            values=values,
+            period=period,
+            progress=progress,
+            barriers=stream.barriers,
         )

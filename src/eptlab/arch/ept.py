@@ -40,6 +40,10 @@ class Ept(IntFlag):
     A = bit(8)  # accessed (EPTP bit 6 = 1)
     D = bit(9)  # dirty, leaf only (EPTP bit 6 = 1)
     XU = bit(10)  # user-mode execute (mode-based execute control)
+    # VT-rp (SDM Vol. 3C §29.3.3.2, Figure 29-1): leaf bits, ignored unless the tertiary
+    # VM-execution control that governs them is 1
+    VGP = bit(57)  # verify guest paging ("verify paging-write"): guest-paging verification
+    PWA = bit(58)  # paging-write access: guest paging may update the page (EPT paging-write)
     SUPPRESS_VE = bit(63)  # leaf: suppress #VE
 
 

@@ -51,6 +51,7 @@ class EptQual(IntFlag):
     WRITABLE_LINEAR = bit(10)
     XD_LINEAR = bit(11)
     NMI_UNBLOCKING = bit(12)
+    GUEST_PAGING_VERIFICATION = bit(15)
 
 
 EPT_QUAL_MEANING: dict[EptQual, str] = {
@@ -67,6 +68,7 @@ EPT_QUAL_MEANING: dict[EptQual, str] = {
     EptQual.WRITABLE_LINEAR: "(bit 8 = 1) the linear address is read/write",
     EptQual.XD_LINEAR: "(bit 8 = 1) the linear address is execute-disable",
     EptQual.NMI_UNBLOCKING: "NMI unblocking due to IRET",
+    EptQual.GUEST_PAGING_VERIFICATION: "the access failed guest-paging verification (GPV)",
 }
 """What each exit-qualification bit says (SDM Vol. 3C Table 28-7)."""
 

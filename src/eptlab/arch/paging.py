@@ -67,6 +67,7 @@ class Pte(IntFlag):
     D = bit(6)
     PS = bit(7)
     G = bit(8)
+    RESTART = bit(11)  # ignored by ordinary paging; HLAT paging restarts (SDM Vol. 3A §4.5.5)
     LARGE_PAT = bit(12)
     XD = bit(63)
 
@@ -87,6 +88,7 @@ class PageFaultError(IntFlag):
     ID = bit(4)
     PK = bit(5)
     SS = bit(6)
+    HLAT = bit(7)
     SGX = bit(15)
 
 
@@ -98,6 +100,7 @@ PAGE_FAULT_MEANING: dict[PageFaultError, str] = {
     PageFaultError.ID: "instruction fetch (only reported if NXE=1 or SMEP=1, SDM §4.7)",
     PageFaultError.PK: "protection-key violation",
     PageFaultError.SS: "shadow-stack access",
+    PageFaultError.HLAT: "the fault occurred during HLAT paging",
     PageFaultError.SGX: "violation of SGX-specific access-control requirements",
 }
 """What each #PF error-code bit says (SDM Vol. 3A §4.7)."""

@@ -1,15 +1,23 @@
 """integrity-monitor: what does it cost to watch a guest kernel's code from the EPT, and what
-does each way of watching buy?
+does each way of watching buy, against which attack?
 
 The same seeded guest (KASLR'd kernel image, slab area, static-key patch sites) runs the same
 stream of ordinary kernel activity (code fetches, rodata reads, kernel-data and slab reads and
-writes) with static-key flips (legitimate code patches) and injected hooks (malicious writes to
-kernel code, through the direct map) under four monitors (:mod:`eptlab.apps.integrity`):
-``none``; ``trap-code`` (code pages write-protected in the EPT, each write checked against the
-allow-list of patch sites, then emulated or denied); ``trap-all`` (every kernel-image page
-write-protected: the naive guard); ``pml`` (writes run free, page-modification logging records
-first writes, the monitor reviews the log on log-full exits and every ``period`` accesses, then
-clears the dirty flags it reviewed and runs INVEPT). A warm-up run precedes each measured run.
+writes) with static-key flips (legitimate code patches), injected hooks (malicious writes to
+kernel code, through the direct map), the attacks of :mod:`eptlab.apps.integrity_attacks`
+(page-table remapping, a writable alias, write-then-restore) and the guest's own page-directory
+writes, under six monitors (:mod:`eptlab.apps.integrity`): ``none``; ``trap-code`` (code pages
+write-protected in the EPT, each write checked against the allow-list of patch sites, then
+emulated or denied); ``trap-all`` (every kernel-image page write-protected: the naive baseline);
+``pml`` (writes run free, page-modification logging records first writes, the monitor reviews
+the log on log-full exits and every ``period`` accesses, then clears the dirty flags it reviewed
+and runs INVEPT); ``trap-pt`` (trap-code plus the guest page tables on the code's path
+write-protected); ``hlat`` (trap-code plus Intel HLAT, paging-write and guest-paging
+verification). A warm-up run precedes each measured run.
+
+``hlat`` runs on the reference walker (the fast engine does not model VT-rp): a stream of
+``reference_accesses`` accesses from the same generator with the same patches and attacks, no
+TLB or cache model, so its cycle columns are empty and it reports walk references instead.
 
 Columns:
 
@@ -36,9 +44,7 @@ Columns:
 | mean_detection_delay_accesses | accesses from a hook to its detection (empty: none found) |
 | max_detection_delay_accesses | the longest of those delays |
 
-It shows: `trap-all` takes orders of magnitude more exits than `trap-code` (every kernel-data
-write exits), both detect every hook at once and prevent it; `pml` takes the fewest exits but
-detects only at the next review (a delay of up to a period) and prevents nothing.
+and the columns of the other attacks and defences listed in :data:`MORE_COLUMNS`.
 """
 
 from __future__ import annotations
@@ -60,14 +66,16 @@ from ..apps.integrity import (
     StreamRunner,
 )
 from ..apps.integrity import IntegrityMonitor as Monitor
+from ..apps.integrity_attacks import ATTACK_KINDS, Attack
+from ..apps.integrity_hlat import ReferenceReport
 from ..arch.exits import ExitReason
 from ..errors import ConfigError
 from ..guest import KernelImage
 from ..hv.costs import hv_costs
 from ..hv.guest_runner import RunReport
 from ..memory.layout import check_layout, in_layout
-from .base import Progress, Row, check_choices
-from .intervals import OVERLAP, bars, by_seed, column, interval, seeds_of, summarize, verdict, yerr
+from .base import Progress, Row, check_choices, check_range
+from .integrity_reading import figures, interpret
 
 WARMUP_SEED = 1 << 20  # the warm-up stream's seed is the run's seed plus this
 
@@ -75,8 +83,16 @@ WARMUP_SEED = 1 << 20  # the warm-up stream's seed is the run's seed plus this
 @dataclass(frozen=True)
 class IntegrityMonitorParams:
     def validate(self) -> None:
-        """Choices (before anything runs)."""
+        """Choices and ranges (before anything runs)."""
         check_choices("modes", self.modes, MODES)
+        for name in ("remap_attacks", "alias_attacks", "restore_attacks", "pt_updates"):
+            check_range(name, getattr(self, name), 0, 64)
+        check_range("restore_gap", self.restore_gap, 1, 1 << 20)
+        if self.remap_attacks > self.code_mib // 2:
+            raise ConfigError(
+                "remap_attacks", f"at most one per 2 MiB code block ({self.code_mib // 2})"
+            )
+        check_range("reference_accesses", self.reference_accesses, 1000, 10_000_000)
 
     modes: tuple[str, ...] = MODES
     accesses: int = 1_000_000  # measured accesses per mode (before the code writes are added)
@@ -90,6 +106,12 @@ class IntegrityMonitorParams:
     code_mib: int = 16
     slab_mib: int = 8
     rearm_invept: bool = True  # pml: INVEPT after clearing dirty flags (False: the bug)
+    remap_attacks: int = 2  # page-table remapping attacks (one per 2 MiB code block at most)
+    alias_attacks: int = 2  # hooks written through a writable alias of a code block
+    restore_attacks: int = 2  # hooks written back to the original word restore_gap later
+    restore_gap: int = 200  # base-stream accesses between a hook and its restore
+    pt_updates: int = 40  # the guest's own writes of page-directory entries next to the code
+    reference_accesses: int = 5_000  # hlat (reference walker): measured accesses
     seeds: int = 5
     seed: int = 0
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
@@ -111,7 +133,8 @@ class ModeRun:
 
 
 def run_mode(p: IntegrityMonitorParams, mode: str, progress: Progress | None = None) -> ModeRun:
-    """Boot the guest, warm it up, attach the monitor in ``mode``, run the measured stream."""
+    """Boot the guest, warm it up, attach the monitor in ``mode``, run the measured stream
+    (``hlat``: ``reference_accesses`` of them, on the reference walker)."""
     guest = KernelGuest(
         seed=p.seed,
         image=KernelImage(code=p.code_mib << 20),
@@ -126,11 +149,16 @@ def run_mode(p: IntegrityMonitorParams, mode: str, progress: Progress | None = N
         passive = Monitor(guest.vm, "none", code_pages=guest.code_pages)
         StreamRunner(guest, passive).run(warm, period=len(warm))
     activity = KernelActivity(
-        accesses=p.accesses,
+        accesses=min(p.accesses, p.reference_accesses) if mode == "hlat" else p.accesses,
         patch_events=p.patch_events,
         malicious_writes=p.malicious_writes,
         attack_pages=p.attack_pages,
         seed=p.seed,
+        remap_attacks=p.remap_attacks,
+        alias_attacks=p.alias_attacks,
+        restore_attacks=p.restore_attacks,
+        restore_gap=p.restore_gap,
+        pt_updates=p.pt_updates,
     )
     stream = activity.stream(guest)
     monitor = guest.monitor(mode, rearm_invept=p.rearm_invept)
@@ -145,7 +173,7 @@ def measure(run: ModeRun) -> Row:
     """The row of one mode (``overhead_cycles_pct`` is filled in against ``none``)."""
     stream, monitor, result, guest = run.stream, run.monitor, run.result, run.guest
     malicious, patches = stream.malicious, stream.patches
-    targets = {w.gpa for w in malicious}
+    targets = {w.gpa for w in malicious} | {g for a in stream.attacks for g in a.watch}
     delays: list[int] = []
     for w in malicious:
         found = [d.at for d in monitor.detections if d.gpa == w.gpa and d.at >= w.index]
@@ -166,6 +194,12 @@ def measure(run: ModeRun) -> Row:
     tampered = sum(1 for w in malicious if guest.read_word(w.gpa) == w.value)
     exits = result.exits
     c = monitor.counters
+    reference = isinstance(result, ReferenceReport)
+    walk_refs = restart_refs = None
+    if isinstance(result, ReferenceReport):
+        done = max(1, result.translations)
+        walk_refs = round(result.references / done, 2)
+        restart_refs = round(result.restart_references / done, 2)
     return {
         "mode": run.mode,
         "accesses": result.accesses,
@@ -180,16 +214,86 @@ def measure(run: ModeRun) -> Row:
         "exits_per_million_writes": round(result.vm_exits * 1e6 / max(1, stream.guest_writes), 1),
         "emulated_writes": c.emulated,
         "invept": c.invept,
-        "engine_cycles": result.engine_cycles,
+        "engine": "reference" if reference else "fast",
+        "engine_cycles": None if reference else result.engine_cycles,
         "monitor_cycles": run.monitor_cycles,
-        "overhead_cycles_pct": 0.0,
+        "overhead_cycles_pct": None if reference else 0.0,
+        "engine_overhead_pct": None if reference else 0.0,
+        "monitor_overhead_pct": None if reference else 0.0,
+        "ept_splits": c.splits,
         "malicious_writes": len(malicious),
         "detected": len(delays),
         "prevented": prevented,
         "code_words_tampered": tampered,
         "mean_detection_delay_accesses": round(float(np.mean(delays)), 1) if delays else None,
         "max_detection_delay_accesses": max(delays) if delays else None,
+        **attack_columns(run),
+        "logged_unchanged_pages": c.logged_unchanged,
+        "pt_stores_trapped": c.pt_stores_trapped,
+        "pt_stores_denied": c.pt_stores_denied,
+        "pt_updates": len(stream.labelled("pt-update")),
+        "gpv_violations": c.gpv_violations,
+        "walk_refs_per_access": walk_refs,
+        "hlat_restart_refs_per_access": restart_refs,
     }
+
+
+MORE_COLUMNS: dict[str, str] = {
+    "engine": "fast (the numba engine) or reference (the reference walker: hlat)",
+    "engine_overhead_pct": "engine cycles over mode none's, minus 1, in % of none's total",
+    "monitor_overhead_pct": "monitor_cycles in % of mode none's total cycles",
+    "ept_splits": "2 MiB EPT pages the monitor split into 4 KiB pages",
+    "ATTACK_attacks": "attacks of kind ATTACK (remap, alias, restore) in the stream",
+    "ATTACK_detected": "of which the monitor reported (a report on a word the attack wrote)",
+    "ATTACK_effective": (
+        "of which took effect (remap: the code address reaches the attacker's page at the end; "
+        "alias: the hook is in the code at the end; restore: the hook reached memory)"
+    ),
+    "restore_logged_unchanged": (
+        "pml: restore attacks whose page a later review found logged yet equal to its golden copy"
+    ),
+    "logged_unchanged_pages": "pml: reviewed pages logged but unchanged (restores, write-backs)",
+    "pt_stores_trapped": "trap-pt: guest stores to the write-protected page-table pages",
+    "pt_stores_denied": "of which changed an entry on the code's path (reported, not done)",
+    "pt_updates": "the guest's own page-directory writes in the stream",
+    "gpv_violations": "hlat: exits that failed guest-paging verification (qualification bit 15)",
+    "walk_refs_per_access": "hlat: entries read per completed translation (cold: no TLB)",
+    "hlat_restart_refs_per_access": "hlat: of which HLAT entries read before a restart",
+}
+"""Columns beyond the hooks' (``ATTACK`` stands for each attack kind)."""
+
+
+def attack_outcome(run: ModeRun, attack: Attack) -> tuple[bool, bool]:
+    """(detected, effective) for one attack (see :data:`MORE_COLUMNS`)."""
+    stream, monitor, guest = run.stream, run.monitor, run.guest
+    first = attack.first_index(stream)
+    detected = any(d.gpa in attack.watch and d.at >= first for d in monitor.detections)
+    if attack.kind == "remap":
+        effective = guest.processor_gpa(attack.la) != attack.target
+    elif attack.kind == "alias":
+        effective = guest.read_word(attack.target) == attack.value
+    else:
+        effective = attack.trigger_write(stream).index in run.result.performed_stores
+    return detected, effective
+
+
+def attack_columns(run: ModeRun) -> Row:
+    """Counts of attacks, detected and effective, per kind; restores PML logged unchanged."""
+    out: Row = {}
+    for kind in ATTACK_KINDS:
+        attacks = [a for a in run.stream.attacks if a.kind == kind]
+        outcomes = [attack_outcome(run, a) for a in attacks]
+        out[f"{kind}_attacks"] = len(attacks)
+        out[f"{kind}_detected"] = sum(d for d, _ in outcomes)
+        out[f"{kind}_effective"] = sum(e for _, e in outcomes)
+    logged = 0
+    for a in run.stream.attacks:
+        if a.kind == "restore":
+            after = a.first_index(run.stream)
+            page = a.target & ~0xFFF
+            logged += any(p == page and at >= after for p, at in run.monitor.unchanged)
+    out["restore_logged_unchanged"] = logged
+    return out
 
 
 class IntegrityMonitor:
@@ -200,7 +304,8 @@ class IntegrityMonitor:
     )
     Params: ClassVar[type] = IntegrityMonitorParams
     demo: ClassVar[dict[str, str]] = {
-        "accesses": "60000", "warmup": "10000", "period": "20000", "code_mib": "8", "seeds": "3"
+        "accesses": "60000", "warmup": "10000", "period": "20000", "code_mib": "8", "seeds": "3",
+        "reference_accesses": "2000",
     }
     keys: ClassVar[tuple[str, ...]] = ("mode",)
 
@@ -224,7 +329,7 @@ class IntegrityMonitor:
         total = len(modes) * params.accesses
         done = 0
         progress(0, total)
-        baseline = 0
+        baseline, baseline_engine = 0, 0
         for mode in modes:
 
             def report(d: int, _n: int, base: int = done) -> None:
@@ -232,92 +337,22 @@ class IntegrityMonitor:
 
             run = run_mode(params, mode, report)
             row = measure(run)
-            cycles = row["engine_cycles"] + row["monitor_cycles"]
-            if mode == "none":
-                baseline = cycles
-            row["overhead_cycles_pct"] = round(100.0 * (cycles - baseline) / max(1, baseline), 2)
+            if row["engine"] == "fast":  # the reference walker has no cycle model
+                cycles = row["engine_cycles"] + row["monitor_cycles"]
+                if mode == "none":
+                    baseline, baseline_engine = cycles, row["engine_cycles"]
+                base = max(1, baseline)
+                row["overhead_cycles_pct"] = round(100.0 * (cycles - baseline) / base, 2)
+                engine_extra = row["engine_cycles"] - baseline_engine
+                row["engine_overhead_pct"] = round(100.0 * engine_extra / base, 2)
+                row["monitor_overhead_pct"] = round(100.0 * row["monitor_cycles"] / base, 2)
             done += params.accesses
             progress(done, total)
             if mode in params.modes:
                 yield run, row
 
     def interpret(self, table: pd.DataFrame, params: IntegrityMonitorParams) -> list[str]:
-        runs = {m: by_seed(table, mode=m) for m in dict.fromkeys(table["mode"])}
-
-        def iv(mode: str, column: str, fmt: str = "{:,.0f}", unit: str = "") -> str:
-            return interval(runs[mode][column]).text(fmt, unit)
-
-        out = []
-        if {"trap-code", "trap-all"} <= set(runs):
-            fewer = verdict(
-                interval(runs["trap-code"].vm_exits), interval(runs["trap-all"].vm_exits),
-                "more", "fewer",
-            )
-            out.append(
-                f"Trapping writes to the kernel code only takes {iv('trap-code', 'vm_exits')} VM "
-                f"exits ({iv('trap-code', 'overhead_cycles_pct', '{:.1f}', '%')} cycles) against "
-                f"{iv('trap-all', 'vm_exits')} "
-                f"({iv('trap-all', 'overhead_cycles_pct', '{:.0f}', '%')}) for trapping every "
-                f"write{f' ({fewer})' if fewer == OVERLAP else ''}; they detect "
-                f"{iv('trap-code', 'detected')} and {iv('trap-all', 'detected')} of the "
-                f"{iv('trap-code', 'malicious_writes')} malicious writes and prevent "
-                f"{iv('trap-code', 'prevented')} and {iv('trap-all', 'prevented')}."
-            )
-        if "pml" in runs:
-            out.append(
-                f"Page-modification logging reviewed every {params.period:,} accesses needs "
-                f"{iv('pml', 'vm_exits')} exits ({iv('pml', 'overhead_cycles_pct', '{:.1f}', '%')}"
-                f" cycles) and detects {iv('pml', 'detected')}/{iv('pml', 'malicious_writes')} "
-                f"after {iv('pml', 'mean_detection_delay_accesses')} accesses on average, but "
-                f"prevents {iv('pml', 'prevented')}: the code is already changed when the log is "
-                f"read."
-            )
-        fp = int(table.false_positives.sum())
-        out.append(
-            f"Legitimate code patches: {int(table.patches_applied.max())} per run; false alarms "
-            f"over all modes and {seeds_of(table)} seed(s): {fp}."
-        )
-        return out
+        return interpret(table, params.period)
 
     def figures(self, table: pd.DataFrame, params: IntegrityMonitorParams) -> dict[str, Figure]:
-        summary = summarize(table, self.keys)
-        modes = list(summary["mode"])
-        x = np.arange(len(modes))
-        figure = Figure(figsize=(12, 4))
-        ax_exits, ax_cost, ax_delay = figure.subplots(1, 3)
-        exits = summary["vm_exits"].astype(float).to_numpy()
-        shown = column(summary, "vm_exits")
-        ax_exits.bar(x, np.where(exits > 0, exits, np.nan), color="tab:red",
-                     yerr=yerr(shown), capsize=2)
-        ax_exits.set_yscale("log")
-        ax_exits.set_ylim(bottom=0.5, top=max(10.0, float(exits.max()) * 4))
-        ax_exits.set_ylabel("VM exits (log scale)")
-        ax_exits.set_title("exits per mode (mean, 95% interval)")
-        for i, v in enumerate(exits):
-            ax_exits.annotate(f"{v:,.0f}", (i, max(v, 0.6)), ha="center", va="bottom", fontsize=8)
-        overhead = summary["overhead_cycles_pct"].astype(float).to_numpy()
-        bars(ax_cost, x, column(summary, "overhead_cycles_pct"), color="tab:blue")
-        for i, v in enumerate(overhead):
-            ax_cost.annotate(f"{v:.1f}%", (i, max(v, 0.0)), ha="center", va="bottom", fontsize=8)
-        ax_cost.set_ylabel("cycles over mode none (%)")
-        ax_cost.set_title("overhead (engine + exits + monitor work)")
-        bars(ax_delay, x, column(summary, "mean_detection_delay_accesses"), color="tab:green",
-             label="mean")
-        worst = pd.to_numeric(summary["max_detection_delay_accesses"], errors="coerce")
-        ax_delay.scatter(x, worst, color="black", marker="_", s=200, label="max (mean)",
-                         zorder=3)
-        for i, row in enumerate(summary.itertuples()):
-            label = (
-                f"{row.detected:.3g}/{row.malicious_writes:.3g} det.\n{row.prevented:.3g} prev."
-            )
-            ax_delay.annotate(label, (i, 0), ha="center", va="bottom", fontsize=7)
-        ax_delay.set_ylabel("accesses from hook to detection")
-        ax_delay.set_title(f"detection delay (pml period {params.period:,})")
-        ax_delay.legend(fontsize=7)
-        for ax in (ax_exits, ax_cost, ax_delay):
-            ax.set_xlim(-0.6, len(modes) - 0.4)
-            ax.set_xticks(x)
-            ax.set_xticklabels(modes, fontsize=8)
-        figure.suptitle(f"integrity monitoring from the EPT ({seeds_of(table)} seed(s))")
-        figure.tight_layout()
-        return {"integrity-monitor": figure}
+        return figures(table, self.keys, params.period)

@@ -133,7 +133,9 @@ def sim_params(p: KvmIntegrityParams, seed: int, modes: tuple[str, ...]) -> Any:
         modes=modes, accesses=p.iterations * k, warmup=p.sim_warmup,
         period=p.review_every * k, patch_events=patches, patch_keys=max(1, p.patch_pages),
         sites_per_key=1, malicious_writes=p.hooks, attack_pages=p.attack_pages, code_mib=2,
-        slab_mib=2, seed=seed)
+        slab_mib=2, seed=seed,
+        # the KVM guest has direct hooks only: none of the simulator's other attacks
+        remap_attacks=0, alias_attacks=0, restore_attacks=0, pt_updates=0)
 
 
 def simulate(p: KvmIntegrityParams, seed: int, policies: list[str]) -> dict[str, Row]:

@@ -59,8 +59,13 @@ class GuestState:
 
 @dataclass(slots=True)
 class Vmcs:
-    """The VMCS fields that govern translation: EPTP, VPID, mode-based execute control, and
-    page-modification logging (address of the 4 KiB log and the 16-bit index)."""
+    """The VMCS fields that govern translation: EPTP, VPID, mode-based execute control,
+    page-modification logging (address of the 4 KiB log and the 16-bit index), and the VT-rp
+    controls (tertiary processor-based controls: bit 1 "enable HLAT", bit 2 "EPT paging-write
+    control", bit 3 "guest-paging verification"; the HLAT pointer and the HLAT prefix size).
+
+    Only the reference walker models the VT-rp controls; the fast engine refuses a VMCS that
+    sets them (:meth:`eptlab.mmu.engine.Engine.run`)."""
 
     eptp: Eptp
     vpid: int = 1
@@ -68,8 +73,23 @@ class Vmcs:
     pml_enabled: bool = False
     pml_address: int = 0
     pml_index: int = PML_ENTRIES - 1
+    hlat: bool = False  # SDM Vol. 3A §4.5.1: HLAT paging for linear addresses in the range
+    hlatp: int = 0  # guest-physical address of the HLAT PML4 table (CR3 format)
+    hlat_prefix_size: int = 0  # 0: every linear address; 1: those with bit 63 set
+    paging_write: bool = False  # EPT leaf bit 58 (PWA) allows paging writes (SDM §29.3.3.2)
+    guest_paging_verification: bool = False  # EPT leaf bit 57 (VGP) checks the walk's PWA
+
+    @property
+    def vt_rp(self) -> bool:
+        """Whether any VT-rp control (HLAT, paging-write, guest-paging verification) is on."""
+        return self.hlat or self.paging_write or self.guest_paging_verification
 
     def __post_init__(self) -> None:
+        if self.hlat_prefix_size not in (0, 1):
+            # SDM Vol. 3A §4.5.1: behaviour is defined for a maximum HLAT prefix size of 1
+            raise ConfigError("Vmcs.hlat_prefix_size", f"{self.hlat_prefix_size} is not 0 or 1")
+        if self.hlatp % 4096:
+            raise ConfigError("Vmcs.hlatp", f"{self.hlatp:#x} is not 4 KiB aligned")
         if self.pml_enabled and not self.eptp.ad_enabled:
             raise ConfigError("Vmcs.pml_enabled", "PML needs EPT accessed/dirty flags (EPTP bit 6)")
         if self.pml_address % 4096:

@@ -275,6 +275,12 @@ class Engine:
         many walk references (for comparing with the reference walker)."""
         if not self._vcpus:
             raise ConfigError("Engine", "add a vCPU before running")
+        if any(v.vmcs is not None and v.vmcs.vt_rp for v in self._vcpus):
+            raise ConfigError(
+                "Vmcs",
+                "the fast engine does not model HLAT, paging-write or guest-paging verification:"
+                " translate with the reference walker (eptlab.mmu.walker)",
+            )
         if len(accesses) and int(accesses.vcpu.max()) >= len(self._vcpus):
             raise ConfigError("Accesses.vcpu", f"only {len(self._vcpus)} vCPUs exist")
         regs = self._pack_registers()

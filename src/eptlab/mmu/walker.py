@@ -35,6 +35,28 @@ Modelling choices where the SDM leaves freedom (the fast engine must make the sa
 * EPT permissions are checked once the walk of a GPA reached its leaf (rights are the AND over
   all entries); a not-present entry stops the walk at once (a violation), an entry with an
   unsupported value stops it at once (a misconfiguration).
+
+VT-rp (HLAT, paging-write, guest-paging verification), reference walker only:
+
+* HLAT paging (SDM Vol. 3A §4.5.1): with "enable HLAT" = 1 a linear address is translated from
+  the HLAT pointer instead of CR3 when the HLAT prefix size is 0, or when it is 1 and bit 63 of
+  the address is 1. The HLAT structures have the guest-paging format and sit at guest-physical
+  addresses, so each of their entries is translated through EPT like a guest entry (references
+  of dimension ``hlat``). A present HLAT entry with bit 11 set restarts the translation with
+  ordinary paging from CR3 (SDM Vol. 3A §4.5.5): the whole address is translated again and
+  only the ordinary entries give the access rights. A fault during HLAT paging sets bit 7 of
+  the #PF error code. Model choice: the entries of a restarted HLAT walk get no accessed flag.
+* Paging-write (SDM Vol. 3C §29.3.3.2): with "EPT paging-write control" = 1, a paging write
+  (the processor's A/D update of a guest or HLAT paging entry, and with EPT A/D every access
+  to such an entry, which counts as a write) needs no EPT write permission when the EPT leaf
+  mapping the entry's page has bit 58 (paging-write access, PWA) set. Guest *stores* to that
+  page still need bit 1.
+* Guest-paging verification (SDM Vol. 3C §29.3.3.2, exit qualification bit 15): with the
+  "guest-paging verification" control = 1, an access whose final guest-physical address is
+  mapped by an EPT leaf with bit 57 (verify guest paging, VGP) set is an EPT violation unless
+  every paging entry of the translation that produced it sat in a page whose EPT leaf has PWA
+  (effective only with the paging-write control on). It is reported with the access's own
+  qualification bits plus bit 15.
 """
 
 from __future__ import annotations
@@ -79,6 +101,7 @@ class Dim(StrEnum):
 
     GUEST = "guest"
     EPT = "ept"
+    HLAT = "hlat"  # an entry of the hypervisor-managed (HLAT) paging structures
 
 
 DATA = 0
@@ -195,6 +218,7 @@ class _GuestStep:
     hpa: int
     value: int
     ept_rights: int  # R/W/X/XU AND over the EPT entries that translated ``gpa``
+    ept_leaf: int  # the EPT leaf that mapped ``gpa`` (its PWA bit for paging writes and GPV)
 
 
 @dataclass(slots=True)
@@ -202,6 +226,7 @@ class _EptResult:
     hpa: int
     rights: int
     page: PageSize
+    leaf: int = 0  # the EPT leaf entry used (0 without EPT)
 
 
 @dataclass(slots=True)
@@ -270,23 +295,18 @@ class ReferenceWalker:
         if not is_canonical(gva, linear_address_width(g.cr4)):
             # SDM Vol. 1 §3.3.7.1: a non-canonical reference is a #GP(0), no walk happens
             raise _Stop(GuestFault(GENERAL_PROTECTION_VECTOR, 0, gva))
+        vmcs = self.vmcs
+        hlat = (
+            vmcs is not None
+            and vmcs.hlat
+            and (vmcs.hlat_prefix_size == 0 or bool((gva >> 63) & 1))
+        )  # SDM Vol. 3A §4.5.1: HLAT paging for this address
+        steps = self._guest_walk(walk, vmcs.hlatp if hlat and vmcs else g.cr3, hlat=hlat)
+        if steps is None:  # an HLAT entry with bit 11 set: restart with ordinary paging
+            steps = self._guest_walk(walk, g.cr3, hlat=False)
+            hlat = False
+        assert steps is not None
         nxe = bool(g.efer & Efer.NXE)
-
-        steps: list[_GuestStep] = []
-        table = next_table(g.cr3, maxphy)  # CR3 bits M-1:12 (SDM Table 4-12)
-        for level in range(paging_levels(g.cr4), 0, -1):
-            entry_gpa = table + table_index(gva, level) * ENTRY_BYTES
-            ept = self._ept_translate(walk, entry_gpa, for_level=level, paging_entry=True)
-            value = self.memory.read_u64(ept.hpa)
-            walk.references.append(Reference(Dim.GUEST, level, ept.hpa, value, entry_gpa, level))
-            if not value & Pte.P:
-                raise _Stop(self._page_fault(walk, 0))
-            if value & reserved_mask(value, level, maxphy, nxe):
-                raise _Stop(self._page_fault(walk, PageFaultError.P | PageFaultError.RSVD))
-            steps.append(_GuestStep(level, entry_gpa, ept.hpa, value, ept.rights))
-            if is_leaf(value, level):
-                break
-            table = next_table(value, maxphy)
 
         leaf = steps[-1]
         user_page = all(s.value & Pte.US for s in steps)
@@ -297,7 +317,7 @@ class ReferenceWalker:
         pk_allowed = self._pkey_allows(walk, user_page, pkey)
         if not (allowed and pk_allowed):
             error = PageFaultError.P | (0 if pk_allowed else PageFaultError.PK)
-            raise _Stop(self._page_fault(walk, error))
+            raise _Stop(self._page_fault(walk, error | (PageFaultError.HLAT if hlat else 0)))
 
         self._set_guest_flags(walk, steps)
 
@@ -308,8 +328,44 @@ class ReferenceWalker:
             | (EptQual.WRITABLE_LINEAR if writable else 0)
             | (EptQual.XD_LINEAR if xd else 0)
         )
-        data = self._ept_translate(walk, gpa, for_level=DATA, paging_entry=False, linear=linear)
+        # guest-paging verification looks at the EPT leaves of every entry used (SDM §29.3.3.2)
+        verified = all(self._paging_write_allowed(s.ept_leaf) for s in steps)
+        data = self._ept_translate(
+            walk, gpa, for_level=DATA, paging_entry=False, linear=linear, verified=verified
+        )
         return gpa, data.hpa, guest_page, data.page
+
+    def _guest_walk(self, walk: _Walk, root: int, *, hlat: bool) -> list[_GuestStep] | None:
+        """Read the paging entries for ``walk.gva`` from the table at ``root`` (CR3 or HLATP
+        format). None: an HLAT entry asked for a restart (bit 11, SDM Vol. 3A §4.5.5)."""
+        g, maxphy = self.guest, self.features.maxphyaddr
+        nxe = bool(g.efer & Efer.NXE)
+        gva, dim = walk.gva, Dim.HLAT if hlat else Dim.GUEST
+        hlat_fault = PageFaultError.HLAT if hlat else 0
+        steps: list[_GuestStep] = []
+        table = next_table(root, maxphy)  # CR3 / HLATP bits M-1:12 (SDM Table 4-12)
+        for level in range(paging_levels(g.cr4), 0, -1):
+            entry_gpa = table + table_index(gva, level) * ENTRY_BYTES
+            ept = self._ept_translate(walk, entry_gpa, for_level=level, paging_entry=True)
+            value = self.memory.read_u64(ept.hpa)
+            walk.references.append(Reference(dim, level, ept.hpa, value, entry_gpa, level))
+            if not value & Pte.P:
+                raise _Stop(self._page_fault(walk, hlat_fault))
+            if value & reserved_mask(value, level, maxphy, nxe):
+                error = PageFaultError.P | PageFaultError.RSVD | hlat_fault
+                raise _Stop(self._page_fault(walk, error))
+            if hlat and value & Pte.RESTART:
+                return None
+            steps.append(_GuestStep(level, entry_gpa, ept.hpa, value, ept.rights, ept.leaf))
+            if is_leaf(value, level):
+                break
+            table = next_table(value, maxphy)
+        return steps
+
+    def _paging_write_allowed(self, ept_leaf: int) -> bool:
+        """Whether the EPT leaf grants paging-write access (bit 58 with the "EPT paging-write
+        control" on, SDM Vol. 3C §29.3.3.2)."""
+        return self.vmcs is not None and self.vmcs.paging_write and bool(ept_leaf & Ept.PWA)
 
     def _page_fault(self, walk: _Walk, error: int) -> GuestFault:
         """A #PF with ``error`` plus the flags that describe the access (SDM §4.7)."""
@@ -367,7 +423,10 @@ class ReferenceWalker:
                 new |= Pte.D
             if new == step.value:
                 continue
-            if self.vmcs is not None and not ept_ad and not step.ept_rights & Ept.W:
+            paging_write = self._paging_write_allowed(step.ept_leaf)
+            if self.vmcs is not None and not ept_ad and not step.ept_rights & Ept.W and not (
+                paging_write
+            ):
                 qual = EptQual.READ | EptQual.WRITE | self._rights_bits(step.ept_rights)
                 raise _Stop(EptViolation(step.gpa, walk.gva, int(qual | EptQual.GLA_VALID)))
             self.memory.write_u64(step.hpa, new)
@@ -376,13 +435,21 @@ class ReferenceWalker:
     # -- the EPT dimension (SDM Vol. 3C §29.3) ------------------------------------------------
 
     def _ept_translate(
-        self, walk: _Walk, gpa: int, *, for_level: int, paging_entry: bool, linear: int = 0
+        self,
+        walk: _Walk,
+        gpa: int,
+        *,
+        for_level: int,
+        paging_entry: bool,
+        linear: int = 0,
+        verified: bool = True,
     ) -> _EptResult:
         """Translate one guest-physical address: the access to it is either a guest
-        paging-structure entry (``paging_entry``) or the data access of ``walk``."""
+        paging-structure entry (``paging_entry``) or the data access of ``walk``; ``verified``
+        says whether the walk's paging entries all sat in paging-write pages (for GPV)."""
         vmcs = self.vmcs
         if vmcs is None:
-            return _EptResult(gpa, int(Ept.R | Ept.W | Ept.X | Ept.XU), PageSize.SIZE_4K)
+            return _EptResult(gpa, int(Ept.R | Ept.W | Ept.X | Ept.XU), PageSize.SIZE_4K, 0)
         maxphy = self.features.maxphyaddr
         ad = vmcs.eptp.ad_enabled
         if paging_entry:
@@ -422,29 +489,43 @@ class ReferenceWalker:
                 break
             table = value & bits(maxphy - 1, PAGE_SHIFT)
 
+        level, leaf_entry, leaf_value = path[-1]
         write_like = qual & EptQual.WRITE
         needed = Ept.R if qual & EptQual.READ else 0
-        if write_like:
-            needed |= Ept.W
+        if write_like and not (paging_entry and self._paging_write_allowed(leaf_value)):
+            needed |= Ept.W  # a paging write to a PWA page needs no W (SDM §29.3.3.2)
         if qual & EptQual.FETCH:
             # SDM §29.3.3.2: with mode-based execute control, bit 10 governs fetches from
             # user-mode linear addresses and bit 2 those from supervisor-mode addresses.
             needed |= Ept.XU if vmcs.mbec and linear & EptQual.USER_LINEAR else Ept.X
-        if rights & needed != needed:
-            raise _Stop(EptViolation(gpa, walk.gva, int(qual | self._rights_bits(rights))))
+        gpv = (
+            not paging_entry
+            and vmcs.guest_paging_verification
+            and bool(leaf_value & Ept.VGP)
+            and not verified
+        )  # SDM §29.3.3.2: guest-paging verification failed (qualification bit 15)
+        if rights & needed != needed or gpv:
+            qual |= self._rights_bits(rights)
+            if gpv:
+                qual |= EptQual.GUEST_PAGING_VERIFICATION
+            raise _Stop(EptViolation(gpa, walk.gva, int(qual)))
 
-        level, leaf_entry, leaf_value = path[-1]
         if ad:
             self._set_ept_flags(walk, gpa, path, dirty=bool(write_like))
         hpa = ept_address(leaf_value, level, maxphy) | (gpa & ((1 << level_shift(level)) - 1))
-        return _EptResult(hpa, rights, PageSize.at_level(level))
+        return _EptResult(hpa, rights, PageSize.at_level(level), leaf_value)
 
     def _ept_misconfiguration(self, value: int, level: int) -> str | None:
         """Why a present EPT entry is a misconfiguration (SDM §29.3.3.1), or None."""
         assert self.vmcs is not None
-        return ept_misconfiguration(
+        why = ept_misconfiguration(
             value, level, self.features.maxphyaddr, self.features.ept_execute_only, self.vmcs.mbec
         )
+        pw_leaf = self.vmcs.paging_write and ept_is_leaf(value, level)
+        if why is None and pw_leaf and value & Ept.PWA and not value & Ept.R:
+            # SDM Vol. 3C §29.3.3.1: paging-write access without read access
+            why = "paging-write access (bit 58) without read access"
+        return why
 
     def _rights_bits(self, rights: int) -> EptQual:
         """Qualification bits 3-6: what the EPT entries walked allow (their AND)."""

@@ -145,11 +145,23 @@ class BochsWalker(ReferenceWalker):
         super()._set_guest_flags(walk, steps)
 
     def _ept_translate(
-        self, walk: _Walk, gpa: int, *, for_level: int, paging_entry: bool, linear: int = 0
+        self,
+        walk: _Walk,
+        gpa: int,
+        *,
+        for_level: int,
+        paging_entry: bool,
+        linear: int = 0,
+        verified: bool = True,
     ) -> _EptResult:
         try:
             return super()._ept_translate(
-                walk, gpa, for_level=for_level, paging_entry=paging_entry, linear=linear
+                walk,
+                gpa,
+                for_level=for_level,
+                paging_entry=paging_entry,
+                linear=linear,
+                verified=verified,
             )
         except _Stop as stop:
             outcome = stop.outcome

@@ -81,12 +81,26 @@ BY_CONSTRUCTION: dict[str, list[str]] = {
         "The trap modes detect and prevent every hook at its write because every write to a "
         "write-protected page exits (by construction of trapping); monitor_cycles is exits "
         "times vmexit_cycles plus counted work times profile prices.",
+        "A page-table remapping attack is invisible to write traps on the code's guest-physical "
+        "pages and to PML because none of its stores touches a code page; HLAT neutralizes it "
+        "because the HLAT tables the code is translated through are not the ones it edits; a "
+        "write through an alias is trapped because EPT permissions belong to the "
+        "guest-physical page. All three follow from the architecture as modelled.",
+        "The hlat rows run on the reference walker (no TLB, no caches, no cycles): their exits "
+        "and outcomes are exact, their walk references are those of cold walks.",
     ],
     "trap-debugger": [
-        "Detection follows the sampling theory (expected_detection_rate) because the sample is "
-        "uniform; debugger_cycles is exits times vmexit_cycles plus counted work times profile "
-        "prices, and the overhead percentages are against a guest that does nothing but heap "
-        "accesses (an upper bound).",
+        "Detection follows the sampling theory (expected_detection_rate, over the bug writes the "
+        "filter reports) because the sample is uniform; debugger_cycles is exits times "
+        "vmexit_cycles plus counted work times profile prices, and the overhead percentages are "
+        "against a guest that does nothing but heap accesses (an upper bound).",
+        "Zero false positives with the default filter hold by construction: its allow-list "
+        "accepts exactly the link stores the modelled allocator makes. Every same-value bug is "
+        "dismissed by the silent-store rule by its definition; which NULL and freed-pointer bugs "
+        "a rule admits depends on where the injected writes land (word 0 of a free chunk) and on "
+        "what memory holds there, which the model decides.",
+        "An alarm's instruction pointer is the bug's because the stream supplies every access's "
+        "ip and the run loop copies it at the exit: context_matches checks that plumbing.",
     ],
     "tsx-aborts": [
         "Every VM exit inside a transaction aborts it: exit_aborts equals ept_violations_in_tx "
