@@ -25,7 +25,9 @@ SMALL: dict[str, dict[str, str]] = {
     "nested-overhead": {"workloads": "random,sequential", "footprint_mib": "16",
                         "accesses": "4000", "trace": "", "ept_pages": "4k"},
     # few writes over many 2 MiB regions: which regions they hit (the seed) shows in 2m-copy
-    "cow-fork": {"guest_mibs": "32", "clones": "2", "write_fraction": "0.001"},
+    "cow-fork": {"guest_mibs": "32", "clones": "2", "write_fraction": "0.001",
+                 "parent_fraction": "0.01", "lazy_guest_mib": "16", "working_sets": "8,300",
+                 "reset_guest_mib": "16", "dirty_sets": "2,40", "resets": "1"},
     "prefetch-hypercall": {"footprint_mib": "1", "accesses": "2000", "vcpus": "1,2",
                            "remaps": "2"},
     # the files' places on the disk (the seed) show in the hard disk's seeks
@@ -54,7 +56,6 @@ SMALL: dict[str, dict[str, str]] = {
 }
 # measured with a clock: not a function of the seed
 WALL_CLOCK = {
-    "cow-fork": {"fork_ms"},
     "model-vs-machine": {"measured_cycles_per_access", "error_pct", "measured_spread"},
 }
 SEEDED = list(names())

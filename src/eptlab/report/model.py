@@ -50,9 +50,18 @@ BY_CONSTRUCTION: dict[str, list[str]] = {
         "profile (cache and DRAM latencies, walk start, STLB and paging-structure-cache costs).",
     ],
     "cow-fork": [
-        "fork_cycles, cow_cycles and full_copy_cycles are event counts times profile prices "
-        "(ept_edit_cycles, invept_cycles, vmexit_cycles, copy_bytes_per_cycle): the 'x cheaper' "
-        "ratio restates those prices, it is not measured.",
+        "fork_cycles, cow_cycles, full_copy_cycles, reset_cycles, loop_cycles and the re-fork "
+        "columns are event counts times profile prices (ept_edit_cycles, invept_cycles, "
+        "vmexit_cycles, copy_bytes_per_cycle, frame_alloc_cycles, vm_create_cycles, "
+        "pml_entry_cycles) plus the engine's cycles for the guest's accesses: every ratio "
+        "restates those prices, none is measured.",
+        "An eager fork edits one EPT entry per guest page and a lazy one takes one exit per page "
+        "touched, so where lazy stops being cheaper follows from vmexit_cycles against "
+        "ept_edit_cycles; the parent's first writes fault after a fork because the fork made "
+        "its pages read-only (exits equal pages written, by construction).",
+        "Write-protection tracking takes one exit per dirtied page per run and PML one per 512 "
+        "logged pages (the log's size, SDM Vol. 3C §29.3.6); byte-exact resets are checked on "
+        "every run, not assumed.",
     ],
     "prefetch-hypercall": [
         "Exit, INVEPT, shootdown, page backing and guest-fault cycles are profile prices; the "
