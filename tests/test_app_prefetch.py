@@ -14,18 +14,11 @@ import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from eptlab.apps.prefetch import (
-    PREFETCH_2M,
-    PREFETCH_HYPERCALL,
-    PREFETCHED,
-    ObservedEngine,
-    ObservedRun,
-    PrefetchApp,
-    RemapOp,
-    Scenario,
-    StaleUseChecker,
-    play,
-)
+from eptlab.apps.ept_editor import PREFETCHED
+from eptlab.apps.observed import ObservedEngine, ObservedRun
+from eptlab.apps.prefetch import PREFETCH_2M, PREFETCH_HYPERCALL, PrefetchApp
+from eptlab.apps.prefetch_scenario import RemapOp, Scenario, play
+from eptlab.apps.stale_use import StaleUseChecker
 from eptlab.arch import Access
 from eptlab.cli import main
 from eptlab.hv import VCPU, Hypercall, Hypervisor
