@@ -285,16 +285,21 @@ def test_cli_runs_the_experiment(tmp_path: Path, capsys: pytest.CaptureFixture[s
         rows: list[dict[str, Any]] = json.loads(capsys.readouterr().out)["rows"]
         return rows
 
-    rows = {(r["hint"], r["vcpus"]): r for r in run("vcpus=1,2", "remaps=4")}
-    assert set(rows) == {("off", 1), ("on", 1), ("off", 2), ("on", 2)}
+    rows = {
+        (r["policy"], r["memory"], r["vcpus"]): r
+        for r in run("vcpus=1,2", "remaps=4", "policies=none,back,back+warm")
+    }
+    assert set(rows) == {(p, "lazy", v) for p in ("none", "back", "back+warm") for v in (1, 2)}
     for vcpus in (1, 2):
-        off, on = rows["off", vcpus], rows["on", vcpus]
+        off, back, on = (rows[p, "lazy", vcpus] for p in ("none", "back", "back+warm"))
         assert on["ept_violations"] < off["ept_violations"] / 4
+        assert back["ept_violations"] < off["ept_violations"] / 4
         assert on["translation_cycles"] < off["translation_cycles"]
         assert on["p99_access_cycles"] < off["p99_access_cycles"]
-        assert off["stale_uses"] == on["stale_uses"] == 0
+        assert back["prefetch_cycles"] < on["prefetch_cycles"]  # warming is paid for
+        assert off["stale_uses"] == on["stale_uses"] == back["stale_uses"] == 0
     for column in ("p50_access_cycles", "prefetch_cycles", "lock_contended", "checked_accesses"):
-        assert column in rows["on", 2]
+        assert column in rows["back+warm", "lazy", 2]
     assert (tmp_path / "prefetch-hypercall.png").stat().st_size > 1000
-    broken = run("vcpus=2", "hints=on", "remaps=16", "protocol=no_invept")
+    broken = run("vcpus=2", "policies=back+warm", "remaps=16", "protocol=no_invept")
     assert broken[0]["protocol"] == "no_invept" and broken[0]["stale_uses"] > 0

@@ -27,7 +27,7 @@ SMALL: dict[str, dict[str, str]] = {
     # few writes over many 2 MiB regions: which regions they hit (the seed) shows in 2m-copy
     "cow-fork": {"guest_mibs": "32", "clones": "2", "write_fraction": "0.001"},
     "prefetch-hypercall": {"footprint_mib": "1", "accesses": "2000", "vcpus": "1,2",
-                           "remaps": "2"},
+                           "remaps": "2", "policies": "none,back+warm"},
     # the files' places on the disk (the seed) show in the hard disk's seeks
     "double-caching": {"files": "2", "file_mib": "2", "guest_mib": "96", "host_cache_mib": "8",
                        "disks": "hdd"},

@@ -254,8 +254,10 @@ class AsyncPageFaults:
 
     def _on_ept_violation(self, exit_: Exit) -> bool:
         tasks = self.tasks.get(exit_.vcpu.engine_id)
-        gpa = self._first_touch(exit_) if tasks is not None else None
-        if tasks is None or gpa is None:
+        if tasks is None or self.editor.busy(exit_.vcpu):
+            return False  # not served, or an exit of a prefetch's warming reads
+        gpa = self._first_touch(exit_)
+        if gpa is None:
             return False
         faulting = tasks.current
         self._sleep(tasks, faulting, gpa)

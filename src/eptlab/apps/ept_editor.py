@@ -86,6 +86,11 @@ class EptEditor:
         elif not self.absorb(vcpu, cycles) and self.meter is not None:
             self.meter.charge(vcpu.engine_id, cycles)
 
+    def busy(self, vcpu: VCPU) -> bool:
+        """Whether ``vcpu`` is inside hypervisor work of a subclass (e.g. a prefetch): its
+        exits are that work's, not the guest's."""
+        return False
+
     def absorb(self, vcpu: VCPU, cycles: int) -> bool:
         """Take ``cycles`` of work done on ``vcpu``'s behalf elsewhere (a subclass's own
         accounting, e.g. a prefetch in progress); False: charge the vCPU."""

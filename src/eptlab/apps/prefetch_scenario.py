@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,7 +31,7 @@ from ..traces.model import TraceChunk
 from .async_pf import AsyncCosts, AsyncPageFaults, GuestTasks
 from .cycle_meter import Costs, CycleMeter
 from .ept_editor import BALLOON_HYPERCALL, ProtocolName
-from .observed import ObservedEngine
+from .observed import ObservedEngine, Observer
 from .prefetch import (
     PREFETCH_2M,
     PREFETCH_HYPERCALL,
@@ -192,8 +193,9 @@ def _tasks(
     )
 
 
-def play(s: Scenario) -> Outcome:
-    """Run one scenario with the checker (and the cycle meter) attached."""
+def play(s: Scenario, observers: Sequence[Observer] = ()) -> Outcome:
+    """Run one scenario with the checker (and the cycle meter) attached; ``observers`` see
+    every run of the engine too (after them)."""
     mmu = MmuConfig() if s.data_cache else MmuConfig(cache=CacheConfig.disabled())
     hv = Hypervisor(mmu=mmu, seed=s.seed)
     engine = ObservedEngine.install(hv, per_access_cycles=s.per_access_cycles)
@@ -207,7 +209,7 @@ def play(s: Scenario) -> Outcome:
     app.meter = meter
     policy = AsyncPageFaults(app, meter, s.async_costs) if s.async_pf else None
     checker = StaleUseChecker(hv, holders=[app.pool])
-    engine.observers += [checker, meter]
+    engine.observers += [checker, meter, *observers]
     guest = boot_guest(vm, vcpus=s.vcpus, seed=s.seed, cma=run)
     buffer = populate(guest.kernel, guest.process, s.pages * PAGE_SIZE)
     backed = range(s.pages) if s.memory == "backed" else s.prebacked

@@ -138,7 +138,11 @@ def reading(table: pd.DataFrame, protocol: str, backing: str) -> list[str]:
                 "exceed a zero-fill backing, so they cannot gain here; KVM takes the async "
                 "path only when the host fault would wait (swap, post-copy): see backing=swap."
                 if backing == "zero"
-                else "the other task's work can hide only up to the swap-in wait."
+                else "the other task's work can hide only up to the swap-in wait. The "
+                "async rows gain from the waiting task's swap-in overlapping the other task's "
+                "work and its own swap-in (two workers at once, the device taken to serve both "
+                "without queueing), while the hint reads its pages one after another (a real "
+                "handler would issue them together): this comparison favours async PF."
             )
         )
     stale = int(table.stale_uses.sum())
