@@ -14,6 +14,7 @@ import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
+from eptlab.apps.cycle_meter import Costs
 from eptlab.apps.ept_editor import PREFETCHED
 from eptlab.apps.observed import ObservedEngine, ObservedRun
 from eptlab.apps.prefetch import PREFETCH_2M, PREFETCH_HYPERCALL, PrefetchApp
@@ -199,7 +200,8 @@ def test_old_frame_is_released_only_after_the_shootdown() -> None:
 @st.composite
 def interleavings(draw: st.DrawFn, protocol: str) -> Scenario:
     """Three or four vCPUs over one 32-page buffer that vCPU 0 prefetches; remaps early in the
-    other programs (while the prefetch runs), preemption points, lane orders, quanta."""
+    other programs (while the prefetch runs), preemption points, lane orders, quanta; guest
+    tasks and asynchronous page faults (with or without a swap-in wait) sometimes."""
     vcpus = draw(st.integers(2, 4))
     large = draw(st.integers(0, 3)) == 0  # sometimes one 2 MiB region, prefetched as a 2 MiB page
     pages = 512 if large else 32
@@ -219,7 +221,12 @@ def interleavings(draw: st.DrawFn, protocol: str) -> Scenario:
         )
     )
     low = draw(st.integers(1, 24))
+    async_pf = draw(st.booleans())  # first touches served asynchronously, two guest tasks
     return Scenario(
+        tasks=2 if async_pf else draw(st.sampled_from([1, 2])),
+        async_pf=async_pf,
+        timeslice=draw(st.sampled_from([50, 10_000])),
+        costs=Costs(backing_wait_cycles=draw(st.sampled_from([0, 5_000]))),
         protocol=protocol,
         vcpus=vcpus,
         pages=pages,
