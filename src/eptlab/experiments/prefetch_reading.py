@@ -63,6 +63,15 @@ def _factor(name: str, part: Interval) -> str:
 def _hint_sentences(table: pd.DataFrame, vcpus: int) -> list[str]:
     none, back, both = (_rows(table, vcpus, p) for p in ("none", "back", "back+warm"))
     out = []
+    if len(none) and len(both):
+        out.append(
+            f"{vcpus} vCPU(s), the full hint (no hint -> back + warm): "
+            f"{_moved('EPT violations', none, both, 'ept_violations')}, "
+            f"{_moved('mean access latency', none, both, 'mean_access_cycles', ' cycles')}, "
+            f"{_moved('p99', none, both, 'p99_access_cycles', ' cycles')}, "
+            f"{_moved('total cycles', none, both, 'total_cycles')}"
+            f"{_less(none.total_cycles, both.total_cycles)}."
+        )
     if len(none) and len(back):
         total = _moved("total cycles", none, back, "total_cycles")
         out.append(

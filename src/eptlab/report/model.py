@@ -60,7 +60,8 @@ BY_CONSTRUCTION: dict[str, list[str]] = {
         "every access, not assumed.",
         "Back only on lazy memory and no hint on backed memory start from the same state (every "
         "page mapped, caches cold), as do back + warm and warm only: their guest-side columns "
-        "agree by construction; only prefetch_cycles tells them apart.",
+        "agree by construction (up to where the remaps land against the hint's steps); "
+        "prefetch_cycles tells them apart.",
         "With backing=zero the async-PF rows cost more than no hint by construction (two events, "
         "two task switches and a kick exit against a sub-microsecond zero-fill); KVM would not "
         "take the async path there.",
