@@ -13,6 +13,7 @@ from .intervals import (
     by_seed,
     change,
     interval,
+    ratio,
     reduction,
     relation,
     seeds_of,
@@ -118,6 +119,7 @@ def _async(table: pd.DataFrame, vcpus: int) -> list[str]:
     if not len(none) or not len(apf):
         return []
     both = _rows(table, vcpus, "back+warm")
+    idle = ratio(apf.idle_cycles, apf.total_cycles).scaled(100)
     against = ""
     if len(both):
         against = (
@@ -129,7 +131,8 @@ def _async(table: pd.DataFrame, vcpus: int) -> list[str]:
         f"{_less(none.total_cycles, apf.total_cycles)}, "
         f"{_moved('p99', none, apf, 'p99_access_cycles', ' cycles')}; "
         f"{interval(apf.overlapped_accesses).text('{:,.0f}')} accesses of another task ran "
-        f"while one waited, {interval(apf.idle_cycles).text('{:,.0f}')} cycles idle{against}."
+        f"while one waited, {interval(apf.idle_cycles).text('{:,.0f}')} cycles idle "
+        f"({idle.text('{:.0f}', '%')} of its vCPU time){against}."
     ]
 
 
