@@ -15,7 +15,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from eptlab.apps.cycle_meter import Costs
-from eptlab.apps.ept_editor import PREFETCHED
+from eptlab.apps.ept_editor import PREFETCHED, ProtocolName
 from eptlab.apps.observed import ObservedEngine, ObservedRun
 from eptlab.apps.prefetch import PREFETCH_2M, PREFETCH_HYPERCALL, PrefetchApp
 from eptlab.apps.prefetch_scenario import RemapOp, Scenario, play
@@ -198,7 +198,7 @@ def test_old_frame_is_released_only_after_the_shootdown() -> None:
 
 
 @st.composite
-def interleavings(draw: st.DrawFn, protocol: str) -> Scenario:
+def interleavings(draw: st.DrawFn, protocol: ProtocolName) -> Scenario:
     """Three or four vCPUs over one 32-page buffer that vCPU 0 prefetches; remaps early in the
     other programs (while the prefetch runs), preemption points, lane orders, quanta; guest
     tasks and asynchronous page faults (with or without a swap-in wait) sometimes."""
@@ -263,7 +263,7 @@ class Found(Exception):
 
 
 @pytest.mark.parametrize("protocol", ["no_lock", "no_invept"])
-def test_broken_variants_are_caught(protocol: str) -> None:
+def test_broken_variants_are_caught(protocol: ProtocolName) -> None:
     caught: list[tuple[Scenario, dict[str, int]]] = []
 
     @settings(max_examples=60, database=None, phases=[Phase.generate])

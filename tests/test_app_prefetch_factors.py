@@ -6,6 +6,7 @@ scenario helpers; the engine's read-only views."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from eptlab.apps.prefetch_scenario import RemapOp, Scenario, play
 from eptlab.apps.scenario import boot_guest, from_params, populate
 from eptlab.arch import Access
 from eptlab.errors import ConfigError
-from eptlab.hv import Hypercall, Hypervisor
+from eptlab.hv import Hypercall, Hypervisor, Run
 from eptlab.mmu.engine import Accesses
 from eptlab.mmu.kernels import layout as L
 from eptlab.traces.model import TraceChunk
@@ -166,7 +167,7 @@ def test_async_pf_with_nothing_else_to_run_only_adds_overhead() -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_async_pf_under_remaps_on_several_vcpus_has_no_stale_use(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    kinds = ("migrate", "balloon", "merge")
+    kinds: tuple[Literal["migrate", "balloon", "merge"], ...] = ("migrate", "balloon", "merge")
     remaps = tuple(
         RemapOp(int(rng.integers(3)), int(rng.integers(300)), kinds[int(rng.integers(3))],
                 int(rng.integers(48)), int(rng.integers(48)))  # fmt: skip
@@ -198,8 +199,8 @@ def test_guest_tasks_switch_at_the_timeslice_and_place_events() -> None:
     for segment in tasks.segments():
         if isinstance(segment, Hypercall):
             seen.append(f"event@{tasks.issued}")
-        elif hasattr(segment, "chunk"):
-            seen.append(f"t{tasks.current}:{len(segment.chunk)}")  # type: ignore[union-attr]
+        elif isinstance(segment, Run):
+            seen.append(f"t{tasks.current}:{len(segment.chunk)}")
     assert seen == ["t0:4", "t1:2", "event@6", "t1:2", "t0:4", "t1:4", "t0:2", "t1:2"]
     assert tasks.switches == 5
 

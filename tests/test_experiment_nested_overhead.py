@@ -125,12 +125,6 @@ def test_cli_run_json_and_list(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert main(["run", "no-such-experiment"]) == 2
 
 
-def test_bad_parameters_leave_no_files(tmp_path: Path) -> None:
-    out = tmp_path / "never"
-    assert main(["run", "integrity-monitor", "--set", "modes=bogus", "--out", str(out)]) == 2
-    assert not out.exists()
-
-
 def test_a_shared_space_gives_the_rows_of_a_fresh_build() -> None:
     # rows() builds each space once per seed and runs every stream on a copy of its memory: a
     # run sets A/D bits in the tables, which the next stream must not inherit

@@ -93,7 +93,7 @@ class OnceParams:
 class Inside(Toy):
     seeds_inside: ClassVar[bool] = True
 
-    def rows(self, params: ToyParams, progress: Progress) -> Iterator[Row]:  # type: ignore[override]
+    def rows(self, params: ToyParams, progress: Progress) -> Iterator[Row]:
         for seed in range(params.seed, params.seed + params.seeds):
             yield {"step": 0, "seed": seed, "value": seed}
 

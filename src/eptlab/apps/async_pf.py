@@ -47,7 +47,7 @@ from ..arch.bits import PAGE_SIZE
 from ..arch.exits import EptQual, EptViolation, ExitReason
 from ..costs import active_profile
 from ..errors import ConfigError
-from ..hv import VCPU, Exit, GuestAction, Run
+from ..hv import VCPU, Exit, ExitAction, GuestAction, Run
 from ..hv.program import Segment
 from ..mmu.engine import Accesses
 from ..traces.model import TraceChunk
@@ -252,13 +252,13 @@ class AsyncPageFaults:
         self.meter.charge(vcpu.engine_id, self.editor.costs.exit_cycles + self.costs.event_cycles)
         self.counters["pages_ready"] += 1
 
-    def _on_ept_violation(self, exit_: Exit) -> bool:
+    def _on_ept_violation(self, exit_: Exit) -> ExitAction | None:
         tasks = self.tasks.get(exit_.vcpu.engine_id)
         if tasks is None or self.editor.busy(exit_.vcpu):
-            return False  # not served, or an exit of a prefetch's warming reads
+            return None  # not served, or an exit of a prefetch's warming reads
         gpa = self._first_touch(exit_)
         if gpa is None:
-            return False
+            return None
         faulting = tasks.current
         self._sleep(tasks, faulting, gpa)
         while faulting in tasks.sleeping:
@@ -269,7 +269,7 @@ class AsyncPageFaults:
             elif sleep is not None:
                 tasks.idle_until_ready()  # halt until a page is ready: this one's or another's
         tasks.switch(faulting)
-        return True
+        return ExitAction.RETRY
 
     def _run_others(self, tasks: GuestTasks, faulting: int) -> None:
         """Run the other tasks while the faulting one sleeps (module docs, step 2)."""
@@ -300,10 +300,10 @@ class AsyncPageFaults:
             exit_ = Exit(vcpu, result.exit)
             gpa = self._first_touch(exit_)
             if gpa is not None:
-                self.editor.hv.exits[exit_.reason.name] += 1
+                self.editor.hv.exits[exit_.reason] += 1
                 self._sleep(tasks, task, gpa)  # this one sleeps too
             else:
-                self.editor.hv.handle(exit_)
+                self.editor.hv.handle(exit_, expect=ExitAction.RETRY)
 
 
 __all__ = ["AsyncCosts", "AsyncPageFaults", "GuestTasks"]

@@ -32,7 +32,7 @@ from ..arch.bits import PAGE_SHIFT, PAGE_SIZE, PageSize, bits
 from ..arch.ept import Ept, EptEntry, ept_address
 from ..arch.exits import EptQual, EptViolation, ExitReason
 from ..errors import ConfigError, MappingError
-from ..hv import VCPU, VM, Exit, Hypervisor
+from ..hv import VCPU, VM, Exit, ExitAction, Hypervisor
 from .cycle_meter import Costs, CycleMeter
 from .ept_lock import EptLock, FramePool
 
@@ -138,18 +138,20 @@ class EptEditor:
 
     # -- exits --------------------------------------------------------------------------------
 
-    def _on_ept_violation(self, exit_: Exit) -> bool:
+    def _on_ept_violation(self, exit_: Exit) -> ExitAction | None:
         record = exit_.record
         if exit_.vcpu.vm is not self.vm or not isinstance(record, EptViolation):
-            return False
+            return None
         if not 0 <= record.gpa < self.vm.memory:
-            return False
+            return None
         rights = EptQual.READABLE | EptQual.WRITABLE | EptQual.EXECUTABLE
         if not record.qualification & rights:
-            return self._back_on_fault(exit_.vcpu, record.gpa)
-        if record.qualification & EptQual.WRITE and not record.qualification & EptQual.WRITABLE:
-            return self._cow_break(exit_.vcpu, record.gpa)
-        return False
+            fixed = self._back_on_fault(exit_.vcpu, record.gpa)
+        elif record.qualification & EptQual.WRITE and not record.qualification & EptQual.WRITABLE:
+            fixed = self._cow_break(exit_.vcpu, record.gpa)
+        else:
+            fixed = False
+        return ExitAction.RETRY if fixed else None
 
     def back(self, gpa: int, vcpu: VCPU | None = None) -> bool:
         """Back the page holding ``gpa`` (a first touch) under the lock; False if mapped."""

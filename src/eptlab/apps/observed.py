@@ -21,7 +21,7 @@ from ..hv import Hypervisor
 from ..memory.physical import PhysicalMemory
 from ..mmu.config import MmuConfig
 from ..mmu.context import CpuFeatures
-from ..mmu.engine import Accesses, Engine, RunResult
+from ..mmu.engine import Accesses, ChunkResult, Engine
 from ..mmu.kernels import layout as L
 
 I64 = npt.NDArray[np.int64]
@@ -90,7 +90,7 @@ class ObservedEngine(Engine):
         *,
         record_hpa: bool = False,
         log_references: int = 0,
-    ) -> RunResult:
+    ) -> ChunkResult:
         if not self.observers:
             return super().run(
                 accesses, start, record_hpa=record_hpa, log_references=log_references
@@ -117,7 +117,7 @@ class ObservedEngine(Engine):
             observer(observed)
         return result if record_hpa else dataclasses.replace(result, hpa=None)
 
-    def _run_singly(self, accesses: Accesses, start: int) -> tuple[RunResult, I64, int]:
+    def _run_singly(self, accesses: Accesses, start: int) -> tuple[ChunkResult, I64, int]:
         n = len(accesses)
         hpa = np.full(n, -1, np.int64)
         cycles = np.zeros(max(0, n - start), np.int64)
@@ -134,11 +134,11 @@ class ObservedEngine(Engine):
             spent = int(self.stats_rows[v, L.ST_CYCLES] - before[L.ST_CYCLES])
             if not r.done:
                 failed = self._failed_walk_cycles(self.stats_rows[v] - before)
-                return RunResult(i, r.exit, r.fault, hpa), cycles[: i - start], failed
+                return ChunkResult(i, r.exit, r.fault, hpa), cycles[: i - start], failed
             assert r.hpa is not None
             hpa[i] = r.hpa[0]
             cycles[i - start] = spent
-        return RunResult(n, None, None, hpa), cycles, 0
+        return ChunkResult(n, None, None, hpa), cycles, 0
 
     def _failed_walk_cycles(self, delta: I64) -> int:
         """Cycles of an attempt that ended in an exit or a fault. The kernels charge it

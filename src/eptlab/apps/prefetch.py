@@ -57,7 +57,7 @@ from ..arch.ept import ept_is_leaf, ept_is_present
 from ..errors import ConfigError, MappingError
 from ..guest import GuestKernel
 from ..guest.layout import DIRECT_MAP_BASE
-from ..hv import VCPU, VM, Exit, GuestAction, Hypervisor
+from ..hv import VCPU, VM, Exit, ExitAction, GuestAction, Hypervisor
 from ..hv.program import Segment
 from ..mmu.engine import Accesses
 from .cycle_meter import Costs, CycleMeter
@@ -343,7 +343,7 @@ class Prefetch:
                         app.counters["warm_unresolved"] += 1
                 elif result.exit is not None:
                     app.prefetch_cycles[vid] += app.costs.exit_cycles
-                    app.hv.handle(Exit(vcpu, result.exit))
+                    app.hv.handle(Exit(vcpu, result.exit), expect=ExitAction.RETRY)
         after = engine.stats(vid)
         app.prefetch_cycles[vid] += after.cycles - before.cycles
         app.warm_translation_cycles[vid] += after.translation_cycles - before.translation_cycles
