@@ -151,7 +151,8 @@ def test_list_parameters_parse_as_tuples() -> None:
         ("nested-overhead", {"guest_pages": "8k"}, "guest_pages"),
         ("nested-overhead", {"trace": "/no/such/trace.lackey"}, "trace"),
         ("prefetch-hypercall", {"vcpus": ""}, "vcpus"),
-        ("prefetch-hypercall", {"hints": "maybe"}, "hints"),
+        ("prefetch-hypercall", {"policies": "maybe"}, "policies"),
+        ("prefetch-hypercall", {"backing": "tape"}, "backing"),
         ("prefetch-hypercall", {"remaps": "-1"}, "remaps"),
         ("prefetch-hypercall", {"accesses": str(1 << 64)}, "accesses"),
         ("cow-fork", {"write_fraction": "2"}, "write_fraction"),  # was a numpy ValueError

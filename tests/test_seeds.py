@@ -29,7 +29,7 @@ SMALL: dict[str, dict[str, str]] = {
                  "parent_fraction": "0.01", "lazy_guest_mib": "16", "working_sets": "8,300",
                  "reset_guest_mib": "16", "dirty_sets": "2,40", "resets": "1"},
     "prefetch-hypercall": {"footprint_mib": "1", "accesses": "2000", "vcpus": "1,2",
-                           "remaps": "2"},
+                           "remaps": "2", "policies": "none,back+warm"},
     # the files' places on the disk (the seed) show in the hard disk's seeks
     "double-caching": {"files": "2", "file_mib": "2", "guest_mib": "96", "host_cache_mib": "8",
                        "disks": "hdd", "guest_caches": "cold"},

@@ -57,7 +57,8 @@ from typing import Literal
 import numpy as np
 
 from ..apps.cow import CopyOnWrite
-from ..apps.prefetch import PREFETCH_HYPERCALL, PrefetchApp, populate
+from ..apps.prefetch import PREFETCH_HYPERCALL, PrefetchApp
+from ..apps.scenario import populate
 from ..arch.bits import PAGE_SHIFT, PAGE_SIZE
 from ..arch.exits import EptViolation, ExitReason, VmExit
 from ..errors import ConfigError, EptlabError

@@ -370,6 +370,22 @@ class Engine:
         """A snapshot of vCPU ``vcpu``'s statistics."""
         return VcpuStats.from_row(self._stats[vcpu])
 
+    @property
+    def stats_rows(self) -> I64:
+        """Every vCPU's statistics, live and read-only: shape (vCPUs, ``NSTATS``), columns
+        indexed by the ``ST_*`` constants of :mod:`eptlab.mmu.kernels.layout`."""
+        view = self._stats.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def cost_vector(self) -> I64:
+        """The cycle prices the kernels charge, read-only, indexed by the ``COST_*`` constants
+        of :mod:`eptlab.mmu.kernels.layout`."""
+        view = self._cost.view()
+        view.flags.writeable = False
+        return view
+
     def reset_stats(self) -> None:
         """Zero every vCPU's statistics (caches and TLBs keep their contents)."""
         self._stats[:] = 0

@@ -64,8 +64,16 @@ BY_CONSTRUCTION: dict[str, list[str]] = {
         "every run, not assumed.",
     ],
     "prefetch-hypercall": [
-        "Exit, INVEPT, shootdown, page backing and guest-fault cycles are profile prices; the "
-        "stale-use counts are checked by the checker on every access, not assumed.",
+        "Exit, INVEPT, shootdown, page backing, guest-fault, async-PF event, task-switch and "
+        "swap-in cycles are profile prices; the stale-use counts are checked by the checker on "
+        "every access, not assumed.",
+        "Back only on lazy memory and no hint on backed memory start from the same state (every "
+        "page mapped, caches cold), as do back + warm and warm only: their guest-side columns "
+        "agree by construction (up to where the remaps land against the hint's steps); "
+        "prefetch_cycles tells them apart.",
+        "With backing=zero the async-PF rows cost more than no hint by construction (two events, "
+        "two task switches and a kick exit against a sub-microsecond zero-fill); KVM would not "
+        "take the async path there.",
     ],
     "double-caching": [
         "One EPT violation per first touch of a guest-physical page (ept_violations equals "
