@@ -32,6 +32,7 @@ from .context import CpuFeatures, GuestState, Vmcs
 from .kernels import assoc as planes
 from .kernels import layout as L
 from .kernels import run as _run
+from .kernels.state import Caches, Log, Machine, Memory, Stream
 from .kernels.walk import NSCRATCH
 from .stats import VcpuStats
 from .walker import DATA, Dim, Reference
@@ -39,6 +40,8 @@ from .walker import DATA, Dim, Reference
 I64 = npt.NDArray[np.int64]
 _run_chunk = cast(Callable[..., int], _run.run_chunk)  # a numba dispatcher
 U64_MASK = (1 << 64) - 1
+_NO_FRAMES = np.zeros(0, np.int64)  # an empty direct frame table: every frame by the hash
+_FRAME_BASE_0 = np.zeros(1, np.int64)
 
 
 def _signed(value: int) -> int:
@@ -228,8 +231,10 @@ class Engine:
         )
         self._pf = np.full((nv, pcfg.streams + 1, L.NPF), -1, np.int64)  # stream table: empty
         self._occupied = np.zeros(nv, np.int64)  # per vCPU: structures that hold entries
-        self._res = np.zeros(8, np.int64)  # kernel scratch: the kernels allocate nothing
-        self._scratch = np.zeros((NSCRATCH, 5), np.int64)
+        self._scratch = np.zeros((NSCRATCH, 5), np.int64)  # the kernels allocate nothing
+        self._caches = Caches(
+            self._tlb, self._desc, self._cache, self._cdesc, self._heads, self._pf, self._pcfg
+        )
 
     def _pack_registers(self) -> I64:
         regs = np.zeros((max(1, len(self._vcpus)), L.NREGS), np.int64)
@@ -278,37 +283,19 @@ class Engine:
         if len(accesses) and int(accesses.vcpu.max()) >= len(self._vcpus):
             raise ConfigError("Accesses.vcpu", f"only {len(self._vcpus)} vCPUs exist")
         regs = self._pack_registers()
-        rows, htable = self.memory.kernel_arrays()
         refs = np.zeros((log_references, L.NREFCOLS), np.int64)
         ref_count = np.zeros(1, np.int64)
         exit_info = np.zeros(L.NEXIT, np.int64)
         out_hpa = np.full(len(accesses) if record_hpa else 0, -1, np.int64)
+        log = Log(self._stats, refs, ref_count, exit_info, out_hpa, self._scratch)
         stopped = int(
             _run_chunk(
-                accesses.gva,
-                accesses.kind,
-                accesses.user,
-                accesses.vcpu,
+                Stream(accesses.gva, accesses.kind, accesses.user, accesses.vcpu),
                 start,
-                regs,
-                self._feat,
-                rows,
-                htable,
-                self._tlb,
-                self._desc,
-                self._cache,
-                self._cdesc,
-                self._cost,
-                self._stats,
-                refs,
-                ref_count,
-                self._heads,
-                exit_info,
-                out_hpa,
-                self._res,
-                self._scratch,
-                self._pf,
-                self._pcfg,
+                self._memory_bundle(),
+                self._caches,
+                Machine(regs, self._feat, self._cost),
+                log,
             )
         )
         self._occupied[:] = regs[:, L.REG_OCCUPIED]
@@ -336,6 +323,10 @@ class Engine:
             references,
             [int(r[0]) for r in refs[:n_refs]],
         )
+
+    def _memory_bundle(self) -> Memory:
+        rows, htable = self.memory.kernel_arrays()
+        return Memory(rows, htable, _NO_FRAMES, _FRAME_BASE_0)
 
     @staticmethod
     def _decode_exit(info: I64) -> tuple[VmExit | None, GuestFault | None]:
