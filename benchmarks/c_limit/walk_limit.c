@@ -1,6 +1,7 @@
 /* The software limit of eptlab's bench streams: a plain C loop running the same accesses
  * through the same two-dimensional walk (the same guest page tables and EPT, read from the
- * engine's own memory arrays) behind the same first-level and second-level 4 KiB TLBs (same
+ * engine's own memory arrays, found as the engine finds them: the same direct frame table, else the
+ * same hash table) behind the same first-level and second-level 4 KiB TLBs (same
  * sets, ways, set index, exact LRU, a write through a clean entry re-walks), and nothing else.
  *
  * Left out, on purpose, so the loop is a floor for the work and not a model: the data caches
@@ -23,7 +24,7 @@ struct mem {
     uint64_t *rows;
     const int64_t *htable; /* (pfn | -1 empty | -2 tombstone, row) pairs */
     uint64_t hmask;
-    const int64_t *frames; /* direct frame table: frames[pfn - base], row or -1 */
+    const int32_t *frames; /* direct frame table: frames[pfn - base], row or -1 */
     int64_t nframes, base;
 };
 
@@ -118,7 +119,7 @@ int64_t walk_limit_run(const int64_t *p, const int64_t *gva, const int8_t *kind,
                        int64_t *tlbs, uint64_t *counts)
 {
     struct mem m = {(uint64_t *)p[0], (const int64_t *)p[1], (uint64_t)p[2],
-                    (const int64_t *)p[3], p[4], p[5]};
+                    (const int32_t *)p[3], p[4], p[5]};
     uint64_t cr3 = (uint64_t)p[6], root = (uint64_t)p[7];
     int levels = (int)p[8], maxphy = (int)p[9];
     int64_t l1n = p[10] * p[11], l2n = p[12] * p[13];

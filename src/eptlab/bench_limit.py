@@ -25,6 +25,7 @@ from .errors import ConfigError, ToolchainError
 from .memory.physical import PhysicalMemory
 from .mmu.config import TlbConfig
 from .mmu.context import GuestState, Vmcs
+from .mmu.engine import frame_table
 from .native.build import cache_dir, compiler
 
 SOURCE = Path(__file__).resolve().parents[2] / "benchmarks" / "c_limit" / "walk_limit.c"
@@ -96,7 +97,7 @@ class CLimit:
         l1, l2 = self.tlb.l1d_4k, self.tlb.stlb_4k
         self._shape = (l1.sets, l1.ways, l2.sets, l2.ways)
         self._tlbs = np.full(2 * (l1.sets * l1.ways + l2.sets * l2.ways), -1, np.int64)
-        self._no_frames = np.zeros(1, np.int64)
+        self._frames_at = -1
 
     def reset(self) -> None:
         """Empty the TLBs and zero the counts."""
@@ -107,6 +108,9 @@ class CLimit:
         """Translate every access (reads and writes); returns how many were done before the
         first one that found a non-present entry (all of them on the bench streams)."""
         rows, htable = self.memory.kernel_arrays()
+        if self._frames_at != self.memory.generation:  # the engine's frame table, rebuilt alike
+            self._frames, self._base = frame_table(htable)
+            self._frames_at = self.memory.generation
         gva = np.ascontiguousarray(gva, np.int64)
         kind = np.ascontiguousarray(kind, np.int8)
         params = np.array(
@@ -114,9 +118,9 @@ class CLimit:
                 rows.ctypes.data,
                 htable.ctypes.data,
                 htable.shape[0] - 1,
-                self._no_frames.ctypes.data,
-                0,
-                0,
+                self._frames.ctypes.data,
+                len(self._frames),
+                int(self._base[0]),
                 self.guest.cr3,
                 self.vmcs.eptp.root,
                 self.vmcs.eptp.levels,

@@ -40,8 +40,24 @@ from .walker import DATA, Dim, Reference
 I64 = npt.NDArray[np.int64]
 _run_chunk = cast(Callable[..., int], _run.run_chunk)  # a numba dispatcher
 U64_MASK = (1 << 64) - 1
-_NO_FRAMES = np.zeros(0, np.int64)  # an empty direct frame table: every frame by the hash
-_FRAME_BASE_0 = np.zeros(1, np.int64)
+FRAME_TABLE_SLACK = 16  # a direct frame table may span this many times the backed frames
+
+
+def frame_table(htable: I64) -> tuple[npt.NDArray[np.int32], I64]:
+    """``(frames, [base])`` with ``frames[pfn - base]`` the row of each backed frame (-1: none),
+    built from the memory's hash table; empty when the frames are too sparse for it to pay
+    (then the kernels use the hash table alone)."""
+    live = htable[:, 0] >= 0
+    pfns, rows = htable[live, 0], htable[live, 1]
+    if not len(pfns):
+        return np.zeros(0, np.int32), np.zeros(1, np.int64)
+    base = int(pfns.min())
+    span = int(pfns.max()) - base + 1
+    if span > FRAME_TABLE_SLACK * len(pfns) + (1 << 16) or int(rows.max()) >= 1 << 31:
+        return np.zeros(0, np.int32), np.zeros(1, np.int64)
+    frames = np.full(span, -1, np.int32)
+    frames[pfns - base] = rows
+    return frames, np.array([base], np.int64)
 
 
 def _signed(value: int) -> int:
@@ -138,6 +154,8 @@ class Engine:
         self.features = features or CpuFeatures()
         self.features.check_host_memory(memory.size)  # memory fits below any key-ID bits
         self._vcpus: list[_Vcpu] = []
+        self._frames_at = -1  # memory generation the frame table was built at
+        self._frames, self._frame_base = frame_table(np.zeros((0, 2), np.int64))
         self._ctx: dict[tuple[int, int], int] = {}
         self._ectx: dict[int, int] = {}
         self._feat = np.array(
@@ -325,8 +343,14 @@ class Engine:
         )
 
     def _memory_bundle(self) -> Memory:
+        """The kernels' view of host memory, with a direct-indexed frame table over the backed
+        frames when they are dense enough (rebuilt only when frames gained or lost storage)."""
         rows, htable = self.memory.kernel_arrays()
-        return Memory(rows, htable, _NO_FRAMES, _FRAME_BASE_0)
+        generation = self.memory.generation
+        if self._frames_at != generation:
+            self._frames, self._frame_base = frame_table(htable)
+            self._frames_at = generation
+        return Memory(rows, htable, self._frames, self._frame_base)
 
     @staticmethod
     def _decode_exit(info: I64) -> tuple[VmExit | None, GuestFault | None]:

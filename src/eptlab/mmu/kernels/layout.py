@@ -79,8 +79,8 @@ PF_KIND_STRIDE = 2
 PF_PAGE = 0  # 4 KiB page number of the stream (-1: empty)
 PF_LAST = 1  # line offset of its last L1 miss
 PF_STRIDE = 2  # last delta, in lines
-PF_STAMP = 3  # LRU stamp (-1: empty); row ``streams`` holds the vCPU's clock and last slot
-NPF = 4
+NPF = 3  # row ``streams`` holds, at column 1, the position of the most recent stream
+# (the stream table is a ring in recency order: cache._train; filled with -1, it is empty)
 
 # -- statistics: stats[vcpu, ST_*] -----------------------------------------------------------
 ST_ACCESSES = 0

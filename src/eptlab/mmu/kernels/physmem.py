@@ -32,7 +32,7 @@ def frame_row(mem, pfn):  # type: ignore[no-untyped-def]
     """Row of frame ``pfn``, or -1 if it has no storage (reads as zeros)."""
     index = pfn - mem.frame_base[0]
     if 0 <= index < mem.frames.shape[0]:
-        return mem.frames[index]
+        return np.int64(mem.frames[index])
     return hashed_row(mem.htable, pfn)
 
 

@@ -34,7 +34,7 @@ class Memory(NamedTuple):
 
     rows: npt.NDArray[np.uint64]
     htable: I64
-    frames: I64
+    frames: npt.NDArray[np.int32]
     frame_base: I64
 
 
