@@ -316,6 +316,7 @@ class Engine:
                 log,
             )
         )
+        _run.derive_totals(self._stats)
         self._occupied[:] = regs[:, L.REG_OCCUPIED]
         for i, v in enumerate(self._vcpus):  # the kernel advanced the PML index
             if v.vmcs is not None:
