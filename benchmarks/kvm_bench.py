@@ -48,7 +48,7 @@ def exits_per_second(kvm: Kvm, exits: int = 50_000) -> dict[str, object]:
 
 
 def fork_times(kvm: Kvm, sizes_mib: tuple[int, ...] = (256, 1024, 4096)) -> list[dict[str, object]]:
-    out = []
+    out: list[dict[str, object]] = []
     for mib in sizes_mib:
         o = fork_once(kvm, mib << 20, clones=4, pages=16, seed=0)
         out.append({"guest_mib": mib, "fork_ms_median": round(1e3 * statistics.median(
@@ -60,7 +60,7 @@ def fork_times(kvm: Kvm, sizes_mib: tuple[int, ...] = (256, 1024, 4096)) -> list
 def harvest_rates(kvm: Kvm, pages: int = 8192) -> list[dict[str, object]]:
     memory = 128 << 20
     pattern = WritePattern.random(memory, pages, 0)
-    out = []
+    out: list[dict[str, object]] = []
     for mode in ("log", "ring"):
         o = run_mode(kvm, mode, pattern, memory, rounds=3, ring_entries=32768)
         out.append({"mode": mode, "pages_per_round": pages, "exact": o.exact,

@@ -77,7 +77,7 @@ def test_known_hpa_bits_agree_with_the_real_ept(layout: str, seed: int, pages: l
         assert leaf.page_size == laid.layout.page
         assert leaf.target & mask == v
         if layout == "linear":
-            assert leaf.target == gpa + laid.offset
+            assert laid.offset is not None and leaf.target == gpa + laid.offset
 
 
 def test_random_4k_has_no_2m_ept_leaves_and_scatters_frames() -> None:

@@ -12,14 +12,15 @@ import pytest
 
 from eptlab.apps.integrity import (
     MODES,
-    GuestRunner,
     IntegrityMonitor,
     KernelGuest,
     Stream,
+    StreamRunner,
     jmp,
     with_insn,
 )
 from eptlab.arch.ept import Ept
+from eptlab.arch.exits import ExitReason
 from eptlab.cli import main
 from eptlab.errors import ConfigError
 from eptlab.experiments.base import Row
@@ -191,16 +192,16 @@ def test_allow_list_checks_the_site_and_the_value() -> None:
     stream = Stream.build(gva, kind, inserts)
     monitor = guest.monitor("trap-code")
     other_before = guest.read_word(other)
-    report = GuestRunner(guest, monitor).run(stream, period=1000)
+    report = StreamRunner(guest, monitor).run(stream, period=1000)
     decisions = [monitor.decisions[w.index] for w in stream.writes]
     assert decisions == ["allowed", "denied", "denied", "allowed"]
-    assert report.exits["EPT_VIOLATION"] == 4 and report.performed_stores == {}
+    assert report.exits[ExitReason.EPT_VIOLATION] == 4 and report.performed_stores == {}
     assert guest.read_word(site.gpa) == off and guest.read_word(other) == other_before
     assert [d.gpa for d in monitor.detections] == [site.gpa, other]
     # the emulation really wrote memory: stop before the last patch and the JMP is there
     guest2 = small_guest()
     monitor2 = guest2.monitor("trap-code")
-    GuestRunner(guest2, monitor2).run(Stream.build(gva, kind, inserts[:1]), period=1000)
+    StreamRunner(guest2, monitor2).run(Stream.build(gva, kind, inserts[:1]), period=1000)
     assert guest2.read_word(site.gpa) == on
 
 
@@ -217,7 +218,7 @@ def rearm_scenario(rearm_invept: bool) -> tuple[KernelGuest, IntegrityMonitor, S
     stream = Stream.build(gva, kind, inserts)
     monitor = guest.monitor("pml", rearm_invept=rearm_invept)
     logged = guest.vcpu.stats.pml_logged
-    GuestRunner(guest, monitor).run(stream, period=500)
+    StreamRunner(guest, monitor).run(stream, period=500)
     return guest, monitor, stream, guest.vcpu.stats.pml_logged - logged
 
 
@@ -247,9 +248,9 @@ def test_a_full_log_exits_and_is_reviewed() -> None:
     inserts = [(1 + 3 * i, p + 0x40, 0xDEAD0000 + i, False, "hook") for i, p in enumerate(pages)]
     stream = Stream.build(gva, kind, inserts)
     monitor = guest.monitor("pml")
-    report = GuestRunner(guest, monitor).run(stream, period=10**6)
-    assert report.exits["PML_FULL"] == monitor.counters.pml_full_exits >= 1
-    assert report.exits["PREEMPTION_TIMER"] == 1  # the end of the only period
+    report = StreamRunner(guest, monitor).run(stream, period=10**6)
+    assert report.exits[ExitReason.PML_FULL] == monitor.counters.pml_full_exits >= 1
+    assert report.exits[ExitReason.PREEMPTION_TIMER] == 1  # the end of the only period
     assert {d.gpa for d in monitor.detections} == {p + 0x40 for p in pages}
     early = [d for d in monitor.detections if d.at < len(stream)]
     assert len(early) >= 500  # reviewed at the log-full exit, before the end of the period

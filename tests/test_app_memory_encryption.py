@@ -34,7 +34,7 @@ HOST = 1 << 40
 
 
 def stream(offsets: list[int], kinds: list[int]) -> list[TraceChunk]:
-    address = np.asarray([BASE + o for o in offsets], np.uint64)
+    address = np.asarray([BASE + o for o in offsets], np.uint64).view(np.int64)
     kind = np.asarray(kinds, np.int8)
     return [TraceChunk(address, kind, np.full(len(offsets), 8, np.int32))]
 

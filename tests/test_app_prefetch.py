@@ -21,6 +21,7 @@ from eptlab.apps.prefetch import (
     ObservedEngine,
     ObservedRun,
     PrefetchApp,
+    ProtocolName,
     RemapOp,
     Scenario,
     StaleUseChecker,
@@ -204,7 +205,7 @@ def test_old_frame_is_released_only_after_the_shootdown() -> None:
 
 
 @st.composite
-def interleavings(draw: st.DrawFn, protocol: str) -> Scenario:
+def interleavings(draw: st.DrawFn, protocol: ProtocolName) -> Scenario:
     """Three or four vCPUs over one 32-page buffer that vCPU 0 prefetches; remaps early in the
     other programs (while the prefetch runs), preemption points, lane orders, quanta."""
     vcpus = draw(st.integers(2, 4))
@@ -263,7 +264,7 @@ class Found(Exception):
 
 
 @pytest.mark.parametrize("protocol", ["no_lock", "no_invept"])
-def test_broken_variants_are_caught(protocol: str) -> None:
+def test_broken_variants_are_caught(protocol: ProtocolName) -> None:
     caught: list[tuple[Scenario, dict[str, int]]] = []
 
     @settings(max_examples=60, database=None, phases=[Phase.generate])

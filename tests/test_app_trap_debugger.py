@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from eptlab.apps.heap_guest import (
     BUG_VALUE,
-    DIRECT_MAP_BASE,
     EVENT_ALLOC,
     EVENT_FREE,
     EVENT_SLAB,
@@ -24,8 +23,10 @@ from eptlab.apps.heap_guest import (
     pointer,
 )
 from eptlab.apps.trap_debugger import Ownership, TrapDebugger
+from eptlab.arch.exits import ExitReason
 from eptlab.errors import ConfigError
 from eptlab.experiments.trap_debugger import Config, ConfigRun, TrapDebuggerParams, run_config
+from eptlab.guest import DIRECT_MAP_BASE
 from eptlab.hv.guest_runner import GuestRunner
 
 PAGES = 128
@@ -125,11 +126,11 @@ def test_trap_all_detects_every_bug_at_once(program: HeapProgram, mode: str, res
     # the transients are there, and only the filter removes them
     assert s.false_positives_unfiltered > s.false_positives_sync_only > 0
     assert d.counters.metadata_writes == s.false_positives_sync_only
-    assert r.report.exits["PREEMPTION_TIMER"] == 0  # nothing to rotate
+    assert r.report.exits[ExitReason.PREEMPTION_TIMER] == 0  # nothing to rotate
     if mode == "all":
         assert d.counters.trapped_reads > 0
     if resume == "mtf":
-        assert r.report.exits["MONITOR_TRAP_FLAG"] == d.counters.stepped
+        assert r.report.exits[ExitReason.MONITOR_TRAP_FLAG] == d.counters.stepped
         assert d.counters.invept == d.counters.stepped + 1  # re-arm after each step + attach
 
 
@@ -139,7 +140,7 @@ def test_no_trapping_detects_nothing_and_never_exits(program: HeapProgram) -> No
     assert none.score.bugs_detected == 0 and none.score.bugs_injected == W.bugs
     silent = run(program, "sampled", 0.0, 1000)  # reports flow, nothing is trapped
     assert silent.debugger is not None and silent.debugger.sampled == 0
-    assert set(silent.report.exits) == {"VMCALL"}
+    assert set(silent.report.exits) == {ExitReason.VMCALL}
     assert silent.debugger.reports == silent.debugger.unfiltered == []
 
 
@@ -250,7 +251,7 @@ def test_a_flush_per_event_leaves_only_the_allocator_metadata_alarms(
     assert eager.score.false_positives_unfiltered == eager.score.false_positives_sync_only > 0
     assert eager.score.false_positives == batched.false_positives == 0
     assert eager.score.bugs_detected == batched.bugs_detected == W.bugs
-    assert eager.report.exits["VMCALL"] == program.events > batched.bugs_injected
+    assert eager.report.exits[ExitReason.VMCALL] == program.events > batched.bugs_injected
 
 
 # -- memory contents ---------------------------------------------------------------------------
@@ -286,7 +287,7 @@ def test_legitimate_writes_complete_with_the_right_contents(program: HeapProgram
     assert len(memories[0]) > 100  # headers, links and bug writes: the test has teeth
 
 
-def test_bad_parameters() -> None:
+def test_bad_arguments_of_the_debugger_and_its_guest() -> None:
     guest = HeapGuest(heap_pages=8)
     with pytest.raises(ConfigError):
         TrapDebugger(guest.vm, guest.pages, guest.ring, fraction=1.5)

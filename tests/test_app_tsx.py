@@ -3,6 +3,8 @@ pre-touching, the fallback path, IPIs, and dirty logging."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +21,7 @@ from eptlab.apps.tsx import (
     play,
 )
 from eptlab.arch.bits import PAGE_SIZE
+from eptlab.arch.exits import ExitReason
 from eptlab.errors import ConfigError
 from eptlab.guest import GuestKernel, KernelImage
 from eptlab.hv import Hypervisor
@@ -176,7 +179,7 @@ def test_the_fallback_takes_the_guest_faults_a_transaction_cannot() -> None:
 def test_a_shootdown_interrupts_the_other_vcpus_transactions() -> None:
     o = play(Scenario("cow", vcpus=2, sections=40, region_pages=64, seed=2))
     assert o.stats.aborts_by_cause["ipi"] > 0
-    assert o.stats.exits["EXTERNAL_INTERRUPT"] > 0
+    assert o.stats.exits[ExitReason.EXTERNAL_INTERRUPT] > 0
     assert o.stats.sections == 80
 
 
@@ -264,7 +267,7 @@ def test_every_scenario_on_three_vcpus_equals_a_serial_execution(kind: str) -> N
     from eptlab.mmu.peek import peek_hpa
     from eptlab.mmu.rtm import Op
 
-    extra = {"round_every": 7} if "dirty" in kind else {}
+    extra: dict[str, Any] = {"round_every": 7} if "dirty" in kind else {}
     if kind == "conflict":
         extra = {"hot_lines": 8}
     scenario = Scenario(

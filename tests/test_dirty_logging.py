@@ -16,8 +16,7 @@ def test_drain_returns_exactly_the_logged_entries() -> None:
     hv = Hypervisor()
     vm, _, vcpu = guest_with_mapping(hv, pages=8, pml=True)
     vcpu.load([Run(chunk(GVA + np.arange(5) * 4096, kind=Access.WRITE))])
-    while (exit_ := vcpu.run()) is not None:
-        hv.handle(exit_)
+    hv.run([vcpu])
     index = vcpu.vmcs.pml_index
     assert index < 511
     logged = vm.drain_pml(vcpu)

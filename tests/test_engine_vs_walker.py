@@ -10,9 +10,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eptlab.arch import Mode
+from eptlab.arch import Access, Mode
 from eptlab.mmu.config import MmuConfig
 from eptlab.mmu.engine import Accesses, Engine
+from eptlab.mmu.walker import Reference
 
 from .engine_scenarios import ScenarioSpec, access_streams, scenario_specs, snapshot
 
@@ -21,7 +22,9 @@ def outcome(result_exit: object, result_fault: object) -> object:
     return result_exit if result_exit is not None else result_fault
 
 
-def compare(spec: ScenarioSpec, stream: list, config: MmuConfig, exact: bool) -> None:
+def compare(
+    spec: ScenarioSpec, stream: list[tuple[int, Access, bool]], config: MmuConfig, exact: bool
+) -> None:
     oracle_space, engine_space = spec.build(), spec.build()
     assert snapshot(oracle_space.memory) == snapshot(engine_space.memory)
     walker = oracle_space.walker()
@@ -34,7 +37,7 @@ def compare(spec: ScenarioSpec, stream: list, config: MmuConfig, exact: bool) ->
 
     got_hpa: dict[int, int] = {}
     got_outcome: dict[int, object] = {}
-    got_refs: dict[int, list] = {}
+    got_refs: dict[int, list[Reference]] = {}
     start = 0
     while start < len(chunk):
         result = engine.run(chunk, start, record_hpa=True, log_references=4096 if exact else 0)

@@ -3,12 +3,9 @@ files."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
-from eptlab.cli import main
 from eptlab.experiments import runner
 
 FILE_MIB = 2
@@ -111,12 +108,6 @@ def test_dropping_the_guest_cache(table: pd.DataFrame) -> None:
     assert warm.disk_reads == 0 and warm.host_cache_hits == FILE_MIB * PAGES_PER_MIB
     assert warm.duplicated_mib == FILE_MIB  # and the re-read doubles it again
     assert one(table, "direct", "dropped").disk_reads > 0  # nothing to fall back on
-
-
-def test_cli_rejects_impossible_parameters(tmp_path: Path) -> None:
-    for bad in ("host_caches=lukewarm", "disks=tape", "file_mib=999", "ept_page=1g", "disks="):
-        assert main(["run", "double-caching", "--set", bad, "--out", str(tmp_path)]) == 2, bad
-        assert not (tmp_path / "double-caching.csv").exists()
 
 
 def test_reading_quotes_the_table(table: pd.DataFrame) -> None:

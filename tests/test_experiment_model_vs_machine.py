@@ -17,7 +17,7 @@ from eptlab.experiments.registry import get
 
 COLUMNS = {
     "pattern", "footprint_bytes", "page_size", "outer_ept_page", "measured_cycles_per_access",
-    "predicted_cycles_per_access", "error_pct", "seed",
+    "predicted_cycles_per_access", "error_pct",
 }
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 

@@ -125,7 +125,21 @@ def test_cli_run_json_and_list(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert main(["run", "no-such-experiment"]) == 2
 
 
-def test_bad_parameters_leave_no_files(tmp_path: Path) -> None:
-    out = tmp_path / "never"
-    assert main(["run", "integrity-monitor", "--set", "modes=bogus", "--out", str(out)]) == 2
-    assert not out.exists()
+def test_a_shared_space_gives_the_rows_of_a_fresh_build() -> None:
+    # rows() builds each space once per seed and runs every stream on a copy of its memory: a
+    # run sets A/D bits in the tables, which the next stream must not inherit
+    from eptlab.arch.bits import PageSize
+    from eptlab.experiments.nested_overhead import NestedOverhead, NestedOverheadParams
+
+    experiment = NestedOverhead()
+    params = NestedOverheadParams(workloads=("random", "sequential"), footprint_mib=4,
+                                  accesses=3000, trace="", seed=2)
+    first, second = list(experiment.sources(params))
+    k = PageSize.SIZE_4K
+    space = experiment.space(first, "nested", k, k, params.seed)
+    tables = space.memory._rows.copy()
+    shared = [experiment.measure(s, "nested", k, k, True, space=space) for s in (first, second)]
+    fresh = [experiment.measure(s, "nested", k, k, True, params.seed) for s in (first, second)]
+    assert shared == fresh
+    assert shared[0] != shared[1]
+    assert (space.memory._rows == tables).all()  # the shared space is as built

@@ -13,13 +13,11 @@ import pytest
 
 from eptlab.apps.heap_guest import expected_detection
 from eptlab.cli import main
-from eptlab.errors import ConfigError
-from eptlab.experiments.base import Row, apply_overrides
+from eptlab.experiments.base import Row
 from eptlab.experiments.trap_debugger import (
     ConfigRun,
     TrapDebugger,
     TrapDebuggerParams,
-    configs,
 )
 
 P = TrapDebuggerParams(
@@ -165,21 +163,6 @@ def test_figures(table: pd.DataFrame) -> None:
     figures = TrapDebugger().figures(table, P)
     assert list(figures) == ["trap-debugger"]
     assert len(figures["trap-debugger"].axes) == 3
-
-
-def test_bad_parameters() -> None:
-    for bad in (
-        {"fractions": (1.5,)},
-        {"periods": (0,)},
-        {"mode": "read"},
-        {"resume": "pray"},
-        {"compare": ("write",)},
-        {"batch": 0},
-    ):
-        with pytest.raises(ConfigError):
-            configs(TrapDebuggerParams(**bad))  # type: ignore[arg-type]
-    params = apply_overrides(TrapDebuggerParams, {"fractions": "0.1,0.2", "periods": "100"})
-    assert params.fractions == (0.1, 0.2) and params.periods == (100,)
 
 
 def test_cli_run_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from eptlab.errors import ConfigError
 from eptlab.experiments import runner
 
 EPT_SCENARIOS = ("lazy", "cow", "wp-dirty")
@@ -106,16 +105,6 @@ def test_other_causes_are_not_ept_violations_and_prefaulting_does_not_remove_the
     assert row(table, "conflict", "none").vcpus == 2
     capacity = row(table, "capacity", "none")
     assert capacity.fallbacks == capacity.transactions  # never fits: the policy falls back
-
-
-def test_bad_parameters(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError):
-        runner.run("tsx-aborts", {"scenarios": "lazy,bogus"}, tmp_path, show_progress=False)
-    with pytest.raises(ConfigError):
-        runner.run("tsx-aborts", {"conflict_vcpus": "1"}, tmp_path, show_progress=False)
-    with pytest.raises(ConfigError):
-        runner.run("tsx-aborts", {"sections": "0"}, tmp_path, show_progress=False)
-    assert not list(tmp_path.iterdir())
 
 
 def test_reading_quotes_the_table_and_follows_it(table: pd.DataFrame) -> None:

@@ -27,7 +27,6 @@ from eptlab.cli import main
 from eptlab.cli.walk import DEFAULT_GVA, run_walk, walk_space
 from eptlab.errors import ConfigError
 from eptlab.explore.model import (
-    DATA,
     GROUPS,
     GUEST_COLUMN,
     BitRow,
@@ -48,7 +47,7 @@ from eptlab.explore.model import (
 from eptlab.explore.page import render_page
 from eptlab.explore.serve import make_server, serve_in_thread, url_of
 from eptlab.mmu.config import Assoc, MmuConfig, TlbConfig
-from eptlab.mmu.walker import Dim, Translation
+from eptlab.mmu.walker import DATA, Dim, Translation
 
 if TYPE_CHECKING:
     from selenium.webdriver.chrome.webdriver import WebDriver

@@ -8,9 +8,9 @@ import pytest
 
 from eptlab.arch import Access, EptViolation, ExitReason, PageSize
 from eptlab.arch.ept import Ept, MemoryType
-from eptlab.errors import ConfigError, MappingError
+from eptlab.errors import ConfigError, EptlabError, MappingError
 from eptlab.hv import GuestAction, Hypercall, Hypervisor, Run, UnhandledExit
-from eptlab.hv.exits import Exit
+from eptlab.hv.exits import Exit, ExitAction, Vmcall, exit_names
 from eptlab.tables import GuestPageTables
 from eptlab.traces.model import TraceChunk
 
@@ -39,8 +39,9 @@ def test_lazy_backing_first_touch_exits_once_per_page() -> None:
     hv = Hypervisor()
     vm, _, vcpu = guest_with_mapping(hv)
     vcpu.load([Run(chunk(GVA + np.arange(0, 16 * 4096, 512)))])
-    while (exit_ := vcpu.run()) is not None:
-        hv.handle(exit_)
+    action = None
+    while (exit_ := vcpu.run(action)) is not None:
+        action = hv.handle(exit_)
     assert vm.counters["lazy_backing_exits"] == 16  # one EPT violation per data page
     assert vcpu.stats.accesses == 128
     for page in range(16):
@@ -62,17 +63,18 @@ def test_application_handler_runs_before_the_default() -> None:
     vm, _, vcpu = guest_with_mapping(hv)
     seen: list[int] = []
 
-    def spy(exit_: Exit) -> bool:
+    def spy(exit_: Exit) -> ExitAction | None:
         assert isinstance(exit_.record, EptViolation)
         seen.append(exit_.record.gpa)
-        return False  # not mine: let the default back it
+        return None  # not mine: let the default back it
 
     hv.on(ExitReason.EPT_VIOLATION, spy)
     vcpu.load([Run(chunk([GVA, GVA + 4096]))])
-    while (exit_ := vcpu.run()) is not None:
-        hv.handle(exit_)
+    action = None
+    while (exit_ := vcpu.run(action)) is not None:
+        action = hv.handle(exit_)
     assert seen == [2 * MiB, 2 * MiB + 4096]
-    assert hv.exits["EPT_VIOLATION"] == 2
+    assert hv.exits[ExitReason.EPT_VIOLATION] == 2
 
 
 def test_hypercalls_dispatch_by_number() -> None:
@@ -85,13 +87,15 @@ def test_hypercalls_dispatch_by_number() -> None:
 
     vcpu.load([Run(chunk([GVA])), Hypercall(7, (1, 2, 3)), Hypercall(99)])
     exits = []
-    while (exit_ := vcpu.run()) is not None:
+    action = None
+    while (exit_ := vcpu.run(action)) is not None:
         exits.append(exit_.reason)
-        if exit_.reason == ExitReason.VMCALL and exit_.record.number == 99:  # type: ignore[union-attr]
+        if isinstance(exit_.record, Vmcall) and exit_.record.number == 99:
             with pytest.raises(UnhandledExit):
                 hv.handle(exit_)
+            action = ExitAction.SKIP  # nobody took it: go past it
             continue
-        hv.handle(exit_)
+        action = hv.handle(exit_)
     assert hv.hypercall_results == [("add", 7, 6)]
     assert exits.count(ExitReason.VMCALL) == 2
     with pytest.raises(Exception, match="already"):
@@ -160,8 +164,9 @@ def test_pml_log_full_exit_and_drain() -> None:
     hv = Hypervisor()
     vm, _, vcpu = guest_with_mapping(hv, pages=600, pml=True)
     vcpu.load([Run(chunk(GVA + np.arange(600) * 4096, kind=Access.WRITE))])
-    while (exit_ := vcpu.run()) is not None:
-        hv.handle(exit_)
+    action = None
+    while (exit_ := vcpu.run(action)) is not None:
+        action = hv.handle(exit_)
     assert vm.counters["pml_full_exits"] >= 1
     vm.drain_pml(vcpu)
     data_pages = {2 * MiB + i * 4096 for i in range(600)}
@@ -199,8 +204,9 @@ def test_guest_actions_run_in_program_order() -> None:
             GuestAction(lambda v: log.append(f"b{v.stats.accesses}")),
         ]
     )
-    while (exit_ := vcpu.run()) is not None:
-        hv.handle(exit_)
+    action = None
+    while (exit_ := vcpu.run(action)) is not None:
+        action = hv.handle(exit_)
     assert log == ["a", "b1"]
 
 
@@ -214,18 +220,83 @@ def test_ept_write_protect_then_handler_restores() -> None:
     vm.ept.protect(2 * MiB, 4096, "r-x")
     fixed: list[int] = []
 
-    def unprotect(exit_: Exit) -> bool:
+    def unprotect(exit_: Exit) -> ExitAction | None:
         record = exit_.record
         if isinstance(record, EptViolation) and record.qualification & 2:
             vm.ept.protect(record.gpa & ~0xFFF, 4096, "rwx")
             vm.invept([exit_.vcpu])
             fixed.append(record.gpa)
-            return True
-        return False
+            return ExitAction.RETRY
+        return None
 
     hv.on(ExitReason.EPT_VIOLATION, unprotect)
-    while (exit_ := vcpu.run()) is not None:
-        hv.handle(exit_)
+    action = None
+    while (exit_ := vcpu.run(action)) is not None:
+        action = hv.handle(exit_)
     assert fixed == [2 * MiB] and vcpu.stats.writes == 1
     leaf = vm.ept.lookup(2 * MiB)
     assert leaf is not None and leaf.value & Ept.W
+
+
+def _write_protected(hv: Hypervisor, answer: ExitAction):  # type: ignore[no-untyped-def]
+    """A vCPU that reads GVA, writes it (trapped: the page is read-only), then reads GVA+8;
+    the write's handler answers ``answer``."""
+    vm, _, vcpu = guest_with_mapping(hv)
+    vm.back(2 * MiB)
+    vm.ept.protect(2 * MiB, 4096, "r-x")
+    seen: list[int] = []
+
+    def trap(exit_: Exit) -> ExitAction | None:
+        record = exit_.record
+        if not (isinstance(record, EptViolation) and record.qualification & 2):
+            return None
+        seen.append(record.gpa)
+        return answer
+
+    hv.on(ExitReason.EPT_VIOLATION, trap)
+    vcpu.load([Run(chunk([GVA])), Run(chunk([GVA], kind=Access.WRITE)), Run(chunk([GVA + 8]))])
+    return vcpu, seen
+
+
+def test_skip_goes_past_the_access_and_stop_ends_the_run() -> None:
+    hv = Hypervisor()
+    vcpu, seen = _write_protected(hv, ExitAction.SKIP)
+    hv.run([vcpu])
+    assert seen == [2 * MiB] and vcpu.stats.accesses == 2 and vcpu.stats.writes == 0
+    assert hv.exits == {ExitReason.EPT_VIOLATION: 1}
+    assert exit_names(hv.exits) == {"EPT_VIOLATION": 1}
+
+    hv = Hypervisor()
+    vcpu, seen = _write_protected(hv, ExitAction.STOP)
+    hv.run([vcpu])
+    assert seen == [2 * MiB] and vcpu.stats.accesses == 1  # the read after it never ran
+
+
+def test_each_exit_must_be_answered_with_an_action_the_loop_can_do() -> None:
+    hv = Hypervisor()
+    vcpu, _ = _write_protected(hv, ExitAction.STEP)
+    with pytest.raises(EptlabError, match="answer"):
+        vcpu.run(ExitAction.RETRY)  # no exit to answer yet
+    exit_ = vcpu.run()
+    assert exit_ is not None
+    with pytest.raises(EptlabError, match="answer"):
+        vcpu.run()  # the exit was not answered: it still waits
+    exit_ = vcpu.run(ExitAction.RETRY)  # the access that exited runs again: the same exit
+    assert exit_ is not None and exit_.reason == ExitReason.EPT_VIOLATION
+    with pytest.raises(EptlabError, match="does not single-step"):
+        vcpu.run(hv.handle(exit_))
+    with pytest.raises(EptlabError, match="can only RETRY"):
+        hv.handle(exit_, expect=ExitAction.RETRY)
+    with pytest.raises(EptlabError, match="can only be retried"):
+        vcpu.write_u64(GVA, 1)  # a single access outside a program: STEP is refused too
+
+
+def test_a_hypercall_is_complete_once_handled() -> None:
+    hv = Hypervisor()
+    vm, _, vcpu = guest_with_mapping(hv)
+    hv.hypercall(7, "seven")(lambda _vcpu, args: 7)
+    vcpu.load([Hypercall(7), Run(chunk([GVA]))])
+    exit_ = vcpu.run()
+    assert exit_ is not None and hv.handle(exit_) is ExitAction.SKIP
+    with pytest.raises(EptlabError, match="complete"):
+        vcpu.run(ExitAction.RETRY)

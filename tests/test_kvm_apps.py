@@ -235,3 +235,29 @@ def test_kvm_dirty_log_runs_each_seed_and_summarizes_them(tmp_path: Path) -> Non
     assert list(result.table.seed) == [0, 0, 1, 1]
     summary = pd.read_csv(tmp_path / "kvm-dirty-log-summary.csv")
     assert list(summary["mode"]) == ["log", "trap"] and (summary.n == 2).all()
+    from eptlab.experiments.registry import get
+
+    reading = " ".join(get("kvm-dirty-log")().interpret(result.table, None))
+    # one figure per mode (the mean over the seeds with its interval), not one per row
+    assert reading.count("log ") == 1 and reading.count("trap ") == 1
+    assert "95% interval over the seeds" in reading
+
+
+def test_kvm_readings_quote_the_summary_not_every_row() -> None:
+    import pandas as pd
+
+    from eptlab.experiments.kvm_apps import KvmPrefetch, KvmTrapRotation
+
+    table = pd.DataFrame({
+        "seed": [0, 0, 1, 1], "method": ["demand", "populate"] * 2,
+        "cycles_per_page": [1000.0, 400.0, 1200.0, 420.0],
+        "kvm_module": "kvm_intel", "tdp": True,
+    })
+    text = KvmPrefetch().interpret(table, None)[0]
+    assert text.count("demand") == 1 and "1,100 [" in text and "410 [" in text
+    rotation = pd.DataFrame({
+        "seed": [0, 1], "trap_fraction": [0.5, 0.5], "detection_rate": [0.4, 0.6],
+        "kvm_module": "kvm_pvm", "tdp": False,
+    })
+    text = KvmTrapRotation().interpret(rotation, None)[0]
+    assert "0.5 trapped: 50% [" in text and "shadow paging" in text

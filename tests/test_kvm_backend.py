@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eptlab.arch.exits import EptQual, EptViolation, PmlFull
+from eptlab.arch.exits import EptQual, EptViolation, ExitReason, PmlFull
 from eptlab.errors import ConfigError, GuestError, KvmError
-from eptlab.hv.exits import Hlt, TripleFault, Vmcall
+from eptlab.hv.exits import ExitAction, Hlt, TripleFault, Vmcall
 from eptlab.kvm import abi, build
 from eptlab.kvm.backend import (
     DATA_BASE,
@@ -20,7 +20,6 @@ from eptlab.kvm.backend import (
     KvmFailure,
     KvmGuest,
     PortIo,
-    Resume,
     SlotSpec,
     default_slots,
     exit_record,
@@ -175,7 +174,7 @@ def test_flavour_is_reported() -> None:
 @pytest.mark.kvm
 def test_halt_is_an_hlt_record() -> None:
     result = run_guest("halt", user=False)
-    assert result.halted and result.exits["HLT"] == 1
+    assert result.halted and result.exits[ExitReason.HLT] == 1
 
 
 @pytest.mark.kvm
@@ -211,11 +210,11 @@ def test_read_only_slot_traps_every_write_and_emulation_completes_it() -> None:
         with KvmGuest(kvm, GuestMemory(8 << 20), "touch", slots=slots) as g:
             seen: list[EptViolation] = []
 
-            def trap(e: KvmExit) -> Resume | None:
+            def trap(e: KvmExit) -> ExitAction | None:
                 if isinstance(e.record, EptViolation):
                     seen.append(e.record)
                     g.emulate_write(e)
-                    return Resume.CONTINUE
+                    return ExitAction.SKIP
                 return None
 
             g.start(r8=DATA_BASE, r9=5, r10=4096, r11=7, r12=1)
@@ -295,11 +294,11 @@ def test_kernel_patches_trap_on_a_read_only_code_page_and_run_once_emulated() ->
     trapped: list[tuple[int, bytes]] = []
     with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(4 << 20), "kernel", slots=slots) as g:
 
-        def on_patch(e: KvmExit) -> Resume | None:
+        def on_patch(e: KvmExit) -> ExitAction | None:
             if isinstance(e.record, EptViolation):
                 trapped.append((e.record.gpa, e.data))
                 g.emulate_write(e)
-                return Resume.CONTINUE
+                return ExitAction.SKIP
             return None
 
         g.start(r8=100, r9=10)  # 100 iterations, a patch after every 10th
@@ -482,24 +481,39 @@ def test_watchdog_without_a_handler_in_another_thread_is_a_clear_error(dispositi
 def test_kvm_failures_are_counted_as_such_not_as_an_architectural_exit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from eptlab.arch.exits import ExitReason
-
     exits = iter([InternalError(1, (2,)), InternalError(3, ()), HltExit()])
     with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), "halt", user=False) as g:
         g.start()
         monkeypatch.setattr(g.vcpu, "run", lambda: next(exits))
         seen: list[object] = []
 
-        def accept_failures(e: KvmExit) -> Resume | None:
+        def accept_failures(e: KvmExit) -> ExitAction | None:
             if isinstance(e.record, KvmFailure):
                 seen.append(e.record)
-                return Resume.CONTINUE
+                return ExitAction.RETRY  # nothing ran: enter again
             return None
 
         result = g.run(accept_failures)
     assert len(seen) == 2 and result.halted
-    assert dict(result.exits) == {"KVM_FAILURE": 2, "HLT": 1}
+    assert dict(result.exits) == {ExitReason.HLT: 1} and result.failures == 2
+    assert result.exit_names() == {"HLT": 1, "KVM_FAILURE": 2} and result.total_exits == 3
     assert "KVM_FAILURE" not in ExitReason.__members__  # its own name, no SDM reason reused
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("action", [ExitAction.SKIP, ExitAction.STEP])
+def test_an_action_kvm_cannot_carry_out_is_an_error_not_ignored(
+    monkeypatch: pytest.MonkeyPatch, action: ExitAction
+) -> None:
+    """A KVM failure executed nothing: skipping it (or single-stepping, which this backend does
+    not do) is refused with the record, not silently turned into a re-entry."""
+    exits = iter([InternalError(1, ()), HltExit()])
+    with Kvm.open() as kvm, KvmGuest(kvm, GuestMemory(8 << 20), "halt", user=False) as g:
+        g.start()
+        monkeypatch.setattr(g.vcpu, "run", lambda: next(exits))
+        with pytest.raises(GuestError, match=f"answered {action.name}") as info:
+            g.run(lambda e: action if isinstance(e.record, KvmFailure) else None)
+    assert isinstance(info.value.record, KvmFailure)
 
 
 @pytest.mark.kvm

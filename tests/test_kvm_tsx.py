@@ -14,16 +14,22 @@ from eptlab.cli import main
 from eptlab.errors import RtmUnavailable
 from eptlab.experiments import runner
 from eptlab.kvm import rtm_host
-from eptlab.kvm.txplan import KIND_ABORT, KIND_COMMIT, KIND_FALLBACK, fresh_pages_plan
+from eptlab.kvm.apps.tsx import TsxOutcome
+from eptlab.kvm.fds import Kvm
+from eptlab.kvm.txplan import (
+    KIND_ABORT,
+    KIND_COMMIT,
+    KIND_FALLBACK,
+    TxPlan,
+    fresh_pages_plan,
+)
 
 pytestmark = pytest.mark.kvm
 MEMORY = 8 << 20
 
 
 @pytest.fixture(scope="module")
-def kvm() -> Iterator[object]:
-    from eptlab.kvm.fds import Kvm
-
+def kvm() -> Iterator[Kvm]:
     s = rtm_host.support()
     if not s.usable:
         pytest.skip(f"needs RTM: {s.reason}")
@@ -31,14 +37,16 @@ def kvm() -> Iterator[object]:
         yield k
 
 
-def _run(kvm: object, policy: str, fresh: int, n: int = 12, **kw: int):  # type: ignore[no-untyped-def]
+def _run(
+    kvm: Kvm, policy: str, fresh: int, n: int = 12, **kw: bool
+) -> tuple[TxPlan, TsxOutcome]:
     from eptlab.kvm.apps.tsx import run_policy
 
     plan = fresh_pages_plan(n, fresh, 4, seed=3)
     return plan, run_policy(kvm, plan, policy, memory=MEMORY, rounds=2, max_retries=2, **kw)
 
 
-def test_the_guest_logs_every_attempt_and_its_stores_reach_memory(kvm: object) -> None:
+def test_the_guest_logs_every_attempt_and_its_stores_reach_memory(kvm: Kvm) -> None:
     from eptlab.kvm.apps.tsx import run_policy
 
     plan = fresh_pages_plan(10, 0, 4, seed=1)
@@ -50,7 +58,7 @@ def test_the_guest_logs_every_attempt_and_its_stores_reach_memory(kvm: object) -
 
 
 def test_lazy_first_touches_abort_with_status_0_and_the_fallback_maps_the_page(
-    kvm: object,
+    kvm: Kvm,
 ) -> None:
     plan, o = _run(kvm, "lazy", fresh=1)
     log = o.log
@@ -63,7 +71,7 @@ def test_lazy_first_touches_abort_with_status_0_and_the_fallback_maps_the_page(
     assert (log.kind[~first] == KIND_COMMIT).sum() == 12
 
 
-def test_prefaulting_on_the_host_leaves_fewer_kvm_faults(kvm: object) -> None:
+def test_prefaulting_on_the_host_leaves_fewer_kvm_faults(kvm: Kvm) -> None:
     _, lazy = _run(kvm, "lazy", fresh=2, n=24)
     _, pre = _run(kvm, "prefaulted", fresh=2, n=24)
     # the host pages exist, so KVM faults in fewer (it maps neighbours ahead), yet the first
@@ -74,7 +82,7 @@ def test_prefaulting_on_the_host_leaves_fewer_kvm_faults(kvm: object) -> None:
     assert warm.log.summary()["abort_zero"] <= 1  # no fresh page, no first-touch abort
 
 
-def test_dirty_logging_makes_every_round_abort_again(kvm: object) -> None:
+def test_dirty_logging_makes_every_round_abort_again(kvm: Kvm) -> None:
     _, o = _run(kvm, "dirty-log", fresh=1)
     s = o.log.summary()
     assert s["commits"] == 0 and s["fallbacks"] == 24  # both rounds: the log re-protects
@@ -82,7 +90,7 @@ def test_dirty_logging_makes_every_round_abort_again(kvm: object) -> None:
 
 
 def test_a_read_only_slot_aborts_every_attempt_and_traps_each_fallback_store(
-    kvm: object,
+    kvm: Kvm,
 ) -> None:
     _, o = _run(kvm, "readonly", fresh=0)
     s = o.log.summary()
@@ -91,7 +99,7 @@ def test_a_read_only_slot_aborts_every_attempt_and_traps_each_fallback_store(
 
 
 def test_guests_get_rtm_and_forcing_it_off_is_reported(
-    kvm: object, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    kvm: Kvm, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from eptlab.kvm.apps.tsx import guest_rtm, run_policy
@@ -106,7 +114,7 @@ def test_guests_get_rtm_and_forcing_it_off_is_reported(
     assert not (tmp_path / "out" / "kvm-tsx" / "kvm-tsx.csv").exists()
 
 
-def test_kvm_tsx_experiment_rows(kvm: object, tmp_path: Path) -> None:
+def test_kvm_tsx_experiment_rows(kvm: Kvm, tmp_path: Path) -> None:
     result = runner.run("kvm-tsx", {"seeds": "2", "transactions": "8", "fresh_pages": "0,1",
                                     "policies": "lazy,prefaulted", "write_sets": "64,1024"},
                         tmp_path, show_progress=False)
@@ -126,7 +134,7 @@ def test_kvm_tsx_experiment_rows(kvm: object, tmp_path: Path) -> None:
 
 
 def test_crosscheck_has_tsx_rows_and_the_capacity_limits_agree(
-    kvm: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    kvm: Kvm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)

@@ -67,7 +67,7 @@ def test_1tib_guest_touching_1000_pages_costs_in_proportion() -> None:
     walker = space.walker()
     for gva in gvas:
         t = walker.translate(gva, Access.WRITE)
-        assert t.ok
+        assert t.ok and t.hpa is not None
         space.memory.write_u64(t.hpa & ~7, gva)
     # data frames + guest page tables + EPT tables: a few thousand frames, some tens of MiB
     assert space.memory.backed_frames < 6000
@@ -78,7 +78,7 @@ def test_1tib_guest_touching_1000_pages_costs_in_proportion() -> None:
 @given(st.lists(st.sampled_from(list(PageSize)), min_size=1, max_size=40), st.integers(0, 5))
 def test_allocator_blocks_never_overlap(sizes: list[PageSize], seed: int) -> None:
     for policy in ("sequential", "random"):
-        alloc = FrameAllocator(64 << 30, policy=policy, seed=seed)  # type: ignore[arg-type]
+        alloc = FrameAllocator(64 << 30, policy=policy, seed=seed)
         got = [(alloc.alloc(s), s) for s in sizes]
         spans = sorted((a, a + s) for a, s in got)
         assert all(a % s == 0 for a, s in got)

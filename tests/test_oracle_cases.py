@@ -78,9 +78,11 @@ def test_protection_keys_only_when_the_model_has_them() -> None:
 
 
 def test_missing_bochs_is_a_named_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
     from eptlab.oracle import bochs
 
-    monkeypatch.setattr(bochs.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     assert bochs.missing() == "bochs" and not bochs.bochs_available()
     with pytest.raises(bochs.BochsError, match="bochs not installed"):
         bochs.run_bochs([build_case(0, 1)])

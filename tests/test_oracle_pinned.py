@@ -10,14 +10,14 @@ from eptlab.arch import Access, Mode, PageSize
 from eptlab.arch.exits import EptMisconfig, EptQual, EptViolation, PmlFull
 from eptlab.arch.paging import Cr0, Cr4
 from eptlab.mmu.scenario import NestedSpace
-from eptlab.mmu.walker import ReferenceWalker
+from eptlab.mmu.walker import ReferenceWalker, Translation
 from eptlab.oracle.pinned import BY_KEY, DEPARTURES, BochsWalker
 
 GVA = 0x7F00_0000_05A8  # a byte offset: logged GPAs show whether bits 11:0 are kept
 
 
 def _walk(space: NestedSpace, cls: type[ReferenceWalker], access: Access = Access.READ,
-          mode: Mode = Mode.SUPERVISOR):  # type: ignore[no-untyped-def]
+          mode: Mode = Mode.SUPERVISOR) -> Translation:
     return cls(space.memory, space.guest, space.vmcs, space.features).translate(GVA, access, mode)
 
 

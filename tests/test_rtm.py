@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eptlab.apps.prefetch import populate
+from eptlab.arch.access import Access
 from eptlab.arch.bits import PAGE_SIZE
 from eptlab.arch.ept import Ept
 from eptlab.arch.exits import GENERAL_PROTECTION_VECTOR, EptViolation
@@ -332,7 +333,7 @@ def test_peek_agrees_with_the_engine(words: list[int]) -> None:
     w = _peek_world()
     gvas = [w.region + 8 * k for k in words]
     for gva in gvas:
-        result = w.hv.engine.translate(gva, 0, vcpu=w.vcpus[0].engine_id)
+        result = w.hv.engine.translate(gva, Access.READ, vcpu=w.vcpus[0].engine_id)
         assert result.hpa is not None
         hpa = peek_hpa(w.hv.host.memory, w.vcpus[0].guest, w.vcpus[0].vmcs, 46, gva)
         assert hpa == int(result.hpa[0])

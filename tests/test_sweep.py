@@ -3,7 +3,9 @@ recorded, and the same results from inline, local-process and Dask executors."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -11,11 +13,12 @@ import pytest
 from eptlab.cli import main
 from eptlab.errors import ConfigError
 from eptlab.sweep import SweepStore, load, load_spec, parse_spec, run_sweep
+from eptlab.sweep.store import PointResult
 
 SMALL = {"accesses": 1500, "trace": "", "footprint_mib": 16, "guest_pages": ["4k"], "seeds": 1}
 
 
-def spec_data(out: Path, *, bad_point: bool = False) -> dict:
+def spec_data(out: Path, *, bad_point: bool = False) -> dict[str, Any]:
     runs = [
         {
             "experiment": "nested-overhead",
@@ -58,7 +61,9 @@ def test_grid_is_the_product_of_its_axes(tmp_path: Path) -> None:
         (lambda d: d.pop("run"), "run"),
     ],
 )
-def test_bad_spec_names_the_file_and_key(tmp_path: Path, change, field: str) -> None:
+def test_bad_spec_names_the_file_and_key(
+    tmp_path: Path, change: Callable[[dict[str, Any]], object], field: str
+) -> None:
     data = spec_data(tmp_path)
     change(data)
     with pytest.raises(ConfigError) as err:
@@ -92,7 +97,7 @@ def test_failure_is_recorded_and_the_rest_runs(tmp_path: Path) -> None:
 def test_interrupted_sweep_resumes_and_skips_finished_points(tmp_path: Path) -> None:
     spec = parse_spec(spec_data(tmp_path))
 
-    def stop_after_two(result, done: int, total: int) -> None:
+    def stop_after_two(result: PointResult, done: int, total: int) -> None:
         if done == 2:
             raise KeyboardInterrupt
 
@@ -141,7 +146,7 @@ def test_dask_cluster_gives_the_same_table(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(table(inline), table(remote))
 
 
-def test_cli_sweep_runs_and_resumes(tmp_path: Path, capsys) -> None:
+def test_cli_sweep_runs_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "grid.toml"
     path.write_text(
         f'out = "{tmp_path / "out"}"\n[[run]]\nexperiment = "nested-overhead"\n'

@@ -8,6 +8,7 @@ import json
 import lzma
 import shutil
 import struct
+import subprocess
 import tempfile
 import zlib
 from pathlib import Path
@@ -506,3 +507,27 @@ def test_cli_record_json_keeps_program_output_off_stdout(
     info = json.loads(captured.out)  # only the JSON object on stdout
     assert info["path"] == str(out) and info["accesses"] > 10_000
     assert "hello" in captured.err
+
+
+@needs_valgrind
+def test_record_limit_keeps_the_first_accesses_of_the_full_recording(tmp_path: Path) -> None:
+    full = tmp_path / "full.ept"
+    head = tmp_path / "head.ept"
+    record(["/bin/true"], full)
+    info = record(["/bin/true"], head, limit=1_000)
+    assert info.accesses == 1_000
+    whole = next(read_native(full, chunk=1_000))
+    first = next(read_native(head, chunk=1_000))
+    assert len(first) == 1_000
+    np.testing.assert_array_equal(first.address, whole.address)
+    np.testing.assert_array_equal(first.kind, whole.kind)
+    np.testing.assert_array_equal(first.size, whole.size)
+
+
+@needs_valgrind
+def test_record_limit_stops_a_program_that_never_ends(tmp_path: Path) -> None:
+    # `yes` writes forever: the recording returns only because it stops the program itself
+    info = record(["yes"], tmp_path / "yes.ept", stdout=subprocess.DEVNULL, limit=5_000)
+    assert info.accesses == 5_000
+    with pytest.raises(ConfigError, match="limit"):
+        record(["yes"], tmp_path / "no.ept", limit=0)

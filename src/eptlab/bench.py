@@ -188,9 +188,9 @@ def _cold(engine: Engine) -> None:
 
 
 def _must_finish(result: object) -> None:
-    from .mmu.engine import RunResult
+    from .mmu.engine import ChunkResult
 
-    assert isinstance(result, RunResult)
+    assert isinstance(result, ChunkResult)
     if not result.done:
         raise RuntimeError(
             f"benchmark stream stopped at {result.stopped_at}: {result.exit or result.fault}"

@@ -25,7 +25,7 @@ from ..arch.bits import PAGE_SHIFT, PAGE_SIZE, PageSize
 from ..arch.ept import Ept, ept_address
 from ..arch.exits import EptQual, EptViolation, ExitReason
 from ..errors import ConfigError
-from ..hv import VM, Exit, Hypervisor
+from ..hv import VM, Exit, ExitAction, Hypervisor
 from ..hv.costs import hv_costs
 from ..mmu.context import GuestState
 
@@ -163,18 +163,18 @@ class CopyOnWrite:
 
     # -- the write fault --------------------------------------------------------------------------
 
-    def handle(self, exit_: Exit) -> bool:
+    def handle(self, exit_: Exit) -> ExitAction | None:
         record = exit_.record
         if not isinstance(record, EptViolation) or not record.qualification & EptQual.WRITE:
-            return False
+            return None
         vm = exit_.vcpu.vm
         cow = self._cow.get(id(vm), {})
         leaf = vm.ept.lookup(record.gpa)
         if leaf is None:
-            return False
+            return None
         base = record.gpa & ~(leaf.page_size - 1)
         if cow.get(base) != leaf.page_size:
-            return False
+            return None
         self.counters.cow_faults += 1
         self.counters.fault_cycles += self.costs.vmexit + self.costs.invept
         if leaf.page_size > PAGE_SIZE and self.granularity == "2m-split":
@@ -206,4 +206,4 @@ class CopyOnWrite:
             self.counters.fault_cycles += self.costs.copy_cycles(size)
         del cow[base]
         vm.invept()  # INVEPT single-context on the VM's vCPUs: the read-only entry is gone
-        return True
+        return ExitAction.RETRY

@@ -31,15 +31,15 @@ every guest-physical page. :class:`IntegrityMonitor` is that policy, in four mod
 Emulation (our choice): the handler completes an allowed write in software, as KVM's
 instruction emulator does for write-tracked pages: it decodes the store (here the stream
 carries the stored value: :attr:`IntegrityMonitor.operand`), writes the word to host memory
-through the VM's EPT, and the vCPU resumes *after* the access (:attr:`Resume.SKIP`). A denied
+through the VM's EPT, and the vCPU resumes *after* the access (``ExitAction.SKIP``). A denied
 write is skipped the same way without writing anything. Ordinary data writes carry no
 modelled value: emulating them only skips the access. The page stays write-protected
 throughout, so there is no window in which another write could slip through.
 
-Because the hv scheduler always retries the access that exited, the guest runs on the shared
-single-vCPU loop of :mod:`eptlab.hv.guest_runner` (:class:`GuestRunner` feeds it a
+Because the hv scheduler carries no stored values, the guest runs on the shared
+single-vCPU loop of :mod:`eptlab.hv.guest_runner` (:class:`StreamRunner` feeds it a
 :class:`Stream`): ``engine.run`` until an exit, ``hv.handle(exit)`` (the handlers registered with
-:meth:`Hypervisor.on`), then resume at the same access or after it, as the handler decided;
+:meth:`Hypervisor.on`), then resume at the same access or after it, as the handler returned;
 stores that carry a value are written at the host-physical address the hardware used. The
 period-end review in pml mode is a VMX-preemption-timer exit (basic exit reason 52) that the loop
 delivers every ``period`` accesses while :attr:`IntegrityMonitor.timer_armed`.
@@ -73,7 +73,8 @@ from ..costs import active_profile
 from ..errors import ConfigError
 from ..guest import DIRECT_MAP_BASE, GuestKernel, KernelImage
 from ..hv import VCPU, VM, Exit, Hypervisor, guest_runner
-from ..hv.guest_runner import Resume, RunReport
+from ..hv.exits import ExitAction
+from ..hv.guest_runner import RunReport
 from ..workloads import Zipf
 
 MODES = ("none", "trap-code", "trap-all", "pml")
@@ -443,7 +444,6 @@ class IntegrityMonitor:
         # what the run loop tells the handlers about the access that exited, and is told back
         self.clock = 0  # stream position of the current access
         self.operand: int | None = None  # the value a trapped store writes (its decode)
-        self.resume = Resume.RETRY
         self.protected: frozenset[int] = frozenset()
         self.attached = False
 
@@ -508,14 +508,14 @@ class IntegrityMonitor:
 
     # -- trap modes ----------------------------------------------------------------------------
 
-    def _on_ept_violation(self, exit_: Exit) -> bool:
+    def _on_ept_violation(self, exit_: Exit) -> ExitAction | None:
         record = exit_.record
         if exit_.vcpu.vm is not self.vm or not isinstance(record, EptViolation):
-            return False
+            return None
         page = record.gpa & ~(PAGE_SIZE - 1)
         q = record.qualification
         if not q & EptQual.WRITE or not q & EptQual.GLA_TRANSLATION or page not in self.protected:
-            return False  # not a data write to a page we protect: someone else's exit
+            return None  # not a data write to a page we protect: someone else's exit
         self.counters.trapped_writes += 1
         value = self.operand
         if page not in self.code_pages or self.is_allowed(record.gpa, value):
@@ -530,28 +530,27 @@ class IntegrityMonitor:
             self.counters.denied += 1
             self.decisions[self.clock] = "denied"
             self.detections.append(Detection(record.gpa & ~7, value or 0, self.clock, "trap"))
-        self.resume = Resume.SKIP
-        return True
+        return ExitAction.SKIP
 
     # -- pml mode ------------------------------------------------------------------------------
 
-    def _on_pml_full(self, exit_: Exit) -> bool:
+    def _on_pml_full(self, exit_: Exit) -> ExitAction | None:
         if exit_.vcpu.vm is not self.vm:
-            return False
+            return None
         self.counters.pml_full_exits += 1
         self.review(exit_.vcpu)
-        return True  # the write that found the log full is retried with an empty log
+        return ExitAction.RETRY  # the write that found the log full is retried with an empty log
 
     @property
     def timer_armed(self) -> bool:
         """pml mode reviews the log at every VMX-preemption-timer exit (end of a period)."""
         return self.attached and self.mode == "pml"
 
-    def _on_timer(self, exit_: Exit) -> bool:
+    def _on_timer(self, exit_: Exit) -> ExitAction | None:
         if exit_.vcpu.vm is not self.vm:
-            return False
+            return None
         self.period_end(exit_.vcpu)
-        return True
+        return ExitAction.RETRY
 
     def period_end(self, vcpu: VCPU) -> None:
         """The end of a period: in pml mode a timer exit and a review of the log."""
@@ -589,9 +588,9 @@ class IntegrityMonitor:
 # -- running the guest --------------------------------------------------------------------------
 
 
-class GuestRunner:
-    """The shared run loop (:class:`eptlab.hv.guest_runner.GuestRunner`) on a guest's vCPU, fed a
-    :class:`Stream` (its code writes carry their values)."""
+class StreamRunner:
+    """Runs a :class:`Stream` (its code writes carry their values) on a kernel guest's vCPU
+    through the shared loop, :class:`eptlab.hv.guest_runner.GuestRunner`."""
 
     def __init__(self, guest: KernelGuest, monitor: IntegrityMonitor) -> None:
         self.guest, self.monitor = guest, monitor

@@ -110,13 +110,13 @@ from ..costs import active_profile
 from ..errors import ConfigError, EptlabError, MappingError, OutOfMemory
 from ..guest import GuestKernel
 from ..guest.layout import DIRECT_MAP_BASE, KernelImage
-from ..hv import VCPU, VM, Exit, GuestAction, Hypercall, Hypervisor, Run
+from ..hv import VCPU, VM, Exit, ExitAction, GuestAction, Hypercall, Hypervisor, Run
 from ..hv.host import HostMemory
 from ..hv.program import Segment
 from ..memory.physical import PhysicalMemory
 from ..mmu.config import CacheConfig, MmuConfig
 from ..mmu.context import CpuFeatures
-from ..mmu.engine import Accesses, Engine, RunResult
+from ..mmu.engine import Accesses, ChunkResult, Engine
 from ..mmu.kernels import layout as L
 from ..mmu.peek import Peeker
 from ..traces.model import TraceChunk
@@ -390,18 +390,20 @@ class PrefetchApp:
 
     # -- exits --------------------------------------------------------------------------------
 
-    def _on_ept_violation(self, exit_: Exit) -> bool:
+    def _on_ept_violation(self, exit_: Exit) -> ExitAction | None:
         record = exit_.record
         if exit_.vcpu.vm is not self.vm or not isinstance(record, EptViolation):
-            return False
+            return None
         if not 0 <= record.gpa < self.vm.memory:
-            return False
+            return None
         rights = EptQual.READABLE | EptQual.WRITABLE | EptQual.EXECUTABLE
         if not record.qualification & rights:
-            return self._back_on_fault(exit_.vcpu, record.gpa)
-        if record.qualification & EptQual.WRITE and not record.qualification & EptQual.WRITABLE:
-            return self._cow_break(exit_.vcpu, record.gpa)
-        return False
+            fixed = self._back_on_fault(exit_.vcpu, record.gpa)
+        elif record.qualification & EptQual.WRITE and not record.qualification & EptQual.WRITABLE:
+            fixed = self._cow_break(exit_.vcpu, record.gpa)
+        else:
+            fixed = False
+        return ExitAction.RETRY if fixed else None
 
     def back(self, gpa: int, vcpu: VCPU | None = None) -> bool:
         """Back the page holding ``gpa`` (a first touch) under the lock; False if mapped."""
@@ -698,7 +700,7 @@ class Prefetch:
                         app.counters["warm_unresolved"] += 1
                 elif result.exit is not None:
                     app.prefetch_cycles[vid] += app.costs.exit_cycles
-                    app.hv.handle(Exit(vcpu, result.exit))
+                    app.hv.handle(Exit(vcpu, result.exit), expect=ExitAction.RETRY)
         after = engine.stats(vid)
         app.prefetch_cycles[vid] += after.cycles - before.cycles
         app.warm_translation_cycles[vid] += after.translation_cycles - before.translation_cycles
@@ -772,7 +774,7 @@ class ObservedEngine(Engine):
         *,
         record_hpa: bool = False,
         log_references: int = 0,
-    ) -> RunResult:
+    ) -> ChunkResult:
         if not self.observers:
             return super().run(
                 accesses, start, record_hpa=record_hpa, log_references=log_references
@@ -799,7 +801,7 @@ class ObservedEngine(Engine):
             observer(observed)
         return result if record_hpa else dataclasses.replace(result, hpa=None)
 
-    def _run_singly(self, accesses: Accesses, start: int) -> tuple[RunResult, I64, int]:
+    def _run_singly(self, accesses: Accesses, start: int) -> tuple[ChunkResult, I64, int]:
         n = len(accesses)
         hpa = np.full(n, -1, np.int64)
         cycles = np.zeros(max(0, n - start), np.int64)
@@ -816,11 +818,11 @@ class ObservedEngine(Engine):
             spent = int(self._stats[v, L.ST_CYCLES] - before[L.ST_CYCLES])
             if not r.done:
                 failed = self._failed_walk_cycles(self._stats[v] - before)
-                return RunResult(i, r.exit, r.fault, hpa), cycles[: i - start], failed
+                return ChunkResult(i, r.exit, r.fault, hpa), cycles[: i - start], failed
             assert r.hpa is not None
             hpa[i] = r.hpa[0]
             cycles[i - start] = spent
-        return RunResult(n, None, None, hpa), cycles, 0
+        return ChunkResult(n, None, None, hpa), cycles, 0
 
     def _failed_walk_cycles(self, delta: I64) -> int:
         """Cycles of an attempt that ended in an exit or a fault. The kernels charge it

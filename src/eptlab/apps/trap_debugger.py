@@ -63,7 +63,7 @@ from ..costs import active_profile
 from ..errors import ConfigError, EptlabError
 from ..guest import DIRECT_MAP_BASE
 from ..hv import VCPU, VM, Exit
-from ..hv.guest_runner import Resume
+from ..hv.exits import ExitAction
 from ..memory.physical import PhysicalMemory
 from .heap_guest import (
     EVENT_ALLOC,
@@ -221,7 +221,6 @@ class TrapDebugger:
         # the run loop's side of the conversation (eptlab.hv.guest_runner.Policy)
         self.clock = 0
         self.operand: int | None = None
-        self.resume = Resume.RETRY
         self.attached = False
 
     @property
@@ -292,12 +291,12 @@ class TrapDebugger:
 
     # -- exits --------------------------------------------------------------------------------
 
-    def _on_timer(self, exit_: Exit) -> bool:
+    def _on_timer(self, exit_: Exit) -> ExitAction | None:
         if exit_.vcpu.vm is not self.vm:
-            return False
+            return None
         self.counters.rotations += 1
         self.trap(self._draw())
-        return True
+        return ExitAction.RETRY
 
     def _on_flush(self, vcpu: VCPU, args: tuple[int, ...]) -> int:
         self.counters.flushes += 1
@@ -305,13 +304,13 @@ class TrapDebugger:
         self.flushed.catch_up(self.hv.host.memory, self.ring_hpa)
         return 0
 
-    def _on_ept_violation(self, exit_: Exit) -> bool:
+    def _on_ept_violation(self, exit_: Exit) -> ExitAction | None:
         record = exit_.record
         if exit_.vcpu.vm is not self.vm or not isinstance(record, EptViolation):
-            return False
+            return None
         page = record.gpa & ~(PAGE_SIZE - 1)
         if page not in self.trapped:
-            return False
+            return None
         write = bool(record.qualification & EptQual.WRITE)
         if write:
             self.counters.trapped_writes += 1
@@ -323,22 +322,20 @@ class TrapDebugger:
                 offset = record.gpa & (PAGE_SIZE - 1) & ~7
                 self.hv.host.memory.write_u64(self.hpa[page] + offset, self.operand)
             self.counters.emulated += 1
-            self.resume = Resume.SKIP
-        else:
-            self.counters.ept_edits += self.vm.ept.set_entry_permissions(self.slot[page], "rwx")
-            self.counters.stepped += 1
-            self.stepping = page
-            self.resume = Resume.STEP
-        return True
+            return ExitAction.SKIP
+        self.counters.ept_edits += self.vm.ept.set_entry_permissions(self.slot[page], "rwx")
+        self.counters.stepped += 1
+        self.stepping = page
+        return ExitAction.STEP
 
-    def _on_mtf(self, exit_: Exit) -> bool:
+    def _on_mtf(self, exit_: Exit) -> ExitAction | None:
         if exit_.vcpu.vm is not self.vm or self.stepping is None:
-            return False
+            return None
         page, self.stepping = self.stepping, None
         self.counters.ept_edits += self.vm.ept.set_entry_permissions(self.slot[page], self.revoked)
         if self.invept:
             self._invept()
-        return True
+        return ExitAction.RETRY
 
     def check(self, gpa: int, value: int | None) -> bool:
         """Judge a trapped write in the three views; True when it is reported."""

@@ -62,7 +62,7 @@ from ..arch.bits import PAGE_SHIFT, PAGE_SIZE
 from ..arch.exits import EptViolation, ExitReason, VmExit
 from ..errors import ConfigError, EptlabError
 from ..guest import GuestKernel, KernelImage
-from ..hv import VCPU, Exit, GuestAction, Hypervisor, PreemptionTimer, Vmcall
+from ..hv import VCPU, Exit, ExitAction, GuestAction, Hypervisor, PreemptionTimer, Vmcall
 from ..hv.dirty_log import PmlLog, WriteProtectLog
 from ..mmu.rtm import (
     XABORT_CAPACITY,
@@ -187,7 +187,7 @@ class TsxStats:
     aborts: int = 0
     aborts_by_cause: Counter[str] = field(default_factory=Counter)
     retries_before_commit: int = 0  # summed over committed sections
-    exits: Counter[str] = field(default_factory=Counter)  # every VM exit, by reason
+    exits: Counter[ExitReason] = field(default_factory=Counter)  # every VM exit, by reason
     ept_violations: int = 0
     ept_violations_in_tx: int = 0
     guest_faults: int = 0  # delivered (non-transactional) guest faults
@@ -404,18 +404,18 @@ class TsxRunner:
             vm = job.vcpu.vm
             if j == initiator or vm.counters["invept"] == before.get(id(vm), 0):
                 continue
-            self.stats.exits["EXTERNAL_INTERRUPT"] += 1
+            self.stats.exits[ExitReason.EXTERNAL_INTERRUPT] += 1
             abort = self.machine.interrupt(j, AbortCause.IPI)
             if abort is not None:
                 self._aborted(abort)
 
     def _exit(self, i: int, record: VmExit, *, in_tx: bool) -> None:
-        self.stats.exits[record.reason.name] += 1
+        self.stats.exits[record.reason] += 1
         if isinstance(record, EptViolation):
             self.stats.ept_violations += 1
             self.stats.ept_violations_in_tx += int(in_tx)
         before = self._invepts()
-        self.hv.handle(Exit(self.jobs[i].vcpu, record))
+        self.hv.handle(Exit(self.jobs[i].vcpu, record), expect=ExitAction.RETRY)
         self._interrupt_after(before, initiator=i)
 
     def _arm_timer(self, i: int) -> None:
@@ -426,8 +426,8 @@ class TsxRunner:
         self.machine.set_deadline(i, self.machine.lanes[i].executed + interval)
 
     def _timer(self, i: int) -> None:
-        self.stats.exits[ExitReason.PREEMPTION_TIMER.name] += 1
-        self.hv.handle(Exit(self.jobs[i].vcpu, PreemptionTimer()))
+        self.stats.exits[ExitReason.PREEMPTION_TIMER] += 1
+        self.hv.handle(Exit(self.jobs[i].vcpu, PreemptionTimer()), expect=ExitAction.RETRY)
         self._arm_timer(i)
         abort = self.machine.interrupt(i, AbortCause.TIMER)
         if abort is not None:
@@ -450,7 +450,7 @@ class TsxRunner:
 
 def install_timer_tick(hv: Hypervisor) -> None:
     """The hypervisor's handler of the preemption-timer exit: a tick, nothing to do here."""
-    hv.on(ExitReason.PREEMPTION_TIMER, lambda _exit: True, first=True)
+    hv.on(ExitReason.PREEMPTION_TIMER, lambda _exit: ExitAction.RETRY, first=True)
 
 
 def prefetch_region(hv: Hypervisor, vcpu: VCPU, gpa: int, length: int) -> int:
@@ -458,7 +458,7 @@ def prefetch_region(hv: Hypervisor, vcpu: VCPU, gpa: int, length: int) -> int:
     installed) and run its steps to the end, as the vCPU would before its next instruction.
     Returns the hypercall's result."""
     vcpu.program = iter(())
-    hv.handle(Exit(vcpu, Vmcall(PREFETCH_HYPERCALL, (gpa, length, 0))))
+    hv.handle(Exit(vcpu, Vmcall(PREFETCH_HYPERCALL, (gpa, length, 0))), expect=ExitAction.SKIP)
     result = hv.hypercall_results[-1][2]
     for segment in vcpu.program:
         if isinstance(segment, GuestAction):

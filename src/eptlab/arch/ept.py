@@ -296,8 +296,3 @@ def parse_permissions(text: str) -> int:
     if len(text) != 3 or any(c not in (f, "-") for c, f in zip(text, "rwx", strict=True)):
         raise ValueError(f"permissions {text!r} must look like 'rwx', 'r-x' or '---'")
     return sum(1 << i for i, c in enumerate(text) if c != "-")
-
-
-def format_permissions(value: int) -> str:
-    """Bits 2:0 of an EPT entry as ``rwx`` with ``-`` for a clear bit."""
-    return "".join(c if value >> i & 1 else "-" for i, c in enumerate("rwx"))

@@ -15,6 +15,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from ..calibrate import Calibration
+    from ..calibrate.memory import MemoryResults
 
 
 def _size(n: int) -> str:
@@ -76,6 +77,22 @@ def _bar(cycles: float, top: float) -> str:
     return "█" * max(filled, 1)
 
 
+def _walk_penalty(console: Console, m: MemoryResults) -> None:
+    """The table of what 4 KiB pages cost over 2 MiB pages (nothing when not measured)."""
+    penalty = m.walk_penalty()
+    if not penalty:
+        return
+    walk = Table(title="random access: 4 KiB pages minus 2 MiB pages, cycles per access")
+    for col in ("footprint", "dependent loads", "GUPS (independent RMW)"):
+        walk.add_column(col, justify="right")
+    gups = dict(m.walk_penalty("gups"))
+    for size, s in penalty:
+        g = gups.get(size)
+        walk.add_row(_size(size), f"{s.median:.1f} ±{s.spread:.1f}",
+                     "-" if g is None else f"{g.median:.1f} ±{g.spread:.1f}")
+    console.print(walk)
+
+
 def _report(console: Console, c: Calibration) -> None:
     h, m = c.host, c.memory
     caches = ", ".join(f"{k} {_size(v)}" for k, v in h.caches.items())
@@ -109,17 +126,7 @@ def _report(console: Console, c: Calibration) -> None:
         console.print(f"levels from the {curve.page} curve: " + "; ".join(
             f"{p.level} {p.latency:.1f} cycles ({_size(p.footprints(curve.sizes)[0])}.."
             f"{_size(p.footprints(curve.sizes)[1])})" for p in curve.plateaus))
-    penalty = m.walk_penalty()
-    if penalty:
-        walk = Table(title="random access: 4 KiB pages minus 2 MiB pages, cycles per access")
-        for col in ("footprint", "dependent loads", "GUPS (independent RMW)"):
-            walk.add_column(col, justify="right")
-        gups = dict(m.walk_penalty("gups"))
-        for size, s in penalty:
-            g = gups.get(size)
-            walk.add_row(_size(size), f"{s.median:.1f} ±{s.spread:.1f}",
-                         "-" if g is None else f"{g.median:.1f} ±{g.spread:.1f}")
-        console.print(walk)
+    _walk_penalty(console, m)
     values = Table(title=f"measured values of profile {c.profile.name!r}")
     for col in ("key", "value", "unit", "spread", "samples"):
         values.add_column("IQR/median" if col == "spread" else col,

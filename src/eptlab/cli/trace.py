@@ -38,10 +38,14 @@ def record(
         typer.Option("-o", "--output", help="Native trace file to write.", dir_okay=False),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, help="Keep the first N accesses, then stop the program."),
+    ] = None,
 ) -> int:
     """Run COMMAND under valgrind lackey and write its accesses in the native format."""
     try:
-        info = record_trace(command, output, stdout=2 if as_json else None)
+        info = record_trace(command, output, stdout=2 if as_json else None, limit=limit)
     except OSError as exc:
         raise _os_error(exc, output, "'-o' / '--output'") from None
     show(info, as_json)

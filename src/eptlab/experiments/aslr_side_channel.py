@@ -66,7 +66,7 @@ from ..apps.ept_layout import LAYOUTS, EptLayout, back_range, boot, ept_leaf_siz
 from ..arch.bits import PageSize
 from ..errors import ConfigError, EptlabError
 from ..guest import GuestKernel
-from ..hv import Run
+from ..hv import ExitAction, Run
 from ..memory.layout import check_layout, default_layout, in_layout
 from ..mmu.config import CacheConfig
 from ..traces.model import TraceChunk
@@ -273,8 +273,9 @@ def measure_cost(p: AslrSideChannelParams, policy: str) -> LayoutCost:
         part = TraceChunk(stream.address[start:stop], stream.kind[start:stop],
                           stream.size[start:stop])
         vcpu.load([Run(part, user=True)])
-        while (exit_ := vcpu.run()) is not None:
-            hv.handle(exit_)
+        action: ExitAction | None = None
+        while (exit_ := vcpu.run(action)) is not None:
+            action = hv.handle(exit_)
     s = vcpu.stats
     if s.guest_faults or s.ept_violations:
         raise EptlabError(f"{policy}: the pre-faulted workload took {s.guest_faults} guest "

@@ -54,12 +54,13 @@ from matplotlib.figure import Figure
 
 from ..apps.integrity import (
     MODES,
-    GuestRunner,
     KernelActivity,
     KernelGuest,
     Stream,
+    StreamRunner,
 )
 from ..apps.integrity import IntegrityMonitor as Monitor
+from ..arch.exits import ExitReason
 from ..errors import ConfigError
 from ..guest import KernelImage
 from ..hv.costs import hv_costs
@@ -123,7 +124,7 @@ def run_mode(p: IntegrityMonitorParams, mode: str, progress: Progress | None = N
             accesses=p.warmup, patch_events=0, malicious_writes=0, seed=p.seed + WARMUP_SEED
         ).stream(guest)
         passive = Monitor(guest.vm, "none", code_pages=guest.code_pages)
-        GuestRunner(guest, passive).run(warm, period=len(warm))
+        StreamRunner(guest, passive).run(warm, period=len(warm))
     activity = KernelActivity(
         accesses=p.accesses,
         patch_events=p.patch_events,
@@ -135,7 +136,7 @@ def run_mode(p: IntegrityMonitorParams, mode: str, progress: Progress | None = N
     monitor = guest.monitor(mode, rearm_invept=p.rearm_invept)
     before = dataclasses.replace(monitor.counters)
     report = None if progress is None else (lambda done: progress(done, len(stream)))
-    result = GuestRunner(guest, monitor).run(stream, period=p.period, progress=report)
+    result = StreamRunner(guest, monitor).run(stream, period=p.period, progress=report)
     cycles = result.vm_exits * hv_costs().vmexit + monitor.counters.cycles() - before.cycles()
     return ModeRun(mode, guest, stream, monitor, result, cycles)
 
@@ -173,9 +174,9 @@ def measure(run: ModeRun) -> Row:
         "patches_applied": applied,
         "false_positives": false_positives,
         "vm_exits": result.vm_exits,
-        "ept_violation_exits": exits["EPT_VIOLATION"],
-        "pml_full_exits": exits["PML_FULL"],
-        "timer_exits": exits["PREEMPTION_TIMER"],
+        "ept_violation_exits": exits[ExitReason.EPT_VIOLATION],
+        "pml_full_exits": exits[ExitReason.PML_FULL],
+        "timer_exits": exits[ExitReason.PREEMPTION_TIMER],
         "exits_per_million_writes": round(result.vm_exits * 1e6 / max(1, stream.guest_writes), 1),
         "emulated_writes": c.emulated,
         "invept": c.invept,

@@ -23,6 +23,7 @@ from ..kvm.apps.fork import ForkParams
 from ..kvm.apps.prefetch import METHODS, PrefetchParams
 from ..kvm.apps.trap_rotation import TrapRotationParams
 from .base import Progress, Row, check_choices
+from .intervals import Interval, at, bars, column, one_seed_note, summarize, yerr
 
 
 @dataclass(frozen=True)
@@ -82,23 +83,28 @@ class _KvmApp(ABC):
         progress(1, 1)
 
     def interpret(self, table: pd.DataFrame, params: Any) -> list[str]:
+        if table.empty:
+            return ["Nothing was measured."]
         flavour = (f"{table.kvm_module.iloc[0]}, "
-                   f"{'TDP' if table.tdp.iloc[0] else 'shadow paging'}") if len(table) else ""
-        return [self.reading(table) + f" (measured on KVM: {flavour})."]
+                   f"{'TDP' if table.tdp.iloc[0] else 'shadow paging'}")
+        summary = summarize(table, self.keys)
+        return [self.reading(summary) + f" (measured on KVM: {flavour}; mean and 95% interval "
+                "over the seeds)."] + one_seed_note(table)
 
     @abstractmethod
-    def reading(self, table: pd.DataFrame) -> str:
-        """One sentence read from the rows (without the KVM flavour, which ``interpret`` adds)."""
+    def reading(self, summary: pd.DataFrame) -> str:
+        """One sentence read from the summary over seeds (one row per configuration: means,
+        ``_lo``/``_hi`` bounds, ``n``), without the KVM flavour, which ``interpret`` adds."""
 
     def figures(self, table: pd.DataFrame, params: Any) -> dict[str, Figure]:
         figure = Figure(figsize=(5, 3.6))
-        self.draw(figure.subplots(), table)
+        self.draw(figure.subplots(), summarize(table, self.keys))
         figure.tight_layout()
         return {self.name: figure}
 
     @abstractmethod
-    def draw(self, ax: Axes, t: pd.DataFrame) -> None:
-        """Draw the rows on ``ax``."""
+    def draw(self, ax: Axes, summary: pd.DataFrame) -> None:
+        """Draw the summary's means with their intervals on ``ax``."""
 
 
 class KvmFork(_KvmApp):
@@ -109,13 +115,16 @@ class KvmFork(_KvmApp):
     keys = ("guest_mib", "clones")
     demo = {"guest_mibs": "64,256", "seeds": "2"}
 
-    def reading(self, t: pd.DataFrame) -> str:
-        big = t.iloc[int(t.guest_mib.idxmax())]
-        return (f"A fork of a {big.guest_mib} MiB guest took {big.fork_ms:.2f} ms and copied "
-                f"{big.pages_copied} pages for {big.pages_written} written")
+    def reading(self, summary: pd.DataFrame) -> str:
+        big = summary.loc[summary.guest_mib.idxmax()]
+        return (f"A fork of a {big.guest_mib} MiB guest took "
+                f"{at(big, 'fork_ms').text('{:.2f}', ' ms')} and copied "
+                f"{at(big, 'pages_copied').text('{:,.0f}')} pages for "
+                f"{at(big, 'pages_written').text('{:,.0f}')} written")
 
-    def draw(self, ax: Axes, t: pd.DataFrame) -> None:
-        ax.plot(t.guest_mib, t.fork_ms, "o-")
+    def draw(self, ax: Axes, summary: pd.DataFrame) -> None:
+        ax.errorbar(summary.guest_mib, summary.fork_ms, yerr=yerr(column(summary, "fork_ms")),
+                    fmt="o-", capsize=2)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("guest MiB")
         ax.set_ylabel("fork ms (measured)")
@@ -130,18 +139,21 @@ class KvmDirtyLog(_KvmApp):
     keys = ("mode", "rounds")
     demo = {"pages": "128", "seeds": "2"}
 
-    def reading(self, t: pd.DataFrame) -> str:
+    def reading(self, summary: pd.DataFrame) -> str:
         # exits_per_write: exits that reach the VMM; kvm_exits_per_write: every exit the vCPU
         # took, KVM's own statistics (under shadow paging each first store faults into KVM)
-        inside = "kvm_exits_per_write" in t
-        parts = [f"{r.mode} {r.us_per_write:.2f} us/write ({r.exits_per_write:g} exits/write "
-                 "to the VMM" + (f", {r.kvm_exits_per_write:.2g} taken by KVM itself" if inside
-                                 else "") + ")"
-                 for r in t.itertuples()]
+        inside = "kvm_exits_per_write" in summary
+        parts = [f"{r['mode']} {at(r, 'us_per_write').text('{:.2f}', ' us')}/write "
+                 f"({at(r, 'exits_per_write').text('{:.2g}')} exits/write to the VMM"
+                 + (f", {at(r, 'kvm_exits_per_write').text('{:.2g}')} taken by KVM itself"
+                    if inside else "") + ")"
+                 for _, r in summary.iterrows()]
         return "Per write: " + ", ".join(parts)
 
-    def draw(self, ax: Axes, t: pd.DataFrame) -> None:
-        ax.bar(t["mode"], t.us_per_write)
+    def draw(self, ax: Axes, summary: pd.DataFrame) -> None:
+        t = summary
+        bars(ax, range(len(t)), column(t, "us_per_write"))
+        ax.set_xticks(range(len(t)), list(t["mode"]))
         inside = t.get("kvm_exits_per_write", t.exits_per_write)  # older results lack it
         for i, (us, ex, kx) in enumerate(zip(t.us_per_write, t.exits_per_write, inside,
                                              strict=True)):
@@ -159,12 +171,14 @@ class KvmPrefetch(_KvmApp):
     keys = ("method",)
     demo = {"range_mib": "16", "memory_mib": "32", "repeats": "1", "seeds": "2"}
 
-    def reading(self, t: pd.DataFrame) -> str:
-        parts = [f"{r.method} {r.cycles_per_page:g} guest cycles/page" for r in t.itertuples()]
+    def reading(self, summary: pd.DataFrame) -> str:
+        parts = [f"{r['method']} {at(r, 'cycles_per_page').text('{:,.0f}')} guest cycles/page"
+                 for _, r in summary.iterrows()]
         return "First touch of the range: " + ", ".join(parts)
 
-    def draw(self, ax: Axes, t: pd.DataFrame) -> None:
-        ax.bar(t["method"], t.cycles_per_page)
+    def draw(self, ax: Axes, summary: pd.DataFrame) -> None:
+        bars(ax, range(len(summary)), column(summary, "cycles_per_page"))
+        ax.set_xticks(range(len(summary)), list(summary["method"]))
         ax.set_ylabel("guest cycles per page (measured)")
         ax.set_title("prefetch: populate ahead vs demand")
 
@@ -177,15 +191,23 @@ class KvmTrapRotation(_KvmApp):
     keys = ("trap_fraction",)
     demo = {"iterations": "5000", "trap_fractions": "0,0.25,1", "seeds": "2"}
 
-    def reading(self, t: pd.DataFrame) -> str:
-        parts = [f"{r.trap_fraction:g} trapped: {r.detection_rate:.0%} caught"
-                 for r in t.itertuples()]
+    def reading(self, summary: pd.DataFrame) -> str:
+        parts = [f"{r['trap_fraction']:g} trapped: "
+                 f"{_rate(at(r, 'detection_rate')).scaled(100).text('{:.0f}', '%')} caught"
+                 for _, r in summary.iterrows()]
         return "Wild writes detected: " + ", ".join(parts)
 
-    def draw(self, ax: Axes, t: pd.DataFrame) -> None:
-        ax.plot(t.trap_fraction, t.detection_rate, "o-", label="measured")
+    def draw(self, ax: Axes, summary: pd.DataFrame) -> None:
+        t = summary
+        ax.errorbar(t.trap_fraction, t.detection_rate, yerr=yerr(column(t, "detection_rate")),
+                    fmt="o-", capsize=2, label="measured")
         ax.plot([0, 1], [0, 1], ":", color="grey", label="fraction trapped")
         ax.set_xlabel("fraction of memory write-protected")
         ax.set_ylabel("wild writes detected")
         ax.set_title("trap rotation")
         ax.legend(fontsize=8)
+
+
+def _rate(iv: Interval) -> Interval:
+    """A rate's interval cut to the possible rates, [0, 1]."""
+    return Interval(iv.mean, max(iv.lo, 0.0), min(iv.hi, 1.0), iv.n)

@@ -30,7 +30,7 @@ import numpy.typing as npt
 from ..arch.bits import PAGE_SIZE
 from ..arch.exits import EptQual, EptViolation
 from ..errors import EptlabError
-from ..hv import Exit, Hypervisor
+from ..hv import Exit, ExitAction, Hypervisor
 from ..hv.dirty_log import WriteProtectLog
 from ..kvm.backend import BOOT_SIZE, DATA_BASE
 from ..kvm.txplan import KIND_ABORT, KIND_COMMIT, KIND_FALLBACK, AttemptLog, TxPlan
@@ -82,7 +82,7 @@ class _Sim:
             if not in_tx:  # the fallback's store: performed by the hypervisor, then skipped
                 self.machine.skip(0)
             return
-        self.hv.handle(Exit(self.vcpu, record))  # type: ignore[arg-type]
+        self.hv.handle(Exit(self.vcpu, record), expect=ExitAction.RETRY)  # type: ignore[arg-type]
 
     def drive(self, stream: TxStream) -> tuple[int, int]:
         """Run one stream to its end: ``(kind, status)``."""

@@ -168,6 +168,8 @@ class MemoryEncryption:
             if getattr(p, name) not in ("4k", "2m"):
                 raise ConfigError(name, f"{getattr(p, name)!r} is not 4k or 2m")
         for llc in p.llc_mib:
+            if llc < 1 or llc & (llc - 1):  # the LLC model needs 2^k sets of LLC_WAYS ways
+                raise ConfigError("llc_mib", f"{llc} is not a power of two >= 1 (MiB)")
             on = self.platform(p, llc, encrypted=True)
             on.features().check_host_memory(p.host_gib << 30)
             on.features().keyids.check_key(p.key_id)

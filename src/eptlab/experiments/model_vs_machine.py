@@ -20,7 +20,12 @@ LLC's size.
 Columns: pattern, footprint_bytes, page_size, outer_ept_page, measured_cycles_per_access,
 predicted_cycles_per_access, error_pct (= 100 * (predicted - measured) / measured),
 measured_spread, native_pattern, huge_pages_obtained, tlb_miss_rate, walk_refs_per_access,
-dram_per_access, seed.
+dram_per_access (and ``seed`` first, from the seeds driver).
+
+Seeds. Each seed measures afresh (the native buffer's chain and offsets are drawn from it; the
+machine's state varies between runs too) and draws its own simulated stream and aged layout.
+The reading takes, per seed, the median over configurations and quotes its mean and 95%
+interval over the seeds; outer page sizes whose intervals overlap are named together.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from ..mmu.config import Assoc, CacheConfig, CacheLevel, CostModel, MmuConfig, T
 from ..mmu.engine import Accesses, Engine
 from ..mmu.scenario import NestedSpace
 from .base import Progress, Row, check_choices, check_range
+from .intervals import SEED, Interval, interval, one_seed_note
 
 BASE = 0x0000_2000_0000_0000
 MiB = 1 << 20
@@ -94,6 +100,7 @@ class ModelVsMachineParams:
     sim_warmup: int = 100_000
     sim_accesses: int = 200_000
     memory_margin_mib: int = 2048  # left free besides the native buffer
+    seeds: int = 5  # each seed: its own native buffer contents/chain and simulated stream
     seed: int = 0
     layout: str = "aged"  # the simulated guest's memory layout: aged or contiguous
 
@@ -174,6 +181,7 @@ class ModelVsMachine:
         "sim_warmup": "20000",
         "sim_accesses": "20000",
         "memory_margin_mib": "256",
+        "seeds": "3",
     }
 
     def _check(self, p: ModelVsMachineParams) -> None:
@@ -289,54 +297,58 @@ class ModelVsMachine:
             "tlb_miss_rate": round(s.walks / n, 5),
             "walk_refs_per_access": round(s.walk_references / n, 3),
             "dram_per_access": round((s.data_served[3] + s.walk_refs_served[3]) / n, 3),
-            "seed": p.seed,
         }
 
     def interpret(self, table: pd.DataFrame, params: ModelVsMachineParams) -> list[str]:
         if table.empty:
             return ["No footprint fitted in free memory: nothing was measured."]
         t = table.assign(abs_error=table.error_pct.abs())
-        overall = _by_outer(t.groupby("outer_ept_page").abs_error.median())
+        if SEED not in t.columns:
+            t = t.assign(**{SEED: 0})
+        overall = _per_seed_median(t, "outer_ept_page", "abs_error")
         # The fit is judged where the model's missing memory-level parallelism does not enter:
         # the serial pattern (one load waits for the one before), when it was run.
         serial = t[t.pattern == SERIAL]
         basis, where = (serial, f"the serial {SERIAL} rows") if len(serial) else (t, "all rows")
-        by_outer = _by_outer(basis.groupby("outer_ept_page").abs_error.median())
-        best = str(by_outer.idxmin())
-        close = [str(o) for o in by_outer.index if by_outer[o] - by_outer[best] < TIE_POINTS]
+        by_outer = _per_seed_median(basis, "outer_ept_page", "abs_error")
+        best = min(by_outer, key=lambda o: by_outer[o].mean)
+        close = [o for o in by_outer if _tied(by_outer[o], by_outer[best], TIE_POINTS)]
         fit = (f"{best} fits best" if len(close) == 1 else
-               f"{' and '.join(close)} fit equally well (within {TIE_POINTS:.0f} point)")
+               f"{' and '.join(close)} fit equally well (within {TIE_POINTS:.0f} point or "
+               "the interval)")
+        pct = "{:.0f}"
         out = [
             f"Median absolute error by outer EPT page size on {where}: "
-            + ", ".join(f"{o} {by_outer[o]:.0f}%" for o in by_outer.index)
+            + ", ".join(f"{o} {by_outer[o].text(pct, '%')}" for o in by_outer)
             + f"; {fit}. Over every row: "
-            + ", ".join(f"{o} {overall[o]:.0f}%" for o in overall.index) + "."
+            + ", ".join(f"{o} {overall[o].text(pct, '%')}" for o in overall) + "."
         ]
-        rows = t[t.outer_ept_page == best]
-        per_pattern = rows.groupby("pattern").error_pct.median()
+        per_pattern = _per_seed_median(t[t.outer_ept_page == best], "pattern", "error_pct")
         out.append(
             f"With {best} outer pages, the median error per pattern is "
-            + ", ".join(f"{k} {v:+.0f}%" for k, v in per_pattern.items())
+            + ", ".join(f"{k} {v.text('{:+.0f}', '%')}" for k, v in per_pattern.items())
             + " (positive: the model predicts slower than measured)."
         )
         penalty = _page_penalty(basis)
         if not penalty.empty:
-            error = _by_outer(penalty.groupby("outer_ept_page").penalty_error.median())
-            size = error.abs()
-            near = [str(o) for o in size.index if size[o] - size.min() < TIE_CYCLES]
+            error = _per_seed_median(penalty, "outer_ept_page", "penalty_error", clip=False)
+            near_to = min(error, key=lambda o: abs(error[o].mean))
+            near = [o for o in error
+                    if _tied(_abs(error[o]), _abs(error[near_to]), TIE_CYCLES)]
             out.append(
                 f"The 4 KiB-over-2 MiB page penalty on {where} (cycles per access, predicted "
                 "minus measured, median over footprints): "
-                + ", ".join(f"{o} {error[o]:+.1f}" for o in error.index)
+                + ", ".join(f"{o} {error[o].text('{:+.1f}')}" for o in error)
                 + f"; it fits best with {' or '.join(near)} outer pages"
-                + (f" (within {TIE_CYCLES:.0f} cycle)." if len(near) > 1 else ".")
+                + (f" (within {TIE_CYCLES:.0f} cycle or the interval)." if len(near) > 1
+                   else ".")
             )
         if not bool(table.huge_pages_obtained.all()):
             missed = sorted({int(b) >> 20 for b in
                              table[~table.huge_pages_obtained.astype(bool)].footprint_bytes})
             out.append("Natively, " + ", ".join(f"{m} MiB" for m in missed)
                        + " did not get 2 MiB pages throughout (huge_pages_obtained false).")
-        return out
+        return out + one_seed_note(t)
 
     def figures(self, table: pd.DataFrame, params: ModelVsMachineParams) -> dict[str, Figure]:
         figure = Figure(figsize=(7.5, 6))
@@ -362,15 +374,33 @@ class ModelVsMachine:
         return {"model-vs-machine": figure}
 
 
-def _by_outer(series: pd.Series) -> pd.Series:
-    """``series`` indexed by outer EPT page size, in size order (4k, 2m, 1g)."""
-    return series.reindex([o for o in OUTER_EPT_PAGES if o in series.index])
+def _per_seed_median(
+    table: pd.DataFrame, by: str, column: str, *, clip: bool = True
+) -> dict[str, Interval]:
+    """Per value of ``by`` (outer EPT pages in size order): the median of ``column`` over the
+    configurations of each seed, as a mean and 95% interval over the seeds."""
+    medians = table.groupby([by, SEED])[column].median()
+    found = list(dict.fromkeys(medians.index.get_level_values(0)))
+    order = [o for o in OUTER_EPT_PAGES if o in found] if by == "outer_ept_page" else found
+    return {str(k): interval(medians.loc[k], clip=clip) for k in order}
+
+
+def _tied(a: Interval, b: Interval, points: float) -> bool:
+    """``a`` fits as well as ``b``: their means within ``points`` or their intervals overlap."""
+    return abs(a.mean - b.mean) < points or (a.n > 1 and a.overlaps(b))
+
+
+def _abs(iv: Interval) -> Interval:
+    low, high = sorted((abs(iv.lo), abs(iv.hi)))
+    if iv.lo <= 0 <= iv.hi:
+        low = 0.0
+    return Interval(abs(iv.mean), low, high, iv.n)
 
 
 def _page_penalty(table: pd.DataFrame) -> pd.DataFrame:
     """Per pattern, footprint and outer EPT page: measured and predicted cycles of 4 KiB pages
     minus those of 2 MiB pages, and their difference."""
-    keys = ["pattern", "footprint_bytes", "outer_ept_page"]
+    keys = ["pattern", "footprint_bytes", "outer_ept_page", SEED]
     cols = ["measured_cycles_per_access", "predicted_cycles_per_access"]
     small = table[table.page_size == "4k"].set_index(keys)[cols]
     large = table[table.page_size == "2m"].set_index(keys)[cols]

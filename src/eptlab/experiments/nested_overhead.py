@@ -13,6 +13,7 @@ translation_cycles_per_access.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 import tempfile
@@ -104,13 +105,13 @@ class NestedOverheadParams:
 
 
 @cache
-def _recorded(command: tuple[str, ...]) -> Path:
-    """Record ``command`` under lackey once per process: the trace does not depend on the seed,
-    and recording it takes far longer than replaying it (about 25 s of CPU for ``ls``)."""
+def _recorded(command: tuple[str, ...], accesses: int) -> Path:
+    """The first ``accesses`` accesses of ``command`` under lackey, recorded once per process
+    (the trace does not depend on the seed)."""
     from ..traces import record
 
     path = Path(tempfile.mkdtemp(prefix="eptlab-")) / "trace.ept"
-    record(list(command), path, stdout=subprocess.DEVNULL)
+    record(list(command), path, stdout=subprocess.DEVNULL, limit=accesses)
     return path
 
 
@@ -167,7 +168,7 @@ class NestedOverhead:
         if p.trace == "auto":
             if shutil.which("valgrind") is None:
                 return None
-            path = _recorded(TRACE_COMMAND)
+            path = _recorded(TRACE_COMMAND, p.trace_accesses)
             name = "trace:" + " ".join(TRACE_COMMAND)
         else:
             path, name = Path(p.trace), f"trace:{Path(p.trace).name}"
@@ -202,16 +203,24 @@ class NestedOverhead:
         configs = self.configurations(params)
         total, done = len(sources) * len(configs), 0
         progress(0, total)
+        spaces: dict[tuple[bytes, str, PageSize, PageSize | None], NestedSpace] = {}
         for source in sources:
             for mode, gp, ep, pwc in configs:
-                yield self.measure(source, mode, gp, ep, pwc, params.seed)
+                # the workloads of one footprint map the same regions: build each space once
+                # per seed and run every stream on a fresh copy of its memory (a run sets A/D
+                # bits in the tables), which gives the rows a fresh build would
+                key = (source.regions.tobytes(), mode, gp, ep)
+                if key not in spaces:
+                    spaces[key] = self.space(source, mode, gp, ep, params.seed)
+                yield self.measure(source, mode, gp, ep, pwc, space=spaces[key])
                 done += 1
                 progress(done, total)
 
-    def measure(
-        self, source: Source, mode: str, gp: PageSize, ep: PageSize | None, pwc: bool,
-        seed: int = 0,
-    ) -> Row:
+    @staticmethod
+    def space(
+        source: Source, mode: str, gp: PageSize, ep: PageSize | None, seed: int
+    ) -> NestedSpace:
+        """The address space ``source`` runs in: every 2 MiB region it touches, mapped."""
         space = NestedSpace.create(
             use_ept=mode == "nested",
             seed=seed,  # the aged layout's placement
@@ -219,10 +228,19 @@ class NestedOverhead:
             guest_memory=1 << 46,
             table_ept_page=ep or PageSize.SIZE_4K,  # guest page tables live in guest RAM too
         )
-        for region in source.regions.tolist():  # map every 2 MiB region the stream touches
+        for region in source.regions.tolist():
             space.map_range(region << 21, 2 << 20, gp, ep or PageSize.SIZE_4K)
+        return space
+
+    def measure(
+        self, source: Source, mode: str, gp: PageSize, ep: PageSize | None, pwc: bool,
+        seed: int = 0, *, space: NestedSpace | None = None,
+    ) -> Row:
+        """One row: ``source`` run on (a copy of the memory of) ``space``, or on a space built
+        for it with ``seed``."""
+        space = space or self.space(source, mode, gp, ep, seed)
         config = MmuConfig() if pwc else MmuConfig(tlb=without_pwc())
-        engine = Engine(space.memory, config, space.features)
+        engine = Engine(copy.deepcopy(space.memory), config, space.features)
         engine.add_vcpu(space.guest, space.vmcs)
         for chunk in source.chunks:
             result = engine.run(Accesses.build(chunk.address, chunk.kind))

@@ -60,6 +60,7 @@ from ..apps.heap_guest import expected_detection as sampling_theory
 from ..apps.trap_debugger import MODES, RESUMES, Score, score
 from ..apps.trap_debugger import TrapDebugger as Debugger
 from ..arch.bits import PAGE_SIZE
+from ..arch.exits import ExitReason
 from ..errors import ConfigError
 from ..hv.costs import hv_costs
 from ..hv.guest_runner import GuestRunner, Passive, RunReport
@@ -257,10 +258,10 @@ def measure(run: ConfigRun, baseline_cycles: int) -> Row:
         "emulated": counters.emulated if counters else 0,
         "stepped": counters.stepped if counters else 0,
         "vm_exits": r.vm_exits,
-        "ept_violation_exits": r.exits["EPT_VIOLATION"],
-        "mtf_exits": r.exits["MONITOR_TRAP_FLAG"],
-        "vmcall_exits": r.exits["VMCALL"],
-        "timer_exits": r.exits["PREEMPTION_TIMER"],
+        "ept_violation_exits": r.exits[ExitReason.EPT_VIOLATION],
+        "mtf_exits": r.exits[ExitReason.MONITOR_TRAP_FLAG],
+        "vmcall_exits": r.exits[ExitReason.VMCALL],
+        "timer_exits": r.exits[ExitReason.PREEMPTION_TIMER],
         "ept_edits": counters.ept_edits if counters else 0,
         "invept": counters.invept if counters else 0,
         "engine_cycles": r.engine_cycles,

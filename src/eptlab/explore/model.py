@@ -87,9 +87,6 @@ class Grid:
     cells: tuple[Cell, ...]
     slots: tuple[Slot, ...]
 
-    def cell_of(self, index: int) -> Cell:
-        return self.cells[index]
-
 
 def row_label(for_level: int) -> str:
     return "data" if for_level == DATA else LEVEL_NAMES[for_level]

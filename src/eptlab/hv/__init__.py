@@ -1,7 +1,7 @@
 """The hypervisor: VMs, vCPUs, the exit loop, the EPT manager, PML, hypercalls, scheduling."""
 
 from .ept_manager import EptManager
-from .exits import Exit, Hlt, PreemptionTimer, TripleFault, Vmcall
+from .exits import Exit, ExitAction, Hlt, PreemptionTimer, TripleFault, Vmcall, exit_names
 from .host import HostMemory
 from .hypervisor import Hypervisor, UnhandledExit
 from .program import GuestAction, Hypercall, Run
@@ -14,6 +14,7 @@ __all__ = [
     "VM",
     "EptManager",
     "Exit",
+    "ExitAction",
     "GuestAction",
     "Hlt",
     "HostMemory",
@@ -25,4 +26,5 @@ __all__ = [
     "TripleFault",
     "UnhandledExit",
     "Vmcall",
+    "exit_names",
 ]

@@ -24,7 +24,7 @@ from ..arch.bits import PAGE_SIZE
 from ..arch.ept import Ept
 from ..arch.exits import EptQual, EptViolation, ExitReason
 from ..errors import ConfigError
-from .exits import Exit
+from .exits import Exit, ExitAction
 from .vm import VM
 
 _PAGE_MASK = ~(PAGE_SIZE - 1)
@@ -58,15 +58,15 @@ class WriteProtectLog:
         """Track ``[gpa, gpa + length)`` (mapped with 4 KiB pages) from now on."""
         self._protect(list(range(gpa & _PAGE_MASK, gpa + length, PAGE_SIZE)))
 
-    def handle(self, exit_: Exit) -> bool:
+    def handle(self, exit_: Exit) -> ExitAction | None:
         """EPT-violation handler: a write to a write-protected page of this VM is logged, the page
         made writable again and the guest resumed."""
         record = exit_.record
         if exit_.vcpu.vm is not self.vm or not isinstance(record, EptViolation):
-            return False
+            return None
         page = record.gpa & _PAGE_MASK
         if not record.qualification & EptQual.WRITE or page not in self.armed:
-            return False
+            return None
         leaf = self.vm.ept.lookup(page)
         assert leaf is not None
         self.vm.hv.host.memory.write_u64(leaf.entry_address, leaf.value | Ept.W)
@@ -74,7 +74,7 @@ class WriteProtectLog:
         self.dirty.add(page)
         self.counters["write_faults"] += 1
         self.counters["ept_edits"] += 1
-        return True
+        return ExitAction.RETRY
 
     def collect(self) -> set[int]:
         """The pages written since the last round; they are write-protected again."""

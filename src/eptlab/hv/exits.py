@@ -5,17 +5,51 @@ The translation hardware produces :class:`~eptlab.arch.exits.EptViolation`,
 VMCALL (a hypercall with its registers) and HLT (the guest has nothing left to run); the run loop
 of :mod:`eptlab.hv.guest_runner` adds the monitor-trap-flag and VMX-preemption-timer exits that
 a hypervisor arms for itself.
+
+Every exit handler, on both engines, answers with an :class:`ExitAction` (what the vCPU does
+next) or None (not mine: the next handler is asked).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
 from ..arch.exits import ExitReason, VmExit
 
 if TYPE_CHECKING:
     from .vcpu import VCPU
+
+
+class ExitAction(Enum):
+    """What an exit handler decides, the same on the simulated engine and on KVM; a handler
+    returns one of these, or None when the exit is not its business (the next one is asked).
+
+    RETRY
+        Re-enter where the exit left the guest: a faulting access runs again (the handler
+        fixed its cause); after a timer, monitor-trap or log-full exit the guest just goes on.
+    SKIP
+        Re-enter after the instruction that exited: the handler completed it in software (an
+        emulated store, a hypercall) or suppressed it.
+    STEP
+        Run that access once with the monitor trap flag set, then exit again (reason 37, SDM
+        Vol. 3C §26.5.2). Only the simulated single-vCPU loop (:mod:`eptlab.hv.guest_runner`).
+    STOP
+        Do not re-enter: the run ends here.
+    """
+
+    RETRY = "retry"
+    SKIP = "skip"
+    STEP = "step"
+    STOP = "stop"
+
+
+def exit_names(counts: Counter[ExitReason]) -> dict[str, int]:
+    """Exit counts keyed by reason name, in reason order: the readable form for JSON and
+    reports (the counters themselves are keyed by :class:`~eptlab.arch.exits.ExitReason`)."""
+    return {reason.name: n for reason, n in sorted(counts.items()) if n}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,18 +1,21 @@
-"""A single-vCPU run loop in which the handler of an exit decides how the guest resumes.
+"""A single-vCPU run loop that carries out every exit action, single-stepping included.
 
-The hv scheduler always retries the access that exited (the handler fixed what stopped it).
-Policies that trap accesses need more: *emulate* the access in software and resume after it,
-or *single-step* it with the permission restored and get control back right after it (the
-monitor trap flag). :class:`GuestRunner` is that loop, shared by the applications that trap:
+The hv scheduler retries or skips the access that exited. Policies that trap accesses need
+more: *emulate* the access in software and resume after it, or *single-step* it with the
+permission restored and get control back right after it (the monitor trap flag).
+:class:`GuestRunner` is that loop, shared by the applications that trap:
 
-    engine.run(chunk) until an exit      -> hv.handle(exit)   (the handlers of Hypervisor.on)
-    policy.resume is Resume.RETRY        -> run the same access again
-    policy.resume is Resume.SKIP         -> the handler completed (or suppressed) it: go past it
-    policy.resume is Resume.STEP         -> run that one access, then a monitor-trap-flag exit
+    engine.run(chunk) until an exit      -> action = hv.handle(exit)   (Hypervisor.on handlers)
+    ExitAction.RETRY                     -> run the same access again
+    ExitAction.SKIP                      -> the handler completed (or suppressed) it: go past it
+    ExitAction.STEP                      -> run that one access, then a monitor-trap-flag exit
+    ExitAction.STOP                      -> end the run there
 
 Before each exit the loop tells the policy where the guest is (``policy.clock``, the stream
 position) and the value the access stores when the stream carries one (``policy.operand``: the
-handler's decode of the store); the handler answers in ``policy.resume``.
+handler's decode of the store); the handler's return value is its decision. A timer exit
+takes RETRY (go on) or STOP, a monitor-trap exit RETRY, a hypercall SKIP (it is complete) or
+STOP.
 
 Guest stores can carry values (``values``: position -> 64-bit word). Chunks run with the HPA of
 every access recorded, and the loop writes each performed store's value at the HPA the hardware
@@ -32,34 +35,26 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import Enum
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from ..arch.exits import ExitReason
 from ..errors import ConfigError, EptlabError
 from ..mmu.engine import Accesses
-from .exits import Exit, MonitorTrap, PreemptionTimer, Record, Vmcall
+from .exits import Exit, ExitAction, MonitorTrap, PreemptionTimer, Record, Vmcall
 from .vcpu import VCPU
 
 MAX_EXITS_PER_ACCESS = 64
 
 
-class Resume(Enum):
-    """How the vCPU continues after an exit."""
-
-    RETRY = "retry"  # run the access again (the handler fixed what stopped it)
-    SKIP = "skip"  # the access is complete (emulated) or suppressed (denied): go past it
-    STEP = "step"  # run the access once, then exit with the monitor trap flag
-
-
 class Policy(Protocol):
-    """What the loop tells a trapping policy, and what it is told back."""
+    """What the loop tells a trapping policy before each exit (its handlers answer by their
+    return value, an :class:`~eptlab.hv.exits.ExitAction`)."""
 
     clock: int  # stream position of the access that exited (or of the timer)
     operand: int | None  # the value the access stores, when the stream carries one
-    resume: Resume  # the handler's decision
 
     @property
     def timer_armed(self) -> bool:
@@ -71,8 +66,8 @@ class Policy(Protocol):
 class RunReport:
     """What one run of a guest program did: accesses, exits by reason, engine cycles and the stores
     performed."""
-    accesses: int
-    exits: Counter[str]  # by reason name, this run only
+    accesses: int  # accesses run (fewer than the stream's when a handler answered STOP)
+    exits: Counter[ExitReason]  # this run only (exit_names() for output)
     engine_cycles: int
     performed_stores: dict[int, int]  # stream position -> HPA the hardware wrote
 
@@ -119,32 +114,44 @@ class GuestRunner:
         stops = sorted(calls)
         s = 0
         pos = 0
-        while pos < n:
+        stopped = False
+        while pos < n and not stopped:
             while s < len(stops) and stops[s] < pos:
                 s += 1
             if s < len(stops) and stops[s] == pos:
-                self._deliver(calls[pos], pos)
                 s += 1
+                if self._deliver(calls[pos], pos) is ExitAction.STOP:
+                    break
             next_call = stops[s] if s < len(stops) else n
             end = min(n, (pos // period + 1) * period, max(next_call, pos + 1))
-            self._run(accesses, pos, end, values, performed)
+            stop_at = self._run(accesses, pos, end, values, performed)
+            if stop_at is not None:
+                pos, stopped = stop_at, True
+                break
             pos = end
             timer = (pos < n and pos % period == 0) or (pos == n and final_timer)
             if timer and self.policy.timer_armed:
-                self._deliver(PreemptionTimer(), pos)
+                stopped = self._deliver(PreemptionTimer(), pos) is ExitAction.STOP
             if progress is not None and (pos % period == 0 or pos == n):
                 progress(pos)
-        if n in calls:
+        if n in calls and pos == n and not stopped:
             self._deliver(calls[n], n)
         exits = Counter(self.hv.exits)
         exits.subtract(exits_before)
-        return RunReport(n, +exits, self.vcpu.stats.cycles - cycles_before, performed)
+        return RunReport(pos, +exits, self.vcpu.stats.cycles - cycles_before, performed)
 
-    def _deliver(self, record: Record, position: int, operand: int | None = None) -> Resume:
+    def _deliver(self, record: Record, position: int, operand: int | None = None) -> ExitAction:
+        """Hand one exit to the hypervisor; the handler's action, checked against what the
+        exit allows (an access exit anything, the others RETRY or SKIP as they complete)."""
         p = self.policy
-        p.clock, p.operand, p.resume = position, operand, Resume.RETRY
-        self.hv.handle(Exit(self.vcpu, record))
-        return p.resume
+        p.clock, p.operand = position, operand
+        exit_ = Exit(self.vcpu, record)
+        action = self.hv.handle(exit_)
+        allowed = _ALLOWED.get(record.reason, tuple(ExitAction))
+        if action not in allowed:
+            names = ", ".join(a.name for a in allowed)
+            raise EptlabError(f"{exit_}: answered {action.name}; this exit takes {names}")
+        return action
 
     def _run(
         self,
@@ -153,8 +160,9 @@ class GuestRunner:
         end: int,
         values: Mapping[int, int],
         performed: dict[int, int],
-    ) -> None:
-        """Run ``accesses[start:end]``, handling exits and guest faults on the way."""
+    ) -> int | None:
+        """Run ``accesses[start:end]``, handling exits and guest faults on the way; the
+        position where a handler answered STOP, or None when the window ran to its end."""
         engine, memory = self.hv.engine, self.hv.host.memory
         window = Accesses(  # positions in the window are offset by ``start``
             accesses.gva[start:end],
@@ -176,7 +184,7 @@ class GuestRunner:
                     performed[p] = hpa
             at = result.stopped_at
             if result.done:
-                return
+                return None
             position = start + at
             exits_here, last_exit = (exits_here + 1 if position == last_exit else 1), position
             if exits_here > MAX_EXITS_PER_ACCESS:
@@ -188,12 +196,15 @@ class GuestRunner:
                     at += 1
                 continue
             assert result.exit is not None
-            resume = self._deliver(result.exit, position, values.get(position))
-            if resume is Resume.SKIP:
+            action = self._deliver(result.exit, position, values.get(position))
+            if action is ExitAction.STOP:
+                return position
+            if action is ExitAction.SKIP:
                 at += 1
-            elif resume is Resume.STEP:
+            elif action is ExitAction.STEP:
                 self._step(accesses, position, values, performed)
                 at += 1
+        return None
 
     def _step(
         self,
@@ -226,7 +237,7 @@ class GuestRunner:
                     break
                 continue
             assert result.exit is not None
-            if self._deliver(result.exit, at, values.get(at)) is not Resume.RETRY:
+            if self._deliver(result.exit, at, values.get(at)) is not ExitAction.RETRY:
                 raise EptlabError(f"access {at}: a stepped access can only be retried")
         else:
             raise EptlabError(f"stepped access {at} did not complete")
@@ -239,5 +250,13 @@ class Passive:
 
     clock: int = 0
     operand: int | None = None
-    resume: Resume = Resume.RETRY
     timer_armed: bool = False
+
+
+# what an exit that is not a trapped access allows: the timer and the monitor trap come between
+# accesses (nothing to skip); a handled hypercall is complete
+_ALLOWED: dict[ExitReason, tuple[ExitAction, ...]] = {
+    ExitReason.PREEMPTION_TIMER: (ExitAction.RETRY, ExitAction.STOP),
+    ExitReason.MONITOR_TRAP_FLAG: (ExitAction.RETRY,),
+    ExitReason.VMCALL: (ExitAction.SKIP, ExitAction.STOP),
+}

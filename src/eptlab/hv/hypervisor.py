@@ -1,13 +1,16 @@
 """The hypervisor: owns host memory and the translation engine, creates VMs, and dispatches
 every VM exit to the handlers registered for its reason.
 
-    while (exit := vcpu.run()) is not None:
-        hv.handle(exit)
+    action = None
+    while (exit_ := vcpu.run(action)) is not None:
+        action = hv.handle(exit_)
 
-Handlers are plain functions ``handler(exit) -> bool`` (True: handled, resume the guest). The
+Handlers are plain functions ``handler(exit) -> ExitAction | None``: what the vCPU does next
+(:class:`~eptlab.hv.exits.ExitAction`: retry, skip, step, stop), or None for "not mine". The
 newest handler registered for a reason is asked first, so applications override the defaults
-(lazy backing, PML drain, hypercall dispatch). An exit nobody handles raises
-:class:`UnhandledExit`, which shows the exit record.
+(lazy backing, PML drain, hypercall dispatch). An exit nobody takes raises
+:class:`UnhandledExit`, which shows the exit record. Exits are counted by
+:class:`~eptlab.arch.exits.ExitReason` (:func:`~eptlab.hv.exits.exit_names` for output).
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ from ..memory.layout import LayoutConfig, resolve
 from ..mmu.config import MmuConfig
 from ..mmu.context import CpuFeatures
 from ..mmu.engine import Engine
-from .exits import Exit, Vmcall
+from .exits import Exit, ExitAction, Vmcall
 from .host import HostMemory
 from .scheduler import Scheduler
 from .vcpu import VCPU
 from .vm import VM
 
-Handler = Callable[[Exit], bool]
+Handler = Callable[[Exit], ExitAction | None]
 HypercallFn = Callable[[VCPU, tuple[int, ...]], int]
 
 
@@ -62,7 +65,7 @@ class Hypervisor:
         self.host = HostMemory(host_memory, policy=policy, seed=seed, aging=self.layout.aging)
         self.engine = Engine(self.host.memory, mmu or MmuConfig(), self.features)
         self.vms: list[VM] = []
-        self.exits: Counter[str] = Counter()
+        self.exits: Counter[ExitReason] = Counter()
         self.hypercall_results: list[tuple[str, int, int]] = []
         self._handlers: defaultdict[ExitReason, list[Handler]] = defaultdict(list)
         self._hypercalls: dict[int, tuple[str, HypercallFn]] = {}
@@ -118,13 +121,19 @@ class Hypervisor:
         else:
             self._handlers[reason].append(handler)
 
-    def handle(self, exit_: Exit) -> None:
+    def handle(self, exit_: Exit, *, expect: ExitAction | None = None) -> ExitAction:
         """Give ``exit_`` to the handlers of its reason, newest first, until one takes it;
-        UnhandledExit if none does."""
-        self.exits[exit_.reason.name] += 1
+        returns its action (UnhandledExit if none takes it). A caller whose loop can do only
+        one thing (re-run what exited, say) passes it as ``expect``: any other answer is an
+        error rather than silently ignored."""
+        self.exits[exit_.reason] += 1
         for handler in reversed(self._handlers[exit_.reason]):
-            if handler(exit_):
-                return
+            action = handler(exit_)
+            if action is not None:
+                if expect is not None and action is not expect:
+                    raise EptlabError(f"{exit_}: the handler answered {action.name}, this loop "
+                                      f"can only {expect.name}")
+                return action
         raise UnhandledExit(exit_)
 
     def hypercall(self, number: int, name: str) -> Callable[[HypercallFn], HypercallFn]:
@@ -138,13 +147,13 @@ class Hypervisor:
 
         return register
 
-    def _dispatch_hypercall(self, exit_: Exit) -> bool:
+    def _dispatch_hypercall(self, exit_: Exit) -> ExitAction | None:
         record = exit_.record
         if not isinstance(record, Vmcall) or record.number not in self._hypercalls:
-            return False
+            return None
         name, fn = self._hypercalls[record.number]
         self.hypercall_results.append((name, record.number, fn(exit_.vcpu, record.args)))
-        return True
+        return ExitAction.SKIP  # the VMCALL is complete: resume after it
 
     # -- running --------------------------------------------------------------------------------
 
@@ -156,10 +165,14 @@ class Hypervisor:
         quantum: tuple[int, int] = (256, 1024),
         preempt_at: dict[int, set[int]] | None = None,
     ) -> Scheduler:
-        """Run the given vCPUs (default: all) interleaved until every program ends, handling
-        every exit. Returns the scheduler (its ``order`` records the interleaving)."""
+        """Run the given vCPUs (default: all) interleaved until every program ends (or a handler
+        answers STOP), handling every exit. Returns the scheduler (its ``order`` records the
+        interleaving)."""
         vcpus = list(vcpus) if vcpus is not None else [v for vm in self.vms for v in vm.vcpus]
-        scheduler = Scheduler(vcpus, seed=seed, quantum=quantum, preempt_at=preempt_at)
-        while (exit_ := scheduler.run()) is not None:
-            self.handle(exit_)
+        scheduler = Scheduler(
+            self.engine, vcpus, seed=seed, quantum=quantum, preempt_at=preempt_at
+        )
+        action: ExitAction | None = None
+        while (exit_ := scheduler.run(action)) is not None:
+            action = self.handle(exit_)
         return scheduler

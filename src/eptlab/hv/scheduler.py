@@ -7,21 +7,27 @@ place a remap exactly between two accesses of another vCPU. Hypercalls and guest
 ordering points: the interleaved chunk stops before them.
 
 The interleaved accesses run through the engine as one chunk with a vCPU id per access, so an
-exit on any vCPU stops the chunk there; the hypervisor handles it and the run resumes at the
-same access.
+exit on any vCPU stops the chunk there; the hypervisor handles it, and the next :meth:`run`
+takes the handler's :class:`~eptlab.hv.exits.ExitAction`: RETRY runs the same access again, SKIP
+goes past it, STOP ends the run (a hypercall is complete once handled: SKIP or STOP). Single
+stepping is the single-vCPU loop's (:mod:`eptlab.hv.guest_runner`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..mmu.engine import Accesses
-from .exits import Exit, Vmcall
+from ..errors import EptlabError
+from ..mmu.engine import Accesses, Engine
+from .exits import Exit, ExitAction, Vmcall
 from .program import GuestAction, Hypercall, Run, Segment
-from .vcpu import VCPU
+
+if TYPE_CHECKING:
+    from .vcpu import VCPU
 
 CHUNK = 1 << 16
 
@@ -60,6 +66,7 @@ class Scheduler:
     (or up to a preemption point) before the next; returns each VM exit to the caller."""
     def __init__(
         self,
+        engine: Engine,
         vcpus: Sequence[VCPU],
         *,
         seed: int = 0,
@@ -68,6 +75,7 @@ class Scheduler:
     ) -> None:
         if not vcpus:
             raise ValueError("nothing to schedule")
+        self.engine = engine
         self.lanes = [
             _Lane(v, preempt=sorted((preempt_at or {}).get(i, ()))) for i, v in enumerate(vcpus)
         ]
@@ -76,6 +84,7 @@ class Scheduler:
         self._chunk: Accesses | None = None
         self._owner: np.ndarray = np.zeros(0, np.int32)  # lane of each access in the chunk
         self._pos = 0
+        self._pending: Exit | None = None  # the exit returned last, waiting for its action
         self.switches = 0
         self.order: list[int] = []  # lane of every access issued, for tests and traces
 
@@ -134,8 +143,18 @@ class Scheduler:
 
     # -- running --------------------------------------------------------------------------------
 
-    def run(self) -> Exit | None:
-        """Run until a VM exit (returned) or until every vCPU's program is done (None)."""
+    def run(self, action: ExitAction | None = None) -> Exit | None:
+        """Run until a VM exit (returned) or until every vCPU's program is done (None).
+        ``action`` answers the exit the previous call returned (its handler's decision): it is
+        required then, and must be None otherwise. STOP returns None at once."""
+        pending = self._pending
+        if (pending is None) != (action is None):
+            raise EptlabError(
+                f"answer each exit, and only an exit: got {action} for {pending or 'no exit'}"
+            )
+        self._pending = None
+        if pending is not None and action is not None and self._resume(pending, action):
+            return None
         while True:
             if self._chunk is not None and self._pos < len(self._chunk):
                 lane_exit = self._run_chunk()
@@ -148,16 +167,32 @@ class Scheduler:
                 if lane.event is not None and lane.run is None:
                     event, lane.event = lane.event, None
                     if isinstance(event, Hypercall):
-                        return Exit(lane.vcpu, Vmcall(event.number, event.args))
+                        self._pending = Exit(lane.vcpu, Vmcall(event.number, event.args))
+                        return self._pending
                     if isinstance(event, GuestAction):
                         event.action(lane.vcpu)
             if not self._build() and all(lane.finished for lane in self.lanes):
                 return None
 
+    def _resume(self, exit_: Exit, action: ExitAction) -> bool:
+        """Carry out ``action`` for ``exit_``; True when the run stops."""
+        if action is ExitAction.STOP:
+            return True
+        if isinstance(exit_.record, Vmcall):
+            if action is not ExitAction.SKIP:
+                raise EptlabError(f"{exit_}: a handled hypercall is complete (SKIP or STOP), "
+                                  f"not {action.name}")
+            return False
+        if action is ExitAction.STEP:
+            raise EptlabError(f"{exit_}: the scheduler does not single-step (STEP is "
+                              "eptlab.hv.guest_runner's)")
+        if action is ExitAction.SKIP:
+            self._pos += 1  # completed in software or suppressed: go past it
+        return False
+
     def _run_chunk(self) -> Exit | None:
         assert self._chunk is not None
-        engine = self.lanes[0].vcpu.vm.hv.engine
-        result = engine.run(self._chunk, self._pos)
+        result = self.engine.run(self._chunk, self._pos)
         self._pos = result.stopped_at
         if result.done:
             return None
@@ -169,4 +204,5 @@ class Scheduler:
                 self._pos += 1  # give the access up
             return None
         assert result.exit is not None
-        return Exit(lane.vcpu, result.exit)
+        self._pending = Exit(lane.vcpu, result.exit)
+        return self._pending

@@ -11,8 +11,9 @@ from ..errors import EptlabError
 from ..mmu.context import GuestState, Vmcs
 from ..mmu.engine import Accesses
 from ..mmu.stats import VcpuStats
-from .exits import Exit
+from .exits import Exit, ExitAction
 from .program import Segment
+from .scheduler import Scheduler
 
 if TYPE_CHECKING:
     from .vm import VM
@@ -36,27 +37,31 @@ class VCPU:
         self.guest_os: GuestOS | None = None
         self.program: Iterator[Segment] = iter(())
         self.unresolved_faults: list[GuestFault] = []
-        self._runner: object | None = None
+        self._runner: Scheduler | None = None
 
     def load(self, program: Iterable[Segment]) -> None:
         """Give the vCPU a program (replaces what was left of the previous one)."""
         self.program = iter(program)
         self._runner = None
 
-    def run(self) -> Exit | None:
-        """Run until the next VM exit (returned) or the end of the program (None)."""
-        from .scheduler import Scheduler
+    def run(self, action: ExitAction | None = None) -> Exit | None:
+        """Run until the next VM exit (returned) or the end of the program (None). ``action``
+        is the handler's answer to the exit the previous call returned (None the first time):
 
+            action = None
+            while (exit_ := vcpu.run(action)) is not None:
+                action = hv.handle(exit_)
+        """
         if self._runner is None:
-            self._runner = Scheduler([self])
-        assert isinstance(self._runner, Scheduler)
-        return self._runner.run()
+            self._runner = Scheduler(self.vm.hv.engine, [self])
+        return self._runner.run(action)
 
     # -- single accesses with values (tests, examples, data-carrying policies) -------------------
 
     def access(self, gva: int, access: Access, *, user: bool = False) -> int:
         """Perform one access now, outside any program: exits go to the hypervisor's handlers
-        and guest faults to the guest OS until it completes. Returns the HPA it used."""
+        (which must answer RETRY) and guest faults to the guest OS until it completes. Returns
+        the HPA it used."""
         hv = self.vm.hv
         for _ in range(64):
             result = hv.engine.run(
@@ -70,7 +75,11 @@ class VCPU:
                     raise EptlabError(f"{self.name}: unresolved guest fault {result.fault}")
                 continue
             assert result.exit is not None
-            hv.handle(Exit(self, result.exit))
+            exit_ = Exit(self, result.exit)
+            action = hv.handle(exit_)
+            if action is not ExitAction.RETRY:
+                raise EptlabError(f"{exit_}: answered {action.name}, but a single access "
+                                  "outside a program can only be retried")
         raise EptlabError(f"{self.name}: access to {gva:#x} did not complete after 64 exits")
 
     def write_u64(self, gva: int, value: int, *, user: bool = False) -> None:

@@ -16,7 +16,7 @@ from ..memory.layout import LayoutConfig
 from ..mmu.context import PML_ENTRIES, GuestState, Vmcs
 from ..mmu.engine import InveptType
 from .ept_manager import EptManager
-from .exits import Exit
+from .exits import Exit, ExitAction
 from .vcpu import VCPU
 
 if TYPE_CHECKING:
@@ -124,18 +124,18 @@ class VM:
         first = (hpa & (PAGE_SIZE - 1)) >> 3
         return self.hv.host.memory.frame(hpa >> PAGE_SHIFT)[first : first + count]
 
-    def handle_lazy_backing(self, exit_: Exit) -> bool:
+    def handle_lazy_backing(self, exit_: Exit) -> ExitAction | None:
         """EPT-violation handler: first touch of guest memory that is not yet backed."""
         record = exit_.record
         if not (self.lazy and isinstance(record, EptViolation)):
-            return False
+            return None
         if record.qualification & NOT_PRESENT or not 0 <= record.gpa < self.memory:
-            return False  # a permission problem, or outside guest memory: not ours
+            return None  # a permission problem, or outside guest memory: not ours
         if self.ept.lookup(record.gpa) is not None:
-            return False  # mapped: another handler's business
+            return None  # mapped: another handler's business
         self.back(record.gpa)
         self.counters["lazy_backing_exits"] += 1
-        return True
+        return ExitAction.RETRY
 
     # -- invalidation -----------------------------------------------------------------------------
 
@@ -188,10 +188,10 @@ class VM:
         self.counters["pml_drained"] += len(logged)
         return logged
 
-    def handle_pml_full(self, exit_: Exit) -> bool:
+    def handle_pml_full(self, exit_: Exit) -> ExitAction | None:
         """PML-full handler: drain the vCPU's log into ``dirty_log`` and re-arm it."""
         if exit_.vcpu.vm is not self:
-            return False
+            return None
         self.drain_pml(exit_.vcpu)
         self.counters["pml_full_exits"] += 1
-        return True
+        return ExitAction.RETRY

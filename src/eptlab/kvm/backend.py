@@ -17,7 +17,11 @@ other port I/O                         :class:`PortIo`                          
 =====================================  ==============================================  =========
 
 The run loop asks the application's handler first, then the standard handling (DONE stops,
-REPORT stores a value, NOP and ROUND resume, HLT stops). An exit nobody takes -- an unknown
+REPORT stores a value, NOP and ROUND resume, HLT stops). Handlers answer with the simulator's
+:class:`~eptlab.hv.exits.ExitAction`, checked against what re-entering does on KVM
+(:data:`REENTRY`): KVM itself completes the instruction of an I/O, MMIO or HLT exit, so those
+take SKIP (the handler emulated or suppressed it) or STOP; a full dirty ring or a KVM failure
+executed nothing, so RETRY; STEP is not implemented here. An exit nobody takes -- an unknown
 hypercall, a triple fault, an internal error, a stray MMIO -- raises
 :class:`~eptlab.errors.GuestError` with the record. A watchdog (signal + ``immediate_exit``)
 stops a guest that runs past its deadline, in any thread once SIGUSR1 has a handler
@@ -37,13 +41,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import ClassVar
 
 from ..arch.exits import EptQual, EptViolation, ExitReason, PmlFull
 from ..errors import ConfigError, GuestError, KvmError, WatchdogUnavailable
-from ..hv.exits import Hlt, TripleFault, Vmcall
+from ..hv.exits import ExitAction, Hlt, TripleFault, Vmcall, exit_names
 from . import abi, build
 from .fds import Kvm, StatsFd, VcpuFd, VmFd
 from .memory import GuestMemory
@@ -91,8 +94,8 @@ class PortIo:
 @dataclass(frozen=True, slots=True)
 class KvmFailure:
     """KVM could not run the guest: internal error, failed entry, an exit it does not name.
-    Not a VM exit of the architecture, so it has no ``reason``; it is counted as
-    :data:`KVM_FAILURE` (see :func:`record_name`)."""
+    Not a VM exit of the architecture, so it has no ``reason``; it is counted apart, in
+    :attr:`KvmRun.failures`, and named :data:`KVM_FAILURE` in output."""
 
     what: str
     detail: tuple[int, ...] = ()
@@ -101,13 +104,22 @@ class KvmFailure:
 
 KvmRecord = Vmcall | EptViolation | Hlt | TripleFault | PmlFull | PortIo | KvmFailure
 
-KVM_FAILURE = "KVM_FAILURE"
+KVM_FAILURE = "KVM_FAILURE"  # the output name of KvmFailure, which has no SDM reason number
 
-
-def record_name(record: KvmRecord) -> str:
-    """The name a record is counted under: its SDM exit reason, or :data:`KVM_FAILURE` for
-    what KVM could not run (no architectural reason number stands for that)."""
-    return KVM_FAILURE if isinstance(record, KvmFailure) else record.reason.name
+REENTRY: dict[type, ExitAction] = {
+    # KVM completes the exiting instruction itself on the next KVM_RUN (the OUT, the MMIO
+    # access with what userspace did with it, the HLT): going on means going past it
+    Vmcall: ExitAction.SKIP,
+    PortIo: ExitAction.SKIP,
+    EptViolation: ExitAction.SKIP,
+    Hlt: ExitAction.SKIP,
+    # nothing was executed: KVM_EXIT_DIRTY_RING_FULL comes before entering the guest, a failure
+    # left it where it was
+    PmlFull: ExitAction.RETRY,
+    KvmFailure: ExitAction.RETRY,
+}
+"""What going on after each record means on KVM (besides STOP, the only action it allows);
+a triple fault cannot be resumed at all."""
 
 
 @dataclass(frozen=True)
@@ -120,20 +132,16 @@ class KvmExit:
     data: bytes = b""
 
 
-class Resume(Enum):
-    """What a KVM exit handler asks for: continue the guest or stop."""
-    CONTINUE = "continue"
-    STOP = "stop"
-
-
-Handler = Callable[[KvmExit], Resume | None]
-"""An application's exit handler: CONTINUE or STOP, or None (not mine: standard handling)."""
+Handler = Callable[[KvmExit], ExitAction | None]
+"""An application's exit handler: an action (see :data:`REENTRY`), or None (not mine: the
+standard handling)."""
 
 
 @dataclass
-class RunResult:
+class KvmRun:
     """What one KVM run did: exits by reason, hypercalls, KVM's own statistics."""
-    exits: Counter[str] = field(default_factory=Counter)  # by record_name(): reason or KVM_FAILURE
+    exits: Counter[ExitReason] = field(default_factory=Counter)
+    failures: int = 0  # KvmFailure records: KVM could not run the guest (no SDM reason)
     hypercalls: Counter[str] = field(default_factory=Counter)
     reports: dict[int, int] = field(default_factory=dict)  # REPORT(key, value)
     status: int | None = None  # DONE's argument
@@ -153,8 +161,15 @@ class RunResult:
 
     @property
     def total_exits(self) -> int:
-        """Exits that reached the VMM, every reason together."""
-        return sum(self.exits.values())
+        """Exits that reached the VMM, every reason together (KVM failures included)."""
+        return sum(self.exits.values()) + self.failures
+
+    def exit_names(self) -> dict[str, int]:
+        """Exits by reason name, KVM failures as :data:`KVM_FAILURE`: the output form."""
+        names = exit_names(self.exits)
+        if self.failures:
+            names[KVM_FAILURE] = self.failures
+        return names
 
 
 # -- host ----------------------------------------------------------------------------------------
@@ -546,9 +561,10 @@ class KvmGuest:
         """The eptlab record for one decoded KVM exit (and the data of an unperformed write)."""
         return exit_record(vexit, self.slots, self.vcpu.get_regs)
 
-    def run(self, handler: Handler | None = None, *, timeout: float = 10.0) -> RunResult:
-        """Run until DONE or HLT (or an error); every exit goes to ``handler`` first."""
-        result = RunResult()
+    def run(self, handler: Handler | None = None, *, timeout: float = 10.0) -> KvmRun:
+        """Run until DONE or HLT (or a handler's STOP, or an error); every exit goes to
+        ``handler`` first."""
+        result = KvmRun()
         stats = self.stats()
         before = stats.read() if stats is not None else {}
         start = time.perf_counter()
@@ -563,15 +579,21 @@ class KvmGuest:
                             "(stopped by the watchdog)")
                     continue
                 record, data = self.record(vexit)
-                result.exits[record_name(record)] += 1
+                if isinstance(record, KvmFailure):
+                    result.failures += 1
+                else:
+                    result.exits[record.reason] += 1
                 kvm_exit = KvmExit(self, record, data)
-                resume = handler(kvm_exit) if handler is not None else None
-                if resume is None:
-                    resume = self._standard(kvm_exit, result)
-                if resume is None:
+                action = handler(kvm_exit) if handler is not None else None
+                if action is None:
+                    action = self._standard(kvm_exit, result)
+                if action is None:
                     raise GuestError(self.name, _describe(record), record)
-                if resume is Resume.STOP:
+                if action is ExitAction.STOP:
                     break
+                if action is not REENTRY.get(type(record)):
+                    raise GuestError(self.name, f"a handler answered {action.name} to "
+                                     f"{_describe(record)}, which KVM cannot do", record)
         result.seconds = time.perf_counter() - start
         if stats is not None:
             after = stats.read()
@@ -588,7 +610,7 @@ class KvmGuest:
         return self._stats
 
     @staticmethod
-    def _standard(kvm_exit: KvmExit, result: RunResult) -> Resume | None:
+    def _standard(kvm_exit: KvmExit, result: KvmRun) -> ExitAction | None:
         record = kvm_exit.record
         if isinstance(record, Vmcall):
             name = HYPERCALL_NAMES.get(record.number)
@@ -596,16 +618,16 @@ class KvmGuest:
                 result.hypercalls[name] += 1
             if record.number == HC_DONE:
                 result.status = record.args[0]
-                return Resume.STOP
+                return ExitAction.STOP
             if record.number == HC_REPORT:
                 result.reports[record.args[0]] = record.args[1]
-                return Resume.CONTINUE
+                return ExitAction.SKIP
             if record.number in (HC_NOP, HC_ROUND):
-                return Resume.CONTINUE
+                return ExitAction.SKIP
             return None
         if isinstance(record, Hlt):
             result.halted = True
-            return Resume.STOP
+            return ExitAction.STOP
         return None
 
     def emulate_write(self, kvm_exit: KvmExit) -> None:
@@ -651,11 +673,6 @@ def _supported_cpuid(kvm: Kvm) -> abi.Cpuid2:
     return _CPUID[0]
 
 
-def open_kvm() -> Kvm:
-    """Open ``/dev/kvm`` (or ``$EPTLAB_KVM_DEVICE``)."""
-    return Kvm.open()
-
-
 def run_guest(
     guest: str,
     *,
@@ -664,7 +681,7 @@ def run_guest(
     timeout: float = 10.0,
     kvm: Kvm | None = None,
     user: bool = True,
-) -> RunResult:
+) -> KvmRun:
     """Build, run and tear down one guest (tests and the CLI)."""
     with contextlib.ExitStack() as stack:
         kvm = kvm or stack.enter_context(Kvm.open())

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -20,13 +19,6 @@ from ..errors import ConfigError, ToolchainError
 
 TOOLS = ("as", "ld", "objcopy")
 LOAD_ADDRESS = 0x1000  # the image's first byte, guest-physical (and guest-virtual)
-
-
-@dataclass(frozen=True)
-class GuestSource:
-    """A guest's assembly source."""
-    name: str
-    path: Path
 
 
 def sources_dir() -> Path:

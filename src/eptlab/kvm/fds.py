@@ -202,10 +202,6 @@ class VmFd(_Fd):
         region = abi.UserspaceMemoryRegion(slot, int(flags), gpa, size, userspace_addr)
         self._ioctl("KVM_SET_USER_MEMORY_REGION", region)
 
-    def set_tss_addr(self, address: int) -> None:
-        """KVM_SET_TSS_ADDR (VMX needs three pages for real-mode emulation)."""
-        self._ioctl("KVM_SET_TSS_ADDR", address)
-
     def enable_cap(self, cap: int, *args: int) -> None:
         """KVM_ENABLE_CAP with up to four arguments."""
         enable = abi.EnableCap(cap=int(cap))

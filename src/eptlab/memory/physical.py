@@ -66,10 +66,6 @@ class PhysicalMemory:
                 f"physical address {address:#x}+{length} is outside memory of {self.size:#x} bytes"
             )
 
-    def is_backed(self, pfn: int) -> bool:
-        """Whether frame ``pfn`` holds storage (has been written since it was last discarded)."""
-        return pfn in self._row_of
-
     def frame(self, pfn: int) -> Frame:
         """The 512 words of frame ``pfn`` as a writable view, creating (zeroed) storage."""
         row = self._row_of.get(pfn)
@@ -151,11 +147,6 @@ class PhysicalMemory:
     @property
     def backed_frames(self) -> int:
         return len(self._row_of)
-
-    @property
-    def backed_bytes(self) -> int:
-        """Bytes of guest-visible content held (backed frames x 4 KiB)."""
-        return len(self._row_of) * PAGE_SIZE
 
     @property
     def nbytes(self) -> int:

@@ -103,7 +103,7 @@ class Accesses:
 
 
 @dataclass(frozen=True)
-class RunResult:
+class ChunkResult:
     """How far a run got and why it stopped."""
 
     stopped_at: int  # index of the first access not performed (== len when all were)
@@ -291,7 +291,7 @@ class Engine:
         *,
         record_hpa: bool = False,
         log_references: int = 0,
-    ) -> RunResult:
+    ) -> ChunkResult:
         """Run ``accesses[start:]`` until done or until an exit or guest fault.
 
         ``record_hpa`` returns each performed access's HPA; ``log_references`` keeps up to that
@@ -334,7 +334,7 @@ class Engine:
             )
             for r in refs[:n_refs]
         ]
-        return RunResult(
+        return ChunkResult(
             stopped,
             exit_,
             fault,
@@ -370,7 +370,7 @@ class Engine:
 
     def translate(
         self, gva: int, access: Access, mode: Mode = Mode.SUPERVISOR, vcpu: int = 0
-    ) -> RunResult:
+    ) -> ChunkResult:
         """One access (convenient in tests and notebooks; slow in loops: use :meth:`run`)."""
         return self.run(Accesses.build([gva], access, int(mode), vcpu), record_hpa=True)
 

@@ -1,7 +1,8 @@
 """crosscheck: the same guest access pattern through the simulator and through KVM.
 
 Compared where both engines can answer: a fork's pages copied (per clone), counted by the
-simulator's copy-on-write (:class:`eptlab.apps.cow.CopyOnWrite` run on the same pattern) and by
+simulator's copy-on-write (:func:`eptlab.kvm.sim.fork`, the 4 KiB case of
+:class:`eptlab.apps.cow.CopyOnWrite`, run on the same pattern) and by
 the host kernel (``Private_Dirty``), each against the pages the clone wrote (distinct pages,
 one store each: either engine copying a page more or less fails the row); the dirty page set
 of every round (KVM's bitmap and dirty ring against the simulator's PML log; KVM's

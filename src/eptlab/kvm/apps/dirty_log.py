@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 from ...arch.exits import EptQual, EptViolation, PmlFull
 from ...errors import ConfigError
-from ...hv.exits import Vmcall
+from ...hv.exits import ExitAction, Vmcall
 from .. import abi
-from ..backend import HC_ROUND, PAGE, KvmExit, KvmGuest, Resume, default_slots
+from ..backend import HC_ROUND, PAGE, KvmExit, KvmGuest, default_slots
 from ..fds import Kvm, dirty_pages
 from ..memory import GuestMemory
 from .common import Row, WritePattern, flavour_columns, put_list, user_mode
@@ -104,7 +104,7 @@ class _Collector:
         self.outcome.harvested_pages += len(pages)
         return pages
 
-    def __call__(self, e: KvmExit) -> Resume | None:
+    def __call__(self, e: KvmExit) -> ExitAction | None:
         record = e.record
         if isinstance(record, EptViolation) and record.qualification & EptQual.WRITE:
             if self.mode != "trap" or self.guest.slot_of(record.gpa) != DATA_SLOT:
@@ -112,11 +112,11 @@ class _Collector:
             self.outcome.write_exits += 1
             self.pending.add(record.gpa & ~(PAGE - 1))
             self.guest.emulate_write(e)
-            return Resume.CONTINUE
+            return ExitAction.SKIP
         if isinstance(record, PmlFull):  # the dirty ring is full: harvest now, keep the pages
             self.outcome.write_exits += 1
             self.ring_carry |= self.harvest()
-            return Resume.CONTINUE
+            return ExitAction.RETRY
         if isinstance(record, Vmcall):
             self.outcome.other_exits += 1
             if record.number == HC_ROUND:

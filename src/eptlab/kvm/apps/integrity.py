@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from ...arch.exits import EptQual, EptViolation, PmlFull
 from ...errors import ConfigError, GuestError
-from ...hv.exits import Vmcall
+from ...hv.exits import ExitAction, Vmcall
 from .. import abi
 from ..backend import (
     BOOT_SIZE,
@@ -57,7 +57,6 @@ from ..backend import (
     PARAM_AREA,
     KvmExit,
     KvmGuest,
-    Resume,
     SlotSpec,
 )
 from ..fds import Kvm, dirty_pages
@@ -387,7 +386,7 @@ class _Monitor:
 
     # -- exits ----------------------------------------------------------------------------------
 
-    def __call__(self, e: KvmExit) -> Resume | None:
+    def __call__(self, e: KvmExit) -> ExitAction | None:
         record = e.record
         if isinstance(record, Vmcall):
             return self._hypercall(record)
@@ -398,21 +397,21 @@ class _Monitor:
             if slot == CODE_SLOT:
                 self.outcome.vmm_exits += 1
                 self._code_write(e, record.gpa)
-                return Resume.CONTINUE
+                return ExitAction.SKIP
             if slot == DATA_SLOT and self.policy == "trap-all":
                 self.outcome.vmm_exits += 1
                 self.outcome.counters.data_write_exits += 1
                 self.guest.emulate_write(e)
-                return Resume.CONTINUE
+                return ExitAction.SKIP
             return None
         if isinstance(record, PmlFull) and self.policy == "log-ring":
             self.outcome.vmm_exits += 1
             self.outcome.counters.ring_full_exits += 1
             self.carry |= self._harvest()
-            return Resume.CONTINUE
+            return ExitAction.RETRY
         return None
 
-    def _hypercall(self, record: Vmcall) -> Resume | None:
+    def _hypercall(self, record: Vmcall) -> ExitAction | None:
         if record.number == HC_ROUND:
             if record.args[0] == BOOT_DONE:
                 self.arm()

@@ -22,7 +22,7 @@ import numpy as np
 
 from ...arch.exits import EptQual, EptViolation
 from ...errors import ConfigError, GuestError
-from ...hv.exits import Vmcall
+from ...hv.exits import ExitAction, Vmcall
 from .. import abi
 from ..backend import (
     BOOT_SIZE,
@@ -32,7 +32,6 @@ from ..backend import (
     PAGE,
     KvmExit,
     KvmGuest,
-    Resume,
     default_slots,
 )
 from ..fds import Kvm
@@ -87,7 +86,7 @@ class _Rotator:
                 self.slot_changes += 1
         self.rotations += 1
 
-    def __call__(self, e: KvmExit) -> Resume | None:
+    def __call__(self, e: KvmExit) -> ExitAction | None:
         record = e.record
         if isinstance(record, EptViolation) and record.qualification & EptQual.WRITE:
             if self.guest.slot_of(record.gpa) is None:
@@ -96,7 +95,7 @@ class _Rotator:
             if record.gpa >= self.wild_base:
                 self.detected.append(record.gpa & ~(PAGE - 1))
             self.guest.emulate_write(e)
-            return Resume.CONTINUE
+            return ExitAction.SKIP
         if isinstance(record, Vmcall) and record.number == HC_ROUND:
             self.rotate()
         return None

@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from ...arch.exits import EptQual, EptViolation
 from ...errors import ConfigError, RtmUnavailable
-from ...hv.exits import Vmcall
+from ...hv.exits import ExitAction, Vmcall
 from .. import abi
 from ..backend import (
     BOOT_SIZE,
@@ -42,7 +42,6 @@ from ..backend import (
     PARAM_AREA,
     KvmExit,
     KvmGuest,
-    Resume,
     default_slots,
 )
 from ..fds import Kvm, dirty_pages
@@ -89,14 +88,14 @@ class _Policy:
         self.guest, self.outcome = guest, outcome
         self.before: dict[str, int] = {}
 
-    def __call__(self, e: KvmExit) -> Resume | None:
+    def __call__(self, e: KvmExit) -> ExitAction | None:
         record, g = e.record, self.guest
         if isinstance(record, EptViolation) and record.qualification & EptQual.WRITE:
             if self.outcome.policy != "readonly" or g.slot_of(record.gpa) != DATA_SLOT:
                 return None
             self.outcome.mmio_writes += 1
             g.emulate_write(e)
-            return Resume.CONTINUE
+            return ExitAction.SKIP
         if isinstance(record, Vmcall) and record.number == HC_ROUND:
             policy = self.outcome.policy
             if record.args[0] == WARM_DONE:

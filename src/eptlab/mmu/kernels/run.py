@@ -3,6 +3,9 @@ needs software (a guest fault or a VM exit)."""
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
+
 from . import kernel
 from .cache import access_data
 from .layout import (
@@ -58,7 +61,7 @@ def run_chunk(stream, start, mem, caches, machine, log):  # type: ignore[no-unty
     return stream.gva.shape[0]
 
 
-def derive_totals(stats):  # type: ignore[no-untyped-def]
+def derive_totals(stats: npt.NDArray[np.int64]) -> None:
     """The two sums :func:`run_chunk` does not count per access (a cheaper loop), computed from
     their parts once a run has returned: accesses = reads + writes + fetches, cycles =
     translation cycles + data cycles (plain numpy, on every vCPU's row)."""
