@@ -29,7 +29,7 @@ from ...arch.paging import PKEY_SHIFT as _PKEY_SHIFT
 from ...arch.paging import RFLAGS_AC as _RFLAGS_AC
 from ...arch.paging import Cr0, Cr4, Efer, PageFaultError, Pte
 from ..context import PML_ENTRIES as _PML_ENTRIES
-from . import inline_kernel
+from . import inline_kernel, kernel
 from .assoc import AUX, DATA, drop, entry_word, insert, lookup
 from .cache import access_line
 from .layout import (
@@ -526,7 +526,7 @@ def tlb_translate(va, access, user, vcpu, caches, machine, log):  # type: ignore
     return True, (word & ~np.int64(4095)) | (va & ((np.int64(1) << shift) - 1)), cycles
 
 
-@inline_kernel
+@kernel
 def walk_translate(va, access, user, i, vcpu, cycles, mem, caches, machine, log):  # type: ignore[no-untyped-def]
     """The two-dimensional walk after a TLB miss (``cycles``: those of the TLB lookups).
     Returns (status, HPA, cycles of the lookups and the walk); status is EXIT_NONE on success,
