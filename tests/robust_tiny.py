@@ -19,6 +19,7 @@ class TinyParams:
     rows: int = 3
     interrupt_at: int = 0  # 0: never; else raise KeyboardInterrupt before that row
     break_png: bool = False
+    widen_at: int = 0  # 0: never; else rows from that one on carry an extra column
     seed: int = 0
 
 
@@ -36,7 +37,10 @@ class Tiny:
             if params.interrupt_at and i + 1 == params.interrupt_at:
                 raise KeyboardInterrupt
             Tiny.computed += 1
-            yield {"i": i, "value": 10 * i + params.seed}
+            row: Row = {"i": i, "value": 10 * i + params.seed}
+            if params.widen_at and i + 1 >= params.widen_at:
+                row["extra"] = i
+            yield row
 
     def figures(self, table: pd.DataFrame, params: TinyParams) -> dict[str, Figure]:
         figure, ax = plt.subplots()

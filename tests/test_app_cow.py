@@ -105,17 +105,47 @@ def test_cow_fork_experiment_shape(tmp_path: object) -> None:
 
     result = runner.run(
         "cow-fork",
-        {"guest_mibs": "32", "clones": "2", "write_fraction": "0.02", "seeds": "1"},
+        {"guest_mibs": "16", "clones": "2", "write_fraction": "0.02", "seeds": "1",
+         "parent_fraction": "0.01", "lazy_guest_mib": "16", "working_sets": "8,600",
+         "reset_guest_mib": "16", "dirty_sets": "3,700", "resets": "2"},
         Path(str(tmp_path)),
         show_progress=False,
     )
-    t = result.table.set_index("granularity")
+    table = result.table
+    t = table[table.study == "fork"].set_index("granularity")
     assert set(t.index) == {"4k", "2m-copy", "2m-split"}
     for g in t.index:
         assert t.loc[g, "fork_cycles"] < t.loc[g, "full_copy_cycles"] / 10
         assert t.loc[g, "host_mib_used"] < t.loc[g, "host_mib_full_copy"]
         assert t.loc[g, "pages_copied"] >= t.loc[g, "pages_written"]
+        # after an eager fork every parent page is read-only: each first write faults (with
+        # 2m-copy once per 2 MiB page: the copy makes the whole of it writable)
+        assert 0 < t.loc[g, "parent_exits"] <= t.loc[g, "parent_pages_written"]
+        if g != "2m-copy":
+            assert t.loc[g, "parent_exits"] == t.loc[g, "parent_pages_written"]
     # copying whole 2 MiB pages costs far more copies than splitting first
     assert t.loc["2m-copy", "pages_copied"] > 20 * t.loc["2m-split", "pages_copied"]
     assert t.loc["2m-split", "splits"] > 0 and t.loc["2m-copy", "splits"] == 0
-    assert (Path(str(tmp_path)) / "cow-fork.png").exists()
+    assert "fork_ms" not in table.columns and "sim_seconds" not in table.columns
+
+    lazy = table[table.study == "lazy"]
+    for ws, rows in lazy.groupby("working_set"):
+        r = rows.set_index("fork_mode")
+        assert r.loc["lazy", "fork_cycles"] < r.loc["eager", "fork_cycles"]
+        assert r.loc["lazy", "clone_exits"] >= ws  # one fill per page touched (+ guest tables)
+        assert r.loc["eager", "clone_exits"] == r.loc["eager", "pages_written"]  # writes only
+        for mode in ("eager", "lazy"):
+            assert r.loc[mode, "pages_copied"] == r.loc[mode, "pages_written"]
+            assert r.loc[mode, "parent_exits"] == r.loc[mode, "parent_pages_written"]
+        assert ws <= r.loc["lazy", "pages_mapped"] < r.loc["eager", "pages_mapped"]
+
+    reset = table[table.study == "reset"]
+    assert reset.restored_exact.astype(bool).all()
+    for _, r in reset.iterrows():
+        if r.tracking == "wp":
+            assert r.pages_found == r.pages_restored == r.dirty_pages == r.run_exits
+        else:  # PML: writes run free, the 512-entry log exits when full
+            assert r.pages_found >= r.dirty_pages and r.run_exits == r.pages_found // 512
+        assert r.resets_per_s > 0 and r.loop_cycles < r.refork_eager_cycles
+    for stem in ("cow-fork", "cow-fork-lazy", "cow-fork-reset"):
+        assert (Path(str(tmp_path)) / f"{stem}.png").exists()

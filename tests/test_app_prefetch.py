@@ -14,19 +14,12 @@ import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from eptlab.apps.prefetch import (
-    PREFETCH_2M,
-    PREFETCH_HYPERCALL,
-    PREFETCHED,
-    ObservedEngine,
-    ObservedRun,
-    PrefetchApp,
-    ProtocolName,
-    RemapOp,
-    Scenario,
-    StaleUseChecker,
-    play,
-)
+from eptlab.apps.cycle_meter import Costs
+from eptlab.apps.ept_editor import PREFETCHED, ProtocolName
+from eptlab.apps.observed import ObservedEngine, ObservedRun
+from eptlab.apps.prefetch import PREFETCH_2M, PREFETCH_HYPERCALL, PrefetchApp
+from eptlab.apps.prefetch_scenario import RemapOp, Scenario, play
+from eptlab.apps.stale_use import StaleUseChecker
 from eptlab.arch import Access
 from eptlab.cli import main
 from eptlab.hv import VCPU, Hypercall, Hypervisor
@@ -207,7 +200,8 @@ def test_old_frame_is_released_only_after_the_shootdown() -> None:
 @st.composite
 def interleavings(draw: st.DrawFn, protocol: ProtocolName) -> Scenario:
     """Three or four vCPUs over one 32-page buffer that vCPU 0 prefetches; remaps early in the
-    other programs (while the prefetch runs), preemption points, lane orders, quanta."""
+    other programs (while the prefetch runs), preemption points, lane orders, quanta; guest
+    tasks and asynchronous page faults (with or without a swap-in wait) sometimes."""
     vcpus = draw(st.integers(2, 4))
     large = draw(st.integers(0, 3)) == 0  # sometimes one 2 MiB region, prefetched as a 2 MiB page
     pages = 512 if large else 32
@@ -227,7 +221,12 @@ def interleavings(draw: st.DrawFn, protocol: ProtocolName) -> Scenario:
         )
     )
     low = draw(st.integers(1, 24))
+    async_pf = draw(st.booleans())  # first touches served asynchronously, two guest tasks
     return Scenario(
+        tasks=2 if async_pf else draw(st.sampled_from([1, 2])),
+        async_pf=async_pf,
+        timeslice=draw(st.sampled_from([50, 10_000])),
+        costs=Costs(backing_wait_cycles=draw(st.sampled_from([0, 5_000]))),
         protocol=protocol,
         vcpus=vcpus,
         pages=pages,
@@ -293,16 +292,21 @@ def test_cli_runs_the_experiment(tmp_path: Path, capsys: pytest.CaptureFixture[s
         rows: list[dict[str, Any]] = json.loads(capsys.readouterr().out)["rows"]
         return rows
 
-    rows = {(r["hint"], r["vcpus"]): r for r in run("vcpus=1,2", "remaps=4")}
-    assert set(rows) == {("off", 1), ("on", 1), ("off", 2), ("on", 2)}
+    rows = {
+        (r["policy"], r["memory"], r["vcpus"]): r
+        for r in run("vcpus=1,2", "remaps=4", "policies=none,back,back+warm")
+    }
+    assert set(rows) == {(p, "lazy", v) for p in ("none", "back", "back+warm") for v in (1, 2)}
     for vcpus in (1, 2):
-        off, on = rows["off", vcpus], rows["on", vcpus]
+        off, back, on = (rows[p, "lazy", vcpus] for p in ("none", "back", "back+warm"))
         assert on["ept_violations"] < off["ept_violations"] / 4
+        assert back["ept_violations"] < off["ept_violations"] / 4
         assert on["translation_cycles"] < off["translation_cycles"]
         assert on["p99_access_cycles"] < off["p99_access_cycles"]
-        assert off["stale_uses"] == on["stale_uses"] == 0
+        assert back["prefetch_cycles"] < on["prefetch_cycles"]  # warming is paid for
+        assert off["stale_uses"] == on["stale_uses"] == back["stale_uses"] == 0
     for column in ("p50_access_cycles", "prefetch_cycles", "lock_contended", "checked_accesses"):
-        assert column in rows["on", 2]
+        assert column in rows["back+warm", "lazy", 2]
     assert (tmp_path / "prefetch-hypercall.png").stat().st_size > 1000
-    broken = run("vcpus=2", "hints=on", "remaps=16", "protocol=no_invept")
+    broken = run("vcpus=2", "policies=back+warm", "remaps=16", "protocol=no_invept")
     assert broken[0]["protocol"] == "no_invept" and broken[0]["stale_uses"] > 0

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eptlab.apps.prefetch import populate
+from eptlab.apps.scenario import populate
 from eptlab.apps.tsx import (
     LOCK_BUSY,
     RetryPolicy,

@@ -49,6 +49,12 @@ def test_bench_json_contract(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert rows["seq4k"]["walks_per_access"] > 0.9  # a new page on every access
     assert rows["seq64"]["walks_per_access"] < 0.05  # 64 accesses per page
     assert report["startup_seconds"] > 0
+    from eptlab import bench_limit
+
+    if bench_limit.available():  # the C limit ran on the synthetic streams, not on the trace
+        assert rows["seq64"]["c_fraction"] > 0 and rows["seq4k"]["c_fraction"] > 0
+        assert rows["seq4k"]["c_accesses_per_s"] > 0
+    assert rows["trace"]["c_fraction"] is None
 
 
 def test_bench_rejects_unknown_workload(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,12 +18,13 @@ from eptlab.experiments.trap_debugger import (
     ConfigRun,
     TrapDebugger,
     TrapDebuggerParams,
+    filter_rows,
 )
 
 P = TrapDebuggerParams(
     fractions=(0.05, 0.3),
     periods=(500, 20_000),
-    compare=("all/emulate", "write/mtf"),
+    compare=("all/emulate", "write/mtf", "raf/emulate"),
     compare_fraction=0.3,
     heap_pages=256,
     accesses=40_000,
@@ -33,6 +34,7 @@ P = TrapDebuggerParams(
     bugs=80,
     writes_per_bug=4.0,
     bug_span=8_000,
+    read_bugs=20,
     seed=1,
 )
 REQUIRED = {
@@ -45,6 +47,12 @@ REQUIRED = {
     "false_positives_unfiltered",
     "vm_exits",
     "overhead_cycles_pct",
+    "bugs_dismissed",
+    "context_matches",
+    "read_bugs_detected",
+    "filter",
+    "value_class",
+    "fn_rate",
 }
 
 
@@ -55,7 +63,13 @@ def results() -> list[tuple[ConfigRun, Row]]:
 
 @pytest.fixture(scope="module")
 def table(results: list[tuple[ConfigRun, Row]]) -> pd.DataFrame:
-    return pd.DataFrame([row for _, row in results])
+    """The rows as ``rows()`` yields them: the filter rows after trap-all's."""
+    rows: list[Row] = []
+    for run, row in results:
+        rows.append(row)
+        if run.config.name == "trap-all":
+            rows += list(filter_rows(run))
+    return pd.DataFrame(rows)
 
 
 def one(table: pd.DataFrame, **where: Any) -> pd.Series:
@@ -68,8 +82,12 @@ def one(table: pd.DataFrame, **where: Any) -> pd.Series:
 
 def test_configurations_and_columns(table: pd.DataFrame) -> None:
     assert set(table.columns) >= REQUIRED
-    assert list(table["config"]) == ["none"] + ["sampled"] * 4 + ["trap-all"] + ["compare"] * 2
-    assert (table["bugs_injected"] == P.bugs).all()
+    assert list(table["config"]) == (
+        ["none"] + ["sampled"] * 4 + ["trap-all"] + ["filter"] * 24 + ["compare"] * 3
+    )
+    runs = table[table["config"] != "filter"]
+    assert (runs["bugs_injected"] == P.bugs).all()
+    assert (runs["read_bugs_injected"] == P.read_bugs).all()
     none = one(table, config="none")
     assert none["vm_exits"] == none["bugs_detected"] == none["overhead_cycles_pct"] == 0
     assert none["accesses"] < one(table, config="trap-all")["accesses"]  # no ownership reports
@@ -77,8 +95,9 @@ def test_configurations_and_columns(table: pd.DataFrame) -> None:
 
 def test_trap_all_detects_everything_at_the_highest_cost(table: pd.DataFrame) -> None:
     everything = one(table, config="trap-all")
-    assert everything["detection_rate"] == everything["expected_detection_rate"] == 1.0
-    assert everything["mean_time_to_detect"] == 0
+    # every bug write traps: the bugs found are those with a write the filter reports
+    assert everything["detection_rate"] == everything["expected_detection_rate"] < 1.0
+    assert everything["bugs_detected"] + everything["bugs_dismissed"] == P.bugs
     others = table[table["config"] == "sampled"]
     assert (others["overhead_cycles_pct"] < everything["overhead_cycles_pct"]).all()
     assert (others["vm_exits"] < everything["vm_exits"]).all()
@@ -118,7 +137,9 @@ def test_measured_detection_matches_sampling_theory(
                 sampled=run.debugger.sampled,
                 period=run.config.period,
             )
-            for positions in stream.bug_positions
+            for positions in (
+                [q for q in b if q in run.reportable] for b in stream.bug_positions
+            )
         ]
         mean = sum(chances)
         sigma = math.sqrt(sum(c * (1 - c) for c in chances))
@@ -126,13 +147,41 @@ def test_measured_detection_matches_sampling_theory(
         assert row["expected_detection_rate"] == pytest.approx(mean / len(chances), abs=1e-4)
 
 
-def test_filtering_removes_every_false_alarm_and_loses_no_bug(table: pd.DataFrame) -> None:
-    trapping = table[table["config"] != "none"]
+def test_filtering_removes_every_false_alarm_and_the_bugs_its_rules_admit(
+    table: pd.DataFrame,
+) -> None:
+    trapping = table[~table["config"].isin(["none", "filter"])]
     assert (trapping["false_positives"] == 0).all()
     assert (trapping["false_positives_sync_only"] <= trapping["false_positives_unfiltered"]).all()
     assert (trapping["false_positives_unfiltered"] > 0).all()
-    assert (trapping["bugs_detected"] >= trapping["bugs_detected_unfiltered"]).all()
-    assert (trapping["metadata_writes_allowed"] == trapping["false_positives_sync_only"]).all()
+    allowed = trapping["metadata_writes_allowed"] + trapping["silent_writes_allowed"]
+    assert (allowed >= trapping["false_positives_sync_only"]).all()
+    assert one(table, config="trap-all")["bugs_dismissed"] > 0  # the value mix gives it work
+
+
+def test_filter_rows_per_value_class(table: pd.DataFrame) -> None:
+    rows = table[table["config"] == "filter"]
+    everything = one(table, config="trap-all")
+    assert list(dict.fromkeys(rows["filter"])) == [
+        "links+null+silent", "links+null", "links+silent", "links"
+    ]
+    assert (rows["bugs_judged"] == rows["bugs_injected"]).all()  # trap-all: every bug judged
+    assert (rows["bugs_dismissed"] <= rows["bugs_judged"]).all()
+    for _, group in rows.groupby("filter"):
+        assert group["bugs_injected"].sum() == P.bugs
+        assert group["bug_writes_judged"].sum() == everything["bug_writes"]
+    assert everything["bug_writes_judged"] == everything["bug_writes"]
+    mine = rows[rows["filter"] == everything["filter"]]
+    assert mine["bugs_dismissed"].sum() == everything["bugs_dismissed"]
+    assert mine["false_positives"].sum() == everything["false_positives"] == 0
+    same = rows[rows["value_class"] == "same"].set_index("filter")
+    assert same.loc["links+null+silent", "bugs_dismissed"] == same.loc[
+        "links+null+silent", "bugs_injected"] > 0  # a silent store is never reported
+    null = rows[rows["value_class"] == "null"].set_index("filter")
+    assert null.loc["links", "bugs_dismissed"] == 0  # no rule admits NULL
+    assert null.loc["links+null", "bugs_dismissed"] > 0  # NULL in a free link word
+    fp = rows.groupby("filter")["false_positives"].sum()
+    assert fp["links"] > 0 and fp["links+null"] == 0  # the allocator's end-of-list links
 
 
 def test_resume_and_mode_change_the_cost_not_the_findings(table: pd.DataFrame) -> None:
@@ -147,22 +196,34 @@ def test_resume_and_mode_change_the_cost_not_the_findings(table: pd.DataFrame) -
     assert mtf["emulated"] == 0 and base["stepped"] == 0
     assert every["trapped_reads"] > 0 and every["vm_exits"] > base["vm_exits"]
     assert every["overhead_cycles_pct"] > base["overhead_cycles_pct"]
+    raf = one(table, config="compare", mode="raf", resume="emulate")
+    assert raf["bugs_detected"] == base["bugs_detected"]  # the same write checks
+    assert raf["trapped_reads"] == every["trapped_reads"]  # the same read traps, now checked
+    assert 0 < raf["read_bugs_detected"] < P.read_bugs and raf["read_false_positives"] == 0
+    assert raf["overhead_cycles_pct"] > every["overhead_cycles_pct"]  # the checks cost
+    others = table[(table["config"] != "filter") & (table["mode"] != "raf")]
+    assert (others["read_bugs_detected"] == 0).all()
 
 
 def test_reading_quotes_the_table(table: pd.DataFrame) -> None:
     lines = TrapDebugger().interpret(table, P)
     everything = one(table, config="trap-all")
-    assert f"catches {everything['bugs_detected']}/{P.bugs} bugs" in lines[0]
+    assert f"catches {int(everything['bugs_detected'])}/{P.bugs} bugs" in lines[0]
     fast = one(table, config="sampled", trap_fraction=0.3, period=500)
-    assert f"catches {fast['bugs_detected']}/{P.bugs}" in lines[1]
+    assert f"catches {int(fast['bugs_detected'])}/{P.bugs}" in lines[1]
     unfiltered = int(table["false_positives_unfiltered"].sum())
-    assert f"{unfiltered:,} unfiltered" in lines[2] and "0 with the allocator" in lines[2]
+    assert f"{unfiltered:,} unfiltered" in lines[2] and "0 with the filter" in lines[2]
+    assert f"dismisses {int(everything['bugs_dismissed'])} of {P.bugs} bugs" in lines[3]
+    reports, matches = int(table["bug_reports"].sum()), int(table["context_matches"].sum())
+    assert f"{matches:,} of {reports:,} reports" in lines[5]
+    raf = one(table, config="compare", mode="raf")
+    assert f"catches {int(raf['read_bugs_detected'])}/{P.read_bugs} read bugs" in lines[6]
 
 
 def test_figures(table: pd.DataFrame) -> None:
     figures = TrapDebugger().figures(table, P)
     assert list(figures) == ["trap-debugger"]
-    assert len(figures["trap-debugger"].axes) == 3
+    assert len(figures["trap-debugger"].axes) == 4
 
 
 def test_cli_run_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -176,6 +237,8 @@ def test_cli_run_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
         "periods": "1000",
         "compare": "write/mtf",
         "seeds": "1",
+        "bug_values": "garbage",
+        "vcpus": "1",
     }
     args = ["run", "trap-debugger", "--out", str(tmp_path), "--json"]
     for key, value in sets.items():
@@ -183,7 +246,8 @@ def test_cli_run_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert main(args) == 0
     out: dict[str, Any] = json.loads(capsys.readouterr().out)
     assert out["experiment"] == "trap-debugger"
-    rows = {(r["config"], r["resume"]): r for r in out["rows"]}
+    assert sum(r["config"] == "filter" for r in out["rows"]) == 24  # 4 filters x 6 classes
+    rows = {(r["config"], r["resume"]): r for r in out["rows"] if r["config"] != "filter"}
     assert list(rows) == [
         ("none", "-"),
         ("sampled", "emulate"),

@@ -14,7 +14,8 @@ from eptlab.experiments import get, runner
 from eptlab.experiments.registry import names
 from eptlab.report import build_report, collect
 
-SMALL_PREFETCH = {"accesses": "3000", "vcpus": "1,2", "remaps": "2", "seeds": "1"}
+SMALL_PREFETCH = {"accesses": "3000", "vcpus": "1,2", "remaps": "2", "seeds": "1",
+                  "policies": "none,back,back+warm"}
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +50,12 @@ def test_reading_is_computed_from_the_table(out: Path, tmp_path: Path) -> None:
     """The sentences quote the table's numbers, so a different run reads differently."""
     section = next(s for s in collect(out) if s.key == "prefetch-hypercall")
     table = pd.read_parquet(out / "prefetch-hypercall" / "prefetch-hypercall.parquet")
-    one = table[(table.vcpus == 1)].set_index("hint")
+    one = table[(table.vcpus == 1)].set_index("policy")
     text = " ".join(section.interpretation)
-    assert f"from {int(one.loc['off', 'ept_violations']):,} to " in text
-    assert f"to {int(one.loc['on', 'ept_violations']):,}," in text
+    assert f"EPT violations from {int(one.loc['none', 'ept_violations']):,} to " in text
+    assert f"to {int(one.loc['back', 'ept_violations']):,}," in text
+    for vcpus in (1, 2):  # every vCPU count is read, each with the factor that gives the gain
+        assert f"{vcpus} vCPU(s), which factor: " in text
     other = tmp_path / "other"
     runner.run("prefetch-hypercall", SMALL_PREFETCH | {"footprint_mib": "2"},
                other / "prefetch-hypercall", show_progress=False)

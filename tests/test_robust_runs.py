@@ -115,3 +115,11 @@ def test_the_report_leaves_out_partial_results_and_says_so(tmp_path: Path) -> No
     m["status"] = "partial"  # a result whose manifest says partial is never shown
     (tmp_path / "tiny" / "manifest.json").write_text(json.dumps(m))
     assert collect(tmp_path) == []
+
+
+def test_a_row_that_adds_a_column_widens_the_csv_it_is_written_to(tmp_path: Path) -> None:
+    runner.run("tiny", {"rows": "4", "widen_at": "3"}, tmp_path / "w", show_progress=False)
+    table = pd.read_csv(tmp_path / "w" / "tiny.csv")
+    assert list(table.columns) == ["seed", "i", "value", "extra"]
+    assert table["extra"].isna().tolist() == [True, True, False, False]
+    assert table["extra"].iloc[2:].tolist() == [2, 3] and len(table) == 4

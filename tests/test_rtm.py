@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eptlab.apps.prefetch import populate
+from eptlab.apps.scenario import populate
 from eptlab.arch.access import Access
 from eptlab.arch.bits import PAGE_SIZE
 from eptlab.arch.ept import Ept

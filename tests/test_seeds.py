@@ -25,15 +25,18 @@ SMALL: dict[str, dict[str, str]] = {
     "nested-overhead": {"workloads": "random,sequential", "footprint_mib": "16",
                         "accesses": "4000", "trace": "", "ept_pages": "4k"},
     # few writes over many 2 MiB regions: which regions they hit (the seed) shows in 2m-copy
-    "cow-fork": {"guest_mibs": "32", "clones": "2", "write_fraction": "0.001"},
+    "cow-fork": {"guest_mibs": "32", "clones": "2", "write_fraction": "0.001",
+                 "parent_fraction": "0.01", "lazy_guest_mib": "16", "working_sets": "8,300",
+                 "reset_guest_mib": "16", "dirty_sets": "2,40", "resets": "1"},
     "prefetch-hypercall": {"footprint_mib": "1", "accesses": "2000", "vcpus": "1,2",
-                           "remaps": "2"},
+                           "remaps": "2", "policies": "none,back+warm"},
     # the files' places on the disk (the seed) show in the hard disk's seeks
     "double-caching": {"files": "2", "file_mib": "2", "guest_mib": "96", "host_cache_mib": "8",
-                       "disks": "hdd"},
+                       "disks": "hdd", "guest_caches": "cold"},
     "aslr-side-channel": {"trials": "3", "secret_bits": "8", "observations": "0,4",
                           "footprint_mib": "8", "accesses": "4000", "warmup": "1000",
-                          "llc_sets": "2048"},
+                          "llc_sets": "2048", "targets": "4k", "policies": "linear,random-4k",
+                          "slice_hashes": "off", "pp_trials": "1"},
     "integrity-monitor": {"accesses": "20000", "warmup": "2000", "period": "5000",
                           "malicious_writes": "4", "code_mib": "4", "slab_mib": "2",
                           "reference_accesses": "1000"},
@@ -54,7 +57,6 @@ SMALL: dict[str, dict[str, str]] = {
 }
 # measured with a clock: not a function of the seed
 WALL_CLOCK = {
-    "cow-fork": {"fork_ms"},
     "model-vs-machine": {"measured_cycles_per_access", "error_pct", "measured_spread"},
 }
 SEEDED = list(names())

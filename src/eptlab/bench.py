@@ -13,6 +13,7 @@ Streams are generated and run in chunks, so 10^8 accesses need no more memory th
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from . import bench_limit
 from .arch.access import Access
 from .arch.bits import PageSize
 from .errors import ConfigError
@@ -49,6 +51,9 @@ class BenchResult:
     cycles_per_access: float
     walker_sample: int
     peak_rss_mib: float
+    # the C loop of benchmarks/c_limit (uncached walk, same TLBs): None where it does not apply
+    c_accesses_per_s: float | None = None
+    c_fraction: float | None = None  # engine throughput / C loop throughput, same run
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -143,9 +148,36 @@ def run(
         _must_finish(engine.run(batch))
         elapsed += time.perf_counter() - start
     assert first is not None
-    return _result(
+    result = _result(
         workload, engine, elapsed, _walker_rate(space, *first, walker_sample), walker_sample
     )
+    if guest_page == ept_page == PageSize.SIZE_4K and bench_limit.available():
+        c_rate = _c_rate(space, engine, workload, accesses, chunk, seed)
+        result = dataclasses.replace(
+            result,
+            c_accesses_per_s=round(c_rate),
+            c_fraction=round(result.accesses_per_s / c_rate, 3) if c_rate else None,
+        )
+    return result
+
+
+def _c_rate(
+    space: NestedSpace, engine: Engine, workload: str, accesses: int, chunk: int, seed: int
+) -> float:
+    """Accesses per second of the C limit on the same stream (its TLBs start cold)."""
+    assert space.vmcs is not None
+    limit = bench_limit.CLimit(
+        space.memory, space.guest, space.vmcs, space.features.maxphyaddr, engine.config.tlb
+    )
+    warm_gva, warm_kind = next(synthetic_stream(workload, 1000, 1000, seed + 1))
+    limit.run(warm_gva, warm_kind)
+    limit.reset()
+    elapsed, done = 0.0, 0
+    for gva, kind in synthetic_stream(workload, accesses, chunk, seed):
+        start = time.perf_counter()
+        done += limit.run(gva, kind)
+        elapsed += time.perf_counter() - start
+    return done / elapsed if elapsed else 0.0
 
 
 def _cold(engine: Engine) -> None:

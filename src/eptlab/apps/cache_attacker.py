@@ -198,14 +198,19 @@ class Victim:
     slot: int
 
     @classmethod
-    def boot(cls, layout: EptLayout, target: Target, slot: int, *, seed: int) -> Victim:
+    def boot(
+        cls, layout: EptLayout, target: Target, slot: int, *, seed: int, extra_memory: int = 0
+    ) -> Victim:
         """Boot the VM and the guest kernel, place the secret at ``slot`` and let the victim
-        write it once through the direct map (backing its page, mapping the direct map)."""
+        write it once through the direct map (backing its page, mapping the direct map).
+        ``extra_memory`` more bytes of guest memory follow the target's (an attacker's buffer,
+        from GPA ``target.memory``)."""
         if not 0 <= slot < 1 << target.bits:
             raise ConfigError("slot", f"{slot} is not in 0..{(1 << target.bits) - 1}")
         # the walker reads host memory directly: the engine (which performs the victim's
         # first write) needs no data-cache model here
-        laid = boot(layout, target.memory, seed=seed, mmu=MmuConfig(cache=CacheConfig.disabled()))
+        laid = boot(layout, target.memory + extra_memory, seed=seed,
+                    mmu=MmuConfig(cache=CacheConfig.disabled()))
         # one aged guest layout for every trial (the secret's frame is placed explicitly below;
         # aging anew for each trial's seed would dominate the run)
         kernel = GuestKernel(laid.vm, seed=seed, layout_seed=0)
@@ -262,15 +267,23 @@ def observe(access: VictimAccess, index: SetIndex, draws: NoiseDraws) -> I64:
 
 @dataclass(frozen=True)
 class Belief:
-    """The attacker's posterior after ``observations`` measurements."""
+    """The attacker's posterior after ``observations`` measurements; ``scores`` rank the
+    candidates (log-posterior up to a constant)."""
 
     observations: int
     entropy_bits: float
     guesses: I64  # the candidate slots of highest posterior probability
+    scores: npt.NDArray[np.float64]
 
     def success(self, slot: int) -> float:
         """Probability that a uniform pick among the best guesses is ``slot``."""
         return 1.0 / len(self.guesses) if slot in set(self.guesses.tolist()) else 0.0
+
+    def rank(self, slot: int) -> float:
+        """Expected position of ``slot`` when guessing in order of posterior (ties broken
+        uniformly): 1 when it is the single best guess."""
+        s = self.scores[slot]
+        return 1 + float((self.scores > s).sum()) + (float((self.scores == s).sum()) - 1) / 2
 
 
 @dataclass(frozen=True)
@@ -367,13 +380,14 @@ class Attacker:
     def _belief(self, k: int, agree: list[I64]) -> Belief:
         n = len(self.candidates)
         if k == 0 or not self.features:
-            return Belief(k, float(np.log2(n)), np.arange(n, dtype=np.int64))
+            return Belief(k, float(np.log2(n)), np.arange(n, dtype=np.int64), np.zeros(n))
         if self.noise == 0.0:  # only candidates that explain every observation remain
             consistent = np.ones(n, bool)
             for count in agree:
                 consistent &= count == k
             alive = np.flatnonzero(consistent)
-            return Belief(k, float(np.log2(max(1, len(alive)))), alive.astype(np.int64))
+            return Belief(k, float(np.log2(max(1, len(alive)))), alive.astype(np.int64),
+                          consistent.astype(np.float64))
         score = np.zeros(n, np.float64)
         for f, count in zip(self.features, agree, strict=True):
             score += f.weight * count
@@ -382,4 +396,4 @@ class Attacker:
         p /= p.sum()
         nz = p[p > 0]
         entropy = float(-(nz * np.log2(nz)).sum())
-        return Belief(k, max(0.0, entropy), np.flatnonzero(score == best).astype(np.int64))
+        return Belief(k, max(0.0, entropy), np.flatnonzero(score == best).astype(np.int64), score)

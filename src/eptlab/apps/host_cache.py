@@ -5,31 +5,71 @@ in host frames, keyed by ``(image, block)``, least recently used evicted first o
 Its frames come from :class:`~eptlab.hv.host.HostMemory` like a VM's: each cached block holds
 one reference to its frame, and evicting or dropping it releases that reference, so
 ``HostMemory.live_bytes`` counts the cache with everything else in host RAM.
+
+Readahead (:meth:`HostPageCache.fill`): a miss reads the missing blocks and up to ``readahead``
+blocks after them in the same disk request, as Linux's readahead does on a sequential miss (a
+fixed window here; Linux's window starts small and grows). A frame that also backs a guest page
+(a DAX window, :mod:`eptlab.apps.dax`) holds one more reference: evicting the block runs the
+``on_evict`` hooks (the DAX window unmaps it from the EPT, as reclaim unmaps a mapped page-cache
+page through the MMU notifier), and :meth:`HostPageCache.drop` skips blocks a hook says are
+mapped (``drop_caches`` does not drop mapped pages).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..arch.bits import PAGE_SHIFT, PAGE_SIZE
+from ..costs import CostProfile, active_profile
 from ..errors import ConfigError
 from ..hv.host import HostMemory
-from .disk import Block
+from .disk import Block, Disk
 
 Key = tuple[int, int]  # (image, block)
+EvictHook = Callable[[Key, int], None]
+"""``hook(key, hpa)``: the block ``key`` in frame ``hpa`` is being evicted."""
+
+
+@dataclass(frozen=True)
+class HostCosts:
+    """Host kernel prices of the file I/O paths, from the cost profile (cycles)."""
+
+    page_cache_lookup: int  # find a block in the page cache and take a reference
+    host_fault: int  # the host's fault path for one page of a VMM mapping (no frame, no zeroing)
+
+    @classmethod
+    def of(cls, profile: CostProfile | None = None) -> HostCosts:
+        """The prices of ``profile``, or of the active profile."""
+        p = active_profile() if profile is None else profile
+        return cls(p.cycles("page_cache_lookup_cycles"), p.cycles("host_fault_cycles"))
+
+
+@dataclass(frozen=True)
+class Fill:
+    """One disk request made by :meth:`HostPageCache.fill`."""
+
+    blocks: int  # blocks read from the disk (asked for + read ahead)
+    ahead: int  # of which read ahead
+    took_us: float  # modelled disk time of the request
 
 
 class HostPageCache:
     """An LRU cache of disk blocks living in host memory."""
 
-    def __init__(self, host: HostMemory, capacity: int) -> None:
+    def __init__(self, host: HostMemory, capacity: int, *, readahead: int = 0) -> None:
         if capacity < 1:
             raise ConfigError("host_cache", f"must hold at least one block, got {capacity}")
-        self.host, self.capacity = host, capacity
+        if readahead < 0:
+            raise ConfigError("host_readahead", f"{readahead} blocks is negative")
+        self.host, self.capacity, self.readahead = host, capacity, readahead
         self._frames: OrderedDict[Key, int] = OrderedDict()  # key -> HPA, oldest first
         self.hits = self.misses = self.inserts = self.evictions = 0
+        self.on_evict: list[EvictHook] = []
+        self.mapped: Callable[[Key], bool] = lambda key: False  # kept by drop()
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -63,7 +103,9 @@ class HostPageCache:
             self._frames.move_to_end(key)
             return self._frames[key]
         while len(self._frames) >= self.capacity:
-            _, old = self._frames.popitem(last=False)
+            old_key, old = self._frames.popitem(last=False)
+            for hook in self.on_evict:
+                hook(old_key, old)
             self.host.release(old)
             self.evictions += 1
         hpa = self.host.alloc()
@@ -72,13 +114,43 @@ class HostPageCache:
         self.inserts += 1
         return hpa
 
+    def fill(
+        self, disk: Disk, first: int, count: int, deliver: Callable[[int, int], None]
+    ) -> Fill:
+        """Read ``count`` blocks from ``first`` (missing from the cache) in one disk request,
+        with up to :attr:`readahead` following blocks the cache does not hold (stopping at the
+        first it holds and at the disk's end). Every block goes into a new cache frame; the
+        read-ahead ones first, then each asked-for block, handed to ``deliver(block, hpa)``
+        as soon as it is cached (so a small cache cannot evict it before it is used)."""
+        ahead = 0
+        end = first + count
+        while ahead < self.readahead and end + ahead < disk.blocks:
+            if (disk.image, end + ahead) in self._frames:
+                break
+            ahead += 1
+        contents, took = disk.read(first, count + ahead)
+        for i in range(count, count + ahead):
+            self.insert((disk.image, first + i), contents[i])
+        for i in range(count):
+            deliver(first + i, self.insert((disk.image, first + i), contents[i]))
+        return Fill(count + ahead, ahead, took)
+
+    def prewarm(self, disk: Disk, first: int, count: int) -> None:
+        """The host reads blocks into its cache on its own (``vmtouch -t``, a copy of the image,
+        another VM on the same base image): no readahead, counted as no guest's I/O."""
+        contents, _ = disk.read(first, count)
+        for i, words in enumerate(contents):
+            self.insert((disk.image, first + i), words)
+
     def drop(self) -> int:
-        """Release every block (the host's ``echo 1 > /proc/sys/vm/drop_caches``). Returns how
-        many were dropped."""
-        dropped = len(self._frames)
-        for hpa in self._frames.values():
-            self.host.release(hpa)
-        self._frames.clear()
+        """Release every block nobody maps (the host's ``echo 1 > /proc/sys/vm/drop_caches``,
+        which leaves mapped pages alone). Returns how many were dropped."""
+        dropped = 0
+        for key in list(self._frames):
+            if self.mapped(key):
+                continue
+            self.host.release(self._frames.pop(key))
+            dropped += 1
         return dropped
 
     def same_as(self, key: Key, hpa: int) -> bool:

@@ -5,15 +5,20 @@ KFENCE and GWP-ASan find memory bugs in production because they watch only a *sa
 memory and rely on time and volume to find bugs: cheap enough to leave on. This is the same idea
 from the hypervisor: every ``period`` accesses (a VMX-preemption-timer exit) a new uniform random
 sample of ``fraction`` of the heap pages loses its EPT write permission (mode ``write``, ``r-x``)
-or every permission (mode ``all``, ``---``: the entry is then not present and reads trap too);
-the previous sample gets ``rwx`` back. After revoking, the debugger runs INVEPT: a processor may
-keep using a cached translation that still allows the write (SDM Vol. 3C §29.4.3), and a write
-through it would not exit (``invept=False`` shows it). Restoring a right needs no INVEPT here
-(a cached translation with fewer rights makes the processor walk again; on hardware it may cause
-a spurious EPT violation, which the handler would answer the same way).
+or every permission (modes ``all`` and ``raf``, ``---``: the entry is then not present and reads
+trap too; EPT cannot trap reads alone, SDM Vol. 3C §29.3.3.1 makes write-without-read a
+misconfiguration); the previous sample gets ``rwx`` back. After revoking, the debugger runs
+INVEPT: a processor may keep using a cached translation that still allows the write (SDM
+Vol. 3C §29.4.3), and a write through it would not exit (``invept=False`` shows it). Restoring
+a right needs no INVEPT here (a cached translation with fewer rights makes the processor walk
+again; on hardware it may cause a spurious EPT violation, which the handler would answer the
+same way).
 
-**A trapped access** exits with an EPT violation. A write is checked (below); the access is then
-let through, in one of two ways (``resume``):
+**A trapped access** exits with an EPT violation. A write is checked (below); a read is checked
+in mode ``raf`` only (read-after-free: a load of memory the guest does not own is reported,
+except the allocator's own load of a free chunk's link word, word 0, when it pops its free
+list); mode ``all`` lets reads through unchecked. The access is then let through, in one of
+two ways (``resume``):
 
 ``emulate``
     decode the store and perform it in software (the value from the decode, at the HPA the
@@ -39,21 +44,30 @@ hitting memory the guest does not own is a bug, and three views are kept side by
     first read the ring's pending events (guest memory: no exit) and apply them, then check.
     The stale-map alarms are gone; the allocator's link stores still alarm.
 filtered (the reports)
-    sync, then an allow-list for allocator metadata: the link word (word 0) of a chunk the map
-    knows is free, holding 0 or the address of another free chunk of the same size, is the
-    allocator's. A wild write storing garbage there is still reported. What is left is a report.
+    sync, then the filter's rules: the allow-list for allocator metadata (the link word, word 0,
+    of a chunk the map knows is free, holding the address of another free chunk of the same
+    size, or 0 when ``allow_null``: the end of a list, is the allocator's), and with
+    ``ignore_silent`` a store that leaves the word as it was (a silent store changes nothing:
+    what a canary or diff check such as KFENCE's redzone check at free sees). What is left is a
+    report. A bug whose value passes a rule is lost: NULL or a freed-object pointer stored in a
+    free chunk's link word, or any silent store (counted by
+    :func:`eptlab.apps.trap_score.filter_outcomes`).
+
+An alarm carries its context: the guest RIP of the access (from the VMCS at the exit, filled
+from the stream's instruction pointers) and the vCPU that made it.
 
 Costs (cycles, on top of the engine's, from the active cost profile): each exit
 ``vmexit_cycles``; each emulated access ``emulate_cycles``; each check
 ``debugger_check_cycles``; each ring event applied ``ring_entry_cycles``; EPT edits
-``ept_edit_cycles``; INVEPT ``invept_cycles``. The unfiltered and sync-only views are
+``ept_edit_cycles``; INVEPT ``invept_cycles``, and with several vCPUs one shootdown IPI per
+other vCPU (``vmexit_cycles`` + ``invept_cycles`` each). The unfiltered and sync-only views are
 counterfactuals kept for the comparison: their bookkeeping is not charged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -72,13 +86,13 @@ from .heap_guest import (
     FLUSH_HYPERCALL,
     RING_SLOTS,
     U64,
-    TrapStream,
     decode_event,
 )
 
-MODES = ("write", "all")
+MODES = ("write", "all", "raf")
 RESUMES = ("emulate", "mtf")
-_REVOKED = {"write": "r-x", "all": "---"}
+_REVOKED = {"write": "r-x", "all": "---", "raf": "---"}
+SMALL_INTEGER = 1 << 16  # values below it (and above 0) classify as small integers
 
 
 class Ownership:
@@ -133,20 +147,53 @@ class Ownership:
         size = self.slab_class.get(page)
         return size is not None and page + (gpa - page) // size * size in self.live_small
 
-    def free_link(self, gpa: int, value: int | None) -> bool:
+    def free_link(self, gpa: int, value: int | None, *, allow_null: bool = True) -> bool:
         """The allow-list: the allocator storing a free-list link into a free chunk (its word
-        0 gets 0 or a pointer to another free chunk of the same size)."""
+        0 gets a pointer to another free chunk of the same size, or 0 if ``allow_null``)."""
         size = self.free_chunks.get(gpa)
         if size is None or value is None:
             return False
-        return value == 0 or self.free_chunks.get((value - DIRECT_MAP_BASE) & U64) == size
+        if value == 0:
+            return allow_null
+        return self.free_chunks.get((value - DIRECT_MAP_BASE) & U64) == size
+
+    def classify(self, value: int | None, before: int) -> str:
+        """The value class of a store (:data:`VALUE_CLASSES`) as this map sees it."""
+        if value is None:
+            return "garbage"  # no modelled value
+        if value == before:
+            return "same"
+        if value == 0:
+            return "null"
+        if value < SMALL_INTEGER:
+            return "small"
+        target = (value - DIRECT_MAP_BASE) & U64
+        if self.owns(target):
+            return "live"
+        return "freed" if target in self.free_chunks else "garbage"
 
 
 @dataclass(frozen=True)
 class Alarm:
-    position: int  # stream position of the write
+    """A trapped access the debugger judged, with its context."""
+
+    position: int  # stream position of the access
     gpa: int
-    value: int | None
+    value: int | None  # the stored value (None: a read, or a store the model gives no value)
+    ip: int = 0  # the guest RIP of the access
+    vcpu: int = 0  # the index of the vCPU that made it
+    before: int = 0  # what the word held before the store
+    link: bool = False  # a free chunk's link word getting a free-chunk pointer
+    null_link: bool = False  # a free chunk's link word getting 0
+    value_class: str = "garbage"  # as the synced map classifies it
+
+    @property
+    def silent(self) -> bool:
+        return self.value is not None and self.value == self.before
+
+    def dismissed(self, *, allow_null: bool, ignore_silent: bool) -> bool:
+        """Whether a filter with these rules lets this write through (no report)."""
+        return self.link or (allow_null and self.null_link) or (ignore_silent and self.silent)
 
 
 @dataclass
@@ -157,11 +204,14 @@ class DebuggerCounters:
     stepped: int = 0
     checks: int = 0
     ring_entries: int = 0  # applied to the map the debugger uses
-    metadata_writes: int = 0  # allocator link stores let through by the allow-list
+    metadata_writes: int = 0  # link stores let through by the allow-list
+    silent_writes: int = 0  # silent stores let through (ignore_silent)
+    link_reads: int = 0  # mode raf: loads of a free chunk's link word let through
     flushes: int = 0
     rotations: int = 0
     ept_edits: int = 0
     invept: int = 0
+    ipis: int = 0  # shootdown IPIs: each other vCPU runs INVEPT too
     splits: int = 0
 
     def cycles(self) -> int:
@@ -173,6 +223,7 @@ class DebuggerCounters:
             + self.ring_entries * p.cycles("ring_entry_cycles")
             + self.ept_edits * p.cycles("ept_edit_cycles")
             + self.invept * p.cycles("invept_cycles")
+            + self.ipis * (p.cycles("vmexit_cycles") + p.cycles("invept_cycles"))
         )
 
 
@@ -189,6 +240,8 @@ class TrapDebugger:
         mode: str = "write",
         resume: str = "emulate",
         invept: bool = True,
+        allow_null: bool = True,
+        ignore_silent: bool = False,
         seed: int = 0,
     ) -> None:
         if not 0.0 <= fraction <= 1.0:
@@ -203,6 +256,7 @@ class TrapDebugger:
             raise ConfigError("pages", "no heap page to watch")
         self.fraction, self.mode, self.resume_mode = fraction, mode, resume
         self.invept = invept
+        self.allow_null, self.ignore_silent = allow_null, ignore_silent
         self.sampled = 0 if fraction == 0 else max(1, round(fraction * len(self.pages)))
         self.rng = np.random.default_rng([seed, 11])
         self.revoked = _REVOKED[mode]
@@ -210,8 +264,9 @@ class TrapDebugger:
         self.synced = Ownership()  # what the debugger checks against
         self.flushed = Ownership()  # the unfiltered counterfactual: updated at flushes only
         self.reports: list[Alarm] = []
-        self.sync_only: list[Alarm] = []
+        self.sync_only: list[Alarm] = []  # every write the filter judged (its rules decide)
         self.unfiltered: list[Alarm] = []
+        self.read_reports: list[Alarm] = []  # mode raf
         self.trapped: frozenset[int] = frozenset()
         self.samples: list[tuple[int, frozenset[int]]] = []  # (clock, pages) at each change
         self.hpa: dict[int, int] = {}  # heap page -> its host-physical address
@@ -286,7 +341,9 @@ class TrapDebugger:
             self._invept()
 
     def _invept(self) -> None:
-        self.vm.invept()
+        """INVEPT here; with several vCPUs a shootdown (each other vCPU takes an IPI, exits
+        and runs INVEPT: priced as an exit plus an INVEPT each)."""
+        self.counters.ipis += self.vm.shootdown(self.vm.vcpus[0])
         self.counters.invept += 1
 
     # -- exits --------------------------------------------------------------------------------
@@ -312,14 +369,18 @@ class TrapDebugger:
         if page not in self.trapped:
             return None
         write = bool(record.qualification & EptQual.WRITE)
+        offset = record.gpa & (PAGE_SIZE - 1) & ~7
+        context = {"ip": exit_.vcpu.rip, "vcpu": exit_.vcpu.index}
         if write:
             self.counters.trapped_writes += 1
-            self.check(record.gpa & ~7, self.operand)
+            before = self.hv.host.memory.read_u64(self.hpa[page] + offset)
+            self.check(record.gpa & ~7, self.operand, before=before, **context)
         else:
             self.counters.trapped_reads += 1
+            if self.mode == "raf":
+                self.check_read(record.gpa & ~7, **context)
         if self.resume_mode == "emulate":
             if write and self.operand is not None:
-                offset = record.gpa & (PAGE_SIZE - 1) & ~7
                 self.hv.host.memory.write_u64(self.hpa[page] + offset, self.operand)
             self.counters.emulated += 1
             return ExitAction.SKIP
@@ -337,76 +398,44 @@ class TrapDebugger:
             self._invept()
         return ExitAction.RETRY
 
-    def check(self, gpa: int, value: int | None) -> bool:
-        """Judge a trapped write in the three views; True when it is reported."""
-        alarm = Alarm(self.clock, gpa, value)
+    def check(
+        self, gpa: int, value: int | None, *, before: int = 0, ip: int = 0, vcpu: int = 0
+    ) -> bool:
+        """Judge a trapped write (``before``: the word's content) in the three views; True
+        when it is reported."""
+        alarm = Alarm(self.clock, gpa, value, ip, vcpu, before)
         if not self.flushed.owns(gpa):
             self.unfiltered.append(alarm)
         self.counters.checks += 1
         self.counters.ring_entries += self.synced.catch_up(self.hv.host.memory, self.ring_hpa)
-        if self.synced.owns(gpa):
+        own = self.synced
+        if own.owns(gpa):
             return False
+        alarm = Alarm(
+            self.clock, gpa, value, ip, vcpu, before,
+            link=value != 0 and own.free_link(gpa, value),
+            null_link=value == 0 and own.free_link(gpa, value),
+            value_class=own.classify(value, before),
+        )
         self.sync_only.append(alarm)
-        if self.synced.free_link(gpa, value):
+        if alarm.dismissed(allow_null=self.allow_null, ignore_silent=False):
             self.counters.metadata_writes += 1
+            return False
+        if alarm.dismissed(allow_null=self.allow_null, ignore_silent=self.ignore_silent):
+            self.counters.silent_writes += 1
             return False
         self.reports.append(alarm)
         return True
 
-
-# -- scoring against the ground truth ------------------------------------------------------------
-
-
-@dataclass
-class Score:
-    bugs_injected: int
-    bug_writes: int
-    bugs_detected: int
-    bugs_detected_unfiltered: int
-    time_to_detect: list[int] = field(default_factory=list)  # accesses, per detected bug
-    false_positives: int = 0
-    false_positives_sync_only: int = 0
-    false_positives_unfiltered: int = 0
-
-    @property
-    def detection_rate(self) -> float:
-        return self.bugs_detected / self.bugs_injected if self.bugs_injected else 0.0
-
-    @property
-    def mean_time_to_detect(self) -> float | None:
-        return float(np.mean(self.time_to_detect)) if self.time_to_detect else None
-
-
-def score(stream: TrapStream, debugger: TrapDebugger | None) -> Score:
-    """Match the debugger's alarms with the bug writes (the ground truth): a bug is detected
-    when one of its writes is reported; an alarm at any other position is a false positive."""
-    bugs = len(stream.bug_positions)
-    writes = len(stream.firings)
-    if debugger is None:
-        return Score(bugs, writes, 0, 0)
-
-    def detected(alarms: list[Alarm]) -> dict[int, int]:
-        first: dict[int, int] = {}
-        for a in alarms:
-            hit = stream.firings.get(a.position)
-            if hit is not None and hit[1] == a.gpa:
-                first.setdefault(hit[0], a.position)
-        return first
-
-    def false(alarms: list[Alarm]) -> int:
-        """Alarms that are not a bug write: another position, or the bug's position with
-        another address (which would be a debugger defect, so it counts against it)."""
-        return sum(1 for a in alarms if stream.firings.get(a.position, (None, None))[1] != a.gpa)
-
-    found = detected(debugger.reports)
-    delays = [found[b] - stream.bug_positions[b][0] for b in sorted(found)]
-    return Score(
-        bugs,
-        writes,
-        len(found),
-        len(detected(debugger.unfiltered)),
-        delays,
-        false(debugger.reports),
-        false(debugger.sync_only),
-        false(debugger.unfiltered),
-    )
+    def check_read(self, gpa: int, *, ip: int = 0, vcpu: int = 0) -> bool:
+        """Mode raf: judge a trapped load; True when it is reported (a load of memory the
+        guest does not own, other than a free chunk's link word)."""
+        self.counters.checks += 1
+        self.counters.ring_entries += self.synced.catch_up(self.hv.host.memory, self.ring_hpa)
+        if self.synced.owns(gpa):
+            return False
+        if gpa in self.synced.free_chunks:
+            self.counters.link_reads += 1
+            return False
+        self.read_reports.append(Alarm(self.clock, gpa, None, ip, vcpu))
+        return True

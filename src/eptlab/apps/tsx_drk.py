@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ..apps.prefetch import populate
+from ..apps.scenario import populate
 from ..arch.bits import PAGE_SIZE
 from ..costs import active_profile
 from ..errors import ConfigError, EptlabError

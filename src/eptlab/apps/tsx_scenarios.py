@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..apps.cow import CopyOnWrite
-from ..apps.prefetch import PrefetchApp, populate
+from ..apps.prefetch import PrefetchApp
+from ..apps.scenario import populate
 from ..arch.bits import PAGE_SIZE
 from ..errors import ConfigError, EptlabError
 from ..guest import GuestKernel, KernelImage

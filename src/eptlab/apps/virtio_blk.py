@@ -9,18 +9,23 @@ found there is copied into the guest page, a missing one is read from the disk i
 cache frame, then copied. ``direct`` (``cache=none``, ``O_DIRECT``): the disk transfers straight
 into the guest pages; the host cache is neither consulted nor filled.
 
-The guest must have touched each page it hands over (its EPT entry present): the device writes
-through the VM's EPT mapping and never backs guest memory itself, so every first touch of
-guest-physical memory stays a guest access and an EPT violation.
+By default the guest must have touched each page it hands over (its EPT entry present): the
+device writes through the VM's EPT mapping and never backs guest memory itself, so every first
+touch of guest-physical memory stays a guest access and an EPT violation. With a
+:class:`~eptlab.apps.host_touch.HostTouch` (a guest with ``init_on_alloc=0``, which hands over
+pages it never touched) the device's write is the first touch: a host page fault in the VMM's
+mapping, and the guest's later first access maps that frame.
 
 The notify is a VMCALL (:data:`VIRTIO_BLK_NOTIFY`); a real virtio-blk notify is a write to a
 doorbell (an MMIO access that exits as an EPT misconfiguration, or an ``OUT``, exit reason 30).
 Either is one exit per notify, which is all the model needs.
 
-Costs (:mod:`eptlab.hv.costs`, from the active cost profile): a notify is a VM exit round
-trip; copying a block into the guest is 4 KiB at memcpy speed; a host cache fill also takes a
-frame; disk time comes from the :class:`~eptlab.apps.disk.DiskModel`. Requests are served one
-after the other (queue depth 1).
+Costs (:mod:`eptlab.hv.costs` and :class:`~eptlab.apps.host_cache.HostCosts`, from the active
+cost profile): a notify is a VM exit round trip; each block looked up in the host cache costs a
+page-cache lookup; copying a block into the guest is 4 KiB at memcpy speed; a host cache fill
+also takes a frame per block (read-ahead ones too); a host-side first touch is a host fault, a
+frame and its zeroing; disk time comes from the :class:`~eptlab.apps.disk.DiskModel`. Requests
+are served one after the other (queue depth 1).
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from ..errors import ConfigError
 from ..hv import VCPU, VM
 from ..hv.costs import hv_costs
 from .disk import Block, Disk
-from .host_cache import HostPageCache
+from .host_cache import HostCosts, HostPageCache
+from .host_touch import HostTouch
 
 VIRTIO_BLK_NOTIFY = 0x5642  # "VB"
 HostIo = Literal["buffered", "direct"]
@@ -52,15 +58,21 @@ class BlockRequest:
 
 @dataclass
 class DeviceCounters:
+    """What a file-data path did (the virtio-blk device here, the DAX window likewise)."""
+
     notifies: int = 0  # exits taken to notify the device
-    requests: int = 0  # block requests served
-    blocks: int = 0  # blocks delivered to the guest
-    cache_hits: int = 0  # blocks copied from the host cache
+    requests: int = 0  # block requests served (DAX: window faults)
+    blocks: int = 0  # blocks delivered to the guest (DAX: window pages mapped)
+    cache_hits: int = 0  # blocks found in the host cache
     cache_misses: int = 0  # blocks the host cache did not hold (buffered mode)
     disk_reads: int = 0  # disk read requests issued
     disk_blocks: int = 0  # blocks read from the disk
+    readahead_blocks: int = 0  # of which read ahead by the host cache
     disk_us: float = 0.0  # modelled disk time
-    cpu_cycles: int = 0  # notify exits, copies and cache frame allocations
+    copies: int = 0  # 4 KiB blocks the host CPU copied into guest pages
+    host_faults: int = 0  # guest blocks the device touched first (backed on the host side)
+    cpu_cycles: int = 0  # device work: notify exits, lookups, copies, cache frames, host faults
+    fault_cycles: int = 0  # EPT-violation handling done for the path (DAX window faults)
 
     @property
     def io_us(self) -> float:
@@ -87,14 +99,17 @@ class VirtioBlk:
         mode: HostIo = "buffered",
         *,
         notify: int = VIRTIO_BLK_NOTIFY,
+        host_touch: HostTouch | None = None,
     ) -> None:
+        """``host_touch``: let the device write into guest pages the guest never touched
+        (their first touch, on the host side); without it such a write is an AddressError."""
         if mode not in HOST_IO:
             raise ConfigError("host_io", f"{mode!r} is not one of {', '.join(HOST_IO)}")
         self.vm, self.disk, self.cache, self.mode = vm, disk, cache, mode
-        self.notify = notify
+        self.notify, self.host_touch = notify, host_touch
         self.queue: deque[BlockRequest] = deque()
         self.counters = DeviceCounters()
-        self.costs = hv_costs()
+        self.costs, self.host_costs = hv_costs(), HostCosts.of()
         vm.hv.hypercall(notify, "virtio-blk notify")(self._notify)
 
     def key(self, block: int) -> tuple[int, int]:
@@ -131,6 +146,7 @@ class VirtioBlk:
         run: list[tuple[int, int]] = []  # consecutive missing (block, gpa)
         for i, gpa in enumerate(request.gpas):
             block = request.first + i
+            c.cpu_cycles += self.host_costs.page_cache_lookup
             hpa = self.cache.lookup(self.key(block))
             if hpa is None:
                 c.cache_misses += 1
@@ -143,15 +159,20 @@ class VirtioBlk:
         self._fill_from_disk(run)
 
     def _fill_from_disk(self, run: list[tuple[int, int]]) -> None:
-        """Buffered miss: one disk read for the run, each block into a new cache frame, then
-        copied into the guest page."""
+        """Buffered miss: one disk read for the run (and the host's readahead after it), each
+        block into a new cache frame, the asked-for ones then copied into the guest pages."""
         if not run:
             return
-        contents = self._disk_read(run[0][0], len(run))
-        for (block, gpa), words in zip(run, contents, strict=True):
-            hpa = self.cache.insert(self.key(block), words)
-            self.counters.cpu_cycles += self.costs.frame_alloc
-            self._copy_to_guest(hpa, gpa)
+        gpas = dict(run)
+        fill = self.cache.fill(
+            self.disk, run[0][0], len(run), lambda block, hpa: self._copy_to_guest(hpa, gpas[block])
+        )
+        c = self.counters
+        c.disk_reads += 1
+        c.disk_blocks += fill.blocks
+        c.readahead_blocks += fill.ahead
+        c.disk_us += fill.took_us
+        c.cpu_cycles += self.costs.frame_alloc * fill.blocks
 
     def _disk_read(self, first: int, count: int) -> list[Block]:
         contents, took = self.disk.read(first, count)
@@ -163,11 +184,22 @@ class VirtioBlk:
     def _guest_frame(self, gpa: int) -> int:
         if gpa % PAGE_SIZE:
             raise ConfigError("request", f"guest page {gpa:#x} is not 4 KiB aligned")
-        return self.vm.host_address(gpa, back=False) >> PAGE_SHIFT  # AddressError if untouched
+        if self.host_touch is None:
+            return self.vm.host_address(gpa, back=False) >> PAGE_SHIFT  # AddressError if untouched
+        hpa, backed = self.host_touch.frame(gpa)
+        if backed:  # a host page fault in the VMM's mapping: a frame, zeroed
+            self.counters.host_faults += 1
+            self.counters.cpu_cycles += (
+                self.host_costs.host_fault
+                + self.costs.frame_alloc
+                + self.costs.copy_cycles(self.vm.backing)
+            )
+        return hpa >> PAGE_SHIFT
 
     def _copy_to_guest(self, hpa: int, gpa: int) -> None:
         self.vm.hv.host.memory.copy_frame(hpa >> PAGE_SHIFT, self._guest_frame(gpa))
         self.counters.cpu_cycles += self.costs.copy_cycles(PAGE_SIZE)
+        self.counters.copies += 1
         self.counters.blocks += 1
 
     def _deliver(self, gpa: int, words: Block) -> None:
@@ -179,6 +211,4 @@ class VirtioBlk:
     def prewarm(self, first: int, count: int) -> None:
         """The host reads blocks into its page cache on its own (``vmtouch -t``, a copy of the
         image, another VM on the same base image). Not counted as the guest's I/O."""
-        contents, _ = self.disk.read(first, count)
-        for i, words in enumerate(contents):
-            self.cache.insert(self.key(first + i), words)
+        self.cache.prewarm(self.disk, first, count)

@@ -26,7 +26,6 @@ class MemoryType(IntEnum):
     WB = 6
 
 
-RESERVED_MEMORY_TYPES = frozenset({2, 3, 7})
 
 
 class Ept(IntFlag):
@@ -62,42 +61,72 @@ def ept_is_leaf(value: int, level: int) -> bool:
     return level == 1 or (level in (2, 3) and bool(value & Ept.PS))
 
 
-def ept_reserved_mask(value: int, level: int, maxphyaddr: int) -> int:
-    """Reserved bits of a present EPT entry at ``level`` (SDM Tables 29-1..29-7)."""
-    mask = bits(51, maxphyaddr)
+# Plain-int copies of the bits above, for code that cannot use IntFlag (the numba kernels read
+# them as compile-time constants; :func:`ept_misconfig_code` is compiled into the kernels).
+EPT_R, EPT_W, EPT_X = int(Ept.R), int(Ept.W), int(Ept.X)
+EPT_PS, EPT_A, EPT_D, EPT_XU = int(Ept.PS), int(Ept.A), int(Ept.D), int(Ept.XU)
+
+MISCONFIG_REASONS = (
+    "",
+    "write-without-read",
+    "execute-only-unsupported",
+    "reserved-bit",
+    "reserved-memory-type",
+)
+"""Names of the :func:`ept_misconfig_code` codes (index = code; 0: not misconfigured)."""
+MISCONFIG_WRITE_WITHOUT_READ = 1
+MISCONFIG_EXECUTE_ONLY = 2
+MISCONFIG_RESERVED_BIT = 3
+MISCONFIG_MEMORY_TYPE = 4
+
+
+def ept_misconfig_code(
+    value: int, level: int, maxphyaddr: int, execute_only: bool, mbec: bool
+) -> int:
+    """The EPT-misconfiguration rule, as a code (0: none; else an index of
+    :data:`MISCONFIG_REASONS`). The one copy of the rule: :func:`ept_misconfiguration` names the
+    code, and the numba kernels compile this very function (so it uses plain ints and
+    arithmetic only: no IntFlag, no calls).
+
+    SDM Vol. 3C §29.3.3.1 "EPT Misconfigurations": bit 0 clear and bit 1 set (write without
+    read); bit 0 clear and, without execute-only support, bit 2 set or (with mode-based execute
+    control) bit 10 set; a reserved bit set (including address bits at or above MAXPHYADDR,
+    Tables 29-1..29-7); a leaf whose memory type (bits 5:3) is 2, 3 or 7.
+    """
+    if (value & EPT_W) and not (value & EPT_R):
+        return MISCONFIG_WRITE_WITHOUT_READ
+    if (
+        not execute_only
+        and not (value & EPT_R)
+        and ((value & EPT_X) or (mbec and (value & EPT_XU)))
+    ):
+        return MISCONFIG_EXECUTE_ONLY
+    leaf = level == 1 or ((level == 2 or level == 3) and (value & EPT_PS) != 0)
+    reserved = ((1 << (52 - maxphyaddr)) - 1) << maxphyaddr  # bits 51:MAXPHYADDR
     if level >= 4:
-        mask |= bits(7, 3)  # EPT PML5E / PML4E: bits 7:3 reserved
-    elif not ept_is_leaf(value, level):
-        mask |= bits(6, 3)  # entry referencing a table: bits 6:3 reserved
+        reserved |= 0xF8  # EPT PML5E / PML4E: bits 7:3
+    elif not leaf:
+        reserved |= 0x78  # entry referencing a table: bits 6:3
     elif level == 3:
-        mask |= bits(29, 12)  # 1 GiB page
+        reserved |= 0x3FFFF000  # 1 GiB page: bits 29:12
     elif level == 2:
-        mask |= bits(20, 12)  # 2 MiB page
-    return mask
+        reserved |= 0x1FF000  # 2 MiB page: bits 20:12
+    if value & reserved:
+        return MISCONFIG_RESERVED_BIT
+    if leaf:
+        memtype = (value >> MEMTYPE_SHIFT) & 7
+        if memtype == 2 or memtype == 3 or memtype == 7:
+            return MISCONFIG_MEMORY_TYPE
+    return 0
 
 
 def ept_misconfiguration(
     value: int, level: int, maxphyaddr: int, execute_only: bool = True, mbec: bool = False
 ) -> str | None:
-    """Why a present EPT entry is an EPT misconfiguration, or None if it is not.
-
-    SDM Vol. 3C §29.3.3.1 "EPT Misconfigurations": bit 0 clear and bit 1 set (write without
-    read); bit 0 clear and, without execute-only support, bit 2 set or (with mode-based execute
-    control) bit 10 set; a reserved bit set (including address bits at or above MAXPHYADDR); a
-    leaf whose memory type (bits 5:3) is 2, 3 or 7.
-    """
-    if value & Ept.W and not value & Ept.R:
-        return "write-without-read"
-    if not execute_only and not value & Ept.R and (value & Ept.X or (mbec and value & Ept.XU)):
-        return "execute-only-unsupported"
-    if value & ept_reserved_mask(value, level, maxphyaddr):
-        return "reserved-bit"
-    if (
-        ept_is_leaf(value, level)
-        and (value & MEMTYPE_MASK) >> MEMTYPE_SHIFT in RESERVED_MEMORY_TYPES
-    ):
-        return "reserved-memory-type"
-    return None
+    """Why a present EPT entry is an EPT misconfiguration (a :data:`MISCONFIG_REASONS` name), or
+    None if it is not (SDM Vol. 3C §29.3.3.1; the rule is :func:`ept_misconfig_code`)."""
+    code = ept_misconfig_code(value, level, maxphyaddr, execute_only, mbec)
+    return MISCONFIG_REASONS[code] if code else None
 
 
 def ept_address(value: int, level: int, maxphyaddr: int) -> int:

@@ -155,6 +155,8 @@ def _bench(
         "engine acc/s",
         "walker acc/s",
         "ratio",
+        "C acc/s",
+        "engine/C",
         "walks/acc",
         "cycles/acc",
         "peak RSS MiB",
@@ -167,12 +169,18 @@ def _bench(
             f"{r.accesses_per_s:,.0f}",
             f"{r.walker_accesses_per_s:,.0f}",
             f"{r.ratio:,.0f}x",
+            "-" if r.c_accesses_per_s is None else f"{r.c_accesses_per_s:,.0f}",
+            "-" if r.c_fraction is None else f"{r.c_fraction:.2f}",
             f"{r.walks_per_access:.3f}",
             f"{r.cycles_per_access:.0f}",
             f"{r.peak_rss_mib:,.0f}",
         )
     out = Console()
     out.print(table)
+    out.print(
+        "engine/C: the engine's throughput as a fraction of a plain C loop on the same stream, "
+        "same run (benchmarks/c_limit: uncached 2D walk, same L1/L2 TLBs, no data caches)"
+    )
     out.print(f"second-process start to first access: {startup:.2f} s")
     out.print(f"cycles priced by cost profile {active_profile().name!r} (eptlab costs)")
     return 0

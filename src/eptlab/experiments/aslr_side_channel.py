@@ -19,6 +19,13 @@ Channel ``data`` uses only the data access's set index (the part the EPT layout 
 ``walk+data`` adds every page-walk reference, whose in-page line offset comes from table
 indices (address bits of what is translated: the classic AnC leak, which no layout hides).
 
+Attacker ``exact`` (above) runs at ``noise`` and at noise 0, the upper bound. Attacker
+``prime+probe`` (:mod:`eptlab.experiments.aslr_measured`) is handed no set index: it builds its
+eviction sets from its own timings through the engine's cache model (optionally with an LLC
+slice hash), primes, lets the victim (and its walks, and ``victim_lines`` other reads) run,
+probes, and ranks the slots; ``rerandomize_ms`` adds rows where the hypervisor moves the
+secret's window every period of modelled time.
+
 Costs: the same layouts back a guest whose process runs ``workload`` over ``footprint_mib``
 (pre-faulted, ``guest_page`` guest pages) through the fast engine with the default MMU model;
 ``random-4k`` cannot use 2 MiB EPT pages, so the TLBs hold 4 KiB translations.
@@ -27,17 +34,26 @@ Columns:
 
 | column | meaning |
 |---|---|
+| attacker | `exact` (handed set indices) or `prime+probe` (measures through the cache model) |
 | policy | EPT layout: `linear`, `random-2m`, `random-4k` |
 | ept_page | EPT page size the layout backs guest memory with |
 | target | granule of the secret's slots (`4k`, `2m`) |
-| channel | `data` or `walk+data` |
+| channel | `data` or `walk+data` (exact); `l1+llc` (prime+probe) |
 | llc_sets, index_bits | sets of the probed cache and the HPA bits of its set index |
-| noise | probability that one observed set index is wrong |
+| noise | probability that one observed set index is wrong (exact; 0 is the bound) |
+| slice_hash | LLC slice hash of the prime+probe model (`off`, `maurice-N`) |
+| rerandomize_ms | period of the window's migration (0: none) |
 | observations | measurements the attacker made (k) |
 | trials | random secrets and layouts averaged over |
 | entropy_bits_before | log2 of the number of slots |
 | entropy_bits_after | Shannon entropy of the attacker's posterior after k measurements (mean) |
 | success_rate | probability that the attacker's best guess is the secret (mean) |
+| guessing_bits | log2 of the secret's mean expected rank in the attacker's order of guesses |
+| evsets, l1_sets | eviction sets the prime+probe attacker built (LLC column, L1) |
+| build_accesses, probe_cycles_per_round | its accesses to build them; modelled cycles per round |
+| migrations, pages_migrated, bytes_copied | re-randomization per trial: moves, pages, bytes |
+| migration_exits, invepts, tlb_misses | its exits, INVEPTs and the victim's TLB misses after |
+| rerandomize_cycles, rerandomize_overhead_pct | their price; share of the modelled time |
 | tlb_miss_rate | the layout's cost: walks per access on the workload |
 | walk_refs_per_access | paging-structure references (guest + EPT) per access |
 | cycles_per_access | cost-model cycles per access (translation + data) |
@@ -62,33 +78,30 @@ from ..apps.cache_attacker import (
     Victim,
     observe,
 )
-from ..apps.ept_layout import LAYOUTS, EptLayout, back_range, boot, ept_leaf_sizes
-from ..arch.bits import PageSize
-from ..errors import ConfigError, EptlabError
-from ..guest import GuestKernel
-from ..hv import ExitAction, Run
-from ..memory.layout import check_layout, default_layout, in_layout
+from ..apps.cache_sim import CacheSim
+from ..apps.ept_layout import LAYOUTS, EptLayout
+from ..apps.llc_slices import SLICE_HASHES
+from ..errors import ConfigError
+from ..memory.layout import check_layout, in_layout
 from ..mmu.config import CacheConfig
-from ..traces.model import TraceChunk
 from ..workloads import WORKLOADS, make_workload
+from .aslr_cost import LayoutCost, measure_cost
+from .aslr_measured import MEASURED_COLUMNS, MeasuredTally, measured_trial
+from .aslr_readings import cost_figure, entropy_figure, measured_figure, measured_readings
 from .base import Progress, Row, check_choices
 from .intervals import (
     OVERLAP,
-    bars,
     by_seed,
     change,
-    column,
     interval,
     ratio,
     summarize,
     times,
-    yerr,
 )
 
 DEFAULT_SETS = CacheConfig().llc.sets
+ATTACKERS = ("exact", "prime+probe")
 MAX_PROBES = 64  # references of one walk: at most 1 + 5 * 6 + 5 = 36
-KERNEL_MEMORY = 64 << 20  # guest memory besides the workload's footprint
-_2M = int(PageSize.SIZE_2M)
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,11 @@ class AslrSideChannelParams:
     accesses: int = 200_000
     warmup: int = 50_000
     guest_page: str = "2m"
+    attackers: tuple[str, ...] = ATTACKERS
+    slice_hashes: tuple[str, ...] = ("off", "maurice-8")  # the prime+probe attacker's LLC
+    pp_trials: int = 3  # trials of the prime+probe attacker (the first of ``trials``' secrets)
+    victim_lines: int = 4  # other lines the victim reads in each round (with their walks)
+    rerandomize_ms: tuple[float, ...] = (0.5,)  # periods of the re-randomization rows
     seeds: int = 5
     seed: int = 0
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
@@ -127,6 +145,8 @@ def check(p: AslrSideChannelParams) -> None:
     if not p.policies:
         raise ConfigError("policies", f"choose from {', '.join(LAYOUTS)}")
     for target in p.targets:
+        if target not in ("4k", "2m"):
+            raise ConfigError("targets", f"{target!r} is not 4k or 2m")
         Target.named(target, p.secret_bits)
     if not p.targets:
         raise ConfigError("targets", "choose 4k and/or 2m")
@@ -149,25 +169,52 @@ def check(p: AslrSideChannelParams) -> None:
     if p.guest_page not in ("4k", "2m"):
         raise ConfigError("guest_page", f"{p.guest_page!r} is not 4k or 2m")
     make_workload(p.workload, footprint=p.footprint_mib << 20, seed=p.seed)
+    check_measured(p)
+
+
+def check_measured(p: AslrSideChannelParams) -> None:
+    """The prime+probe and re-randomization parameters (see :func:`check`)."""
+    if not p.attackers or any(a not in ATTACKERS for a in p.attackers):
+        raise ConfigError("attackers", f"{p.attackers}: choose from {', '.join(ATTACKERS)}")
+    if not p.slice_hashes:
+        raise ConfigError("slice_hashes", f"choose from {', '.join(SLICE_HASHES)}")
+    for name in p.slice_hashes:
+        CacheSim(slices=name)  # a known hash, invertible on the LLC's geometry
+    if p.pp_trials < 1:
+        raise ConfigError("pp_trials", f"{p.pp_trials} is not positive")
+    if p.pp_trials > p.trials:
+        raise ConfigError("pp_trials", f"{p.pp_trials} is more than trials ({p.trials})")
+    if not 0 <= p.victim_lines <= 1024:
+        raise ConfigError("victim_lines", f"{p.victim_lines} is not in 0..1024")
+    if any(not 0 < ms <= 1000 for ms in p.rerandomize_ms):
+        raise ConfigError("rerandomize_ms", f"{p.rerandomize_ms}: periods must be in (0, 1000]")
 
 
 # -- the attack -----------------------------------------------------------------------------
 
 
+TallyKey = tuple[int, str, float, int]  # llc_sets, channel, noise, observations
+
+
 @dataclass
 class AttackTally:
-    """Sums over trials of entropy left and success, by (llc_sets, channel, observations)."""
+    """Sums over trials of entropy left, success and expected rank, by (llc_sets, channel,
+    noise, observations)."""
 
     trials: int = 0
-    entropy: dict[tuple[int, str, int], float] = field(default_factory=dict)
-    success: dict[tuple[int, str, int], float] = field(default_factory=dict)
+    entropy: dict[TallyKey, float] = field(default_factory=dict)
+    success: dict[TallyKey, float] = field(default_factory=dict)
+    rank: dict[TallyKey, float] = field(default_factory=dict)
 
-    def add(self, key: tuple[int, str, int], entropy: float, success: float) -> None:
+    def add(self, key: TallyKey, entropy: float, success: float, rank: float = 1.0) -> None:
         self.entropy[key] = self.entropy.get(key, 0.0) + entropy
         self.success[key] = self.success.get(key, 0.0) + success
+        self.rank[key] = self.rank.get(key, 0.0) + rank
 
-    def mean(self, key: tuple[int, str, int]) -> tuple[float, float]:
-        return self.entropy[key] / self.trials, self.success[key] / self.trials
+    def mean(self, key: TallyKey) -> tuple[float, float, float]:
+        """Mean entropy, mean success, log2 of the mean rank (guessing entropy in bits)."""
+        n = self.trials
+        return self.entropy[key] / n, self.success[key] / n, float(np.log2(self.rank[key] / n))
 
 
 def trial_seeds(
@@ -185,6 +232,11 @@ def trial_seeds(
     return slot, shared, layout_seed
 
 
+def noises(p: AslrSideChannelParams) -> tuple[float, ...]:
+    """The exact attacker's noise levels: ``noise``, and 0 (the upper bound) besides."""
+    return (p.noise,) if p.noise == 0 else (p.noise, 0.0)
+
+
 def attack(
     p: AslrSideChannelParams, target: Target, policy: str, progress: Progress | None = None
 ) -> AttackTally:
@@ -198,96 +250,78 @@ def attack(
         victim = Victim.boot(layout, target, slot, seed=layout_seed)
         access = victim.access()
         draws = NoiseDraws.draw(shared, count, MAX_PROBES, p.noise)
-        for sets in p.llc_sets:
-            index = SetIndex(sets)
-            observations = observe(access, index, draws)
-            for channel in p.channels:
-                attacker = Attacker(
-                    target, layout, victim.laid.offset, index, access.probes,
-                    channel=channel, noise=p.noise,
-                )
-                for belief in attacker.beliefs(observations, checkpoints):
-                    key = (sets, channel, belief.observations)
-                    tally.add(key, belief.entropy_bits, belief.success(slot))
+        for noise in noises(p):
+            # the noiseless attacker (the bound) sees the same measurements, none flipped
+            flips = draws if noise else NoiseDraws(np.zeros_like(draws.flips), draws.values)
+            for sets in p.llc_sets:
+                index = SetIndex(sets)
+                observations = observe(access, index, flips)
+                for channel in p.channels:
+                    attacker = Attacker(
+                        target, layout, victim.laid.offset, index, access.probes,
+                        channel=channel, noise=noise,
+                    )
+                    for belief in attacker.beliefs(observations, checkpoints):
+                        key = (sets, channel, noise, belief.observations)
+                        tally.add(key, belief.entropy_bits, belief.success(slot),
+                                  belief.rank(slot))
         tally.trials += 1
         if progress is not None:
             progress(trial + 1, p.trials)
     return tally
 
 
-# -- the cost -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayoutCost:
-    """What the workload measured under one layout (after warm-up)."""
-
-    policy: str
-    ept_page: str
-    accesses: int
-    walks: int
-    walk_references: int
-    cycles: int
-    ept_leaf_sizes: tuple[str, ...]
-
-    @property
-    def tlb_miss_rate(self) -> float:
-        return self.walks / max(1, self.accesses)
-
-    @property
-    def walk_refs_per_access(self) -> float:
-        return self.walk_references / max(1, self.accesses)
-
-    @property
-    def cycles_per_access(self) -> float:
-        return self.cycles / max(1, self.accesses)
-
-
-def measure_cost(p: AslrSideChannelParams, policy: str) -> LayoutCost:
-    """Boot a VM laid out by ``policy``, pre-fault a ``footprint_mib`` region of a process
-    (``guest_page`` pages, every EPT page backed by the layout), run the workload."""
-    layout = EptLayout.named(policy)
-    footprint = p.footprint_mib << 20
-    laid = boot(layout, default_layout().guest_memory(footprint + KERNEL_MEMORY), seed=p.seed)
-    guest_page = PageSize.parse(p.guest_page)
-    kernel = GuestKernel(laid.vm, seed=p.seed, thp=guest_page == PageSize.SIZE_2M)
-    process = kernel.spawn("workload")
-    gva = kernel.mmap(process, footprint)
-    for offset in range(0, footprint, _2M):  # MAP_POPULATE: the guest maps it all up front
-        gpa = kernel.frames.alloc(PageSize.SIZE_2M)
-        process.tables.map_range(gva + offset, gpa, _2M, guest_page, user=True)
-        back_range(laid.vm, gpa, _2M)
-    vcpu = laid.vm.add_vcpu(cr3=process.cr3)
-    kernel.switch_to(vcpu, process)
-    workload = make_workload(p.workload, footprint=footprint, seed=p.seed)
-    chunks = list(workload.stream(gva, p.warmup + p.accesses))
-    stream = TraceChunk(
-        np.concatenate([c.address for c in chunks]),
-        np.concatenate([c.kind for c in chunks]),
-        np.concatenate([c.size for c in chunks]),
-    )
-    hv = laid.hv
-    for start, stop in ((0, p.warmup), (p.warmup, p.warmup + p.accesses)):
-        if start == p.warmup:
-            hv.engine.reset_stats()
-        part = TraceChunk(stream.address[start:stop], stream.kind[start:stop],
-                          stream.size[start:stop])
-        vcpu.load([Run(part, user=True)])
-        action: ExitAction | None = None
-        while (exit_ := vcpu.run(action)) is not None:
-            action = hv.handle(exit_)
-    s = vcpu.stats
-    if s.guest_faults or s.ept_violations:
-        raise EptlabError(f"{policy}: the pre-faulted workload took {s.guest_faults} guest "
-                          f"faults and {s.ept_violations} EPT violations")
-    sizes = sorted(ept_leaf_sizes(laid.vm))
-    return LayoutCost(
-        policy, layout.page.label, s.accesses, s.walks, s.walk_references, s.cycles,
-        tuple(size.label for size in sizes),
-    )
-
-
 # -- the experiment -------------------------------------------------------------------------
+
+
+def exact_view(table: pd.DataFrame, p: AslrSideChannelParams) -> pd.DataFrame:
+    """The exact attacker's rows at ``noise`` (what the exact readings and figure show)."""
+    if "attacker" not in table:
+        return table
+    return table[(table.attacker == "exact") & (table.noise == p.noise)]
+
+
+def measured_runs(
+    p: AslrSideChannelParams, targets: list[Target]
+) -> list[tuple[Target, str, str, float]]:
+    """(target, policy, slice hash, re-randomization period) of each prime+probe run: every
+    target, policy and hash without re-randomization; the periods for the first target."""
+    runs = [(t, policy, h, 0.0) for t in targets for policy in p.policies
+            for h in p.slice_hashes]
+    runs += [(targets[0], policy, h, ms) for ms in p.rerandomize_ms
+             for policy in p.policies for h in p.slice_hashes]
+    return runs
+
+
+def _row(
+    p: AslrSideChannelParams, target: Target, policy: str, cost: LayoutCost, k: int, trials: int
+) -> Row:
+    """Every column, in order (the exact attacker's defaults; NaN where not measured)."""
+    nan = float("nan")
+    row: Row = {
+        "attacker": "exact",
+        "policy": policy,
+        "ept_page": cost.ept_page,
+        "target": target.label,
+        "channel": "",
+        "llc_sets": 0,
+        "index_bits": "",
+        "noise": nan,
+        "slice_hash": "off",
+        "rerandomize_ms": 0.0,
+        "observations": k,
+        "trials": trials,
+        "entropy_bits_before": float(target.bits),
+        "entropy_bits_after": nan,
+    }
+    row.update(dict.fromkeys(MEASURED_COLUMNS, nan))
+    row.update(
+        tlb_miss_rate=round(cost.tlb_miss_rate, 5),
+        walk_refs_per_access=round(cost.walk_refs_per_access, 3),
+        cycles_per_access=round(cost.cycles_per_access, 2),
+    )
+    return row
+
 
 
 class AslrSideChannel:
@@ -301,11 +335,11 @@ class AslrSideChannel:
     Params: ClassVar[type] = AslrSideChannelParams
     demo: ClassVar[dict[str, str]] = {
         "trials": "12", "footprint_mib": "32", "accesses": "30000", "warmup": "10000",
-        "seeds": "3",
+        "seeds": "3", "pp_trials": "1",
     }
     keys: ClassVar[tuple[str, ...]] = (
-        "policy", "ept_page", "target", "channel", "llc_sets", "index_bits", "noise",
-        "observations", "trials",
+        "attacker", "policy", "ept_page", "target", "channel", "llc_sets", "index_bits",
+        "noise", "slice_hash", "rerandomize_ms", "observations", "trials",
     )
 
     def rows(self, params: AslrSideChannelParams, progress: Progress) -> Iterator[Row]:
@@ -315,7 +349,10 @@ class AslrSideChannel:
     def _layout_rows(self, params: AslrSideChannelParams, progress: Progress) -> Iterator[Row]:
         check(params)
         targets = [Target.named(t, params.secret_bits) for t in params.targets]
-        total = len(params.policies) * (1 + len(targets) * params.trials)
+        exact = "exact" in params.attackers
+        runs = measured_runs(params, targets) if "prime+probe" in params.attackers else []
+        total = len(params.policies) * (1 + len(targets) * params.trials * exact) + len(
+            runs) * params.pp_trials
         done = 0
         progress(done, total)
         costs: dict[str, LayoutCost] = {}
@@ -323,7 +360,7 @@ class AslrSideChannel:
             costs[policy] = measure_cost(params, policy)
             done += 1
             progress(done, total)
-        for target in targets:
+        for target in targets if exact else []:
             for policy in params.policies:
                 base = done
 
@@ -333,35 +370,50 @@ class AslrSideChannel:
                 tally = attack(params, target, policy, report)
                 done += params.trials
                 yield from self._rows(params, target, policy, tally, costs[policy])
+        checkpoints = tuple(params.observations)
+        for target, policy, slice_hash, period in runs:
+            measured = MeasuredTally()
+            for trial in range(params.pp_trials):
+                slot, _, layout_seed = trial_seeds(params, target, policy, trial)
+                measured_trial(target, policy, slice_hash, slot, layout_seed,
+                               checkpoints=checkpoints, victim_lines=params.victim_lines,
+                               period_ms=period, tally=measured)
+                done += 1
+                progress(done, total)
+            for k in params.observations:
+                row = _row(params, target, policy, costs[policy], k, measured.trials)
+                row.update(attacker="prime+probe", channel="l1+llc", llc_sets=DEFAULT_SETS,
+                           index_bits=SetIndex(DEFAULT_SETS).label, noise=float("nan"),
+                           slice_hash=slice_hash, rerandomize_ms=period,
+                           entropy_bits_after=float("nan"), **measured.row(k))
+                yield row
 
     @staticmethod
     def _rows(
         p: AslrSideChannelParams, target: Target, policy: str, tally: AttackTally,
         cost: LayoutCost,
     ) -> Iterator[Row]:
-        for channel in p.channels:
-            for sets in p.llc_sets:
-                for k in p.observations:
-                    entropy, success = tally.mean((sets, channel, k))
-                    yield {
-                        "policy": policy,
-                        "ept_page": cost.ept_page,
-                        "target": target.label,
-                        "channel": channel,
-                        "llc_sets": sets,
-                        "index_bits": SetIndex(sets).label,
-                        "noise": p.noise,
-                        "observations": k,
-                        "trials": tally.trials,
-                        "entropy_bits_before": float(target.bits),
-                        "entropy_bits_after": round(entropy, 4),
-                        "success_rate": round(success, 6),
-                        "tlb_miss_rate": round(cost.tlb_miss_rate, 5),
-                        "walk_refs_per_access": round(cost.walk_refs_per_access, 3),
-                        "cycles_per_access": round(cost.cycles_per_access, 2),
-                    }
+        for noise in noises(p):
+            for channel in p.channels:
+                for sets in p.llc_sets:
+                    for k in p.observations:
+                        entropy, success, guessing = tally.mean((sets, channel, noise, k))
+                        row = _row(p, target, policy, cost, k, tally.trials)
+                        row.update(channel=channel, llc_sets=sets, noise=noise,
+                                   index_bits=SetIndex(sets).label,
+                                   entropy_bits_after=round(entropy, 4),
+                                   success_rate=round(success, 6),
+                                   guessing_bits=round(guessing, 4))
+                        yield row
 
     def interpret(self, table: pd.DataFrame, params: AslrSideChannelParams) -> list[str]:
+        measured = measured_readings(table)
+        table = exact_view(table, params)
+        if not len(table):
+            return measured
+        return self._exact_readings(table, params) + measured
+
+    def _exact_readings(self, table: pd.DataFrame, params: AslrSideChannelParams) -> list[str]:
         last = table[table.observations == table.observations.max()]
         sets = last.llc_sets.min()
         target = "4k" if "4k" in set(last.target) else last.target.iloc[0]
@@ -420,82 +472,12 @@ class AslrSideChannel:
 
     def figures(self, table: pd.DataFrame, params: AslrSideChannelParams) -> dict[str, Figure]:
         summary = summarize(table, self.keys)
-        return {
-            "aslr-side-channel-entropy": _entropy_figure(summary),
-            "aslr-side-channel-cost": _cost_figure(summary),
-        }
+        out = {}
+        exact = exact_view(summary, params)
+        if len(exact):
+            out["aslr-side-channel-entropy"] = entropy_figure(exact)
+        if (summary.attacker == "prime+probe").any():
+            out["aslr-side-channel-measured"] = measured_figure(summary)
+        out["aslr-side-channel-cost"] = cost_figure(summary)
+        return out
 
-
-def _entropy_figure(table: pd.DataFrame) -> Figure:
-    targets = list(dict.fromkeys(table["target"]))
-    panels = list(dict.fromkeys(zip(table["channel"], table["llc_sets"], table["index_bits"],
-                                    strict=True)))
-    policies = list(dict.fromkeys(table["policy"]))
-    figure = Figure(figsize=(3.4 * len(panels), 3.0 * len(targets) + 0.6))
-    axes = np.atleast_2d(figure.subplots(len(targets), len(panels), squeeze=False))
-    for r, target in enumerate(targets):
-        for c, (channel, sets, bits) in enumerate(panels):
-            ax = axes[r, c]
-            rows = table[(table["target"] == target) & (table["channel"] == channel)
-                         & (table["llc_sets"] == sets)]
-            if not len(rows):
-                ax.set_visible(False)
-                continue
-            before = float(rows["entropy_bits_before"].iloc[0])
-            ax.axhline(before, color="grey", linestyle=":", linewidth=1)
-            for i, policy in enumerate(policies):
-                own = rows[rows["policy"] == policy].sort_values("observations")
-                if not len(own):
-                    continue
-                x, y = own["observations"].to_numpy(), own["entropy_bits_after"].to_numpy()
-                # overlapping curves stay visible: wide solid, dashed, dotted on top; error
-                # bars: the 95% interval over seeds
-                ax.errorbar(x, y, yerr=yerr(column(own, "entropy_bits_after")),
-                            marker="os^D"[i % 4], markersize=3, color=f"C{i}", label=policy,
-                            linestyle=("-", "--", ":", "-.")[i % 4],
-                            linewidth=3.0 - 0.8 * (i % 3), capsize=2, elinewidth=0.8)
-                last = own.iloc[-1]
-                ax.annotate(f"{last['success_rate']:.2f}", (x[-1], y[-1]), fontsize=7,
-                            color=f"C{i}", xytext=(3, 2 - 9 * i), textcoords="offset points")
-            ticks = sorted(set(rows["observations"]))
-            ax.set_xscale("symlog", linthresh=1)
-            ax.set_xticks(ticks, [str(t) for t in ticks])
-            ax.minorticks_off()
-            ax.set_ylim(-0.3, before + 0.8)
-            ax.set_title(f"{target} target, {channel}, LLC HPA {bits}", fontsize=8)
-            ax.tick_params(labelsize=7)
-            if c == 0:
-                ax.set_ylabel("entropy left (bits)", fontsize=8)
-            if r == len(targets) - 1:
-                ax.set_xlabel("measurements", fontsize=8)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    noise = float(table["noise"].iloc[0])
-    figure.suptitle(f"guest-physical ASLR left to an AnC-style attacker (noise {noise}); "
-                    "numbers: success rate at the last point (means, 95% intervals)", fontsize=9)
-    figure.tight_layout(rect=(0, 0, 1, 0.90))
-    figure.legend(handles, labels, loc="upper center", ncol=len(policies), fontsize=8,
-                  bbox_to_anchor=(0.5, 0.955))
-    return figure
-
-
-def _cost_figure(table: pd.DataFrame) -> Figure:
-    per_policy = table.drop_duplicates("policy")
-    policies = list(per_policy["policy"])
-    x = np.arange(len(policies))
-    figure = Figure(figsize=(11, 3.6))
-    axes = figure.subplots(1, 3)
-    for ax, (name, title) in zip(axes, (
-        ("tlb_miss_rate", "TLB miss rate"),
-        ("walk_refs_per_access", "walk references per access"),
-        ("cycles_per_access", "cycles per access"),
-    ), strict=True):
-        values = per_policy[name].astype(float).to_numpy()
-        bars(ax, x, column(per_policy, name), color=[f"C{i}" for i in range(len(policies))])
-        for i, v in enumerate(values):
-            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(x, [f"{p}\n(EPT {e})" for p, e in zip(policies, per_policy["ept_page"],
-                                                            strict=True)], fontsize=8)
-        ax.set_title(title, fontsize=9)
-    figure.suptitle("what each EPT layout costs on the workload (mean, 95% interval)", fontsize=10)
-    figure.tight_layout()
-    return figure

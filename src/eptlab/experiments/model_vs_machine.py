@@ -283,14 +283,17 @@ class ModelVsMachine:
         s = engine.stats()
         n = max(1, s.accesses)
         predicted = s.cycles / n
+        shown_measured = max(round(measured.cycles, 2), 0.01)
+        shown_predicted = round(predicted, 2)
         return {
             "pattern": pattern,
             "footprint_bytes": footprint,
             "page_size": page,
             "outer_ept_page": outer,
-            "measured_cycles_per_access": round(measured.cycles, 2),
-            "predicted_cycles_per_access": round(predicted, 2),
-            "error_pct": round(100 * (predicted - measured.cycles) / measured.cycles, 1),
+            "measured_cycles_per_access": shown_measured,
+            "predicted_cycles_per_access": shown_predicted,
+            # from the two numbers as the row shows them, so a reader can recompute it
+            "error_pct": round(100 * (shown_predicted - shown_measured) / shown_measured, 1),
             "measured_spread": round(measured.spread, 2),
             "native_pattern": measured.native_pattern,
             "huge_pages_obtained": measured.huge,

@@ -126,6 +126,13 @@ def _run_rows(
                 writer.writeheader()
             assert csv_file is not None and jsonl is not None
             rows.append(row)
+            if not row.keys() <= set(writer.fieldnames):  # a later row adds columns: widen
+                fields = list(dict.fromkeys([*writer.fieldnames, *row]))
+                csv_file.seek(0)
+                csv_file.truncate()
+                writer = csv.DictWriter(csv_file, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows[:-1])
             writer.writerow(row)
             csv_file.flush()
             jsonl.write(json.dumps(row, default=_jsonable) + "\n")

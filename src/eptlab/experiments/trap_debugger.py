@@ -13,8 +13,12 @@ ownership reports) with injected bugs is run once per configuration on a freshly
     every heap page trapped for the whole run (no rotation).
 ``compare``
     ``compare_fraction`` at the first period with each ``mode/resume`` of ``compare``.
+``filter``
+    (with ``trap_all``) the trap-all run's judged writes under each filter variant
+    (:data:`FILTERS`), one row per variant and bug value class: the filter's false negatives
+    and false positives, with every write trapped so that sampling plays no part.
 
-Columns (one row per configuration):
+Columns (one row per configuration; ``filter`` rows have their own, below):
 
 | column | meaning |
 |---|---|
@@ -27,21 +31,36 @@ Columns (one row per configuration):
 | bugs_injected, bug_writes | defects and their writes (the first write of a bug injects it) |
 | bugs_detected | defects with at least one write reported |
 | detection_rate | bugs_detected / bugs_injected (undetected bugs count against it) |
-| expected_detection_rate | the sampling-theory rate for these bug writes (KFENCE's argument) |
+| expected_detection_rate | the sampling-theory rate for the bug writes the filter would report |
 | bugs_detected_unfiltered | defects the unfiltered view (map as of the last flush) catches |
 | mean_time_to_detect | accesses from a bug's first write to its first report (detected bugs) |
 | false_positives | reports on writes that are no bug (after the filter) |
 | false_positives_sync_only | alarms with the ring synced but no allocator allow-list |
 | false_positives_unfiltered | alarms of the unfiltered view |
-| metadata_writes_allowed | allocator link stores into free memory let through by the allow-list |
+| bugs_judged | bugs with a write that trapped and reached the filter (after the sync) |
+| bugs_dismissed, fn_rate | of which none was reported: the filter's false negatives; / judged |
+| bug_writes_judged, bug_writes_dismissed | the same, counted in writes |
+| metadata_writes_allowed | link stores into free memory let through by the allow-list |
+| silent_writes_allowed | stores leaving memory unchanged let through (``ignore_silent``) |
+| bug_reports, context_matches | reports at bug writes; of which ip and vCPU are the bug's |
+| report_sites, false_positive_sites | distinct guest RIPs among the reports, the false ones |
+| read_bugs_injected, read_bugs_detected | read-after-free bugs; reported (mode raf) |
+| read_false_positives, link_reads_allowed | raf: reads reported that are no bug; link loads |
 | trapped_writes, trapped_reads | EPT violations on trapped pages, by access |
 | emulated, stepped | trapped accesses completed by emulation / single-stepped with MTF |
 | vm_exits | all exits of the measured run |
 | ept_violation_exits, mtf_exits, vmcall_exits, timer_exits | vm_exits by reason |
 | ept_edits, invept | EPT entries changed, INVEPTs run (attach included) |
+| ipis | shootdown IPIs (each other vCPU runs the INVEPT too) |
 | engine_cycles | the engine's cycles (translation + data, refill walks after INVEPT included) |
-| debugger_cycles | exits x vmexit_cycles + emulation, checks, ring events, EPT edits, INVEPT |
+| debugger_cycles | exits x vmexit_cycles + emulation, checks, ring events, EPT edits, INVEPT, IPI |
 | overhead_cycles_pct | (engine + debugger cycles) over none's engine cycles, minus 1, in % |
+
+``filter`` rows: filter (the rules), value_class, bugs_injected (of the class), bugs_judged (a
+write reached the filter), bugs_dismissed (none reported: false negatives), fn_rate
+(dismissed / judged), bug_writes_judged, bug_writes_dismissed, false_positives (benign writes
+whose value the synced map puts in the class, reported), false_positive_sites (their distinct
+guest RIPs).
 """
 
 from __future__ import annotations
@@ -53,12 +72,13 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from ..apps.heap_guest import HeapGuest, HeapProgram, HeapWorkload, TrapStream
+from ..apps.heap_guest import HeapGuest
 from ..apps.heap_guest import expected_detection as sampling_theory
-from ..apps.trap_debugger import MODES, RESUMES, Score, score
+from ..apps.heap_program import DEFAULT_VALUES, HeapProgram, HeapWorkload, TrapStream, parse_mix
+from ..apps.trap_debugger import MODES, RESUMES
 from ..apps.trap_debugger import TrapDebugger as Debugger
+from ..apps.trap_score import Score, filter_outcomes, reportable, score
 from ..arch.bits import PAGE_SIZE
 from ..arch.exits import ExitReason
 from ..errors import ConfigError
@@ -70,13 +90,11 @@ from .intervals import (
     OVERLAP,
     Interval,
     by_seed,
-    column,
     interval,
     relation,
     seeds_of,
-    summarize,
-    yerr,
 )
+from .trap_debugger_report import context_lines, figure, filter_lines, raf_lines
 
 
 @dataclass(frozen=True)
@@ -90,10 +108,13 @@ class TrapDebuggerParams:
     mode: str = "write"  # write: revoke W; all: revoke R, W and X
     resume: str = "emulate"  # emulate, or mtf (single-step with the permission restored)
     trap_all: bool = True
-    compare: tuple[str, ...] = ("all/emulate", "write/mtf")  # mode/resume at compare_fraction
+    compare: tuple[str, ...] = ("all/emulate", "write/mtf", "raf/emulate")  # mode/resume
     compare_fraction: float = 0.1
     batch: int = 32  # ownership events per flush hypercall
     invept: bool = True  # INVEPT after revoking (False: the bug)
+    allow_null: bool = True  # the allow-list takes 0 in a free chunk's link word
+    ignore_silent: bool = False  # the filter lets through stores that change nothing
+    filters: bool = True  # the filter rows (from the trap-all run)
     heap_pages: int = 512
     accesses: int = 200_000
     warmup: int = 20_000
@@ -102,6 +123,10 @@ class TrapDebuggerParams:
     bugs: int = 100
     writes_per_bug: float = 4.0
     bug_span: int = 40_000
+    bug_values: tuple[str, ...] = DEFAULT_VALUES  # the bugs' value mix, CLASS:WEIGHT
+    bug_field0: float = 0.25  # share of use-after-free bugs writing an object's word 0
+    read_bugs: int = 50  # read-after-free bugs (seen by mode raf only)
+    vcpus: int = 2
     seeds: int = 5
     seed: int = 0
     layout: str = "aged"  # memory layout: aged or contiguous (docs/layouts.md)
@@ -118,8 +143,25 @@ class TrapDebuggerParams:
             bugs=self.bugs,
             writes_per_bug=self.writes_per_bug,
             bug_span=self.bug_span,
+            bug_values=self.bug_values,
+            bug_field0=self.bug_field0,
+            read_bugs=self.read_bugs,
+            vcpus=self.vcpus,
             seed=self.seed,
         )
+
+
+FILTERS = (
+    ("links+null+silent", True, True),
+    ("links+null", True, False),
+    ("links+silent", False, True),
+    ("links", False, False),
+)
+"""The filter variants of the ``filter`` rows: label, allow_null, ignore_silent."""
+
+
+def filter_label(allow_null: bool, ignore_silent: bool) -> str:
+    return next(label for label, n, s in FILTERS if (n, s) == (allow_null, ignore_silent))
 
 
 @dataclass(frozen=True)
@@ -144,6 +186,11 @@ def configs(p: TrapDebuggerParams) -> list[Config]:
         raise ConfigError("periods", "sampled configurations need at least one period")
     if not 1 <= p.batch <= 511:
         raise ConfigError("batch", "must be in 1..511 (the ring's slots)")
+    if not 1 <= p.vcpus <= 8:
+        raise ConfigError("vcpus", f"{p.vcpus} is not in 1..8")
+    if not 0.0 <= p.bug_field0 <= 1.0:
+        raise ConfigError("bug_field0", "must be in [0, 1]")
+    parse_mix(p.bug_values)
     out = [Config("none")]
     out += [
         Config("sampled", f, t, p.mode, p.resume) for t in sorted(p.periods) for f in p.fractions
@@ -171,6 +218,7 @@ class ConfigRun:
     debugger: Debugger | None
     report: RunReport
     score: Score
+    reportable: set[int]  # bug writes the filter reports when trapped (trap_score.reportable)
 
 
 def run_config(
@@ -181,7 +229,7 @@ def run_config(
 ) -> ConfigRun:
     """Boot a guest, lay the boot phase in memory, warm it up, attach the debugger (unless
     ``none``), run the measured stream."""
-    guest = HeapGuest(heap_pages=p.heap_pages, seed=p.seed)
+    guest = HeapGuest(heap_pages=p.heap_pages, seed=p.seed, vcpus=p.vcpus)
     guest.apply_boot(program)
     GuestRunner(guest.vcpu, Passive()).run(
         program.warmup_gva, program.warmup_kind, period=max(1, len(program.warmup_gva))
@@ -200,21 +248,26 @@ def run_config(
             mode=config.mode,
             resume=config.resume,
             invept=p.invept,
+            allow_null=p.allow_null,
+            ignore_silent=p.ignore_silent,
             seed=p.seed,
         )
         debugger.attach(program.boot_events)
         policy = debugger
     n = len(stream)
-    report = GuestRunner(guest.vcpu, policy).run(
+    report = GuestRunner(guest.vcpu, policy, vcpus=guest.vcpus).run(
         stream.gva,
         stream.kind,
+        cpu=stream.cpu,
+        ip=stream.ip,
         values=stream.values,
         calls=stream.calls,
         period=config.period or max(1, n),
         final_timer=False,
         progress=None if progress is None else (lambda done: progress(done, n)),
     )
-    return ConfigRun(config, guest, stream, debugger, report, score(stream, debugger))
+    can = reportable(stream, program, allow_null=p.allow_null, ignore_silent=p.ignore_silent)
+    return ConfigRun(config, guest, stream, debugger, report, score(stream, debugger), can)
 
 
 def measure(run: ConfigRun, baseline_cycles: int) -> Row:
@@ -222,12 +275,13 @@ def measure(run: ConfigRun, baseline_cycles: int) -> Row:
     counters = d.counters if d is not None else None
     debugger_cycles = r.vm_exits * hv_costs().vmexit + (counters.cycles() if counters else 0)
     total = r.engine_cycles + debugger_cycles
+    # the theory counts the bug writes the filter would report if they trapped
+    positions = [[q for q in b if q in run.reportable] for b in run.stream.bug_positions]
     if d is None or d.sampled == 0:
         expected = 0.0
     elif c.period is None or d.sampled >= len(d.pages):
-        expected = 1.0
+        expected = sum(1 for b in positions if b) / max(1, len(positions))
     else:
-        positions = run.stream.bug_positions
         hit = [[run.stream.firings[q][1] & ~(PAGE_SIZE - 1) for q in b] for b in positions]
         expected = sampling_theory(
             positions, hit, pages=len(d.pages), sampled=d.sampled, period=c.period
@@ -239,6 +293,8 @@ def measure(run: ConfigRun, baseline_cycles: int) -> Row:
         "resume": c.resume if d is not None else "-",
         "trap_fraction": c.fraction,
         "period": c.period,
+        "filter": filter_label(d.allow_null, d.ignore_silent) if d is not None else "-",
+        "value_class": "all",
         "pages_trapped": d.sampled if d is not None else 0,
         "accesses": r.accesses,
         "guest_writes": int(np.count_nonzero(run.stream.kind == 1)),
@@ -252,7 +308,21 @@ def measure(run: ConfigRun, baseline_cycles: int) -> Row:
         "false_positives": s.false_positives,
         "false_positives_sync_only": s.false_positives_sync_only,
         "false_positives_unfiltered": s.false_positives_unfiltered,
+        "bugs_judged": s.bugs_judged,
+        "bugs_dismissed": s.bugs_dismissed,
+        "fn_rate": round(s.bugs_dismissed / s.bugs_judged, 4) if s.bugs_judged else None,
+        "bug_writes_judged": s.bug_writes_judged,
+        "bug_writes_dismissed": s.bug_writes_dismissed,
         "metadata_writes_allowed": counters.metadata_writes if counters else 0,
+        "silent_writes_allowed": counters.silent_writes if counters else 0,
+        "bug_reports": s.bug_reports,
+        "context_matches": s.context_matches,
+        "report_sites": s.report_sites,
+        "false_positive_sites": s.false_positive_sites,
+        "read_bugs_injected": s.read_bugs_injected,
+        "read_bugs_detected": s.read_bugs_detected,
+        "read_false_positives": s.read_false_positives,
+        "link_reads_allowed": counters.link_reads if counters else 0,
         "trapped_writes": counters.trapped_writes if counters else 0,
         "trapped_reads": counters.trapped_reads if counters else 0,
         "emulated": counters.emulated if counters else 0,
@@ -264,12 +334,42 @@ def measure(run: ConfigRun, baseline_cycles: int) -> Row:
         "timer_exits": r.exits[ExitReason.PREEMPTION_TIMER],
         "ept_edits": counters.ept_edits if counters else 0,
         "invept": counters.invept if counters else 0,
+        "ipis": counters.ipis if counters else 0,
         "engine_cycles": r.engine_cycles,
         "debugger_cycles": debugger_cycles,
         "overhead_cycles_pct": round(
             100.0 * (total - baseline_cycles) / max(1, baseline_cycles), 2
         ),
     }
+
+
+def filter_rows(run: ConfigRun) -> Iterator[Row]:
+    """The ``filter`` rows of a trap-all run: every variant of :data:`FILTERS` applied to the
+    writes this run's filter judged, per bug value class."""
+    d = run.debugger
+    assert d is not None
+    for label, allow_null, ignore_silent in FILTERS:
+        outcomes = filter_outcomes(
+            run.stream, d, allow_null=allow_null, ignore_silent=ignore_silent
+        )
+        for o in outcomes:
+            yield {
+                "config": "filter",
+                "mode": run.config.mode,
+                "resume": run.config.resume,
+                "trap_fraction": run.config.fraction,
+                "period": None,
+                "filter": label,
+                "value_class": o.value_class,
+                "bugs_injected": o.bugs,
+                "bugs_judged": o.bugs_judged,
+                "bugs_dismissed": o.bugs_dismissed,
+                "fn_rate": round(o.bugs_dismissed / o.bugs_judged, 4) if o.bugs_judged else None,
+                "bug_writes_judged": o.bug_writes_judged,
+                "bug_writes_dismissed": o.bug_writes_dismissed,
+                "false_positives": o.false_positives,
+                "false_positive_sites": o.false_positive_sites,
+            }
 
 
 class TrapDebugger:
@@ -283,15 +383,19 @@ class TrapDebugger:
     demo: ClassVar[dict[str, str]] = {
         "accesses": "20000", "periods": "1000,20000", "seeds": "3"
     }
-    keys: ClassVar[tuple[str, ...]] = ("config", "mode", "resume", "trap_fraction", "period")
+    keys: ClassVar[tuple[str, ...]] = (
+        "config", "mode", "resume", "trap_fraction", "period", "filter", "value_class"
+    )
 
     def rows(self, params: TrapDebuggerParams, progress: Progress) -> Iterator[Row]:
         # every guest built while the rows are computed gets this layout
         yield from in_layout(params.layout, self._layout_rows(params, progress))
 
     def _layout_rows(self, params: TrapDebuggerParams, progress: Progress) -> Iterator[Row]:
-        for _, row in self.runs(params, progress):
+        for run, row in self.runs(params, progress):
             yield row
+            if run.config.name == "trap-all" and params.filters:
+                yield from filter_rows(run)
 
     def runs(
         self, params: TrapDebuggerParams, progress: Progress
@@ -299,7 +403,9 @@ class TrapDebugger:
         """Each configuration's run and row (``none`` first: the overhead baseline)."""
         todo = configs(params)
         workload = params.workload()
-        program = workload.program(HeapGuest(heap_pages=params.heap_pages, seed=params.seed))
+        program = workload.program(
+            HeapGuest(heap_pages=params.heap_pages, seed=params.seed, vcpus=params.vcpus)
+        )
         step = 1000  # progress units per configuration
         total = len(todo) * step
         progress(0, total)
@@ -333,8 +439,9 @@ class TrapDebugger:
 
         bugs = iv(everything, "bugs_injected")
         out = [
-            f"Trapping every heap page catches {iv(everything, 'bugs_detected')}/{bugs} bugs at "
-            f"their first write, for {iv(everything, 'overhead_cycles_pct', unit='%')} more "
+            f"Trapping every heap page catches {iv(everything, 'bugs_detected')}/{bugs} bugs "
+            f"(every bug write traps; the filter dismisses the rest, below), for "
+            f"{iv(everything, 'overhead_cycles_pct', unit='%')} more "
             f"cycles ({iv(everything, 'vm_exits')} exits); no trapping takes "
             f"{iv(none, 'vm_exits')} exits and catches {iv(none, 'bugs_detected')}.",
             f"Trapping {fraction:g} of the pages, rotated every {fast_period:,} accesses, "
@@ -349,112 +456,20 @@ class TrapDebugger:
                           interval(fast.expected_detection_rate))
             ),
         ]
-        trapping = table[table["config"] != "none"]
+        trapping = table[~table["config"].isin(["none", "filter"])]
         out.append(
             f"False alarms over the {len(trapping)} trapping runs ({seeds_of(table)} seed(s)): "
             f"{int(trapping['false_positives_unfiltered'].sum()):,} unfiltered, "
             f"{int(trapping['false_positives_sync_only'].sum()):,} with the ownership ring "
-            f"synced, {int(trapping['false_positives'].sum())} with the allocator allow-list "
-            f"too; bugs caught: {int(trapping['bugs_detected'].sum())} filtered against "
+            f"synced, {int(trapping['false_positives'].sum())} with the filter "
+            f"({trapping['filter'].iloc[0]}) too; bugs caught: "
+            f"{int(trapping['bugs_detected'].sum())} filtered against "
             f"{int(trapping['bugs_detected_unfiltered'].sum())} unfiltered."
         )
-        return out
+        return out + filter_lines(table) + context_lines(table) + raf_lines(table)
 
     def figures(self, table: pd.DataFrame, params: TrapDebuggerParams) -> dict[str, Figure]:
-        seeds = seeds_of(table)
-        table = summarize(table, self.keys)  # means and 95% intervals over the seeds
-        figure = Figure(figsize=(15, 4.5))
-        ax_trade, ax_fp, ax_time = figure.subplots(1, 3)
-        sampled = table[table["config"] == "sampled"]
-        periods = sorted({int(t) for t in sampled["period"].dropna()})
-        colors = {t: f"C{i}" for i, t in enumerate(periods)}
-        for t in periods:
-            rows = sampled[sampled["period"] == t].sort_values("trap_fraction")
-            x = rows["overhead_cycles_pct"].astype(float)
-            ax_trade.errorbar(x, rows["detection_rate"], yerr=yerr(column(rows, "detection_rate")),
-                              xerr=yerr(column(rows, "overhead_cycles_pct")), fmt="o-",
-                              color=colors[t], capsize=2, elinewidth=0.8, label=f"period {t:,}")
-            ax_trade.plot(x, rows["expected_detection_rate"], "x:", color=colors[t])
-            for row in rows.itertuples():
-                ax_trade.annotate(
-                    f"{row.trap_fraction:g}",
-                    (float(row.overhead_cycles_pct), float(row.detection_rate)),
-                    textcoords="offset points",
-                    xytext=(4, -10),
-                    fontsize=7,
-                )
-            times = rows["mean_time_to_detect"].astype(float)
-            ax_time.errorbar(rows["trap_fraction"], times,
-                             yerr=yerr(column(rows, "mean_time_to_detect")), fmt="o-",
-                             color=colors[t], capsize=2, elinewidth=0.8, label=f"period {t:,}")
-        ax_trade.plot([], [], "x:", color="gray", label="sampling theory")
-        extra = table[table["config"].isin(["trap-all", "compare"])]
-        for k, row in enumerate(extra.itertuples()):
-            everything = row.config == "trap-all"
-            label = "trap all" if everything else f"{row.mode}/{row.resume}"
-            ax_trade.scatter(
-                float(row.overhead_cycles_pct),
-                float(row.detection_rate),
-                marker="*" if everything else "D",
-                color="black" if everything else ("tab:purple", "tab:brown", "tab:pink")[k % 3],
-                s=90,
-                label=f"{label} ({row.trap_fraction:g})",
-                zorder=3,
-            )
-        ax_trade.set_xscale("log")
-        spent = table.loc[table["config"] != "none", "overhead_cycles_pct"].astype(float)
-        if len(spent) and spent.min() > 0:
-            steps = [m * 10**e for e in range(-2, 8) for m in (1, 2, 5)]
-            ax_trade.set_xticks([v for v in steps if spent.min() / 2 <= v <= spent.max() * 2])
-        ax_trade.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
-        ax_trade.xaxis.set_minor_formatter(NullFormatter())
-        ax_trade.set_xlabel("overhead over no debugger (cycles, log)")
-        ax_trade.set_ylabel("bugs detected / injected")
-        ax_trade.set_ylim(-0.03, 1.05)
-        ax_trade.set_title("detection vs overhead (labels: trap fraction; 95% intervals)")
-        ax_trade.legend(fontsize=7)
-        shown = table[table["config"] != "none"]
-        labels = [_label(r) for r in shown.to_dict("records")]
-        x = np.arange(len(shown))
-        views = (
-            ("false_positives_unfiltered", "unfiltered", "tab:red"),
-            ("false_positives_sync_only", "ring synced", "tab:orange"),
-            ("false_positives", "synced + allow-list", "tab:green"),
-        )
-        for i, (name_, name, color) in enumerate(views):
-            values = shown[name_].astype(float).to_numpy()
-            ax_fp.bar(
-                x + (i - 1) * 0.27,
-                np.where(values > 0, values, np.nan),
-                0.27,
-                yerr=yerr(column(shown, name_)),
-                capsize=2,
-                color=color,
-                label=name,
-            )
-            for j, v in enumerate(values):
-                if v == 0:
-                    ax_fp.annotate("0", (j + (i - 1) * 0.27, 1), ha="center", fontsize=6)
-        ax_fp.set_yscale("log")
-        ax_fp.set_ylim(bottom=0.8)
-        ax_fp.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
-        ax_fp.set_ylabel("false alarms (log)")
-        ax_fp.set_title("false positives: unfiltered vs filtered")
-        ax_fp.legend(fontsize=7)
-        ax_time.set_xscale("log")
-        ax_time.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax_time.xaxis.set_minor_formatter(NullFormatter())
-        ax_time.set_xticks(sorted({float(f) for f in sampled["trap_fraction"]}))
-        ax_time.set_xlabel("trap fraction (log)")
-        ax_time.set_ylabel("accesses from injection to report (mean)")
-        ax_time.set_title("time to detect (detected bugs)")
-        ax_time.legend(fontsize=7)
-        figure.suptitle(
-            f"rotating-trap debugger: {params.bugs} bugs, {params.heap_pages} heap pages, "
-            f"{params.accesses:,} accesses, {seeds} seed(s)"
-        )
-        figure.tight_layout()
-        return {"trap-debugger": figure}
+        return {"trap-debugger": figure(table, params, self.keys)}
 
 
 def _slower(slow: Interval, fast: Interval) -> str:
@@ -465,14 +480,3 @@ def _slower(slow: Interval, fast: Interval) -> str:
     if how == "overlap" and not (slow.exact and fast.exact):
         return f"; in theory, {OVERLAP} between the two periods."
     return "."
-
-
-def _label(row: Row) -> str:
-    if row["config"] == "trap-all":
-        return f"trap all {row['mode']}/{row['resume']}"
-    text = f"{row['trap_fraction']:g}"
-    if row["period"] is not None and not pd.isna(row["period"]):
-        text += f"/{int(row['period']):,}"
-    if row["config"] == "compare":
-        text += f" {row['mode']}/{row['resume']}"
-    return text

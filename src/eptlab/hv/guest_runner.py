@@ -33,12 +33,18 @@ A chunk writes its stores' values when it returns, so an access that depends on 
 store's value in the same chunk (a walk through a page-table entry the stream just wrote) would
 not see it: ``barriers`` are positions where a chunk ends, so every store before them is in
 memory when the access at the barrier runs.
+
+Several vCPUs of one VM may share the stream (``vcpus``, and ``cpu``: per access, the index of
+the vCPU that runs it); an exit is delivered on the vCPU whose access exited. The stream may
+also say which instruction made each access (``ip``: the guest RIP per access); the loop writes
+it into the exiting vCPU's :attr:`VCPU.rip` before delivering the exit, as the processor saves
+the guest RIP in the VMCS guest-state area on every VM exit (SDM Vol. 3C §25.4.1, §28.3.3).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -69,8 +75,8 @@ class Policy(Protocol):
 
 @dataclass
 class RunReport:
-    """What one run of a guest program did: accesses, exits by reason, engine cycles and the stores
-    performed."""
+    """What one run of a guest program did: accesses, exits by reason, engine cycles (of every
+    vCPU it ran) and the stores performed."""
     accesses: int  # accesses run (fewer than the stream's when a handler answered STOP)
     exits: Counter[ExitReason]  # this run only (exit_names() for output)
     engine_cycles: int
@@ -83,12 +89,18 @@ class RunReport:
 
 
 class GuestRunner:
-    """Runs one vCPU through a stream of accesses (guest faults go to ``vcpu.guest_os``)."""
+    """Runs a stream of accesses on ``vcpu`` (or on ``vcpus``, per access as ``cpu`` says;
+    guest faults go to the accessing vCPU's ``guest_os``)."""
 
-    def __init__(self, vcpu: VCPU, policy: Policy) -> None:
+    def __init__(self, vcpu: VCPU, policy: Policy, *, vcpus: Sequence[VCPU] = ()) -> None:
         self.vcpu, self.policy = vcpu, policy
+        self.vcpus = list(vcpus) or [vcpu]
+        if self.vcpus[0] is not vcpu or any(v.vm is not vcpu.vm for v in self.vcpus):
+            raise ConfigError("vcpus", "must start with vcpu and belong to its VM")
         self.hv = vcpu.vm.hv
         self._stores = np.zeros(0, np.int64)  # positions of the stores that carry values
+        self._cpu: npt.NDArray[np.int64] | None = None  # per access: index into vcpus
+        self._ip: npt.NDArray[np.int64] | None = None  # per access: the guest RIP
 
     def run(
         self,
@@ -101,8 +113,12 @@ class GuestRunner:
         final_timer: bool = True,
         progress: Callable[[int], None] | None = None,
         barriers: Iterable[int] = (),
+        cpu: npt.NDArray[np.integer] | None = None,
+        ip: npt.NDArray[np.int64] | None = None,
     ) -> RunReport:
-        """Run the whole stream (signed GVAs, kinds 0 read / 1 write / 2 fetch)."""
+        """Run the whole stream (signed GVAs, kinds 0 read / 1 write / 2 fetch; ``cpu``: the
+        index in ``vcpus`` of each access's vCPU, default the first; ``ip``: each access's
+        guest RIP, default 0)."""
         if period < 1:
             raise ConfigError("period", "must be at least 1")
         n = int(gva.shape[0])
@@ -110,12 +126,20 @@ class GuestRunner:
         calls = calls or {}
         if any(not 0 <= p <= n for p in calls):
             raise ConfigError("calls", f"positions must be in 0..{n}")
+        for name, column in (("cpu", cpu), ("ip", ip)):
+            if column is not None and column.shape != (n,):
+                raise ConfigError(name, f"needs one value per access ({n})")
+        if cpu is not None and n and not 0 <= int(cpu.min()) <= int(cpu.max()) < len(self.vcpus):
+            raise ConfigError("cpu", f"vCPU indices must be in 0..{len(self.vcpus) - 1}")
+        self._cpu = None if cpu is None else np.asarray(cpu, np.int64)
+        self._ip = ip
         user = np.zeros(n, np.int8)
-        owner = np.full(n, self.vcpu.engine_id, np.int32)
+        ids = np.array([v.engine_id for v in self.vcpus], np.int32)
+        owner = ids[self._cpu] if self._cpu is not None else np.full(n, ids[0], np.int32)
         accesses = Accesses(gva, kind, user, owner)
         self._stores = np.array(sorted(values), np.int64)
         exits_before = Counter(self.hv.exits)
-        cycles_before = self.vcpu.stats.cycles
+        cycles_before = self._cycles()
         performed: dict[int, int] = {}
         stops = sorted(set(calls) | {b for b in barriers if 0 < b < n})
         s = 0
@@ -137,27 +161,47 @@ class GuestRunner:
             pos = end
             timer = (pos < n and pos % period == 0) or (pos == n and final_timer)
             if timer and self.policy.timer_armed:
-                stopped = self._deliver(PreemptionTimer(), pos) is ExitAction.STOP
+                stopped = self._deliver(PreemptionTimer(), pos, on=pos - 1) is ExitAction.STOP
             if progress is not None and (pos % period == 0 or pos == n):
                 progress(pos)
         if n in calls and pos == n and not stopped:
             self._deliver(calls[n], n)
         exits = Counter(self.hv.exits)
         exits.subtract(exits_before)
-        return RunReport(pos, +exits, self.vcpu.stats.cycles - cycles_before, performed)
+        return RunReport(pos, +exits, self._cycles() - cycles_before, performed)
 
-    def _deliver(self, record: Record, position: int, operand: int | None = None) -> ExitAction:
-        """Hand one exit to the hypervisor; the handler's action, checked against what the
-        exit allows (an access exit anything, the others RETRY or SKIP as they complete)."""
+    def _cycles(self) -> int:
+        """The engine cycles of every vCPU the loop runs."""
+        return sum(v.stats.cycles for v in self.vcpus)
+
+    def _deliver(
+        self, record: Record, position: int, operand: int | None = None, on: int | None = None
+    ) -> ExitAction:
+        """Hand one exit to the hypervisor, on the vCPU of the access at ``on`` (default
+        ``position``) with that access's guest RIP saved in it; the handler's action, checked
+        against what the exit allows (an access exit anything, the others RETRY or SKIP as
+        they complete)."""
         p = self.policy
         p.clock, p.operand = position, operand
-        exit_ = Exit(self.vcpu, record)
+        exit_ = Exit(self._vcpu_at(position if on is None else on), record)
         action = self.hv.handle(exit_)
         allowed = _ALLOWED.get(record.reason, tuple(ExitAction))
         if action not in allowed:
             names = ", ".join(a.name for a in allowed)
             raise EptlabError(f"{exit_}: answered {action.name}; this exit takes {names}")
         return action
+
+    def _vcpu_at(self, position: int) -> VCPU:
+        """The vCPU running the access at ``position`` (clamped to the stream), its RIP set."""
+        cpu, ip = self._cpu, self._ip
+        n = cpu.shape[0] if cpu is not None else (ip.shape[0] if ip is not None else 0)
+        if n == 0:
+            return self.vcpu
+        at = min(max(position, 0), n - 1)
+        vcpu = self.vcpus[int(cpu[at])] if cpu is not None else self.vcpu
+        if ip is not None:
+            vcpu.rip = int(ip[at]) & ((1 << 64) - 1)  # given signed, like the GVAs
+        return vcpu
 
     def _run(
         self,
@@ -196,9 +240,10 @@ class GuestRunner:
             if exits_here > MAX_EXITS_PER_ACCESS:
                 raise EptlabError(f"access {position} did not complete after {exits_here} exits")
             if result.fault is not None:
-                guest_os = self.vcpu.guest_os
-                if guest_os is None or not guest_os.handle_fault(self.vcpu, result.fault):
-                    self.vcpu.unresolved_faults.append(result.fault)
+                vcpu = self._vcpu_at(position)
+                guest_os = vcpu.guest_os
+                if guest_os is None or not guest_os.handle_fault(vcpu, result.fault):
+                    vcpu.unresolved_faults.append(result.fault)
                     at += 1
                 continue
             assert result.exit is not None
@@ -237,9 +282,10 @@ class GuestRunner:
                     performed[at] = hpa
                 break
             if result.fault is not None:
-                guest_os = self.vcpu.guest_os
-                if guest_os is None or not guest_os.handle_fault(self.vcpu, result.fault):
-                    self.vcpu.unresolved_faults.append(result.fault)
+                vcpu = self._vcpu_at(at)
+                guest_os = vcpu.guest_os
+                if guest_os is None or not guest_os.handle_fault(vcpu, result.fault):
+                    vcpu.unresolved_faults.append(result.fault)
                     break
                 continue
             assert result.exit is not None

@@ -37,6 +37,7 @@ class VCPU:
         self.guest_os: GuestOS | None = None
         self.program: Iterator[Segment] = iter(())
         self.unresolved_faults: list[GuestFault] = []
+        self.rip = 0  # guest RIP saved at the last VM exit (SDM Vol. 3C §25.4.1), when known
         self._runner: Scheduler | None = None
 
     def load(self, program: Iterable[Segment]) -> None:

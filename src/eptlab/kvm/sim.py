@@ -11,8 +11,10 @@ each function runs), never measured.
 The fork here is the 4 KiB case of :class:`eptlab.apps.cow.CopyOnWrite`, written again in a few
 lines so that ``kvm/`` imports nothing from ``apps/``: the parent's leaves lose write permission,
 each clone maps the same frames read-only, and a clone's first write to a page copies it (or,
-when the clone is the page's last owner, takes the frame back without copying). A test checks
-it against ``CopyOnWrite`` on the same pattern.
+when the clone is the page's last owner, takes the frame back without copying). It is priced
+as ``CopyOnWrite`` prices an eager fork (EPT edits, table frames, ``vm_create_cycles`` per
+clone; exit, INVEPT, edit, frame and copy per fault); a test checks it against ``CopyOnWrite``
+on the same pattern.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..arch.access import Access
 from ..arch.bits import PAGE_SHIFT, PAGE_SIZE, PageSize
 from ..arch.ept import Ept, ept_address
 from ..arch.exits import EptQual, EptViolation, ExitReason
+from ..costs import active_profile
 from ..errors import ConfigError
 from ..hv import VCPU, VM, Exit, ExitAction, Hypervisor, Run
 from ..hv.costs import HvCosts, hv_costs
@@ -70,6 +73,7 @@ class _CowFork:
 
     def __init__(self, hv: Hypervisor, costs: HvCosts) -> None:
         self.hv, self.costs = hv, costs
+        self.vm_create = active_profile().cycles("vm_create_cycles")  # a clone's VM and vCPUs
         self.shared: dict[int, set[int]] = {}  # id(vm) -> pages still shared (write-protected)
         self.copied: Counter[str] = Counter()  # pages copied, by VM name
         self.fork_cycles = self.fault_cycles = 0
@@ -85,7 +89,7 @@ class _CowFork:
             leaves.append((gpa, ept_address(leaf.value, leaf.level, vm.ept.maxphyaddr), leaf))
             if leaf.value & Ept.W:
                 memory.write_u64(leaf.entry_address, leaf.value & ~int(Ept.W))
-            self.fork_cycles += self.costs.ept_edit
+                self.fork_cycles += self.costs.ept_edit
         self.shared[id(vm)] = {gpa for gpa, _, _ in leaves}
         clones = []
         for i in range(n):
@@ -95,8 +99,10 @@ class _CowFork:
             for gpa, hpa, leaf in leaves:
                 clone.ept.map(gpa, hpa=hpa, perms="r-x" if leaf.value & Ept.X else "r--")
             self.shared[id(clone)] = {gpa for gpa, _, _ in leaves}
-            touched = len(leaves) + len(clone.ept.tables.tables) - tables_before
-            self.fork_cycles += touched * self.costs.ept_edit
+            tables = len(clone.ept.tables.tables)  # the root and what the leaves needed
+            touched = len(leaves) + tables - tables_before
+            self.fork_cycles += (self.vm_create + touched * self.costs.ept_edit
+                                 + tables * self.costs.frame_alloc)
             for parent_vcpu in vm.vcpus:
                 g = parent_vcpu.guest
                 clone.add_vcpu(guest=GuestState(cr3=g.cr3, cr0=g.cr0, cr4=g.cr4, efer=g.efer,
@@ -118,6 +124,7 @@ class _CowFork:
         self.fault_cycles += self.costs.vmexit + self.costs.invept
         hpa = ept_address(leaf.value, leaf.level, vm.ept.maxphyaddr)
         host = self.hv.host
+        self.fault_cycles += self.costs.ept_edit
         if host.refs(hpa) == 1:  # the last owner: no copy
             host.memory.write_u64(leaf.entry_address, leaf.value | Ept.W)
         else:
@@ -127,7 +134,7 @@ class _CowFork:
             host.memory.write_u64(leaf.entry_address, new | keep | Ept.W)
             host.release(hpa, PAGE_SIZE)
             self.copied[vm.name] += 1
-            self.fault_cycles += self.costs.copy_cycles(PAGE_SIZE)
+            self.fault_cycles += self.costs.frame_alloc + self.costs.copy_cycles(PAGE_SIZE)
         self.shared[id(vm)].discard(page)
         vm.invept()
         return ExitAction.RETRY

@@ -54,6 +54,7 @@ class PhysicalMemory:
         self._htable = np.zeros((1024, 2), np.int64)
         self._htable[:, 0] = EMPTY
         self._hused = 0  # live keys + tombstones
+        self.generation = 0  # bumped whenever a frame gains or loses storage
 
     # -- frames -------------------------------------------------------------------------------
 
@@ -73,6 +74,7 @@ class PhysicalMemory:
             row = self._new_row()
             self._hash_insert(pfn, row)  # first: a rehash re-inserts what the dict holds
             self._row_of[pfn] = row
+            self.generation += 1
         return self._rows[row]  # type: ignore[no-any-return]
 
     def peek_frame(self, pfn: int) -> Frame | None:
@@ -96,6 +98,7 @@ class PhysicalMemory:
         """Drop the storage of frame ``pfn``: it reads as zeros again."""
         row = self._row_of.pop(pfn, None)
         if row is not None:
+            self.generation += 1
             self._free_rows.append(row)
             self._htable[self._hash_slot(pfn), 0] = TOMBSTONE
 

@@ -32,6 +32,7 @@ from .context import CpuFeatures, GuestState, Vmcs
 from .kernels import assoc as planes
 from .kernels import layout as L
 from .kernels import run as _run
+from .kernels.state import Caches, Log, Machine, Memory, Stream
 from .kernels.walk import NSCRATCH
 from .stats import VcpuStats
 from .walker import DATA, Dim, Reference
@@ -39,6 +40,24 @@ from .walker import DATA, Dim, Reference
 I64 = npt.NDArray[np.int64]
 _run_chunk = cast(Callable[..., int], _run.run_chunk)  # a numba dispatcher
 U64_MASK = (1 << 64) - 1
+FRAME_TABLE_SLACK = 16  # a direct frame table may span this many times the backed frames
+
+
+def frame_table(htable: I64) -> tuple[npt.NDArray[np.int32], I64]:
+    """``(frames, [base])`` with ``frames[pfn - base]`` the row of each backed frame (-1: none),
+    built from the memory's hash table; empty when the frames are too sparse for it to pay
+    (then the kernels use the hash table alone)."""
+    live = htable[:, 0] >= 0
+    pfns, rows = htable[live, 0], htable[live, 1]
+    if not len(pfns):
+        return np.zeros(0, np.int32), np.zeros(1, np.int64)
+    base = int(pfns.min())
+    span = int(pfns.max()) - base + 1
+    if span > FRAME_TABLE_SLACK * len(pfns) + (1 << 16) or int(rows.max()) >= 1 << 31:
+        return np.zeros(0, np.int32), np.zeros(1, np.int64)
+    frames = np.full(span, -1, np.int32)
+    frames[pfns - base] = rows
+    return frames, np.array([base], np.int64)
 
 
 def _signed(value: int) -> int:
@@ -135,6 +154,8 @@ class Engine:
         self.features = features or CpuFeatures()
         self.features.check_host_memory(memory.size)  # memory fits below any key-ID bits
         self._vcpus: list[_Vcpu] = []
+        self._frames_at = -1  # memory generation the frame table was built at
+        self._frames, self._frame_base = frame_table(np.zeros((0, 2), np.int64))
         self._ctx: dict[tuple[int, int], int] = {}
         self._ectx: dict[int, int] = {}
         self._feat = np.array(
@@ -228,8 +249,10 @@ class Engine:
         )
         self._pf = np.full((nv, pcfg.streams + 1, L.NPF), -1, np.int64)  # stream table: empty
         self._occupied = np.zeros(nv, np.int64)  # per vCPU: structures that hold entries
-        self._res = np.zeros(8, np.int64)  # kernel scratch: the kernels allocate nothing
-        self._scratch = np.zeros((NSCRATCH, 5), np.int64)
+        self._scratch = np.zeros((NSCRATCH, 5), np.int64)  # the kernels allocate nothing
+        self._caches = Caches(
+            self._tlb, self._desc, self._cache, self._cdesc, self._heads, self._pf, self._pcfg
+        )
 
     def _pack_registers(self) -> I64:
         regs = np.zeros((max(1, len(self._vcpus)), L.NREGS), np.int64)
@@ -284,39 +307,22 @@ class Engine:
         if len(accesses) and int(accesses.vcpu.max()) >= len(self._vcpus):
             raise ConfigError("Accesses.vcpu", f"only {len(self._vcpus)} vCPUs exist")
         regs = self._pack_registers()
-        rows, htable = self.memory.kernel_arrays()
         refs = np.zeros((log_references, L.NREFCOLS), np.int64)
         ref_count = np.zeros(1, np.int64)
         exit_info = np.zeros(L.NEXIT, np.int64)
         out_hpa = np.full(len(accesses) if record_hpa else 0, -1, np.int64)
+        log = Log(self._stats, refs, ref_count, exit_info, out_hpa, self._scratch)
         stopped = int(
             _run_chunk(
-                accesses.gva,
-                accesses.kind,
-                accesses.user,
-                accesses.vcpu,
+                Stream(accesses.gva, accesses.kind, accesses.user, accesses.vcpu),
                 start,
-                regs,
-                self._feat,
-                rows,
-                htable,
-                self._tlb,
-                self._desc,
-                self._cache,
-                self._cdesc,
-                self._cost,
-                self._stats,
-                refs,
-                ref_count,
-                self._heads,
-                exit_info,
-                out_hpa,
-                self._res,
-                self._scratch,
-                self._pf,
-                self._pcfg,
+                self._memory_bundle(),
+                self._caches,
+                Machine(regs, self._feat, self._cost),
+                log,
             )
         )
+        _run.derive_totals(self._stats)
         self._occupied[:] = regs[:, L.REG_OCCUPIED]
         for i, v in enumerate(self._vcpus):  # the kernel advanced the PML index
             if v.vmcs is not None:
@@ -342,6 +348,16 @@ class Engine:
             references,
             [int(r[0]) for r in refs[:n_refs]],
         )
+
+    def _memory_bundle(self) -> Memory:
+        """The kernels' view of host memory, with a direct-indexed frame table over the backed
+        frames when they are dense enough (rebuilt only when frames gained or lost storage)."""
+        rows, htable = self.memory.kernel_arrays()
+        generation = self.memory.generation
+        if self._frames_at != generation:
+            self._frames, self._frame_base = frame_table(htable)
+            self._frames_at = generation
+        return Memory(rows, htable, self._frames, self._frame_base)
 
     @staticmethod
     def _decode_exit(info: I64) -> tuple[VmExit | None, GuestFault | None]:
@@ -369,6 +385,22 @@ class Engine:
     def stats(self, vcpu: int = 0) -> VcpuStats:
         """A snapshot of vCPU ``vcpu``'s statistics."""
         return VcpuStats.from_row(self._stats[vcpu])
+
+    @property
+    def stats_rows(self) -> I64:
+        """Every vCPU's statistics, live and read-only: shape (vCPUs, ``NSTATS``), columns
+        indexed by the ``ST_*`` constants of :mod:`eptlab.mmu.kernels.layout`."""
+        view = self._stats.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def cost_vector(self) -> I64:
+        """The cycle prices the kernels charge, read-only, indexed by the ``COST_*`` constants
+        of :mod:`eptlab.mmu.kernels.layout`."""
+        view = self._cost.view()
+        view.flags.writeable = False
+        return view
 
     def reset_stats(self) -> None:
         """Zero every vCPU's statistics (caches and TLBs keep their contents)."""

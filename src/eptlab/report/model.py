@@ -50,23 +50,56 @@ BY_CONSTRUCTION: dict[str, list[str]] = {
         "profile (cache and DRAM latencies, walk start, STLB and paging-structure-cache costs).",
     ],
     "cow-fork": [
-        "fork_cycles, cow_cycles and full_copy_cycles are event counts times profile prices "
-        "(ept_edit_cycles, invept_cycles, vmexit_cycles, copy_bytes_per_cycle): the 'x cheaper' "
-        "ratio restates those prices, it is not measured.",
+        "fork_cycles, cow_cycles, full_copy_cycles, reset_cycles, loop_cycles and the re-fork "
+        "columns are event counts times profile prices (ept_edit_cycles, invept_cycles, "
+        "vmexit_cycles, copy_bytes_per_cycle, frame_alloc_cycles, vm_create_cycles, "
+        "pml_entry_cycles) plus the engine's cycles for the guest's accesses: every ratio "
+        "restates those prices, none is measured.",
+        "An eager fork edits one EPT entry per guest page and a lazy one takes one exit per page "
+        "touched, so where lazy stops being cheaper follows from vmexit_cycles against "
+        "ept_edit_cycles; the parent's first writes fault after a fork because the fork made "
+        "its pages read-only (exits equal pages written, by construction).",
+        "Write-protection tracking takes one exit per dirtied page per run and PML one per 512 "
+        "logged pages (the log's size, SDM Vol. 3C §29.3.6); byte-exact resets are checked on "
+        "every run, not assumed.",
     ],
     "prefetch-hypercall": [
-        "Exit, INVEPT, shootdown, page backing and guest-fault cycles are profile prices; the "
-        "stale-use counts are checked by the checker on every access, not assumed.",
+        "Exit, INVEPT, shootdown, page backing, guest-fault, async-PF event, task-switch and "
+        "swap-in cycles are profile prices; the stale-use counts are checked by the checker on "
+        "every access, not assumed.",
+        "Back only on lazy memory and no hint on backed memory start from the same state (every "
+        "page mapped, caches cold), as do back + warm and warm only: their guest-side columns "
+        "agree by construction (up to where the remaps land against the hint's steps); "
+        "prefetch_cycles tells them apart.",
+        "With backing=zero the async-PF rows cost more than no hint by construction (two events, "
+        "two task switches and a kick exit against a sub-microsecond zero-fill); KVM would not "
+        "take the async path there.",
     ],
     "double-caching": [
         "One EPT violation per first touch of a guest-physical page (ept_violations equals "
         "guest_pages_allocated) follows from lazy backing by construction.",
         "io_ms, ept_ms and guest_ms are counts times profile prices and the profile's disk "
         "latencies and bandwidths; no device or host CPU was timed.",
+        "On the DAX path window_violations equals the distinct window pages read because the "
+        "window is mapped one 4 KiB page per first access; a hit's cost is profile prices, a "
+        "miss adds the disk model's time.",
+        "init_on_alloc=0 leaves the EPT violation count unchanged because the model (like KVM) "
+        "makes the EPT entry only at the guest's first access; the cycles it saves are the "
+        "profile's frame and zeroing prices moved from the exit to the device's host fault.",
+        "Host readahead's cut in disk reads on a sequential read is fixed-window arithmetic "
+        "(one request per missing run plus the window), not a measured readahead policy.",
     ],
     "aslr-side-channel": [
-        "The attacker is idealized: it gets one LLC set index per reference (AnC after "
+        "The exact attacker is idealized: it gets one LLC set index per reference (AnC after "
         "sliding); the entropy floors with noise 0 are arithmetic over the leaked address bits.",
+        "The prime+probe attacker measures through the engine's LRU cache model, where an "
+        "evicted line always reads slow and nothing else runs: its noise is the victim's own "
+        "reads and walks, not a random draw. No replacement-policy noise, prefetcher, other "
+        "core or interrupt is modelled.",
+        "Re-randomizing in 2 MiB blocks cannot change HPA bits 6-20, the unsliced LLC index: "
+        "with the slice hash off, migration leaves the data line's set where it was by "
+        "construction; walk references leak line offsets (guest-physical bits) under every "
+        "layout and every migration.",
     ],
     "integrity-monitor": [
         "The trap modes detect and prevent every hook at its write because every write to a "
@@ -81,10 +114,17 @@ BY_CONSTRUCTION: dict[str, list[str]] = {
         "and outcomes are exact, their walk references are those of cold walks.",
     ],
     "trap-debugger": [
-        "Detection follows the sampling theory (expected_detection_rate) because the sample is "
-        "uniform; debugger_cycles is exits times vmexit_cycles plus counted work times profile "
-        "prices, and the overhead percentages are against a guest that does nothing but heap "
-        "accesses (an upper bound).",
+        "Detection follows the sampling theory (expected_detection_rate, over the bug writes the "
+        "filter reports) because the sample is uniform; debugger_cycles is exits times "
+        "vmexit_cycles plus counted work times profile prices, and the overhead percentages are "
+        "against a guest that does nothing but heap accesses (an upper bound).",
+        "Zero false positives with the default filter hold by construction: its allow-list "
+        "accepts exactly the link stores the modelled allocator makes. Every same-value bug is "
+        "dismissed by the silent-store rule by its definition; which NULL and freed-pointer bugs "
+        "a rule admits depends on where the injected writes land (word 0 of a free chunk) and on "
+        "what memory holds there, which the model decides.",
+        "An alarm's instruction pointer is the bug's because the stream supplies every access's "
+        "ip and the run loop copies it at the exit: context_matches checks that plumbing.",
     ],
     "tsx-aborts": [
         "Every VM exit inside a transaction aborts it: ept_aborts equals ept_violations_in_tx "

@@ -94,7 +94,10 @@ def decode_records(records: np.ndarray) -> TraceChunk:
     keep[:, 0] = True  # every record is one instruction fetch, whatever its ip
     addresses = table[keep].view(np.int64)  # row-major: fetch, reads, writes per record
     kinds = np.broadcast_to(_KINDS, (n, 7))[keep]
-    return TraceChunk(addresses, kinds, np.full(addresses.shape[0], ACCESS_SIZE, np.int32))
+    ips = np.broadcast_to(table[:, :1], (n, 7))[keep].view(np.int64)  # the record's ip
+    return TraceChunk(
+        addresses, kinds, np.full(addresses.shape[0], ACCESS_SIZE, np.int32), ips
+    )
 
 
 def read_champsim(path: str | Path, chunk: int = 1 << 20) -> Iterator[TraceChunk]:

@@ -6,6 +6,7 @@ Each data line is ``I  ADDR,SIZE`` (instruction fetch), `` L ADDR,SIZE`` (load),
 quotes at most the line's first characters. A line longer than :data:`MAX_LINE` characters is
 an error (lackey's lines are about 30), so a file without newlines (``/dev/zero``) is refused
 instead of filling memory. Sizes are 1 .. 2**31 - 1 (the int32 of :class:`TraceChunk`).
+Each access's ``ip`` is the address of the last instruction fetch before it (0 before any).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def lackey_chunks(source: Source, chunk: int = 1 << 20) -> Iterator[TraceChunk]:
     addresses: list[int] = []
     kinds: list[int] = []
     sizes: list[int] = []
+    ips: list[int] = []
+    ip = 0
     with io.TextIOWrapper(source.stream, encoding="utf-8", errors="replace") as text:
         number = 0
         while True:
@@ -72,18 +75,24 @@ def lackey_chunks(source: Source, chunk: int = 1 << 20) -> Iterator[TraceChunk]:
                 )
             if address >= 1 << 63:
                 address -= 1 << 64
+            if op == "I":
+                ip = address
             for kind in _KINDS[op]:
                 addresses.append(address)
                 kinds.append(kind)
                 sizes.append(size)
+                ips.append(ip)
             if len(addresses) >= chunk:
-                yield _chunk(addresses, kinds, sizes)
-                addresses, kinds, sizes = [], [], []
+                yield _chunk(addresses, kinds, sizes, ips)
+                addresses, kinds, sizes, ips = [], [], [], []
     if addresses:
-        yield _chunk(addresses, kinds, sizes)
+        yield _chunk(addresses, kinds, sizes, ips)
 
 
-def _chunk(addresses: list[int], kinds: list[int], sizes: list[int]) -> TraceChunk:
+def _chunk(addresses: list[int], kinds: list[int], sizes: list[int], ips: list[int]) -> TraceChunk:
     return TraceChunk(
-        np.asarray(addresses, np.int64), np.asarray(kinds, np.int8), np.asarray(sizes, np.int32)
+        np.asarray(addresses, np.int64),
+        np.asarray(kinds, np.int8),
+        np.asarray(sizes, np.int32),
+        np.asarray(ips, np.int64),
     )

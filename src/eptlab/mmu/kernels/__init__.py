@@ -23,7 +23,9 @@ def _cache_dir() -> Path:
     version) makes any change to any kernel recompile them all."""
     digest = hashlib.sha256(numba.__version__.encode())
     here = Path(__file__).parent
-    for source in sorted(here.glob("*.py")) + [here.parent.parent / "memory" / "physical.py"]:
+    package = here.parent.parent
+    sources = sorted(here.glob("*.py")) + sorted((package / "arch").glob("*.py"))
+    for source in sources + [package / "memory" / "physical.py", package / "mmu" / "context.py"]:
         digest.update(source.read_bytes())
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "eptlab" / f"numba-{digest.hexdigest()[:16]}"

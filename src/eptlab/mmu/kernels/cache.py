@@ -14,8 +14,9 @@ does not matter: a line is in a set at most once).
 
 Data accesses (:func:`access_data`, not page-walk references: :func:`access_line`) also drive
 the prefetchers configured in ``pcfg`` (:class:`eptlab.mmu.config.PrefetcherConfig`), whose
-per-page stream table is ``pf[vcpu, stream, PF_*]``. A prefetched line carries PREFETCHED in its
-tag until a demand access uses it, which counts a useful prefetch.
+per-page stream table is ``pf[vcpu, position, PF_*]`` (a ring in recency order: :func:`_train`).
+A prefetched line carries PREFETCHED in its tag until a demand access uses it, which counts a
+useful prefetch.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from .layout import (
     PF_L1_NEXT_LINE,
     PF_LAST,
     PF_PAGE,
-    PF_STAMP,
     PF_STREAMS,
     PF_STRIDE,
     ST_PF_ISSUED,
@@ -149,31 +149,41 @@ def _prefetch(cache, cdesc, vcpu, line, heads, top, stats):  # type: ignore[no-u
 
 @inline_kernel
 def _train(pf, pcfg, vcpu, line):  # type: ignore[no-untyped-def]
-    """The stride prefetcher's per-page stream table (LRU by stamps; empty entries, stamped
-    -1, are taken first): record an L1 miss of ``line``; returns the stride (in lines) to
-    prefetch along, or 0."""
+    """The stride prefetcher's per-page stream table, exact LRU: record an L1 miss of ``line``;
+    returns the stride (in lines) to prefetch along, or 0.
+
+    The table is a ring in recency order, as the cache rows are: ``pf[vcpu, streams, 1]`` is
+    the position of the most recent stream (-1 reads as 0), the positions after it (wrapping)
+    hold less and less recent ones, so a new page replaces the one before the head (empty
+    entries, page -1, are the oldest) and becomes the head; a known page moves to the head."""
     page = line >> 6
     offset = line & (LINES_PER_PAGE - 1)
     streams = pcfg[PF_STREAMS]
-    slot = pf[vcpu, streams, 1]  # the entry used last (a speed-up only: -1 when none)
-    victim = 0
-    if slot < 0 or pf[vcpu, slot, PF_PAGE] != page:
-        slot = -1
-        oldest = pf[vcpu, 0, PF_STAMP]
+    head = pf[vcpu, streams, 1]
+    if head < 0:
+        head = 0
+    slot = -1
+    if pf[vcpu, head, PF_PAGE] == page:  # the stream of the last miss: the common case
+        slot = head
+    else:
         for k in range(streams):
             if pf[vcpu, k, PF_PAGE] == page:
                 slot = k
                 break
-            if pf[vcpu, k, PF_STAMP] < oldest:
-                oldest = pf[vcpu, k, PF_STAMP]
-                victim = k
     last = offset
     stride = 0
     if slot >= 0:
         last = pf[vcpu, slot, PF_LAST]
         stride = pf[vcpu, slot, PF_STRIDE]
+        way = slot
+        while way != head:  # the more recent streams move one position on
+            before = way - 1 if way > 0 else streams - 1
+            pf[vcpu, way, PF_PAGE] = pf[vcpu, before, PF_PAGE]
+            pf[vcpu, way, PF_LAST] = pf[vcpu, before, PF_LAST]
+            pf[vcpu, way, PF_STRIDE] = pf[vcpu, before, PF_STRIDE]
+            way = before
     else:
-        slot = victim
+        head = head - 1 if head > 0 else streams - 1  # the LRU (or an empty) entry
     go = 0
     delta = offset - last
     if delta != 0:  # two successive equal deltas confirm the stride
@@ -181,13 +191,10 @@ def _train(pf, pcfg, vcpu, line):  # type: ignore[no-untyped-def]
             go = stride
         stride = delta
         last = offset
-    clock = pf[vcpu, streams, 0] + 1  # the row after the streams holds the vCPU's clock
-    pf[vcpu, streams, 0] = clock
-    pf[vcpu, streams, 1] = slot
-    pf[vcpu, slot, PF_PAGE] = page
-    pf[vcpu, slot, PF_LAST] = last
-    pf[vcpu, slot, PF_STRIDE] = stride
-    pf[vcpu, slot, PF_STAMP] = clock
+    pf[vcpu, streams, 1] = head
+    pf[vcpu, head, PF_PAGE] = page
+    pf[vcpu, head, PF_LAST] = last
+    pf[vcpu, head, PF_STRIDE] = stride
     return go
 
 

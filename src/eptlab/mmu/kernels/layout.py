@@ -1,7 +1,11 @@
 """Indices and codes shared by the kernels and :mod:`eptlab.mmu.engine` (plain ints, which numba
-freezes as compile-time constants)."""
+freezes as compile-time constants). Architectural values (exit reasons, misconfiguration
+reasons) come from :mod:`eptlab.arch`; the rest are the kernels' own array layouts."""
 
 from __future__ import annotations
+
+from ...arch.ept import MISCONFIG_REASONS as MISCONFIG_REASONS
+from ...arch.exits import ExitReason
 
 # -- per-vCPU registers: regs[vcpu, REG_*] ---------------------------------------------------------
 REG_CR0 = 0
@@ -75,8 +79,8 @@ PF_KIND_STRIDE = 2
 PF_PAGE = 0  # 4 KiB page number of the stream (-1: empty)
 PF_LAST = 1  # line offset of its last L1 miss
 PF_STRIDE = 2  # last delta, in lines
-PF_STAMP = 3  # LRU stamp (-1: empty); row ``streams`` holds the vCPU's clock and last slot
-NPF = 4
+NPF = 3  # row ``streams`` holds, at column 1, the position of the most recent stream
+# (the stream table is a ring in recency order: cache._train; filled with -1, it is empty)
 
 # -- statistics: stats[vcpu, ST_*] -----------------------------------------------------------
 ST_ACCESSES = 0
@@ -118,19 +122,13 @@ X_WHY = 6  # misconfiguration: MISCONFIG_* code
 X_INDEX = 7  # index of the access in the chunk
 NEXIT = 8
 
-EXIT_NONE = 0
-EXIT_GUEST_FAULT = 1
-EXIT_EPT_VIOLATION = 2
-EXIT_EPT_MISCONFIG = 3
-EXIT_PML_FULL = 4
-
-MISCONFIG_REASONS = (
-    "",
-    "write-without-read",
-    "execute-only-unsupported",
-    "reserved-bit",
-    "reserved-memory-type",
-)
+# status of a kernel: a VM exit is its basic exit reason; negative codes are not exits
+EXIT_NONE = -1
+EXIT_GUEST_FAULT = -2  # a #PF or #GP delivered to the guest
+EXIT_EPT_VIOLATION = int(ExitReason.EPT_VIOLATION)
+EXIT_EPT_MISCONFIG = int(ExitReason.EPT_MISCONFIG)
+EXIT_PML_FULL = int(ExitReason.PML_FULL)
+# X_WHY of a misconfiguration: an index of MISCONFIG_REASONS (arch.ept.ept_misconfig_code)
 
 # -- reference log rows: (access index, dim 0 guest / 1 ept, level, address, value, for_level) -----
 NREFCOLS = 6

@@ -22,6 +22,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...arch.access import Access
+from ...arch.ept import EPT_A, EPT_D, EPT_R, EPT_W, EPT_X, EPT_XU, ept_misconfig_code
+from ...arch.exits import EptQual
+from ...arch.paging import PKEY_SHIFT as _PKEY_SHIFT
+from ...arch.paging import RFLAGS_AC as _RFLAGS_AC
+from ...arch.paging import Cr0, Cr4, Efer, PageFaultError, Pte
+from ..context import PML_ENTRIES as _PML_ENTRIES
 from . import inline_kernel, kernel
 from .assoc import AUX, DATA, drop, entry_word, insert, lookup
 from .cache import access_line
@@ -93,28 +100,32 @@ from .layout import (
 )
 from .physmem import read_word, write_word
 
-READ, WRITE, FETCH = 0, 1, 2
+READ, WRITE, FETCH = int(Access.READ), int(Access.WRITE), int(Access.FETCH)
 DIM_GUEST, DIM_EPT = 0, 1
 
 # guest entry bits (SDM Vol. 3A Tables 4-15..4-20)
-P, RW, US, A, D, PS, G = 1, 2, 4, 32, 64, 128, 256
+P, RW, US, A, D, PS, G = (int(f) for f in (Pte.P, Pte.RW, Pte.US, Pte.A, Pte.D, Pte.PS, Pte.G))
 # EPT entry bits (SDM Vol. 3C Tables 29-1..29-7)
-ER, EW, EX, EA, ED, EXU = 1, 2, 4, 256, 512, 1024
+ER, EW, EX, EA, ED, EXU = EPT_R, EPT_W, EPT_X, EPT_A, EPT_D, EPT_XU
 ALL_EPT_RIGHTS = ER | EW | EX | EXU
 # EPT-violation exit qualification (SDM Vol. 3C Table 28-7)
-Q_READ, Q_WRITE, Q_FETCH = 1, 2, 4
-Q_READABLE, Q_WRITABLE, Q_EXECUTABLE, Q_USER_EXEC = 8, 16, 32, 64
-Q_GLA_VALID, Q_GLA_TRANSLATION = 128, 256
-Q_USER_LINEAR, Q_WRITABLE_LINEAR, Q_XD_LINEAR = 512, 1024, 2048
+Q_READ, Q_WRITE, Q_FETCH = int(EptQual.READ), int(EptQual.WRITE), int(EptQual.FETCH)
+Q_READABLE, Q_WRITABLE = int(EptQual.READABLE), int(EptQual.WRITABLE)
+Q_EXECUTABLE, Q_USER_EXEC = int(EptQual.EXECUTABLE), int(EptQual.USER_EXECUTABLE)
+Q_GLA_VALID, Q_GLA_TRANSLATION = int(EptQual.GLA_VALID), int(EptQual.GLA_TRANSLATION)
+Q_USER_LINEAR, Q_WRITABLE_LINEAR = int(EptQual.USER_LINEAR), int(EptQual.WRITABLE_LINEAR)
+Q_XD_LINEAR = int(EptQual.XD_LINEAR)
 # #PF error code (SDM Vol. 3A §4.7)
-PF_P, PF_WR, PF_US, PF_RSVD, PF_ID, PF_PK = 1, 2, 4, 8, 16, 32
-# control bits
-CR0_WP = 1 << 16
-CR4_LA57, CR4_SMEP, CR4_SMAP, CR4_PKE = 1 << 12, 1 << 20, 1 << 21, 1 << 22
-EFER_NXE = 1 << 11
-RFLAGS_AC = 1 << 18
+PF_P, PF_WR, PF_US = int(PageFaultError.P), int(PageFaultError.WR), int(PageFaultError.US)
+PF_RSVD, PF_ID, PF_PK = int(PageFaultError.RSVD), int(PageFaultError.ID), int(PageFaultError.PK)
+# control bits (SDM Vol. 3A §2.5, §2.2.1)
+CR0_WP = int(Cr0.WP)
+CR4_LA57, CR4_SMEP, CR4_SMAP, CR4_PKE = int(Cr4.LA57), int(Cr4.SMEP), int(Cr4.SMAP), int(Cr4.PKE)
+EFER_NXE = int(Efer.NXE)
+RFLAGS_AC = int(_RFLAGS_AC)
+PKEY_SHIFT = _PKEY_SHIFT
 VA_MASK = (1 << 57) - 1
-PML_ENTRIES = 512
+PML_ENTRIES = _PML_ENTRIES
 # rows of the scratch array run_chunk lends to each walk (5 columns: one per level)
 PATH_ENTRY = 0
 PATH_VALUE = 1
@@ -170,29 +181,8 @@ def ept_leaf(value, level):  # type: ignore[no-untyped-def]
     return level == 1 or ((level == 2 or level == 3) and (value & PS) != 0)
 
 
-@inline_kernel
-def ept_misconfig(value, level, maxphy, exec_only, mbec):  # type: ignore[no-untyped-def]
-    """SDM Vol. 3C §29.3.3.1; codes as in layout.MISCONFIG_REASONS."""
-    if (value & EW) and not (value & ER):
-        return 1
-    if not exec_only and not (value & ER) and ((value & EX) or (mbec and (value & EXU))):
-        return 2
-    reserved = bit_range(51, maxphy)
-    if level >= 4:
-        reserved |= bit_range(7, 3)
-    elif not ept_leaf(value, level):
-        reserved |= bit_range(6, 3)
-    elif level == 3:
-        reserved |= bit_range(29, 12)
-    elif level == 2:
-        reserved |= bit_range(20, 12)
-    if value & reserved:
-        return 3
-    if ept_leaf(value, level):
-        memtype = (value >> 3) & 7
-        if memtype == 2 or memtype == 3 or memtype == 7:
-            return 4
-    return 0
+# the EPT-misconfiguration rule (SDM Vol. 3C §29.3.3.1): the one copy, in eptlab.arch.ept
+ept_misconfig = inline_kernel(ept_misconfig_code)
 
 
 @inline_kernel
@@ -249,75 +239,58 @@ def page_fault_code(error, access, user, cr4, efer):  # type: ignore[no-untyped-
 
 
 @inline_kernel
-def reference(
-    i,
-    vcpu,
-    dim,
-    level,
-    address,
-    value,
-    for_level,
-    cache,
-    cdesc,
-    cost,
-    stats,
-    refs,
-    ref_count,
-    heads,
-):  # type: ignore[no-untyped-def]
-    """Account one paging-structure read: log it, count it, send it through the caches."""
-    n = ref_count[0]
-    if n < refs.shape[0]:
-        refs[n, 0] = i
-        refs[n, 1] = dim
-        refs[n, 2] = level
-        refs[n, 3] = address
-        refs[n, 4] = value
-        refs[n, 5] = for_level
-    ref_count[0] = n + 1
-    stats[vcpu, (ST_GUEST_REFS if dim == DIM_GUEST else ST_EPT_REFS) + level - 1] += 1
-    where = access_line(cache, cdesc, vcpu, address, heads)
-    stats[vcpu, ST_WALK_CACHE + where] += 1
-    return cost[COST_CACHE + where]
+def reference(at, dim, level, address, value, for_level, caches, machine, log):  # type: ignore[no-untyped-def]
+    """Account one paging-structure read of the access ``at = (index, vcpu, va, kind)``: log it,
+    count it, send it through the caches; returns its cycles."""
+    i, vcpu = at[0], at[1]
+    n = log.ref_count[0]
+    if n < log.refs.shape[0]:
+        log.refs[n, 0] = i
+        log.refs[n, 1] = dim
+        log.refs[n, 2] = level
+        log.refs[n, 3] = address
+        log.refs[n, 4] = value
+        log.refs[n, 5] = for_level
+    log.ref_count[0] = n + 1
+    log.stats[vcpu, (ST_GUEST_REFS if dim == DIM_GUEST else ST_EPT_REFS) + level - 1] += 1
+    where = access_line(caches.cache, caches.cdesc, vcpu, address, caches.heads)
+    log.stats[vcpu, ST_WALK_CACHE + where] += 1
+    return machine.cost[COST_CACHE + where]
 
 
 @inline_kernel
-def ept_translate(
-    gpa,
-    paging_entry,
-    for_level,
-    linear,
-    access,
-    va,
-    i,
-    vcpu,
-    regs,
-    feat,
-    rows,
-    htable,
-    tlb,
-    desc,
-    cache,
-    cdesc,
-    cost,
-    stats,
-    refs,
-    ref_count,
-    heads,
-    exit_info,
-    res,
-    scratch,
-):  # type: ignore[no-untyped-def]
-    """Translate one guest-physical address (SDM Vol. 3C §29.3.2). On success res holds
-    (hpa, EPT rights, leaf level, dirty-after, cycles) and EXIT_NONE is returned."""
-    cycles = 0
+def ept_violation(qual, gpa, va, vcpu, log):  # type: ignore[no-untyped-def]
+    """Record an EPT violation (SDM Vol. 3C §29.3.3.2); returns its status."""
+    log.exit_info[X_KIND] = EXIT_EPT_VIOLATION
+    log.exit_info[X_QUAL] = qual
+    log.exit_info[X_GPA] = gpa
+    log.exit_info[X_GLA] = va
+    log.stats[vcpu, ST_EPT_VIOLATIONS] += 1
+    return EXIT_EPT_VIOLATION
+
+
+@inline_kernel
+def ept_failed(status):  # type: ignore[no-untyped-def]
+    """The result of an EPT translation that ends in ``status`` (an exit)."""
+    zero = np.int64(0)
+    return status, zero, zero, zero, False, zero
+
+
+@inline_kernel
+def ept_translate(gpa, for_level, linear, at, mem, caches, machine, log):  # type: ignore[no-untyped-def]
+    """Translate one guest-physical address (SDM Vol. 3C §29.3.2) for the access ``at = (index,
+    vcpu, va, kind)``: for the guest entry of level ``for_level``, or for the data access when
+    ``for_level`` is 0 (``linear``: its qualification bits 9-11). Returns (status, hpa, EPT
+    rights, leaf level, dirty-after, cycles); status is EXIT_NONE on success."""
+    i, vcpu, va, access = at
+    regs, feat, cost = machine.regs, machine.feat, machine.cost
+    tlb, desc = caches.tlb, caches.desc
+    stats, exit_info, scratch = log.stats, log.exit_info, log.scratch
+    paging_entry = for_level != 0
+    cycles = np.int64(0)
     if regs[vcpu, REG_USE_EPT] == 0:
-        res[0] = gpa
-        res[1] = ALL_EPT_RIGHTS
-        res[2] = 3  # no EPT: no second-dimension page size limits the TLB entry
-        res[3] = 1
-        res[4] = 0
-        return EXIT_NONE
+        # no EPT: no second-dimension page size limits the TLB entry
+        return EXIT_NONE, gpa, np.int64(ALL_EPT_RIGHTS), np.int64(3), True, cycles
     maxphy = feat[FEAT_MAXPHY]
     table_mask = bit_range(maxphy - 1, 12)
     ad = regs[vcpu, REG_EPT_AD] != 0
@@ -350,12 +323,7 @@ def ept_translate(
     if gpa >> (12 + 9 * levels):
         # SDM Vol. 3C §29.3.2: GPA bits above the EPT walk's reach make an EPT violation; no
         # entry is read and qualification bits 5:3 are clear
-        exit_info[X_KIND] = EXIT_EPT_VIOLATION
-        exit_info[X_QUAL] = qual
-        exit_info[X_GPA] = gpa
-        exit_info[X_GLA] = va
-        stats[vcpu, ST_EPT_VIOLATIONS] += 1
-        return EXIT_EPT_VIOLATION
+        return ept_failed(ept_violation(qual, gpa, va, vcpu, log))
 
     # nested TLB: GPA -> HPA, per page size
     occupied = regs[vcpu, REG_OCCUPIED]
@@ -370,12 +338,8 @@ def ept_translate(
             dirty = (word & TF_DIRTY) != 0
             if (rights & needed) == needed and not (write_like and ad and not dirty):
                 stats[vcpu, ST_NTLB_HITS] += 1
-                res[0] = (word & ~np.int64(4095)) | (gpa & ((np.int64(1) << shift) - 1))
-                res[1] = rights
-                res[2] = s + 1
-                res[3] = 1 if dirty else 0
-                res[4] = cycles
-                return EXIT_NONE
+                hpa = (word & ~np.int64(4095)) | (gpa & ((np.int64(1) << shift) - 1))
+                return EXIT_NONE, hpa, rights, np.int64(s + 1), dirty, cycles
             drop(tlb, hit)
             break
 
@@ -398,31 +362,13 @@ def ept_translate(
     n = 0
     while True:
         entry = table + ((gpa >> (12 + 9 * (level - 1))) & 511) * 8
-        value = read_word(rows, htable, entry)
-        cycles += reference(
-            i,
-            vcpu,
-            DIM_EPT,
-            level,
-            entry,
-            value,
-            for_level,
-            cache,
-            cdesc,
-            cost,
-            stats,
-            refs,
-            ref_count,
-            heads,
-        )
+        value = read_word(mem, entry)
+        cycles += reference(at, DIM_EPT, level, entry, value, for_level, caches, machine, log)
         rights &= value
         if not ept_present(value, mbec):
-            exit_info[X_KIND] = EXIT_EPT_VIOLATION
-            exit_info[X_QUAL] = qual | rights_qualification(rights, mbec)
-            exit_info[X_GPA] = gpa
-            exit_info[X_GLA] = va
-            stats[vcpu, ST_EPT_VIOLATIONS] += 1
-            return EXIT_EPT_VIOLATION
+            return ept_failed(
+                ept_violation(qual | rights_qualification(rights, mbec), gpa, va, vcpu, log)
+            )
         why = ept_misconfig(value, level, maxphy, feat[FEAT_EXEC_ONLY] != 0, mbec)
         if why != 0:
             exit_info[X_KIND] = EXIT_EPT_MISCONFIG
@@ -430,7 +376,7 @@ def ept_translate(
             exit_info[X_LEVEL] = level
             exit_info[X_WHY] = why
             stats[vcpu, ST_EPT_MISCONFIGS] += 1
-            return EXIT_EPT_MISCONFIG
+            return ept_failed(EXIT_EPT_MISCONFIG)
         scratch[PATH_ENTRY, n] = entry
         scratch[PATH_VALUE, n] = value
         scratch[PATH_RIGHTS, n] = rights
@@ -441,12 +387,9 @@ def ept_translate(
         level -= 1
 
     if (rights & needed) != needed:
-        exit_info[X_KIND] = EXIT_EPT_VIOLATION
-        exit_info[X_QUAL] = qual | rights_qualification(rights, mbec)
-        exit_info[X_GPA] = gpa
-        exit_info[X_GLA] = va
-        stats[vcpu, ST_EPT_VIOLATIONS] += 1
-        return EXIT_EPT_VIOLATION
+        return ept_failed(
+            ept_violation(qual | rights_qualification(rights, mbec), gpa, va, vcpu, log)
+        )
 
     leaf_value = scratch[PATH_VALUE, n - 1]
     if ad:  # SDM Vol. 3C §29.3.5 (A/D) and §29.3.6 (PML)
@@ -459,10 +402,10 @@ def ept_translate(
             if needs_update:
                 exit_info[X_KIND] = EXIT_PML_FULL
                 stats[vcpu, ST_PML_FULL] += 1
-                return EXIT_PML_FULL
+                return ept_failed(EXIT_PML_FULL)
         if write_like and not (leaf_value & ED) and regs[vcpu, REG_PML_ON]:
             index = regs[vcpu, REG_PML_INDEX]
-            write_word(rows, htable, regs[vcpu, REG_PML_ADDR] + index * 8, gpa & ~np.int64(4095))
+            write_word(mem, regs[vcpu, REG_PML_ADDR] + index * 8, gpa & ~np.int64(4095))
             regs[vcpu, REG_PML_INDEX] = (index - 1) & 0xFFFF
             stats[vcpu, ST_PML_LOGGED] += 1
         for k in range(n):
@@ -470,7 +413,7 @@ def ept_translate(
             if k == n - 1 and write_like:
                 new |= ED
             if new != scratch[PATH_VALUE, k]:
-                write_word(rows, htable, scratch[PATH_ENTRY, k], new)
+                write_word(mem, scratch[PATH_ENTRY, k], new)
                 scratch[PATH_VALUE, k] = new
     dirty_after = (not ad) or ((scratch[PATH_VALUE, n - 1] & ED) != 0)
 
@@ -500,21 +443,18 @@ def ept_translate(
         0,
     )
     regs[vcpu, REG_OCCUPIED] |= 1 << (S_NTLB + level - 1)
-    res[0] = base | (gpa & ((np.int64(1) << shift) - 1))
-    res[1] = rights
-    res[2] = level
-    res[3] = 1 if dirty_after else 0
-    res[4] = cycles
-    return EXIT_NONE
+    hpa = base | (gpa & ((np.int64(1) << shift) - 1))
+    return EXIT_NONE, hpa, rights, np.int64(level), dirty_after, cycles
 
 
 @inline_kernel
-def guest_fault(vector, error, va, vcpu, stats, exit_info):  # type: ignore[no-untyped-def]
-    exit_info[X_KIND] = EXIT_GUEST_FAULT
-    exit_info[X_VECTOR] = vector
-    exit_info[X_QUAL] = error
-    exit_info[X_GLA] = va
-    stats[vcpu, ST_GUEST_FAULTS] += 1
+def guest_fault(vector, error, va, vcpu, log):  # type: ignore[no-untyped-def]
+    """Record a fault delivered to the guest (#PF, #GP); returns its status."""
+    log.exit_info[X_KIND] = EXIT_GUEST_FAULT
+    log.exit_info[X_VECTOR] = vector
+    log.exit_info[X_QUAL] = error
+    log.exit_info[X_GLA] = va
+    log.stats[vcpu, ST_GUEST_FAULTS] += 1
     return EXIT_GUEST_FAULT
 
 
@@ -534,10 +474,11 @@ def tlb_probe(first_struct, va, vcpu, ctx, regs, tlb, desc):  # type: ignore[no-
 
 
 @inline_kernel
-def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, res):  # type: ignore[no-untyped-def]
-    """The TLBs (SDM Vol. 3A §4.10.2): True with res[0] = HPA when a cached translation may be
-    used for this access. res[4] holds the cycles of the lookups either way. An entry that
-    does not allow the access (or a write whose dirty flags are not set) is dropped."""
+def tlb_translate(va, access, user, vcpu, caches, machine, log):  # type: ignore[no-untyped-def]
+    """The TLBs (SDM Vol. 3A §4.10.2): (True, HPA, cycles) when a cached translation may be used
+    for this access, else (False, 0, cycles of the lookups). An entry that does not allow the
+    access (or a write whose dirty flags are not set) is dropped."""
+    regs, tlb, desc, stats = machine.regs, caches.tlb, caches.desc, log.stats
     cr0 = regs[vcpu, REG_CR0]
     cr4 = regs[vcpu, REG_CR4]
     pkru = regs[vcpu, REG_PKRU]
@@ -546,16 +487,15 @@ def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, res):  #
     mbec = regs[vcpu, REG_MBEC] != 0
     key = va & VA_MASK
     l1 = S_L1I if access == FETCH else S_L1D
-    cycles = cost[COST_L1_TLB]
+    cycles = machine.cost[COST_L1_TLB]
     hit, s = tlb_probe(l1, va, vcpu, ctx, regs, tlb, desc)
     from_stlb = False
     if hit < 0:
-        cycles += cost[COST_STLB]
+        cycles += machine.cost[COST_STLB]
         hit, s = tlb_probe(S_STLB, va, vcpu, ctx, regs, tlb, desc)
         from_stlb = hit >= 0
-    res[4] = cycles
     if hit < 0:
-        return False
+        return False, np.int64(0), cycles
     word = entry_word(tlb, DATA, hit)
     extra = entry_word(tlb, AUX, hit)
     us = (word & TF_US) != 0
@@ -575,7 +515,7 @@ def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, res):  #
     if not usable:
         drop(tlb, hit)  # not usable as cached: walk (sets flags or finds the exact fault)
         stats[vcpu, ST_REWALKS] += 1
-        return False
+        return False, np.int64(0), cycles
     shift = 12 + 9 * s
     if from_stlb:
         stats[vcpu, ST_STLB_HITS] += 1
@@ -583,37 +523,18 @@ def tlb_translate(va, access, user, vcpu, regs, tlb, desc, cost, stats, res):  #
         regs[vcpu, REG_OCCUPIED] |= 1 << (l1 + s)
     else:
         stats[vcpu, ST_L1I_HITS if access == FETCH else ST_L1D_HITS] += 1
-    res[0] = (word & ~np.int64(4095)) | (va & ((np.int64(1) << shift) - 1))
-    return True
+    return True, (word & ~np.int64(4095)) | (va & ((np.int64(1) << shift) - 1)), cycles
 
 
 @kernel
-def walk_translate(
-    va,
-    access,
-    user,
-    i,
-    vcpu,
-    regs,
-    feat,
-    rows,
-    htable,
-    tlb,
-    desc,
-    cache,
-    cdesc,
-    cost,
-    stats,
-    refs,
-    ref_count,
-    heads,
-    exit_info,
-    res,
-    scratch,
-):  # type: ignore[no-untyped-def]
-    """The two-dimensional walk after a TLB miss. On success res[0] is the HPA and res[4] the
-    cycles of the lookups and the walk (it starts from the TLB cycles in res[4]); otherwise
-    exit_info describes the exit or fault. Fills the paging-structure caches and TLBs."""
+def walk_translate(va, access, user, i, vcpu, cycles, mem, caches, machine, log):  # type: ignore[no-untyped-def]
+    """The two-dimensional walk after a TLB miss (``cycles``: those of the TLB lookups).
+    Returns (status, HPA, cycles of the lookups and the walk); status is EXIT_NONE on success,
+    else exit_info describes the exit or fault. Fills the paging-structure caches and TLBs."""
+    regs, feat, cost = machine.regs, machine.feat, machine.cost
+    tlb, desc = caches.tlb, caches.desc
+    stats, scratch = log.stats, log.scratch
+    zero = np.int64(0)
     cr0 = regs[vcpu, REG_CR0]
     cr4 = regs[vcpu, REG_CR4]
     efer = regs[vcpu, REG_EFER]
@@ -627,16 +548,16 @@ def walk_translate(
     table_mask = bit_range(maxphy - 1, 12)
     nxe = (efer & EFER_NXE) != 0
     key = va & VA_MASK
+    at = (i, vcpu, va, access)
 
     l1 = S_L1I if access == FETCH else S_L1D
-    cycles = res[4]
     # -- the two-dimensional walk (SDM Vol. 3A §4.5 with Vol. 3C §29.3.2) ------------------------
     stats[vcpu, ST_WALKS] += 1
     cycles += cost[COST_WALK_START]
     width_bits = 57 if (cr4 & CR4_LA57) else 48
     top = va >> (width_bits - 1)
     if top != 0 and top != -1:
-        return guest_fault(13, 0, va, vcpu, stats, exit_info)  # non-canonical: #GP(0)
+        return guest_fault(13, 0, va, vcpu, log), zero, cycles  # non-canonical: #GP(0)
     levels = 5 if (cr4 & CR4_LA57) else 4
 
     # paging-structure caches: the lowest hit gives the next table and the rights above it
@@ -671,67 +592,20 @@ def walk_translate(
             entry_hpa = table_hpa + (entry_gpa & 4095)
             page_rights = table_rights
         else:
-            status = ept_translate(
-                entry_gpa,
-                True,
-                level,
-                0,
-                access,
-                va,
-                i,
-                vcpu,
-                regs,
-                feat,
-                rows,
-                htable,
-                tlb,
-                desc,
-                cache,
-                cdesc,
-                cost,
-                stats,
-                refs,
-                ref_count,
-                heads,
-                exit_info,
-                res,
-                scratch,
+            status, entry_hpa, page_rights, _, _, spent = ept_translate(
+                entry_gpa, level, 0, at, mem, caches, machine, log
             )
             if status != EXIT_NONE:
-                return status
-            cycles += res[4]
-            entry_hpa = res[0]
-            page_rights = res[1]
-        value = read_word(rows, htable, entry_hpa)
-        cycles += reference(
-            i,
-            vcpu,
-            DIM_GUEST,
-            level,
-            entry_hpa,
-            value,
-            level,
-            cache,
-            cdesc,
-            cost,
-            stats,
-            refs,
-            ref_count,
-            heads,
-        )
+                return status, zero, cycles
+            cycles += spent
+        value = read_word(mem, entry_hpa)
+        cycles += reference(at, DIM_GUEST, level, entry_hpa, value, level, caches, machine, log)
         if not (value & P):
-            return guest_fault(
-                14, page_fault_code(0, access, user, cr4, efer), va, vcpu, stats, exit_info
-            )
+            error = page_fault_code(0, access, user, cr4, efer)
+            return guest_fault(14, error, va, vcpu, log), zero, cycles
         if guest_reserved(value, level, maxphy, nxe):
-            return guest_fault(
-                14,
-                page_fault_code(PF_P | PF_RSVD, access, user, cr4, efer),
-                va,
-                vcpu,
-                stats,
-                exit_info,
-            )
+            error = page_fault_code(PF_P | PF_RSVD, access, user, cr4, efer)
+            return guest_fault(14, error, va, vcpu, log), zero, cycles
         scratch[STEP_LEVEL, n] = level
         scratch[STEP_GPA, n] = entry_gpa
         scratch[STEP_HPA, n] = entry_hpa
@@ -748,14 +622,12 @@ def walk_translate(
         level -= 1
 
     leaf = scratch[STEP_VALUE, n - 1]
-    pkey = (leaf >> 59) & 15
+    pkey = (leaf >> PKEY_SHIFT) & 15
     allowed = guest_allows(access, user, acc_us, acc_rw, acc_xd, cr0, cr4, rflags)
     pk_ok = pkey_allows(access, user, acc_us, pkey, cr0, cr4, pkru)
     if not (allowed and pk_ok):
-        error = PF_P | (0 if pk_ok else PF_PK)
-        return guest_fault(
-            14, page_fault_code(error, access, user, cr4, efer), va, vcpu, stats, exit_info
-        )
+        error = page_fault_code(PF_P | (0 if pk_ok else PF_PK), access, user, cr4, efer)
+        return guest_fault(14, error, va, vcpu, log), zero, cycles
 
     # guest A/D flags (SDM Vol. 3A §4.8): processor writes, EPT writes without EPT A/D
     for k in range(n):
@@ -765,15 +637,10 @@ def walk_translate(
         if new == scratch[STEP_VALUE, k]:
             continue
         if use_ept and not ad and not (scratch[STEP_RIGHTS, k] & EW):
-            exit_info[X_KIND] = EXIT_EPT_VIOLATION
-            exit_info[X_QUAL] = (
-                Q_READ | Q_WRITE | Q_GLA_VALID | rights_qualification(scratch[STEP_RIGHTS, k], mbec)
-            )
-            exit_info[X_GPA] = scratch[STEP_GPA, k]
-            exit_info[X_GLA] = va
-            stats[vcpu, ST_EPT_VIOLATIONS] += 1
-            return EXIT_EPT_VIOLATION
-        write_word(rows, htable, scratch[STEP_HPA, k], new)
+            qual = Q_READ | Q_WRITE | Q_GLA_VALID
+            qual |= rights_qualification(scratch[STEP_RIGHTS, k], mbec)
+            return ept_violation(qual, scratch[STEP_GPA, k], va, vcpu, log), zero, cycles
+        write_word(mem, scratch[STEP_HPA, k], new)
         scratch[STEP_VALUE, k] = new
 
     guest_level = scratch[STEP_LEVEL, n - 1]
@@ -786,36 +653,12 @@ def walk_translate(
         | (Q_WRITABLE_LINEAR if acc_rw else 0)
         | (Q_XD_LINEAR if acc_xd else 0)
     )
-    status = ept_translate(
-        gpa,
-        False,
-        0,
-        linear,
-        access,
-        va,
-        i,
-        vcpu,
-        regs,
-        feat,
-        rows,
-        htable,
-        tlb,
-        desc,
-        cache,
-        cdesc,
-        cost,
-        stats,
-        refs,
-        ref_count,
-        heads,
-        exit_info,
-        res,
-        scratch,
+    status, hpa, ept_rights, ept_level, ept_dirty, spent = ept_translate(
+        gpa, 0, linear, at, mem, caches, machine, log
     )
     if status != EXIT_NONE:
-        return status
-    cycles += res[4]
-    hpa = res[0]
+        return status, zero, cycles
+    cycles += spent
 
     # fill the guest paging-structure caches: each walked entry that references a table
     run_us, run_rw, run_xd = above_us, above_rw, above_xd
@@ -843,13 +686,13 @@ def walk_translate(
             scratch[STEP_GPA, k + 1] & ~np.int64(4095),
         )
     # and the TLBs: a combined entry of size min(guest page, EPT page)
-    size_level = min(guest_level, res[2])
+    size_level = min(guest_level, ept_level)
     shift = 12 + 9 * (size_level - 1)
     page_mask = ~((np.int64(1) << shift) - 1)
-    dirty = (scratch[STEP_VALUE, n - 1] & D) != 0 and res[3] != 0
+    dirty = (scratch[STEP_VALUE, n - 1] & D) != 0 and ept_dirty
     word = (
         (hpa & page_mask)
-        | (pack_rights(res[1]) << 3)
+        | (pack_rights(ept_rights) << 3)
         | (TF_US if acc_us else 0)
         | (TF_RW if acc_rw else 0)
         | (TF_XD if acc_xd else 0)
@@ -860,6 +703,4 @@ def walk_translate(
     insert(tlb, desc, l1 + size_level - 1, vcpu, key >> shift, ctx, word, extra)
     insert(tlb, desc, S_STLB + size_level - 1, vcpu, key >> shift, ctx, word, extra)
     regs[vcpu, REG_OCCUPIED] |= (1 << (l1 + size_level - 1)) | (1 << (S_STLB + size_level - 1))
-    res[0] = hpa
-    res[4] = cycles
-    return EXIT_NONE
+    return EXIT_NONE, hpa, cycles
