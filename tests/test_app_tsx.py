@@ -14,12 +14,11 @@ from eptlab.apps.scenario import populate
 from eptlab.apps.tsx import (
     LOCK_BUSY,
     RetryPolicy,
-    Scenario,
     Section,
     TsxRunner,
     install_timer_tick,
-    play,
 )
+from eptlab.apps.tsx_scenarios import Scenario, play
 from eptlab.arch.bits import PAGE_SIZE
 from eptlab.arch.exits import ExitReason
 from eptlab.errors import ConfigError
@@ -263,7 +262,7 @@ def test_every_scenario_on_three_vcpus_equals_a_serial_execution(kind: str) -> N
     """Replaying committed and fallback sections in commit order reproduces every value read and
     the final memory, with copy-on-write, both dirty loggers (rounds overlapping other vCPUs'
     transactions), conflicts and lazy backing."""
-    from eptlab.apps.tsx import Scenario, make_sections, play
+    from eptlab.apps.tsx_scenarios import Scenario, make_sections, play
     from eptlab.mmu.peek import peek_hpa
     from eptlab.mmu.rtm import Op
 

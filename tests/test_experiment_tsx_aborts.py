@@ -26,6 +26,7 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
             "timer_period": "600",
             "long_body": "128",
             "seeds": "1",
+            "vcpus": "1",  # one vCPU but for conflict: each cause on its own
         },
         out,
         show_progress=False,
@@ -48,7 +49,7 @@ def causes(r: pd.Series) -> dict[str, int]:
 
 
 def test_every_section_completes_once(table: pd.DataFrame) -> None:
-    assert len(table) == 17  # 8 scenarios x (none, pretouch) + lazy/prefetch
+    assert len(table) == 19  # 9 scenarios x (none, pretouch) + lazy/prefetch
     for r in table.itertuples():
         assert r.transactions == 40 * r.vcpus == r.commits + r.fallbacks
         assert r.aborts == r.attempts - r.commits
@@ -60,7 +61,8 @@ def test_aborts_track_the_ept_violations_inside_transactions(table: pd.DataFrame
         r = row(table, scenario, "none")
         assert r.ept_violations_in_tx > 0
         assert causes(r) == {"ept_violation": r.ept_violations_in_tx}
-        assert r.exit_aborts == r.aborts == r.ept_violations_in_tx <= r.ept_violations
+        assert r.exit_aborts == r.ept_aborts == r.aborts == r.ept_violations_in_tx
+        assert r.ept_violations_in_tx <= r.ept_violations
         assert r.abort_rate == pytest.approx(r.ept_violations_in_tx / r.attempts, abs=1e-4)
         assert r.retries_to_commit > 0
 
@@ -112,7 +114,35 @@ def test_reading_quotes_the_table_and_follows_it(table: pd.DataFrame) -> None:
 
     ept = table[table.scenario.isin(["lazy", "cow", "wp-dirty"]) & (table.mitigation == "none")]
     reading = TsxAborts().interpret(table, TsxAbortsParams())
-    assert f"({int(ept.exit_aborts.sum()):,}) equal" in reading[0]
+    assert f"({int(ept.ept_aborts.sum()):,}) equal" in reading[0]
     broken = table.copy()
-    broken.loc[ept.index[0], "exit_aborts"] += 1
+    broken.loc[ept.index[0], "ept_aborts"] += 1
     assert "do not equal" in TsxAborts().interpret(broken, TsxAbortsParams())[0]
+
+
+def test_wasted_cycles_are_the_aborted_attempts_priced_from_the_rows_counts(
+    table: pd.DataFrame,
+) -> None:
+    from eptlab.costs import active_profile
+
+    abort = active_profile().cycles("rtm_abort_cycles")
+    assert (table.wasted_cycles == table.wasted_access_cycles + table.aborts * abort).all()
+    assert ((table.wasted_access_cycles > 0) == (table.wasted_accesses > 0)).all()
+    assert (table.wasted_cycles <= table.cycles).all()
+    assert row(table, "capacity", "none").wasted_share > 0  # every attempt thrown away
+    assert row(table, "backed", "none").wasted_cycles == 0  # nothing aborts
+
+
+def test_elision_gain_is_the_ratio_of_the_throughputs_and_locking_does_not_depend_on_it(
+    table: pd.DataFrame,
+) -> None:
+    gain = table.sections_per_us / table.lock_sections_per_us
+    assert (abs(gain - table.elision_gain) < 1e-3).all()
+    none, pretouch = row(table, "lazy", "none"), row(table, "lazy", "pretouch")
+    assert none.lock_sections_per_us == pretouch.lock_sections_per_us  # the lock never pretouches
+    # the prefetch hypercall changes the memory plain locking runs on too: no exits, faster
+    assert row(table, "lazy", "prefetch").lock_sections_per_us > none.lock_sections_per_us
+    # two vCPUs: elision runs the sections that do not collide in parallel, the lock cannot
+    assert row(table, "conflict", "none").elision_gain > 1
+    # one vCPU, nothing aborts: a commit (rtm_commit_cycles) costs more than the lock
+    assert row(table, "backed", "none").elision_gain < 1

@@ -45,6 +45,7 @@ SMALL: dict[str, dict[str, str]] = {
                       "periods": "1000,4000", "compare": "write/mtf"},
     "tsx-aborts": {"sections": "30", "region_pages": "128", "round_every": "15",
                    "timer_period": "600", "long_body": "128"},
+    "tsx-drk": {"pages": "32"},
     "memory-encryption": {"workloads": "sequential,random", "footprint_mib": "16",
                           "random_footprints_mib": "16", "accesses": "3000", "warmup": "1000",
                           "llc_mib": "2"},

@@ -32,6 +32,10 @@ The hypervisor side
     aborts the transaction it interrupts. Dirty-logging rounds (``round_every`` sections) run
     the hypervisor's collection between sections.
 
+Plain locking
+    With ``elide=False`` every section takes the lock at once (the fallback stream): the
+    baseline elision is measured against. Exits then never abort anything.
+
 Mitigations
     ``pretouch``: before each section, touch every page of its footprint non-transactionally
     (the lock word, then a read for pages it only reads, an atomic ``add 0`` for pages it
@@ -42,8 +46,9 @@ Mitigations
     (:mod:`eptlab.apps.prefetch`), which backs it in batches; it helps only where memory is
     lazily backed (it does not break copy-on-write or dirty-logging protection).
 
-:func:`play` builds one :class:`Scenario` (a VM with a guest kernel, a populated region, the
-hypervisor policy of the scenario) and runs it.
+:func:`eptlab.apps.tsx_scenarios.play` builds one scenario (a VM with a guest kernel, a
+populated region, the hypervisor policy of the scenario) and runs it; :mod:`eptlab.apps.tsx_costs`
+prices a run in cycles.
 """
 
 from __future__ import annotations
@@ -56,15 +61,11 @@ from typing import Literal
 
 import numpy as np
 
-from ..apps.cow import CopyOnWrite
-from ..apps.prefetch import PREFETCH_HYPERCALL, PrefetchApp
-from ..apps.scenario import populate
-from ..arch.bits import PAGE_SHIFT, PAGE_SIZE
+from ..apps.prefetch import PREFETCH_HYPERCALL
+from ..arch.bits import PAGE_SHIFT
 from ..arch.exits import EptViolation, ExitReason, VmExit
 from ..errors import ConfigError, EptlabError
-from ..guest import GuestKernel, KernelImage
 from ..hv import VCPU, Exit, ExitAction, GuestAction, Hypervisor, PreemptionTimer, Vmcall
-from ..hv.dirty_log import PmlLog, WriteProtectLog
 from ..mmu.rtm import (
     XABORT_CAPACITY,
     XABORT_EXPLICIT,
@@ -197,6 +198,9 @@ class TsxStats:
     pretouch_accesses: int = 0
     wasted_accesses: int = 0  # accesses of aborted attempts
     accesses: int = 0  # all accesses the lanes performed
+    cycles: int = 0  # engine cycles (translation + data) of all accesses performed
+    wasted_cycles: int = 0  # of which by aborted attempts
+    fallback_cycles: int = 0  # of which on the fallback path (under the lock)
     rounds: int = 0
     completions: list[Completion] = field(default_factory=list)
 
@@ -244,6 +248,7 @@ class TsxRunner:
         on_round: Callable[[], object] | None = None,
         record: bool = False,
         user: bool = True,
+        elide: bool = True,
     ) -> None:
         if mitigation not in ("none", "pretouch"):
             raise ConfigError("mitigation", f"{mitigation!r} is not none or pretouch")
@@ -255,6 +260,8 @@ class TsxRunner:
         self.policy = policy or RetryPolicy()
         self.mitigation, self.timer_period = mitigation, timer_period
         self.round_every, self.on_round, self.record = round_every, on_round, record
+        self.elide = elide  # False: plain locking, every section under the lock
+        self._fallback_start: dict[int, int] = {}  # lane -> its engine cycles at the lock
         self.machine = RtmMachine(
             hv.engine, config, seed=seed, quantum=quantum, record_reads=record
         )
@@ -284,6 +291,8 @@ class TsxRunner:
             raise EptlabError(f"lanes {stuck} never finished (waiting for a lock nobody holds?)")
         self.stats.wasted_accesses = sum(lane.wasted for lane in self.machine.lanes)
         self.stats.accesses = sum(lane.executed for lane in self.machine.lanes)
+        self.stats.cycles = sum(lane.cycles for lane in self.machine.lanes)
+        self.stats.wasted_cycles = sum(lane.wasted_cycles for lane in self.machine.lanes)
         return self.stats
 
     def _next_section(self, i: int) -> None:
@@ -307,6 +316,9 @@ class TsxRunner:
     def _attempt(self, i: int) -> None:
         job = self.jobs[i]
         assert job.section is not None
+        if not self.elide:
+            self._fallback(i)
+            return
         if self.holder is not None and self.holder != i:
             job.phase, job.want = "wait", "tx"
             self.stats.lock_waits += 1
@@ -327,6 +339,7 @@ class TsxRunner:
             return
         self.holder = i
         self.stats.fallbacks += 1
+        self._fallback_start[i] = self.machine.lanes[i].cycles
         job.phase = "fallback"
         self.machine.load(i, job.section.fallback(self.lock))
 
@@ -375,6 +388,8 @@ class TsxRunner:
                 self._attempt(event.lane)
             elif job.phase == "fallback":
                 self.holder = None
+                spent = self.machine.lanes[event.lane].cycles - self._fallback_start[event.lane]
+                self.stats.fallback_cycles += spent
                 self._completed(event.lane, "fallback", event.sequence, event.reads)
                 self._wake()
             else:  # pragma: no cover - attempts end with XEND, whose commit loads the next job
@@ -467,172 +482,13 @@ def prefetch_region(hv: Hypervisor, vcpu: VCPU, gpa: int, length: int) -> int:
     return result
 
 
-# -- scenarios ----------------------------------------------------------------------------------
-
-SCENARIOS = ("lazy", "guest-pf", "cow", "wp-dirty", "pml-dirty", "timer", "conflict", "capacity")
-MITIGATIONS = ("none", "pretouch", "prefetch")
-LAZY_SCENARIOS = ("lazy",)  # where the prefetch hypercall applies
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """One run: what the hypervisor does to the guest's memory (``kind``), the mitigation, and
-    the guest's sections (``sections`` per vCPU, each ``reads`` reads and ``writes`` atomic adds
-    at random lines of a ``region_pages`` region)."""
-
-    kind: str
-    mitigation: str = "none"
-    vcpus: int = 1
-    sections: int = 1000
-    region_pages: int = 2048
-    reads: int = 8
-    writes: int = 4
-    max_retries: int = 4
-    honor_retry_bit: bool = False  # the glibc policy: no retry unless EAX says RETRY
-    round_every: int = 200  # wp-dirty, pml-dirty: sections per dirty-logging round
-    timer_period: int = 2000  # timer: accesses of a vCPU between preemption-timer exits
-    long_body: int = 256  # timer: accesses of each section
-    hot_lines: int = 64  # conflict: the lines all writes go to
-    capacity_lines: int = 16  # capacity: written lines, all in one L1 set
-    seed: int = 0
-    record: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in SCENARIOS:
-            raise ConfigError("scenario", f"{self.kind!r} is not one of {', '.join(SCENARIOS)}")
-        if self.mitigation not in MITIGATIONS:
-            raise ConfigError(
-                "mitigation", f"{self.mitigation!r} is not one of {', '.join(MITIGATIONS)}"
-            )
-        if self.mitigation == "prefetch" and self.kind not in LAZY_SCENARIOS:
-            raise ConfigError(
-                "mitigation", f"prefetch backs lazily backed memory only; {self.kind} is not"
-            )
-        if self.vcpus < 1 or self.vcpus > 8:
-            raise ConfigError("vcpus", "must be 1..8")
-        if self.sections < 1 or self.region_pages < 1 or self.reads < 0 or self.writes < 0:
-            raise ConfigError("sections/region_pages/reads/writes", "must be positive")
-        if self.reads + self.writes < 1:
-            raise ConfigError("reads/writes", "a section needs at least one access")
-        if self.kind == "capacity" and self.capacity_lines > self.region_pages:
-            raise ConfigError("capacity_lines", "one line per page: needs that many pages")
-        if self.kind == "conflict" and not 1 <= self.hot_lines <= self.region_pages * 64:
-            raise ConfigError("hot_lines", "must be 1..region lines")
-        if self.kind == "timer" and self.long_body < self.writes:
-            raise ConfigError("long_body", "must be at least writes")
-
-
-@dataclass
-class Outcome:
-    scenario: Scenario
-    stats: TsxStats
-    region: int  # GVA of the region
-    lock: int  # GVA of the lock word
-    hv: Hypervisor
-    vcpus: list[VCPU]
-
-
-def make_sections(s: Scenario, region: int, lane: int) -> list[Section]:
-    """The seeded sections of one vCPU."""
-    rng = np.random.default_rng([s.seed, lane])
-    lines = s.region_pages * 64
-    out = []
-    for _ in range(s.sections):
-        reads, writes = s.reads, s.writes
-        if s.kind == "timer":
-            reads = s.long_body - writes
-        read_at = rng.integers(0, lines, reads)
-        if s.kind == "conflict":
-            write_at = rng.integers(0, s.hot_lines, writes)
-        elif s.kind == "capacity":
-            first = int(rng.integers(0, s.region_pages - s.capacity_lines + 1))
-            write_at = (first + np.arange(s.capacity_lines)) * 64 + int(rng.integers(64))
-        else:
-            write_at = rng.integers(0, lines, writes)
-        gva = region + 64 * np.concatenate([read_at, write_at]).astype(np.int64)
-        ops = np.r_[np.full(len(read_at), Op.READ), np.full(len(write_at), Op.ADD)]
-        order = rng.permutation(len(gva))
-        out.append(Section(TxStream.accesses(gva[order], ops[order].astype(np.int8), 1)))
-    return out
-
-
-def play(s: Scenario) -> Outcome:
-    """Build the scenario's VM, guest and hypervisor policy; run the sections."""
-    hv = Hypervisor(seed=s.seed)
-    region_bytes = s.region_pages * PAGE_SIZE
-    blocks = -(-region_bytes // (2 << 20))
-    run = (2 << 20) << blocks.bit_length()  # aged: the lock's and the region's 2 MiB blocks
-    cma = run if hv.layout.aged else 0
-    memory = hv.layout.guest_memory((32 << 20) + (cma or blocks * (2 << 20)))
-    vm = hv.create_vm("guest", memory, pml=s.kind == "pml-dirty")
-    install_timer_tick(hv)
-    if s.mitigation == "prefetch":
-        PrefetchApp(hv, vm)
-    image = KernelImage(code=2 << 20, rodata=2 << 20, data=2 << 20)
-    kernel = GuestKernel(vm, seed=s.seed, image=image, cma=cma)
-    process = kernel.spawn("app")
-    vcpus = [vm.add_vcpu(cr3=process.cr3) for _ in range(s.vcpus)]
-    for vcpu in vcpus:
-        kernel.switch_to(vcpu, process)
-    lock = populate(kernel, process, PAGE_SIZE)
-    vm.back(lock.gpa)
-    if s.kind == "guest-pf":
-        region, region_gpa = kernel.mmap(process, region_bytes), None  # pages on first touch
-    else:
-        buffer = populate(kernel, process, region_bytes)
-        region, region_gpa = buffer.gva, buffer.gpa
-    if s.kind not in ("lazy", "guest-pf"):
-        assert region_gpa is not None
-        vm.ept.map_range(region_gpa, region_bytes)
-    on_round: Callable[[], object] | None = None
-    if s.kind == "cow":
-        cow = CopyOnWrite(hv)
-        vcpus = list(cow.fork(vm, 1)[0].vcpus)  # the clone runs the sections
-    elif s.kind == "wp-dirty":
-        assert region_gpa is not None
-        wp = WriteProtectLog(vm)
-        wp.start(region_gpa, region_bytes)
-        on_round = wp.collect
-    elif s.kind == "pml-dirty":
-        assert region_gpa is not None
-        pml = PmlLog(vm)
-        pml.start(region_gpa, region_bytes)
-        on_round = pml.collect
-    if s.mitigation == "prefetch":
-        assert region_gpa is not None
-        if prefetch_region(hv, vcpus[0], region_gpa, region_bytes) != 0:
-            raise EptlabError("the prefetch hypercall refused the region")
-    hv.engine.reset_stats()
-    runner = TsxRunner(
-        hv,
-        vcpus,
-        lock=lock.gva,
-        policy=RetryPolicy(s.max_retries, honor_retry_bit=s.honor_retry_bit),
-        seed=s.seed,
-        mitigation="pretouch" if s.mitigation == "pretouch" else "none",
-        timer_period=s.timer_period if s.kind == "timer" else None,
-        round_every=s.round_every if s.kind in ("wp-dirty", "pml-dirty") else None,
-        on_round=on_round,
-        record=s.record,
-    )
-    programs = [make_sections(s, region, k) for k in range(s.vcpus)]
-    stats = runner.run(programs)
-    return Outcome(s, stats, region, lock.gva, hv, vcpus)
-
-
 __all__ = [
     "LOCK_BUSY",
-    "MITIGATIONS",
-    "SCENARIOS",
     "Completion",
-    "Outcome",
     "RetryPolicy",
-    "Scenario",
     "Section",
     "TsxRunner",
     "TsxStats",
     "install_timer_tick",
-    "make_sections",
-    "play",
     "prefetch_region",
 ]

@@ -17,6 +17,7 @@ _EXPERIMENTS = {
     "integrity-monitor": "eptlab.experiments.integrity_monitor:IntegrityMonitor",
     "trap-debugger": "eptlab.experiments.trap_debugger:TrapDebugger",
     "tsx-aborts": "eptlab.experiments.tsx_aborts:TsxAborts",
+    "tsx-drk": "eptlab.experiments.tsx_drk:TsxDrk",
     "memory-encryption": "eptlab.experiments.memory_encryption:MemoryEncryption",
     "kvm-fork": "eptlab.experiments.kvm_apps:KvmFork",
     "kvm-dirty-log": "eptlab.experiments.kvm_apps:KvmDirtyLog",

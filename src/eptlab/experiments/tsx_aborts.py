@@ -21,18 +21,21 @@ Columns: scenario, mitigation, vcpus, transactions (critical sections completed)
 (transactional attempts), commits, fallbacks (sections completed under the lock), aborts,
 abort_rate (aborts / attempts), aborts_per_transaction, aborts_by_cause (``cause=count`` pairs,
 ``;``-separated, most frequent first; causes: ept_violation, pml_full, timer, ipi, guest_fault,
-conflict, capacity, xabort, nesting), exit_aborts (aborts caused by a VM exit), ept_violations
-(EPT-violation exits of the run, in transactions or not), ept_violations_in_tx (of which aborted
-a transaction), ept_violation_rate (EPT violations per transaction), retries_to_commit (mean
-aborted attempts before the commit, over the sections that committed), fallback_rate (fallbacks
-/ transactions), vm_exits (all exits, IPIs included), accesses (all accesses performed),
-wasted_accesses (of which by attempts that aborted), pretouch_accesses.
+conflict, capacity, xabort, nesting), exit_aborts (aborts caused by a VM exit), ept_aborts (of
+which by an EPT violation), ept_violations (EPT-violation exits of the run, in transactions or
+not), ept_violations_in_tx (of which aborted a transaction), ept_violation_rate (EPT violations
+per transaction), retries_to_commit (mean aborted attempts before the commit, over the sections
+that committed), fallback_rate (fallbacks / transactions), vm_exits (all exits, IPIs included),
+accesses (all accesses performed), wasted_accesses (of which by attempts that aborted),
+pretouch_accesses, cycles, wasted_cycles, wasted_access_cycles, wasted_share, sections_per_us,
+lock_sections_per_us, elision_gain (what the aborts cost: :mod:`eptlab.apps.tsx_costs`;
+docs/experiments/tsx-aborts.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from itertools import product
 from typing import ClassVar
 
@@ -40,12 +43,31 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..apps.tsx import LAZY_SCENARIOS, MITIGATIONS, SCENARIOS, Outcome, Scenario, play
+from ..apps.tsx_costs import TsxCosts, price
+from ..apps.tsx_scenarios import (
+    LAZY_SCENARIOS,
+    MITIGATIONS,
+    SCENARIOS,
+    Outcome,
+    Scenario,
+    play,
+)
 from ..errors import ConfigError
 from ..memory.layout import check_layout, in_layout
 from ..mmu.rtm import EXIT_CAUSES
 from .base import Progress, Row
-from .intervals import OVERLAP, at, by_seed, column, interval, seeds_of, summarize, verdict, yerr
+from .intervals import (
+    OVERLAP,
+    at,
+    by_seed,
+    column,
+    interval,
+    seeds_of,
+    summarize,
+    times,
+    verdict,
+    yerr,
+)
 
 
 @dataclass(frozen=True)
@@ -66,6 +88,7 @@ class TsxAbortsParams:
     timer_period: int = 2000
     long_body: int = 256
     conflict_vcpus: int = 2
+    vcpus: int = 2  # every other scenario: elision pays off only where sections can overlap
     hot_lines: int = 64
     capacity_lines: int = 16
     seeds: int = 5
@@ -95,6 +118,8 @@ class TsxAborts:
                 raise ConfigError(
                     "mitigations", f"{name!r} is not one of {', '.join(MITIGATIONS)}"
                 )
+        if not 1 <= p.vcpus <= 8:
+            raise ConfigError("vcpus", "must be 1..8")
         if p.conflict_vcpus < 2:
             raise ConfigError("conflict_vcpus", "conflicts need at least 2 vCPUs")
         out = []
@@ -105,7 +130,7 @@ class TsxAborts:
                 Scenario(
                     kind,
                     mitigation,
-                    vcpus=p.conflict_vcpus if kind == "conflict" else 1,
+                    vcpus=p.conflict_vcpus if kind == "conflict" else p.vcpus,
                     sections=p.sections,
                     region_pages=p.region_pages,
                     reads=p.reads,
@@ -131,14 +156,27 @@ class TsxAborts:
     def _layout_rows(self, params: TsxAbortsParams, progress: Progress) -> Iterator[Row]:
         configs = self.configurations(params)
         progress(0, len(configs))
+        costs = TsxCosts.from_profile()
+        # plain locking's sections per us, by (scenario, memory policy): pre-touching is a
+        # transactional mitigation (the lock does not need it), the prefetch hypercall changes
+        # the memory both run on
+        baseline: dict[tuple[str, str], float] = {}
         for done, scenario in enumerate(configs, 1):
-            yield self.row(play(scenario))
+            memory = "prefetch" if scenario.mitigation == "prefetch" else "none"
+            if (scenario.kind, memory) not in baseline:  # the same sections, under the lock
+                plain = play(replace(scenario, mitigation=memory, elide=False))
+                cycles = price(plain.stats, scenario.vcpus, elided=False, costs=costs)
+                baseline[scenario.kind, memory] = cycles.sections_per_us
+            yield self.row(play(scenario), baseline[scenario.kind, memory], costs)
             progress(done, len(configs))
 
     @staticmethod
-    def row(o: Outcome) -> Row:
+    def row(o: Outcome, lock_sections_per_us: float, costs: TsxCosts) -> Row:
+        """One configuration's row; ``lock_sections_per_us``: plain locking's throughput on
+        the same sections."""
         s, st = o.scenario, o.stats
         exit_aborts = sum(n for c, n in st.aborts_by_cause.items() if c in EXIT_CAUSES)
+        cyc = price(st, s.vcpus, elided=True, costs=costs)
         return {
             "scenario": s.kind,
             "mitigation": s.mitigation,
@@ -152,6 +190,7 @@ class TsxAborts:
             "aborts_per_transaction": round(st.aborts / max(1, st.sections), 4),
             "aborts_by_cause": st.causes(),
             "exit_aborts": exit_aborts,
+            "ept_aborts": st.aborts_by_cause.get("ept_violation", 0),
             "ept_violations": st.ept_violations,
             "ept_violations_in_tx": st.ept_violations_in_tx,
             "ept_violation_rate": round(st.ept_violations / max(1, st.sections), 4),
@@ -161,6 +200,15 @@ class TsxAborts:
             "accesses": st.accesses,
             "wasted_accesses": st.wasted_accesses,
             "pretouch_accesses": st.pretouch_accesses,
+            "cycles": cyc.total,
+            "wasted_cycles": cyc.wasted,
+            "wasted_access_cycles": cyc.wasted_accesses,
+            "wasted_share": round(cyc.wasted_share, 4),
+            "sections_per_us": round(cyc.sections_per_us, 4),
+            "lock_sections_per_us": round(lock_sections_per_us, 4),
+            "elision_gain": round(cyc.sections_per_us / lock_sections_per_us, 4)
+            if lock_sections_per_us
+            else 0.0,
         }
 
     def interpret(self, table: pd.DataFrame, params: TsxAbortsParams) -> list[str]:
@@ -177,7 +225,7 @@ class TsxAborts:
         ept = [(s, r) for s in exits if (r := runs(s, "none")) is not None]
         if ept:
             frames = [r for _, r in ept]
-            aborts, inside = total(frames, "exit_aborts"), total(frames, "ept_violations_in_tx")
+            aborts, inside = total(frames, "ept_aborts"), total(frames, "ept_violations_in_tx")
             accounting = (
                 "equal the EPT violations taken inside transactions ({inside}) in every seed, as "
                 "the model's rule (any exit inside a transaction aborts it) requires: this holds "
@@ -193,7 +241,8 @@ class TsxAborts:
             )
             out.append(
                 f"Under lazy backing, copy-on-write and write-protect dirty logging the aborts "
-                f"caused by exits ({interval(aborts).text('{:,.0f}')}) {accounting}; abort rates: "
+                f"caused by EPT violations ({interval(aborts).text('{:,.0f}')}) {accounting}; "
+                f"abort rates: "
                 f"{rates}."
             )
         fixed = [r for s in exits if (r := runs(s, "pretouch")) is not None]
@@ -223,6 +272,7 @@ class TsxAborts:
                 + (f"{fewer}; " if fewer == OVERLAP else "")
                 + "logging rounds run between critical sections here)."
             )
+        out += _throughput(runs)
         kinds = ("timer", "conflict", "capacity")
         others = table[table.scenario.isin(kinds) & (table.aborts > 0)]
         if len(others):
@@ -323,6 +373,34 @@ class TsxAborts:
         )
         figure.tight_layout()
         return {"tsx-aborts": figure}
+
+
+def _throughput(runs: Callable[[str, str], pd.DataFrame | None]) -> list[str]:
+    """Elided against plain locking per policy, and the cycles the aborts wasted."""
+    parts, wasted = [], []
+    policies = [("backed", "none"), ("lazy", "none"), ("cow", "none"), ("wp-dirty", "none"),
+                ("pml-dirty", "none"), ("lazy", "pretouch"), ("lazy", "prefetch")]
+    for scenario, mitigation in policies:
+        r = runs(scenario, mitigation)
+        if r is None:
+            continue
+        name = scenario if mitigation == "none" else f"{scenario}+{mitigation}"
+        parts.append(
+            f"{name} {interval(r.sections_per_us).text('{:.2f}')} against "
+            f"{interval(r.lock_sections_per_us).text('{:.2f}')}, "
+            f"{times(interval(r.elision_gain), 'the lock')} "
+            f"({interval(r.ept_violation_rate).text('{:.2f}')} EPT violations per section)"
+        )
+        wasted.append(f"{name} {interval(r.wasted_share).scaled(100).text('{:.0f}', '%')}")
+    if not parts:
+        return []
+    return [
+        "Throughput of elided sections against plain locking on the same sections (sections "
+        "per modelled microsecond, elided / locked; vCPUs in parallel, work under the lock "
+        "serial, prices from the cost profile): " + "; ".join(parts) + ". Share of all cycles "
+        "wasted by aborted attempts (their accesses plus rtm_abort_cycles each): "
+        + ", ".join(wasted) + "."
+    ]
 
 
 def _causes(texts: pd.Series) -> list[str]:

@@ -90,6 +90,9 @@ class Lane:
     deadline: int | None = None  # stop when ``executed`` reaches it
     tx_accesses: int = 0  # accesses performed in the current transaction
     wasted: int = 0  # accesses performed by transactions that aborted
+    cycles: int = 0  # engine cycles (translation + data) of the accesses performed
+    tx_cycles: int = 0  # of which in the current transaction
+    wasted_cycles: int = 0  # of which by transactions that aborted
     reads: list[tuple[int, int]] = field(default_factory=list)  # (stream index, value)
     read_mark: int = 0
 
@@ -307,6 +310,7 @@ class RtmMachine:
             if not state.active:
                 state.start(lane.pos)
                 lane.tx_accesses = 0
+                lane.tx_cycles = 0
                 lane.read_mark = len(lane.reads)
             elif state.depth >= self.config.max_nesting:
                 return AbortEvent(self._abort(lane, AbortCause.NESTING))
@@ -365,6 +369,8 @@ class RtmMachine:
         )
         lane.wasted += lane.tx_accesses
         lane.tx_accesses = 0
+        lane.wasted_cycles += lane.tx_cycles
+        lane.tx_cycles = 0
         del lane.reads[lane.read_mark :]
         state.reset()
         lane.stream = None
@@ -455,9 +461,16 @@ class RtmMachine:
             else:  # an unmapped access stops the engine: run up to it, and it
                 limit = min(n, horizon + 1)
 
+        involved = {lane.index: lane for lane, _, _, _ in streams}
+        before = {i: self.engine.stats(lane.vcpu).cycles for i, lane in involved.items()}
         result = self.engine.run(
             Accesses(gva[:limit], kind[:limit], user[:limit], vcpus[:limit]), record_hpa=True
         )
+        for i, lane in involved.items():  # a lane's part of a chunk is all in or all out of tx
+            spent = self.engine.stats(lane.vcpu).cycles - before[i]
+            lane.cycles += spent
+            if lane.state.active:
+                lane.tx_cycles += spent
         done = result.stopped_at
         assert result.hpa is not None
         hpa = result.hpa[:done]

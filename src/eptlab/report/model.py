@@ -127,10 +127,17 @@ BY_CONSTRUCTION: dict[str, list[str]] = {
         "ip and the run loop copies it at the exit: context_matches checks that plumbing.",
     ],
     "tsx-aborts": [
-        "Every VM exit inside a transaction aborts it: exit_aborts equals ept_violations_in_tx "
+        "Every VM exit inside a transaction aborts it: ept_aborts equals ept_violations_in_tx "
         "by the model's rule, an accounting invariant and not a finding.",
         "Accessed/dirty flags, PML entries and cache fills of aborted transactions are not "
-        "rolled back (a model choice); aborts and exits are not priced in cycles.",
+        "rolled back (a model choice). Cycles are engine cycles plus counts times profile "
+        "prices (rtm_commit/rtm_abort/lock_cycles measured on this machine); throughput takes "
+        "vCPUs as parallel and work under the lock as serial, lock waiting is not priced.",
+    ],
+    "tsx-drk": [
+        "A probe that exits is slower by construction (exit round trip and handler work are "
+        "added to the guest's time); the run measures whether walk-time spread stays below "
+        "that gap. No timing noise beyond the modelled caches and TLB is added.",
     ],
     "memory-encryption": [
         "Extra cycles equal penalty x (walk + data references served by DRAM) exactly, because "

@@ -93,3 +93,60 @@ int64_t eptlab_rtm_run(uint8_t *base, const uint64_t *warm, int64_t n_warm, cons
     }
     return n;
 }
+
+/* -- timing probes (eptlab.kvm.drk_host) ------------------------------------------------------
+ * Each of `reps` repetitions times, with RDTSC fenced by LFENCE on both sides and RDTSCP at the
+ * end, one of:
+ *   mode 0  nothing (the timer's own overhead);
+ *   mode 1  an empty transaction: XBEGIN; XEND;
+ *   mode 2  XBEGIN; XABORT(1) -- the abort path of an explicit abort;
+ *   mode 3  XBEGIN; load *addr; XEND   (aborts when the load faults: the DrK probe, read);
+ *   mode 4  XBEGIN; store *addr; XEND  (aborts when the store faults: the DrK probe, write);
+ *   mode 5  an uncontended spin lock: atomic exchange to acquire, a release store.
+ * cycles[i] is the time of repetition i, status[i] the XBEGIN status (~0 for a commit). */
+static volatile int64_t eptlab_lock_word;
+
+static inline uint64_t t_begin(void) {
+    _mm_lfence();
+    uint64_t t = __rdtsc();
+    _mm_lfence();
+    return t;
+}
+
+static inline uint64_t t_end(void) {
+    unsigned aux;
+    uint64_t t = __rdtscp(&aux);
+    _mm_lfence();
+    return t;
+}
+
+int64_t eptlab_rtm_time(volatile uint8_t *addr, int64_t mode, int64_t reps, int64_t *cycles,
+                        int64_t *status) {
+    for (int64_t i = 0; i < reps; i++) {
+        unsigned s = _XBEGIN_STARTED;
+        uint64_t t0 = t_begin();
+        if (mode == 1) {
+            if ((s = _xbegin()) == _XBEGIN_STARTED) _xend();
+        } else if (mode == 2) {
+            if ((s = _xbegin()) == _XBEGIN_STARTED) _xabort(1);
+        } else if (mode == 3) {
+            if ((s = _xbegin()) == _XBEGIN_STARTED) {
+                (void)*addr;
+                _xend();
+            }
+        } else if (mode == 4) {
+            if ((s = _xbegin()) == _XBEGIN_STARTED) {
+                *addr = 1;
+                _xend();
+            }
+        } else if (mode == 5) {
+            while (__atomic_exchange_n(&eptlab_lock_word, 1, __ATOMIC_ACQUIRE)) {
+            }
+            __atomic_store_n(&eptlab_lock_word, 0, __ATOMIC_RELEASE);
+        }
+        uint64_t t1 = t_end();
+        cycles[i] = (int64_t)(t1 - t0);
+        status[i] = (int64_t)s;
+    }
+    return reps;
+}
