@@ -300,3 +300,19 @@ def test_a_hypercall_is_complete_once_handled() -> None:
     assert exit_ is not None and hv.handle(exit_) is ExitAction.SKIP
     with pytest.raises(EptlabError, match="complete"):
         vcpu.run(ExitAction.RETRY)
+
+
+def test_split_to_4k_splits_a_large_leaf_down_and_counts_the_splits() -> None:
+    from eptlab.arch.bits import PageSize
+    from eptlab.hv import Hypervisor
+
+    hv = Hypervisor(host_memory=1 << 32, layout="contiguous")
+    vm = hv.create_vm("g", 1 << 30, backing=PageSize.SIZE_1G)
+    gpa = (5 << 21) + 7 * 4096
+    vm.back(gpa)
+    before = vm.ept.lookup(gpa)
+    assert before is not None and before.level == 3
+    leaf, splits = vm.ept.split_to_4k(gpa)
+    assert (leaf.level, splits) == (1, 2)
+    assert leaf.target == before.target  # the same host frame, now by a 4 KiB leaf
+    assert vm.ept.split_to_4k(gpa)[1] == 0

@@ -230,11 +230,7 @@ class IntegrityMonitor:
                 self.vm.back(page)
                 leaf = ept.lookup(page)
                 assert leaf is not None
-            while leaf.level > 1:
-                ept.split(page)
-                self.counters.splits += 1
-                leaf = ept.lookup(page)
-                assert leaf is not None
+            self.counters.splits += ept.split_to_4k(page)[1]
         if self.mode in TRAP_MODES:
             for page in sorted(watched):
                 self.counters.ept_edits += ept.protect(page, PAGE_SIZE, "r-x")

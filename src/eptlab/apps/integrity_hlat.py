@@ -95,13 +95,7 @@ def install_hlat(guest: KernelGuest) -> HlatSetup:
         words[words == 0] = np.uint64(RESTART_ENTRY)
     ept, edits, splits = vm.ept, 0, 0
     for page in pages:
-        leaf = ept.lookup(page)
-        assert leaf is not None
-        while leaf.level > 1:
-            ept.split(page)
-            splits += 1
-            leaf = ept.lookup(page)
-            assert leaf is not None
+        splits += ept.split_to_4k(page)[1]
         edits += ept.protect(page, PAGE_SIZE, "r--")
         leaf = ept.lookup(page)
         assert leaf is not None

@@ -44,11 +44,7 @@ class PageTableGuard:
                 vm.back(page)
                 leaf = ept.lookup(page)
                 assert leaf is not None
-            while leaf.level > 1:
-                ept.split(page)
-                splits += 1
-                leaf = ept.lookup(page)
-                assert leaf is not None
+            splits += ept.split_to_4k(page)[1]
             ept.protect(page, PAGE_SIZE, "r--")
         ept.tables.ad_enabled = False
         for vcpu in vm.vcpus:

@@ -300,11 +300,8 @@ class TrapDebugger:
             leaf = ept.lookup(page)
             if leaf is None:
                 raise ConfigError("pages", f"heap page {page:#x} is not backed")
-            while leaf.level > 1:
-                ept.split(page)
-                self.counters.splits += 1
-                leaf = ept.lookup(page)
-                assert leaf is not None
+            leaf, splits = ept.split_to_4k(page)
+            self.counters.splits += splits
             self.hpa[page] = leaf.target
             self.slot[page] = ept.leaf_slot(page)
         self.ring_hpa = self.vm.host_address(self.ring)  # the debugger maps the ring once

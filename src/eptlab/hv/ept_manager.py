@@ -174,6 +174,16 @@ class EptManager:
 
     # -- splitting and merging --------------------------------------------------------------------
 
+    def split_to_4k(self, gpa: int) -> tuple[Leaf, int]:
+        """Split the leaf mapping ``gpa`` down to a 4 KiB page (as many times as it takes);
+        returns the 4 KiB leaf and how many splits that took (0 if it was one already)."""
+        leaf, splits = self._leaf(gpa), 0
+        while leaf.level > 1:
+            self.split(gpa)
+            splits += 1
+            leaf = self._leaf(gpa)
+        return leaf, splits
+
     def split(self, gpa: int) -> int:
         """Replace the 1 GiB or 2 MiB leaf mapping ``gpa`` by a table of 512 leaves of the next
         size down, with the same permissions, memory type and host frames. Returns the new
