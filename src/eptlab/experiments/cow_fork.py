@@ -213,8 +213,8 @@ class CowFork:
     )
     Params: ClassVar[type] = CowForkParams
     demo: ClassVar[dict[str, str]] = {
-        "guest_mibs": "16,32", "clones": "1,2", "seeds": "3", "lazy_guest_mib": "32",
-        "working_sets": "16,256,2048", "reset_guest_mib": "32", "dirty_sets": "1,100,2000",
+        "guest_mibs": "16", "clones": "1,2", "seeds": "3", "lazy_guest_mib": "16",
+        "working_sets": "16,256,1024", "reset_guest_mib": "16", "dirty_sets": "1,100,1000",
         "resets": "2",
     }
     keys: ClassVar[tuple[str, ...]] = KEYS
