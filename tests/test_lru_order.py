@@ -6,35 +6,13 @@ test_lru_rings.py, nothing here depends on a random draw finding the revealing c
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any, cast
 
 import numpy as np
 import pytest
 
-from eptlab.mmu.kernels import assoc
-from eptlab.mmu.kernels import cache as data_cache
 from eptlab.mmu.kernels.assoc import AUX, DATA, NPLANES, TAGS
 
-Kernel = Callable[..., Any]
-access_line = cast(Kernel, data_cache.access_line)
-lookup = cast(Kernel, assoc.lookup)
-insert = cast(Kernel, assoc.insert)
-entry_word = cast(Kernel, assoc.entry_word)
-
-# (sets, ways, per-vCPU) of L1, L2, LLC
-LEVELS = ((2, 3, 1), (4, 2, 1), (4, 5, 0))
-VCPUS = 2
-
-
-def cache_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    cdesc = np.zeros((3, 4), np.int64)
-    row = 0
-    for i, (sets, ways, per_vcpu) in enumerate(LEVELS):
-        cdesc[i] = (row, sets, ways, per_vcpu)
-        row += sets * (VCPUS if per_vcpu else 1)
-    width = max(ways for _, ways, _ in LEVELS)
-    return np.full((row, width), -1, np.int64), cdesc, np.zeros(row, np.int32)
+from .lru_kernels import LEVELS, VCPUS, access_line, cache_arrays, entry_word, insert, lookup
 
 
 class OrderedCaches:

@@ -5,40 +5,24 @@ previous representation), so any difference in what is kept or evicted shows up.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, cast
-
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eptlab.mmu.kernels import assoc
-from eptlab.mmu.kernels import cache as data_cache
 from eptlab.mmu.kernels.assoc import DATA, NPLANES, TAGS
 
-# numba dispatchers, called from Python here
-Kernel = Callable[..., Any]
-access_line = cast(Kernel, data_cache.access_line)
-lookup = cast(Kernel, assoc.lookup)
-insert = cast(Kernel, assoc.insert)
-entry_word = cast(Kernel, assoc.entry_word)
-drop = cast(Kernel, assoc.drop)
+from .lru_kernels import (
+    LEVELS,
+    VCPUS,
+    access_line,
+    cache_arrays,
+    drop,
+    entry_word,
+    insert,
+    lookup,
+)
 
 # -- data caches ---------------------------------------------------------------------------------
-
-# (sets, ways, per-vCPU) of L1, L2, LLC: small, with ways that are not powers of two
-LEVELS = ((2, 3, 1), (4, 2, 1), (4, 5, 0))
-VCPUS = 2
-
-
-def _cache_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    cdesc = np.zeros((3, 4), np.int64)
-    row = 0
-    for i, (sets, ways, per_vcpu) in enumerate(LEVELS):
-        cdesc[i] = (row, sets, ways, per_vcpu)
-        row += sets * (VCPUS if per_vcpu else 1)
-    width = max(ways for _, ways, _ in LEVELS)
-    return np.full((row, width), -1, np.int64), cdesc, np.zeros(row, np.int32)
 
 
 class StampedCaches:
@@ -69,7 +53,7 @@ class StampedCaches:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, VCPUS - 1), st.integers(0, 40)), max_size=300))
 def test_cache_rings_are_lru(accesses: list[tuple[int, int]]) -> None:
-    cache, cdesc, heads = _cache_arrays()
+    cache, cdesc, heads = cache_arrays()
     model = StampedCaches()
     for vcpu, line in accesses:
         assert access_line(cache, cdesc, vcpu, line << 6, heads) == model.access(vcpu, line)
