@@ -117,3 +117,24 @@ def test_the_kvm_side_prices_with_the_active_cost_profile(which: str) -> None:
     with use_profile(dearer):
         after = cycles()
     assert after > before
+
+
+TESTS = Path(__file__).parent
+TOP_LEVEL_TESTS = {  # tests of a top-level module, or across every package
+    "test_bench_limit.py",  # eptlab.bench_limit
+    "test_workloads.py",  # eptlab.workloads
+    "test_fuzz_inputs.py",  # every trace reader and the sweep spec loader
+    "test_docs.py",  # the documentation of every package
+    "test_layering.py",  # the imports between packages
+}
+
+
+def test_tests_mirror_the_package() -> None:
+    """The tests of ``eptlab.X`` live in ``tests/X/``: every folder under tests/ (but the data
+    folders) names a package of eptlab, and only the cross-cutting tests stay at the top."""
+    packages = {p.name for p in SRC.iterdir() if (p / "__init__.py").is_file()}
+    folders = {p for p in TESTS.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert {p.name for p in folders} <= packages
+    for folder in folders:
+        assert list(folder.glob("test_*.py")), f"{folder} holds no tests"
+    assert {p.name for p in TESTS.glob("test_*.py")} == TOP_LEVEL_TESTS

@@ -13,7 +13,7 @@ A mutation file is TOML, one ``[[mutant]]`` table each::
     file = "src/eptlab/mmu/kernels/cache.py"
     original = "_touch(cache, heads, row, ways, hit, line)"   # exact text, once in the file
     replacement = "pass"
-    tests = ["tests/test_lru_rings.py"]
+    tests = ["tests/mmu/test_lru_rings.py"]
     # or: pattern = 'regex' (must match exactly once) instead of original
 
 The tree (tracked and untracked-but-not-ignored files under src/, tests/, examples/, guests/ and

@@ -225,7 +225,7 @@ def test_a_sweep_carries_its_profile_to_every_point_and_row(tmp_path: Path) -> N
 
 
 def test_docs_list_every_value_of_the_shipped_profile() -> None:
-    text = (Path(__file__).parents[1] / "docs" / "costs.md").read_text()
+    text = (Path(__file__).parents[2] / "docs" / "costs.md").read_text()
     for key, value in CostProfile.default().values.items():
         assert f"| `{key}` | {value.value:g} | {value.unit} | {value.source.kind} |" in text
 

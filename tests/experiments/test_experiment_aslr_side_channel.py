@@ -1,5 +1,6 @@
 """The aslr-side-channel experiment: its rows make the claims the README states, costs included
-(bad parameters: the contract test over every experiment, tests/test_robust_params.py)."""
+(bad parameters: the contract test over every experiment,
+tests/experiments/test_robust_params.py)."""
 
 from __future__ import annotations
 

@@ -165,7 +165,7 @@ def test_cli_sweep_runs_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_example_spec_is_valid() -> None:
-    spec = load_spec(Path(__file__).parent.parent / "examples" / "sweep.toml")
+    spec = load_spec(Path(__file__).parents[2] / "examples" / "sweep.toml")
     assert len(spec.points) == 4 * 2 * 2 + 3
 
 

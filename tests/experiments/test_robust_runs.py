@@ -21,7 +21,7 @@ from .robust_tiny import Tiny
 
 @pytest.fixture(autouse=True)
 def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_EXPERIMENTS", {"tiny": "tests.robust_tiny:Tiny"})
+    monkeypatch.setattr(registry, "_EXPERIMENTS", {"tiny": "tests.experiments.robust_tiny:Tiny"})
     Tiny.computed = 0
 
 

@@ -52,7 +52,7 @@ from eptlab.mmu.walker import DATA, Dim, Translation
 if TYPE_CHECKING:
     from selenium.webdriver.chrome.webdriver import WebDriver
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZES = [PageSize.SIZE_4K, PageSize.SIZE_2M, PageSize.SIZE_1G]
 CONFIGS = [(n, m, g, e) for n in (4, 5) for m in (4, 5) for g in SIZES for e in SIZES]
 
@@ -70,7 +70,7 @@ def walk(
     page_user: bool | None = None,
 ) -> Translation:
     """The guest page tables stay on 4 KiB EPT pages (``e`` backs only the data page) so the
-    grid has the data row's absent slots; tests/test_walk_options.py covers uniform backing."""
+    grid has the data row's absent slots; tests/mmu/test_walk_options.py covers uniform backing."""
     return run_walk(
         table_ept_page=PageSize.SIZE_4K,
         guest_levels=n,

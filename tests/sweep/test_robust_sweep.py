@@ -16,12 +16,12 @@ from eptlab.errors import ConfigError
 from eptlab.experiments import registry
 from eptlab.sweep import SweepStore, load, load_spec, parse_spec, run_sweep
 
-from .robust_tiny import Tiny
+from ..experiments.robust_tiny import Tiny
 
 
 @pytest.fixture(autouse=True)
 def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_EXPERIMENTS", {"tiny": "tests.robust_tiny:Tiny"})
+    monkeypatch.setattr(registry, "_EXPERIMENTS", {"tiny": "tests.experiments.robust_tiny:Tiny"})
     Tiny.computed = 0
 
 

@@ -1,5 +1,5 @@
 """The memory-encryption experiment: its claims hold on a small run (bad parameters: the
-contract test over every experiment, tests/test_robust_params.py)."""
+contract test over every experiment, tests/experiments/test_robust_params.py)."""
 
 from __future__ import annotations
 
