@@ -160,7 +160,7 @@ def test_presets_differ_exactly_in_the_classes_they_encrypt() -> None:
 def test_protection_pass_matches_the_reference_walker_uncached() -> None:
     s, oracle = space(shared_pages=4), space(shared_pages=4).walker()
     e = engine(s, Protection.preset("sev-snp", RmpConfig.uncached(RMP)), cached=False)
-    gvas = list(BASE + np.arange(0, 4 << 20, 4096 * 13)) + [BASE + (4 << 20) + 4096 * 3]
+    gvas = [*(BASE + np.arange(0, 4 << 20, 4096 * 13)).tolist(), BASE + (4 << 20) + 4096 * 3]
     result = e.run(Accesses.build(gvas), log_references=4096)
     assert result.done
     lines = dict.fromkeys(CLASSES, 0)

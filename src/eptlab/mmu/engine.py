@@ -322,8 +322,9 @@ class Engine:
         indices: list[int] = []
         while True:
             hi = min(n, stopped + PROTECTED_CHUNK)
-            piece = Accesses(*(a[stopped:hi] for a in (accesses.gva, accesses.kind,
-                                                       accesses.user, accesses.vcpu)))
+            cut = slice(stopped, hi)
+            piece = Accesses(accesses.gva[cut], accesses.kind[cut], accesses.user[cut],
+                             accesses.vcpu[cut])
             want = max(0, log_references - len(references))
             result = self._run(piece, 0, True, want, protect=True)
             assert result.hpa is not None
@@ -379,7 +380,7 @@ class Engine:
             )
         )
         if protect:
-            self._price(log, start, stopped, accesses.vcpu)
+            self._price(log, stopped, accesses.vcpu)
         _run.derive_totals(self._stats)
         self._occupied[:] = regs[:, L.REG_OCCUPIED]
         for i, v in enumerate(self._vcpus):  # the kernel advanced the PML index
@@ -407,9 +408,9 @@ class Engine:
             [int(r[0]) for r in refs[:n_refs]],
         )
 
-    def _price(self, log: Log, start: int, stopped: int, vcpu: npt.NDArray[np.int32]) -> None:
-        """The protection pass over one kernel call's log: its counters, and its cycles added
-        to the statistics' translation and data cycles."""
+    def _price(self, log: Log, stopped: int, vcpu: npt.NDArray[np.int32]) -> None:
+        """The protection pass over one kernel call's log (accesses ``0..stopped-1``): its
+        counters, and its cycles added to the statistics' translation and data cycles."""
         count = int(log.ref_count[0])
         if count > log.refs.shape[0]:
             raise RuntimeError(f"reference log overflow: {count} > {log.refs.shape[0]} rows")
@@ -422,7 +423,7 @@ class Engine:
             np.int64,
         )
         delta = np.zeros_like(self._pstats)
-        _protect_pass(log.refs, count, start, stopped, log.out_hpa, log.out_where, vcpu, vmode,
+        _protect_pass(log.refs, count, stopped, log.out_hpa, log.out_where, vcpu, vmode,
                       self._pcfg_vec, self._rmp, delta)
         self._pstats += delta
         self._stats[:, L.ST_TRANSLATION_CYCLES] += delta[:, _protect.X_TRANSLATION_CYCLES]

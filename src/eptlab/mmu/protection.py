@@ -123,9 +123,9 @@ def classify_walk(
     as the protection pass does: guest page-table reads are ``guest_pt``; EPT reads are ``ept``,
     or ``shared`` when they translate the data address of shared memory (TDX's shared EPT);
     data is ``shared`` when, under EPT, its host-physical address carries key ID 0 on a machine
-    with key-ID bits, else ``data``. With ``rmp`` on a nested walk, every reference's host page and the data
-    page are checked (AMD APM Vol. 2 §15.36: the RMP is indexed by the system-physical address of
-    each access of an SNP guest, table walks included)."""
+    with key-ID bits, else ``data``. With ``rmp`` on a nested walk, every reference's host page
+    and the data page are checked (AMD APM Vol. 2 §15.36: the RMP is indexed by the
+    system-physical address of each access of an SNP guest, table walks included)."""
     shift = features.maxphyaddr - features.keyid_bits
     kmask = (1 << features.keyid_bits) - 1
     shared = nested and bool(kmask) and ((data_hpa >> shift) & kmask) == 0

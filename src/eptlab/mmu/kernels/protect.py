@@ -67,8 +67,8 @@ def rmp_check(page, tags):  # type: ignore[no-untyped-def]
 
 
 @kernel
-def protect_pass(refs, n_refs, start, stop, hpa, where, vcpu, vmode, cfg, tags, out):  # type: ignore[no-untyped-def]
-    """Price accesses ``start..stop-1`` of a chunk: for each, its walk references in the log
+def protect_pass(refs, n_refs, stop, hpa, where, vcpu, vmode, cfg, tags, out):  # type: ignore[no-untyped-def]
+    """Price accesses ``0..stop-1`` of a chunk: for each, its walk references in the log
     (rows ``0..n_refs-1``, in order), then the RMP check of its data page if it walked
     (SEV-SNP holds the result in the TLB: a TLB hit checks nothing), then its data line.
     Every DRAM line of an encrypted class costs ``cfg[CFG_DECRYPT]``, plus ``cfg[CFG_MAC]`` if
@@ -80,9 +80,7 @@ def protect_pass(refs, n_refs, start, stop, hpa, where, vcpu, vmode, cfg, tags, 
     shift, kmask = cfg[CFG_KEY_SHIFT], cfg[CFG_KEY_MASK]
     amask = (1 << shift) - 1  # the address below the key-ID bits
     r = 0
-    while r < n_refs and refs[r, 0] < start:
-        r += 1
-    for i in range(start, stop):
+    for i in range(stop):
         v = vcpu[i]
         rmp_on = (vmode[v] & V_RMP) != 0
         shared = (vmode[v] & V_NESTED) != 0 and kmask != 0 and ((hpa[i] >> shift) & kmask) == 0
