@@ -414,9 +414,12 @@ def _preset_readings(
             f"access (one per entry read plus one for the data page, by construction), "
             f"{lookups.text('{:.2f}')} of which miss the {params.rmp_cache_entries}-entry RMP "
             f"cache and read an RMP entry ({params.rmp_lookup_cycles} cycles each): "
-            f"{rmp.text()} cycles per access, {share.text('{:.0f}', '%')} of its extra cycles. "
-            f"Native rows make no RMP check (host reads are exempt), and its nested page tables "
-            f"are read in the clear (SME off), so they add no decryption."
+            f"{rmp.text()} cycles per access, {share.text('{:.0f}', '%')} of its extra cycles "
+            f"(the lookup latency and the RMP cache are assumed values: docs/costs.md); the "
+            f"rest, {interval(hot[extra] - hot.extra_rmp_cycles_per_access).text()}, decrypts "
+            f"guest page tables and data only. Native rows make no RMP check (host reads are "
+            f"exempt), and the nested page tables are read in the clear (SME off), so they add "
+            f"no decryption."
         )
     if "tdx" in params.presets and "mktme" in params.presets:
         tdx = by_seed(table, mode="nested", encryption="tdx", **where)
