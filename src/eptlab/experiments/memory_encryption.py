@@ -203,7 +203,8 @@ class MemoryEncryption:
         if not p.presets or len(set(p.presets)) != len(p.presets):
             raise ConfigError("presets", "name each preset once, at least one")
         for name in p.presets:
-            Protection.preset(name)  # refuses unknown names
+            if name not in PRESETS:
+                raise ConfigError("presets", f"{name!r} is not one of {', '.join(PRESETS)}")
         if "tdx" in p.presets and p.integrity_latency <= 0:
             raise ConfigError("integrity_latency", "tdx checks a MAC per line: must be > 0")
         if p.integrity_latency < 0 or p.rmp_lookup_cycles < 0:
