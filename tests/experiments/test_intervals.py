@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -135,6 +136,19 @@ def test_summarize_by_hand() -> None:
     assert measured_columns(table(), ("mode", "period")) == ["cycles", "delay"]
     assert pick(s, "cycles", mode="b") == Interval(5.0, 5.0, 5.0, 3)
     assert pick(s, "cycles", mode="zzz").n == 0
+
+
+def test_a_flag_the_seeds_disagree_on_becomes_text_and_stores(tmp_path: Path) -> None:
+    """model-vs-machine's huge_pages_obtained: True in one configuration, True for some seeds
+    and False for others in another; the summary says both and writes to Parquet."""
+    rows = pd.DataFrame({"seed": [0, 1, 0, 1], "size": [1, 1, 16, 16],
+                         "huge": [True, True, True, False], "cycles": [1.0, 2.0, 3.0, 4.0]})
+    s = summarize(rows, ("size",))
+    assert list(s.huge) == ["True", "True | False"]
+    s.to_parquet(tmp_path / "s.parquet")
+    assert list(pd.read_parquet(tmp_path / "s.parquet").huge) == ["True", "True | False"]
+    agreed = summarize(rows[rows["size"] == 1], ("size",))
+    assert agreed.huge.tolist() == [True]  # agreement keeps the flag a flag
 
 
 def test_text_table_and_error_bars() -> None:

@@ -49,13 +49,13 @@ def demo(
     ] = True,
     profile: ProfileOption = None,
     jobs: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=1,
             help="Experiments run at once, one process each (default: the CPUs this process "
             "may use, at most 4). 1: one after the other, each alone on the machine.",
         ),
-    ] = 0,
+    ] = None,
 ) -> int:
     """The walk tour, every experiment at a small built-in scale, and OUT/report.html."""
     from ..costs import load_profile, use_profile

@@ -177,8 +177,9 @@ def measured_columns(table: pd.DataFrame, keys: Sequence[str]) -> list[str]:
 def summarize(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """One row per configuration (the ``keys`` columns' values, in first-seen order): ``n`` (the
     seeds), then for every measured column its mean (same name) and interval bounds (``_lo``,
-    ``_hi``). Other columns (text) keep their value when every seed agrees, else their distinct
-    values joined by ``" | "``."""
+    ``_hi``). Other columns (text, flags) keep their value when every seed agrees, else their
+    distinct values joined by ``" | "``; such a column is then text throughout (so that it
+    stores as one type)."""
     keys = [k for k in keys if k in table.columns]
     measured = measured_columns(table, keys)
     other = [c for c in table.columns if c not in keys and c not in measured and c != SEED]
@@ -198,7 +199,13 @@ def summarize(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     columns = keys + [COUNT] + [
         c for m in measured for c in (m, m + LOW, m + HIGH)
     ] + other
-    return pd.DataFrame(rows, columns=columns)
+    summary = pd.DataFrame(rows, columns=columns)
+    for column in other:  # seeds disagreed somewhere: the whole column as text
+        if any(isinstance(v, str) for v in summary[column]) and not all(
+            isinstance(v, str) for v in summary[column]
+        ):
+            summary[column] = summary[column].map(str)
+    return summary
 
 
 def at(summary_row: Any, column: str) -> Interval:
