@@ -21,7 +21,7 @@ ACCESSES = 1000
 def warm_up() -> int:
     """Run a few accesses through the engine with the full cache model, which compiles (or
     loads) the kernels every engine run uses; returns the number of accesses performed."""
-    space = NestedSpace.create(host_memory=1 << 30, guest_memory=1 << 30)
+    space = NestedSpace.create(layout="contiguous")
     space.map_range(BASE, 2 << 20, PageSize.SIZE_4K, PageSize.SIZE_4K)
     engine = Engine(space.memory, MmuConfig(), space.features)
     engine.add_vcpu(space.guest, space.vmcs)
