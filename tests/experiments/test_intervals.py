@@ -159,3 +159,12 @@ def test_text_table_and_error_bars() -> None:
     err = yerr([Interval(2, 0, 4.5, 3), Interval(5, 5, 5, 3), Interval(np.nan, np.nan, np.nan, 0)])
     assert err.shape == (2, 3)
     assert err.tolist() == [[2.0, 0.0, 0.0], [2.5, 0.0, 0.0]]
+
+
+def test_a_rate_interval_is_cut_to_the_possible_rates() -> None:
+    iv = interval([0.9, 1.0, 1.0, 0.8])  # t interval reaches above 1
+    assert iv.hi > 1.0
+    cut = iv.within(0.0, 1.0)
+    assert (cut.mean, cut.lo, cut.hi, cut.n) == (iv.mean, iv.lo, 1.0, 4)
+    low = interval([0.0, 0.1, 0.0], clip=False).within(0.0, 1.0)
+    assert low.lo == 0.0 and low.hi < 1.0

@@ -60,6 +60,11 @@ class Interval:
         low, high = sorted((self.lo * factor, self.hi * factor))
         return Interval(self.mean * factor, low, high, self.n)
 
+    def within(self, low: float, high: float) -> Interval:
+        """The interval cut to the possible values ``[low, high]`` (a rate: 0 and 1); the
+        mean, inside them already, stays."""
+        return Interval(self.mean, max(self.lo, low), min(self.hi, high), self.n)
+
     def text(self, fmt: str = "{:,.1f}", unit: str = "") -> str:
         """``"3.6x [3.4, 3.8]"``; just ``"12"`` when every seed agreed, or with one seed (a
         reading says once that one seed has no interval: :func:`one_seed_note`)."""
