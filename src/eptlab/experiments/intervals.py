@@ -60,6 +60,11 @@ class Interval:
         low, high = sorted((self.lo * factor, self.hi * factor))
         return Interval(self.mean * factor, low, high, self.n)
 
+    def within(self, low: float, high: float) -> Interval:
+        """The interval cut to the possible values ``[low, high]`` (a rate: 0 and 1); the
+        mean, inside them already, stays."""
+        return Interval(self.mean, max(self.lo, low), min(self.hi, high), self.n)
+
     def text(self, fmt: str = "{:,.1f}", unit: str = "") -> str:
         """``"3.6x [3.4, 3.8]"``; just ``"12"`` when every seed agreed, or with one seed (a
         reading says once that one seed has no interval: :func:`one_seed_note`)."""
@@ -177,8 +182,9 @@ def measured_columns(table: pd.DataFrame, keys: Sequence[str]) -> list[str]:
 def summarize(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """One row per configuration (the ``keys`` columns' values, in first-seen order): ``n`` (the
     seeds), then for every measured column its mean (same name) and interval bounds (``_lo``,
-    ``_hi``). Other columns (text) keep their value when every seed agrees, else their distinct
-    values joined by ``" | "``."""
+    ``_hi``). Other columns (text, flags) keep their value when every seed agrees, else their
+    distinct values joined by ``" | "``; such a column is then text throughout (so that it
+    stores as one type)."""
     keys = [k for k in keys if k in table.columns]
     measured = measured_columns(table, keys)
     other = [c for c in table.columns if c not in keys and c not in measured and c != SEED]
@@ -198,7 +204,13 @@ def summarize(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     columns = keys + [COUNT] + [
         c for m in measured for c in (m, m + LOW, m + HIGH)
     ] + other
-    return pd.DataFrame(rows, columns=columns)
+    summary = pd.DataFrame(rows, columns=columns)
+    for column in other:  # seeds disagreed somewhere: the whole column as text
+        if any(isinstance(v, str) for v in summary[column]) and not all(
+            isinstance(v, str) for v in summary[column]
+        ):
+            summary[column] = summary[column].map(str)
+    return summary
 
 
 def at(summary_row: Any, column: str) -> Interval:

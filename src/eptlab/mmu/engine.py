@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -69,6 +69,13 @@ def _signed(value: int) -> int:
     """A 64-bit value as the int64 the kernels use."""
     value &= U64_MASK
     return value - (1 << 64) if value >> 63 else value
+
+
+def _writable(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``array``, or a copy of it where it is read-only (a broadcast scalar, a buffer): numba
+    compiles a kernel once per argument type, and a read-only array is another type, so every
+    run passes writable ones and the kernel is compiled once (a compile takes tens of seconds)."""
+    return array if array.flags.writeable else array.copy()
 
 
 @dataclass(frozen=True)
@@ -371,7 +378,8 @@ class Engine:
         log = Log(self._stats, refs, ref_count, exit_info, out_hpa, out_where, self._scratch)
         stopped = int(
             _run_chunk(
-                Stream(accesses.gva, accesses.kind, accesses.user, accesses.vcpu),
+                Stream(_writable(accesses.gva), _writable(accesses.kind),
+                       _writable(accesses.user), _writable(accesses.vcpu)),
                 start,
                 self._memory_bundle(),
                 self._caches,
