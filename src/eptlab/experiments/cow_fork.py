@@ -31,6 +31,7 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..apps.cow import CopyOnWrite, copy_cycles
@@ -53,12 +54,13 @@ from .base import (
     table_bytes,
 )
 from .intervals import (
-    OVERLAP,
     bars,
     by_seed,
     column,
     interval,
+    lines,
     ratio,
+    side,
     summarize,
     times,
 )
@@ -536,7 +538,7 @@ def _read_lazy(t: pd.DataFrame) -> list[str]:
         e, lz = by_seed(t, fork_mode="eager", working_set=ws), by_seed(
             t, fork_mode="lazy", working_set=ws)
         r = ratio(e.total_cycles, lz.total_cycles)
-        word = "lazy" if r.lo > 1 else "eager" if r.hi < 1 else OVERLAP
+        word = side(r, "lazy", "eager")
         cheaper.append(f"{ws:,} pages: {word} ({r.text('{:.2f}', 'x')} eager/lazy)")
     e_big, l_big = by_seed(t, fork_mode="eager", working_set=large), by_seed(
         t, fork_mode="lazy", working_set=large)
@@ -590,14 +592,13 @@ def _read_reset(t: pd.DataFrame) -> list[str]:
         for d in sets:
             iv = ratio(by_seed(t, dirty_pages=d, tracking="wp").loop_cycles,
                        by_seed(t, dirty_pages=d, tracking="pml").loop_cycles)
-            word = "pml" if iv.lo > 1 else "wp" if iv.hi < 1 else OVERLAP
+            word = side(iv, "pml", "wp")
             cheaper.append(f"{d:,}: {word} ({iv.text('{:.2f}', 'x')} wp/pml)")
         out.append("The cheaper loop by dirty pages per run: " + "; ".join(cheaper) + ".")
         p, w = by_seed(t, dirty_pages=big, tracking="pml"), by_seed(
             t, dirty_pages=big, tracking="wp")
         iv = ratio(w.loop_cycles, p.loop_cycles)
-        verdict = (OVERLAP if iv.lo <= 1 <= iv.hi and not iv.exact else
-                   "write protection costs more" if iv.mean > 1 else "PML costs more")
+        verdict = side(iv, "write protection costs more", "PML costs more")
         out.append(
             f"PML against write protection at {big:,} pages: "
             f"{interval(p.run_exits).text('{:,.0f}')} against "
@@ -637,13 +638,8 @@ def _figure_fork(table: pd.DataFrame, keys: tuple[str, ...]) -> Figure:
     return figure
 
 
-def _lines(ax: object, summary: pd.DataFrame, x: str, y: str, label: str) -> None:
-    ivs = column(summary, y)
-    ax.errorbar(  # type: ignore[attr-defined]
-        summary[x], [i.mean for i in ivs],
-        yerr=[[i.mean - i.lo for i in ivs], [i.hi - i.mean for i in ivs]],
-        marker="o", capsize=3, label=label,
-    )
+def _lines(ax: Axes, summary: pd.DataFrame, x: str, y: str, label: str) -> None:
+    lines(ax, summary[x], column(summary, y), marker="o", capsize=3, label=label)
 
 
 def _figure_lazy(table: pd.DataFrame, keys: tuple[str, ...]) -> Figure:

@@ -165,6 +165,16 @@ def times(iv: Interval, words: str = "as much") -> str:
     return f"{iv.text(unit='x')} {words}"
 
 
+def side(iv: Interval, above: str, below: str, at: float = 1.0) -> str:
+    """``above`` where the whole interval lies above ``at`` (a ratio's 1), ``below`` where it
+    lies below, else ``"no difference within the interval"`` (NaN too: nothing is claimed)."""
+    if iv.lo > at:
+        return above
+    if iv.hi < at:
+        return below
+    return OVERLAP
+
+
 def change(
     name: str, before: Interval, after: Interval, fmt: str = "{:,.1f}", unit: str = ""
 ) -> str:
@@ -312,6 +322,11 @@ def bars(
     means = np.array([iv.mean for iv in intervals], dtype=float)
     ax.bar(x, np.nan_to_num(means), width, yerr=yerr(intervals), capsize=2,
            error_kw={"elinewidth": 0.8, "ecolor": "black"}, **kwargs)
+
+
+def lines(ax: Axes, x: npt.ArrayLike, intervals: Sequence[Interval], **kwargs: Any) -> None:
+    """A line at ``x`` through the means with their 95% intervals as error bars."""
+    ax.errorbar(x, [iv.mean for iv in intervals], yerr=yerr(intervals), **kwargs)
 
 
 def ratio(numerator: pd.Series, denominator: pd.Series) -> Interval:
