@@ -25,6 +25,7 @@ from eptlab.experiments.intervals import (
     relation,
     side,
     summarize,
+    text_of,
     text_table,
     times,
     verdict,
@@ -191,3 +192,9 @@ def test_lines_draw_the_means_with_their_intervals() -> None:
     (bar,) = ax.collections  # the vertical error bars: from lo to hi
     segments = [seg[:, 1].tolist() for seg in bar.get_segments()]
     assert segments == [[1, 3], [5, 5]]
+
+
+def test_text_of_quotes_per_seed_values_as_whole_counts_by_default() -> None:
+    assert text_of([1000, 1000, 1000]) == "1,000"
+    assert text_of([2, 4, 6]) == interval([2, 4, 6]).text("{:,.0f}")
+    assert text_of(pd.Series([1.5, 1.5]), "{:.1f}", " MiB") == "1.5 MiB"

@@ -104,6 +104,12 @@ def interval(values: Iterable[Any], level: float = LEVEL, *, clip: bool = True) 
     return Interval(mean, low, mean + half, n)
 
 
+def text_of(values: Iterable[Any], fmt: str = "{:,.0f}", unit: str = "") -> str:
+    """The interval of per-seed ``values`` as a reading quotes it: ``"1,024 [998, 1,050]"``
+    (``fmt`` defaults to a whole count, unlike :meth:`Interval.text`)."""
+    return interval(values).text(fmt, unit)
+
+
 def one_seed_note(table: pd.DataFrame) -> list[str]:
     """The sentence a reading of a one-seed table ends with (none for several seeds)."""
     if seeds_of(table) != 1:
