@@ -183,13 +183,14 @@ def test_side_claims_a_side_only_beyond_the_interval() -> None:
 
 
 def test_lines_draw_the_means_with_their_intervals() -> None:
+    from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
 
     ax = Figure().subplots()
     lines(ax, [1, 2], [Interval(2, 1, 3, 3), Interval(5, 5, 5, 3)], fmt="o-")
-    line = ax.lines[0]
-    assert list(line.get_ydata()) == [2, 5]
+    assert np.asarray(ax.lines[0].get_ydata()).tolist() == [2, 5]
     (bar,) = ax.collections  # the vertical error bars: from lo to hi
+    assert isinstance(bar, LineCollection)
     segments = [seg[:, 1].tolist() for seg in bar.get_segments()]
     assert segments == [[1, 3], [5, 5]]
 

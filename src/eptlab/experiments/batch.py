@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +78,7 @@ def spawned_pool(workers: int) -> ProcessPoolExecutor:
         "spawn"))
 
 
-def as_finished(futures: Sequence[Future[T]]) -> Iterator[T]:
+def as_finished(futures: Sequence[Future[T]]) -> Generator[T, None, None]:
     """Each future's result as it finishes; those not started yet are cancelled when the
     caller stops early (an error, Ctrl-C, a consumer that breaks off)."""
     try:
