@@ -1,6 +1,10 @@
 """A/B of engine versions in one process: each version's ``eptlab`` package is copied under its own
 name (``eptlab_<label>``), the bench streams are built once, and the versions (and the C limit)
-run interleaved, best of ``--reps``, so machine load hits them alike. The statistics of every
+run interleaved (in a rotating order, each repetition with new engines), best of ``--reps``, so machine load hits them alike; the speed-up of each
+version over the first is also given as the median (and range) of the ratios of their times
+in the same repetition, which a loaded machine disturbs less than the best times do. Times
+are the CPU time of this thread (``time.thread_time``), so time spent descheduled on a shared
+machine does not count (its caches are still shared). The statistics of every
 version are compared with the first's after each stream (they must be equal).
 
     PYTHONPATH=src .venv/bin/python benchmarks/ab_kernels.py base=main new=. \
@@ -84,42 +88,59 @@ def main() -> None:
     for item in args.versions:
         label, _, spec = item.partition("=")
         versions[label] = load_version(label, spec)
+    first = next(iter(versions))
+    others = [v for v in versions if v != first]
     print(f"| stream | {' | '.join(versions)} | C | " +
-          " | ".join(f"{v}/C" for v in versions) + " |")
-    print("|---" * (2 + 2 * len(versions)) + "|")
+          " | ".join(f"{v}/C" for v in versions) +
+          "".join(f" | {v}/{first} (median, range)" for v in others) + " |")
+    print("|---" * (2 + 2 * len(versions) + len(others)) + "|")
     for workload in args.workloads.split(","):
         space = bench._space(bench.footprint(workload), PageSize.SIZE_4K, PageSize.SIZE_4K)
         assert space.vmcs is not None
         gva, kind = next(bench.synthetic_stream(workload, args.accesses, args.accesses, 0))
-        engines = {}
-        for label, mod in versions.items():
+
+        def fresh(mod: ModuleType) -> tuple[object, object, object]:
+            """A new engine of version ``mod`` (new arrays: their placement in the host's
+            caches changes from one repetition to the next), its kernels loaded."""
             eng = mod.mmu.engine
             engine = eng.Engine(space.memory, mod.mmu.config.MmuConfig(), space.features)
             engine.add_vcpu(space.guest, space.vmcs)
             engine.run(eng.Accesses.build(gva[:1000], kind[:1000]))  # compile or load
-            engines[label] = (engine, eng.Accesses.build(gva, kind), eng.InveptType.ALL_CONTEXT)
+            return engine, eng.Accesses.build(gva, kind), eng.InveptType.ALL_CONTEXT
+
+        engines = {label: fresh(mod) for label, mod in versions.items()}
         limit = bench_limit.CLimit(space.memory, space.guest, space.vmcs,
                                    space.features.maxphyaddr, versions[next(iter(versions))]
                                    .mmu.config.MmuConfig().tlb)
         best = {label: float("inf") for label in [*engines, "C"]}
-        for _ in range(args.reps):
-            for label, (engine, batch, invept) in engines.items():
+        paired: dict[str, list[float]] = {label: [] for label in others}
+        order = list(engines)
+        for r in range(args.reps):
+            took = {}
+            for label in order[r % len(order):] + order[: r % len(order)]:  # rotate the order
+                engines[label] = fresh(versions[label])
+                engine, batch, invept = engines[label]
                 engine.invept(invept)
                 engine.flush_caches()
                 engine.reset_stats()
-                start = time.perf_counter()
+                start = time.thread_time()
                 assert engine.run(batch).done
-                best[label] = min(best[label], time.perf_counter() - start)
+                took[label] = time.thread_time() - start
+                best[label] = min(best[label], took[label])
+            for label in others:
+                paired[label].append(took[first] / took[label])
             limit.reset()
-            start = time.perf_counter()
+            start = time.thread_time()
             limit.run(gva, kind)
-            best["C"] = min(best["C"], time.perf_counter() - start)
+            best["C"] = min(best["C"], time.thread_time() - start)
         rows = [engine.stats_rows for engine, _, _ in engines.values()]
         same = all(np.array_equal(rows[0], r) for r in rows[1:])
         rate = {label: args.accesses / s / 1e6 for label, s in best.items()}
         print(f"| {workload} | " + " | ".join(f"{rate[v]:.3f} M" for v in versions) +
               f" | {rate['C']:.3f} M | " +
               " | ".join(f"{rate[v] / rate['C']:.3f}" for v in versions) +
+              "".join(f" | {np.median(paired[v]):.3f} ({min(paired[v]):.2f}-{max(paired[v]):.2f})"
+                      for v in others) +
               (" |" if same else " | STATISTICS DIFFER |"))
 
 
