@@ -1,19 +1,23 @@
-"""A/B of engine versions in one process: each version's ``eptlab`` package is copied under its own
-name (``eptlab_<label>``), the bench streams are built once, and the versions (and the C limit)
-run interleaved (in a rotating order, each repetition with new engines), best of ``--reps``, so machine load hits them alike; the speed-up of each
-version over the first is also given as the median (and range) of the ratios of their times
-in the same repetition, which a loaded machine disturbs less than the best times do. Times
-are the CPU time of this thread (``time.thread_time``), so time spent descheduled on a shared
-machine does not count (its caches are still shared). The statistics of every
-version are compared with the first's after each stream (they must be equal).
+"""A/B of engine versions in one process, for a loaded machine.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/ab_kernels.py base=main new=. \
-        --workloads seq4k,random,seq64 --accesses 400000 --reps 5
+Each version's ``eptlab`` package is copied under its own name (``eptlab_<label>``), the bench
+streams are built once, and the versions (and the C limit) run interleaved: in a rotating order,
+each repetition with new engines (new arrays, so their placement in the host's caches varies).
+Times are this thread's CPU time (``time.thread_time``): time spent descheduled on a shared
+machine does not count (its caches are still shared). Printed per stream: the best rate of each
+version and of C, each version's fraction of C, and the speed-up of each version over the first
+as the median (and range) of the ratios of their times in the same repetition. The statistics
+of every version are compared with the first's (a version that changes them is flagged).
 
-A version is ``label=REF`` (a git commit or branch of this repository, via ``git archive``),
+    PYTHONPATH=src .venv/bin/python benchmarks/ab_kernels.py base=main new=. ctl=main \\
+        --workloads seq4k,random,seq64 --accesses 200000 --reps 16
+
+A version is ``label=REF`` (a commit or branch of this repository, via ``git archive``) or
 ``label=.`` (this working tree's ``src/eptlab``), optionally ``+PATCH`` (a diff applied to the
-copy, e.g. ``nostats=.+/tmp/nostats.diff``: a variant made for measuring only). Copies live in
-``$TMPDIR/eptlab-ab/<label>-<digest>`` so that numba's cache of each is kept between runs.
+copy, e.g. ``nostats=.+nostats.diff``: a variant made only to be measured). A second copy of the
+first version (``ctl`` above) shows how much two identical builds differ: placement of the
+compiled code alone moves a stream by up to about 5 %. Copies live in
+``$TMPDIR/eptlab-ab/<label>-<digest>``, so numba's cache of each is kept between runs.
 """
 
 from __future__ import annotations
@@ -28,13 +32,17 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from eptlab import bench, bench_limit
 from eptlab.arch.bits import PageSize
+from eptlab.mmu.scenario import NestedSpace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,12 +52,14 @@ def _tree_bytes(ref: str) -> bytes:
     if ref == ".":
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
-            tar.add(ROOT / "src" / "eptlab", arcname="src/eptlab",
-                    filter=lambda t: None if "__pycache__" in t.name else t)
+            tar.add(
+                ROOT / "src" / "eptlab",
+                arcname="src/eptlab",
+                filter=lambda t: None if "__pycache__" in t.name else t,
+            )
         return buf.getvalue()
-    return subprocess.run(
-        ["git", "-C", str(ROOT), "archive", ref, "src/eptlab"], check=True, capture_output=True
-    ).stdout
+    command = ["git", "-C", str(ROOT), "archive", ref, "src/eptlab"]
+    return subprocess.run(command, check=True, capture_output=True).stdout
 
 
 def load_version(label: str, spec: str) -> ModuleType:
@@ -67,8 +77,8 @@ def load_version(label: str, spec: str) -> ModuleType:
         with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
             archive.extractall(work, filter="data")
         if patch:
-            subprocess.run(["patch", "-p1", "-s", "-d", str(work), "-i", str(Path(patch).resolve())],
-                           check=True)
+            patch_file = str(Path(patch).resolve())
+            subprocess.run(["patch", "-p1", "-s", "-d", str(work), "-i", patch_file], check=True)
         (work / "src" / "eptlab").rename(home / name)
         shutil.rmtree(work)
     sys.path.insert(0, str(home))
@@ -77,71 +87,85 @@ def load_version(label: str, spec: str) -> ModuleType:
     return importlib.import_module(name)
 
 
+@dataclass
+class Stream:
+    """One bench stream and the space it runs in."""
+
+    space: NestedSpace
+    gva: npt.NDArray[np.int64]
+    kind: npt.NDArray[np.int8]
+
+    def engine(self, mod: ModuleType) -> tuple[Any, Any, Any]:
+        """A new engine of version ``mod`` with its kernels loaded; its batch; INVEPT type."""
+        eng = mod.mmu.engine
+        space = self.space
+        engine = eng.Engine(space.memory, mod.mmu.config.MmuConfig(), space.features)
+        engine.add_vcpu(space.guest, space.vmcs)
+        engine.run(eng.Accesses.build(self.gva[:1000], self.kind[:1000]))  # compile or load
+        return engine, eng.Accesses.build(self.gva, self.kind), eng.InveptType.ALL_CONTEXT
+
+
+def measure(versions: dict[str, ModuleType], stream: Stream, reps: int) -> str:
+    """One Markdown row: the versions and C on ``stream``, interleaved ``reps`` times."""
+    labels = list(versions)
+    first, others = labels[0], labels[1:]
+    space = stream.space
+    assert space.vmcs is not None
+    tlb = versions[first].mmu.config.MmuConfig().tlb
+    limit = bench_limit.CLimit(
+        space.memory, space.guest, space.vmcs, space.features.maxphyaddr, tlb
+    )
+    best = {label: float("inf") for label in [*labels, "C"]}
+    paired: dict[str, list[float]] = {label: [] for label in others}
+    stats: dict[str, npt.NDArray[np.int64]] = {}
+    for r in range(reps):
+        took = {}
+        for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+            engine, batch, invept = stream.engine(versions[label])
+            engine.invept(invept)
+            engine.flush_caches()
+            engine.reset_stats()
+            start = time.thread_time()
+            assert engine.run(batch).done
+            took[label] = time.thread_time() - start
+            best[label] = min(best[label], took[label])
+            stats[label] = engine.stats_rows.copy()
+        for label in others:
+            paired[label].append(took[first] / took[label])
+        limit.reset()
+        start = time.thread_time()
+        limit.run(stream.gva, stream.kind)
+        best["C"] = min(best["C"], time.thread_time() - start)
+    n = len(stream.gva)
+    rate = {label: n / seconds / 1e6 for label, seconds in best.items()}
+    cells = [f"{rate[v]:.3f} M" for v in [*labels, "C"]]
+    cells += [f"{rate[v] / rate['C']:.3f}" for v in labels]
+    for v in others:
+        differs = "" if np.array_equal(stats[first], stats[v]) else ", statistics differ"
+        cells.append(f"{np.median(paired[v]):.3f} ({min(paired[v]):.2f}-{max(paired[v]):.2f}"
+                     f"{differs})")
+    return " | ".join(cells)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("versions", nargs="+", help="label=REF[+PATCH]")
     parser.add_argument("--workloads", default="seq64,seq4k,random")
-    parser.add_argument("--accesses", type=int, default=400_000)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--accesses", type=int, default=200_000)
+    parser.add_argument("--reps", type=int, default=16)
     args = parser.parse_args()
     versions = {}
     for item in args.versions:
         label, _, spec = item.partition("=")
         versions[label] = load_version(label, spec)
-    first = next(iter(versions))
-    others = [v for v in versions if v != first]
-    print(f"| stream | {' | '.join(versions)} | C | " +
-          " | ".join(f"{v}/C" for v in versions) +
-          "".join(f" | {v}/{first} (median, range)" for v in others) + " |")
-    print("|---" * (2 + 2 * len(versions) + len(others)) + "|")
+    labels = list(versions)
+    head = [*labels, "C", *(f"{v}/C" for v in labels), *(f"{v}/{labels[0]}" for v in labels[1:])]
+    print(f"| stream | {' | '.join(head)} |")
+    print("|---" * (1 + len(head)) + "|")
     for workload in args.workloads.split(","):
         space = bench._space(bench.footprint(workload), PageSize.SIZE_4K, PageSize.SIZE_4K)
-        assert space.vmcs is not None
         gva, kind = next(bench.synthetic_stream(workload, args.accesses, args.accesses, 0))
-
-        def fresh(mod: ModuleType) -> tuple[object, object, object]:
-            """A new engine of version ``mod`` (new arrays: their placement in the host's
-            caches changes from one repetition to the next), its kernels loaded."""
-            eng = mod.mmu.engine
-            engine = eng.Engine(space.memory, mod.mmu.config.MmuConfig(), space.features)
-            engine.add_vcpu(space.guest, space.vmcs)
-            engine.run(eng.Accesses.build(gva[:1000], kind[:1000]))  # compile or load
-            return engine, eng.Accesses.build(gva, kind), eng.InveptType.ALL_CONTEXT
-
-        engines = {label: fresh(mod) for label, mod in versions.items()}
-        limit = bench_limit.CLimit(space.memory, space.guest, space.vmcs,
-                                   space.features.maxphyaddr, versions[next(iter(versions))]
-                                   .mmu.config.MmuConfig().tlb)
-        best = {label: float("inf") for label in [*engines, "C"]}
-        paired: dict[str, list[float]] = {label: [] for label in others}
-        order = list(engines)
-        for r in range(args.reps):
-            took = {}
-            for label in order[r % len(order):] + order[: r % len(order)]:  # rotate the order
-                engines[label] = fresh(versions[label])
-                engine, batch, invept = engines[label]
-                engine.invept(invept)
-                engine.flush_caches()
-                engine.reset_stats()
-                start = time.thread_time()
-                assert engine.run(batch).done
-                took[label] = time.thread_time() - start
-                best[label] = min(best[label], took[label])
-            for label in others:
-                paired[label].append(took[first] / took[label])
-            limit.reset()
-            start = time.thread_time()
-            limit.run(gva, kind)
-            best["C"] = min(best["C"], time.thread_time() - start)
-        rows = [engine.stats_rows for engine, _, _ in engines.values()]
-        same = all(np.array_equal(rows[0], r) for r in rows[1:])
-        rate = {label: args.accesses / s / 1e6 for label, s in best.items()}
-        print(f"| {workload} | " + " | ".join(f"{rate[v]:.3f} M" for v in versions) +
-              f" | {rate['C']:.3f} M | " +
-              " | ".join(f"{rate[v] / rate['C']:.3f}" for v in versions) +
-              "".join(f" | {np.median(paired[v]):.3f} ({min(paired[v]):.2f}-{max(paired[v]):.2f})"
-                      for v in others) +
-              (" |" if same else " | STATISTICS DIFFER |"))
+        print(f"| {workload} | {measure(versions, Stream(space, gva, kind), args.reps)} |")
 
 
 if __name__ == "__main__":

@@ -178,10 +178,8 @@ def _train(pf, pcfg, vcpu, line):  # type: ignore[no-untyped-def]
     head = pf[vcpu, 0, streams]
     if head < 0:
         head = 0
-    if pf[vcpu, PF_PAGE, head] == page:  # the stream of the last miss: the common case
-        slot = head
-    else:
-        slot = _find_stream(pf, vcpu, streams, page)
+    # the stream of the last miss is the common case
+    slot = head if pf[vcpu, PF_PAGE, head] == page else _find_stream(pf, vcpu, streams, page)
     last = offset
     stride = 0
     if slot >= 0:
