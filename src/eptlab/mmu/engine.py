@@ -269,7 +269,7 @@ class Engine:
             ],
             np.int64,
         )
-        self._pf = np.full((nv, pcfg.streams + 1, L.NPF), -1, np.int64)  # stream table: empty
+        self._pf = L.stream_table(nv, pcfg.streams)  # empty
         self._occupied = np.zeros(nv, np.int64)  # per vCPU: structures that hold entries
         self._scratch = np.zeros((NSCRATCH, 5), np.int64)  # the kernels allocate nothing
         self._caches = Caches(
