@@ -1,5 +1,6 @@
 """The engine's kernel compiles once: every run passes arguments of the same types (numba
-compiles a kernel per argument type, tens of seconds each; a read-only array is another type)."""
+compiles a kernel per argument type, tens of seconds each; a read-only array, or an int64 array
+where the kernel takes int8, is another type)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def test_read_only_and_broadcast_inputs_reuse_the_one_compiled_kernel() -> None:
         Accesses.build([BASE]),  # one access: the broadcast scalars stay read-only views
         Accesses.build(frozen, kind),
         Accesses(frozen, kind, np.zeros(4, np.int8), np.zeros(4, np.int32)),
+        Accesses(frozen, *(np.zeros(4, np.int64) for _ in range(3))),  # wider types
     ):
         assert engine.run(accesses).done
     assert len(getattr(kernels_run.run_chunk, "signatures")) == 1  # noqa: B009 (numba's)
