@@ -4,6 +4,8 @@ where the kernel takes int8, is another type)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -29,11 +31,12 @@ def test_read_only_and_broadcast_inputs_reuse_the_one_compiled_kernel() -> None:
     frozen.setflags(write=False)
     kind = np.zeros(4, np.int8)
     kind.setflags(write=False)
+    wide: Any = (np.zeros(4, np.int64),) * 3
     for accesses in (
         Accesses.build([BASE]),  # one access: the broadcast scalars stay read-only views
         Accesses.build(frozen, kind),
         Accesses(frozen, kind, np.zeros(4, np.int8), np.zeros(4, np.int32)),
-        Accesses(frozen, *(np.zeros(4, np.int64) for _ in range(3))),  # wider types
+        Accesses(frozen, *wide),  # int64 where the kernel takes int8 and int32
     ):
         assert engine.run(accesses).done
     assert len(getattr(kernels_run.run_chunk, "signatures")) == 1  # noqa: B009 (numba's)
