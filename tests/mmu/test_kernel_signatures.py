@@ -1,7 +1,10 @@
 """The engine's kernel compiles once: every run passes arguments of the same types (numba
-compiles a kernel per argument type, tens of seconds each; a read-only array is another type)."""
+compiles a kernel per argument type, tens of seconds each; a read-only array, or an int64 array
+where the kernel takes int8, is another type)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,10 +31,12 @@ def test_read_only_and_broadcast_inputs_reuse_the_one_compiled_kernel() -> None:
     frozen.setflags(write=False)
     kind = np.zeros(4, np.int8)
     kind.setflags(write=False)
+    wide: Any = (np.zeros(4, np.int64),) * 3
     for accesses in (
         Accesses.build([BASE]),  # one access: the broadcast scalars stay read-only views
         Accesses.build(frozen, kind),
         Accesses(frozen, kind, np.zeros(4, np.int8), np.zeros(4, np.int32)),
+        Accesses(frozen, *wide),  # int64 where the kernel takes int8 and int32
     ):
         assert engine.run(accesses).done
     assert len(getattr(kernels_run.run_chunk, "signatures")) == 1  # noqa: B009 (numba's)

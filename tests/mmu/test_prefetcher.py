@@ -121,7 +121,7 @@ def _kernel_state(
         ],
         np.int64,
     )
-    pf = np.full((VCPUS, config.streams + 1, L.NPF), -1, np.int64)
+    pf = L.stream_table(VCPUS, config.streams)
     stats = np.zeros((VCPUS, L.NSTATS), np.int64)
     return cache, cdesc, heads, pf, pcfg, stats
 

@@ -49,6 +49,8 @@ Columns:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -72,6 +74,7 @@ from ..errors import ConfigError
 from ..memory.layout import check_layout, in_layout
 from ..mmu.config import PRESETS, CacheConfig, EncryptionConfig, Protection, RmpConfig
 from ..mmu.protection import ProtectionStats
+from ..mmu.scenario import NestedSpace
 from ..mmu.stats import VcpuStats
 from ..traces.model import TraceChunk
 from ..workloads import WORKLOADS, make_workload
@@ -243,20 +246,35 @@ class MemoryEncryption:
     # -- running ------------------------------------------------------------------------------
 
     def measure(
-        self, p: MemoryEncryptionParams, source: Source, mode: str, platform: Platform, key: int
+        self,
+        p: MemoryEncryptionParams,
+        source: Source,
+        mode: str,
+        platform: Platform,
+        key: int,
+        built: dict[tuple[object, ...], NestedSpace] | None = None,
     ) -> tuple[VcpuStats, ProtectionStats]:
-        space = build_space(
-            mode,
-            platform,
-            BASE,
-            source.length,
-            host_memory=p.host_gib << 30,
-            key_id=key,
-            guest_page=PageSize.parse(p.guest_page),
-            ept_page=PageSize.parse(p.ept_page),
-            seed=p.seed,  # the aged layout's placement
-        )
-        return run_measured(space, platform, source.chunks, warmup=p.warmup)
+        """Run ``source`` on ``platform``. The address space depends on the mode, the key ID
+        and the platform's features (not its caches or encryption), so it is built once per
+        those in ``built`` and each run gets a fresh copy of its memory (walks set A/D bits)."""
+        shape = (mode, key, platform.features())
+        space = (built or {}).get(shape)
+        if space is None:
+            space = build_space(
+                mode,
+                platform,
+                BASE,
+                source.length,
+                host_memory=p.host_gib << 30,
+                key_id=key,
+                guest_page=PageSize.parse(p.guest_page),
+                ept_page=PageSize.parse(p.ept_page),
+                seed=p.seed,  # the aged layout's placement
+            )
+            if built is not None:
+                built[shape] = space
+        run = dataclasses.replace(space, memory=copy.deepcopy(space.memory))
+        return run_measured(run, platform, source.chunks, warmup=p.warmup)
 
     def rows(self, params: MemoryEncryptionParams, progress: Progress) -> Iterator[Row]:
         # every guest built while the rows are computed gets this layout
@@ -269,18 +287,19 @@ class MemoryEncryption:
         total, done = len(sources) * len(p.llc_mib) * (1 + len(p.presets)) * len(MODES), 0
         progress(0, total)
         for source in sources:
+            built: dict[tuple[object, ...], NestedSpace] = {}  # this source's address spaces
             for llc in p.llc_mib:
                 off = self.platform(p, llc, None)
                 native_dram: dict[str, int] = {}
                 for mode in MODES:
                     key = p.key_id if mode == "nested" else 0
-                    plain, _ = self.measure(p, source, mode, off, 0)
+                    plain, _ = self.measure(p, source, mode, off, 0, built)
                     runs: list[tuple[str, VcpuStats, int, Comparison | None]] = [
                         ("off", plain, 0, None)
                     ]
                     for preset in p.presets:
                         on = self.platform(p, llc, preset)
-                        encrypted, passed = self.measure(p, source, mode, on, key)
+                        encrypted, passed = self.measure(p, source, mode, on, key, built)
                         pair = Comparison(plain, encrypted, on.encryption, passed)
                         pair.check()
                         runs.append((preset, encrypted, key, pair))

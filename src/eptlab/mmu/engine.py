@@ -71,10 +71,12 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >> 63 else value
 
 
-def _writable(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """``array``, or a copy of it where it is read-only (a broadcast scalar, a buffer): numba
-    compiles a kernel once per argument type, and a read-only array is another type, so every
-    run passes writable ones and the kernel is compiled once (a compile takes tens of seconds)."""
+def _kernel_array(array: npt.NDArray[Any], dtype: type[np.generic]) -> npt.NDArray[Any]:
+    """``array`` as a writable C-contiguous array of ``dtype`` (a copy where it is read-only,
+    such as a broadcast scalar or a buffer, or of another type): numba compiles a kernel once
+    per argument type, and a read-only or int64 ``kind`` array is another type, so every run
+    passes the same types and the kernel is compiled once (a compile takes tens of seconds)."""
+    array = np.ascontiguousarray(array, dtype)
     return array if array.flags.writeable else array.copy()
 
 
@@ -269,7 +271,7 @@ class Engine:
             ],
             np.int64,
         )
-        self._pf = np.full((nv, pcfg.streams + 1, L.NPF), -1, np.int64)  # stream table: empty
+        self._pf = L.stream_table(nv, pcfg.streams)  # empty
         self._occupied = np.zeros(nv, np.int64)  # per vCPU: structures that hold entries
         self._scratch = np.zeros((NSCRATCH, 5), np.int64)  # the kernels allocate nothing
         self._caches = Caches(
@@ -378,8 +380,10 @@ class Engine:
         log = Log(self._stats, refs, ref_count, exit_info, out_hpa, out_where, self._scratch)
         stopped = int(
             _run_chunk(
-                Stream(_writable(accesses.gva), _writable(accesses.kind),
-                       _writable(accesses.user), _writable(accesses.vcpu)),
+                Stream(_kernel_array(accesses.gva, np.int64),
+                       _kernel_array(accesses.kind, np.int8),
+                       _kernel_array(accesses.user, np.int8),
+                       _kernel_array(accesses.vcpu, np.int32)),
                 start,
                 self._memory_bundle(),
                 self._caches,

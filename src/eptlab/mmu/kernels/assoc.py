@@ -74,6 +74,24 @@ def insert(tlb, desc, struct, vcpu, key, ctx, value, extra):  # type: ignore[no-
         if tlb[row, TAGS, way] == tag:
             _make_head(tlb, row, ways, way, tag, value, extra)
             return
+    _replace_lru(tlb, row, ways, tag, value, extra)
+
+
+@inline_kernel
+def insert_missed(tlb, desc, struct, vcpu, key, ctx, value, extra):  # type: ignore[no-untyped-def]
+    """:func:`insert` of a (key, ctx) known not to be in the structure (a lookup of it missed
+    since the last change of the row, or the structure holds nothing for this vCPU): the tag
+    search is skipped and the LRU way replaced."""
+    sets = desc[struct, 1]
+    if sets == 0:
+        return
+    row = desc[struct, 0] + vcpu * sets + (key & (sets - 1))
+    _replace_lru(tlb, row, desc[struct, 2], (key << 16) | ctx, value, extra)
+
+
+@inline_kernel
+def _replace_lru(tlb, row, ways, tag, value, extra):  # type: ignore[no-untyped-def]
+    """The LRU way (the one before the head) receives the entry and becomes the head."""
     head = tlb[row, HEAD, 0] - 1
     if head < 0:
         head = ways - 1

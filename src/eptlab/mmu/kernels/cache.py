@@ -14,7 +14,7 @@ does not matter: a line is in a set at most once).
 
 Data accesses (:func:`access_data`, not page-walk references: :func:`access_line`) also drive
 the prefetchers configured in ``pcfg`` (:class:`eptlab.mmu.config.PrefetcherConfig`), whose
-per-page stream table is ``pf[vcpu, position, PF_*]`` (a ring in recency order: :func:`_train`).
+per-page stream table is ``pf[vcpu, PF_*, position]`` (a ring in recency order: :func:`_train`).
 A prefetched line carries PREFETCHED in its tag until a demand access uses it, which counts a
 useful prefetch.
 """
@@ -148,39 +148,49 @@ def _prefetch(cache, cdesc, vcpu, line, heads, top, stats):  # type: ignore[no-u
 
 
 @inline_kernel
+def _find_stream(pf, vcpu, streams, page):  # type: ignore[no-untyped-def]
+    """Position of ``page`` in the stream table, or -1 (as :func:`_search`: one vectorized pass
+    over the contiguous page row, then the position only when it is there)."""
+    present = False
+    for k in range(streams):  # no early exit: the compiler vectorizes this
+        present |= pf[vcpu, PF_PAGE, k] == page
+    if not present:
+        return -1
+    for k in range(streams):
+        if pf[vcpu, PF_PAGE, k] == page:
+            return k
+    return -1
+
+
+@inline_kernel
 def _train(pf, pcfg, vcpu, line):  # type: ignore[no-untyped-def]
     """The stride prefetcher's per-page stream table, exact LRU: record an L1 miss of ``line``;
     returns the stride (in lines) to prefetch along, or 0.
 
-    The table is a ring in recency order, as the cache rows are: ``pf[vcpu, streams, 1]`` is
-    the position of the most recent stream (-1 reads as 0), the positions after it (wrapping)
-    hold less and less recent ones, so a new page replaces the one before the head (empty
-    entries, page -1, are the oldest) and becomes the head; a known page moves to the head."""
+    The table ``pf[vcpu, PF_*, position]`` is a ring in recency order, as the cache rows are:
+    ``pf[vcpu, 0, streams]`` is the position of the most recent stream (-1 reads as 0), the
+    positions after it (wrapping) hold less and less recent ones, so a new page replaces the
+    one before the head (empty entries, page -1, are the oldest) and becomes the head; a known
+    page moves to the head."""
     page = line >> 6
     offset = line & (LINES_PER_PAGE - 1)
     streams = pcfg[PF_STREAMS]
-    head = pf[vcpu, streams, 1]
+    head = pf[vcpu, 0, streams]
     if head < 0:
         head = 0
-    slot = -1
-    if pf[vcpu, head, PF_PAGE] == page:  # the stream of the last miss: the common case
-        slot = head
-    else:
-        for k in range(streams):
-            if pf[vcpu, k, PF_PAGE] == page:
-                slot = k
-                break
+    # the stream of the last miss is the common case
+    slot = head if pf[vcpu, PF_PAGE, head] == page else _find_stream(pf, vcpu, streams, page)
     last = offset
     stride = 0
     if slot >= 0:
-        last = pf[vcpu, slot, PF_LAST]
-        stride = pf[vcpu, slot, PF_STRIDE]
+        last = pf[vcpu, PF_LAST, slot]
+        stride = pf[vcpu, PF_STRIDE, slot]
         way = slot
         while way != head:  # the more recent streams move one position on
             before = way - 1 if way > 0 else streams - 1
-            pf[vcpu, way, PF_PAGE] = pf[vcpu, before, PF_PAGE]
-            pf[vcpu, way, PF_LAST] = pf[vcpu, before, PF_LAST]
-            pf[vcpu, way, PF_STRIDE] = pf[vcpu, before, PF_STRIDE]
+            pf[vcpu, PF_PAGE, way] = pf[vcpu, PF_PAGE, before]
+            pf[vcpu, PF_LAST, way] = pf[vcpu, PF_LAST, before]
+            pf[vcpu, PF_STRIDE, way] = pf[vcpu, PF_STRIDE, before]
             way = before
     else:
         head = head - 1 if head > 0 else streams - 1  # the LRU (or an empty) entry
@@ -191,10 +201,10 @@ def _train(pf, pcfg, vcpu, line):  # type: ignore[no-untyped-def]
             go = stride
         stride = delta
         last = offset
-    pf[vcpu, streams, 1] = head
-    pf[vcpu, head, PF_PAGE] = page
-    pf[vcpu, head, PF_LAST] = last
-    pf[vcpu, head, PF_STRIDE] = stride
+    pf[vcpu, 0, streams] = head
+    pf[vcpu, PF_PAGE, head] = page
+    pf[vcpu, PF_LAST, head] = last
+    pf[vcpu, PF_STRIDE, head] = stride
     return go
 
 

@@ -4,6 +4,9 @@ reasons) come from :mod:`eptlab.arch`; the rest are the kernels' own array layou
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
+
 from ...arch.ept import MISCONFIG_REASONS as MISCONFIG_REASONS
 from ...arch.exits import ExitReason
 
@@ -67,7 +70,7 @@ EPT_RIGHTS_SHIFT = 3  # TF_ER..TF_EXU are EPT bits 0,1,2 and 10 moved here
 # -- data caches: cdesc[level] = (first row, sets, ways, per-vCPU) ---------------------------------
 NCACHE = 3
 
-# -- prefetcher: pcfg[PF_*] (configuration) and pf[vcpu, stream, PF_*] (stream table) -------------
+# -- prefetcher: pcfg[PF_*] (configuration) and pf[vcpu, PF_*, stream] (stream table) -------------
 PF_KIND = 0  # 0 off, 1 next-line, 2 stride
 PF_DEGREE = 1
 PF_DISTANCE = 2
@@ -79,8 +82,14 @@ PF_KIND_STRIDE = 2
 PF_PAGE = 0  # 4 KiB page number of the stream (-1: empty)
 PF_LAST = 1  # line offset of its last L1 miss
 PF_STRIDE = 2  # last delta, in lines
-NPF = 3  # row ``streams`` holds, at column 1, the position of the most recent stream
-# (the stream table is a ring in recency order: cache._train; filled with -1, it is empty)
+NPF = 3  # pf[vcpu, 0, streams] holds the position of the most recent stream (the stream table
+# is a ring in recency order: cache._train; filled with -1, it is empty). Field-major, so the
+# search of a page reads one contiguous row (the compiler vectorizes it).
+
+
+def stream_table(vcpus: int, streams: int) -> npt.NDArray[np.int64]:
+    """An empty stream table ``pf[vcpu, PF_*, position]`` for ``streams`` streams per vCPU."""
+    return np.full((vcpus, NPF, streams + 1), -1, np.int64)
 
 # -- statistics: stats[vcpu, ST_*] -----------------------------------------------------------
 ST_ACCESSES = 0

@@ -30,7 +30,7 @@ from ...arch.paging import RFLAGS_AC as _RFLAGS_AC
 from ...arch.paging import Cr0, Cr4, Efer, PageFaultError, Pte
 from ..context import PML_ENTRIES as _PML_ENTRIES
 from . import inline_kernel, kernel
-from .assoc import AUX, DATA, drop, entry_word, insert, lookup
+from .assoc import AUX, DATA, drop, entry_word, insert, insert_missed, lookup
 from .cache import access_line
 from .layout import (
     COST_CACHE,
@@ -328,6 +328,7 @@ def ept_translate(gpa, for_level, linear, at, mem, caches, machine, log):  # typ
 
     # nested TLB: GPA -> HPA, per page size
     occupied = regs[vcpu, REG_OCCUPIED]
+    ntlb_missed = True  # every size searched, none held the GPA: the fill needs no search
     for s in range(3):
         if (occupied >> (S_NTLB + s)) & 1 == 0:
             continue
@@ -342,6 +343,7 @@ def ept_translate(gpa, for_level, linear, at, mem, caches, machine, log):  # typ
                 hpa = (word & ~np.int64(4095)) | (gpa & ((np.int64(1) << shift) - 1))
                 return EXIT_NONE, hpa, rights, np.int64(s + 1), dirty, cycles
             drop(tlb, hit)
+            ntlb_missed = False
             break
 
     # EPT paging-structure caches: start the walk as low as a cached entry allows
@@ -420,10 +422,11 @@ def ept_translate(gpa, for_level, linear, at, mem, caches, machine, log):  # typ
 
     shift = 12 + 9 * (level - 1)
     base = scratch[PATH_VALUE, n - 1] & bit_range(maxphy - 1, shift)
-    # fill the EPT paging-structure caches (entries walked that reference tables) and nested TLB
+    # fill the EPT paging-structure caches (entries walked that reference tables: the search
+    # above missed each of their levels) and the nested TLB
     for k in range(n - 1):
         entry_level = level + (n - 1 - k)
-        insert(
+        insert_missed(
             tlb,
             desc,
             S_EPSC + 5 - entry_level,
@@ -433,16 +436,11 @@ def ept_translate(gpa, for_level, linear, at, mem, caches, machine, log):  # typ
             scratch[PATH_VALUE, k] & table_mask,
             scratch[PATH_RIGHTS, k],
         )
-    insert(
-        tlb,
-        desc,
-        S_NTLB + level - 1,
-        vcpu,
-        gpa >> shift,
-        ectx,
-        base | (pack_rights(rights) << 3) | (TF_DIRTY if dirty_after else 0),
-        0,
-    )
+    ntlb_word = base | (pack_rights(rights) << 3) | (TF_DIRTY if dirty_after else 0)
+    if ntlb_missed:
+        insert_missed(tlb, desc, S_NTLB + level - 1, vcpu, gpa >> shift, ectx, ntlb_word, 0)
+    else:
+        insert(tlb, desc, S_NTLB + level - 1, vcpu, gpa >> shift, ectx, ntlb_word, 0)
     regs[vcpu, REG_OCCUPIED] |= 1 << (S_NTLB + level - 1)
     hpa = base | (gpa & ((np.int64(1) << shift) - 1))
     return EXIT_NONE, hpa, rights, np.int64(level), dirty_after, cycles
@@ -520,7 +518,7 @@ def tlb_translate(va, access, user, vcpu, caches, machine, log):  # type: ignore
     shift = 12 + 9 * s
     if from_stlb:
         stats[vcpu, ST_STLB_HITS] += 1
-        insert(tlb, desc, l1 + s, vcpu, key >> shift, ctx, word, extra)
+        insert_missed(tlb, desc, l1 + s, vcpu, key >> shift, ctx, word, extra)  # L1 missed it
         regs[vcpu, REG_OCCUPIED] |= 1 << (l1 + s)
     else:
         stats[vcpu, ST_L1I_HITS if access == FETCH else ST_L1D_HITS] += 1
@@ -661,7 +659,8 @@ def walk_translate(va, access, user, i, vcpu, cycles, mem, caches, machine, log)
         return status, zero, cycles
     cycles += spent
 
-    # fill the guest paging-structure caches: each walked entry that references a table
+    # fill the guest paging-structure caches: each walked entry that references a table (the
+    # search above missed each of their levels)
     run_us, run_rw, run_xd = above_us, above_rw, above_xd
     for k in range(n - 1):
         v = scratch[STEP_VALUE, k]
@@ -676,7 +675,7 @@ def walk_translate(va, access, user, i, vcpu, cycles, mem, caches, machine, log)
             | (TF_RW if run_rw else 0)
             | (TF_XD if run_xd else 0)
         )
-        insert(
+        insert_missed(
             tlb,
             desc,
             S_PSC + 5 - entry_level,
