@@ -10,10 +10,6 @@ of :mod:`eptlab.native.build`, and runs on the engine's own memory arrays, so
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +22,7 @@ from .memory.physical import PhysicalMemory
 from .mmu.config import TlbConfig
 from .mmu.context import GuestState, Vmcs
 from .mmu.engine import frame_table
-from .native.build import cache_dir, compiler
+from .native.build import build_library, compiler
 
 SOURCE = Path(__file__).resolve().parents[2] / "benchmarks" / "c_limit" / "walk_limit.c"
 FLAGS = ("-O2", "-std=gnu11", "-fPIC", "-shared", "-Wall", "-Werror")
@@ -45,24 +41,7 @@ def available() -> bool:
 
 
 def _library() -> ctypes.CDLL:
-    cc = compiler()
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + "\0".join([*cc, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / digest / LIBRARY
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            work = Path(tmp)
-            (work / SOURCE.name).write_bytes(source)
-            done = subprocess.run(
-                [*cc, *FLAGS, "-o", LIBRARY, SOURCE.name], cwd=work, capture_output=True,
-                text=True,
-            )
-            if done.returncode != 0:
-                raise ToolchainError(
-                    cc[0], f"compiling {SOURCE.name} failed: {done.stderr.strip()}"
-                )
-            os.replace(work / LIBRARY, target)
+    target = build_library(SOURCE, FLAGS, LIBRARY)
     if target not in _LIBS:
         lib = ctypes.CDLL(str(target))
         fn = lib.walk_limit_run

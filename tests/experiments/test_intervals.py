@@ -16,13 +16,16 @@ from eptlab.experiments.intervals import (
     compare,
     interval,
     interval_text,
+    lines,
     measured_columns,
     one_seed_note,
     pick,
     ratio,
     reduction,
     relation,
+    side,
     summarize,
+    text_of,
     text_table,
     times,
     verdict,
@@ -168,3 +171,31 @@ def test_a_rate_interval_is_cut_to_the_possible_rates() -> None:
     assert (cut.mean, cut.lo, cut.hi, cut.n) == (iv.mean, iv.lo, 1.0, 4)
     low = interval([0.0, 0.1, 0.0], clip=False).within(0.0, 1.0)
     assert low.lo == 0.0 and low.hi < 1.0
+
+
+def test_side_claims_a_side_only_beyond_the_interval() -> None:
+    assert side(Interval(1.3, 1.1, 1.5, 5), "lazy", "eager") == "lazy"
+    assert side(Interval(0.7, 0.6, 0.9, 5), "lazy", "eager") == "eager"
+    assert side(Interval(1.05, 0.9, 1.2, 5), "lazy", "eager") == OVERLAP
+    assert side(Interval(1.0, 1.0, 1.0, 5), "lazy", "eager") == OVERLAP  # exactly even
+    assert side(Interval(math.nan, math.nan, math.nan, 0), "a", "b") == OVERLAP
+    assert side(Interval(0.6, 0.55, 0.7, 5), "back", "warm", at=0.5) == "back"
+
+
+def test_lines_draw_the_means_with_their_intervals() -> None:
+    from matplotlib.collections import LineCollection
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    lines(ax, [1, 2], [Interval(2, 1, 3, 3), Interval(5, 5, 5, 3)], fmt="o-")
+    assert np.asarray(ax.lines[0].get_ydata()).tolist() == [2, 5]
+    (bar,) = ax.collections  # the vertical error bars: from lo to hi
+    assert isinstance(bar, LineCollection)
+    segments = [seg[:, 1].tolist() for seg in bar.get_segments()]
+    assert segments == [[1, 3], [5, 5]]
+
+
+def test_text_of_quotes_per_seed_values_as_whole_counts_by_default() -> None:
+    assert text_of([1000, 1000, 1000]) == "1,000"
+    assert text_of([2, 4, 6]) == interval([2, 4, 6]).text("{:,.0f}")
+    assert text_of(pd.Series([1.5, 1.5]), "{:.1f}", " MiB") == "1.5 MiB"

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..kvm.apps.common import WritePattern
-from ..kvm.apps.dirty_log import run_mode
+from ..kvm.apps.dirty_log import DirtyLogOutcome, run_mode
 from ..kvm.apps.fork import fork_once
 from ..kvm.backend import KvmGuest, flavour
 from ..kvm.fds import Kvm
@@ -82,28 +82,26 @@ class KvmCalibration:
                     values.append(result.seconds * 1e6 / (n + 1))
         return Samples(tuple(values))
 
+    def _write_runs(self, kvm: Kvm, mode: str, memory: int, pages: int) -> Iterator[
+            DirtyLogOutcome]:
+        """``write_set`` in dirty-log ``mode`` (two rounds) over ``memory`` bytes, once per
+        repeat, each repeat writing its own seeded random set of ``pages`` pages."""
+        for i in range(self.plan.repeats):
+            pattern = WritePattern.random(memory, pages, self.plan.seed + i)
+            yield run_mode(kvm, mode, pattern, memory, rounds=2)
+
     def _traps(self, kvm: Kvm) -> Samples:
         """``write_set`` into a read-only memslot: every write exits as MMIO and the VMM
         performs it; run seconds / writes."""
-        p, values = self.plan, []
-        memory = 16 << 20
-        for i in range(p.repeats):
-            pattern = WritePattern.random(memory, p.kvm_trap_pages, p.seed + i)
-            outcome = run_mode(kvm, "trap", pattern, memory, rounds=2)
-            values.append(outcome.run_seconds * 1e6 / outcome.writes)
-        return Samples(tuple(values))
+        runs = self._write_runs(kvm, "trap", 16 << 20, self.plan.kvm_trap_pages)
+        return Samples(tuple(o.run_seconds * 1e6 / o.writes for o in runs))
 
     def _harvest(self, kvm: Kvm) -> Samples:
         """``KVM_GET_DIRTY_LOG`` after each round of ``write_set`` (dirty logging on the data
         slot): harvest seconds / pages harvested (the bitmap ioctl, which also re-protects the
         pages, and decoding it into page addresses)."""
-        p, values = self.plan, []
-        memory = 64 << 20
-        for i in range(p.repeats):
-            pattern = WritePattern.random(memory, p.kvm_harvest_pages, p.seed + i)
-            outcome = run_mode(kvm, "log", pattern, memory, rounds=2)
-            values.append(outcome.harvest_seconds * 1e9 / outcome.harvested_pages)
-        return Samples(tuple(values))
+        runs = self._write_runs(kvm, "log", 64 << 20, self.plan.kvm_harvest_pages)
+        return Samples(tuple(o.harvest_seconds * 1e9 / o.harvested_pages for o in runs))
 
     def _fork(self, kvm: Kvm, mib: int) -> Samples:
         """``fork_once``: a new VM, memslots over a ``MAP_PRIVATE`` view of the parent's memfd

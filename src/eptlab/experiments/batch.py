@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ..costs import load_profile
 from ..errors import EptlabError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -61,16 +64,26 @@ def run_parallel(
     yielding each as it finishes. ``meanwhile`` runs here while the kernels compile."""
     from ..mmu.warm import warm_up
 
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with spawned_pool(workers) as pool:
         warm = pool.submit(warm_up)
         if meanwhile is not None:
             meanwhile()
         warm.result()
-        futures = [pool.submit(run_job, job, profile) for job in jobs]
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-        finally:
-            for future in futures:
-                future.cancel()
+        yield from as_finished([pool.submit(run_job, job, profile) for job in jobs])
+
+
+def spawned_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` spawned processes (no state inherited from this process)."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(
+        "spawn"))
+
+
+def as_finished(futures: Sequence[Future[T]]) -> Generator[T, None, None]:
+    """Each future's result as it finishes; those not started yet are cancelled when the
+    caller stops early (an error, Ctrl-C, a consumer that breaks off)."""
+    try:
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        for future in futures:
+            future.cancel()

@@ -31,6 +31,7 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..apps.cow import CopyOnWrite, copy_cycles
@@ -53,13 +54,14 @@ from .base import (
     table_bytes,
 )
 from .intervals import (
-    OVERLAP,
     bars,
     by_seed,
     column,
-    interval,
+    lines,
     ratio,
+    side,
     summarize,
+    text_of,
     times,
 )
 
@@ -480,37 +482,37 @@ def _read_fork(t: pd.DataFrame) -> list[str]:
         cow = r.fork_cycles + r.cow_cycles
         out.append(
             f"Forking {clones} clones of a {mib} MiB guest eagerly with 4 KiB copy-on-write "
-            f"costs {interval(cow).text('{:,.0f}')} cycles in all against "
-            f"{interval(r.full_copy_cycles).text('{:,.0f}')} for copying memory "
+            f"costs {text_of(cow)} cycles in all against "
+            f"{text_of(r.full_copy_cycles)} for copying memory "
             f"({times(ratio(r.full_copy_cycles, cow), 'cheaper')}, a ratio of profile prices), "
-            f"and the host holds {interval(r.host_mib_used).text('{:.0f}')} MiB instead of "
-            f"{interval(r.host_mib_full_copy).text('{:.0f}')} MiB."
+            f"and the host holds {text_of(r.host_mib_used, '{:.0f}')} MiB instead of "
+            f"{text_of(r.host_mib_full_copy, '{:.0f}')} MiB."
         )
         if "parent_exits" in r.columns:
-            written = interval(r.parent_pages_written).text('{:,.0f}')
+            written = text_of(r.parent_pages_written)
             out.append(
                 f"The parent pays too: resumed, its {written}"
-                f" first writes take {interval(r.parent_exits).text('{:,.0f}')} exits and copy "
-                f"{interval(r.parent_pages_copied).text('{:,.0f}')} pages "
-                f"({interval(r.parent_cycles).text('{:,.0f}')} cycles): after an eager fork every "
+                f" first writes take {text_of(r.parent_exits)} exits and copy "
+                f"{text_of(r.parent_pages_copied)} pages "
+                f"({text_of(r.parent_cycles)} cycles): after an eager fork every "
                 "parent page is read-only, so each first write faults (by construction)."
             )
     if "2m-copy" in runs:
         r = runs["2m-copy"]
         out.append(
             f"Keeping 2 MiB EPT pages and copying them whole copies "
-            f"{interval(r.pages_copied).text('{:,.0f}')} pages for "
-            f"{interval(r.pages_written).text('{:,.0f}')} written "
+            f"{text_of(r.pages_copied)} pages for "
+            f"{text_of(r.pages_written)} written "
             f"({ratio(r.pages_copied, r.pages_written).text('{:.0f}')} 4 KiB pages per "
-            f"written page) and uses {interval(r.host_mib_used).text('{:.0f}')} MiB."
+            f"written page) and uses {text_of(r.host_mib_used, '{:.0f}')} MiB."
         )
     if "2m-split" in runs:
         r = runs["2m-split"]
         out.append(
-            f"Splitting the 2 MiB page first ({interval(r.splits).text('{:,.0f}')} splits) "
-            f"brings the copies back to {interval(r.pages_copied).text('{:,.0f}')} pages and "
-            f"{interval(r.host_mib_used).text('{:.0f}')} MiB at a fork of "
-            f"{interval(r.fork_cycles).text('{:,.0f}')} cycles."
+            f"Splitting the 2 MiB page first ({text_of(r.splits)} splits) "
+            f"brings the copies back to {text_of(r.pages_copied)} pages and "
+            f"{text_of(r.host_mib_used, '{:.0f}')} MiB at a fork of "
+            f"{text_of(r.fork_cycles)} cycles."
         )
     return out
 
@@ -524,19 +526,19 @@ def _read_lazy(t: pd.DataFrame) -> list[str]:
     e_small, l_small = by_seed(t, fork_mode="eager", working_set=small), by_seed(
         t, fork_mode="lazy", working_set=small)
     out = [
-        f"A lazy fork of the {mib} MiB guest costs {interval(l_small.fork_cycles).text('{:,.0f}')}"
-        f" cycles against {interval(e_small.fork_cycles).text('{:,.0f}')} eager (one clone); "
-        f"its first instruction runs after {interval(l_small.ttfi_cycles).text('{:,.0f}')} "
-        f"cycles against {interval(e_small.ttfi_cycles).text('{:,.0f}')}, the lazy clone paying "
-        f"{interval(l_small.clone_exits).text('{:,.0f}')} exits for its {small:,}-page working "
-        f"set against {interval(e_small.clone_exits).text('{:,.0f}')}."
+        f"A lazy fork of the {mib} MiB guest costs {text_of(l_small.fork_cycles)}"
+        f" cycles against {text_of(e_small.fork_cycles)} eager (one clone); "
+        f"its first instruction runs after {text_of(l_small.ttfi_cycles)} "
+        f"cycles against {text_of(e_small.ttfi_cycles)}, the lazy clone paying "
+        f"{text_of(l_small.clone_exits)} exits for its {small:,}-page working "
+        f"set against {text_of(e_small.clone_exits)}."
     ]
     cheaper = []
     for ws in sets:
         e, lz = by_seed(t, fork_mode="eager", working_set=ws), by_seed(
             t, fork_mode="lazy", working_set=ws)
         r = ratio(e.total_cycles, lz.total_cycles)
-        word = "lazy" if r.lo > 1 else "eager" if r.hi < 1 else OVERLAP
+        word = side(r, "lazy", "eager")
         cheaper.append(f"{ws:,} pages: {word} ({r.text('{:.2f}', 'x')} eager/lazy)")
     e_big, l_big = by_seed(t, fork_mode="eager", working_set=large), by_seed(
         t, fork_mode="lazy", working_set=large)
@@ -545,15 +547,15 @@ def _read_lazy(t: pd.DataFrame) -> list[str]:
         + f". Lazy pays an exit per page touched, eager an EPT edit per page of the guest, so "
         "the crossover follows from the prices (vmexit_cycles against ept_edit_cycles), not "
         f"from a measurement. Host memory added at {large:,} pages: lazy "
-        f"{interval(l_big.host_mib_added).text('{:.1f}')} MiB, eager "
-        f"{interval(e_big.host_mib_added).text('{:.1f}')} MiB (EPT tables included)."
+        f"{text_of(l_big.host_mib_added, '{:.1f}')} MiB, eager "
+        f"{text_of(e_big.host_mib_added, '{:.1f}')} MiB (EPT tables included)."
     )
     if "parent_cycles" in t.columns:
-        cost = interval(l_small.parent_cycles).text('{:,.0f}')
+        cost = text_of(l_small.parent_cycles)
         out.append(
             f"The resumed parent's first writes cost {cost}"
-            f" cycles after a lazy fork ({interval(l_small.parent_exits).text('{:,.0f}')} exits, "
-            f"resume included) and {interval(e_small.parent_cycles).text('{:,.0f}')} after an "
+            f" cycles after a lazy fork ({text_of(l_small.parent_exits)} exits, "
+            f"resume included) and {text_of(e_small.parent_cycles)} after an "
             f"eager one: a paused parent can only resume by write-protecting what the lazy fork "
             "left writable."
         )
@@ -569,8 +571,8 @@ def _read_reset(t: pd.DataFrame) -> list[str]:
         for tracking in dict.fromkeys(t.tracking):
             r = by_seed(t, dirty_pages=d, tracking=tracking)
             parts.append(f"{tracking} at {d:,} dirty page{'s' if d != 1 else ''} "
-                         f"{interval(r.resets_per_s).text('{:,.0f}')}/s "
-                         f"({interval(r.pages_restored).text('{:,.1f}')} pages restored)")
+                         f"{text_of(r.resets_per_s)}/s "
+                         f"({text_of(r.pages_restored, '{:,.1f}')} pages restored)")
     out.append(
         "Snapshot reset runs " + "; ".join(parts) + " of modelled time (guest run included). "
         f"Every reset left the clone equal to the snapshot byte for byte: {exact}."
@@ -580,7 +582,7 @@ def _read_reset(t: pd.DataFrame) -> list[str]:
         r = by_seed(t, dirty_pages=big, tracking=tracking)
         out.append(
             f"With {tracking} at {big:,} dirty pages a run and reset takes "
-            f"{interval(r.loop_cycles).text('{:,.0f}')} cycles against re-forking lazily "
+            f"{text_of(r.loop_cycles)} cycles against re-forking lazily "
             f"{times(ratio(r.refork_lazy_cycles, r.loop_cycles), 'as much')}, eagerly "
             f"{times(ratio(r.refork_eager_cycles, r.loop_cycles), 'as much')} and a full copy "
             f"{times(ratio(r.full_copy_cycles, r.loop_cycles), 'as much')}."
@@ -590,22 +592,21 @@ def _read_reset(t: pd.DataFrame) -> list[str]:
         for d in sets:
             iv = ratio(by_seed(t, dirty_pages=d, tracking="wp").loop_cycles,
                        by_seed(t, dirty_pages=d, tracking="pml").loop_cycles)
-            word = "pml" if iv.lo > 1 else "wp" if iv.hi < 1 else OVERLAP
+            word = side(iv, "pml", "wp")
             cheaper.append(f"{d:,}: {word} ({iv.text('{:.2f}', 'x')} wp/pml)")
         out.append("The cheaper loop by dirty pages per run: " + "; ".join(cheaper) + ".")
         p, w = by_seed(t, dirty_pages=big, tracking="pml"), by_seed(
             t, dirty_pages=big, tracking="wp")
         iv = ratio(w.loop_cycles, p.loop_cycles)
-        verdict = (OVERLAP if iv.lo <= 1 <= iv.hi and not iv.exact else
-                   "write protection costs more" if iv.mean > 1 else "PML costs more")
+        verdict = side(iv, "write protection costs more", "PML costs more")
         out.append(
             f"PML against write protection at {big:,} pages: "
-            f"{interval(p.run_exits).text('{:,.0f}')} against "
-            f"{interval(w.run_exits).text('{:,.0f}')} exits per run, loop "
+            f"{text_of(p.run_exits)} against "
+            f"{text_of(w.run_exits)} exits per run, loop "
             f"{iv.text('{:.2f}', 'x')} (wp/pml): {verdict}. PML also logs the guest page-table "
             f"pages the walks touch (with EPT A/D on they count as writes, SDM Vol. 3C §29.3.5): "
-            f"{interval(p.pages_found).text('{:,.1f}')} pages found against "
-            f"{interval(w.pages_found).text('{:,.1f}')}."
+            f"{text_of(p.pages_found, '{:,.1f}')} pages found against "
+            f"{text_of(w.pages_found, '{:,.1f}')}."
         )
     return out
 
@@ -637,13 +638,8 @@ def _figure_fork(table: pd.DataFrame, keys: tuple[str, ...]) -> Figure:
     return figure
 
 
-def _lines(ax: object, summary: pd.DataFrame, x: str, y: str, label: str) -> None:
-    ivs = column(summary, y)
-    ax.errorbar(  # type: ignore[attr-defined]
-        summary[x], [i.mean for i in ivs],
-        yerr=[[i.mean - i.lo for i in ivs], [i.hi - i.mean for i in ivs]],
-        marker="o", capsize=3, label=label,
-    )
+def _lines(ax: Axes, summary: pd.DataFrame, x: str, y: str, label: str) -> None:
+    lines(ax, summary[x], column(summary, y), marker="o", capsize=3, label=label)
 
 
 def _figure_lazy(table: pd.DataFrame, keys: tuple[str, ...]) -> Figure:

@@ -83,7 +83,17 @@ from ..errors import ConfigError
 from ..hv.costs import hv_costs
 from ..memory.layout import check_layout, in_layout
 from .base import Progress, Row, check_choices, check_range
-from .intervals import OVERLAP, Interval, bars, by_seed, change, interval, pick, summarize
+from .intervals import (
+    OVERLAP,
+    Interval,
+    bars,
+    by_seed,
+    change,
+    interval,
+    pick,
+    summarize,
+    text_of,
+)
 
 MiB = 1 << 20
 
@@ -273,8 +283,8 @@ class DoubleCaching:
                 f"{text} (host {h})" for (h, _), text in zip(cold, texts, strict=True)
             )
             sources = "; ".join(
-                f"host {h}: {_iv(r, 'disk_reads')} disk reads, "
-                f"{_iv(r, 'io_ms', '{:,.2f}')} ms of I/O"
+                f"host {h}: {text_of(r.disk_reads)} disk reads, "
+                f"{text_of(r.io_ms, '{:,.2f}')} ms of I/O"
                 for h, r in cold
             )
             same = all(a.overlaps(b) for a in rates for b in rates)
@@ -286,40 +296,40 @@ class DoubleCaching:
             out.append(
                 f"On the virtio-blk path, reading {params.file_mib} MiB into a cold guest cache "
                 f"took {rate} EPT violations per MiB ({disk}) for "
-                f"{_iv(cold[0][1], 'guest_pages_allocated')} new page-cache pages, {verdict} "
+                f"{text_of(cold[0][1].guest_pages_allocated)} new page-cache pages, {verdict} "
                 f"({sources})."
             )
         dropped, reported = runs("warm", "dropped"), runs("warm", "dropped-reported")
         if dropped is not None:
             text = (
                 f"After the guest dropped its cache, rereading allocated "
-                f"{_iv(dropped, 'guest_pages_allocated')} pages again and took "
-                f"{_iv(dropped, 'ept_violations')} EPT violations (the host still backed the "
-                f"{_iv(dropped, 'stale_mib_before', '{:,.1f}')} MiB of pages the guest had "
-                f"freed) and {_iv(dropped, 'disk_reads')} disk reads with a warm host cache"
+                f"{text_of(dropped.guest_pages_allocated)} pages again and took "
+                f"{text_of(dropped.ept_violations)} EPT violations (the host still backed the "
+                f"{text_of(dropped.stale_mib_before, '{:,.1f}')} MiB of pages the guest had "
+                f"freed) and {text_of(dropped.disk_reads)} disk reads with a warm host cache"
             )
             if reported is not None:
                 given_back = reported.guest_pages_allocated - (
                     reported.stale_mib_before * MiB / PAGE_SIZE
                 ).round()
                 text += (
-                    f"; with free page reporting it took {_iv(reported, 'ept_violations')} for "
+                    f"; with free page reporting it took {text_of(reported.ept_violations)} for "
                     f"the {interval(given_back).text('{:,.0f}')} pages the host had taken back"
                 )
             out.append(text + ".")
         warm, direct = runs("warm", "cold"), runs("direct", "cold")
         if warm is not None and direct is not None:
             text = (
-                f"With host caching {_iv(warm, 'duplicated_mib', '{:,.1f}')} of the "
+                f"With host caching {text_of(warm.duplicated_mib, '{:,.1f}')} of the "
                 f"{params.file_mib} MiB read ended up in host RAM twice (host memory "
-                f"{_iv(warm, 'host_mib', '{:,.1f}')} MiB against "
-                f"{_iv(direct, 'host_mib', '{:,.1f}')} MiB with O_DIRECT, which holds "
-                f"{_iv(direct, 'duplicated_mib', '{:,.1f}')} MiB twice)"
+                f"{text_of(warm.host_mib, '{:,.1f}')} MiB against "
+                f"{text_of(direct.host_mib, '{:,.1f}')} MiB with O_DIRECT, which holds "
+                f"{text_of(direct.duplicated_mib, '{:,.1f}')} MiB twice)"
             )
             if dropped is not None:
                 text += (
                     f"; dropping the guest cache left "
-                    f"{_iv(dropped, 'stale_mib_before', '{:,.1f}')} MiB of file data in host "
+                    f"{text_of(dropped.stale_mib_before, '{:,.1f}')} MiB of file data in host "
                     "frames behind free guest pages"
                 )
             out.append(text + ".")
@@ -345,10 +355,6 @@ class DoubleCaching:
 # -- readings of the new rows --------------------------------------------------------------------
 
 
-def _iv(rows: pd.DataFrame, column: str, fmt: str = "{:,.0f}") -> str:
-    return interval(rows[column]).text(fmt)
-
-
 def _per(rows: pd.DataFrame, numerator: str, denominator: str) -> Interval:
     """Seed by seed ``numerator / denominator`` (0 denominators left out)."""
     num, den = rows[numerator].astype(float), rows[denominator].astype(float)
@@ -372,39 +378,39 @@ def _dax_reading(base: pd.DataFrame, disk: str, params: DoubleCachingParams) -> 
         return []
     first = next(iter(dax.values()))
     counts = " and ".join(
-        f"{_iv(r, 'window_violations')} EPT violations on the window with the host cache {h}"
+        f"{text_of(r.window_violations)} EPT violations on the window with the host cache {h}"
         for h, r in dax.items()
     )
     costs = " and ".join(
         f"{_cost_per_violation(r).text('{:,.2f}')} us with it {h} "
-        f"({_iv(r, 'disk_reads')} disk reads)"
+        f"({text_of(r.disk_reads)} disk reads)"
         for h, r in dax.items()
     )
     text = (
         f"On the DAX path the same read took {counts}, one per "
-        f"file page read ({_iv(first, 'window_pages')} pages: the window is mapped page by page "
+        f"file page read ({text_of(first.window_pages)} pages: the window is mapped page by page "
         f"at first access, by construction); a window violation cost {costs} on {disk}, I/O "
         "included"
     )
     virtio = {h: r for h in DAX_HOST_CACHES if (r := runs("virtio-blk", h)) is not None}
     if virtio:
         text += ", where virtio-blk took " + " and ".join(
-            f"{_iv(r, 'ept_violations')} (host {h})" for h, r in virtio.items()
+            f"{text_of(r.ept_violations)} (host {h})" for h, r in virtio.items()
         ) + " whatever the host cache held"
     out = [text + "."]
     if "warm" in dax and "warm" in virtio:
         d, v = dax["warm"], virtio["warm"]
         out.append(
             f"Memory after the read with a warm host cache: DAX holds the file data once "
-            f"(host memory {_iv(d, 'host_mib', '{:,.1f}')} MiB, "
-            f"{_iv(d, 'window_mib', '{:,.1f}')} MiB of window pages are the host cache's own "
-            f"frames, {_iv(d, 'duplicated_mib', '{:,.1f}')} MiB twice, guest page cache "
-            f"{_iv(d, 'guest_cache_mib', '{:,.1f}')} MiB), virtio-blk twice (host memory "
-            f"{_iv(v, 'host_mib', '{:,.1f}')} MiB, {_iv(v, 'duplicated_mib', '{:,.1f}')} MiB "
-            f"twice, guest page cache {_iv(v, 'guest_cache_mib', '{:,.1f}')} MiB); CPU copies "
+            f"(host memory {text_of(d.host_mib, '{:,.1f}')} MiB, "
+            f"{text_of(d.window_mib, '{:,.1f}')} MiB of window pages are the host cache's own "
+            f"frames, {text_of(d.duplicated_mib, '{:,.1f}')} MiB twice, guest page cache "
+            f"{text_of(d.guest_cache_mib, '{:,.1f}')} MiB), virtio-blk twice (host memory "
+            f"{text_of(v.host_mib, '{:,.1f}')} MiB, {text_of(v.duplicated_mib, '{:,.1f}')} MiB "
+            f"twice, guest page cache {text_of(v.guest_cache_mib, '{:,.1f}')} MiB); CPU copies "
             f"per page read {_per(d, 'cpu_copies', 'window_pages').text('{:,.2g}')} against "
             f"{_per(v, 'cpu_copies', 'guest_pages_allocated').text('{:,.2g}')}; the whole read "
-            f"took {_iv(d, 'total_ms', '{:,.2f}')} ms against {_iv(v, 'total_ms', '{:,.2f}')} "
+            f"took {text_of(d.total_ms, '{:,.2f}')} ms against {text_of(v.total_ms, '{:,.2f}')} "
             "ms (modelled)."
         )
     return out
@@ -428,10 +434,10 @@ def _init_reading(part: pd.DataFrame, params: DoubleCachingParams) -> list[str]:
 
     return [
         f"With init_on_alloc=0 (cold caches) the device's write was the first touch of "
-        f"{_iv(off, 'device_first_touches')} new pages (host page faults in the VMM's mapping, "
-        f"no exit); the guest still took {_iv(off, 'ept_violations')} EPT violations "
-        f"({_iv(on, 'ept_violations')} with init_on_alloc=1), now at its first read of each "
-        f"page, and {_iv(off, 'mapped_existing')} of them only mapped the frame the host held: "
+        f"{text_of(off.device_first_touches)} new pages (host page faults in the VMM's mapping, "
+        f"no exit); the guest still took {text_of(off.ept_violations)} EPT violations "
+        f"({text_of(on.ept_violations)} with init_on_alloc=1), now at its first read of each "
+        f"page, and {text_of(off.mapped_existing)} of them only mapped the frame the host held: "
         f"{ch('ept_ms', 'ept_ms')}, {ch('guest_ms', 'guest_ms')}, {ch('io_ms', 'io_ms')}, "
         f"{ch('total_ms', 'total_ms')}. The count cannot change by construction (the EPT entry "
         "is made at the guest's first access, as on KVM); the allocation and zeroing move from "
@@ -458,8 +464,8 @@ def _readahead_reading(
         reads = change("disk reads", interval(a.disk_reads), interval(b.disk_reads), "{:,.0f}")
         io = change("I/O time", interval(a.io_ms), interval(b.io_ms), "{:,.2f}", " ms")
         clause = (
-            f"{path}: {reads}, {io}, EPT violations {_iv(a, 'ept_violations')} and "
-            f"{_iv(b, 'ept_violations')}"
+            f"{path}: {reads}, {io}, EPT violations {text_of(a.ept_violations)} and "
+            f"{text_of(b.ept_violations)}"
         )
         clauses.append(clause)
     if not clauses:

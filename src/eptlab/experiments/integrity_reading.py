@@ -9,7 +9,18 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .intervals import OVERLAP, bars, by_seed, column, interval, seeds_of, summarize, verdict, yerr
+from .intervals import (
+    OVERLAP,
+    bars,
+    by_seed,
+    column,
+    interval,
+    seeds_of,
+    summarize,
+    text_of,
+    verdict,
+    yerr,
+)
 
 ATTACKS = {
     "remap": "Page-table remapping (the code's page-directory entry pointed at an attacker "
@@ -26,7 +37,7 @@ def interpret(table: pd.DataFrame, period: int) -> list[str]:
     runs = {m: by_seed(table, mode=m) for m in dict.fromkeys(table["mode"])}
 
     def iv(mode: str, col: str, fmt: str = "{:,.0f}", unit: str = "") -> str:
-        return interval(runs[mode][col]).text(fmt, unit)
+        return text_of(runs[mode][col], fmt, unit)
 
     def mean(mode: str, col: str) -> float:
         return float(interval(runs[mode][col]).mean)

@@ -104,6 +104,12 @@ def interval(values: Iterable[Any], level: float = LEVEL, *, clip: bool = True) 
     return Interval(mean, low, mean + half, n)
 
 
+def text_of(values: Iterable[Any], fmt: str = "{:,.0f}", unit: str = "") -> str:
+    """The interval of per-seed ``values`` as a reading quotes it: ``"1,024 [998, 1,050]"``
+    (``fmt`` defaults to a whole count, unlike :meth:`Interval.text`)."""
+    return interval(values).text(fmt, unit)
+
+
 def one_seed_note(table: pd.DataFrame) -> list[str]:
     """The sentence a reading of a one-seed table ends with (none for several seeds)."""
     if seeds_of(table) != 1:
@@ -163,6 +169,16 @@ def times(iv: Interval, words: str = "as much") -> str:
     if iv.lo <= 1.0 <= iv.hi and not iv.exact:
         return f"{iv.text(unit='x')}: {OVERLAP}"
     return f"{iv.text(unit='x')} {words}"
+
+
+def side(iv: Interval, above: str, below: str, at: float = 1.0) -> str:
+    """``above`` where the whole interval lies above ``at`` (a ratio's 1), ``below`` where it
+    lies below, else ``"no difference within the interval"`` (NaN too: nothing is claimed)."""
+    if iv.lo > at:
+        return above
+    if iv.hi < at:
+        return below
+    return OVERLAP
 
 
 def change(
@@ -312,6 +328,11 @@ def bars(
     means = np.array([iv.mean for iv in intervals], dtype=float)
     ax.bar(x, np.nan_to_num(means), width, yerr=yerr(intervals), capsize=2,
            error_kw={"elinewidth": 0.8, "ecolor": "black"}, **kwargs)
+
+
+def lines(ax: Axes, x: npt.ArrayLike, intervals: Sequence[Interval], **kwargs: Any) -> None:
+    """A line at ``x`` through the means with their 95% intervals as error bars."""
+    ax.errorbar(x, [iv.mean for iv in intervals], yerr=yerr(intervals), **kwargs)
 
 
 def ratio(numerator: pd.Series, denominator: pd.Series) -> Interval:

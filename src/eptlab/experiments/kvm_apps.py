@@ -10,7 +10,7 @@ Columns are the application's (see each module of :mod:`eptlab.kvm.apps`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,7 +23,7 @@ from ..kvm.apps.fork import ForkParams
 from ..kvm.apps.prefetch import METHODS, PrefetchParams
 from ..kvm.apps.trap_rotation import TrapRotationParams
 from .base import Progress, Row, check_choices
-from .intervals import at, bars, column, one_seed_note, summarize, yerr
+from .intervals import at, bars, column, lines, one_seed_note, summarize
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,17 @@ class _KvmApp(ABC):
         """Draw the summary's means with their intervals on ``ax``."""
 
 
+def _each(lead: str, summary: pd.DataFrame, part: Callable[[pd.Series], str]) -> str:
+    """A reading listing every configuration: ``lead`` then ``part`` of each summary row."""
+    return lead + ", ".join(part(r) for _, r in summary.iterrows())
+
+
+def _bars(ax: Axes, summary: pd.DataFrame, label: str, value: str) -> None:
+    """One bar per configuration: ``value``'s mean and interval, labelled by column ``label``."""
+    bars(ax, range(len(summary)), column(summary, value))
+    ax.set_xticks(range(len(summary)), list(summary[label]))
+
+
 class KvmFork(_KvmApp):
     app = "fork"
     name = "kvm-fork"
@@ -123,8 +134,7 @@ class KvmFork(_KvmApp):
                 f"{at(big, 'pages_written').text('{:,.0f}')} written")
 
     def draw(self, ax: Axes, summary: pd.DataFrame) -> None:
-        ax.errorbar(summary.guest_mib, summary.fork_ms, yerr=yerr(column(summary, "fork_ms")),
-                    fmt="o-", capsize=2)
+        lines(ax, summary.guest_mib, column(summary, "fork_ms"), fmt="o-", capsize=2)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("guest MiB")
         ax.set_ylabel("fork ms (measured)")
@@ -143,17 +153,15 @@ class KvmDirtyLog(_KvmApp):
         # exits_per_write: exits that reach the VMM; kvm_exits_per_write: every exit the vCPU
         # took, KVM's own statistics (under shadow paging each first store faults into KVM)
         inside = "kvm_exits_per_write" in summary
-        parts = [f"{r['mode']} {at(r, 'us_per_write').text('{:.2f}', ' us')}/write "
-                 f"({at(r, 'exits_per_write').text('{:.2g}')} exits/write to the VMM"
-                 + (f", {at(r, 'kvm_exits_per_write').text('{:.2g}')} taken by KVM itself"
-                    if inside else "") + ")"
-                 for _, r in summary.iterrows()]
-        return "Per write: " + ", ".join(parts)
+        return _each("Per write: ", summary, lambda r: (
+            f"{r['mode']} {at(r, 'us_per_write').text('{:.2f}', ' us')}/write "
+            f"({at(r, 'exits_per_write').text('{:.2g}')} exits/write to the VMM"
+            + (f", {at(r, 'kvm_exits_per_write').text('{:.2g}')} taken by KVM itself"
+               if inside else "") + ")"))
 
     def draw(self, ax: Axes, summary: pd.DataFrame) -> None:
         t = summary
-        bars(ax, range(len(t)), column(t, "us_per_write"))
-        ax.set_xticks(range(len(t)), list(t["mode"]))
+        _bars(ax, t, "mode", "us_per_write")
         inside = t.get("kvm_exits_per_write", t.exits_per_write)  # older results lack it
         for i, (us, ex, kx) in enumerate(zip(t.us_per_write, t.exits_per_write, inside,
                                              strict=True)):
@@ -172,13 +180,11 @@ class KvmPrefetch(_KvmApp):
     demo = {"range_mib": "16", "memory_mib": "32", "repeats": "1", "seeds": "2"}
 
     def reading(self, summary: pd.DataFrame) -> str:
-        parts = [f"{r['method']} {at(r, 'cycles_per_page').text('{:,.0f}')} guest cycles/page"
-                 for _, r in summary.iterrows()]
-        return "First touch of the range: " + ", ".join(parts)
+        return _each("First touch of the range: ", summary, lambda r: (
+            f"{r['method']} {at(r, 'cycles_per_page').text('{:,.0f}')} guest cycles/page"))
 
     def draw(self, ax: Axes, summary: pd.DataFrame) -> None:
-        bars(ax, range(len(summary)), column(summary, "cycles_per_page"))
-        ax.set_xticks(range(len(summary)), list(summary["method"]))
+        _bars(ax, summary, "method", "cycles_per_page")
         ax.set_ylabel("guest cycles per page (measured)")
         ax.set_title("prefetch: populate ahead vs demand")
 
@@ -192,15 +198,16 @@ class KvmTrapRotation(_KvmApp):
     demo = {"iterations": "5000", "trap_fractions": "0,0.25,1", "seeds": "2"}
 
     def reading(self, summary: pd.DataFrame) -> str:
-        caught = [at(r, "detection_rate").within(0.0, 1.0) for _, r in summary.iterrows()]
-        parts = [f"{r['trap_fraction']:g} trapped: {c.scaled(100).text('{:.0f}', '%')} caught"
-                 for (_, r), c in zip(summary.iterrows(), caught, strict=True)]
-        return "Wild writes detected: " + ", ".join(parts)
+        def caught(r: pd.Series) -> str:
+            rate = at(r, "detection_rate").within(0.0, 1.0).scaled(100)
+            return f"{r['trap_fraction']:g} trapped: {rate.text('{:.0f}', '%')} caught"
+
+        return _each("Wild writes detected: ", summary, caught)
 
     def draw(self, ax: Axes, summary: pd.DataFrame) -> None:
         t = summary
-        ax.errorbar(t.trap_fraction, t.detection_rate, yerr=yerr(column(t, "detection_rate")),
-                    fmt="o-", capsize=2, label="measured")
+        lines(ax, t.trap_fraction, column(t, "detection_rate"), fmt="o-", capsize=2,
+              label="measured")
         ax.plot([0, 1], [0, 1], ":", color="grey", label="fraction trapped")
         ax.set_xlabel("fraction of memory write-protected")
         ax.set_ylabel("wild writes detected")

@@ -93,6 +93,7 @@ from .intervals import (
     interval,
     relation,
     seeds_of,
+    text_of,
 )
 from .trap_debugger_report import context_lines, figure, filter_lines, raf_lines
 
@@ -432,7 +433,7 @@ class TrapDebugger:
         slow = by_seed(top, period=slow_period)
 
         def iv(rows: pd.DataFrame, column: str, fmt: str = "{:,.0f}", unit: str = "") -> str:
-            return interval(rows[column]).text(fmt, unit)
+            return text_of(rows[column], fmt, unit)
 
         def theory(rows: pd.DataFrame) -> str:
             return interval(rows.expected_detection_rate * rows.bugs_injected).text("{:.0f}")

@@ -14,11 +14,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from ..apps.heap_program import VALUE_CLASSES
 from .base import Row
-from .intervals import column, interval, seeds_of, summarize, yerr
-
-
-def _iv(values: Any, fmt: str = "{:,.0f}", unit: str = "") -> str:
-    return interval(values).text(fmt, unit)
+from .intervals import column, seeds_of, summarize, text_of, yerr
 
 
 def _per_seed(rows: pd.DataFrame, column_: str) -> pd.Series:
@@ -37,14 +33,15 @@ def filter_lines(table: pd.DataFrame) -> list[str]:
     label = str(trapping["filter"].iloc[0])
     mine = rows[rows["filter"] == label]
     classes = [
-        f"{cls} {_iv(_per_seed(mine[mine.value_class == cls], 'bugs_dismissed'))}"
-        f"/{_iv(_per_seed(mine[mine.value_class == cls], 'bugs_injected'))}"
+        f"{cls} {text_of(_per_seed(mine[mine.value_class == cls], 'bugs_dismissed'))}"
+        f"/{text_of(_per_seed(mine[mine.value_class == cls], 'bugs_injected'))}"
         for cls in VALUE_CLASSES
     ]
     out = [
         f"With every write trapped (trap-all), the filter ({label}) dismisses "
-        f"{_iv(_per_seed(mine, 'bugs_dismissed'))} of {_iv(_per_seed(mine, 'bugs_injected'))} "
-        f"bugs, its false negatives, and reports {_iv(_per_seed(mine, 'false_positives'))} "
+        f"{text_of(_per_seed(mine, 'bugs_dismissed'))} of "
+        f"{text_of(_per_seed(mine, 'bugs_injected'))} "
+        f"bugs, its false negatives, and reports {text_of(_per_seed(mine, 'false_positives'))} "
         f"benign writes; dismissed/injected by value class: {', '.join(classes)}."
     ]
     variants = []
@@ -54,12 +51,12 @@ def filter_lines(table: pd.DataFrame) -> list[str]:
         them = rows[rows["filter"] == other]
         fp = them[them["false_positives"] > 0]
         where = ", ".join(
-            f"{cls} from {_iv(group['false_positive_sites'])} site(s)"
+            f"{cls} from {text_of(group['false_positive_sites'])} site(s)"
             for cls, group in fp.groupby("value_class", sort=False)
         )
         variants.append(
-            f"{other} dismisses {_iv(_per_seed(them, 'bugs_dismissed'))} and reports "
-            f"{_iv(_per_seed(them, 'false_positives'))}" + (f" ({where})" if where else "")
+            f"{other} dismisses {text_of(_per_seed(them, 'bugs_dismissed'))} and reports "
+            f"{text_of(_per_seed(them, 'false_positives'))}" + (f" ({where})" if where else "")
         )
     if variants:
         out.append(
@@ -77,9 +74,9 @@ def _silent_sentence(rows: pd.DataFrame) -> str:
     lost = _per_seed(with_, "bugs_dismissed") - _per_seed(without, "bugs_dismissed")
     gained = _per_seed(without, "false_positives") - _per_seed(with_, "false_positives")
     return (
-        f"Adding the silent-store rule to links+null dismisses {_iv(lost)} more bugs (every "
+        f"Adding the silent-store rule to links+null dismisses {text_of(lost)} more bugs (every "
         f"same-value one, by its definition, and NULL stores into words that hold 0) and "
-        f"removes {_iv(gained)} false positives."
+        f"removes {text_of(gained)} false positives."
     )
 
 
@@ -97,9 +94,9 @@ def context_lines(table: pd.DataFrame) -> list[str]:
     )
     if not everything.empty:
         text += (
-            f" Under trap-all the {_iv(everything['bugs_detected'])} bugs found report from "
-            f"{_iv(everything['report_sites'])} distinct sites (bugs can share a store "
-            f"instruction), false positives from {_iv(everything['false_positive_sites'])}."
+            f" Under trap-all the {text_of(everything['bugs_detected'])} bugs found report from "
+            f"{text_of(everything['report_sites'])} distinct sites (bugs can share a store "
+            f"instruction), false positives from {text_of(everything['false_positive_sites'])}."
         )
     return [text]
 
@@ -115,14 +112,15 @@ def raf_lines(table: pd.DataFrame) -> list[str]:
         & (table["trap_fraction"] == row["trap_fraction"])
         & (table["period"] == row["period"])
     ]
-    cost = "" if same.empty else f" against {_iv(same['overhead_cycles_pct'], unit='%')} for "
+    cost = "" if same.empty else f" against {text_of(same['overhead_cycles_pct'], unit='%')} for "
     cost += "" if same.empty else "write traps on the same samples"
     return [
         f"Read-after-free mode (raf: {row['trap_fraction']:g} of the pages, every "
-        f"{int(row['period']):,} accesses) catches {_iv(raf['read_bugs_detected'])}/"
-        f"{_iv(raf['read_bugs_injected'])} read bugs with {_iv(raf['read_false_positives'])} "
-        f"false alarms, letting {_iv(raf['link_reads_allowed'])} allocator link loads through, "
-        f"for {_iv(raf['overhead_cycles_pct'], unit='%')} more cycles{cost}: every read of a "
+        f"{int(row['period']):,} accesses) catches {text_of(raf['read_bugs_detected'])}/"
+        f"{text_of(raf['read_bugs_injected'])} read bugs with "
+        f"{text_of(raf['read_false_positives'])} "
+        f"false alarms, letting {text_of(raf['link_reads_allowed'])} allocator link loads through, "
+        f"for {text_of(raf['overhead_cycles_pct'], unit='%')} more cycles{cost}: every read of a "
         "trapped page exits."
     ]
 

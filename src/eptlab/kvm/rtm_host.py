@@ -1,8 +1,9 @@
-"""Real RTM in this process (no KVM): the C probe ``native/rtm_probe.c``, built at run time with
-the system compiler (``gcc -O2 -mrtm -shared``) into a cache directory and called through
-ctypes. The host kernel's demand paging is the lazy backing: a transaction's first store to a
-page never touched faults, the fault is suppressed and the transaction aborts (SDM Vol. 1
-§16.3.8.2), so only the fallback path (plain stores) gets the page mapped.
+"""Real RTM in this process (no KVM): the C probe ``native/rtm_probe.c``, built at run time with the
+system compiler (``$CC`` or ``cc``, ``-O2 -mrtm -shared``) into the cache of
+:mod:`eptlab.native.build` and called through ctypes. The host kernel's demand paging is the lazy
+backing: a transaction's first store to a page never touched faults, the fault is suppressed and the
+transaction aborts (SDM Vol. 1 §16.3.8.2), so only the fallback path (plain stores) gets the page
+mapped.
 
 :func:`support` says whether RTM can run here: CPUID.(EAX=7, ECX=0):EBX bit 11 (SDM Vol. 2,
 CPUID) and a trivial transaction that commits (TSX can be disabled by microcode while CPUID
@@ -14,12 +15,8 @@ raises :class:`~eptlab.errors.RtmUnavailable` (the CLI: exit status 3), before a
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import mmap
 import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -27,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RtmUnavailable
+from ..errors import RtmUnavailable, ToolchainError
+from ..native.build import build_library
 from .memory import MADV_POPULATE_WRITE
 from .txplan import AttemptLog, TxPlan
 
@@ -55,31 +53,13 @@ def _source() -> Path:
     return Path(str(resources.files("eptlab.kvm") / "native" / SOURCE))
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("EPTLAB_CACHE") or os.path.join(Path.home(), ".cache", "eptlab")
-    return Path(base) / "native"
-
-
 def build() -> Path:
-    """The shared object, compiled once per source version (keyed by a hash of source and
-    flags); raises RtmUnavailable when no C compiler is there or it fails."""
-    source = _source()
-    digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"rtm_probe-{digest}.so"
-    if target.exists():
-        return target
-    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    if cc is None:
-        raise RtmUnavailable("no C compiler (gcc or cc) on PATH to build the RTM probe")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        done = subprocess.run([cc, *CFLAGS, "-o", str(out), str(source)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RtmUnavailable(f"building the RTM probe failed: {done.stderr.strip()}")
-        os.replace(out, target)  # atomic: concurrent builders agree
-    return target
+    """The shared object, compiled once per source version (:func:`eptlab.native.build.
+    build_library`); raises RtmUnavailable when no C compiler is there or it fails."""
+    try:
+        return build_library(_source(), CFLAGS, "librtm_probe.so")
+    except ToolchainError as exc:
+        raise RtmUnavailable(f"building the RTM probe failed: {exc}") from None
 
 
 @cache

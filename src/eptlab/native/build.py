@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -55,8 +56,9 @@ def compiler() -> list[str]:
     if path is None:
         name = words[0] if words else "$CC"
         raise ToolchainError(
-            name, "C compiler not found: eptlab's native measurements (eptlab calibrate, "
-            "model-vs-machine) are compiled at run time; install gcc or clang, or set CC")
+            name, "C compiler not found: eptlab's native helpers (eptlab calibrate, "
+            "model-vs-machine, the RTM probe) are compiled at run time; install gcc or clang, "
+            "or set CC")
     return [path, *words[1:]]
 
 
@@ -67,22 +69,30 @@ def cache_dir() -> Path:
 
 def library_path() -> Path:
     """Path of the shared library, compiling it if the cache lacks this version."""
+    return build_library(source_path(), FLAGS, LIBRARY)
+
+
+def build_library(source: Path, flags: Sequence[str], library: str) -> Path:
+    """``source`` (one C file) compiled with ``flags`` into the shared library ``library``
+    under :func:`cache_dir`, once per source, compiler and flags (a hash of the three names its
+    directory); ToolchainError when there is no compiler or it fails. Every C helper eptlab
+    builds at run time goes through here (this module's, the RTM probe, the C walk limit)."""
     cc = compiler()
-    source = source_path().read_bytes()
-    digest = hashlib.sha256(source + "\0".join([*cc, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / digest / LIBRARY
+    text = source.read_bytes()
+    digest = hashlib.sha256(text + "\0".join([*cc, *flags]).encode()).hexdigest()[:16]
+    target = cache_dir() / digest / library
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         work = Path(tmp)
-        (work / SOURCE).write_bytes(source)
-        done = subprocess.run([*cc, *FLAGS, "-o", LIBRARY, SOURCE], cwd=work,
+        (work / source.name).write_bytes(text)
+        done = subprocess.run([*cc, *flags, "-o", library, source.name], cwd=work,
                               capture_output=True, text=True)
         if done.returncode != 0:
-            raise ToolchainError(cc[0], f"compiling {SOURCE} failed ({done.returncode}): "
+            raise ToolchainError(cc[0], f"compiling {source.name} failed ({done.returncode}): "
                                  f"{done.stderr.strip()}")
-        os.replace(work / LIBRARY, target)  # atomic: concurrent builders agree
+        os.replace(work / library, target)  # atomic: concurrent builders agree
     return target
 
 

@@ -6,16 +6,15 @@ Every executor runs the same function, :func:`run_point`, and yields results as 
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 from ..costs import CostProfile, use_profile
 from ..errors import ConfigError
 from ..experiments.base import apply_overrides
+from ..experiments.batch import as_finished, spawned_pool
 from ..experiments.registry import get
 from ..experiments.seeds import seeded_rows
 from .spec import Point
@@ -52,15 +51,8 @@ def run_inline(points: Sequence[Point]) -> Iterator[PointResult]:
 
 def run_local(points: Sequence[Point], jobs: int) -> Iterator[PointResult]:
     """One worker process per job (spawned: no state inherited from this process)."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = [pool.submit(run_point, p) for p in points]
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-        finally:
-            for future in futures:
-                future.cancel()
+    with spawned_pool(jobs) as pool:
+        yield from as_finished([pool.submit(run_point, p) for p in points])
 
 
 CONNECT_TIMEOUT = 5.0

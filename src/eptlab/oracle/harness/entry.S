@@ -45,6 +45,21 @@ vm_exit_entry:
     pop %rbp
     ret
 
+/* The case's access at %r9 (%r10: 0 read, 1 write, else execute), then VMCALL to report.
+ * Emitted in both stub pages: the supervisor one (CPL 0) and the user one (CPL 3), since the
+ * access must run from the page whose privilege the case tests. */
+    .macro ACCESS
+    cmp $0, %r10
+    je 3f
+    cmp $1, %r10
+    je 4f
+    jmp *%r9
+3:  mov (%r9), %al
+    vmcall
+4:  mov %al, (%r9)
+    vmcall
+    .endm
+
 /* Supervisor stub page (guest CPL 0, a global supervisor page in the stub tables). */
     .section .stub_sup, "ax"
     .p2align 12
@@ -69,15 +84,7 @@ stub_sup2:                      /* IA32_LSTAR: reached by the user stub's SYSCAL
     mov %r8, %cr3
     sysretq
 sup_access:
-    cmp $0, %r10
-    je 3f
-    cmp $1, %r10
-    je 4f
-    jmp *%r9
-3:  mov (%r9), %al
-    vmcall
-4:  mov %al, (%r9)
-    vmcall
+    ACCESS
 
 /* The guest's #PF handler (IDT vector 14; this page is in the TLB since the VM entry): reports
  * the error code and CR2 with VMCALL, RAX = PF_MARKER. */
@@ -95,15 +102,7 @@ pf_handler:
     .globl stub_user
 stub_user:
     syscall
-    cmp $0, %r10
-    je 3f
-    cmp $1, %r10
-    je 4f
-    jmp *%r9
-3:  mov (%r9), %al
-    vmcall
-4:  mov %al, (%r9)
-    vmcall
+    ACCESS
 /* The guest's GDT (+0), IDT (+0x200), TSS (+0x400) and stack (top of the page), one page. */
     .section .guest_sys, "aw"
     .p2align 12
