@@ -140,7 +140,7 @@ def run_one(m: Mutant, files: list[str], timeout: float, control: dict[tuple, st
     if mutated is None:
         return Outcome(m.id, "stale", 0.0, "original text not found exactly once")
     kernel = m.file.startswith(KERNELS)
-    tests = tuple(t for t in m.tests if (ROOT / t.split("::")[0]).is_file())
+    tests = tuple(t for t in m.tests if (ROOT / t.split("::")[0]).exists())  # file or folder
     if not tests:
         return Outcome(m.id, "survived", 0.0, "no selected test file exists in this tree")
     m = Mutant(**{**asdict(m), "tests": tests})
