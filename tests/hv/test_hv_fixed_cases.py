@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from eptlab.arch import Access, PageSize
+from eptlab.arch.ept import Ept
 from eptlab.arch.bits import PAGE_SIZE
 from eptlab.hv import Hypervisor, Run
 from eptlab.hv.dirty_log import PmlLog, WriteProtectLog
@@ -92,3 +93,51 @@ def test_write_protect_rounds_trap_the_first_write_of_each_round() -> None:
     assert log.collect() == {2 * MiB + 2 * PAGE_SIZE}
     assert log.counters["write_faults"] == 3
     assert log.collect() == set()
+
+
+def test_a_fresh_pml_log_starts_at_index_511_and_fills_without_exits() -> None:
+    """SDM Vol. 3C §29.3.6: the index starts at 511 and counts down; a log-full exit comes only
+    when a write finds it outside 0..511."""
+    hv = Hypervisor()
+    vm, _, vcpu = guest_with_mapping(hv, pages=8, pml=True)
+    assert vcpu.vmcs.pml_index == 511
+    _write_pages(hv, vcpu, list(range(8)))
+    assert vm.counters["pml_full_exits"] == 0
+    logged = vm.drain_pml(vcpu)
+    assert {2 * MiB + p * PAGE_SIZE for p in range(8)} <= set(logged)
+    assert 0 not in logged  # only entries the processor wrote
+
+
+def test_split_keeps_the_large_page_dirty_and_accessed_flags_in_every_small_leaf() -> None:
+    hv = Hypervisor()
+    vm = hv.create_vm("vm", 64 * MiB, lazy=False, ept_ad=True)
+    vm.ept.map(4 * MiB, PageSize.SIZE_2M)
+    leaf = vm.ept.lookup(4 * MiB)
+    assert leaf is not None
+    hv.host.memory.write_u64(leaf.entry_address, leaf.value | Ept.A | Ept.D)
+    vm.ept.split(4 * MiB)
+    for i in (0, 1, 511):
+        small = vm.ept.lookup(4 * MiB + i * PAGE_SIZE)
+        assert small is not None and small.level == 1
+        assert small.value & Ept.D and small.value & Ept.A
+
+
+def test_merge_keeps_dirty_if_any_small_leaf_was_dirty() -> None:
+    hv = Hypervisor()
+    vm = hv.create_vm("vm", 64 * MiB, lazy=False, ept_ad=True)
+    vm.ept.map(4 * MiB, PageSize.SIZE_2M)
+    vm.ept.split(4 * MiB)
+    small = vm.ept.lookup(4 * MiB + 7 * PAGE_SIZE)
+    assert small is not None and not small.value & Ept.D
+    hv.host.memory.write_u64(small.entry_address, small.value | Ept.D)  # one page written
+    assert vm.ept.merge(4 * MiB, PageSize.SIZE_2M)
+    large = vm.ept.lookup(4 * MiB)
+    assert large is not None and large.level == 2 and large.value & Ept.D
+    vm.ept.split(4 * MiB)
+    for i in range(512):  # now clean everywhere: the merged page is clean
+        s = vm.ept.lookup(4 * MiB + i * PAGE_SIZE)
+        assert s is not None
+        hv.host.memory.write_u64(s.entry_address, s.value & ~int(Ept.D))
+    assert vm.ept.merge(4 * MiB, PageSize.SIZE_2M)
+    large = vm.ept.lookup(4 * MiB)
+    assert large is not None and not large.value & Ept.D
