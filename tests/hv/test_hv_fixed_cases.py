@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from eptlab.arch import Access, PageSize
-from eptlab.arch.ept import Ept
 from eptlab.arch.bits import PAGE_SIZE
+from eptlab.arch.ept import Ept
 from eptlab.hv import Hypervisor, Run
 from eptlab.hv.dirty_log import PmlLog, WriteProtectLog
 from eptlab.hv.host import HostMemory
