@@ -123,6 +123,7 @@ TESTS = Path(__file__).parent
 TOP_LEVEL_TESTS = {  # tests of a top-level module, or across every package
     "test_bench_limit.py",  # eptlab.bench_limit
     "test_workloads.py",  # eptlab.workloads
+    "test_errors.py",  # eptlab.errors
     "test_fuzz_inputs.py",  # every trace reader and the sweep spec loader
     "test_docs.py",  # the documentation of every package
     "test_layering.py",  # the imports between packages

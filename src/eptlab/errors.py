@@ -14,6 +14,20 @@ from __future__ import annotations
 class EptlabError(Exception):
     """Base class of every error eptlab raises on purpose."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickle as message and fields (the subclasses' constructors take the fields, not the
+        message), so an error raised in a worker process arrives whole in its parent."""
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[EptlabError], args: tuple[object, ...], state: dict[str, object]) -> (
+    EptlabError
+):
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class ConfigError(EptlabError, ValueError):
     """An impossible or inconsistent configuration (names the field)."""

@@ -57,3 +57,27 @@ class Tiny:
         return [f"{len(table)} rows."]
 
 
+
+
+@dataclass(frozen=True)
+class SeededTinyParams:
+    rows: int = 2
+    seeds: int = 3
+    seed: int = 0
+    break_png: bool = False
+
+
+class SeededTiny(Tiny):
+    """Tiny over seeds; ``stop_in_seed`` interrupts the run in that seed's second row."""
+
+    name: ClassVar[str] = "seeded-tiny"
+    Params: ClassVar[type] = SeededTinyParams
+    stop_in_seed: ClassVar[int | None] = None
+    seeds_run: ClassVar[list[int]] = []
+
+    def rows(self, params: SeededTinyParams, progress: Progress) -> Iterator[Row]:  # type: ignore[override]
+        SeededTiny.seeds_run.append(params.seed)
+        for i in range(params.rows):
+            if params.seed == SeededTiny.stop_in_seed and i == 1:
+                raise KeyboardInterrupt
+            yield {"i": i, "value": 10 * i + params.seed, "flag": params.seed % 2 == 0}

@@ -15,6 +15,7 @@ from eptlab.experiments.memory_encryption import MemoryEncryption, MemoryEncrypt
 from eptlab.mmu.config import CacheConfig
 
 DECRYPT = 40
+MAC = 20
 KEYS = ["workload", "footprint_mib", "llc_mib"]
 
 
@@ -31,6 +32,7 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
             "warmup": "0",  # cold runs: the nested >= native claim is exact then
             "llc_mib": "2,32",
             "decrypt_latency": str(DECRYPT),
+            "integrity_latency": str(MAC),
             "seeds": "1",
         },
         out,
@@ -38,7 +40,7 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
     )
     for suffix in (".csv", ".parquet", ".json", ".jsonl"):
         assert (out / f"memory-encryption{suffix}").exists()
-    for figure in ("slowdown", "cycles", "extra"):
+    for figure in ("slowdown", "cycles", "extra", "presets"):
         assert (out / f"memory-encryption-{figure}.png").stat().st_size > 1000
     return result.table
 
@@ -59,8 +61,9 @@ def test_columns_and_rows(table: pd.DataFrame) -> None:
         "data_refs_dram", "walk_share_pct", "walk_dram_vs_native", "key_id", "llc_mib",
     }  # fmt: skip
     assert required <= set(table.columns)
-    assert len(table) == 3 * 2 * 2 * 2  # sources x LLC sizes x modes x off/on
-    assert set(table[table.encryption == "on"].query("mode == 'nested'").key_id) == {1}
+    assert len(table) == 3 * 2 * 2 * 4  # sources x LLC sizes x modes x off and three presets
+    assert set(table.encryption) == {"off", "mktme", "sev-snp", "tdx"}
+    assert set(table[table.encryption != "off"].query("mode == 'nested'").key_id) == {1}
     assert set(table[table.encryption == "off"].key_id) == {0}
 
 
@@ -72,7 +75,7 @@ def test_off_rows_are_the_baseline(table: pd.DataFrame) -> None:
 
 @pytest.mark.parametrize("mode", ["native", "nested"])
 def test_extra_cycles_are_decrypt_times_dram_lines(table: pd.DataFrame, mode: str) -> None:
-    p = pairs(table, (mode, "off"), (mode, "on"))
+    p = pairs(table, (mode, "off"), (mode, "mktme"))
     # the same stream: the same references served by DRAM with and without encryption
     assert (p.walk_refs_dram_l == p.walk_refs_dram_r).all()
     assert (p.data_refs_dram_l == p.data_refs_dram_r).all()
@@ -90,17 +93,17 @@ def test_slowdown_never_exceeds_decrypt_over_dram_latency(table: pd.DataFrame) -
     """Each DRAM line costs DRAM latency before and decrypt more after: the encrypted run can
     be slower by at most decrypt / DRAM latency, whatever the mode or workload."""
     bound = 100.0 * DECRYPT / CacheConfig().dram_latency
-    on = table[table.encryption == "on"]
+    on = table[table.encryption == "mktme"]
     assert (on.slowdown_pct <= bound + 1e-9).all()
     assert on.slowdown_pct.max() > 0.5 * bound  # random over 512 MiB is DRAM-bound
 
 
 def test_two_dimensional_walks_amplify_the_translation_cost(table: pd.DataFrame) -> None:
-    for enc in ("off", "on"):
+    for enc in ("off", "mktme"):
         p = pairs(table, ("native", enc), ("nested", enc))
         assert (p.walks_l == p.walks_r).all()  # the same TLB misses ...
         assert (p.walk_refs_dram_r >= p.walk_refs_dram_l).all()  # ... more lines from DRAM
-    p = pairs(table, ("native", "on"), ("nested", "on"))
+    p = pairs(table, ("native", "mktme"), ("nested", "mktme"))
     big = p[(p.workload == "random") & (p.footprint_mib == 512)]
     assert (big.walk_refs_dram_r > big.walk_refs_dram_l).all()
     extra = "extra_translation_cycles_per_access"
@@ -115,7 +118,7 @@ def test_a_smaller_llc_decrypts_at_least_as_many_lines(table: pd.DataFrame) -> N
     """L1 and L2 see the same references whatever the LLC size, and an LRU LLC with more sets
     (same ways) holds a superset: the smaller LLC misses every line the larger one misses."""
     for mode in ("native", "nested"):
-        rows = table[(table["mode"] == mode) & (table.encryption == "on")]
+        rows = table[(table["mode"] == mode) & (table.encryption == "mktme")]
         small = rows[rows.llc_mib == 2].set_index(["workload", "footprint_mib"])
         large = rows[rows.llc_mib == 32].set_index(["workload", "footprint_mib"])
         assert (small.walk_refs_dram >= large.walk_refs_dram).all()
@@ -123,7 +126,7 @@ def test_a_smaller_llc_decrypts_at_least_as_many_lines(table: pd.DataFrame) -> N
 
 
 def test_random_misses_more_as_its_footprint_grows(table: pd.DataFrame) -> None:
-    rows = table[(table.workload == "random") & (table.encryption == "on")]
+    rows = table[(table.workload == "random") & (table.encryption == "mktme")]
     for (_mode, _llc), group in rows.groupby(["mode", "llc_mib"]):
         g = group.sort_values("footprint_mib")
         assert g.tlb_miss_rate.is_monotonic_increasing
@@ -136,15 +139,15 @@ def test_cli_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
             "llc_mib=2", "--set", "seeds=1"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "ok"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["experiment"] == "memory-encryption" and len(out["rows"]) == 4
+    assert out["experiment"] == "memory-encryption" and len(out["rows"]) == 8
     assert {r["accesses"] for r in out["rows"]} == {500}  # the warm-up is not measured
 
 
 def test_reading_follows_the_numbers(table: pd.DataFrame) -> None:
     """The sentences quote the table and their verdicts flip when the numbers do."""
     experiment = MemoryEncryption()
-    params = MemoryEncryptionParams(decrypt_latency=DECRYPT)
-    on = table[table.encryption == "on"]
+    params = MemoryEncryptionParams(decrypt_latency=DECRYPT, integrity_latency=MAC)
+    on = table[table.encryption == "mktme"]
     first, walks = experiment.interpret(table, params)[:2]
     assert f"{on.slowdown_pct.max():.1f}%" in first
     assert walks.startswith("The cost concentrates in two-dimensional walks")
@@ -154,3 +157,41 @@ def test_reading_follows_the_numbers(table: pd.DataFrame) -> None:
     assert experiment.interpret(flipped, params)[1].startswith(
         "Here two-dimensional walks do not add to the cost"
     )
+
+
+def test_sev_snp_checks_the_rmp_on_nested_walks_only(table: pd.DataFrame) -> None:
+    sev = table[table.encryption == "sev-snp"]
+    native, nested = sev[sev["mode"] == "native"], sev[sev["mode"] == "nested"]
+    assert (native.rmp_checks_per_access == 0).all()
+    assert (native.extra_rmp_cycles_per_access == 0).all()
+    # one check per entry a walk read and one for its data page; misses read an RMP entry
+    walk_refs = nested.walk_refs / nested.accesses
+    per_walk = nested.tlb_miss_rate
+    assert nested.rmp_checks_per_access.to_numpy() == pytest.approx(
+        (walk_refs + per_walk).to_numpy(), abs=2e-4
+    )
+    assert (nested.rmp_lookups_per_access <= nested.rmp_checks_per_access).all()
+    assert (nested.rmp_lookups_per_access > 0).all()
+    # the nested tables are read in the clear: MKTME decrypts exactly the EPT lines more
+    p = pairs(table, ("nested", "sev-snp"), ("nested", "mktme"))
+    assert (p.decrypted_per_access_r - p.decrypted_per_access_l).to_numpy() == pytest.approx(
+        p.ept_lines_dram_per_access_r.to_numpy(), abs=2e-4
+    )
+
+
+@pytest.mark.parametrize("mode", ["native", "nested"])
+def test_tdx_costs_mktme_plus_a_mac_per_decrypted_line(table: pd.DataFrame, mode: str) -> None:
+    p = pairs(table, (mode, "mktme"), (mode, "tdx"))
+    assert (p.decrypted_per_access_l == p.decrypted_per_access_r).all()
+    assert (p.macs_per_access_r == p.decrypted_per_access_r).all()
+    assert (p.macs_per_access_l == 0).all()
+    diff = p.extra_cycles_per_access_r - p.extra_cycles_per_access_l
+    assert diff.to_numpy() == pytest.approx((MAC * p.macs_per_access_r).to_numpy(), abs=0.01)
+
+
+def test_readings_quote_every_preset(table: pd.DataFrame) -> None:
+    params = MemoryEncryptionParams(decrypt_latency=DECRYPT, integrity_latency=MAC)
+    text = " ".join(MemoryEncryption().interpret(table, params))
+    for preset in ("mktme", "sev-snp", "tdx"):
+        assert f"{preset} " in text
+    assert "RMP" in text and "memory-level parallelism" in text

@@ -119,3 +119,19 @@ def test_outer_pages_with_the_same_error_are_named_together() -> None:
     } for outer, error in (("4k", 50.0), ("2m", 20.0), ("1g", 20.0))]
     text = " ".join(mvm.ModelVsMachine().interpret(pd.DataFrame(rows), TINY))
     assert "2m and 1g fit equally well" in text and "fits best" not in text
+
+
+def test_2m_rows_without_2m_pages_are_left_out_of_the_fit() -> None:
+    """A 2 MiB-page run that did not get 2 MiB pages measured 4 KiB pages: its error would
+    count against the model for what the machine did not do."""
+    rows = [{
+        "pattern": "random", "footprint_bytes": 1 << 30, "page_size": page,
+        "outer_ept_page": "4k", "measured_cycles_per_access": 100.0,
+        "predicted_cycles_per_access": 100.0 + error, "error_pct": error,
+        "huge_pages_obtained": huge,
+    } for page, error, huge in (("4k", 10.0, True), ("2m", 90.0, False))]
+    text = " ".join(mvm.ModelVsMachine().interpret(pd.DataFrame(rows), TINY))
+    assert "all rows: 4k 10%" in text and "1024 MiB did not get 2 MiB pages" in text
+    assert "(1 of the rows" in text and "leave them out" in text
+    both = [dict(r, huge_pages_obtained=True) for r in rows]
+    assert "4k 50%" in " ".join(mvm.ModelVsMachine().interpret(pd.DataFrame(both), TINY))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -137,6 +138,19 @@ def test_summarize_by_hand() -> None:
     assert pick(s, "cycles", mode="zzz").n == 0
 
 
+def test_a_flag_the_seeds_disagree_on_becomes_text_and_stores(tmp_path: Path) -> None:
+    """model-vs-machine's huge_pages_obtained: True in one configuration, True for some seeds
+    and False for others in another; the summary says both and writes to Parquet."""
+    rows = pd.DataFrame({"seed": [0, 1, 0, 1], "size": [1, 1, 16, 16],
+                         "huge": [True, True, True, False], "cycles": [1.0, 2.0, 3.0, 4.0]})
+    s = summarize(rows, ("size",))
+    assert list(s.huge) == ["True", "True | False"]
+    s.to_parquet(tmp_path / "s.parquet")
+    assert list(pd.read_parquet(tmp_path / "s.parquet").huge) == ["True", "True | False"]
+    agreed = summarize(rows[rows["size"] == 1], ("size",))
+    assert agreed.huge.tolist() == [True]  # agreement keeps the flag a flag
+
+
 def test_text_table_and_error_bars() -> None:
     s = summarize(table(), ("mode",))
     text = text_table(s)
@@ -161,3 +175,12 @@ def test_intervals_that_touch_overlap() -> None:
     assert a.overlaps(b) and b.overlaps(a)
     assert relation(a, b) == "overlap" and verdict(b, a) == OVERLAP
     assert relation(a, Interval(2.5, 2.01, 3.0, 5)) == "lower"
+
+
+def test_a_rate_interval_is_cut_to_the_possible_rates() -> None:
+    iv = interval([0.9, 1.0, 1.0, 0.8])  # t interval reaches above 1
+    assert iv.hi > 1.0
+    cut = iv.within(0.0, 1.0)
+    assert (cut.mean, cut.lo, cut.hi, cut.n) == (iv.mean, iv.lo, 1.0, 4)
+    low = interval([0.0, 0.1, 0.0], clip=False).within(0.0, 1.0)
+    assert low.lo == 0.0 and low.hi < 1.0

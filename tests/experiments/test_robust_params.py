@@ -115,6 +115,9 @@ MEANING = [
     ("memory-encryption", "footprint_mib", "3", "footprint_mib"),
     ("memory-encryption", "guest_page", "1g", "guest_page"),
     ("memory-encryption", "workloads", "nope", "workloads"),
+    ("memory-encryption", "presets", "sgx", "presets"),
+    ("memory-encryption", "integrity_latency", "0", "integrity_latency"),  # tdx checks MACs
+    ("memory-encryption", "rmp_cache_entries", "6", "rmp_cache_entries"),  # not whole 4-way sets
     ("double-caching", "host_caches", "lukewarm", "host_caches"),
     ("double-caching", "disks", "tape", "disks"),
     ("double-caching", "file_mib", "999", "guest_mib"),  # the guest cannot hold the file

@@ -19,14 +19,15 @@ from collections.abc import Callable
 from typing import cast
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import ConfigError
 from ..mmu.config import CacheConfig
-from ..mmu.kernels.cache import access_line
+from ..mmu.kernels.cache import access_lines
 from .llc_slices import SliceHash
 
 LINE_SHIFT = 6
-_access = cast(Callable[..., int], access_line)  # a numba dispatcher
+_access_lines = cast(Callable[..., None], access_lines)  # a numba dispatcher
 
 
 def _gf2_rank(rows: list[int]) -> int:
@@ -62,6 +63,7 @@ class CacheSim:
         self.heads = np.zeros(row, np.int32)
         self.latency = (config.l1.latency, config.l2.latency, config.llc.latency,
                         config.dram_latency)
+        self._latency_of = np.array([*self.latency, 0], np.int64)  # [-1]: no access
         index_bits = config.llc.sets.bit_length() - 1
         self.inner_bits = index_bits - self.slices.bits  # set-in-slice bits
         if self.inner_bits < config.l2.sets.bit_length() - 1:
@@ -86,8 +88,19 @@ class CacheSim:
 
     def access(self, label: int) -> int:
         """Access the line of an already :meth:`label`-ed address; returns its latency."""
-        return self.latency[_access(self.cache, self.cdesc, 0, label, self.heads)]
+        return self.latency[self.level(label)]
 
     def level(self, label: int) -> int:
         """Access a :meth:`label`-ed line; returns where it was found (0 L1 .. 3 DRAM)."""
-        return int(_access(self.cache, self.cdesc, 0, label, self.heads))
+        return int(self.levels(np.array([label], np.int64))[0])
+
+    def levels(self, labels: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Access each :meth:`label`-ed line of ``labels`` in order (a negative label: no
+        access); where each was found (0 L1 .. 3 DRAM; -1 for no access)."""
+        found = np.empty(len(labels), np.int64)
+        _access_lines(self.cache, self.cdesc, 0, labels, self.heads, found)
+        return found
+
+    def latencies(self, labels: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """:meth:`levels`, as latencies in cycles (0 for no access)."""
+        return self._latency_of[self.levels(labels)]

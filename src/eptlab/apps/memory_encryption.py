@@ -16,6 +16,17 @@ part of the slowdown, grows under EPT.
 Key IDs (TME-MK): a platform with ``keyid_bits`` gives an encrypted VM its key ID through the
 top address bits of its EPT leaves (:mod:`eptlab.arch.mktme`); host memory must fit below them.
 Native runs use the TME key (key ID 0), which needs no address bits.
+
+Confidential VMs (``EncryptionConfig.protection``: the ``mktme``, ``sev-snp`` and ``tdx``
+presets of :class:`~eptlab.mmu.config.Protection`) choose per reference class (guest page
+tables, EPT, private data, shared memory) whether DRAM lines are decrypted and MAC-checked, and
+whether SEV-SNP's RMP check applies to each host-physical access of a nested walk; the engine's
+protection pass prices them (:mod:`eptlab.mmu.protection`), and then
+
+    extra cycles = decrypt x lines of encrypted classes + MAC x lines with a MAC
+                   + RMP lookup x RMP-cache misses
+
+exactly, with every DRAM line classified once (:meth:`Comparison.check`).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from ..errors import ConfigError
 from ..mmu.config import CacheConfig, CacheLevel, EncryptionConfig, MmuConfig
 from ..mmu.context import CpuFeatures
 from ..mmu.engine import Accesses, Engine
+from ..mmu.protection import ProtectionStats
 from ..mmu.scenario import NestedSpace
 from ..mmu.stats import VcpuStats
 from ..traces.model import TraceChunk
@@ -107,6 +119,13 @@ def run_stream(
     """Run the chunks on a fresh engine (cold TLBs and caches) for one vCPU and return the
     statistics of all but the first ``warmup`` accesses (those warm the TLBs and caches). Every
     access must be mapped (an exit or a fault is a RuntimeError)."""
+    return run_measured(space, platform, chunks, warmup=warmup)[0]
+
+
+def run_measured(
+    space: NestedSpace, platform: Platform, chunks: Iterable[TraceChunk], *, warmup: int = 0
+) -> tuple[VcpuStats, ProtectionStats]:
+    """:func:`run_stream`, with the protection pass's counters of the same accesses."""
     engine = Engine(space.memory, platform.mmu(), space.features)
     engine.add_vcpu(space.guest, space.vmcs)
     position = 0
@@ -122,7 +141,7 @@ def run_stream(
         position += n
     if position <= warmup:
         raise ConfigError("warmup", f"{warmup} leaves none of the {position} accesses to measure")
-    return engine.stats()
+    return engine.stats(), engine.protection_stats()
 
 
 def dram_lines(stats: VcpuStats) -> tuple[int, int]:
@@ -137,6 +156,7 @@ class Comparison:
     plain: VcpuStats
     encrypted: VcpuStats
     encryption: EncryptionConfig
+    passed: ProtectionStats | None = None  # the protection pass's counters (with a protection)
 
     @property
     def same_references(self) -> bool:
@@ -161,9 +181,22 @@ class Comparison:
 
     @property
     def predicted_extra_cycles(self) -> int:
-        """The penalty per DRAM line times the DRAM lines, walk and data."""
+        """The penalty per DRAM line times the DRAM lines, walk and data (flat model); with a
+        protection, what its pass priced: decryptions, MACs and RMP lookups."""
+        if self.encryption.protection is not None:
+            p = self._passed()
+            return (
+                self.encryption.decrypt_latency * p.decrypted
+                + self.encryption.integrity_latency * p.macs
+                + p.rmp_cycles
+            )
         walk, data = dram_lines(self.plain)
         return self.encryption.dram_penalty * (walk + data)
+
+    def _passed(self) -> ProtectionStats:
+        if self.passed is None:
+            raise RuntimeError("a protected run needs its protection counters")
+        return self.passed
 
     @property
     def slowdown_pct(self) -> float:
@@ -186,6 +219,15 @@ class Comparison:
                 f"{self.predicted_extra_cycles}"
             )
         walk, data = dram_lines(self.plain)
+        if self.encryption.protection is not None:
+            p = self._passed()
+            if sum(p.lines) != walk + data:
+                raise RuntimeError(f"classified {sum(p.lines)} DRAM lines of {walk + data}")
+            if (self.extra_translation_cycles, self.extra_data_cycles) != (
+                p.translation_cycles, p.data_cycles
+            ):
+                raise RuntimeError("translation/data cycles did not grow by the pass's split")
+            return
         if self.extra_translation_cycles != self.encryption.dram_penalty * walk:
             raise RuntimeError("translation cycles did not grow by penalty x walk DRAM lines")
         if self.extra_data_cycles != self.encryption.dram_penalty * data:

@@ -144,14 +144,12 @@ class Machine:
 
     def time(self, gvas: Sequence[int]) -> list[int]:
         """Perform the attacker's reads of ``gvas`` in order; each one's latency."""
-        out = []
-        access = self.sim.access
-        for gva in gvas:
-            label, ept = self._label(gva)
-            cycles = access(ept) if ept >= 0 else 0
-            cycles += access(label)
-            out.append(cycles)
-            self.clock += cycles
+        known = self._labels
+        pairs = [known.get(gva) or self._label(gva) for gva in gvas]  # (data, EPT leaf)
+        order = np.array(pairs, np.int64).reshape(-1, 2)[:, ::-1]  # the EPT leaf's read first
+        cycles = self.sim.latencies(order.ravel()).reshape(-1, 2).sum(axis=1)  # -1: no read
+        out: list[int] = cycles.tolist()
+        self.clock += int(cycles.sum())
         self.accesses += len(out)
         return out
 
@@ -181,12 +179,13 @@ class Machine:
         if self._migrated:  # the INVEPT dropped every translation: each page walks again
             self.tlb_misses_after_migration += len({g & ~(PAGE_SIZE - 1) for g in gvas})
             self._migrated = False
-        access, label = self.sim.access, self.sim.label
+        label = self.sim.label
+        reads: list[int] = []
         for gva in gvas:
             walk = self._walk(gva)
-            for hpa in walk.hpas[1:]:  # the walk's references, then the data line
-                self.clock += access(label(hpa))
-            self.clock += access(label(walk.hpas[0] + (gva & (PAGE_SIZE - 1))))
+            reads += [label(hpa) for hpa in walk.hpas[1:]]  # the walk's references, then data
+            reads.append(label(walk.hpas[0] + (gva & (PAGE_SIZE - 1))))
+        self.clock += int(self.sim.latencies(np.array(reads, np.int64)).sum())
         self.rounds += 1
 
 

@@ -47,6 +47,14 @@ def run_experiment(
         bool, typer.Option("--json", help="Print {experiment, params, profile, rows, summary}.")
     ] = False,
     profile: ProfileOption = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Keep the finished seeds of an interrupted run into OUT (same parameters and "
+            "profile) and run only the others.",
+        ),
+    ] = False,
 ) -> int:
     """Run one experiment (every seed): progress bar, then CSV, Parquet, JSON and PNG files in
     OUT; prints the mean and 95% interval of each configuration."""
@@ -58,7 +66,9 @@ def run_experiment(
     overrides = parse_sets(set_ or [])
     costs = load_profile(profile)
     try:
-        result = runner.run(name, overrides, out, show_progress=not as_json, profile=costs)
+        result = runner.run(
+            name, overrides, out, show_progress=not as_json, profile=costs, resume=resume
+        )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     summary = summary_of(get(name)(), result.table)

@@ -12,6 +12,7 @@ reported as "no difference within the interval", never ranked.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,11 @@ class Interval:
         low, high = sorted((self.lo * factor, self.hi * factor))
         return Interval(self.mean * factor, low, high, self.n)
 
+    def within(self, low: float, high: float) -> Interval:
+        """The interval cut to the possible values ``[low, high]`` (a rate: 0 and 1); the
+        mean, inside them already, stays."""
+        return Interval(self.mean, max(self.lo, low), min(self.hi, high), self.n)
+
     def text(self, fmt: str = "{:,.1f}", unit: str = "") -> str:
         """``"3.6x [3.4, 3.8]"``; just ``"12"`` when every seed agreed, or with one seed (a
         reading says once that one seed has no interval: :func:`one_seed_note`)."""
@@ -68,11 +74,21 @@ class Interval:
         return interval_text(self.lo, self.mean, self.hi, fmt, unit)
 
 
+@functools.lru_cache(maxsize=256)
+def _t_quantile(level: float, freedom: int) -> float:
+    """Student's t quantile of a two-sided ``level`` interval (scipy's takes ~0.1 ms, and a
+    summary asks for the same few thousands of times)."""
+    return float(stats.t.ppf(0.5 + level / 2, freedom))
+
+
 def interval(values: Iterable[Any], level: float = LEVEL, *, clip: bool = True) -> Interval:
     """Mean and Student-t interval of ``values`` (NaN and None left out). With ``clip``, when
     no value is negative (counts, times, rates) the interval's lower bound stops at 0: the mean
     cannot be negative, and cutting the interval to the possible means keeps its coverage."""
-    x = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(float)
+    if isinstance(values, pd.Series) and pd.api.types.is_numeric_dtype(values):
+        x = values.to_numpy(float)  # the common case (a summary's column): no conversion
+    else:
+        x = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(float)
     x = x[~np.isnan(x)]
     n = len(x)
     if n == 0:
@@ -83,7 +99,7 @@ def interval(values: Iterable[Any], level: float = LEVEL, *, clip: bool = True) 
     mean = float(x.mean())
     if n == 1:
         return Interval(mean, mean, mean, 1)
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
+    half = _t_quantile(level, n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
     low = max(mean - half, 0.0) if clip and x.min() >= 0 else mean - half
     return Interval(mean, low, mean + half, n)
 
@@ -177,8 +193,9 @@ def measured_columns(table: pd.DataFrame, keys: Sequence[str]) -> list[str]:
 def summarize(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """One row per configuration (the ``keys`` columns' values, in first-seen order): ``n`` (the
     seeds), then for every measured column its mean (same name) and interval bounds (``_lo``,
-    ``_hi``). Other columns (text) keep their value when every seed agrees, else their distinct
-    values joined by ``" | "``."""
+    ``_hi``). Other columns (text, flags) keep their value when every seed agrees, else their
+    distinct values joined by ``" | "``; such a column is then text throughout (so that it
+    stores as one type)."""
     keys = [k for k in keys if k in table.columns]
     measured = measured_columns(table, keys)
     other = [c for c in table.columns if c not in keys and c not in measured and c != SEED]
@@ -198,7 +215,13 @@ def summarize(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     columns = keys + [COUNT] + [
         c for m in measured for c in (m, m + LOW, m + HIGH)
     ] + other
-    return pd.DataFrame(rows, columns=columns)
+    summary = pd.DataFrame(rows, columns=columns)
+    for column in other:  # seeds disagreed somewhere: the whole column as text
+        if any(isinstance(v, str) for v in summary[column]) and not all(
+            isinstance(v, str) for v in summary[column]
+        ):
+            summary[column] = summary[column].map(str)
+    return summary
 
 
 def at(summary_row: Any, column: str) -> Interval:

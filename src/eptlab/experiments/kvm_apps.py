@@ -23,7 +23,7 @@ from ..kvm.apps.fork import ForkParams
 from ..kvm.apps.prefetch import METHODS, PrefetchParams
 from ..kvm.apps.trap_rotation import TrapRotationParams
 from .base import Progress, Row, check_choices
-from .intervals import Interval, at, bars, column, one_seed_note, summarize, yerr
+from .intervals import at, bars, column, one_seed_note, summarize, yerr
 
 
 @dataclass(frozen=True)
@@ -192,9 +192,9 @@ class KvmTrapRotation(_KvmApp):
     demo = {"iterations": "5000", "trap_fractions": "0,0.25,1", "seeds": "2"}
 
     def reading(self, summary: pd.DataFrame) -> str:
-        parts = [f"{r['trap_fraction']:g} trapped: "
-                 f"{_rate(at(r, 'detection_rate')).scaled(100).text('{:.0f}', '%')} caught"
-                 for _, r in summary.iterrows()]
+        caught = [at(r, "detection_rate").within(0.0, 1.0) for _, r in summary.iterrows()]
+        parts = [f"{r['trap_fraction']:g} trapped: {c.scaled(100).text('{:.0f}', '%')} caught"
+                 for (_, r), c in zip(summary.iterrows(), caught, strict=True)]
         return "Wild writes detected: " + ", ".join(parts)
 
     def draw(self, ax: Axes, summary: pd.DataFrame) -> None:
@@ -207,7 +207,3 @@ class KvmTrapRotation(_KvmApp):
         ax.set_title("trap rotation")
         ax.legend(fontsize=8)
 
-
-def _rate(iv: Interval) -> Interval:
-    """A rate's interval cut to the possible rates, [0, 1]."""
-    return Interval(iv.mean, max(iv.lo, 0.0), min(iv.hi, 1.0), iv.n)

@@ -4,13 +4,18 @@ paging, and where does the cost land?
 The memory controller decrypts every line read from DRAM (Intel TME/TME-MK, AMD SME/SEV); cache
 hits are plaintext (:mod:`eptlab.apps.memory_encryption`). Each workload's stream runs through
 the fast engine natively and nested (guest paging under EPT), on machines with several LLC
-sizes, without encryption and with it (a decryption latency per DRAM line, optionally an
-integrity check; the nested VM's EPT leaves carry its TME-MK key ID). Every run builds a fresh
+sizes, without encryption and under each confidential-VM preset (``mktme``: a decryption per
+DRAM line of every class; ``sev-snp``: guest page tables and data decrypted, nested tables in
+the clear, an RMP check on each host-physical access of a nested walk; ``tdx``: every class
+decrypted and MAC-checked, EPT included: the secure EPT; the walk format is EPT's in all three,
+and the nested VM's EPT leaves carry its TME-MK key ID). Native rows apply the preset's
+page-table and data classes without a VM (no EPT, no RMP check). Every run builds a fresh
 address space, starts with cold TLBs and caches, runs ``warmup`` accesses of the stream
 unmeasured and measures the next ``accesses``. ``slowdown_pct`` compares the encrypted run with
 the plain run of the same mode, workload and LLC; the extra cycles split into translation
 (page-walk reads served by DRAM) and data (data lines served by DRAM). The experiment checks,
-for every pair, that the extra cycles are exactly the penalty times the DRAM lines.
+for every pair, that the extra cycles are exactly what the protection pass priced (decryptions,
+MACs, RMP lookups) and that it classified every DRAM line once.
 
 Columns:
 
@@ -19,7 +24,7 @@ Columns:
 | workload, footprint_mib | the stream (random runs over several footprints) |
 | llc_mib | LLC size of the machine |
 | mode | `native` (guest paging only) or `nested` (under EPT) |
-| encryption | `off` or `on` |
+| encryption | `off`, or the preset: `mktme`, `sev-snp`, `tdx` |
 | key_id | TME-MK key ID in the EPT leaves (0: none, or native under the TME key) |
 | accesses, walks | accesses run, page walks (TLB misses) |
 | tlb_miss_rate | walks / accesses |
@@ -35,13 +40,20 @@ Columns:
 | slowdown_pct | cycles on / cycles off - 1 for the same mode, workload and LLC, in % (0 when off) |
 | translation_slowdown_pct | the same for translation cycles alone |
 | walk_dram_vs_native | walk_refs_dram / native's for the same workload, LLC and encryption |
+| ept_lines_dram_per_access | EPT reads DRAM served, per access (0 native) |
+| decrypted_per_access, macs_per_access | lines decrypted, MACs checked, per access |
+| rmp_checks_per_access, rmp_lookups_per_access | RMP checks, RMP-cache misses (entries read) |
+| extra_rmp_cycles_per_access | cycles of RMP lookups per access (part of the translation extra) |
+| extra_cycles_per_access | translation + data extra cycles per access |
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -54,13 +66,15 @@ from ..apps.memory_encryption import (
     Platform,
     build_space,
     dram_lines,
-    run_stream,
+    run_measured,
 )
 from ..arch.bits import PageSize
 from ..costs import active_profile
 from ..errors import ConfigError
 from ..memory.layout import check_layout, in_layout
-from ..mmu.config import CacheConfig, EncryptionConfig
+from ..mmu.config import PRESETS, CacheConfig, EncryptionConfig, Protection, RmpConfig
+from ..mmu.protection import ProtectionStats
+from ..mmu.scenario import NestedSpace
 from ..mmu.stats import VcpuStats
 from ..traces.model import TraceChunk
 from ..workloads import WORKLOADS, make_workload
@@ -81,6 +95,7 @@ from .intervals import (
 )
 
 BASE = 0x0000_2000_0000_0000
+NOTHING = ProtectionStats((0, 0, 0, 0), 0, 0, 0, 0, 0, 0, 0)  # the counters of an "off" run
 
 
 @dataclass(frozen=True)
@@ -97,7 +112,18 @@ class MemoryEncryptionParams:
     llc_mib: tuple[int, ...] = (2, 8, 32)
     # cycles per DRAM line (AES rounds + key lookup at core clock); default: the cost profile's
     decrypt_latency: int = field(default_factory=lambda: active_profile().cycles("decrypt_latency"))
-    integrity_latency: int = 0  # MAC check per DRAM line (0: off; see profile integrity_latency)
+    # MAC check per DRAM line of a class that carries one (the tdx preset's private lines)
+    integrity_latency: int = field(
+        default_factory=lambda: active_profile().cycles("integrity_latency")
+    )
+    presets: tuple[str, ...] = PRESETS  # confidential-VM presets measured against "off"
+    rmp_lookup_cycles: int = field(
+        default_factory=lambda: active_profile().cycles("rmp_lookup_cycles")
+    )
+    rmp_cache_entries: int = field(
+        default_factory=lambda: active_profile().cycles("rmp_cache_entries")
+    )
+    rmp_cache_ways: int = field(default_factory=lambda: active_profile().cycles("rmp_cache_ways"))
     keyid_bits: int = 6  # TME-MK key-ID bits of the encrypted machine
     key_id: int = 1  # the nested VM's key ID
     host_gib: int = 1024  # host memory (must fit below the key-ID bits)
@@ -132,8 +158,8 @@ class MemoryEncryption:
     )
     Params: ClassVar[type] = MemoryEncryptionParams
     demo: ClassVar[dict[str, str]] = {
-        "accesses": "6000",
-        "warmup": "6000",
+        "accesses": "4000",  # four runs per mode (off and three presets): as fast as two were
+        "warmup": "4000",
         "llc_mib": "2,32",
         "random_footprints_mib": "64,2048",
         "seeds": "3",
@@ -148,6 +174,7 @@ class MemoryEncryption:
         """Refuse impossible parameter combinations before anything runs."""
         if p.decrypt_latency <= 0:
             raise ConfigError("decrypt_latency", "must be > 0: 'on' would equal 'off'")
+        self._check_presets(p)
         if p.accesses <= 0:
             raise ConfigError("accesses", "must be > 0")
         if p.warmup < 0:
@@ -170,17 +197,41 @@ class MemoryEncryption:
         for llc in p.llc_mib:
             if llc < 1 or llc & (llc - 1):  # the LLC model needs 2^k sets of LLC_WAYS ways
                 raise ConfigError("llc_mib", f"{llc} is not a power of two >= 1 (MiB)")
-            on = self.platform(p, llc, encrypted=True)
+            on = self.platform(p, llc, p.presets[0])
             on.features().check_host_memory(p.host_gib << 30)
             on.features().keyids.check_key(p.key_id)
-            self.platform(p, llc, encrypted=False)
+            self.platform(p, llc, None)
 
-    def platform(self, p: MemoryEncryptionParams, llc_mib: int, *, encrypted: bool) -> Platform:
-        if not encrypted:
+    def _check_presets(self, p: MemoryEncryptionParams) -> None:
+        if not p.presets or len(set(p.presets)) != len(p.presets):
+            raise ConfigError("presets", "name each preset once, at least one")
+        for name in p.presets:
+            if name not in PRESETS:
+                raise ConfigError("presets", f"{name!r} is not one of {', '.join(PRESETS)}")
+        if "tdx" in p.presets and p.integrity_latency <= 0:
+            raise ConfigError("integrity_latency", "tdx checks a MAC per line: must be > 0")
+        if p.integrity_latency < 0 or p.rmp_lookup_cycles < 0:
+            raise ConfigError("integrity_latency/rmp_lookup_cycles", "must be >= 0 cycles")
+        self.rmp(p)
+
+    def rmp(self, p: MemoryEncryptionParams) -> RmpConfig:
+        """The sev-snp preset's RMP check: its cache shape and lookup latency."""
+        ways = p.rmp_cache_ways
+        entries = p.rmp_cache_entries
+        if entries < 0 or ways < 1 or (entries and entries % ways):
+            raise ConfigError("rmp_cache_entries", f"{p.rmp_cache_entries} entries are not "
+                              f"whole sets of {ways} ways")
+        return RmpConfig(p.rmp_cache_entries // ways, ways, p.rmp_lookup_cycles)
+
+    def platform(self, p: MemoryEncryptionParams, llc_mib: int, preset: str | None) -> Platform:
+        """The machine without encryption (``preset`` None) or under a confidential preset."""
+        if preset is None:
             return Platform(llc_mib)
+        protection = Protection.preset(preset, self.rmp(p))
+        mac = p.integrity_latency if protection.mac else 0
         return Platform(
             llc_mib,
-            EncryptionConfig(p.decrypt_latency, p.integrity_latency),
+            EncryptionConfig(p.decrypt_latency, mac, protection),
             keyid_bits=p.keyid_bits,
         )
 
@@ -195,20 +246,35 @@ class MemoryEncryption:
     # -- running ------------------------------------------------------------------------------
 
     def measure(
-        self, p: MemoryEncryptionParams, source: Source, mode: str, platform: Platform, key: int
-    ) -> VcpuStats:
-        space = build_space(
-            mode,
-            platform,
-            BASE,
-            source.length,
-            host_memory=p.host_gib << 30,
-            key_id=key,
-            guest_page=PageSize.parse(p.guest_page),
-            ept_page=PageSize.parse(p.ept_page),
-            seed=p.seed,  # the aged layout's placement
-        )
-        return run_stream(space, platform, source.chunks, warmup=p.warmup)
+        self,
+        p: MemoryEncryptionParams,
+        source: Source,
+        mode: str,
+        platform: Platform,
+        key: int,
+        built: dict[tuple[object, ...], NestedSpace] | None = None,
+    ) -> tuple[VcpuStats, ProtectionStats]:
+        """Run ``source`` on ``platform``. The address space depends on the mode, the key ID
+        and the platform's features (not its caches or encryption), so it is built once per
+        those in ``built`` and each run gets a fresh copy of its memory (walks set A/D bits)."""
+        shape = (mode, key, platform.features())
+        space = (built or {}).get(shape)
+        if space is None:
+            space = build_space(
+                mode,
+                platform,
+                BASE,
+                source.length,
+                host_memory=p.host_gib << 30,
+                key_id=key,
+                guest_page=PageSize.parse(p.guest_page),
+                ept_page=PageSize.parse(p.ept_page),
+                seed=p.seed,  # the aged layout's placement
+            )
+            if built is not None:
+                built[shape] = space
+        run = dataclasses.replace(space, memory=copy.deepcopy(space.memory))
+        return run_measured(run, platform, source.chunks, warmup=p.warmup)
 
     def rows(self, params: MemoryEncryptionParams, progress: Progress) -> Iterator[Row]:
         # every guest built while the rows are computed gets this layout
@@ -218,27 +284,32 @@ class MemoryEncryption:
         p = params
         self.check(p)
         sources = list(self.sources(p))
-        total, done = len(sources) * len(p.llc_mib) * 2 * len(MODES), 0
+        total, done = len(sources) * len(p.llc_mib) * (1 + len(p.presets)) * len(MODES), 0
         progress(0, total)
         for source in sources:
+            built: dict[tuple[object, ...], NestedSpace] = {}  # this source's address spaces
             for llc in p.llc_mib:
-                off = self.platform(p, llc, encrypted=False)
-                on = self.platform(p, llc, encrypted=True)
+                off = self.platform(p, llc, None)
                 native_dram: dict[str, int] = {}
                 for mode in MODES:
                     key = p.key_id if mode == "nested" else 0
-                    plain = self.measure(p, source, mode, off, 0)
-                    encrypted = self.measure(p, source, mode, on, key)
-                    pair = Comparison(plain, encrypted, on.encryption)
-                    pair.check()
-                    for label, stats, k in (("off", plain, 0), ("on", encrypted, key)):
+                    plain, _ = self.measure(p, source, mode, off, 0, built)
+                    runs: list[tuple[str, VcpuStats, int, Comparison | None]] = [
+                        ("off", plain, 0, None)
+                    ]
+                    for preset in p.presets:
+                        on = self.platform(p, llc, preset)
+                        encrypted, passed = self.measure(p, source, mode, on, key, built)
+                        pair = Comparison(plain, encrypted, on.encryption, passed)
+                        pair.check()
+                        runs.append((preset, encrypted, key, pair))
+                    for label, stats, k, pair_ in runs:
                         walk_dram = dram_lines(stats)[0]
                         if mode == "native":
                             native_dram[label] = walk_dram
                         base = native_dram.get(label, 0)
-                        compared = pair if label == "on" else None
                         vs_native = walk_dram / base if base else None
-                        yield _row(source, llc, mode, label, k, stats, compared, vs_native)
+                        yield _row(source, llc, mode, label, k, stats, pair_, vs_native)
                         done += 1
                         progress(done, total)
 
@@ -246,25 +317,33 @@ class MemoryEncryption:
 
     def interpret(self, table: pd.DataFrame, params: MemoryEncryptionParams) -> list[str]:
         summary = summarize(table, self.keys)
-        on = summary[summary.encryption == "on"]
+        first = params.presets[0]
+        on = summary[summary.encryption == first]
         dram = CacheConfig().dram_latency
-        bound = (params.decrypt_latency + params.integrity_latency) / dram
+        protection = Protection.preset(first)
+        mac = params.integrity_latency if protection.mac else 0
         low, high = on.loc[on.slowdown_pct.idxmin()], on.loc[on.slowdown_pct.idxmax()]
+        bound = (
+            f"; cache hits pay nothing, so no run can lose more than the ratio of the two "
+            f"latencies ({(params.decrypt_latency + mac) / dram:.0%}), by construction"
+            if protection.rmp is None
+            else ""
+        )
         out = [
-            f"Decrypting each line read from DRAM ({params.decrypt_latency} cycles on top of "
-            f"{dram}) slows accesses by {at(low, 'slowdown_pct').text('{:.1f}', '%')} "
+            f"Under {first}, decrypting each line read from DRAM ({params.decrypt_latency} "
+            f"cycles{f' + a {mac}-cycle MAC' if mac else ''} on top of {dram}) slows accesses by "
+            f"{at(low, 'slowdown_pct').text('{:.1f}', '%')} "
             f"({_tick(low.workload, low.footprint_mib, ' ')}, {low['mode']}, LLC "
             f"{low.llc_mib} MiB) to {at(high, 'slowdown_pct').text('{:.1f}', '%')} "
             f"({_tick(high.workload, high.footprint_mib, ' ')}, {high['mode']}, LLC "
-            f"{high.llc_mib} MiB) over the {len(on)} encrypted configurations "
-            f"({seeds_of(table)} seed(s)); cache hits pay nothing, so no run can lose more than "
-            f"the ratio of the two latencies ({bound:.0%})."
+            f"{high.llc_mib} MiB) over the {len(on)} configurations "
+            f"({seeds_of(table)} seed(s)){bound}."
         ]
         nested = on[on["mode"] == "nested"]
         worst = nested.loc[nested.extra_translation_cycles_per_access.idxmax()]
         where = {k: worst[k] for k in ("workload", "footprint_mib", "llc_mib")}
-        hot = by_seed(table, mode="nested", encryption="on", **where)
-        cold = by_seed(table, mode="native", encryption="on", **where)
+        hot = by_seed(table, mode="nested", encryption=first, **where)
+        cold = by_seed(table, mode="native", encryption=first, **where)
         extra = "extra_translation_cycles_per_access"
         amplified = ratio(hot[extra], cold[extra])  # paired by seed: the same stream
         how = relation(amplified, Interval(1.0, 1.0, 1.0, amplified.n))
@@ -273,9 +352,11 @@ class MemoryEncryption:
             "lower": "Here two-dimensional walks do not add to the cost",
             "overlap": f"Two-dimensional walks make {OVERLAP} to the cost",
         }[how]
+        place = (
+            f"{worst.workload} over {worst.footprint_mib} MiB with a {worst.llc_mib} MiB LLC"
+        )
         out.append(
-            f"{lead}: on {worst.workload} over {worst.footprint_mib} MiB with a "
-            f"{worst.llc_mib} MiB LLC, nested paging reads "
+            f"{lead}: under {first} on {place}, nested paging reads "
             f"{interval(hot.walk_dram_per_access).text('{:.2f}')} page-walk lines per access "
             f"from DRAM against {interval(cold.walk_dram_per_access).text('{:.2f}')} native and "
             f"pays {interval(hot[extra]).text()} extra translation cycles per access against "
@@ -308,19 +389,74 @@ class MemoryEncryption:
                 f"the cost from {at(small, 'walk_share_pct').text('{:.0f}', '%')} to "
                 f"{at(large, 'walk_share_pct').text('{:.0f}', '%')}."
             )
+        out += _preset_readings(table, params, where, place)
+        out.append(
+            "Every cost is added in series, one access after another: real hardware overlaps "
+            "independent misses, decryptions and RMP reads (memory-level parallelism), so these "
+            "extra cycles are upper bounds of this model's kind."
+        )
         return out
 
     def figures(self, table: pd.DataFrame, params: MemoryEncryptionParams) -> dict[str, Figure]:
-        table = summarize(  # means and 95% intervals over the seeds
-            table.assign(extra_cycles_per_access=table.extra_translation_cycles_per_access
-                         + table.extra_data_cycles_per_access),
-            self.keys,
-        )
+        table = summarize(table, self.keys)  # means and 95% intervals over the seeds
+        first = params.presets[0]
         return {
-            "memory-encryption-slowdown": _slowdown(table),
-            "memory-encryption-cycles": _stacked(table),
-            "memory-encryption-extra": _extra(table),
+            "memory-encryption-slowdown": _slowdown(table, first),
+            "memory-encryption-cycles": _stacked(table, first),
+            "memory-encryption-extra": _extra(table, first),
+            "memory-encryption-presets": _presets(table, params.presets),
         }
+
+
+def _preset_readings(
+    table: pd.DataFrame, params: MemoryEncryptionParams, where: dict[str, Any], place: str
+) -> list[str]:
+    """Nested against native extra cycles per preset at ``where``, what the RMP check adds
+    (sev-snp) and what the MAC adds (tdx against mktme), from the rows."""
+    extra = "extra_cycles_per_access"
+    parts = []
+    for preset in params.presets:
+        hot = by_seed(table, mode="nested", encryption=preset, **where)
+        cold = by_seed(table, mode="native", encryption=preset, **where)
+        parts.append(
+            f"{preset} {interval(hot[extra]).text()} against {interval(cold[extra]).text()} "
+            f"({times(ratio(hot[extra], cold[extra]))})"
+        )
+    out = [f"Extra cycles per access, nested against native, on {place}: " + "; ".join(parts)
+           + "."]
+    if "sev-snp" in params.presets:
+        hot = by_seed(table, mode="nested", encryption="sev-snp", **where)
+        checks, lookups = interval(hot.rmp_checks_per_access), interval(hot.rmp_lookups_per_access)
+        rmp = interval(hot.extra_rmp_cycles_per_access)
+        share = ratio(hot.extra_rmp_cycles_per_access * 100.0, hot[extra])
+        out.append(
+            f"SEV-SNP's RMP check: the nested walk makes {checks.text('{:.2f}')} checks per "
+            f"access (one per entry read plus one for the data page, by construction), "
+            f"{lookups.text('{:.2f}')} of which miss the {params.rmp_cache_entries}-entry RMP "
+            f"cache and read an RMP entry ({params.rmp_lookup_cycles} cycles each): "
+            f"{rmp.text()} cycles per access, {share.text('{:.0f}', '%')} of its extra cycles "
+            f"(the lookup latency and the RMP cache are assumed values: docs/costs.md); the "
+            f"rest, {interval(hot[extra] - hot.extra_rmp_cycles_per_access).text()}, decrypts "
+            f"guest page tables and data only. Native rows make no RMP check (host reads are "
+            f"exempt), and the nested page tables are read in the clear (SME off), so they add "
+            f"no decryption."
+        )
+    if "tdx" in params.presets and "mktme" in params.presets:
+        tdx = by_seed(table, mode="nested", encryption="tdx", **where)
+        mk = by_seed(table, mode="nested", encryption="mktme", **where)
+        lines = relation(interval(tdx.decrypted_per_access), interval(mk.decrypted_per_access))
+        same = {"overlap": "the same", "higher": "more", "lower": "fewer"}[lines]
+        diff = interval(tdx[extra].to_numpy() - mk[extra].to_numpy())
+        out.append(
+            f"TDX decrypts {same} lines as MKTME here "
+            f"({interval(tdx.decrypted_per_access).text('{:.2f}')} per access against "
+            f"{interval(mk.decrypted_per_access).text('{:.2f}')}): the secure EPT is read with "
+            f"the TD's key where MKTME reads its EPT with the TME key, one decryption either "
+            f"way, so by construction TDX's extra is the MAC check on each of those lines "
+            f"({params.integrity_latency} cycles): {diff.text()} cycles per access more nested."
+        )
+    return out
+
 
 
 def _per(value: int, accesses: int) -> float:
@@ -339,6 +475,7 @@ def _row(
 ) -> Row:
     walk_dram, data_dram = dram_lines(s)
     n = s.accesses
+    passed = pair.passed if pair is not None and pair.passed is not None else NOTHING
     share = pair.walk_share_pct if pair is not None else None
     extra_translation = pair.extra_translation_cycles if pair is not None else 0
     extra_data = pair.extra_data_cycles if pair is not None else 0
@@ -371,6 +508,13 @@ def _row(
         "slowdown_pct": round(pair.slowdown_pct, 3) if pair else 0.0,
         "translation_slowdown_pct": round(translation_slowdown, 3),
         "walk_dram_vs_native": round(vs_native, 3) if vs_native is not None else None,
+        "ept_lines_dram_per_access": round(_per(passed.line_count("ept"), n), 5),
+        "decrypted_per_access": round(_per(passed.decrypted, n), 5),
+        "macs_per_access": round(_per(passed.macs, n), 5),
+        "rmp_checks_per_access": round(_per(passed.rmp_checks, n), 5),
+        "rmp_lookups_per_access": round(_per(passed.rmp_lookups, n), 5),
+        "extra_rmp_cycles_per_access": round(_per(passed.rmp_cycles, n), 3),
+        "extra_cycles_per_access": round(_per(extra_translation + extra_data, n), 3),
     }
 
 
@@ -406,22 +550,22 @@ def _interval(
                 encryption=enc)
 
 
-def _slowdown(table: pd.DataFrame) -> Figure:
+def _slowdown(table: pd.DataFrame, on: str) -> Figure:
     """Slowdown by workload, native vs nested, one panel per LLC size; the hatched part of each
     bar is the share that page-walk reads cause."""
 
     def parts(keys: list[Key], llc: int, mode: str) -> tuple[Array, Array, list[Interval]]:
-        slow = np.array([_value(table, k, llc, mode, "on", "slowdown_pct") for k in keys])
-        share = np.array([_value(table, k, llc, mode, "on", "walk_share_pct") for k in keys])
+        slow = np.array([_value(table, k, llc, mode, on, "slowdown_pct") for k in keys])
+        share = np.array([_value(table, k, llc, mode, on, "walk_share_pct") for k in keys])
         walk = slow * np.nan_to_num(share) / 100.0
-        total = [_interval(table, k, llc, mode, "on", "slowdown_pct") for k in keys]
+        total = [_interval(table, k, llc, mode, on, "slowdown_pct") for k in keys]
         return slow - walk, walk, total
 
     return _walk_on_data(
         table,
         parts,
         "slowdown from encryption (%)",
-        "Memory encryption: slowdown by mode and workload",
+        f"Memory encryption ({on}): slowdown by mode and workload",
     )
 
 
@@ -467,7 +611,7 @@ def _walk_on_data(
     return figure
 
 
-def _stacked(table: pd.DataFrame) -> Figure:
+def _stacked(table: pd.DataFrame, on: str) -> Figure:
     """Cycles per access, translation stacked on data, for each mode without/with encryption,
     at the smallest and largest LLC."""
     keys = _labels(table)
@@ -475,7 +619,7 @@ def _stacked(table: pd.DataFrame) -> Figure:
     shown = [llcs[0]] if len(llcs) == 1 else [llcs[0], llcs[-1]]
     figure = Figure(figsize=(max(9, 1.6 * len(keys)), 4.2 * len(shown)))
     axes = figure.subplots(len(shown), 1, squeeze=False)[:, 0]
-    configs = [(m, e) for m in MODES for e in ("off", "on")]
+    configs = [(m, e) for m in MODES for e in ("off", on)]
     width = 0.8 / len(configs)
     x = np.arange(len(keys))
     for ax, llc in zip(axes, shown, strict=True):
@@ -485,7 +629,7 @@ def _stacked(table: pd.DataFrame) -> Figure:
                 _value(table, k, llc, mode, enc, "translation_cycles_per_access") for k in keys
             ]
             pos = x + (i - (len(configs) - 1) / 2) * width
-            alpha = 1.0 if enc == "on" else 0.5
+            alpha = 1.0 if enc == on else 0.5
             ax.bar(
                 pos,
                 data,
@@ -510,7 +654,8 @@ def _stacked(table: pd.DataFrame) -> Figure:
         ax.set_xticklabels([_tick(*k) for k in keys], fontsize=7)
         ax.set_ylabel("cycles per access")
         ax.set_title(
-            f"LLC {llc} MiB: bars per workload = native off, native on, nested off, nested on",
+            f"LLC {llc} MiB: bars per workload = native off, native {on}, nested off, "
+            f"nested {on}",
             fontsize=9,
         )
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -518,21 +663,60 @@ def _stacked(table: pd.DataFrame) -> Figure:
     return figure
 
 
-def _extra(table: pd.DataFrame) -> Figure:
+def _extra(table: pd.DataFrame, on: str) -> Figure:
     """Extra cycles per access from encryption, page-walk lines stacked on data lines, native
     vs nested, one panel per LLC size: where the cost lands and what 2D walks add."""
 
     def parts(keys: list[Key], llc: int, mode: str) -> tuple[Array, Array, list[Interval]]:
-        data = [_value(table, k, llc, mode, "on", "extra_data_cycles_per_access") for k in keys]
+        data = [_value(table, k, llc, mode, on, "extra_data_cycles_per_access") for k in keys]
         walk = [
-            _value(table, k, llc, mode, "on", "extra_translation_cycles_per_access") for k in keys
+            _value(table, k, llc, mode, on, "extra_translation_cycles_per_access") for k in keys
         ]
-        total = [_interval(table, k, llc, mode, "on", "extra_cycles_per_access") for k in keys]
+        total = [_interval(table, k, llc, mode, on, "extra_cycles_per_access") for k in keys]
         return np.array(data), np.array(walk), total
 
     return _walk_on_data(
         table,
         parts,
         "extra cycles per access from encryption",
-        "Where the decryption cycles land: data lines vs page-walk lines",
+        f"Where the decryption cycles land ({on}): data lines vs page-walk lines",
     )
+
+
+def _presets(table: pd.DataFrame, presets: tuple[str, ...]) -> Figure:
+    """Extra cycles per access under each preset at the smallest LLC, one panel per preset, per
+    workload a bar for native and nested: data lines, page-walk lines, and RMP lookups on top."""
+    keys = _labels(table)
+    llc = min(table["llc_mib"])
+    figure = Figure(figsize=(max(8, 0.75 * len(keys) * len(presets) + 2), 4.8))
+    axes = figure.subplots(1, len(presets), sharey=True, squeeze=False)[0]
+    x = np.arange(len(keys))
+    width = 0.38
+    for ax, preset in zip(axes, presets, strict=True):
+        for i, mode in enumerate(MODES):
+
+            def mean(column: str, m: str = mode, p: str = preset) -> Array:
+                return np.array([_value(table, k, llc, m, p, column) for k in keys])
+
+            data = mean("extra_data_cycles_per_access")
+            rmp = mean("extra_rmp_cycles_per_access")
+            walk = mean("extra_translation_cycles_per_access") - rmp
+            pos = x + (i - 0.5) * width
+            ax.bar(pos, data, width, color=COLORS[mode], label=f"{mode}: data lines")
+            ax.bar(pos, walk, width, bottom=data, color=COLORS[mode], hatch="//",
+                   edgecolor="white", label=f"{mode}: page-walk lines")
+            ax.bar(pos, rmp, width, bottom=data + walk, color="tab:red",
+                   label="RMP lookups" if i else None)
+            total = [_interval(table, k, llc, mode, preset, "extra_cycles_per_access")
+                     for k in keys]
+            ax.errorbar(pos, data + walk + rmp, yerr=yerr(total), fmt="none", ecolor="black",
+                        elinewidth=0.8, capsize=2)
+        ax.set_xticks(x)
+        ax.set_xticklabels([_tick(*k, " ") for k in keys], fontsize=7, rotation=40, ha="right")
+        ax.set_title(preset)
+    axes[0].set_ylabel(f"extra cycles per access (LLC {llc} MiB)")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.suptitle("Confidential-VM presets: extra cycles per access, native vs nested "
+                    "(error bars: 95% interval of the total)")
+    figure.tight_layout()
+    return figure

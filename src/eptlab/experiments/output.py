@@ -7,6 +7,10 @@ written does the manifest say ``"complete"`` and the directory replace ``OUT`` (
 the previous ``OUT`` is moved aside, then removed). An interrupted run therefore leaves the
 previous complete result in ``OUT`` untouched and its own rows in ``OUT.partial``, labelled.
 
+A run that asks to resume (``eptlab run --resume``) keeps the rows of every seed that finished
+in ``OUT.partial`` (the manifest lists them, ``seeds_done``) when the parameters and the cost
+profile are the same, and runs only the other seeds.
+
 The location is checked before anything is computed: ``OUT`` must be a directory or not exist,
 its parent must be creatable and writable, and an existing ``OUT`` must hold only a previous
 result of the same experiment (so ``--out .`` cannot replace a folder of other files).
@@ -97,6 +101,8 @@ class RunOutput:
     params: dict[str, Any]
     files: list[str] = field(default_factory=list)
     rows: int = 0
+    profile: dict[str, Any] = field(default_factory=dict)  # CostProfile.summary()
+    seeds_done: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -104,12 +110,26 @@ class RunOutput:
         self.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
     @classmethod
-    def open(cls, out: Path, experiment: str, params: dict[str, Any]) -> RunOutput:
-        """Check ``out`` and create a fresh staging directory beside it (a partial result left
-        by an earlier interrupted run is replaced); raises :class:`ConfigError` naming the path."""
+    def open(
+        cls,
+        out: Path,
+        experiment: str,
+        params: dict[str, Any],
+        profile: dict[str, Any] | None = None,
+        *,
+        resume: bool = False,
+    ) -> tuple[RunOutput, list[dict[str, Any]]]:
+        """Check ``out`` and create a fresh staging directory beside it; raises
+        :class:`ConfigError` naming the path. A partial result left by an earlier interrupted
+        run is replaced, or with ``resume`` the rows of its finished seeds are kept and
+        returned (with their seeds in ``seeds_done``) if it ran the same parameters and
+        profile (else :class:`ConfigError` says what differs)."""
         out = Path(out)
         check_location(out, experiment)
-        run = cls(out, experiment, params)
+        run = cls(out, experiment, params, profile=profile or {})
+        kept = run._resumable() if resume else []
+        run.seeds_done = sorted({int(row["seed"]) for row in kept})
+        run.rows = len(kept)
         try:
             if run.staging.is_dir() and not run.staging.is_symlink():
                 shutil.rmtree(run.staging)
@@ -117,7 +137,35 @@ class RunOutput:
             run.write_manifest("partial")
         except OSError as exc:
             raise ConfigError("out", f"{run.staging}: {exc.strerror or exc}") from None
-        return run
+        return run, kept
+
+    def _resumable(self) -> list[dict[str, Any]]:
+        """The rows of the finished seeds in the staging directory (none if there is none)."""
+        manifest = read_manifest(self.staging)
+        if manifest is None:
+            return []
+        for what, mine in (("experiment", self.experiment), ("params", self.params),
+                           ("profile", self.profile)):
+            theirs = json.loads(json.dumps(manifest.get(what), default=str))
+            if theirs != json.loads(json.dumps(mine, default=str)):
+                raise ConfigError(
+                    "resume", f"{self.staging} holds a run with other {what}: run without "
+                    "--resume to start afresh"
+                )
+        done = set(manifest.get("seeds_done") or [])
+        path = self.staging / f"{self.experiment}.jsonl"
+        rows = []
+        if done and path.exists():
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    row = json.loads(line)
+                except ValueError:  # the line being written when the run stopped
+                    if number == len(path.read_text().splitlines()):
+                        break
+                    raise ConfigError("resume", f"{path}:{number}: not a JSON row") from None
+                if row.get("seed") in done:
+                    rows.append(row)
+        return rows
 
     def path(self, name: str) -> Path:
         """Where file ``name`` is written (in the staging directory) and recorded."""
@@ -136,6 +184,8 @@ class RunOutput:
                 "status": status,
                 "rows": self.rows,
                 "files": self.files,
+                "seeds_done": self.seeds_done,
+                "profile": self.profile,
                 "created": self.created,
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "eptlab": __version__,
@@ -162,7 +212,11 @@ class RunOutput:
             if (self.out / MANIFEST).exists() or self.out.exists()
             else f"nothing was written to {self.out}"
         )
+        resume = (
+            f"; its {len(self.seeds_done)} finished seed(s) are kept by a rerun with --resume"
+            if self.seeds_done else ""
+        )
         return (
             f"{self.experiment} {why}: kept {self.rows} finished row(s) in {self.staging} "
-            f"(manifest says partial); {previous}"
+            f"(manifest says partial); {previous}{resume}"
         )

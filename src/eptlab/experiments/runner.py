@@ -6,6 +6,7 @@ anything runs; files are written in ``OUT.partial`` and replace ``OUT`` only whe
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import sys
 from contextlib import ExitStack
@@ -22,9 +23,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # 
 
 from ..costs import CostProfile, use_profile  # noqa: E402
 from .base import Experiment, Result, Row, apply_overrides, params_dict  # noqa: E402
+from .intervals import SEED  # noqa: E402
 from .output import RunOutput, atomic_write  # noqa: E402
 from .registry import get  # noqa: E402
-from .seeds import seeded_rows, summary_of  # noqa: E402
+from .seeds import by_seed, seeded_rows, summary_of  # noqa: E402
 
 
 def run(
@@ -34,11 +36,14 @@ def run(
     *,
     show_progress: bool = True,
     profile: CostProfile | None = None,
+    resume: bool = False,
 ) -> Result:
     """Run experiment ``name`` with parameter overrides and cost ``profile`` (default: the
-    active one); write its files under ``out``."""
+    active one); write its files under ``out``. ``resume``: keep the finished seeds of an
+    interrupted run of the same parameters and profile (:mod:`.output`), run the others."""
     with use_profile(profile) as used:
-        return _run(name, overrides, out, show_progress=show_progress, profile=used)
+        return _run(name, overrides, out, show_progress=show_progress, profile=used,
+                    resume=resume)
 
 
 def _run(
@@ -48,12 +53,16 @@ def _run(
     *,
     show_progress: bool,
     profile: CostProfile,
+    resume: bool,
 ) -> Result:
     experiment: Experiment = get(name)()
     params = apply_overrides(experiment.Params, overrides or {})
     out = Path(out) if out is not None else Path("out") / name
-    staged = RunOutput.open(out, name, params_dict(params))  # checks `out` before any compute
-    rows: list[Row] = []
+    staged, kept = RunOutput.open(  # checks `out` before any compute
+        out, name, params_dict(params), profile.summary(), resume=resume and by_seed(
+            experiment, params)
+    )
+    rows: list[Row] = list(kept)
     csv_path, jsonl_path = staged.path(f"{name}.csv"), staged.path(f"{name}.jsonl")
     try:
         _run_rows(experiment, params, name, rows, staged, csv_path, jsonl_path, show_progress)
@@ -118,13 +127,21 @@ def _run_rows(
         writer: csv.DictWriter[str] | None = None
         jsonl: TextIO | None = None
         csv_file: TextIO | None = None
-        for row in seeded_rows(experiment, params, progress):
+        kept, rows[:] = list(rows), []  # the finished seeds of a resumed run come first
+        current: int | None = None
+        track = by_seed(experiment, params)  # else the seeds are not run one after the other
+        new = seeded_rows(experiment, params, progress, staged.seeds_done)
+        for row in itertools.chain(kept, new):
             if writer is None:
                 csv_file = opened.enter_context(csv_path.open("w", newline=""))
                 jsonl = opened.enter_context(jsonl_path.open("w"))
                 writer = csv.DictWriter(csv_file, fieldnames=list(row))
                 writer.writeheader()
             assert csv_file is not None and jsonl is not None
+            if track and current is not None and current not in (row[SEED], *staged.seeds_done):
+                staged.seeds_done.append(current)  # a seed's rows end where the next begin
+                staged.write_manifest("partial")
+            current = row[SEED]
             rows.append(row)
             if not row.keys() <= set(writer.fieldnames):  # a later row adds columns: widen
                 fields = list(dict.fromkeys([*writer.fieldnames, *row]))
@@ -138,6 +155,8 @@ def _run_rows(
             jsonl.write(json.dumps(row, default=_jsonable) + "\n")
             jsonl.flush()
             staged.rows = len(rows)
+        if track and current is not None and current not in staged.seeds_done:
+            staged.seeds_done.append(current)  # the last seed ran to its end
 
 
 def _save_png(figure: Any, path: Path) -> None:

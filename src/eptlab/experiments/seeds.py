@@ -4,7 +4,7 @@ interval per configuration, :mod:`.intervals`) that the runner saves beside the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import fields, replace
 from typing import Any
 
@@ -28,16 +28,25 @@ def seed_list(params: Any) -> list[int]:
     return list(range(base, base + count))
 
 
-def seeded_rows(experiment: Experiment, params: Any, progress: Progress) -> Iterator[Row]:
-    """Every row of ``experiment`` for each seed of ``params``, with its ``seed`` first; the
-    progress of all seeds as one bar (each seed's share sized by the first seed's total).
+def by_seed(experiment: Experiment, params: Any) -> bool:
+    """Whether :func:`seeded_rows` runs ``experiment`` one seed after the other (so a run can
+    resume after its last finished seed), rather than once."""
+    return not getattr(experiment, "seeds_inside", False) and "seeds" in {
+        f.name for f in fields(params)
+    }
+
+
+def seeded_rows(
+    experiment: Experiment, params: Any, progress: Progress, skip: Collection[int] = ()
+) -> Iterator[Row]:
+    """Every row of ``experiment`` for each seed of ``params`` but those in ``skip`` (done by
+    an earlier run), with its ``seed`` first; the progress of all seeds as one bar (each
+    seed's share sized by the first seed's total).
 
     Two kinds of experiment run once instead: one that loops over its seeds itself
     (``seeds_inside = True``: its rows carry their seed), and one whose parameters have no
     ``seeds``: its rows get ``seed`` = its ``seed`` parameter (0 without one)."""
-    if getattr(experiment, "seeds_inside", False) or "seeds" not in {
-        f.name for f in fields(params)
-    }:
+    if not by_seed(experiment, params):
         base = getattr(params, "seed", 0)
         for row in experiment.rows(params, progress):
             yield {SEED: row.get(SEED, base)} | {k: v for k, v in row.items() if k != SEED}
@@ -45,6 +54,8 @@ def seeded_rows(experiment: Experiment, params: Any, progress: Progress) -> Iter
     seeds = seed_list(params)
     per_seed = 0
     for i, seed in enumerate(seeds):
+        if seed in skip:
+            continue
 
         def report(done: int, total: int, i: int = i) -> None:
             nonlocal per_seed

@@ -175,6 +175,104 @@ class CacheConfig:
         return cls(none, none, none, prefetcher=PrefetcherConfig.off())
 
 
+KEYS = ("none", "host", "private")
+"""Keys a reference class can be read with: ``none`` (plaintext), ``host`` (the TME / SME key
+of the hypervisor's memory, KeyID 0) and ``private`` (the VM's own key: TME-MK KeyID, SEV ASID
+key, TDX private HKID)."""
+
+PRESETS = ("mktme", "sev-snp", "tdx")
+
+
+@dataclass(frozen=True, slots=True)
+class RmpConfig:
+    """SEV-SNP's reverse-map (RMP) check (AMD APM Vol. 2 §15.36, "Secure Nested Paging"): the
+    RMP entry of each host-physical 4 KiB page a guest's walk touches, 16 bytes at
+    ``base + 0x4000 + (hpa >> 12) * 16`` (Linux Documentation/arch/x86/amd-memory-encryption.rst:
+    RMP_BASE MSR, a 16 KiB bookkeeping region, then 16-byte entries), is read and checked.
+    ``sets`` x ``ways`` is the RMP cache (0 sets: none, every check reads the table);
+    ``lookup_cycles`` is what reading one entry costs. Defaults come from the cost profile."""
+
+    sets: int = field(
+        default_factory=lambda: max(1, _cycles("rmp_cache_entries") // _cycles("rmp_cache_ways"))
+    )
+    ways: int = field(default_factory=lambda: _cycles("rmp_cache_ways"))
+    lookup_cycles: int = field(default_factory=lambda: _cycles("rmp_lookup_cycles"))
+    base: int = 0
+
+    def __post_init__(self) -> None:
+        Assoc(self.sets, self.ways)  # a valid shape (sets a power of two, 1-64 ways)
+        if self.lookup_cycles < 0:
+            raise ConfigError("RmpConfig.lookup_cycles", "must be >= 0 cycles")
+
+    @classmethod
+    def uncached(cls, lookup_cycles: int | None = None) -> RmpConfig:
+        """No RMP cache: every check reads the RMP entry."""
+        cycles = _cycles("rmp_lookup_cycles") if lookup_cycles is None else lookup_cycles
+        return cls(0, 1, cycles)
+
+    def entry_address(self, hpa: int) -> int:
+        """Host-physical address of the RMP entry of ``hpa``'s 4 KiB page."""
+        return self.base + 0x4000 + (hpa >> 12) * 16
+
+
+@dataclass(frozen=True, slots=True)
+class Protection:
+    """What a confidential VM adds to its memory references: which key each reference class is
+    read with, which classes carry a MAC, and whether walks are RMP-checked.
+
+    Classes: ``guest_pt`` (guest page-table reads), ``ept`` (EPT reads translating private
+    memory: TDX's secure EPT), ``data`` (private data lines) and ``shared`` (data lines of
+    shared memory, i.e. whose EPT leaf carries the host key ID 0, and the EPT reads that
+    translate them: TDX's shared EPT). ``mac``: the keys whose lines carry a MAC checked on each
+    read from DRAM (TDX: in the ECC/metadata bits, no extra access). ``rmp``: SEV-SNP's RMP check
+    on every host-physical access of a nested walk and on the page it ends on.
+    The walk is EPT's format in every preset; AMD's NPT format is not modelled."""
+
+    name: str = "custom"
+    guest_pt: str = "private"
+    ept: str = "host"
+    data: str = "private"
+    shared: str = "host"
+    mac: tuple[str, ...] = ()
+    rmp: RmpConfig | None = None
+
+    def __post_init__(self) -> None:
+        for cls_ in ("guest_pt", "ept", "data", "shared"):
+            if getattr(self, cls_) not in KEYS:
+                raise ConfigError(f"Protection.{cls_}", f"{getattr(self, cls_)!r} is not one of "
+                                  f"{', '.join(KEYS)}")
+        for key in self.mac:
+            if key not in ("host", "private"):
+                raise ConfigError("Protection.mac", f"{key!r}: only encrypted keys carry a MAC")
+
+    @classmethod
+    def preset(cls, name: str, rmp: RmpConfig | None = None) -> Protection:
+        """``mktme``: a TME-MK VM (its key on guest page tables and data; EPT and shared memory
+        under the TME key, KeyID 0). ``sev-snp``: SEV-SNP (guest key on guest page tables and
+        private data, nested tables and shared pages in the clear: host SME off; RMP checks).
+        ``tdx``: TDX (private key with a MAC on guest page tables, the secure EPT and private
+        data; shared memory and the shared EPT in the clear: KeyID 0 under TME bypass)."""
+        if name == "mktme":
+            return cls(name, "private", "host", "private", "host")
+        if name == "sev-snp":
+            return cls(name, "private", "none", "private", "none", rmp=rmp or RmpConfig())
+        if name == "tdx":
+            return cls(name, "private", "private", "private", "none", mac=("private",))
+        raise ConfigError("preset", f"{name!r} is not one of {', '.join(PRESETS)}")
+
+    def classes(self) -> dict[str, str]:
+        """The key of each reference class."""
+        return {c: getattr(self, c) for c in ("guest_pt", "ept", "data", "shared")}
+
+    def encrypted(self) -> frozenset[str]:
+        """The classes read with a key (decrypted when DRAM serves them)."""
+        return frozenset(c for c, key in self.classes().items() if key != "none")
+
+    def with_mac(self) -> frozenset[str]:
+        """The classes whose lines carry a MAC."""
+        return frozenset(c for c, key in self.classes().items() if key in self.mac)
+
+
 @dataclass(frozen=True, slots=True)
 class EncryptionConfig:
     """Memory encryption at the memory controller (Intel TME/TME-MK, AMD SME/SEV).
@@ -193,8 +291,14 @@ class EncryptionConfig:
 
     decrypt_latency: int = 0  # cycles added to each line read from DRAM (0: no encryption)
     integrity_latency: int = 0  # cycles of a MAC fetch and check per DRAM line (0: none)
+    # a confidential VM's classes, MACs and RMP checks (None: every DRAM line pays the flat
+    # penalty, in the walk kernel; set: the engine's protection pass prices each class)
+    protection: Protection | None = None
 
     def __post_init__(self) -> None:
+        if self.protection is not None and self.protection.mac and not self.integrity_latency:
+            raise ConfigError("EncryptionConfig.integrity_latency",
+                              f"{self.protection.name} checks MACs: give their latency")
         for name in ("decrypt_latency", "integrity_latency"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"EncryptionConfig.{name}", "must be >= 0 cycles")
@@ -218,7 +322,10 @@ class EncryptionConfig:
 
     @property
     def dram_penalty(self) -> int:
-        """Cycles added to every reference DRAM serves."""
+        """Cycles added to every reference DRAM serves (flat model; 0 with a protection, whose
+        pass prices each class instead)."""
+        if self.protection is not None:
+            return 0
         return self.decrypt_latency + self.integrity_latency
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -31,14 +31,19 @@ from .config import PREFETCHER_KINDS, MmuConfig
 from .context import CpuFeatures, GuestState, Vmcs
 from .kernels import assoc as planes
 from .kernels import layout as L
+from .kernels import protect as _protect
 from .kernels import run as _run
 from .kernels.state import Caches, Log, Machine, Memory, Stream
 from .kernels.walk import NSCRATCH
+from .protection import ProtectionStats, config_vector, rmp_tags
 from .stats import VcpuStats
 from .walker import DATA, Dim, Reference
 
 I64 = npt.NDArray[np.int64]
 _run_chunk = cast(Callable[..., int], _run.run_chunk)  # a numba dispatcher
+_protect_pass = cast(Callable[..., int], _protect.protect_pass)
+PROTECTED_CHUNK = 4096  # accesses per kernel call when a protection pass reads the log
+REFS_PER_ACCESS = 64  # log rows per access a protected run allocates (a walk reads <= 35)
 U64_MASK = (1 << 64) - 1
 FRAME_TABLE_SLACK = 16  # a direct frame table may span this many times the backed frames
 
@@ -64,6 +69,13 @@ def _signed(value: int) -> int:
     """A 64-bit value as the int64 the kernels use."""
     value &= U64_MASK
     return value - (1 << 64) if value >> 63 else value
+
+
+def _writable(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``array``, or a copy of it where it is read-only (a broadcast scalar, a buffer): numba
+    compiles a kernel once per argument type, and a read-only array is another type, so every
+    run passes writable ones and the kernel is compiled once (a compile takes tens of seconds)."""
+    return array if array.flags.writeable else array.copy()
 
 
 @dataclass(frozen=True)
@@ -181,6 +193,14 @@ class Engine:
             ],
             np.int64,
         )
+        # a confidential VM's classes, MACs and RMP checks: priced by a pass over the log
+        self._protection = self.config.encryption.protection
+        self._pcfg_vec = (
+            config_vector(self.config.encryption, self.features)
+            if self._protection is not None
+            else np.zeros(_protect.NCFG, np.int64)
+        )
+        self._rmp = rmp_tags(self._protection)
         self._allocate()
 
     # -- vCPUs and contexts -------------------------------------------------------------------
@@ -236,6 +256,8 @@ class Engine:
         self._heads = np.zeros(max(1, row), np.int32)  # per row: way of the most recent line
         self._cdesc = cdesc
         self._stats = np.zeros((nv, L.NSTATS), np.int64)
+        self._pstats = np.zeros((nv, _protect.NX), np.int64)
+        self._rmp[:] = -1
         pcfg = self.config.cache.prefetcher
         self._pcfg = np.array(
             [
@@ -295,7 +317,37 @@ class Engine:
         """Run ``accesses[start:]`` until done or until an exit or guest fault.
 
         ``record_hpa`` returns each performed access's HPA; ``log_references`` keeps up to that
-        many walk references (for comparing with the reference walker)."""
+        many walk references (for comparing with the reference walker). With a
+        :class:`~eptlab.mmu.config.Protection` the accesses run in pieces of
+        :data:`PROTECTED_CHUNK`, each priced by the protection pass from its log."""
+        self._check_run(accesses)
+        if self._protection is None:
+            return self._run(accesses, start, record_hpa, log_references)
+        stopped, n = start, len(accesses)
+        hpas: list[I64] = []
+        references: list[Reference] = []
+        indices: list[int] = []
+        while True:
+            hi = min(n, stopped + PROTECTED_CHUNK)
+            cut = slice(stopped, hi)
+            piece = Accesses(accesses.gva[cut], accesses.kind[cut], accesses.user[cut],
+                             accesses.vcpu[cut])
+            want = max(0, log_references - len(references))
+            result = self._run(piece, 0, True, want, protect=True)
+            assert result.hpa is not None
+            hpas.append(result.hpa[: result.stopped_at])
+            references += result.references
+            indices += [stopped + i for i in result.reference_access]
+            stopped += result.stopped_at
+            if not result.done or stopped >= n:
+                break
+        hpa = np.full(n, -1, np.int64)
+        hpa[start:stopped] = np.concatenate(hpas) if hpas else hpa[:0]
+        return ChunkResult(
+            stopped, result.exit, result.fault, hpa if record_hpa else None, references, indices
+        )
+
+    def _check_run(self, accesses: Accesses) -> None:
         if not self._vcpus:
             raise ConfigError("Engine", "add a vCPU before running")
         if any(v.vmcs is not None and v.vmcs.vt_rp for v in self._vcpus):
@@ -306,15 +358,28 @@ class Engine:
             )
         if len(accesses) and int(accesses.vcpu.max()) >= len(self._vcpus):
             raise ConfigError("Accesses.vcpu", f"only {len(self._vcpus)} vCPUs exist")
+
+    def _run(
+        self,
+        accesses: Accesses,
+        start: int,
+        record_hpa: bool,
+        log_references: int,
+        *,
+        protect: bool = False,
+    ) -> ChunkResult:
         regs = self._pack_registers()
-        refs = np.zeros((log_references, L.NREFCOLS), np.int64)
+        rows = max(log_references, REFS_PER_ACCESS * len(accesses)) if protect else log_references
+        refs = np.zeros((rows, L.NREFCOLS), np.int64)
         ref_count = np.zeros(1, np.int64)
         exit_info = np.zeros(L.NEXIT, np.int64)
         out_hpa = np.full(len(accesses) if record_hpa else 0, -1, np.int64)
-        log = Log(self._stats, refs, ref_count, exit_info, out_hpa, self._scratch)
+        out_where = np.zeros(len(accesses) if record_hpa else 0, np.int8)
+        log = Log(self._stats, refs, ref_count, exit_info, out_hpa, out_where, self._scratch)
         stopped = int(
             _run_chunk(
-                Stream(accesses.gva, accesses.kind, accesses.user, accesses.vcpu),
+                Stream(_writable(accesses.gva), _writable(accesses.kind),
+                       _writable(accesses.user), _writable(accesses.vcpu)),
                 start,
                 self._memory_bundle(),
                 self._caches,
@@ -322,6 +387,8 @@ class Engine:
                 log,
             )
         )
+        if protect:
+            self._price(log, stopped, accesses.vcpu)
         _run.derive_totals(self._stats)
         self._occupied[:] = regs[:, L.REG_OCCUPIED]
         for i, v in enumerate(self._vcpus):  # the kernel advanced the PML index
@@ -348,6 +415,35 @@ class Engine:
             references,
             [int(r[0]) for r in refs[:n_refs]],
         )
+
+    def _price(self, log: Log, stopped: int, vcpu: npt.NDArray[np.int32]) -> None:
+        """The protection pass over one kernel call's log (accesses ``0..stopped-1``): its
+        counters, and its cycles added to the statistics' translation and data cycles."""
+        count = int(log.ref_count[0])
+        if count > log.refs.shape[0]:
+            raise RuntimeError(f"reference log overflow: {count} > {log.refs.shape[0]} rows")
+        vmode = np.array(
+            [
+                (_protect.V_NESTED if v.vmcs is not None else 0)
+                | (_protect.V_RMP if v.vmcs is not None and self._rmp_on else 0)
+                for v in self._vcpus
+            ],
+            np.int64,
+        )
+        delta = np.zeros_like(self._pstats)
+        _protect_pass(log.refs, count, stopped, log.out_hpa, log.out_where, vcpu, vmode,
+                      self._pcfg_vec, self._rmp, delta)
+        self._pstats += delta
+        self._stats[:, L.ST_TRANSLATION_CYCLES] += delta[:, _protect.X_TRANSLATION_CYCLES]
+        self._stats[:, L.ST_DATA_CYCLES] += delta[:, _protect.X_DATA_CYCLES]
+
+    @property
+    def _rmp_on(self) -> bool:
+        return self._protection is not None and self._protection.rmp is not None
+
+    def protection_stats(self, vcpu: int = 0) -> ProtectionStats:
+        """The protection pass's counters of vCPU ``vcpu`` (all zero without a protection)."""
+        return ProtectionStats.from_row(self._pstats[vcpu])
 
     def _memory_bundle(self) -> Memory:
         """The kernels' view of host memory, with a direct-indexed frame table over the backed
@@ -403,8 +499,9 @@ class Engine:
         return view
 
     def reset_stats(self) -> None:
-        """Zero every vCPU's statistics (caches and TLBs keep their contents)."""
+        """Zero every vCPU's statistics (caches, TLBs and the RMP cache keep their contents)."""
         self._stats[:] = 0
+        self._pstats[:] = 0
 
     # -- invalidation (SDM Vol. 3A §4.10.4, Vol. 3C §29.4.3) ------------------------------------
 

@@ -140,10 +140,15 @@ BY_CONSTRUCTION: dict[str, list[str]] = {
         "that gap. No timing noise beyond the modelled caches and TLB is added.",
     ],
     "memory-encryption": [
-        "Extra cycles equal penalty x (walk + data references served by DRAM) exactly, because "
-        "encryption changes no hit or miss; so no run slows down by more than "
-        "(decrypt + integrity latency) / DRAM latency. That bound and the identity are the "
-        "model's, checked on every pair of runs, not findings.",
+        "Extra cycles equal decrypt x (DRAM lines of encrypted classes) + MAC x (lines with a "
+        "MAC) + RMP lookup x (RMP-cache misses) exactly, because encryption changes no hit or "
+        "miss; so without RMP checks no run slows down by more than (decrypt + MAC latency) / "
+        "DRAM latency. That bound and the identity are the model's, checked on every pair of "
+        "runs, not findings. Which classes each preset encrypts, that only nested walks are "
+        "RMP-checked (one check per entry read and per walked data page) and that TDX's secure "
+        "EPT costs one decryption like MKTME's TME-encrypted EPT are the model's rules; the RMP "
+        "lookup latency and RMP cache size are assumed. Costs add in series (no memory-level "
+        "parallelism).",
     ],
     "kvm": [
         "Times in the KVM section are measured on this host; exit counts come from the VMM and "

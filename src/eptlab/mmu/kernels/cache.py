@@ -21,7 +21,7 @@ useful prefetch.
 
 from __future__ import annotations
 
-from . import inline_kernel
+from . import inline_kernel, kernel
 from .layout import (
     NCACHE,
     PF_DEGREE,
@@ -228,3 +228,15 @@ def access_data(cache, cdesc, vcpu, hpa, heads, pf, pcfg, stats):  # type: ignor
                 break  # never across the 4 KiB page
             _prefetch(cache, cdesc, vcpu, base + target, heads, 1, stats)
     return found
+
+
+@kernel
+def access_lines(cache, cdesc, vcpu, addresses, heads, found):  # type: ignore[no-untyped-def]
+    """:func:`access_line` for each of ``addresses`` in order (one call from Python for a
+    whole sequence, as prime+probe makes); ``found[i]`` is the level that served it, or -1
+    where ``addresses[i]`` is negative (no access)."""
+    for i in range(addresses.shape[0]):
+        if addresses[i] < 0:
+            found[i] = -1
+        else:
+            found[i] = access_line(cache, cdesc, vcpu, addresses[i], heads)

@@ -130,5 +130,7 @@ EXIT_EPT_MISCONFIG = int(ExitReason.EPT_MISCONFIG)
 EXIT_PML_FULL = int(ExitReason.PML_FULL)
 # X_WHY of a misconfiguration: an index of MISCONFIG_REASONS (arch.ept.ept_misconfig_code)
 
-# -- reference log rows: (access index, dim 0 guest / 1 ept, level, address, value, for_level) -----
-NREFCOLS = 6
+# -- reference log rows: (access index, dim 0 guest / 1 ept, level, address, value, for_level,
+# where: the cache level that served it, 0 L1 .. 3 DRAM) ------------------------------------------
+NREFCOLS = 7
+REF_WHERE = 6

@@ -57,6 +57,7 @@ def run_chunk(stream, start, mem, caches, machine, log):  # type: ignore[no-unty
         stats[v, ST_DATA_CYCLES] += data_cycles
         if record:
             out_hpa[i] = hpa
+            log.out_where[i] = where
     exit_info[X_KIND] = EXIT_NONE
     return stream.gva.shape[0]
 

@@ -63,12 +63,14 @@ class Machine(NamedTuple):
 
 class Log(NamedTuple):
     """What a run reports: statistics ``stats[vcpu, ST_*]``, the reference log ``refs`` (with
-    its count), the exit record ``exit_info[X_*]``, the HPA of each access (``out_hpa``, empty
-    when not recorded) and the walks' scratch rows (:data:`walk.NSCRATCH` x 5)."""
+    its count), the exit record ``exit_info[X_*]``, the HPA of each access and the cache level
+    that served its data (``out_hpa``, ``out_where``: empty when not recorded) and the walks'
+    scratch rows (:data:`walk.NSCRATCH` x 5)."""
 
     stats: I64
     refs: I64
     ref_count: I64
     exit_info: I64
     out_hpa: I64
+    out_where: npt.NDArray[np.int8]
     scratch: I64

@@ -243,6 +243,7 @@ def reference(at, dim, level, address, value, for_level, caches, machine, log): 
     """Account one paging-structure read of the access ``at = (index, vcpu, va, kind)``: log it,
     count it, send it through the caches; returns its cycles."""
     i, vcpu = at[0], at[1]
+    where = access_line(caches.cache, caches.cdesc, vcpu, address, caches.heads)
     n = log.ref_count[0]
     if n < log.refs.shape[0]:
         log.refs[n, 0] = i
@@ -251,9 +252,9 @@ def reference(at, dim, level, address, value, for_level, caches, machine, log): 
         log.refs[n, 3] = address
         log.refs[n, 4] = value
         log.refs[n, 5] = for_level
+        log.refs[n, 6] = where  # read by the confidential-VM pass (kernels/protect.py)
     log.ref_count[0] = n + 1
     log.stats[vcpu, (ST_GUEST_REFS if dim == DIM_GUEST else ST_EPT_REFS) + level - 1] += 1
-    where = access_line(caches.cache, caches.cdesc, vcpu, address, caches.heads)
     log.stats[vcpu, ST_WALK_CACHE + where] += 1
     return machine.cost[COST_CACHE + where]
 
