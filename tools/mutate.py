@@ -67,7 +67,7 @@ class Mutant:
 @dataclass
 class Outcome:
     id: str
-    status: str  # killed, survived, stale, broken
+    status: str  # killed, survived, timeout, stale, broken
     seconds: float
     detail: str = ""
 
@@ -140,7 +140,7 @@ def run_one(m: Mutant, files: list[str], timeout: float, control: dict[tuple, st
     if mutated is None:
         return Outcome(m.id, "stale", 0.0, "original text not found exactly once")
     kernel = m.file.startswith(KERNELS)
-    tests = tuple(t for t in m.tests if (ROOT / t.split("::")[0]).is_file())
+    tests = tuple(t for t in m.tests if (ROOT / t.split("::")[0]).exists())  # file or folder
     if not tests:
         return Outcome(m.id, "survived", 0.0, "no selected test file exists in this tree")
     m = Mutant(**{**asdict(m), "tests": tests})
@@ -159,7 +159,8 @@ def run_one(m: Mutant, files: list[str], timeout: float, control: dict[tuple, st
                        f"the tests fail on the unmutated tree: {control[key]}")
     (tree / m.file).write_text(mutated)
     code, last = _run_tests(tree, m.tests, kernel, timeout)
-    status = "survived" if code == 0 else "killed"
+    # a timeout is not a kill: on the shared machine it is more often slowness than a hang
+    status = "survived" if code == 0 else "timeout" if code == -1 else "killed"
     return Outcome(m.id, status, time.monotonic() - start, last)
 
 
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     killed = sum(o.status == "killed" for o in judged)
     score = killed / len(judged) if judged else 0.0
     print(f"score: {killed}/{len(judged)} killed = {score:.0%}"
-          f" ({len(outcomes) - len(judged)} stale or broken)")
+          f" ({len(outcomes) - len(judged)} timed out, stale or broken)")
     if args.json:
         args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
     return 0

@@ -164,6 +164,22 @@ def test_text_table_and_error_bars() -> None:
     assert err.tolist() == [[2.0, 0.0, 0.0], [2.5, 0.0, 0.0]]
 
 
+def test_a_count_with_a_zero_seed_is_still_clipped_at_zero() -> None:
+    """0 is a possible value of a count: a column of non-negative values that holds a 0 keeps
+    the lower bound at 0 (the unclipped bound is 1 - 2.484 < 0)."""
+    assert interval([0, 1, 2], clip=False).lo < 0
+    assert interval([0, 1, 2]).lo == 0.0
+    assert interval([0, 0, 5]).lo == 0.0
+
+
+def test_intervals_that_touch_overlap() -> None:
+    """[1, 2] and [2, 3] share the value 2: not ranked."""
+    a, b = Interval(1.5, 1.0, 2.0, 5), Interval(2.5, 2.0, 3.0, 5)
+    assert a.overlaps(b) and b.overlaps(a)
+    assert relation(a, b) == "overlap" and verdict(b, a) == OVERLAP
+    assert relation(a, Interval(2.5, 2.01, 3.0, 5)) == "lower"
+
+
 def test_a_rate_interval_is_cut_to_the_possible_rates() -> None:
     iv = interval([0.9, 1.0, 1.0, 0.8])  # t interval reaches above 1
     assert iv.hi > 1.0

@@ -21,3 +21,14 @@ def test_toml_values_become_set_text() -> None:
     assert as_text([1, 2, 3]) == "1,2,3"
     assert as_text(["4k", "2m"]) == "4k,2m"
     assert as_text(7) == "7"
+
+
+def test_point_id_depends_on_the_cost_profile() -> None:
+    """A point run under another cost profile is another point: resuming must not take the
+    result of one profile for the other."""
+    overrides = (("seed", "1"),)
+    shipped = Point("cow_fork", overrides)
+    host = Point("cow_fork", overrides, profile='[cycles]\ninvept = 500\n')
+    other = Point("cow_fork", overrides, profile='[cycles]\ninvept = 900\n')
+    assert len({shipped.point_id, host.point_id, other.point_id}) == 3
+    assert host.point_id == Point("cow_fork", overrides, profile=host.profile).point_id

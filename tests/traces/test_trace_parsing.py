@@ -74,3 +74,33 @@ def test_native_block_size_limit_is_inclusive(tmp_path: Path, extra: int) -> Non
     with pytest.raises(TraceFormatError) as info:
         list(read_native(path))
     assert ("claims" in str(info.value)) == bool(extra)
+
+
+def test_native_payload_without_the_end_of_its_zlib_stream_is_refused(tmp_path: Path) -> None:
+    """A payload cut after its data but before the end of the zlib stream (flushed, never
+    finished) decompresses to the right length; the reader must still refuse it."""
+    from eptlab.traces.native import HEADER, MAGIC, VERSION, encode_block
+
+    n = 10
+    chunk = TraceChunk(
+        np.arange(n, dtype=np.int64) * 8, np.zeros(n, np.int8), np.full(n, 4, np.int32)
+    )
+    good = encode_block(chunk, 0)
+    raw = zlib.decompress(good[BLOCK.size :])
+    packer = zlib.compressobj()
+    cut = packer.compress(raw) + packer.flush(zlib.Z_SYNC_FLUSH)  # no Z_FINISH: no stream end
+    assert zlib.decompressobj().decompress(cut) == raw
+    end = END.pack(n)
+    data = (
+        HEADER.pack(MAGIC, VERSION)
+        + BLOCK.pack(n, len(cut), zlib.crc32(cut), 0) + cut
+        + BLOCK.pack(0, len(end), zlib.crc32(end), 1) + end
+    )
+    path = tmp_path / "cut.eptl"
+    path.write_bytes(data)
+    with pytest.raises(TraceFormatError, match="payload holds"):
+        list(read_native(path))
+    end_block = BLOCK.pack(0, len(end), zlib.crc32(end), 1) + end
+    path.write_bytes(HEADER.pack(MAGIC, VERSION) + good + end_block)  # the same, finished
+    addresses = np.concatenate([c.address for c in read_native(path)]).tolist()
+    assert addresses == list(range(0, 80, 8))
