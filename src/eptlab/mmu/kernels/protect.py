@@ -11,7 +11,7 @@ side's (:mod:`eptlab.mmu.protection`): the pass reads it from ``cfg``.
 
 from __future__ import annotations
 
-from . import kernel
+from . import inline_kernel, kernel
 
 # reference classes (cfg[CFG_ENC + c], cfg[CFG_MAC + c], out[X_LINES + c])
 C_GUEST_PT = 0  # guest page-table reads
@@ -66,6 +66,29 @@ def rmp_check(page, tags):  # type: ignore[no-untyped-def]
     return miss
 
 
+@inline_kernel
+def _line(out, v, c, cfg, cycles):  # type: ignore[no-untyped-def]
+    """A line of class ``c`` that DRAM served: counted, decrypted and MAC-checked as its class
+    says, the cycles charged to ``out[v, cycles]`` (translation or data)."""
+    out[v, X_LINES + c] += 1
+    if cfg[CFG_ENC + c]:
+        out[v, X_DECRYPTED] += 1
+        out[v, cycles] += cfg[CFG_DECRYPT]
+    if cfg[CFG_MACS + c]:
+        out[v, X_MACS] += 1
+        out[v, cycles] += cfg[CFG_MAC]
+
+
+@inline_kernel
+def _rmp(out, v, page, cfg, tags):  # type: ignore[no-untyped-def]
+    """The RMP check of host page ``page``: an RMP-entry read (translation cycles) on a miss."""
+    out[v, X_RMP_CHECKS] += 1
+    if rmp_check(page, tags):
+        out[v, X_RMP_LOOKUPS] += 1
+        out[v, X_RMP_CYCLES] += cfg[CFG_RMP_LOOKUP]
+        out[v, X_TRANSLATION_CYCLES] += cfg[CFG_RMP_LOOKUP]
+
+
 @kernel
 def protect_pass(refs, n_refs, stop, hpa, where, vcpu, vmode, cfg, tags, out):  # type: ignore[no-untyped-def]
     """Price accesses ``0..stop-1`` of a chunk: for each, its walk references in the log
@@ -91,33 +114,12 @@ def protect_pass(refs, n_refs, stop, hpa, where, vcpu, vmode, cfg, tags, out):  
             if refs[r, 1] != 0:
                 c = C_SHARED if shared and refs[r, 5] == 0 else C_EPT
             if refs[r, 6] == DRAM:
-                out[v, X_LINES + c] += 1
-                if cfg[CFG_ENC + c]:
-                    out[v, X_DECRYPTED] += 1
-                    out[v, X_TRANSLATION_CYCLES] += cfg[CFG_DECRYPT]
-                if cfg[CFG_MACS + c]:
-                    out[v, X_MACS] += 1
-                    out[v, X_TRANSLATION_CYCLES] += cfg[CFG_MAC]
+                _line(out, v, c, cfg, X_TRANSLATION_CYCLES)
             if rmp_on:
-                out[v, X_RMP_CHECKS] += 1
-                if rmp_check((refs[r, 3] & amask) >> 12, tags):
-                    out[v, X_RMP_LOOKUPS] += 1
-                    out[v, X_RMP_CYCLES] += cfg[CFG_RMP_LOOKUP]
-                    out[v, X_TRANSLATION_CYCLES] += cfg[CFG_RMP_LOOKUP]
+                _rmp(out, v, (refs[r, 3] & amask) >> 12, cfg, tags)
             r += 1
         if walked and rmp_on:
-            out[v, X_RMP_CHECKS] += 1
-            if rmp_check((hpa[i] & amask) >> 12, tags):
-                out[v, X_RMP_LOOKUPS] += 1
-                out[v, X_RMP_CYCLES] += cfg[CFG_RMP_LOOKUP]
-                out[v, X_TRANSLATION_CYCLES] += cfg[CFG_RMP_LOOKUP]
+            _rmp(out, v, (hpa[i] & amask) >> 12, cfg, tags)
         if where[i] == DRAM:
-            c = C_SHARED if shared else C_DATA
-            out[v, X_LINES + c] += 1
-            if cfg[CFG_ENC + c]:
-                out[v, X_DECRYPTED] += 1
-                out[v, X_DATA_CYCLES] += cfg[CFG_DECRYPT]
-            if cfg[CFG_MACS + c]:
-                out[v, X_MACS] += 1
-                out[v, X_DATA_CYCLES] += cfg[CFG_MAC]
+            _line(out, v, C_SHARED if shared else C_DATA, cfg, X_DATA_CYCLES)
     return r
