@@ -81,3 +81,21 @@ def test_resume_refuses_other_parameters_and_says_so(
 def test_resume_with_nothing_to_resume_runs_everything(tmp_path: Path) -> None:
     runner.run("seeded-tiny", {"seeds": "2"}, tmp_path / "r", show_progress=False, resume=True)
     assert SeededTiny.seeds_run == [0, 1]
+
+
+def test_a_row_cut_short_at_the_end_is_dropped_and_one_cut_in_the_middle_refused(
+    tmp_path: Path,
+) -> None:
+    interrupted_run(tmp_path / "r")
+    rows = tmp_path / "r.partial" / "seeded-tiny.jsonl"
+    whole = rows.read_text()
+    rows.write_text(whole + '{"seed": 2, "i"')  # the write the interruption cut
+    runner.run("seeded-tiny", {"seeds": "4"}, tmp_path / "r", show_progress=False, resume=True)
+    assert SeededTiny.seeds_run == [2, 3]
+    interrupted_run(tmp_path / "s")
+    rows = tmp_path / "s.partial" / "seeded-tiny.jsonl"
+    lines = rows.read_text().splitlines()
+    rows.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    with pytest.raises(ConfigError, match=r"seeded-tiny.jsonl:2: not a JSON row"):
+        runner.run("seeded-tiny", {"seeds": "4"}, tmp_path / "s", show_progress=False,
+                   resume=True)

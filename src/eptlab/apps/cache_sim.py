@@ -86,10 +86,6 @@ class CacheSim:
         """The LLC set of ``hpa``: ``slice * sets_per_slice + inner index``."""
         return (self.label(hpa) >> LINE_SHIFT) & (self.config.llc.sets - 1)
 
-    def access(self, label: int) -> int:
-        """Access the line of an already :meth:`label`-ed address; returns its latency."""
-        return self.latency[self.level(label)]
-
     def level(self, label: int) -> int:
         """Access a :meth:`label`-ed line; returns where it was found (0 L1 .. 3 DRAM)."""
         return int(self.levels(np.array([label], np.int64))[0])

@@ -70,18 +70,18 @@ def default_jobs() -> int:
 
 
 MAX_JOBS = 4
-DEMO_CPU_SECONDS = {  # at demo scale, kernels compiled (2026-12-07): the longest start first
-    "aslr-side-channel": 37,
-    "prefetch-hypercall": 32,
-    "cow-fork": 30,
+DEMO_SECONDS = {  # each at demo scale, kernels compiled (2026-12-07, quiet machine, --jobs 2)
+    "aslr-side-channel": 30,
+    "prefetch-hypercall": 18,
     "tsx-aborts": 18,
-    "double-caching": 17,
-    "model-vs-machine": 14,
-    "memory-encryption": 14,
+    "double-caching": 16,
+    "cow-fork": 15,
+    "model-vs-machine": 13,
     "trap-debugger": 12,
-    "nested-overhead": 10,
-    "integrity-monitor": 10,
-}
+    "memory-encryption": 11,
+    "integrity-monitor": 9,
+    "nested-overhead": 3,
+}  # only an order: the longest start first, so the workers finish together
 
 
 def _demo(  # noqa: PLR0913 - the demo command's options, passed on
@@ -159,23 +159,14 @@ def run_all(out: Path, console: Console, only: list[str] | None = None) -> list[
     One that fails is reported and left out of the report; the others still run. Returns the
     names that failed."""
     from ..experiments import get, runner
-    from ..experiments.registry import names
 
-    chosen = only or names()
-    for name in chosen:
-        get(name)  # an unknown name fails before anything runs
-    failed = []
-    for name in chosen:
+    failed: list[str] = []
+    for name in _chosen(only):
         try:
             runner.run(name, dict(get(name).demo), out / name)
-            reading = _reading(name, out)
+            _print_reading(name, out, console)  # its reading is computed before it prints
         except EptlabError as exc:
-            console.print(f"[red]{name} failed:[/] {exc}")
-            (out / name / f"{name}.json").unlink(missing_ok=True)  # no stale section
-            failed.append(name)
-            continue
-        for sentence in reading:
-            console.print(f"  [dim]-[/] {sentence}")
+            _failed(name, str(exc), out, console, failed)
     return failed
 
 
@@ -194,12 +185,8 @@ def run_all_parallel(  # noqa: PLR0913 - run_all's arguments and the batch's
 
     from ..experiments import get
     from ..experiments.batch import Job, run_parallel
-    from ..experiments.registry import names
 
-    chosen = only or names()
-    for name in chosen:
-        get(name)  # an unknown name fails before anything runs
-    order = sorted(chosen, key=lambda n: -DEMO_CPU_SECONDS.get(n, 0))
+    order = sorted(_chosen(only), key=lambda n: -DEMO_SECONDS.get(n, 0))
     batch = [Job(name, dict(get(name).demo), out / name) for name in order]
     failed: list[str] = []
 
@@ -214,13 +201,10 @@ def run_all_parallel(  # noqa: PLR0913 - run_all's arguments and the batch's
             name = done.job.name
             progress.advance(task)
             if done.error is not None:
-                console.print(f"[red]{name} failed:[/] {done.error}")
-                (out / name / f"{name}.json").unlink(missing_ok=True)  # no stale section
-                failed.append(name)
+                _failed(name, done.error, out, console, failed)
                 continue
             console.print(f"[bold]{name}[/] ({done.seconds:.0f} s)")
-            for sentence in _reading(name, out):
-                console.print(f"  [dim]-[/] {sentence}")
+            _print_reading(name, out, console)
     return failed
 
 
@@ -235,15 +219,13 @@ def run_kvm(out: Path, console: Console) -> list[str]:
     if why is not None:
         console.print(f"[yellow]KVM experiments skipped:[/] {why}")
         return []
-    failed = []
+    failed: list[str] = []
     for name in kvm_names():
         console.print(f"{name} ...")
         try:
             runner.run(name, dict(get(name).demo), out / name, show_progress=False)
         except EptlabError as exc:
-            console.print(f"[red]{name} failed:[/] {exc}")
-            (out / name / f"{name}.json").unlink(missing_ok=True)
-            failed.append(name)
+            _failed(name, str(exc), out, console, failed)
     if len(failed) < len(kvm_names()):
         from ..report.sections import kvm_section
 
@@ -252,7 +234,27 @@ def run_kvm(out: Path, console: Console) -> list[str]:
     return failed
 
 
-def _reading(name: str, out: Path) -> list[str]:
+def _chosen(only: list[str] | None) -> list[str]:
+    """The experiments to run (``only`` these, else all); an unknown name fails before any
+    runs."""
+    from ..experiments import get
+    from ..experiments.registry import names
+
+    chosen = only or names()
+    for name in chosen:
+        get(name)
+    return chosen
+
+
+def _failed(name: str, error: str, out: Path, console: Console, failed: list[str]) -> None:
+    """Report a failed experiment, drop its JSON (no stale report section), note its name."""
+    console.print(f"[red]{name} failed:[/] {error}")
+    (out / name / f"{name}.json").unlink(missing_ok=True)
+    failed.append(name)
+
+
+def _print_reading(name: str, out: Path, console: Console) -> None:
     from ..report.sections import experiment_section
 
-    return experiment_section(name, out / name).interpretation
+    for sentence in experiment_section(name, out / name).interpretation:
+        console.print(f"  [dim]-[/] {sentence}")

@@ -354,9 +354,8 @@ class ModelVsMachine:
                 + (f" (within {TIE_CYCLES:.0f} cycle or the interval)." if len(near) > 1
                    else ".")
             )
-        if not bool(table.huge_pages_obtained.all()):
-            missed = sorted({int(b) >> 20 for b in
-                             table[~table.huge_pages_obtained.astype(bool)].footprint_bytes})
+        if not valid.all():
+            missed = sorted({int(b) >> 20 for b in table[~valid].footprint_bytes})
             out.append("Natively, " + ", ".join(f"{m} MiB" for m in missed)
                        + f" did not get 2 MiB pages throughout ({int((~valid).sum())} of the "
                        "rows: huge_pages_obtained false); the errors above leave them out.")

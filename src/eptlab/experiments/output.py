@@ -156,11 +156,12 @@ class RunOutput:
         path = self.staging / f"{self.experiment}.jsonl"
         rows = []
         if done and path.exists():
-            for number, line in enumerate(path.read_text().splitlines(), 1):
+            lines = path.read_text().splitlines()
+            for number, line in enumerate(lines, 1):
                 try:
                     row = json.loads(line)
                 except ValueError:  # the line being written when the run stopped
-                    if number == len(path.read_text().splitlines()):
+                    if number == len(lines):
                         break
                     raise ConfigError("resume", f"{path}:{number}: not a JSON row") from None
                 if row.get("seed") in done:
